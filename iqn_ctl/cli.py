@@ -1,0 +1,194 @@
+"""The ``iqn-ctl`` command line (typer).
+
+Every expected failure (bad file, bad flag value, missing privilege) ends as
+one ``iqn-ctl: error: ...`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import typer
+
+from . import params as P
+from .estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from .params import CandidateFilter, ParamError, SignalParams
+
+app = typer.Typer(
+    name="iqn-ctl",
+    help="IQN ISP agent: infer video stalls from in-band signals (live XDP, pcap or trace replay).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class UserError(Exception):
+    """An error whose message is for the user as is."""
+
+
+def fail(msg: str, code: int = 2) -> "typer.Exit":
+    typer.echo(f"iqn-ctl: error: {msg}", err=True)
+    return typer.Exit(code)
+
+
+def friendly(fn: F) -> F:
+    """Turn expected errors into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        from .traces import TraceError
+
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, ParamError, TraceError) as e:
+            raise fail(str(e)) from None
+        except _capture_error() as e:  # type: ignore[misc]
+            raise fail(str(e)) from None
+        except BrokenPipeError:
+            sys.stderr.close()
+            raise typer.Exit(0) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _capture_error() -> type[Exception]:
+    try:
+        from .pcap import CaptureError
+
+        return CaptureError
+    except ImportError:  # pragma: no cover - pcap module always ships
+        return UserError
+
+
+# shared options ---------------------------------------------------------------
+OptP = typer.Option(P.DEFAULT_P, "--p", help="signalling interval p of the end-user agent, seconds")
+OptN = typer.Option(P.DEFAULT_N, "--n", help="toggles per signal n")
+OptMin = typer.Option(P.DEFAULT_MIN_SIZE, "--min-size", help="smallest candidate Ethernet frame, bytes")
+OptMax = typer.Option(P.DEFAULT_MAX_SIZE, "--max-size", help="largest candidate Ethernet frame, bytes")
+OptPort = typer.Option(P.DEFAULT_PORT, "--port", help="server UDP port of candidates")
+OptJson = typer.Option(False, "--json", help="machine-readable output")
+
+
+def _fmt_time(t: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+@app.command()
+@friendly
+def replay(
+    source: Path = typer.Argument(..., help="pcap/pcapng capture, or a text file of candidate timestamps"),
+    p: float = OptP,
+    n: int = OptN,
+    min_size: int = OptMin,
+    max_size: int = OptMax,
+    port: int = OptPort,
+    estimator: str = typer.Option(
+        DEFAULT_ESTIMATOR, "--estimator", help=f"one of: {', '.join(sorted(ESTIMATORS))}"
+    ),
+    as_json: bool = OptJson,
+) -> None:
+    """Offline inference on a capture or a paper timestamp file."""
+    from .replay import replay_capture, replay_timestamps
+    from .traces import looks_like_timestamps, stall_to_json
+
+    if estimator not in ESTIMATORS:
+        raise UserError(f"unknown --estimator {estimator!r}; choose one of {', '.join(sorted(ESTIMATORS))}")
+    params = SignalParams(p, n)
+    filt = CandidateFilter(port, min_size, max_size)
+    if not source.exists():
+        raise UserError(f"{source}: no such file")
+    if source.is_dir():
+        raise UserError(f"{source}: is a directory, expected a capture or a timestamp file")
+    if looks_like_timestamps(source):
+        stalls = replay_timestamps(source, params, estimator)
+    else:
+        stalls = replay_capture(source, params, estimator, filt)
+    if as_json:
+        for st in stalls:
+            typer.echo(stall_to_json(st))
+        return
+    if not stalls:
+        typer.echo("no stalls inferred")
+        return
+    typer.echo(f"{'flow':<44} {'start (UTC)':<23} {'end (UTC)':<23} {'duration':>9}")
+    for st in stalls:
+        typer.echo(f"{st.flow:<44} {_fmt_time(st.start):<23} {_fmt_time(st.end):<23} {st.duration:>8.3f}s")
+    typer.echo(f"{len(stalls)} stall(s), estimator {estimator}")
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f} ms"
+
+
+@app.command()
+@friendly
+def evaluate(
+    inferred: str = typer.Argument(..., help="inferred stalls (replay --json output), or - for stdin"),
+    truth: Path = typer.Option(..., "--truth", help="ground truth in the paper's Real_stalls.txt format"),
+    as_json: bool = OptJson,
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write timeline and CDF figures to this PNG"),
+    candidates: Optional[Path] = typer.Option(
+        None, "--candidates", help="candidate timestamps to draw on the timeline (with --plot)"
+    ),
+) -> None:
+    """Score inferred stalls against ground truth, as in the paper."""
+    from .scoring import score
+    from .traces import TraceError, read_real_stalls, read_stall_lines, read_timestamps
+
+    real = read_real_stalls(truth)
+    if inferred == "-":
+        inf = read_stall_lines(sys.stdin, "<stdin>")
+    else:
+        try:
+            with open(inferred, encoding="utf-8") as f:
+                inf = read_stall_lines(f, inferred)
+        except OSError as e:
+            raise TraceError(f"{inferred}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise TraceError(f"{inferred}: not a text file") from None
+    sc = score(real, inf)
+    d = sc.as_dict()
+    if plot is not None:
+        from .plots import plot_evaluation
+
+        cand = read_timestamps(candidates) if candidates is not None else None
+        plot_evaluation(sc, real, inf, plot, candidates=cand)
+    if as_json:
+        typer.echo(json.dumps(d))
+        return
+    rows = [
+        ("real stalls", str(sc.real)),
+        (f"significant (>= 0.4 s)", str(sc.significant)),
+        ("inferred stalls", str(sc.inferred)),
+        ("significant matched", str(sc.matched)),
+        ("false positives", str(sc.false_positives)),
+        ("precision", "-" if d["precision"] is None else f"{d['precision']:.3f}"),
+        ("recall", "-" if d["recall"] is None else f"{d['recall']:.3f}"),
+        ("MAE", _ms(d["mae_ms"])),  # type: ignore[arg-type]
+        ("RMSE", _ms(d["rmse_ms"])),  # type: ignore[arg-type]
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k:<{w}}  {v}")
+    if plot is not None:
+        typer.echo(f"plot written to {plot}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

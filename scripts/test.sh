@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything, then run every test (as root: XDP, namespaces, OpenVPN and
+# the browser tests run for real; with CI=true none of them may skip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check iqn_ctl user_agent tests bench
+.venv/bin/mypy
+exec .venv/bin/python -m pytest "$@"
