@@ -89,13 +89,13 @@ class CountEstimator:
     time_driven_end = True
 
     def start(self, first: float, trigger: float, params: SignalParams) -> float:
-        return first
+        return first - params.p
 
     def finish(self, seg: Segment, params: SignalParams) -> tuple[float, float]:
+        start = self.start(seg.first, seg.trigger, params)
         duration = (seg.count / params.n + 0.5) * params.p
-        end = seg.first + duration
         cap = seg.quiet_at if seg.quiet_at is not None else seg.last + params.w_end
-        return seg.first, min(end, cap)
+        return start, min(start + duration, cap)
 
 
 ESTIMATORS: dict[str, type[PaperEstimator] | type[CountEstimator]] = {

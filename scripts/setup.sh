@@ -17,6 +17,7 @@ APT_PACKAGES=(
   iproute2 nftables iputils-ping procps psmisc   # namespaces, NAT, lab tooling
   tshark                                         # bench: the paper's pyshark approach
   make gcc
+  python3-tk xvfb xauth chromium chromium-driver xdotool ffmpeg  # user agent: pyautogui, headful Chromium, test clip
 )
 
 missing=()
