@@ -73,7 +73,7 @@ class FlowTable:
         return tr
 
     def _note(self, flow: Hashable, tr: StallTracker) -> None:
-        if tr.in_stall or tr._pending:
+        if tr.busy:
             self._active.add(flow)
         else:
             self._active.discard(flow)

@@ -31,6 +31,8 @@ FloatArray = npt.NDArray[np.float64]
 #: while adding only a few ms to the detection latency.
 DEFAULT_REORDER = 0.005
 
+_EMPTY: FloatArray = np.empty(0)
+
 
 @dataclass(frozen=True, slots=True)
 class StallStarted:
@@ -81,7 +83,7 @@ class StallTracker:
         self.params = params or SignalParams()
         self.estimator = make_estimator(estimator)
         self.reorder = reorder
-        self._pending: list[float] = []
+        self._pending: FloatArray = _EMPTY
         #: processed arrivals still inside the longest window (sorted)
         self._hist: FloatArray = np.empty(0)
         self._max_seen = -np.inf
@@ -99,6 +101,11 @@ class StallTracker:
         self.stall_start: float | None = None
         self.last_duration: float | None = None
 
+    @property
+    def busy(self) -> bool:
+        """In a stall or holding arrivals: advance() may emit an event."""
+        return self.in_stall or bool(self._pending.size)
+
     # -- input -------------------------------------------------------------
 
     def feed(self, times: float | Sequence[float] | FloatArray) -> list[Event]:
@@ -113,11 +120,11 @@ class StallTracker:
         if top > self._max_seen:
             self._max_seen = top
         self.last_seen = self._max_seen
-        if self.reorder == 0 and not self._pending:
+        if self.reorder == 0 and not self._pending.size:
             ready = arr if arr.size == 1 else np.sort(arr)
             self._watermark = max(self._watermark, self._max_seen)
             return self._process(ready)
-        self._pending.extend(arr.tolist())
+        self._pending = np.concatenate((self._pending, arr)) if self._pending.size else arr.copy()
         return self._release(self._max_seen - self.reorder)
 
     def advance(self, now: float) -> list[Event]:
@@ -147,19 +154,17 @@ class StallTracker:
     def _release(self, watermark: float) -> list[Event]:
         if watermark > self._watermark:
             self._watermark = watermark
-        if not self._pending:
-            return []
-        wm = self._watermark
         pend = self._pending
-        if wm == np.inf:
-            ready, self._pending = pend, []
+        if not pend.size:
+            return []
+        due = pend <= self._watermark
+        if not due.any():
+            return []
+        if due.all():
+            block, self._pending = pend, _EMPTY
         else:
-            ready = [t for t in pend if t <= wm]
-            if not ready:
-                return []
-            self._pending = [t for t in pend if t > wm]
-        block = np.sort(np.asarray(ready, dtype=np.float64))
-        return self._process(block)
+            block, self._pending = pend[due], pend[~due]
+        return self._process(np.sort(block))
 
     def _quiet_at(self) -> float | None:
         """When the stall-end condition holds given the arrivals so far: the n-th
@@ -212,14 +217,20 @@ class StallTracker:
             ends_ok = (np.arange(base, a.size) - lo_e + 1) < n
             end_off = base
             quiet_t = a[base:]
+        # absolute indices where a stall may start / where an open one ends;
+        # the walk below then costs O(log N) per stall, not per arrival
+        start_at = np.flatnonzero(starts_ok) + base
+        end_at = np.flatnonzero(ends_ok) + end_off
         pos = base  # first arrival index not yet consumed by the state machine
         count_from = base  # arrivals from here on belong to the open stall
+        # an open stall carried over may end in the gap before the first new arrival
+        search_from = end_off if time_driven else base
         while True:
             if not self.in_stall:
-                rel = np.flatnonzero(starts_ok[pos - base:])
-                if rel.size == 0:
+                k = int(np.searchsorted(start_at, pos))
+                if k == start_at.size:
                     break
-                i = pos + int(rel[0])
+                i = int(start_at[k])
                 first_i = int(np.searchsorted(a, a[i] - w_s, side="right"))
                 first_i = max(first_i, int(np.searchsorted(a, self._prev_last, side="right")))
                 self.in_stall = True
@@ -228,34 +239,27 @@ class StallTracker:
                 self._seg_count = i - first_i + 1
                 self.stall_start = self.estimator.start(self._seg_first, self._seg_trigger, p)
                 events.append(StallStarted(self.flow, self.stall_start, float(a[i])))
-                pos = i + 1
-                count_from = pos
-                if time_driven:
-                    search_from = i  # the gap right after the trigger may end it
-                else:
-                    search_from = i + 1
-            else:
-                search_from = max(base - 1, 0) if time_driven else pos
+                count_from = i + 1
+                # time-driven: the gap right after the trigger may already end it
+                search_from = i if time_driven else i + 1
+            k = int(np.searchsorted(end_at, search_from))
+            if k == end_at.size:
+                self._seg_count += a.size - count_from
+                break
+            j = int(end_at[k])
             if time_driven:
-                rel = np.flatnonzero(ends_ok[max(search_from - end_off, 0):])
-                if rel.size == 0:
-                    self._seg_count += a.size - count_from
-                    break
-                j = max(search_from - end_off, 0) + int(rel[0]) + end_off
+                # quiet after arrival j: j is the stall's last arrival
                 self._seg_count += j + 1 - count_from
                 self._hist_set(a[: j + 1])
                 events.append(self._end(float(quiet_t[j - end_off]), float(a[j + 1])))
                 pos = j + 1
             else:
-                rel = np.flatnonzero(ends_ok[max(search_from - end_off, 0):])
-                if rel.size == 0:
-                    self._seg_count += a.size - count_from
-                    break
-                k = max(search_from - end_off, 0) + int(rel[0]) + end_off
-                self._seg_count += k - count_from
-                self._hist_set(a[:k])
-                events.append(self._end(float(a[k]), float(a[k])))
-                pos = k  # the arrival that ended it may start the next stall
+                # arrival j found fewer than n in w_end: j - 1 was the last one,
+                # and j itself may start the next stall
+                self._seg_count += j - count_from
+                self._hist_set(a[:j])
+                events.append(self._end(float(a[j]), float(a[j])))
+                pos = j
             count_from = pos
         self._hist_set(a)
         return events
