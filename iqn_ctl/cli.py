@@ -10,8 +10,9 @@ import functools
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import TypeVar
 
 import typer
 
@@ -34,7 +35,7 @@ class UserError(Exception):
     """An error whose message is for the user as is."""
 
 
-def fail(msg: str, code: int = 2) -> "typer.Exit":
+def fail(msg: str, code: int = 2) -> typer.Exit:
     typer.echo(f"iqn-ctl: error: {msg}", err=True)
     return typer.Exit(code)
 
@@ -82,7 +83,7 @@ OptJson = typer.Option(False, "--json", help="machine-readable output")
 def _fmt_time(t: float) -> str:
     import datetime as dt
 
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 @app.command()
@@ -138,8 +139,8 @@ def evaluate(
     inferred: str = typer.Argument(..., help="inferred stalls (replay --json output), or - for stdin"),
     truth: Path = typer.Option(..., "--truth", help="ground truth in the paper's Real_stalls.txt format"),
     as_json: bool = OptJson,
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write timeline and CDF figures to this PNG"),
-    candidates: Optional[Path] = typer.Option(
+    plot: Path | None = typer.Option(None, "--plot", help="write timeline and CDF figures to this PNG"),
+    candidates: Path | None = typer.Option(
         None, "--candidates", help="candidate timestamps to draw on the timeline (with --plot)"
     ),
 ) -> None:
@@ -170,7 +171,7 @@ def evaluate(
         return
     rows = [
         ("real stalls", str(sc.real)),
-        (f"significant (>= 0.4 s)", str(sc.significant)),
+        ("significant (>= 0.4 s)", str(sc.significant)),
         ("inferred stalls", str(sc.inferred)),
         ("significant matched", str(sc.matched)),
         ("false positives", str(sc.false_positives)),

@@ -9,7 +9,7 @@ with its evidence so far rather than dropped silently) and idle flows expire.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Iterator
+from collections.abc import Hashable, Iterator
 
 import numpy as np
 import numpy.typing as npt

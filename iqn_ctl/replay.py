@@ -8,8 +8,8 @@ import numpy as np
 
 from .flowtable import FlowTable
 from .params import CandidateFilter, SignalParams
-from .tracker import StallEnded, StallTracker
 from .traces import Stall, read_timestamps
+from .tracker import StallEnded, StallTracker
 
 
 def infer_times(
@@ -44,7 +44,7 @@ def replay_flows(
     ids = flow_ids[order]
     ts = times[order]
     bounds = np.flatnonzero(np.diff(ids)) + 1
-    for chunk_ids, chunk_ts in zip(np.split(ids, bounds), np.split(ts, bounds)):
+    for chunk_ids, chunk_ts in zip(np.split(ids, bounds), np.split(ts, bounds), strict=True):
         if chunk_ids.size:
             events.extend(table.feed(int(chunk_ids[0]), chunk_ts))
     events.extend(table.close())

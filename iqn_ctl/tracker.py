@@ -15,8 +15,8 @@ if it had arrived at the watermark and counted in ``late``.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Sequence
 
 import numpy as np
 import numpy.typing as npt
