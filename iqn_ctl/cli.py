@@ -187,6 +187,9 @@ def evaluate(
         typer.echo(f"plot written to {plot}")
 
 
+from . import cli_agent  # noqa: E402,F401  (registers attach/detach/flows/stalls/status)
+
+
 def main() -> None:
     app()
 

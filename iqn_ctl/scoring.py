@@ -9,6 +9,7 @@ no real stall, of any length, is a false positive.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 
@@ -84,12 +85,14 @@ def score(
 ) -> Score:
     real = sorted(real, key=lambda s: s.start)
     inferred = sorted(inferred, key=lambda s: s.start)
+    inf_starts = [s.start for s in inferred]
     used: set[int] = set()
     pairs: list[Pair] = []
     missed: list[Stall] = []
     for r in real:
         hit = None
-        for i, s in enumerate(inferred):
+        for i in range(bisect.bisect_left(inf_starts, r.start - tolerance), len(inferred)):
+            s = inferred[i]
             if i in used:
                 continue
             if s.start > r.start + tolerance:

@@ -66,7 +66,7 @@ class StallTracker:
     __slots__ = (
         "flow", "params", "estimator", "reorder", "_pending", "_hist", "_max_seen",
         "_watermark", "in_stall", "_seg_first", "_seg_trigger", "_seg_count",
-        "_prev_last", "candidates", "stalls", "late", "last_seen", "stall_start",
+        "_prev_last", "_prev_end", "candidates", "stalls", "late", "last_seen", "stall_start",
         "last_duration",
     )
 
@@ -94,6 +94,9 @@ class StallTracker:
         self._seg_count = 0
         #: last arrival of the previous stall: a new stall's first arrival comes after it
         self._prev_last = -np.inf
+        #: end of the previous stall: an estimator that backdates a start (count
+        #: starts p before the first signal) must not reach into it
+        self._prev_end = -np.inf
         self.candidates = 0
         self.stalls = 0
         self.late = 0
@@ -178,6 +181,9 @@ class StallTracker:
         last = float(self._hist[-1])
         seg = Segment(self._seg_first, self._seg_trigger, last, self._seg_count, quiet)
         start, end = self.estimator.finish(seg, self.params)
+        start = max(start, self._prev_end)
+        end = max(end, start)
+        self._prev_end = end
         self.in_stall = False
         self._prev_last = last
         self.stalls += 1
@@ -237,7 +243,9 @@ class StallTracker:
                 self._seg_first = float(a[first_i])
                 self._seg_trigger = float(a[i])
                 self._seg_count = i - first_i + 1
-                self.stall_start = self.estimator.start(self._seg_first, self._seg_trigger, p)
+                self.stall_start = max(
+                    self.estimator.start(self._seg_first, self._seg_trigger, p), self._prev_end
+                )
                 events.append(StallStarted(self.flow, self.stall_start, float(a[i])))
                 count_from = i + 1
                 # time-driven: the gap right after the trigger may already end it

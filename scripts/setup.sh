@@ -18,6 +18,7 @@ APT_PACKAGES=(
   tshark                                         # bench: the paper's pyshark approach
   make gcc
   python3-tk xvfb xauth chromium chromium-driver xdotool ffmpeg  # user agent: pyautogui, headful Chromium, test clip
+  openvpn openssl vagrant vagrant-libvirt shellcheck  # lab: tunnel, certificate checks, VM pair validation
 )
 
 missing=()

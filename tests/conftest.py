@@ -30,4 +30,4 @@ def need_root() -> None:
 @pytest.fixture
 def cli_python() -> list[str]:
     """Run the CLI as a user would, in a subprocess of this interpreter."""
-    return [sys.executable, "-m", "iqn_ctl.cli"]
+    return [sys.executable, "-m", "iqn_ctl"]

@@ -1,0 +1,607 @@
+"""The live ISP agent: XDP candidate events -> per-flow stall inference ->
+flow table, stall history, local API and metrics.
+
+The agent owns no inference logic: it groups perf events by flow and hands
+them to :class:`~iqn_ctl.flowtable.FlowTable` (the one engine shared with the
+replays), then calls ``advance(time.time())`` after every poll so that stalls
+end on time even when the flow goes silent. Everything else here is plumbing
+whose failure modes users actually meet: a second agent on the same
+interface, an agent killed with SIGKILL (stale program, socket and pid file),
+perf events lost under load (counted and logged, never silent).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .api import DEFAULT_RUN_DIR, ApiError, ApiServer, ensure_run_dir, pid_path, sock_path
+from .estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from .flowtable import FlowTable
+from .history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
+from .params import CandidateFilter, SignalParams
+from .tracker import DEFAULT_REORDER, Event, StallEnded, StallStarted
+
+if TYPE_CHECKING:
+    from .datapath import Datapath, FlowKey
+    from .metrics import AgentMetrics
+
+log = logging.getLogger("iqn.agent")
+
+KEY_MODES = ("5tuple", "client")
+XDP_MODES = ("auto", "native", "skb")
+#: longest the event loop sleeps in the kernel: bounds how late a stall end is
+#: noticed when a flow goes silent, and how fast SIGTERM is honoured
+IDLE_POLL_MS = 50
+#: how often kernel counters are read to notice lost events
+COUNTER_PERIOD = 0.5
+#: The live agent's reorder tolerance. Replays need the engine's default (merged
+#: captures reorder by milliseconds), but here one flow's packets hash to one RX
+#: queue, so they reach one CPU's perf buffer in order, and every poll's batch
+#: is sorted per flow before it is fed. What is left (--key client merging flows
+#: from several CPUs) is microseconds, which the tracker clamps to its watermark
+#: and counts as ``late``. Holding nothing back saves 5 ms of detection latency
+#: and the tracker's per-arrival Python path (half the agent's CPU per event).
+LIVE_REORDER = 0.0
+
+
+class AgentError(Exception):
+    """An expected failure of attach/detach; the message is for the user as is."""
+
+
+# -- the live flow view (sans-I/O) -------------------------------------------------
+
+
+@dataclass(slots=True)
+class FlowInfo:
+    """How a flow is named to people: the flow label, its client and server."""
+
+    label: str
+    client: str
+    server: str
+
+
+class LiveFlows:
+    """Candidate events (raw key, time, length) -> FlowTable, with the names
+    the flow view and the history need. ``decode`` turns the data plane's raw
+    key bytes into a :class:`~iqn_ctl.datapath.FlowKey`; it runs once per raw
+    key, not per event."""
+
+    def __init__(
+        self,
+        params: SignalParams,
+        estimator: str = DEFAULT_ESTIMATOR,
+        key_mode: str = "5tuple",
+        max_flows: int = 65536,
+        decode: Callable[[bytes], FlowKey] | None = None,
+        reorder: float = DEFAULT_REORDER,
+    ) -> None:
+        if key_mode not in KEY_MODES:
+            raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {key_mode!r}")
+        if decode is None:
+            from .datapath import decode_key
+
+            decode = decode_key
+        self.table = FlowTable(params, estimator, max_flows=max_flows, reorder=reorder)
+        self.key_mode = key_mode
+        self.max_flows = max_flows
+        self._decode = decode
+        self._fid: dict[bytes, Hashable] = {}
+        self._info: dict[Hashable, FlowInfo] = {}
+        self.events_in = 0
+
+    def flow_id(self, raw: bytes) -> Hashable:
+        fid = self._fid.get(raw)
+        if fid is not None:
+            return fid
+        if len(self._fid) >= 4 * self.max_flows:
+            self._fid.clear()  # bounded cache; refilled from the live flows on demand
+        k = self._decode(raw)
+        if self.key_mode == "client":
+            fid = k.client
+            info = FlowInfo(k.client, k.client, k.server)
+        else:
+            fid = k
+            info = FlowInfo(k.label, k.client, k.server)
+        self._fid[raw] = fid
+        old = self._info.get(fid)
+        if old is None or old.server != info.server:
+            self._info[fid] = info  # client mode: the server shown is the latest one seen
+        if len(self._info) > 2 * self.max_flows + 1024:
+            self._info = {tr.flow: self._info[tr.flow] for tr in self.table if tr.flow in self._info}
+            self._info[fid] = info
+        return fid
+
+    def info(self, fid: Hashable) -> FlowInfo:
+        got = self._info.get(fid)
+        if got is not None:
+            return got
+        return FlowInfo(str(fid), str(fid), "")
+
+    def ingest(self, events: Sequence[tuple[bytes, float, int]]) -> list[Event]:
+        """Feed one poll's events; each flow's tracker gets one sorted batch."""
+        if not events:
+            return []
+        self.events_in += len(events)
+        groups: dict[Hashable, list[float]] = {}
+        fid_of = self._fid
+        for raw, t, _length in events:
+            fid = fid_of.get(raw)
+            if fid is None:
+                fid = self.flow_id(raw)
+            g = groups.get(fid)
+            if g is None:
+                groups[fid] = [t]
+            else:
+                g.append(t)
+        out: list[Event] = []
+        for fid, ts in groups.items():
+            ts.sort()
+            out.extend(self.table.feed(fid, ts))
+        return out
+
+    def advance(self, now: float) -> list[Event]:
+        return self.table.advance(now)
+
+    def close(self) -> list[Event]:
+        return self.table.close()
+
+    def flows(self, stats: Iterable[tuple[bytes, dict[str, int]]] = ()) -> list[dict[str, Any]]:
+        """The DESIGN.md flow objects, plus kernel packet/byte counts when given."""
+        per: dict[Hashable, dict[str, int]] = {}
+        for raw, st in stats:
+            fid = self._fid.get(raw)
+            if fid is None:
+                try:
+                    fid = self.flow_id(raw)
+                except Exception:  # a key the decoder rejects is just not shown
+                    continue
+            acc = per.setdefault(fid, {"packets": 0, "bytes": 0})
+            acc["packets"] += int(st.get("packets", 0))
+            acc["bytes"] += int(st.get("bytes", 0))
+        out = []
+        for tr in self.table:
+            info = self.info(tr.flow)
+            rec: dict[str, Any] = {
+                "flow": info.label,
+                "client": info.client,
+                "server": info.server,
+                "state": "stall" if tr.in_stall else "normal",
+                "candidates": tr.candidates,
+                "stalls": tr.stalls,
+                "stall_start": tr.stall_start,
+                "last_duration": tr.last_duration,
+                "last_seen": tr.last_seen,
+                "key": self.key_mode,
+            }
+            k = per.get(tr.flow)
+            if k is not None:
+                rec.update(k)
+            out.append(rec)
+        return out
+
+
+# -- one agent per interface: the pid file is the lock ----------------------------
+
+
+class InterfaceLock:
+    """``/run/iqn/<iface>.pid`` held with flock by the running agent.
+
+    Why flock and not "is the pid alive": a pid file left by a SIGKILLed agent
+    may name a pid that was reused; a lock dies with its process, so a held lock
+    means a live agent and a free one means a stale file, with no guessing.
+    """
+
+    def __init__(self, run_dir: Path, iface: str) -> None:
+        self.path = pid_path(run_dir, iface)
+        self.iface = iface
+        self._fd: int | None = None
+
+    def holder(self) -> int | None:
+        """Pid of the live agent holding the lock, None when no agent runs."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 64).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> None:
+        ensure_run_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise AgentError(
+                f"an IQN agent is already attached to {self.iface} (pid {text or '?'}); "
+                f"run 'iqn-ctl detach {self.iface}' first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+# -- the agent ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    iface: str
+    params: SignalParams = field(default_factory=SignalParams)
+    filt: CandidateFilter = field(default_factory=CandidateFilter)
+    estimator: str = DEFAULT_ESTIMATOR
+    key_mode: str = "5tuple"
+    max_flows: int = 65536
+    xdp_mode: str = "auto"
+    force: bool = False
+    state_dir: Path = DEFAULT_STATE_DIR
+    run_dir: Path = DEFAULT_RUN_DIR
+    metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"
+    history_rows: int = DEFAULT_MAX_ROWS
+    reorder: float = LIVE_REORDER
+
+    def validate(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise AgentError(
+                f"unknown --estimator {self.estimator!r}; choose one of {', '.join(sorted(ESTIMATORS))}"
+            )
+        if self.key_mode not in KEY_MODES:
+            raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {self.key_mode!r}")
+        if self.xdp_mode not in XDP_MODES:
+            raise AgentError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}, got {self.xdp_mode!r}")
+        if not 1 <= self.max_flows <= 1 << 24:
+            raise AgentError(f"--max-flows must be in 1..{1 << 24}, got {self.max_flows}")
+        if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:
+            raise AgentError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
+
+
+def need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise AgentError(f"{what} needs root (XDP, {DEFAULT_RUN_DIR}): run it with sudo")
+
+
+def check_iface(iface: str) -> None:
+    if not iface or "/" in iface or len(iface) > 15:
+        raise AgentError(f"{iface!r} is not a valid interface name")
+    try:
+        socket.if_nametoindex(iface)
+    except OSError:
+        raise AgentError(f"no such interface: {iface} (see 'ip link')") from None
+
+
+def _iso(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Agent:
+    """One interface's agent. ``start()`` attaches, ``run()`` loops until the
+    stop event is set, ``shutdown()`` removes everything it created."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.lock = InterfaceLock(cfg.run_dir, cfg.iface)
+        self.flows = LiveFlows(cfg.params, cfg.estimator, cfg.key_mode, cfg.max_flows, reorder=cfg.reorder)
+        self.dp: Datapath | None = None
+        self.api: ApiServer | None = None
+        self.metrics: AgentMetrics | None = None
+        self.history: History | None = None
+        self.mode = ""
+        self.started_at = 0.0
+        self.stalls_started = 0
+        self.stalls_ended = 0
+        self._state = threading.Lock()
+        self._counters: dict[str, int] = {"packets": 0, "candidates": 0, "parse_errors": 0, "lost": 0}
+        self._lost_logged = 0
+        self._release_at = 0.0
+
+    # -- lifecycle --
+
+    def start(self) -> str:
+        """Attach and start serving; returns the XDP mode used. On failure
+        everything already set up is torn down again."""
+        cfg = self.cfg
+        need_root("attach")
+        check_iface(cfg.iface)
+        self.lock.acquire()
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self.mode
+
+    def _start(self) -> None:
+        from .datapath import PROG_NAME, Datapath, remove_xdp, xdp_program_on
+
+        cfg = self.cfg
+        self.history = History(cfg.state_dir, cfg.history_rows)
+        present = xdp_program_on(cfg.iface)
+        if present is not None and present[1] == PROG_NAME:
+            # we hold the interface lock, so no live agent owns it: a dead agent's leftover
+            remove_xdp(cfg.iface)
+            log.warning("%s: removed a stale IQN program (id %d) left by an agent that died",
+                        cfg.iface, present[0])
+        self.dp = Datapath(
+            cfg.iface, cfg.filt, max_flows=cfg.max_flows, xdp_mode=cfg.xdp_mode, force=cfg.force
+        )
+        self.mode = self.dp.attach()
+        self.started_at = time.time()
+        self.api = ApiServer(sock_path(cfg.run_dir, cfg.iface), self._handle).start()
+        if cfg.metrics_port is not None:
+            from .metrics import AgentMetrics
+
+            self.metrics = AgentMetrics(cfg.iface, self.snapshot)
+            try:
+                self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
+            except OSError as e:
+                raise AgentError(
+                    f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {e.strerror or e}"
+                ) from None
+        p, f = cfg.params, cfg.filt
+        log.info(
+            "%s: attached (XDP %s); p=%g n=%d sizes %d..%d port %d key %s estimator %s; history %s%s",
+            cfg.iface, self.mode, p.p, p.n, f.min_size, f.max_size, f.port, cfg.key_mode, cfg.estimator,
+            self.history.path, f"; metrics on :{cfg.metrics_port}" if self.metrics else "",
+        )
+
+    def shutdown(self) -> None:
+        """Remove the XDP program, socket, metrics server and pid file; idempotent."""
+        if self.dp is not None:
+            try:
+                self.dp.close()  # detaches our program and frees maps and perf buffers
+            except Exception as e:  # keep cleaning up the rest
+                log.error("%s: removing the XDP program failed: %s", self.cfg.iface, e)
+        if self.api is not None:
+            self.api.close()
+            self.api = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.history is not None:
+            self.history.close()
+            self.history = None
+        if self.dp is not None:
+            self.dp = None
+            if self.mode:
+                log.info("%s: detached", self.cfg.iface)
+        self.lock.release()
+
+    # -- event loop --
+
+    def run(self, stop: threading.Event) -> None:
+        assert self.dp is not None, "start() first"
+        dp = self.dp
+        next_counters = 0.0
+        reorder = self.flows.table.reorder
+        while not stop.is_set():
+            now = time.time()
+            # Arrivals are held back ``reorder`` s behind the newest one; wake up as
+            # soon as they can be released so a stall shows within a few ms.
+            wait = self._release_at - now
+            timeout = IDLE_POLL_MS if wait <= 0 else max(1, min(IDLE_POLL_MS, int(wait * 1000) + 1))
+            evs = dp.poll(timeout)
+            now = time.time()
+            with self._state:
+                out = self.flows.ingest(evs) if evs else []
+                out.extend(self.flows.advance(now))
+                if evs:
+                    newest = max(e[1] for e in evs)
+                    self._release_at = max(self._release_at, newest + reorder)
+            if out:
+                self._on_events(out)
+            if now >= next_counters:
+                next_counters = now + COUNTER_PERIOD
+                self._read_counters()
+        with self._state:
+            out = self.flows.close()
+        if out:
+            self._on_events(out, closing=True)
+        self._read_counters()
+
+    def _read_counters(self) -> None:
+        if self.dp is None:
+            return
+        c = self.dp.counters()
+        self._counters = c
+        lost = c.get("lost", 0)
+        if lost > self._lost_logged:
+            log.warning(
+                "%s: %d candidate events lost (total %d): the agent is not keeping up, "
+                "stalls may be missed",
+                self.cfg.iface, lost - self._lost_logged, lost,
+            )
+            self._lost_logged = lost
+
+    def _on_events(self, events: list[Event], closing: bool = False) -> None:
+        recs = []
+        iface = self.cfg.iface
+        for e in events:
+            info = self.flows.info(e.flow)
+            if isinstance(e, StallStarted):
+                self.stalls_started += 1
+                if self.metrics:
+                    self.metrics.stall_started()
+                log.info("%s: stall start flow=%s client=%s start=%s", iface, info.label, info.client,
+                         _iso(e.start))
+            elif isinstance(e, StallEnded):
+                self.stalls_ended += 1
+                if self.metrics:
+                    self.metrics.stall_ended(e.duration)
+                why = " (agent stopping)" if closing else (" (flow evicted/expired)" if e.truncated else "")
+                log.info(
+                    "%s: stall end flow=%s client=%s start=%s end=%s duration=%.3fs candidates=%d%s",
+                    iface, info.label, info.client, _iso(e.start), _iso(e.end), e.duration, e.candidates, why,
+                )
+                recs.append(StallRecord(
+                    iface, info.label, info.client, info.server, e.start, e.end, e.candidates,
+                    e.detected_at, e.truncated, self.cfg.estimator,
+                ))
+        if recs and self.history is not None:
+            try:
+                self.history.add(recs)
+            except Exception as ex:  # a full disk must not stop inference
+                log.error("%s: could not record %d stall(s) in %s: %s",
+                          iface, len(recs), self.history.path, ex)
+
+    # -- API --
+
+    def snapshot(self) -> dict[str, int]:
+        c = dict(self._counters)
+        c["flows"] = len(self.flows.table)
+        c["flows_in_stall"] = self.stalls_started - self.stalls_ended
+        return c
+
+    def status(self) -> dict[str, Any]:
+        if self.dp is not None:
+            self._counters = self.dp.counters()
+        cfg = self.cfg
+        s: dict[str, Any] = {
+            "iface": cfg.iface,
+            "pid": os.getpid(),
+            "xdp_mode": self.mode,
+            **self.snapshot(),
+            "stalls_started": self.stalls_started,
+            "stalls_ended": self.stalls_ended,
+            "events": self.flows.events_in,
+            "late": sum(tr.late for tr in self.flows.table),
+            "evicted": self.flows.table.evicted,
+            "expired": self.flows.table.expired,
+            "started_at": self.started_at,
+            "uptime": time.time() - self.started_at,
+            "key": cfg.key_mode,
+            "estimator": cfg.estimator,
+            "p": cfg.params.p,
+            "n": cfg.params.n,
+            "min_size": cfg.filt.min_size,
+            "max_size": cfg.filt.max_size,
+            "port": cfg.filt.port,
+            "max_flows": cfg.max_flows,
+            "state_dir": str(cfg.state_dir),
+            "metrics_port": cfg.metrics_port,
+        }
+        return s
+
+    def _handle(self, req: dict[str, Any]) -> Any:
+        cmd = req["cmd"]
+        if cmd == "status":
+            return self.status()
+        if cmd == "flows":
+            stats: list[tuple[bytes, dict[str, int]]] = []
+            if req.get("kernel", True) and self.dp is not None:
+                stats = self.dp.flow_stats()
+            with self._state:
+                return self.flows.flows(stats)
+        if cmd == "ping":
+            return {"iface": self.cfg.iface, "pid": os.getpid()}
+        raise ApiError(f"unknown request {cmd!r}")
+
+
+def serve(cfg: AgentConfig, on_ready: Callable[[Agent], None] | None = None) -> None:
+    """Attach, run until SIGINT/SIGTERM, then detach cleanly."""
+    agent = Agent(cfg)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("%s: %s received, detaching", cfg.iface, signal.Signals(signum).name)
+        stop.set()
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        agent.start()
+        if on_ready is not None:
+            on_ready(agent)
+        agent.run(stop)
+    finally:
+        agent.shutdown()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# -- detach (works without the agent) ------------------------------------------------
+
+
+def detach(iface: str, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -> str:
+    """Stop the agent on ``iface`` (if any), remove any IQN XDP program left on
+    it and clean up stale socket/pid files. Returns what was done, for people."""
+    need_root("detach")
+    lock = InterfaceLock(run_dir, iface)
+    done = []
+    pid = lock.holder()
+    if pid is not None and pid > 0:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while lock.holder() is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if lock.holder() is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 5.0
+            while lock.holder() is not None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            done.append(f"killed agent pid {pid} (it ignored SIGTERM for {timeout:g} s)")
+        else:
+            done.append(f"stopped agent pid {pid}")
+    exists = True
+    try:
+        socket.if_nametoindex(iface)
+    except OSError:
+        exists = False
+    if exists:
+        from .datapath import remove_xdp
+
+        if remove_xdp(iface):
+            done.append("removed the IQN XDP program" + ("" if pid else " (agent was not running)"))
+    for path in (sock_path(run_dir, iface), pid_path(run_dir, iface)):
+        if lock.holder() is None:
+            try:
+                path.unlink()
+                if not done or "stale" not in done[-1]:
+                    done.append("removed stale agent files")
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+    if not exists and not done:
+        raise AgentError(f"no such interface: {iface} (and no agent files for it)")
+    return "; ".join(done) if done else f"nothing attached to {iface}"

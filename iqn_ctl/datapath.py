@@ -1,0 +1,401 @@
+"""Load bpf/iqn_xdp.c on a router interface and hand its candidate events to
+the agent.
+
+The kernel program does the per-packet work; this module only compiles it
+with the operator's filter (-D constants, so the fast path has no map look-up
+for its configuration), attaches it without trampling someone else's XDP
+program, and drains the perf ring buffer in batches. The perf callback runs
+once per candidate, so it only stores the raw bytes; decoding and the
+monotonic-to-wall-clock conversion happen once per poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import json
+import logging
+import operator
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import bpf_testrun
+from .params import DEFAULT_N, CandidateFilter
+
+PROG_NAME = "iqn_xdp"
+SRC = Path(__file__).resolve().parent.parent / "bpf" / "iqn_xdp.c"
+KEY_SIZE = 40  # struct flow_key in iqn_xdp.c
+_EVENT_TAIL = struct.Struct("=QI")  # ts_ns, len after the key in struct cand_event
+COUNTERS = ("packets", "candidates", "parse_errors")  # enum iqn_counter order
+XDP_MODES = ("auto", "native", "skb")
+
+# XDP attach flags (linux/if_link.h) and the modes `ip -j link` reports
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_HW_MODE = 1 << 3
+_MODE_FLAGS = {1: XDP_FLAGS_DRV_MODE, 2: XDP_FLAGS_SKB_MODE, 3: XDP_FLAGS_HW_MODE}
+_IP_MODE = {1: "xdpdrv", 2: "xdpgeneric", 3: "xdpoffload"}  # `ip link set dev X <mode> off`
+
+log = logging.getLogger(__name__)
+_by_time = operator.itemgetter(1)
+
+
+class DatapathError(Exception):
+    """A one-line, actionable reason the data plane cannot run."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    """A flow's 5-tuple in the server-to-client direction (the candidates' direction)."""
+
+    server: str
+    sport: int
+    client: str
+    dport: int
+    family: int  # 4 or 6
+
+    @property
+    def label(self) -> str:
+        if self.family == 6:
+            return f"[{self.server}]:{self.sport}>[{self.client}]:{self.dport}"
+        return f"{self.server}:{self.sport}>{self.client}:{self.dport}"
+
+
+def decode_key(raw: bytes) -> FlowKey:
+    """Decode struct flow_key bytes (map key or event prefix)."""
+    if len(raw) < KEY_SIZE:
+        raise ValueError(f"flow key must be {KEY_SIZE} bytes, got {len(raw)}")
+    family = raw[36]
+    sport, dport = struct.unpack_from("!HH", raw, 32)
+    if family == 6:
+        server = str(ipaddress.IPv6Address(raw[0:16]))
+        client = str(ipaddress.IPv6Address(raw[16:32]))
+    else:
+        server = str(ipaddress.IPv4Address(raw[0:4]))
+        client = str(ipaddress.IPv4Address(raw[16:20]))
+    return FlowKey(server=server, sport=sport, client=client, dport=dport, family=family)
+
+
+# ---------------------------------------------------------------------------
+# what is attached where
+
+
+def _ifindex(iface: str) -> int:
+    try:
+        return socket.if_nametoindex(iface)
+    except (OSError, ValueError):
+        raise DatapathError(f"no such network interface: {iface!r}") from None
+
+
+def _attached(iface: str) -> list[tuple[int, int, str]]:
+    """(mode, prog id, prog name) of every XDP program on ``iface``;
+    mode 1 native, 2 generic (skb), 3 offloaded."""
+    _ifindex(iface)
+    try:
+        out = subprocess.run(
+            ["ip", "-j", "link", "show", "dev", iface], capture_output=True, text=True, check=True
+        ).stdout
+    except FileNotFoundError:
+        raise DatapathError(
+            "the `ip` command (iproute2) is missing: run `sudo bash scripts/setup.sh`"
+        ) from None
+    except subprocess.CalledProcessError:
+        raise DatapathError(f"no such network interface: {iface!r}") from None
+    links: list[dict[str, Any]] = json.loads(out or "[]")
+    xdp = links[0].get("xdp") if links else None
+    if not xdp:
+        return []
+    entries = xdp.get("attached") or [xdp]
+    found = []
+    for e in entries:
+        prog = e.get("prog") or {}
+        if "id" not in prog:
+            continue
+        name = prog.get("name")
+        if name is None:
+            try:
+                name = bpf_testrun.prog_name_by_id(int(prog["id"]))
+            except OSError:
+                name = "?"
+        found.append((int(e.get("mode", 0)), int(prog["id"]), str(name)))
+    return found
+
+
+def xdp_program_on(iface: str) -> tuple[int, str] | None:
+    """(prog id, prog name) of the XDP program attached to ``iface`` in any mode, or None."""
+    progs = _attached(iface)
+    return (progs[0][1], progs[0][2]) if progs else None
+
+
+@contextlib.contextmanager
+def _quiet_stderr(fds: tuple[int, ...] = (2,)) -> Iterator[list[str]]:
+    """Capture what bcc/libbpf/clang print on ``fds`` (warnings, libbpf chatter;
+    bcc prints "Unable to find kernel headers" on stdout); the caller gets the
+    text, e.g. to summarise a compile failure."""
+    captured: list[str] = []
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed or None in a daemon
+            stream.flush()
+    saved: dict[int, int] = {}
+    for fd in fds:
+        with contextlib.suppress(OSError):  # a closed fd needs no silencing
+            saved[fd] = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        try:
+            for fd in saved:
+                os.dup2(tmp.fileno(), fd)
+            yield captured
+        finally:
+            for fd, old in saved.items():
+                os.dup2(old, fd)
+                os.close(old)
+            tmp.seek(0)
+            captured.append(tmp.read().decode(errors="replace"))
+
+
+def _detach_mode(iface: str, mode: int) -> None:
+    from bcc import BPF
+
+    with _quiet_stderr():
+        try:
+            BPF.remove_xdp(iface.encode(), _MODE_FLAGS.get(mode, 0))
+        except Exception as e:  # bcc raises bare Exception
+            raise DatapathError(f"cannot remove the XDP program from {iface}: {e}") from None
+
+
+def remove_xdp(iface: str) -> bool:
+    """Remove IQN's program(s) from ``iface`` in every mode; True if one was there.
+    Needs no running agent: it recognises the program by name."""
+    removed = False
+    for mode, _pid, name in _attached(iface):
+        if name == PROG_NAME:
+            _detach_mode(iface, mode)
+            removed = True
+    return removed
+
+
+# ---------------------------------------------------------------------------
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise DatapathError("loading an XDP program needs root: run with sudo")
+
+
+def _compile_error(iface: str, text: str) -> DatapathError:
+    release = os.uname().release
+    if "Unable to find kernel headers" in text or "kernel headers" in text.lower() or (
+        "file not found" in text and ("linux/" in text or "asm/" in text)
+    ):
+        return DatapathError(
+            f"kernel headers not found at /lib/modules/{release}/build: run `sudo bash scripts/setup.sh`"
+        )
+    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
+    summary = lines[0] if lines else (text.strip().splitlines() or ["unknown error"])[-1]
+    return DatapathError(f"compiling {SRC.name} for {iface} failed: {summary}")
+
+
+class Datapath:
+    """IQN's XDP program on one interface: compile, attach, poll, detach."""
+
+    def __init__(
+        self,
+        iface: str,
+        filt: CandidateFilter,
+        max_flows: int = 65536,
+        xdp_mode: str = "auto",
+        force: bool = False,
+        perf_pages: int = 256,
+        wakeup_events: int = DEFAULT_N,
+    ) -> None:
+        if xdp_mode not in XDP_MODES:
+            raise DatapathError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}, got {xdp_mode!r}")
+        if not 1 <= max_flows <= 1 << 24:
+            raise DatapathError(f"max_flows must be in 1..{1 << 24}, got {max_flows}")
+        if perf_pages < 1 or perf_pages & (perf_pages - 1):
+            raise DatapathError(f"perf_pages must be a power of two, got {perf_pages}")
+        if wakeup_events < 1:
+            raise DatapathError(f"wakeup_events must be at least 1, got {wakeup_events}")
+        _require_root()
+        _ifindex(iface)
+        if not SRC.is_file():
+            raise DatapathError(f"the XDP program source is missing ({SRC}): run IQN from its checkout")
+        self.iface = iface
+        self.filt = filt
+        self.xdp_mode = xdp_mode
+        self.force = force
+        self.wakeup_events = wakeup_events
+        self.mode: str | None = None  # "native"/"skb" once attached
+        self._raw: list[bytes] = []
+        self._lost = 0
+        self._closed = False
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise DatapathError(
+                "bcc is missing (Debian's python3-bpfcc): run `sudo bash scripts/setup.sh`"
+            ) from None
+        self._BPF = BPF
+        cflags = [
+            f"-DIQN_PORT={filt.port}",
+            f"-DIQN_MIN_SIZE={filt.min_size}",
+            f"-DIQN_MAX_SIZE={filt.max_size}",
+            f"-DIQN_MAX_FLOWS={max_flows}",
+            "-w",
+        ]
+        err = ""
+        with _quiet_stderr((1, 2)) as out:
+            try:
+                self._bpf = BPF(src_file=str(SRC).encode(), cflags=cflags)
+                self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+            except Exception as e:  # bcc raises bare Exception for compile/load failures
+                err = str(e) or type(e).__name__
+        if err:
+            raise _compile_error(iface, "\n".join(out) + "\n" + err)
+        self._prog_id = bpf_testrun.prog_id_by_fd(self._fn.fd)
+        self._counters = self._bpf[b"counters"]
+        self._flows = self._bpf[b"flows"]
+        # The kernel wakes the reader only every `wakeup_events` candidates: a
+        # wake-up per event costs microseconds per candidate in the kernel (an
+        # IPI; bench/bench_xdp.py). The default, the signal's n, wakes it once per
+        # burst, which is when the inference can act anyway. poll() consumes the
+        # remainder itself, so no event is later than one poll timeout; the
+        # timestamps are the kernel's, so lateness does not skew the inference.
+        self._bpf[b"events"].open_perf_buffer(
+            self._on_event, page_cnt=perf_pages, lost_cb=self._on_lost, wakeup_events=wakeup_events
+        )
+
+    # perf callbacks: as cheap as possible, they run once per candidate
+    def _on_event(self, _cpu: int, data: int, size: int) -> None:
+        self._raw.append(ctypes.string_at(data, size))
+
+    def _on_lost(self, lost: int) -> None:
+        self._lost += lost
+
+    @property
+    def prog_fd(self) -> int:
+        return int(self._fn.fd)
+
+    @property
+    def prog_id(self) -> int:
+        return self._prog_id
+
+    def attach(self) -> str:
+        """Attach to the interface; returns "native" or "skb" (generic), whichever was used."""
+        if self._closed:
+            raise DatapathError("data plane already closed")
+        for mode, pid, name in _attached(self.iface):
+            if pid == self._prog_id:
+                continue
+            if name != PROG_NAME and not self.force:
+                raise DatapathError(
+                    f"{self.iface} already carries another XDP program {name!r} (id {pid}); "
+                    f"remove it (ip link set dev {self.iface} {_IP_MODE.get(mode, 'xdp')} off) "
+                    "or attach with --force to replace it"
+                )
+            if name == PROG_NAME:
+                log.warning("replacing a stale IQN XDP program (id %d) on %s", pid, self.iface)
+            else:
+                log.warning("force: replacing XDP program %r (id %d) on %s", name, pid, self.iface)
+            _detach_mode(self.iface, mode)
+        tries = {"native": ["native"], "skb": ["skb"], "auto": ["native", "skb"]}[self.xdp_mode]
+        last = ""
+        for want in tries:
+            flags = XDP_FLAGS_DRV_MODE if want == "native" else XDP_FLAGS_SKB_MODE
+            with _quiet_stderr():
+                try:
+                    self._BPF.attach_xdp(self.iface.encode(), self._fn, flags)
+                except Exception as e:  # bcc: "Failed to attach BPF to device b'x': <strerror>"
+                    last = str(e).rsplit(": ", 1)[-1]
+                    if want == "native" and self.xdp_mode == "auto":
+                        log.warning(
+                            "%s: native XDP is not available (%s); using generic (skb) mode, "
+                            "which costs more per packet", self.iface, last,
+                        )
+                    continue
+            self.mode = want
+            return want
+        raise DatapathError(f"cannot attach XDP to {self.iface} in {self.xdp_mode} mode: {last}")
+
+    def poll(self, timeout_ms: int) -> list[tuple[bytes, float, int]]:
+        """Candidate events since the last poll: (raw key bytes, wall-clock epoch
+        seconds, frame length). Returns after ``timeout_ms`` at the latest, earlier
+        once ``wakeup_events`` candidates are waiting on one CPU."""
+        if self._closed:
+            return []
+        self._bpf.perf_buffer_poll(timeout_ms)
+        self._bpf.perf_buffer_consume()  # what arrived below the wake-up threshold
+        raw, self._raw = self._raw, []
+        if not raw:
+            return []
+        offset = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+        unpack = _EVENT_TAIL.unpack_from
+        out = []
+        for ev in raw:
+            ts, length = unpack(ev, KEY_SIZE)
+            out.append((ev[:KEY_SIZE], ts / 1e9 + offset, length))
+        out.sort(key=_by_time)  # per-CPU buffers are read one after the other
+        return out
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DatapathError(f"the data plane on {self.iface} is closed")
+
+    def counters(self) -> dict[str, int]:
+        """Global counters summed over CPUs, plus perf events lost so far."""
+        self._check_open()
+        table = self._counters
+        res = {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(COUNTERS)}
+        res["lost"] = self._lost
+        return res
+
+    def flow_stats(self) -> list[tuple[bytes, dict[str, int]]]:
+        """Every flow in the kernel's LRU table: raw key -> its counters."""
+        self._check_open()
+        out = []
+        for k, v in self._flows.items():
+            out.append((
+                bytes(k),
+                {"packets": int(v.packets), "candidates": int(v.candidates),
+                 "bytes": int(v.bytes), "last_seen_ns": int(v.last_seen_ns)},
+            ))
+        return out
+
+    def detach(self) -> None:
+        """Remove our program from the interface (only ours); idempotent."""
+        if self.mode is None:
+            return
+        try:
+            progs = _attached(self.iface)
+        except DatapathError:  # interface gone: nothing left to detach
+            progs = []
+        for mode, pid, _name in progs:
+            if pid == self._prog_id:
+                _detach_mode(self.iface, mode)
+        self.mode = None
+
+    def close(self) -> None:
+        """Detach and release the program, maps and perf buffers."""
+        if self._closed:
+            return
+        try:
+            self.detach()
+        finally:
+            self._closed = True
+            self._bpf.cleanup()
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,91 @@
+"""Prometheus exposition of one agent (opt-in with ``--metrics-port``).
+
+Why Prometheus: ISPs aggregate many routers with the monitoring they already
+run; every agent serves its own ``/metrics`` and the ISP's Prometheus scrapes
+them. Kernel-side totals (packets, candidates, lost events) are read at scrape
+time from the agent's snapshot rather than mirrored into counters, so the
+numbers are exactly what ``iqn-ctl status`` shows.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+#: stall durations are 0.4 s to minutes; buckets follow the paper's range
+DURATION_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 60.0, 120.0, 300.0)
+
+Snapshot = Callable[[], dict[str, int]]
+
+
+class _AgentCollector(Collector):
+    def __init__(self, iface: str, snapshot: Snapshot) -> None:
+        self.iface = iface
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot()
+        for name, key, doc in (
+            ("iqn_packets", "packets", "packets the XDP program saw"),
+            ("iqn_candidates", "candidates", "candidate packets (port and size match)"),
+            ("iqn_lost_events", "lost", "candidate events lost between kernel and agent"),
+            ("iqn_parse_errors", "parse_errors", "packets the XDP program could not parse"),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["iface"])
+            c.add_metric([self.iface], float(s.get(key, 0)))
+            yield c
+        for name, key, doc in (
+            ("iqn_flows", "flows", "flows tracked by the agent"),
+            ("iqn_flows_in_stall", "flows_in_stall", "flows currently in a stall"),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["iface"])
+            g.add_metric([self.iface], float(s.get(key, 0)))
+            yield g
+
+
+class AgentMetrics:
+    """The metrics of one agent; ``stall_started`` / ``stall_ended`` are called
+    from the event loop, the rest is read at scrape time."""
+
+    def __init__(self, iface: str, snapshot: Snapshot) -> None:
+        self.iface = iface
+        self.registry = CollectorRegistry()
+        self.registry.register(_AgentCollector(iface, snapshot))
+        self._started = Counter(
+            "iqn_stalls_started", "stalls inferred to have started", ["iface"], registry=self.registry
+        ).labels(iface)
+        self._ended = Counter(
+            "iqn_stalls_ended", "stalls inferred to have ended", ["iface"], registry=self.registry
+        ).labels(iface)
+        self._duration = Histogram(
+            "iqn_stall_duration_seconds", "inferred stall durations", ["iface"],
+            buckets=DURATION_BUCKETS, registry=self.registry,
+        ).labels(iface)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def stall_started(self) -> None:
+        self._started.inc()
+
+    def stall_ended(self, duration: float) -> None:
+        self._ended.inc()
+        self._duration.observe(max(duration, 0.0))
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serve /metrics on a background thread; raises OSError if the port is taken."""
+        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+
+    @property
+    def port(self) -> int | None:
+        return None if self._server is None else int(self._server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,572 @@
+"""Candidate packets from a pcap or pcapng capture, fast.
+
+A replay of a router's capture has to keep up with the router: millions of
+packets, almost none of them candidates. Building a Python object per packet
+would cost microseconds each, so the reader does the one thing that is
+inherently sequential - hopping from record header to record header - in the
+tightest loop CPython allows (one ``struct.unpack_from`` and one ``append`` per
+record), and everything else (lengths, timestamps, Ethernet/VLAN/IP/UDP headers,
+the candidate filter, flow keys) with numpy fancy indexing over the mmapped
+file. Only candidate *flows* (a handful) ever become Python strings.
+
+Classification follows the data plane (``bpf/iqn_xdp.c``): Ethernet, up to two
+VLAN tags (0x8100, 0x88a8), IPv4 (options via IHL; fragments are never
+candidates, since a fragment's frame length is not the response size) or IPv6
+(fixed header, next header UDP), UDP. A candidate has UDP source port
+``filt.port`` and an *original* frame length (what was on the wire, not what the
+snaplen kept) in ``[filt.min_size, filt.max_size]``. Headers must lie within the
+captured bytes; a frame cut short of its headers, or not IP, is *undecodable*.
+
+Damaged files fail with :class:`CaptureError`, one line naming file and byte
+offset. A capture cut mid-record (a crashed or still-running tcpdump) is an
+error by default too - the tail may be exactly the stall being asked about -
+unless the caller passes ``truncated_ok=True``, which drops the partial record.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from .params import CandidateFilter
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+
+LINKTYPE_ETHERNET = 1
+#: the largest record Wireshark accepts for Ethernet; anything above is a garbled length
+MAX_RECORD = 262144
+
+_LINKTYPE_NAMES = {
+    0: "NULL (BSD loopback)",
+    101: "RAW (raw IP)",
+    105: "IEEE802_11 (Wi-Fi)",
+    108: "LOOP (OpenBSD loopback)",
+    113: "LINUX_SLL (Linux cooked)",
+    127: "IEEE802_11_RADIOTAP (Wi-Fi radiotap)",
+    228: "IPV4 (raw IPv4)",
+    229: "IPV6 (raw IPv6)",
+    276: "LINUX_SLL2 (Linux cooked v2)",
+}
+
+#: classic pcap magic (as bytes at offset 0) -> (byte order, seconds per fraction unit)
+_PCAP_MAGIC = {
+    b"\xd4\xc3\xb2\xa1": ("<", 1e-6),
+    b"\xa1\xb2\xc3\xd4": (">", 1e-6),
+    b"\x4d\x3c\xb2\xa1": ("<", 1e-9),
+    b"\xa1\xb2\x3c\x4d": (">", 1e-9),
+}
+_PCAPNG_SHB = 0x0A0D0D0A
+_PCAPNG_BOM = 0x1A2B3C4D
+_BT_IDB, _BT_PB, _BT_SPB, _BT_EPB = 1, 2, 3, 6
+
+
+class CaptureError(ValueError):
+    """A capture that cannot be read; the message names the file and byte offset."""
+
+
+@dataclass(slots=True)
+class Candidates:
+    """Candidate arrivals of a capture, in time order.
+
+    ``flow_ids[i]`` indexes ``labels``: (flow label, client address) per flow.
+    """
+
+    flow_ids: I64
+    times: F64
+    labels: list[tuple[str, str]]
+    #: packet records in the capture
+    packets: int = 0
+    #: candidate packets (== len(times))
+    candidates: int = 0
+    #: frames that are not IP over Ethernet, or cut short of their headers by the snaplen
+    undecodable: int = 0
+    #: pcapng simple-packet-block candidates with no earlier timestamp to inherit (dropped)
+    untimed: int = 0
+    #: link types seen (pcapng may mix interfaces)
+    linktypes: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Packets:
+    """Where each packet's frame lies in the file, and its lengths and time."""
+
+    data: I64
+    caplen: I64
+    origlen: I64
+    times: F64
+    linktypes: list[int]
+    #: frame headers already copied out (rows, and the column where the frame begins)
+    hdr: tuple[npt.NDArray[np.uint8], int] | None = None
+
+
+def linktype_name(lt: int) -> str:
+    return f"{lt} {_LINKTYPE_NAMES[lt]}" if lt in _LINKTYPE_NAMES else str(lt)
+
+
+def read_candidates(
+    path: str | Path, filt: CandidateFilter | None = None, truncated_ok: bool = False
+) -> Candidates:
+    """Candidates of a pcap/pcapng capture (format detected from the magic)."""
+    filt = filt or CandidateFilter()
+    name = str(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CaptureError(f"{name}: cannot read: {e.strerror or e}") from None
+    with f:
+        try:
+            size = Path(path).stat().st_size
+        except OSError as e:
+            raise CaptureError(f"{name}: cannot read: {e.strerror or e}") from None
+        if size == 0:
+            raise CaptureError(f"{name}: empty file, expected a pcap or pcapng capture")
+        try:
+            # Populate the page tables up front: faulting in a 1 GB capture page by
+            # page as the walk touches it costs several times the walk itself.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+        except (OSError, ValueError) as e:
+            raise CaptureError(f"{name}: cannot map: {e}") from None
+        try:
+            return _read(mm, name, filt, truncated_ok)
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # pragma: no cover - a view escaped; GC closes it
+                pass
+
+
+def _read(mm: mmap.mmap, name: str, filt: CandidateFilter, truncated_ok: bool) -> Candidates:
+    head = mm[:4]
+    if head in _PCAP_MAGIC:
+        pk = _read_pcap(mm, name, truncated_ok)
+    elif len(head) == 4 and struct.unpack("<I", head)[0] == _PCAPNG_SHB:
+        pk = _read_pcapng(mm, name, truncated_ok)
+    elif len(head) < 4 and any(m.startswith(head) for m in [*_PCAP_MAGIC, b"\x0a\x0d\x0d\x0a"]):
+        raise CaptureError(f"{name}: truncated file header at byte 0 ({len(head)} bytes)")
+    else:
+        raise CaptureError(f"{name}: not a pcap or pcapng capture (magic 0x{head.hex()} at byte 0)")
+    u8 = np.frombuffer(mm, dtype=np.uint8)
+    try:
+        return _classify(u8, pk, filt, name)
+    finally:
+        del u8
+
+
+# classic pcap -----------------------------------------------------------------
+
+
+def _read_pcap(mm: mmap.mmap, name: str, truncated_ok: bool) -> _Packets:
+    n = len(mm)
+    endian, unit = _PCAP_MAGIC[mm[:4]]
+    if n < 24:
+        raise CaptureError(f"{name}: truncated pcap file header ({n} of 24 bytes)")
+    vmaj, _vmin, _zone, _sigfigs, _snaplen, network = struct.unpack_from(endian + "HHiIII", mm, 4)
+    if vmaj != 2:
+        raise CaptureError(f"{name}: garbled pcap file header at byte 4 (version {vmaj}, expected 2)")
+    linktype = network & 0x0FFFFFFF
+    if linktype != LINKTYPE_ETHERNET:
+        raise CaptureError(
+            f"{name}: link type {linktype_name(linktype)} is not supported, only Ethernet (1)"
+        )
+
+    # The only sequential part: each record's length says where the next begins.
+    get = struct.Struct(endian + "8xI").unpack_from
+    offs: list[int] = []
+    app = offs.append
+    off = 24
+    last = n - 16
+    while off <= last:
+        app(off)
+        off += 16 + get(mm, off)[0]
+
+    o = np.array(offs, dtype=np.int64)
+    u8 = np.frombuffer(mm, dtype=np.uint8)
+    try:
+        rows = _rows(u8, o, 16 + _HDR)  # record header and frame headers in one pass
+    finally:
+        del u8
+    rec = np.ascontiguousarray(rows[:, :16]).view(endian + "u4")
+    incl = rec[:, 2].astype(np.int64)
+    orig = rec[:, 3].astype(np.int64)
+    sec = rec[:, 0].astype(np.float64)
+    frac = rec[:, 1].astype(np.float64)
+    bad = np.flatnonzero(incl > MAX_RECORD)
+    if bad.size:
+        i = int(bad[0])
+        raise CaptureError(
+            f"{name}: garbled record header at byte {int(o[i])} (record {i + 1}): "
+            f"captured length {int(incl[i])} exceeds {MAX_RECORD}"
+        )
+    if off != n:
+        if off < n:  # fewer than 16 bytes left: a cut record header
+            if not truncated_ok:
+                raise CaptureError(
+                    f"{name}: truncated record header at byte {off} (record {len(offs) + 1})"
+                )
+        else:  # the last record's data runs past the end of the file
+            if not truncated_ok:
+                raise CaptureError(
+                    f"{name}: truncated record at byte {offs[-1]} (record {len(offs)}): "
+                    f"{int(incl[-1])} bytes of data, {n - offs[-1] - 16} in the file"
+                )
+            incl, orig, sec, frac, o = incl[:-1], orig[:-1], sec[:-1], frac[:-1], o[:-1]
+            rows = rows[:-1]
+    return _Packets(o + 16, incl, orig, sec + frac * unit, [linktype] if o.size else [], (rows, 16))
+
+
+def _rows(u8: npt.NDArray[np.uint8], starts: I64, width: int) -> npt.NDArray[np.uint8]:
+    """``width`` bytes from each of ``starts`` (ascending) as a compact matrix.
+
+    One pass over the file: a capture is far bigger than the CPU caches, so
+    every separate gather of a field would miss once per packet; copying each
+    header's bytes once and picking fields from the small matrix misses once.
+    Rows running past the end of the file are zero-padded.
+    """
+    n = u8.size
+    out = np.empty((starts.size, width), np.uint8)
+    m = int(np.searchsorted(starts, n - width, side="right")) if n >= width else 0
+    if m:
+        win = np.lib.stride_tricks.as_strided(u8, shape=(n - width + 1, width), strides=(1, 1))
+        out[:m] = win[starts[:m]]
+    if m < starts.size:
+        base = max(0, n - width)
+        tail = np.zeros(2 * width, np.uint8)
+        tail[: n - base] = u8[base:]
+        out[m:] = tail[(starts[m:] - base)[:, None] + np.arange(width)]
+    return out
+
+
+# pcapng -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Iface:
+    linktype: int
+    snaplen: int
+    #: ticks per second (if_tsresol) and seconds added to every timestamp (if_tsoffset)
+    res: int = 1_000_000
+    offset: int = 0
+
+
+def _read_pcapng(mm: mmap.mmap, name: str, truncated_ok: bool) -> _Packets:
+    n = len(mm)
+    # Walk block headers. Only a section header can change the byte order; its
+    # type reads the same either way round, so the loop tests for it cheaply.
+    offs: list[int] = []
+    app = offs.append
+    sections: list[tuple[int, str]] = []  # (index of first block, byte order)
+    get = struct.Struct("<II").unpack_from
+    off = 0
+    last = n - 12
+    while off <= last:
+        btype, blen = get(mm, off)
+        if btype == _PCAPNG_SHB or blen < 12:
+            if btype == _PCAPNG_SHB:
+                bom = struct.unpack_from("<I", mm, off + 8)[0]
+                if bom == _PCAPNG_BOM:
+                    endian = "<"
+                elif bom == 0x4D3C2B1A:
+                    endian = ">"
+                else:
+                    raise CaptureError(
+                        f"{name}: garbled section header at byte {off} (byte-order magic 0x{bom:08x})"
+                    )
+                get = struct.Struct(endian + "II").unpack_from
+                blen = get(mm, off)[1]
+                sections.append((len(offs), endian))
+            if blen < 12:
+                raise CaptureError(
+                    f"{name}: garbled block at byte {off} (block {len(offs) + 1}): length {blen}"
+                )
+        app(off)
+        off += blen
+    if off != n and not truncated_ok:
+        if off < n:
+            raise CaptureError(f"{name}: truncated block header at byte {off} (block {len(offs) + 1})")
+        raise CaptureError(f"{name}: truncated block at byte {offs[-1]} (block {len(offs)})")
+    if off > n:
+        offs.pop()
+    sections = [(s, e) for s, e in sections if s < len(offs)]
+    if not sections:  # the magic matched but not even one whole block follows
+        if truncated_ok:
+            z = np.empty(0, np.int64)
+            return _Packets(z, z, z, np.empty(0), [])
+        raise CaptureError(f"{name}: truncated section header at byte 0 ({n} bytes)")
+
+    parts: list[tuple[I64, I64, I64, F64, I64]] = []
+    linktypes: set[int] = set()
+    all_offs = np.array(offs, dtype=np.int64)
+    bad = np.flatnonzero(all_offs & 3)
+    if bad.size:  # the block before it had a length that is not a multiple of 4
+        i = max(int(bad[0]) - 1, 0)
+        raise CaptureError(
+            f"{name}: garbled block at byte {offs[i]} (block {i + 1}): length is not a multiple of 4"
+        )
+    bounds = [s for s, _ in sections] + [len(offs)]
+    for (start, endian), stop in zip(sections, bounds[1:], strict=True):
+        res = _pcapng_section(mm, name, endian, all_offs[start:stop], start)
+        if res is not None:
+            parts.append(res[0])
+            linktypes.update(res[1])
+    if not parts:
+        z = np.empty(0, np.int64)
+        return _Packets(z, z, z, np.empty(0), [])
+    data, cap, orig, times, _blk = (np.concatenate(a) for a in zip(*parts, strict=True))
+    return _Packets(data, cap, orig, _forward_fill(times), sorted(linktypes))
+
+
+def _forward_fill(times: F64) -> F64:
+    """Simple packet blocks carry no timestamp: they inherit the last timestamp
+    before them (blocks are in capture order); NaN if there is none."""
+    nan = np.isnan(times)
+    if not nan.any():
+        return times
+    idx = np.where(nan, 0, np.arange(times.size))
+    np.maximum.accumulate(idx, out=idx)
+    return times[idx]  # a leading run of NaN maps to index 0, itself NaN
+
+
+def _pcapng_section(
+    mm: mmap.mmap, name: str, endian: str, o: I64, first_block: int
+) -> tuple[tuple[I64, I64, I64, F64, I64], set[int]] | None:
+    n = len(mm)
+    u32 = np.frombuffer(mm, dtype=endian + "u4", count=n // 4)
+    try:
+        # type, length, then EPB's interface, ts high, ts low, captured and original length
+        hdr = _rows(np.frombuffer(mm, dtype=np.uint8), o, 28).view(endian + "u4")
+        btype = hdr[:, 0]
+        blen = hdr[:, 1].astype(np.int64)
+        trail = u32[(o + blen - 4) >> 2]
+    finally:
+        del u32
+    bad = np.flatnonzero(trail != blen)
+    if bad.size:
+        i = int(bad[0])
+        raise CaptureError(
+            f"{name}: garbled block at byte {int(o[i])} (block {first_block + i + 1}): "
+            f"length {int(blen[i])} at its start, {int(trail[i])} at its end"
+        )
+    shb = int(o[0])
+    if int(blen[0]) < 28:
+        raise CaptureError(f"{name}: garbled section header at byte {shb}: length {int(blen[0])}")
+    vmaj = struct.unpack_from(endian + "H", mm, shb + 12)[0]
+    if vmaj != 1:
+        raise CaptureError(f"{name}: garbled section header at byte {shb} (version {vmaj}, expected 1)")
+
+    ifaces: list[_Iface] = []
+    for j in np.flatnonzero(btype == _BT_IDB).tolist():
+        ifaces.append(_parse_idb(mm, name, endian, int(o[j]), int(blen[j])))
+
+    pkt = np.flatnonzero((btype == _BT_EPB) | (btype == _BT_PB) | (btype == _BT_SPB))
+    if pkt.size == 0:
+        return None
+    po, ph, pt, pl = o[pkt], hdr[pkt], btype[pkt], blen[pkt]
+    spb = pt == _BT_SPB
+    short = pl < np.where(spb, 16, 32)
+    if short.any():
+        i = int(np.flatnonzero(short)[0])
+        raise CaptureError(
+            f"{name}: garbled packet block at byte {int(po[i])} (block {first_block + int(pkt[i]) + 1}): "
+            f"length {int(pl[i])}"
+        )
+    # EPB: interface u32 at +8; obsolete PB: interface u16 at +8, then a drop count
+    word = ph[:, 2]
+    pb_iface = (word >> 16) if endian == ">" else (word & 0xFFFF)
+    iface = np.where(spb, 0, np.where(pt == _BT_PB, pb_iface, word)).astype(np.int64)
+    if not ifaces or iface.max() >= len(ifaces):
+        i = int(np.flatnonzero(iface >= len(ifaces))[0])
+        raise CaptureError(
+            f"{name}: garbled packet block at byte {int(po[i])} (block {first_block + int(pkt[i]) + 1}): "
+            f"interface {int(iface[i])} but the section describes {len(ifaces)}"
+        )
+    lt = np.array([f.linktype for f in ifaces], dtype=np.int64)[iface]
+    badlt = np.flatnonzero(lt != LINKTYPE_ETHERNET)
+    if badlt.size:
+        i = int(badlt[0])
+        raise CaptureError(
+            f"{name}: link type {linktype_name(int(lt[i]))} is not supported, only Ethernet (1) "
+            f"(packet block at byte {int(po[i])})"
+        )
+    orig = np.where(spb, ph[:, 2], ph[:, 6]).astype(np.int64)
+    snap = np.array([f.snaplen or MAX_RECORD for f in ifaces], dtype=np.int64)[iface]
+    cap = np.where(spb, np.minimum(np.minimum(orig, snap), pl - 16), ph[:, 5].astype(np.int64))
+    data = po + np.where(spb, 12, 28)
+    room = pl - np.where(spb, 16, 32)
+    over = np.flatnonzero(cap > room)
+    if over.size:
+        i = int(over[0])
+        raise CaptureError(
+            f"{name}: garbled packet block at byte {int(po[i])} (block {first_block + int(pkt[i]) + 1}): "
+            f"captured length {int(cap[i])} does not fit its block"
+        )
+    ticks = (ph[:, 3].astype(np.uint64) << np.uint64(32)) | ph[:, 4].astype(np.uint64)
+    res = np.array([f.res for f in ifaces], dtype=np.uint64)[iface]
+    toff = np.array([f.offset for f in ifaces], dtype=np.float64)[iface]
+    whole = (ticks // res).astype(np.float64)
+    times = whole + (ticks % res).astype(np.float64) / res.astype(np.float64) + toff
+    times[spb] = np.nan
+    return (data, cap, orig, times, pkt + first_block), {f.linktype for f in ifaces}
+
+
+def _parse_idb(mm: mmap.mmap, name: str, endian: str, off: int, blen: int) -> _Iface:
+    if blen < 20:
+        raise CaptureError(f"{name}: garbled interface description at byte {off}: length {blen}")
+    linktype, _res, snaplen = struct.unpack_from(endian + "HHI", mm, off + 8)
+    iface = _Iface(linktype, snaplen)
+    pos, end = off + 16, off + blen - 4
+    while pos + 4 <= end:
+        code, olen = struct.unpack_from(endian + "HH", mm, pos)
+        if code == 0:
+            break
+        if pos + 4 + olen > end:
+            raise CaptureError(
+                f"{name}: garbled interface description at byte {off}: option {code} at byte {pos} "
+                "runs past the block"
+            )
+        if code == 9 and olen >= 1:  # if_tsresol
+            v = mm[pos + 4]
+            exp = v & 0x7F
+            iface.res = (2**exp) if v & 0x80 else (10**exp)
+            if iface.res >= 2**64:
+                raise CaptureError(
+                    f"{name}: garbled interface description at byte {off}: if_tsresol 0x{v:02x}"
+                )
+        elif code == 14 and olen >= 8:  # if_tsoffset, seconds
+            iface.offset = struct.unpack_from(endian + "q", mm, pos + 4)[0]
+        pos += 4 + ((olen + 3) & ~3)
+    return iface
+
+
+# frames -----------------------------------------------------------------------
+
+
+#: frame bytes copied per packet: two VLAN tags, IPv4 with the longest options and UDP
+_HDR = 96  # >= 22 + 60 + 8
+
+
+def _classify(u8: npt.NDArray[np.uint8], pk: _Packets, filt: CandidateFilter, name: str) -> Candidates:
+    """Parse every frame's headers at once and keep the candidates."""
+    total = int(pk.data.size)
+    if total == 0:
+        return Candidates(np.empty(0, np.int64), np.empty(0), [], linktypes=pk.linktypes)
+    cap = pk.caplen
+    # bytes past a frame's caplen are junk: the checks below never use them
+    hdr, col0 = pk.hdr if pk.hdr is not None else (_rows(u8, pk.data, _HDR), 0)
+    flat = hdr.ravel()
+    rowbase = np.arange(total, dtype=np.int64) * hdr.shape[1] + col0
+
+    def b8(rows: I64, col: I64) -> I64:
+        return flat[rowbase[rows] + col].astype(np.int64)
+
+    def be16(rows: I64, col: I64) -> I64:
+        i = rowbase[rows] + col
+        return (flat[i].astype(np.int64) << 8) | flat[i + 1]
+
+    # Ethernet and up to two VLAN tags: `pos` is where the ethertype field lies.
+    pos = np.full(total, 12, np.int64)
+    valid = cap >= 14
+    et = (hdr[:, col0 + 12].astype(np.int64) << 8) | hdr[:, col0 + 13]
+    for _ in range(2):
+        tag = valid & ((et == 0x8100) | (et == 0x88A8))
+        if not tag.any():
+            break
+        ti = np.flatnonzero(tag)
+        pos[ti] += 4
+        valid[ti] = cap[ti] >= pos[ti] + 2
+        et[ti] = be16(ti, pos[ti])
+    l3 = pos + 2
+    avail = cap - l3
+
+    # IPv4: IHL for options; any fragment (MF set or offset > 0) is not a candidate.
+    i4 = np.flatnonzero(valid & (et == 0x0800))
+    c3, a4 = l3[i4], avail[i4]
+    vi = b8(i4, c3)
+    ihl = (vi & 15) * 4
+    ok4 = (a4 >= 20) & ((vi >> 4) == 4) & (ihl >= 20)
+    udp4 = ok4 & (b8(i4, c3 + 9) == 17) & ((be16(i4, c3 + 6) & 0x3FFF) == 0)
+    bad4 = ~ok4 | (udp4 & (a4 < ihl + 8))
+    udp4 &= ~bad4
+    c4 = udp4 & (be16(i4, c3 + np.minimum(ihl, 60)) == filt.port)
+
+    # IPv6: fixed header only; the next header must be UDP.
+    i6 = np.flatnonzero(valid & (et == 0x86DD))
+    c6l3, a6 = l3[i6], avail[i6]
+    ok6 = (a6 >= 40) & ((b8(i6, c6l3) >> 4) == 6)
+    udp6 = ok6 & (b8(i6, c6l3 + 6) == 17)
+    bad6 = ~ok6 | (udp6 & (a6 < 48))
+    udp6 &= ~bad6
+    c6 = udp6 & (be16(i6, c6l3 + 40) == filt.port)
+
+    undecodable = total - i4.size - i6.size + int(bad4.sum()) + int(bad6.sum())
+    lo, hi = filt.min_size, filt.max_size
+    org = pk.origlen
+    c4 &= (org[i4] >= lo) & (org[i4] <= hi)
+    c6 &= (org[i6] >= lo) & (org[i6] <= hi)
+    k4, k6 = i4[c4], i6[c6]
+
+    # Flow keys as rows [family, src(16), dst(16), sport(2), dport(2)] -> unique flows.
+    keys = np.zeros((k4.size + k6.size, 37), np.uint8)
+    r4 = keys[: k4.size]
+    s4 = (rowbase[k4] + c3[c4])[:, None]
+    r4[:, 0] = 4
+    r4[:, 1:5] = flat[s4 + np.arange(12, 16)]
+    r4[:, 17:21] = flat[s4 + np.arange(16, 20)]
+    r4[:, 33:37] = flat[s4 + ihl[c4][:, None] + np.arange(4)]
+    r6 = keys[k4.size :]
+    s6 = (rowbase[k6] + c6l3[c6])[:, None]
+    r6[:, 0] = 6
+    r6[:, 1:33] = flat[s6 + np.arange(8, 40)]
+    r6[:, 33:37] = flat[s6 + np.arange(40, 44)]
+
+    times = np.concatenate([pk.times[k4], pk.times[k6]])
+    timed = ~np.isnan(times)
+    untimed = int(times.size - timed.sum())
+    if untimed and not timed.any():
+        raise CaptureError(
+            f"{name}: all {untimed} candidate packets are in simple packet blocks, "
+            "which carry no timestamps"
+        )
+    keys, times = keys[timed], times[timed]
+    order = np.argsort(times, kind="stable")
+    keys, times = keys[order], times[order]
+    if times.size:
+        void = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel()
+        uniq, first, inverse = np.unique(void, return_index=True, return_inverse=True)
+        # number flows by first appearance, so labels read in capture order
+        rank = np.empty(uniq.size, np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(uniq.size)
+        flow_ids = rank[inverse.ravel()]
+        labels: list[tuple[str, str]] = [("", "")] * uniq.size
+        for u in range(uniq.size):
+            labels[int(rank[u])] = _label(keys[int(first[u])])
+    else:
+        flow_ids, labels = np.empty(0, np.int64), []
+    return Candidates(
+        flow_ids=flow_ids.astype(np.int64),
+        times=times,
+        labels=labels,
+        packets=total,
+        candidates=int(times.size),
+        undecodable=int(undecodable),
+        untimed=untimed,
+        linktypes=pk.linktypes,
+    )
+
+
+def _label(row: npt.NDArray[np.uint8]) -> tuple[str, str]:
+    """DESIGN.md's flow label: ``server:port>client:port``, IPv6 in brackets."""
+    raw = row.tobytes()
+    sport, dport = struct.unpack("!HH", raw[33:37])
+    if raw[0] == 4:
+        src, dst = str(ipaddress.IPv4Address(raw[1:5])), str(ipaddress.IPv4Address(raw[17:21]))
+        return f"{src}:{sport}>{dst}:{dport}", dst
+    src, dst = str(ipaddress.IPv6Address(raw[1:17])), str(ipaddress.IPv6Address(raw[17:33]))
+    return f"[{src}]:{sport}>[{dst}]:{dport}", dst

@@ -1,0 +1,162 @@
+"""The ``iqn-lab`` command line: up, down, status, rate, exec.
+
+Expected failures (not root, bad rate, lab not up) end as one
+``iqn-lab: error: ...`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+
+from .lab import Lab, LabError
+from .ott.media import MediaError
+from .shaping import RateError, parse_rate
+from .templates import TemplateError
+from .topology import ROLES, PrefixError
+
+app = typer.Typer(
+    name="iqn-lab",
+    help="IQN lab: client - OpenVPN tunnel - router - OTT (HTTP/3) in network namespaces.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+F = TypeVar("F", bound=Callable[..., object])
+OptPrefix = typer.Option(
+    os.environ.get("IQN_LAB_PREFIX", "iqnlab"), "--prefix", help="name prefix of this lab instance"
+)
+
+
+def friendly(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return fn(*args, **kwargs)
+        except (LabError, RateError, PrefixError, MediaError, TemplateError) as e:
+            typer.echo(f"iqn-lab: error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except PermissionError as e:
+            typer.echo(f"iqn-lab: error: {e.strerror or e}: run as root", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (namespaces, OpenVPN, nftables): run with sudo")
+
+
+@app.command()
+@friendly
+def up(
+    prefix: str = OptPrefix,
+    rate: str = typer.Option("none", "--rate", help="server-to-client bottleneck, e.g. 1mbit, 300kbit, none"),
+    schedule: str | None = typer.Option(
+        None, "--schedule", help="rate steps SECONDS:RATE,... e.g. 0:none,20:300kbit,40:none"
+    ),
+    repeat: float = typer.Option(0.0, "--repeat", help="restart the schedule every this many seconds"),
+) -> None:
+    """Build the lab (idempotent: if it is up, only the bottleneck changes)."""
+    bits = parse_rate(rate)
+    lab = Lab(prefix)
+    _root()
+    t0 = time.monotonic()
+    lab.up(rate=bits, schedule=schedule, repeat=repeat)
+    st = lab.status()
+    typer.echo(f"lab {prefix} up in {time.monotonic() - t0:.1f} s")
+    typer.echo(f"  namespaces   {' '.join(st['namespaces'].values())}")
+    typer.echo(f"  ISP agent    ip netns exec {lab.router_ns} iqn-ctl attach {lab.router_ott_iface}")
+    how = " (schedule)" if schedule else ""
+    typer.echo(f"  bottleneck   {st['rate']} on {st['router_client_iface']}{how}")
+    typer.echo(f"  player       {lab.player_url} (from the client namespace; see iqn-lab status --json)")
+
+
+@app.command()
+@friendly
+def down(prefix: str = OptPrefix) -> None:
+    """Remove the lab: processes, namespaces, interfaces, state (also after a crash)."""
+    _root()
+    removed = Lab(prefix).down()
+    typer.echo(f"lab {prefix}: removed {len(removed)} item(s)" if removed else f"lab {prefix}: nothing to do")
+
+
+@app.command()
+@friendly
+def status(
+    prefix: str = OptPrefix, as_json: bool = typer.Option(False, "--json", help="machine-readable")
+) -> None:
+    """Show whether the lab is up, its daemons, tunnel and bottleneck."""
+    _root()
+    st = Lab(prefix).status()
+    if as_json:
+        typer.echo(json.dumps(st))
+        return
+    if not st["namespaces"]:
+        typer.echo(f"lab {prefix}: down")
+        return
+    typer.echo(f"lab {prefix}: {'up' if st['up'] else 'DEGRADED (run iqn-lab up to rebuild)'}")
+    for role, ns in st["namespaces"].items():
+        typer.echo(f"  {role:<7} {ns}")
+    for d, pid in st["daemons"].items():
+        typer.echo(f"  {d:<15} {'pid ' + str(pid) if pid else 'NOT RUNNING'}")
+    typer.echo(f"  tunnel          {'up' if st['tunnel'] else 'DOWN'}")
+    typer.echo(f"  bottleneck      {st.get('rate')} on {st.get('router_client_iface')}")
+    if st.get("schedule"):
+        state = "running" if st.get("schedule_running") else "finished"
+        typer.echo(f"  schedule        {st['schedule']} ({state})")
+    typer.echo(f"  ISP agent iface {st.get('router_ott_iface')} in {st['namespaces'].get('router')}")
+    typer.echo(f"  player          {st.get('player_url')}")
+    typer.echo(f"  request log     {st.get('request_log')}")
+
+
+@app.command()
+@friendly
+def rate(
+    value: str = typer.Argument(..., help="e.g. 1mbit, 300kbit or none"), prefix: str = OptPrefix
+) -> None:
+    """Change the bottleneck now (stops a running schedule)."""
+    _root()
+    lab = Lab(prefix)
+    bits = parse_rate(value)
+    lab.stop_schedule()
+    lab.set_rate(bits)
+    typer.echo(f"lab {prefix}: bottleneck {value}")
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@friendly
+def exec_(
+    role: str = typer.Argument(..., help=f"one of: {', '.join(ROLES)}"),
+    command: list[str] = typer.Argument(..., help="command and its arguments (put -- before options)"),
+    prefix: str = OptPrefix,
+) -> None:
+    """Run a command inside a lab namespace, e.g. iqn-lab exec client -- ping -c1 198.19.0.2."""
+    lab = Lab(prefix)
+    lab.ns(role)  # validates the role
+    _root()
+    try:
+        rc = lab.exec(role, command).returncode
+    except FileNotFoundError:
+        raise LabError("ip not found: install iproute2") from None
+    except subprocess.SubprocessError as e:
+        raise LabError(str(e)) from None
+    raise typer.Exit(rc)
+
+
+def main() -> None:
+    app(prog_name="iqn-lab")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Namespaces and a synthetic IQN sender for the live-agent tests and benchmark.
+
+A lab is two network namespaces joined by a veth pair: the *server* side sends
+(plain UDP sockets bound to port 443, payload sized so the Ethernet frame has
+the wanted length), the *client* side receives and carries the agent's XDP
+program. Nothing touches the root namespace; addresses come from
+198.18.0.0/15 (IPv6 from a ULA prefix) and every name carries a per-run prefix.
+``Lab`` is a context manager that always removes what it created.
+
+Run as a script (inside the server namespace) it is the sender:
+``python tests/netlab.py send SPEC.json`` prints the actual send times as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = str(ROOT / ".venv" / "bin" / "python")
+IQN_CTL = str(ROOT / ".venv" / "bin" / "iqn-ctl")
+ETH, VLAN, IP4, IP6, UDP = 14, 4, 20, 40, 8
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(args), capture_output=True, text=True)
+    if check and r.returncode:
+        raise RuntimeError(f"{' '.join(args)}: {r.stderr.strip()}")
+    return r
+
+
+def run_prefix() -> str:
+    """Short and unique per run (interface names are at most 15 characters)."""
+    return f"iq{os.getpid() % 10000:04d}{random.randrange(36 ** 2):03x}"[:9]
+
+
+@dataclass
+class Lab:
+    """server ns <-> client ns over one veth pair, with IPv4 and IPv6.
+
+    VLAN-tagged traffic is sent as hand-built frames on an AF_PACKET socket (the
+    CI kernel has no 8021q module, and the agent only needs to see the tag)."""
+
+    prefix: str = field(default_factory=run_prefix)
+    vlan_id: int = 42
+    created: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = random.randrange(1, 250)
+        self.srv_ns = f"{self.prefix}s"
+        self.cli_ns = f"{self.prefix}c"
+        self.srv_if = f"{self.prefix}S"
+        self.cli_if = f"{self.prefix}C"  # the agent attaches here
+        self.srv4, self.cli4 = f"198.18.{n}.1", f"198.18.{n}.2"
+        self.srv4b = f"198.18.{n}.5"  # a second server address
+        self.srv4v, self.cli4v = f"198.19.{n}.1", f"198.19.{n}.2"  # VLAN-tagged raw frames
+        self.srv6, self.cli6 = f"fd00:198:18:{n:x}::1", f"fd00:198:18:{n:x}::2"
+
+    def __enter__(self) -> Lab:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        for ns in (self.srv_ns, self.cli_ns):
+            sh("ip", "netns", "add", ns)
+            self.created.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", self.srv_if, "netns", self.srv_ns, "type", "veth",
+           "peer", "name", self.cli_if, "netns", self.cli_ns)
+        s, c = self.srv_ns, self.cli_ns
+        sh("ip", "-n", s, "addr", "add", f"{self.srv4}/24", "dev", self.srv_if)
+        sh("ip", "-n", s, "addr", "add", f"{self.srv4b}/24", "dev", self.srv_if)
+        sh("ip", "-n", c, "addr", "add", f"{self.cli4}/24", "dev", self.cli_if)
+        sh("ip", "-n", s, "addr", "add", f"{self.srv6}/64", "dev", self.srv_if, "nodad")
+        sh("ip", "-n", c, "addr", "add", f"{self.cli6}/64", "dev", self.cli_if, "nodad")
+        for ns, dev in ((s, self.srv_if), (c, self.cli_if)):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        self.cli_mac = self.mac(c, self.cli_if)
+        self.srv_mac = self.mac(s, self.srv_if)
+        # no neighbour discovery needed: the first burst must not wait for ARP/ND
+        for addr in (self.cli4, self.cli6):
+            sh("ip", "-n", s, "neigh", "replace", addr, "lladdr", self.cli_mac, "dev", self.srv_if,
+               "nud", "permanent")
+
+    @staticmethod
+    def mac(ns: str, dev: str) -> str:
+        out = sh("ip", "-n", ns, "-j", "link", "show", "dev", dev).stdout
+        return str(json.loads(out)[0]["address"])
+
+    def xdp_on_client(self) -> str | None:
+        """Name of the XDP program on the client-side veth, None when there is none."""
+        out = sh("ip", "-n", self.cli_ns, "-j", "-d", "link", "show", "dev", self.cli_if).stdout
+        xdp = json.loads(out)[0].get("xdp")
+        if not xdp:
+            return None
+        ents = xdp.get("attached") or [xdp]
+        return str(ents[0].get("prog", {}).get("name", "?"))
+
+    def close(self) -> None:
+        for ns in reversed(self.created):
+            sh("ip", "netns", "pids", ns, check=False)
+            pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            sh("ip", "netns", "del", ns, check=False)
+        self.created.clear()
+
+    # -- processes in the namespaces --
+
+    def agent_cmd(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.cli_ns, IQN_CTL, *args]
+
+    def send(self, spec: dict[str, Any], **kw: Any) -> subprocess.Popen[str]:
+        """Start the sender in the server namespace; its stdout is the JSON of send times."""
+        spec = {"dev": self.srv_if, "src_mac": self.srv_mac, "dst_mac": self.cli_mac, **spec}
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.srv_ns, PY, str(Path(__file__).resolve()), "send",
+             json.dumps(spec)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+        )
+
+
+# -- the sender ------------------------------------------------------------------------
+
+
+def payload_len(frame_len: int, family: int, vlan: bool) -> int:
+    return frame_len - ETH - (VLAN if vlan else 0) - (IP6 if family == 6 else IP4) - UDP
+
+
+def _sleep_until(t: float) -> None:
+    while True:
+        d = t - time.time()
+        if d <= 0:
+            return
+        time.sleep(d - 0.0005 if d > 0.001 else 0)
+
+
+def send(spec: dict[str, Any]) -> dict[str, Any]:
+    """Spec: {"flows": [{"name", "src", "dst", "dport", "frame", "vlan", "times": [...]} |
+    {"name", ..., "bulk_pps", "from", "to"}]}; times are epoch seconds. Returns the
+    actual send time of every packet per flow name."""
+    socks: dict[tuple[str, int], socket.socket] = {}
+    plan: list[tuple[float, str, socket.socket, bytes, Any]] = []
+    for f in spec["flows"]:
+        fam = 6 if ":" in f["src"] else 4
+        if f.get("vlan"):
+            from iqn_ctl.frames import udp_frame
+
+            raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+            raw.bind((spec["dev"], 0))
+            macs = {k: bytes.fromhex(spec[k].replace(":", "")) for k in ("src_mac", "dst_mac")}
+            frame = udp_frame(f["src"], f["dst"], f.get("sport", 443), int(f["dport"]), int(f["frame"]),
+                              vlans=(int(f["vlan"]),), **macs)
+            plan.extend((t, f["name"], raw, frame, None) for t in f["times"])
+            continue
+        key = (f["src"], fam)
+        if key not in socks:
+            s = socket.socket(socket.AF_INET6 if fam == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((f["src"], f.get("sport", 443)))
+            socks[key] = s
+        data = bytes(payload_len(int(f["frame"]), fam, bool(f.get("vlan"))))
+        dst = (f["dst"], int(f["dport"]))
+        if "times" in f:
+            times = f["times"]
+        else:
+            k = int((f["to"] - f["from"]) * f["bulk_pps"])
+            times = [f["from"] + i / f["bulk_pps"] for i in range(k)]
+        plan.extend((t, f["name"], socks[key], data, dst) for t in times)
+    plan.sort(key=lambda x: x[0])
+    sent: dict[str, list[float]] = {f["name"]: [] for f in spec["flows"]}
+    for t, name, s, data, dst in plan:
+        _sleep_until(t)
+        if dst is None:
+            s.send(data)
+        else:
+            s.sendto(data, dst)
+        sent[name].append(time.time())
+    return {"sent": sent}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "send":
+        print(json.dumps(send(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: netlab.py send SPEC_JSON")

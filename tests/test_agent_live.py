@@ -1,0 +1,284 @@
+"""The live agent end to end: real XDP on a real veth, real UDP signals from
+another namespace, the agent as a real ``iqn-ctl attach`` subprocess.
+
+One traffic phase (a few seconds) is shared by all assertions: two labs, two
+agents (5-tuple keys with the default estimator; client keys with the paper's
+estimator) and, at once, an IPv4 signal, a bulk flow of 1,292-byte frames, an
+IPv6 signal, a VLAN-tagged signal, a second concurrent IPv4 signal, and a
+signal split over four connections of one client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import need, need_root
+from netlab import PY, Lab
+
+from iqn_ctl.api import ApiError, request, sock_path
+from iqn_ctl.synth import SignalModel, signal_times
+
+P = 0.2
+STALL = 2.0  # seconds of signal per flow: enough for a stall, short enough for a fast test
+
+
+def need_xdp() -> None:
+    need_root()
+    build = Path(f"/lib/modules/{os.uname().release}/build/include")
+    need(build.exists(), f"needs kernel headers at {build} (sudo bash scripts/setup.sh)")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        need(False, "needs bcc (python3-bpfcc)")
+
+
+def wait_ready(path: Path, proc: subprocess.Popen[str], timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"agent exited {proc.returncode}: {err}")
+        try:
+            request(path, "ping", timeout=1.0)
+            return
+        except ApiError:
+            time.sleep(0.05)
+    raise AssertionError("agent did not come up")
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.stderr.read() if proc.stderr else ""
+
+
+def cli(lab: Lab, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(lab.agent_cmd(*args), env=env, capture_output=True, text=True, timeout=120)
+
+
+def burst_times(start: float, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return [float(t) for t in signal_times([(start, start + STALL)], SignalModel(), rng)]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    need_xdp()
+    base = tmp_path_factory.mktemp("agent")
+    env = dict(os.environ, IQN_RUN_DIR=str(base / "run"))
+    procs: list[subprocess.Popen[str]] = []
+    with Lab() as lab1, Lab() as lab2:
+        port = random.randrange(20000, 60000)
+        a1 = subprocess.Popen(
+            lab1.agent_cmd("attach", lab1.cli_if, "--state-dir", str(base / "s1"),
+                           "--metrics-port", str(port), "--metrics-addr", "127.0.0.1"),
+            env=env, stderr=subprocess.PIPE, text=True)
+        procs.append(a1)
+        a2 = subprocess.Popen(
+            lab2.agent_cmd("attach", lab2.cli_if, "--state-dir", str(base / "s2"), "--key", "client",
+                           "--estimator", "paper"),
+            env=env, stderr=subprocess.PIPE, text=True)
+        procs.append(a2)
+        try:
+            s1, s2 = sock_path(base / "run", lab1.cli_if), sock_path(base / "run", lab2.cli_if)
+            wait_ready(s1, a1)
+            wait_ready(s2, a2)
+            t0 = time.time() + 0.6
+            split = burst_times(t0, 6)
+            spec1 = {"flows": [
+                {"name": "v4", "src": lab1.srv4, "dst": lab1.cli4, "dport": 40001, "frame": 1250,
+                 "times": burst_times(t0, 1)},
+                {"name": "bulk", "src": lab1.srv4, "dst": lab1.cli4, "dport": 40002, "frame": 1292,
+                 "bulk_pps": 400, "from": t0, "to": t0 + STALL + 0.5},
+                {"name": "v6", "src": lab1.srv6, "dst": lab1.cli6, "dport": 40003, "frame": 1288,
+                 "times": burst_times(t0 + 0.1, 2)},
+                {"name": "vlan", "src": lab1.srv4v, "dst": lab1.cli4v, "dport": 40004, "frame": 1180,
+                 "vlan": lab1.vlan_id, "times": burst_times(t0, 3)},
+                {"name": "v4b", "src": lab1.srv4b, "dst": lab1.cli4, "dport": 40005, "frame": 1250,
+                 "times": burst_times(t0 + 0.5, 4)},
+            ]}
+            spec2 = {"flows": [
+                {"name": f"c{i}", "src": lab2.srv4, "dst": lab2.cli4, "dport": 41000 + i, "frame": 1250,
+                 "times": split[i::4]} for i in range(4)
+            ]}
+            # the paper's estimator ends a stall only on a packet (its per-packet loop): send one
+            spec2["flows"].append({"name": "closer", "src": lab2.srv4, "dst": lab2.cli4, "dport": 41000,
+                                   "frame": 1250, "times": [split[-1] + 1.0]})
+            snd1, snd2 = lab1.send(spec1), lab2.send(spec2)
+            # the live view mid-stall
+            time.sleep(max(0.0, t0 + 1.2 - time.time()))
+            mid = request(s1, "flows")
+            out1, err1 = snd1.communicate(timeout=30)
+            out2, err2 = snd2.communicate(timeout=30)
+            assert snd1.returncode == 0 and snd2.returncode == 0, err1 + err2
+            time.sleep(max(0.0, t0 + STALL + 0.5 + 4 * P + 0.4 - time.time()))
+            metrics = subprocess.run(
+                ["ip", "netns", "exec", lab1.cli_ns, PY, "-c",
+                 f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics')"
+                 ".read().decode())"], capture_output=True, text=True, timeout=30).stdout
+            res: dict[str, Any] = {
+                "lab1": lab1, "lab2": lab2, "env": env, "base": base, "a1": a1, "t0": t0, "mid": mid,
+                "sent1": json.loads(out1)["sent"], "sent2": json.loads(out2)["sent"],
+                "flows1": json.loads(cli(lab1, env, "flows", "--json").stdout),
+                "flows2": json.loads(cli(lab2, env, "flows", "--json", "--iface", lab2.cli_if).stdout),
+                "status": [x for x in json.loads(cli(lab1, env, "status", "--json").stdout)
+                           if x["iface"] == lab1.cli_if],
+                "stalls1": [json.loads(x) for x in cli(lab1, env, "stalls", "--json", "--state-dir",
+                                                       str(base / "s1")).stdout.splitlines()],
+                "stalls2": [json.loads(x) for x in cli(lab2, env, "stalls", "--json", "--state-dir",
+                                                       str(base / "s2")).stdout.splitlines()],
+                "metrics": metrics,
+            }
+            yield res
+        finally:
+            for p in procs:
+                stop(p)
+
+
+def by_port(stalls: list[dict[str, Any]], port: int) -> list[dict[str, Any]]:
+    return [s for s in stalls if s["flow"].endswith(f":{port}")]
+
+
+def check_stall(stalls: list[dict[str, Any]], sent: list[float], t_real: float) -> None:
+    (st,) = stalls
+    assert st["duration"] == pytest.approx(STALL, abs=0.3)
+    # count estimator: the stall began about one screenshot (p) before the first burst
+    assert st["start"] == pytest.approx(sent[0] - P, abs=0.1)
+    assert st["start"] == pytest.approx(t_real, abs=P + 0.05)
+    assert st["end"] == pytest.approx(st["start"] + st["duration"])
+
+
+def test_ipv4_signal_one_stall_right_duration_and_start(live: dict[str, Any]) -> None:
+    lab = live["lab1"]
+    v4 = by_port(live["stalls1"], 40001)
+    check_stall(v4, live["sent1"]["v4"], live["t0"])
+    assert v4[0]["client"] == lab.cli4 and v4[0]["server"] == lab.srv4 and v4[0]["iface"] == lab.cli_if
+    assert v4[0]["flow"] == f"{lab.srv4}:443>{lab.cli4}:40001"
+
+
+def test_bulk_flow_has_no_stall(live: dict[str, Any]) -> None:
+    assert by_port(live["stalls1"], 40002) == []
+    # 1,292-byte frames are not candidates: the agent never even tracked that flow
+    assert by_port(live["flows1"], 40002) == []
+    st = live["status"][0]
+    assert st["packets"] >= len(live["sent1"]["bulk"]) + st["candidates"]
+
+
+def test_ipv6_signal(live: dict[str, Any]) -> None:
+    lab = live["lab1"]
+    v6 = by_port(live["stalls1"], 40003)
+    check_stall(v6, live["sent1"]["v6"], live["t0"] + 0.1)
+    assert v6[0]["flow"] == f"[{lab.srv6}]:443>[{lab.cli6}]:40003"
+
+
+def test_vlan_tagged_signal(live: dict[str, Any]) -> None:
+    check_stall(by_port(live["stalls1"], 40004), live["sent1"]["vlan"], live["t0"])
+
+
+def test_two_concurrent_signals_and_nothing_else(live: dict[str, Any]) -> None:
+    check_stall(by_port(live["stalls1"], 40005), live["sent1"]["v4b"], live["t0"] + 0.5)
+    assert len(live["stalls1"]) == 4  # v4, v6, vlan, v4b: exactly one each
+
+
+def test_live_view_mid_stall_and_after(live: dict[str, Any]) -> None:
+    mid = {f["flow"]: f for f in live["mid"]}
+    lab = live["lab1"]
+    f = mid[f"{lab.srv4}:443>{lab.cli4}:40001"]
+    assert f["state"] == "stall" and f["stall_start"] == pytest.approx(live["sent1"]["v4"][0] - P, abs=0.1)
+    after = {f["flow"]: f for f in live["flows1"]}
+    f = after[f"{lab.srv4}:443>{lab.cli4}:40001"]
+    assert (f["state"], f["stalls"], f["candidates"]) == ("normal", 1, len(live["sent1"]["v4"]))
+    assert f["last_duration"] == pytest.approx(STALL, abs=0.3)
+    assert f["packets"] == len(live["sent1"]["v4"]) and f["iface"] == lab.cli_if
+
+
+def test_status_counts_and_no_lost_events(live: dict[str, Any]) -> None:
+    (st,) = live["status"]
+    sent = live["sent1"]
+    cands = sum(len(sent[k]) for k in ("v4", "v6", "vlan", "v4b"))
+    assert st["running"] and st["iface"] == live["lab1"].cli_if and st["xdp_mode"] in ("native", "skb")
+    assert st["candidates"] == cands and st["events"] == cands
+    assert st["lost"] == 0
+    assert (st["stalls_started"], st["stalls_ended"], st["flows_in_stall"]) == (4, 4, 0)
+
+
+def test_metrics(live: dict[str, Any]) -> None:
+    iface = live["lab1"].cli_if
+    body = live["metrics"]
+    assert f'iqn_stalls_ended_total{{iface="{iface}"}} 4.0' in body
+    assert f'iqn_lost_events_total{{iface="{iface}"}} 0.0' in body
+    assert f'iqn_stall_duration_seconds_count{{iface="{iface}"}} 4.0' in body
+    assert f'iqn_flows{{iface="{iface}"}} 4.0' in body
+
+
+def test_client_key_with_paper_estimator(live: dict[str, Any]) -> None:
+    """A signal split over four connections (one toggle each) is one client's stall."""
+    lab = live["lab2"]
+    (st,) = live["stalls2"]
+    sent = live["sent2"]
+    first = min(sent[k][0] for k in ("c0", "c1", "c2", "c3"))
+    last = max(sent[k][-1] for k in ("c0", "c1", "c2", "c3"))
+    assert st["flow"] == lab.cli4 and st["client"] == lab.cli4 and st["estimator"] == "paper"
+    assert st["start"] == pytest.approx(first, abs=0.1)  # the paper: start = the n-th packet of a burst
+    assert st["end"] == pytest.approx(last, abs=0.1)  # the paper: end = the last candidate
+    (f,) = live["flows2"]
+    assert f["flow"] == lab.cli4 and f["stalls"] == 1 and f["candidates"] == sum(
+        len(v) for v in live["sent2"].values())
+
+
+def test_crash_detach_reattach_daemon(live: dict[str, Any]) -> None:
+    """kill -9 leaves the program, socket and pid file; detach cleans them up;
+    attach works again (as a daemon), a second attach is refused, history intact."""
+    lab, env, base = live["lab1"], live["env"], live["base"]
+    run = base / "run"
+    a1: subprocess.Popen[str] = live["a1"]
+    a1.kill()
+    a1.wait(10)
+    assert lab.xdp_on_client() == "iqn_xdp"
+    assert sock_path(run, lab.cli_if).exists() and (run / f"{lab.cli_if}.pid").exists()
+    st = [x for x in json.loads(cli(lab, env, "status", "--json").stdout) if x["iface"] == lab.cli_if]
+    assert st == [{"iface": lab.cli_if, "running": False, "error": st[0]["error"]}]
+    assert "not running" in st[0]["error"]
+    d = cli(lab, env, "detach", lab.cli_if)
+    assert d.returncode == 0, d.stderr
+    assert "removed the IQN XDP program" in d.stdout
+    assert lab.xdp_on_client() is None
+    assert not sock_path(run, lab.cli_if).exists() and not (run / f"{lab.cli_if}.pid").exists()
+
+    s1 = str(base / "s1")
+    a = cli(lab, env, "attach", lab.cli_if, "--daemon", "--state-dir", s1)
+    try:
+        assert a.returncode == 0, a.stderr
+        assert "running in the background" in a.stdout
+        assert lab.xdp_on_client() == "iqn_xdp"
+        (st,) = [x for x in json.loads(cli(lab, env, "status", "--json").stdout) if x["iface"] == lab.cli_if]
+        assert st["running"] and st["pid"] == int((run / f"{lab.cli_if}.pid").read_text())
+        again = cli(lab, env, "attach", lab.cli_if, "--state-dir", s1)
+        assert again.returncode == 2
+        assert again.stderr.startswith(f"iqn-ctl: error: an IQN agent is already attached to {lab.cli_if}")
+        assert len(again.stderr.strip().splitlines()) == 1
+        out = cli(lab, env, "stalls", "--json", "--state-dir", s1).stdout
+        stalls = [json.loads(x) for x in out.splitlines()]
+        assert stalls == live["stalls1"]
+    finally:
+        d = cli(lab, env, "detach", lab.cli_if)
+    assert d.returncode == 0 and "stopped agent pid" in d.stdout, d.stdout + d.stderr
+    assert lab.xdp_on_client() is None
+    assert not sock_path(run, lab.cli_if).exists()
+    log = (base / "s1" / f"{lab.cli_if}.log").read_text()
+    assert "SIGTERM received, detaching" in log and "detached" in log

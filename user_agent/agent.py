@@ -1,0 +1,155 @@
+"""The end-user agent's loop: every p seconds locate, grab, judge, signal, log.
+
+:func:`run_agent` is the whole agent minus the browser and the command line,
+so other programs (the end-to-end demo) can run it on a Selenium driver they
+started with their own Chromium options::
+
+    stop = threading.Event()
+    stats = run_agent(SeleniumLocator(driver, truth=True), stop, p=0.2, n=4,
+                      log=open("Detected_clicks_0.2.txt", "w"),
+                      truth=TruthRecorder(open("Real_stalls.txt", "w")))
+
+Grabs are scheduled on a fixed grid (t0 + k p) so the signal period does not
+drift with the time each step takes; a step that overruns skips the grid
+points it missed rather than bursting to catch up.
+
+The log is the paper's ``Detected_clicks_<p>.txt``: one line per grab,
+``S-<epoch>`` when a signal went out (the time of its first click) and
+``N-<epoch>`` otherwise (the time of the grab).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO
+
+from .capture import Grabber, GrabError, grab_with_retries, make_grabber
+from .detector import DetectorConfig, Kind, StallDetector, Verdict
+from .errors import AgentError
+from .layout import Layout
+from .locate import Locator
+from .signaler import Burst, Signaler, check_n
+from .truth import TruthRecorder
+from .xinput import InputWatcher, RecordedInput
+
+LOCATE_FAILURES = 5  # consecutive failed page queries before we give up on the browser
+
+
+@dataclass(slots=True)
+class RunStats:
+    frames: int = 0
+    signals: int = 0
+    grab_failures: int = 0  # frames lost after all retries
+    grab_retries: int = 0  # failed attempts that a retry recovered
+    no_layout: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)
+    filtered: Counter[str] = field(default_factory=Counter)
+    max_click_gap: float = 0.0
+    restore_failures: int = 0
+    last_why: str = ""
+
+
+def run_agent(
+    locator: Locator,
+    stop: threading.Event,
+    *,
+    p: float = 0.2,
+    n: int = 4,
+    log: IO[str] | None = None,
+    truth: TruthRecorder | None = None,
+    grabber: Grabber | None = None,
+    signaler: Signaler | None = None,
+    inputs: InputWatcher | None = None,
+    watch_input: bool = True,
+    detector: StallDetector | None = None,
+    duration: float | None = None,
+    on_verdict: Callable[[Verdict, Burst | None], None] | None = None,
+) -> RunStats:
+    """Run until ``stop`` is set (or ``duration`` seconds pass); return counters."""
+    if not (0.02 <= p <= 60):
+        raise AgentError(f"--p must be between 0.02 and 60 seconds, got {p}")
+    check_n(n)
+    own_grabber = grabber is None
+    grabber = grabber or make_grabber("mss")
+    signaler = signaler or Signaler(n)
+    own_inputs = inputs is None and watch_input
+    if own_inputs:
+        inputs = InputWatcher(RecordedInput())
+    detector = detector or StallDetector(DetectorConfig())
+    stats = RunStats()
+    layout: Layout | None = None
+    locate_failures = 0
+    t_end = None if duration is None else time.monotonic() + duration
+    next_tick = time.monotonic()
+    try:
+        while not stop.is_set():
+            burst: Burst | None = None
+            try:
+                located = locator.locate()
+                locate_failures = 0
+            except Exception as e:  # the browser went away or hung up
+                locate_failures += 1
+                if locate_failures >= LOCATE_FAILURES:
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise AgentError(f"lost the browser: {first}") from None
+                located = None
+            if located is not None and truth is not None:
+                truth.feed(located.truth)
+            t = time.time()
+            if located is None or located.layout is None:
+                stats.no_layout += 1
+                stats.last_why = located.why if located else "page query failed"
+                detector.reset()
+                layout = None
+                verdict = Verdict(t, Kind.NONE, stats.last_why)
+            else:
+                if located.layout != layout:
+                    if layout is not None:
+                        detector.note_geometry(t)
+                    layout = located.layout
+                if inputs is not None:
+                    t_in = inputs.check(layout.player)
+                    if t_in is not None:
+                        detector.note_input(t_in)
+                try:
+                    grid, retried = grab_with_retries(grabber, layout.player)
+                    stats.grab_retries += retried
+                    verdict = detector.frame(t, grid)
+                except GrabError as e:
+                    stats.grab_failures += 1
+                    detector.reset()
+                    verdict = Verdict(t, Kind.NONE, str(e))
+                if verdict.stall:
+                    burst = signaler.signal(layout.switch)
+                    if inputs is not None:
+                        inputs.own_burst(burst.began, burst.end)
+                    stats.signals += 1
+                    stats.max_click_gap = max(stats.max_click_gap, burst.max_gap)
+                    stats.restore_failures += not burst.restored
+            stats.frames += 1
+            stats.kinds[verdict.kind.value] += 1
+            if verdict.kind is Kind.FILTERED:
+                stats.filtered[verdict.reason] += 1
+            if log is not None:
+                log.write(f"S-{burst.start!r}\n" if burst else f"N-{t!r}\n")
+                log.flush()
+            if on_verdict is not None:
+                on_verdict(verdict, burst)
+            now = time.monotonic()
+            if t_end is not None and now >= t_end:
+                break
+            next_tick += p
+            if next_tick < now:
+                next_tick += ((now - next_tick) // p + 1) * p
+            if stop.wait(next_tick - now):
+                break
+    finally:
+        if own_grabber:
+            grabber.close()
+        if own_inputs and inputs is not None:
+            inputs.source.close()
+    return stats

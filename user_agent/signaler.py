@@ -1,0 +1,100 @@
+"""The in-band signal: n clicks on the autoplay switch, back to back.
+
+Each click makes the page POST the new switch state, and the server's 200 OK
+is one QUIC packet in the 1,180-1,288 byte band the ISP agent counts. The
+clicks go out with pyautogui's pause set to zero so a burst of n takes a few
+milliseconds (< 5 ms between clicks), well inside the ISP's 1.5 p start
+window. n must be even so the switch ends as it was: the user's autoplay
+setting is theirs. The pointer goes back to where it was.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import AgentError
+from .layout import Point
+
+
+def check_n(n: int) -> int:
+    if n < 2 or n % 2:
+        raise AgentError(
+            f"--n must be an even number of toggles (>= 2) so the autoplay switch ends as it was, got {n}"
+        )
+    return n
+
+
+def load_pyautogui() -> Any:
+    """pyautogui, set up for the agent; it opens the X display when imported."""
+    if not os.environ.get("DISPLAY"):
+        raise AgentError("no X display: set DISPLAY (and XAUTHORITY) to the screen the player is on")
+    try:
+        import pyautogui
+    except Exception as e:  # Xlib auth errors, missing tkinter, ...
+        raise AgentError(f"cannot drive the mouse on {os.environ['DISPLAY']}: {e}") from None
+    _follow_display(os.environ["DISPLAY"])
+    pyautogui.PAUSE = 0  # no sleep after each call: the burst must take milliseconds
+    pyautogui.MINIMUM_DURATION = 0
+    # The fail-safe aborts when the pointer rests in a screen corner; the user
+    # parking the mouse there must not stop the agent (our moves are bounded).
+    pyautogui.FAILSAFE = False
+    return pyautogui
+
+
+def _follow_display(name: str) -> None:
+    """pyautogui opens DISPLAY once, at import; a process that moves to another
+    X screen later (a test session, a demo restarting Xvfb) must reconnect it."""
+    import pyautogui._pyautogui_x11 as x11
+
+    if getattr(x11, "_iqn_display", None) != name:
+        from Xlib.display import Display
+
+        try:
+            x11._display = Display(name)
+        except Exception as e:
+            raise AgentError(f"cannot drive the mouse on {name}: {e}") from None
+        x11._iqn_display = name  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """One signal: wall-clock times of the clicks (after each mouse-up), and
+    when the first pointer move began."""
+
+    clicks: tuple[float, ...]
+    restored: bool
+    began: float
+
+    @property
+    def start(self) -> float:
+        return self.clicks[0]
+
+    @property
+    def end(self) -> float:
+        return self.clicks[-1]
+
+    @property
+    def max_gap(self) -> float:
+        return max((b - a for a, b in zip(self.clicks, self.clicks[1:], strict=False)), default=0.0)
+
+
+class Signaler:
+    def __init__(self, n: int = 4, gui: Any = None) -> None:
+        self.n = check_n(n)
+        self._gui = gui if gui is not None else load_pyautogui()
+
+    def signal(self, switch: Point) -> Burst:
+        """Click the switch n times and put the pointer back."""
+        gui = self._gui
+        x0, y0 = gui.position()
+        began = time.time()
+        clicks: list[float] = []
+        for _ in range(self.n):
+            gui.click(switch.x, switch.y)
+            clicks.append(time.time())
+        gui.moveTo(x0, y0)
+        restored = tuple(gui.position()) == (x0, y0)
+        return Burst(tuple(clicks), restored, began)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# IQN client VM: desktop session, Chromium, OpenVPN client sending all traffic
+# through the router, and the end-user agent. Uses the lab's templates.
+set -euo pipefail
+: "${IQN_SERVER_FP:?server certificate fingerprint}" "${IQN_SERVER_IP:?router access address}"
+T=/tmp/iqn/templates
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. /tmp/iqn/lib.sh
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends openvpn iproute2 rsync \
+	xfce4 lightdm xserver-xorg dbus-x11 chromium chromium-driver python3-tk scrot
+systemctl set-default graphical.target
+
+install -d -m 0700 /etc/openvpn/client
+install -m 0600 /tmp/iqn/client.key /etc/openvpn/client/iqn-client.key
+install -m 0644 /tmp/iqn/client.crt /etc/openvpn/client/iqn-client.crt
+render "$T/openvpn-client.conf" TUN_DEV=tun0 SERVER_ADDR="$IQN_SERVER_IP" PORT=1194 \
+	CERT=/etc/openvpn/client/iqn-client.crt KEY=/etc/openvpn/client/iqn-client.key \
+	SERVER_FP="$IQN_SERVER_FP" >/etc/openvpn/client/iqn.conf
+systemctl enable openvpn-client@iqn
+systemctl restart openvpn-client@iqn
+
+install_iqn
+systemctl start lightdm || true
+echo "client ready: log in to the desktop (vagrant/vagrant), open YouTube in Chromium,"
+echo "and start the end-user agent from /iqn (see README)."
