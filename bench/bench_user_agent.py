@@ -207,7 +207,8 @@ def main() -> None:
                 m = measure(cmd, a.seconds)
                 m["posts"] = len(page.take_posts())
                 rows.append((name, m))
-                print(f"  cpu {m['cpu']:.2f} %  rss {m['rss']:.1f} MB  children {m['kids_cpu']:.2f} %", flush=True)
+                print(f"  cpu {m['cpu']:.2f} %  rss {m['rss']:.1f} MB  children {m['kids_cpu']:.2f} %",
+                      flush=True)
             stop.set()
             with lock:
                 gaps = toggle_gaps(driver, page, lay.switch, a.bursts)
@@ -217,7 +218,7 @@ def main() -> None:
             page.stop()
 
     base = rows[0][1]
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"{SECTION}",
         "",
@@ -250,12 +251,14 @@ def main() -> None:
     for who, g in gaps.items():
         within = sum(x < 5.0 for x in g) / len(g) * 100 if g else 0.0
         med = statistics.median(g) if g else float("nan")
-        lines.append(f"| {who} | {len(g)} | {med:.2f} | {max(g, default=float('nan')):.2f} | {within:.0f} % |")
+        top = max(g, default=float("nan"))
+        lines.append(f"| {who} | {len(g)} | {med:.2f} | {top:.2f} | {within:.0f} % |")
     lines += [
         "",
         f"Chromedriver's CPU is listed apart: it is the agent's child only in the `--attach` row "
         f"(a page query per grab); in a calibrated run there is no Selenium at all. Server arrivals "
-        f"go over HTTP/1.1 connections here (the lab uses HTTP/3). {time.monotonic() - started:.0f} s in all.",
+        f"go over HTTP/1.1 connections here (the lab uses HTTP/3). "
+        f"{time.monotonic() - started:.0f} s in all.",
         "",
     ]
     table = "\n".join(lines)

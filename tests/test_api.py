@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 from conftest import need, need_root
 
-from iqn_ctl.api import ApiError, ApiServer, NoAgent, agent_sockets, request, sock_path
+from iqn_ctl.api import ApiError, ApiServer, NoAgent, RawJson, agent_sockets, request, sock_path
 
 
 def handler(req: dict[str, Any]) -> Any:
     if req["cmd"] == "echo":
         return {"got": req.get("x")}
+    if req["cmd"] == "raw":
+        return RawJson(b'[{"flow": "a", "state": "stall"}]')
     if req["cmd"] == "boom":
         raise RuntimeError("kaput")
     raise ApiError(f"unknown request {req['cmd']!r}")
@@ -34,6 +36,7 @@ def server(tmp_path: Path):
 
 def test_round_trip_and_modes(server: ApiServer) -> None:
     assert request(server.path, "echo", x=[1, "a"]) == {"got": [1, "a"]}
+    assert request(server.path, "raw") == [{"flow": "a", "state": "stall"}]  # pre-serialised answer
     big = "x" * 200_000
     with pytest.raises(ApiError, match="request too large"):
         request(server.path, "echo", x=big)

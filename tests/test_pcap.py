@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import need
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,8 +34,6 @@ from iqn_ctl.pcapwrite import (
     write_pcapng,
 )
 from iqn_ctl.synth import random_stalls
-
-from conftest import need
 
 T0 = 1_700_000_000.0
 V4 = ("198.18.0.10", "198.18.1.2")
@@ -397,3 +396,85 @@ def test_tshark_reads_what_we_write(tmp_path: Path) -> None:
         c = read_candidates(tmp_path / name)
         tshark_cands = sum(1 for r in rows if r[1] == "443" and 1180 <= int(r[0]) <= 1288)
         assert c.candidates == tshark_cands == sum(len(v) for v in truth.values())
+
+
+@pytest.fixture
+def small_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the lockstep walk (normally for files of 8 MiB and up) run on small files."""
+    import iqn_ctl.pcap as pcap
+
+    monkeypatch.setattr(pcap, "LOCKSTEP_MIN", 0)
+    monkeypatch.setattr(pcap, "LANE", 2048)
+
+
+def _all_fields(c: object) -> tuple[object, ...]:
+    return tuple(
+        (v.tolist() if isinstance(v, np.ndarray) else v)
+        for v in (getattr(c, k) for k in ("flow_ids", "times", "labels", "packets", "candidates", "undecodable"))
+    )
+
+
+@pytest.mark.parametrize("fmt", ["pcap-le", "pcap-be-ns", "pcapng-le", "pcapng-be"])
+def test_lockstep_walk_equals_sequential_walk(tmp_path: Path, small_lanes: None, fmt: str) -> None:
+    import iqn_ctl.pcap as pcap
+
+    rng = np.random.default_rng(11)
+    flows = [SignalFlow("198.18.0.10", "198.18.1.2", 50000, random_stalls(3, rng, t0=T0, max_gap=5))]
+    pk = router_traffic(flows, 2000, T0, T0 + 30, rng)
+    path = tmp_path / "c"
+    if fmt.startswith("pcapng"):
+        write_pcapng(path, pk, big_endian=fmt.endswith("be"))
+    else:
+        write_pcap(path, pk, big_endian="be" in fmt, nanos=fmt.endswith("ns"))
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        if fmt.startswith("pcapng"):
+            fast = pcap._pcapng_fast(mm)
+            assert fast is not None
+            assert fast[0].size == len(pk) + 2  # section header, interface, packets
+        else:
+            endian = ">" if "be" in fmt else "<"
+            starts = pcap._pcap_sync(mm, endian, 1e-9 if fmt.endswith("ns") else 1e-6)
+            assert len(starts) > 100  # the sync found record starts in most lanes
+            offs = pcap._lockstep(mm, endian, 24, starts, 8, 16)
+            assert offs is not None and offs.size == len(pk)
+    fast_c = read_candidates(path)
+    pcap.LOCKSTEP_MIN = 1 << 62  # type: ignore[misc]
+    seq_c = read_candidates(path)
+    assert _all_fields(fast_c) == _all_fields(seq_c)
+    assert fast_c.candidates > 50
+
+
+def test_lockstep_rejects_wrong_lane_guesses(tmp_path: Path, small_lanes: None) -> None:
+    """A lane start that is not a record start must never change the result."""
+    import mmap
+
+    import iqn_ctl.pcap as pcap
+
+    pk = [Packet(T0 + i * 0.001, udp_frame(*V4, 443, 50000, 1200 + i % 50)) for i in range(200)]
+    write_pcap(tmp_path / "c.pcap", pk)
+    with open(tmp_path / "c.pcap", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        good = pcap._lockstep(mm, "<", 24, pcap._pcap_sync(mm, "<", 1e-6), 8, 16)
+        assert good is not None and good.size == 200
+        assert pcap._lockstep(mm, "<", 24, [int(good[50]) + 4], 8, 16) is None
+        assert pcap._lockstep(mm, "<", 24, [int(good[50]), int(good[120]) - 1], 8, 16) is None
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+def test_lockstep_path_still_reports_damage(tmp_path: Path, small_lanes: None, fmt: str) -> None:
+    pk = [Packet(T0 + i * 0.001, udp_frame(*V4, 443, 50000, 1200)) for i in range(100)]
+    path = tmp_path / f"c.{fmt}"
+    (write_pcap if fmt == "pcap" else write_pcapng)(path, pk)
+    data = path.read_bytes()
+    path.write_bytes(data[:-500])
+    with pytest.raises(CaptureError, match="truncated"):
+        read_candidates(path)
+    damaged = bytearray(data)
+    rec50 = (24 if fmt == "pcap" else len(section_header()) + len(interface_block(Interface()))) + 50 * (
+        16 + 1200 if fmt == "pcap" else 32 + 1200
+    )
+    struct.pack_into("<I", damaged, rec50 + (8 if fmt == "pcap" else 4), 0x7FFFFFF0)
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CaptureError, match=rf"at byte {rec50}"):
+        read_candidates(path)

@@ -22,7 +22,7 @@ T0 = 1_700_000_000.0
 FLOW = "198.18.0.10:443>198.18.1.2:50000"
 
 
-def _capture(path: Path, fmt: str, rng_seed: int = 1) -> list[tuple[float, float]]:
+def _capture(path: Path, fmt: str, rng_seed: int = 3) -> list[tuple[float, float]]:
     rng = np.random.default_rng(rng_seed)
     # long enough for at least two bursts each, so every stall is detectable
     stalls = random_stalls(6, rng, t0=T0, min_len=1.0, max_len=5.0, min_gap=3.0, max_gap=8.0)
@@ -55,9 +55,9 @@ def test_replay_finds_exactly_the_signalled_stalls(
     for rec, (start, end) in zip(got, truth, strict=True):
         assert rec["flow"] == FLOW and rec["client"] == "198.18.1.2"
         assert abs(rec["start"] - start) < 1.0
-        # the paper's estimator starts a stall only at the first signal (up to 2p
-        # late, by design); our default corrects for that
-        tol = 0.3 if estimator == "count" else 2 * 0.2 + 0.05
+        # the paper's estimator starts a stall at the first signal it sees (up to
+        # 2p late) and ends it only after a 4p window; our default corrects both
+        tol = 0.3 if estimator == "count" else 1.0
         assert abs(rec["duration"] - (end - start)) < tol, (rec, start, end)
         assert rec["end"] - rec["start"] == pytest.approx(rec["duration"])
 
@@ -68,11 +68,18 @@ def test_replay_human_output_and_filter_flags(tmp_path: Path, cli_python: list[s
     res = _run(cli_python, "replay", str(path))
     assert res.returncode == 0, res.stderr
     assert FLOW in res.stdout and f"{len(truth)} stall(s)" in res.stdout
-    # the signal lives on port 443 within 1,180-1,288 bytes: other filters see nothing
-    for flags in (["--port", "8443"], ["--min-size", "1289", "--max-size", "1400"]):
+    # The signal lives on port 443 within 1,180-1,288 bytes. Other filters miss it
+    # and instead see (random, dense) in-band port-8443 noise, or the bulk flow's
+    # 1,292-byte frames as one long "stall": the flags really change the filter.
+    cases = {
+        ("--port", "8444"): set(),
+        ("--port", "8443"): {"198.18.0.30:8443>198.18.1.4:50012"},
+        ("--min-size", "1289", "--max-size", "1300"): {"198.18.0.20:443>198.18.1.3:50010"},
+    }
+    for flags, flows in cases.items():
         res = _run(cli_python, "replay", str(path), "--json", *flags)
         assert res.returncode == 0, res.stderr
-        assert res.stdout == ""
+        assert {json.loads(line)["flow"] for line in res.stdout.splitlines()} == flows, flags
 
 
 def _assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -90,7 +97,9 @@ def test_damaged_captures_give_one_line_and_exit_2(tmp_path: Path, cli_python: l
     data = path.read_bytes()
     cut = tmp_path / "cut.pcap"
     cut.write_bytes(data[: len(data) - 700])
-    _assert_one_line_error(_run(cli_python, "replay", str(cut)), str(cut), "truncated record at byte", "(record ")
+    _assert_one_line_error(
+        _run(cli_python, "replay", str(cut)), str(cut), "truncated record at byte", "(record "
+    )
     garbled = tmp_path / "garbled.pcap"
     garbled.write_bytes(b"\x00\x01\x02\x03" + data[4:])
     _assert_one_line_error(_run(cli_python, "replay", str(garbled)), "not a pcap or pcapng capture")

@@ -5,6 +5,8 @@ calibration."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -264,3 +266,86 @@ def test_calibration_by_hovering_matches_selenium(driver: Any, gui: Any, tmp_pat
     save_calibration(cal, tmp_path / "cal.json")
     assert load_calibration(tmp_path / "cal.json") == lay
     assert FixedLocator(cal).locate().layout == lay
+
+
+def test_truth_recorder_on_the_page(driver: Any, tmp_path: Path) -> None:
+    from user_agent.truth import record_truth
+
+    driver.execute_script("window.iqnPlayer.stalls = []")
+    stop = threading.Event()
+    out = tmp_path / "Real_stalls.txt"
+    with open(out, "w") as f:
+        rec = threading.Thread(target=record_truth, args=(driver, f, stop, 0.1))
+        rec.start()
+        time.sleep(0.3)
+        driver.execute_script("window.iqnTest.stall(600)")
+        time.sleep(1.0)
+        stop.set()
+        rec.join()
+    (s0, s1), = driver.execute_script("return window.iqnPlayer.stalls")
+    (st,) = read_real_stalls(out)
+    assert abs(st.start - s0 / 1000) < 0.02 and abs(st.end - s1 / 1000) < 0.02
+    assert 0.55 < st.duration < 0.75
+
+
+def test_failed_grabs_are_retried_then_skipped(desktop: str, tmp_path: Path) -> None:
+    """A region partly off the screen makes X refuse every grab (a real X error):
+    each frame is retried, then logged as N-, and the loop carries on."""
+    from user_agent.capture import GrabError, grab_with_retries, make_grabber
+
+    off = Rect(1200, 900, 200, 200)  # the screen is 1280x1024
+    g = make_grabber("mss")
+    try:
+        with pytest.raises(GrabError, match="failed 4 times"):
+            grab_with_retries(g, off)
+        grid, retried = grab_with_retries(g, Rect(0, 0, 640, 360))
+        assert retried == 0 and grid.shape == (36, 64)
+    finally:
+        g.close()
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        stats = run_agent(FixedLocator(Layout(off, Point(10, 10))), threading.Event(), p=0.1,
+                          log=f, duration=0.5, watch_input=False)
+    assert stats.frames >= 4 and stats.grab_failures == stats.frames and stats.signals == 0
+    assert {k for k, _ in read_detected_clicks(log)} == {"N"}
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "user_agent.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_cli_run_with_calibration_for_a_user_started_browser(
+    driver: Any, page: PageServer, tmp_path: Path
+) -> None:
+    from user_agent.layout import save_calibration
+
+    save_calibration(located(driver), tmp_path / "cal.json")
+    page.take_posts()
+    driver.execute_script("window.iqnTest.stall(5000)")
+    log = tmp_path / "Detected_clicks_0.2.txt"
+    r = run_cli("run", "--calibration", str(tmp_path / "cal.json"), "--duration", "2", "--log", str(log))
+    assert r.returncode == 0, r.stderr
+    assert "signals" in r.stderr.splitlines()[-1]
+    sent = [t for kind, t in read_detected_clicks(log) if kind == "S"]
+    assert len(sent) >= 5
+    time.sleep(0.3)
+    assert len(page.take_posts()) == 4 * len(sent)
+    time.sleep(3.0)  # let the stall end before the next test
+
+
+def test_cli_run_starts_its_own_chromium(desktop: str, page: PageServer, tmp_path: Path) -> None:
+    """Last in the module: its window covers the shared browser while it runs."""
+    log, truth = tmp_path / "clicks.txt", tmp_path / "Real_stalls.txt"
+    r = run_cli(
+        "run", "--url", page.url, "--duration", "4", "--log", str(log), "--truth", str(truth),
+        "--chrome-arg=--window-position=200,100", "--chrome-arg=--window-size=800,640",
+    )
+    assert r.returncode == 0, r.stderr
+    lines = read_detected_clicks(log)
+    assert 15 <= len(lines) <= 22
+    real = read_real_stalls(truth)  # page start-up may wait briefly; no other stall happens
+    for kind, t in lines:
+        if kind == "S":
+            assert any(s.start < t < s.end + 0.2 for s in real), f"signal at {t} outside any stall"

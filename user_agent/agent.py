@@ -50,6 +50,7 @@ class RunStats:
     filtered: Counter[str] = field(default_factory=Counter)
     max_click_gap: float = 0.0
     restore_failures: int = 0
+    signal_failures: int = 0
     last_why: str = ""
 
 
@@ -124,12 +125,17 @@ def run_agent(
                     detector.reset()
                     verdict = Verdict(t, Kind.NONE, str(e))
                 if verdict.stall:
-                    burst = signaler.signal(layout.switch)
-                    if inputs is not None:
-                        inputs.own_burst(burst.began, burst.end)
-                    stats.signals += 1
-                    stats.max_click_gap = max(stats.max_click_gap, burst.max_gap)
-                    stats.restore_failures += not burst.restored
+                    try:
+                        burst = signaler.signal(layout.switch)
+                    except Exception as e:  # an X error mid-burst: log it as no signal, go on
+                        stats.signal_failures += 1
+                        stats.last_why = f"signal failed: {e}"
+                    if burst is not None:
+                        if inputs is not None:
+                            inputs.own_burst(burst.began, burst.end)
+                        stats.signals += 1
+                        stats.max_click_gap = max(stats.max_click_gap, burst.max_gap)
+                        stats.restore_failures += not burst.restored
             stats.frames += 1
             stats.kinds[verdict.kind.value] += 1
             if verdict.kind is Kind.FILTERED:

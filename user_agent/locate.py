@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .layout import Layout, Point, WindowMetrics, element_to_screen
-from .truth import OBSERVE_JS
+from .truth import OBSERVE_JS, reset_truth
 
 PLAYER = "#movie_player"
 SWITCH = "#autoplay-toggle"
@@ -72,6 +72,8 @@ class SeleniumLocator:
     def __init__(self, driver: Any, truth: bool = False) -> None:
         self.driver = driver
         self.truth = truth
+        if truth:
+            reset_truth(driver)
 
     def locate(self) -> Located:
         info = self.driver.execute_script(GEOMETRY_JS, self.truth)

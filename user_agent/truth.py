@@ -32,13 +32,26 @@ OBSERVE_JS = """
       if (vis !== st.shown) { st.shown = vis; st.events.push([vis ? 'S' : 'E', now()]); }
     };
     check();
-    new MutationObserver(check).observe(document.documentElement, {
+    st.observer = new MutationObserver(check);
+    st.observer.observe(document.documentElement, {
       attributes: true, childList: true, subtree: true, attributeFilter: ['style', 'class', 'hidden'],
     });
   }
   return st.events.splice(0);
 })()
 """.strip().replace("SPINNER_SELECTOR", repr(SPINNER))
+
+
+# Forgets an earlier recording in this page (its observer and unread events).
+RESET_JS = """
+const st = window.__iqnTruth;
+if (st) { st.observer.disconnect(); delete window.__iqnTruth; }
+"""
+
+
+def reset_truth(driver: Any) -> None:
+    """Start recording afresh: transitions from before now are not ours to report."""
+    driver.execute_script(RESET_JS)
 
 
 class TruthRecorder:
@@ -73,6 +86,7 @@ def open_output(path: Path) -> IO[str]:
 def record_truth(driver: Any, out: IO[str], stop: threading.Event, poll: float = 0.2) -> TruthRecorder:
     """Record spinner ground truth from ``driver``'s page until ``stop`` is set."""
     rec = TruthRecorder(out)
+    reset_truth(driver)
     while True:
         rec.feed(driver.execute_script("return " + OBSERVE_JS))
         if stop.wait(poll):
