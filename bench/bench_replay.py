@@ -26,9 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import iqn_ctl.pcap as pcap_mod  # noqa: E402
 from iqn_ctl.params import CandidateFilter, SignalParams  # noqa: E402
 from iqn_ctl.pcap import read_candidates  # noqa: E402
-from iqn_ctl.pcapwrite import SignalFlow, router_traffic, write_pcap  # noqa: E402
+from iqn_ctl.pcapwrite import SignalFlow, router_traffic, write_pcap, write_pcapng  # noqa: E402
 from iqn_ctl.replay import replay_capture  # noqa: E402
 from iqn_ctl.synth import SignalModel, random_stalls  # noqa: E402
 
@@ -38,14 +39,16 @@ SECTION = "## Capture replay"
 T0 = 1_700_000_000.0
 
 
-def make_capture(noise: int, flows: int, span: float, slice_n: int) -> tuple[Path, Path, int]:
-    """The capture and its first ``slice_n`` packets, made once and kept in bench/out/."""
+def make_capture(noise: int, flows: int, span: float, slice_n: int) -> tuple[Path, Path, Path, int]:
+    """The capture (pcap and pcapng) and its first ``slice_n`` packets, made once
+    and kept in bench/out/."""
     OUT.mkdir(parents=True, exist_ok=True)
     big = OUT / f"replay_{noise}_{flows}f.pcap"
+    big_ng = OUT / f"replay_{noise}_{flows}f.pcapng"
     part = OUT / f"replay_{noise}_{flows}f_first{slice_n}.pcap"
     stalls_file = OUT / f"replay_{noise}_{flows}f.stalls"
-    if big.exists() and part.exists() and stalls_file.exists():
-        return big, part, int(stalls_file.read_text())
+    if all(p.exists() for p in (big, big_ng, part, stalls_file)):
+        return big, big_ng, part, int(stalls_file.read_text())
     rng = np.random.default_rng(2024)
     sig = [
         SignalFlow(f"198.18.0.{10 + i}", f"198.18.1.{100 + i}", 50000 + i,
@@ -54,9 +57,10 @@ def make_capture(noise: int, flows: int, span: float, slice_n: int) -> tuple[Pat
     ]
     pk = router_traffic(sig, noise, T0, T0 + span, rng, SignalModel(delay=0.02, jitter=0.004))
     write_pcap(big, pk)
+    write_pcapng(big_ng, pk)
     write_pcap(part, pk[:slice_n])
     stalls_file.write_text(str(sum(len(s.stalls) for s in sig)))
-    return big, part, sum(len(s.stalls) for s in sig)
+    return big, big_ng, part, sum(len(s.stalls) for s in sig)
 
 
 class PaperAgent:
@@ -83,6 +87,10 @@ class PaperAgent:
                 self.in_stall = False
                 self.stalls.append((self.start, now))
 
+    def stall_count(self) -> int:
+        """Ended stalls plus one still open at the end of input (as replay counts)."""
+        return len(self.stalls) + self.in_stall
+
 
 def run_pyshark(path: Path, filt: CandidateFilter) -> tuple[int, int]:
     import pyshark
@@ -101,7 +109,7 @@ def run_pyshark(path: Path, filt: CandidateFilter) -> tuple[int, int]:
             agents[(net.src, net.dst, pkt.udp.dstport)].candidate(float(pkt.sniff_timestamp))
     finally:
         cap.close()
-    return packets, sum(len(a.stalls) for a in agents.values())
+    return packets, sum(a.stall_count() for a in agents.values())
 
 
 def run_dpkt(path: Path, filt: CandidateFilter) -> tuple[int, int]:
@@ -123,7 +131,7 @@ def run_dpkt(path: Path, filt: CandidateFilter) -> tuple[int, int]:
                 continue
             if filt.min_size <= len(buf) <= filt.max_size:
                 agents[(ip.src, ip.dst, udp.dport)].candidate(float(ts))
-    return packets, sum(len(a.stalls) for a in agents.values())
+    return packets, sum(a.stall_count() for a in agents.values())
 
 
 def timed(fn, *args):  # type: ignore[no-untyped-def]
@@ -146,12 +154,12 @@ def main() -> None:
     ap.add_argument("--flows", type=int, default=20, help="signalling flows")
     ap.add_argument("--span", type=float, default=600.0, help="capture length, seconds")
     ap.add_argument("--slice", type=int, default=20_000, help="packets for the pyshark baseline")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = ap.parse_args()
 
     t = time.perf_counter()
-    big, part, truth = make_capture(args.noise, args.flows, args.span, args.slice)
+    big, big_ng, part, truth = make_capture(args.noise, args.flows, args.span, args.slice)
     print(f"capture {big.relative_to(ROOT)} ({big.stat().st_size / 1e6:.0f} MB) ready in "
           f"{time.perf_counter() - t:.1f} s; {truth} signalled stalls", flush=True)
     params, filt = SignalParams(), CandidateFilter()
@@ -165,6 +173,17 @@ def main() -> None:
     replay_s = statistics.median(runs)
     read_s = statistics.median(timed(read_candidates, big, filt)[0] for _ in range(args.runs))
     paper_s, paper_stalls = timed(replay_capture, big, params, "paper", filt)
+    read_candidates(big_ng, filt)  # into the page cache
+    ng = [timed(replay_capture, big_ng, params, "count", filt) for _ in range(args.runs)]
+    ng_s, ng_stalls = statistics.median(x[0] for x in ng), len(ng[0][1])
+    # ablation: the same replay with the sequential record walk instead of the lockstep one
+    saved = pcap_mod.LOCKSTEP_MIN
+    pcap_mod.LOCKSTEP_MIN = 1 << 62
+    try:
+        seq = [timed(replay_capture, big, params, "count", filt) for _ in range(args.runs)]
+    finally:
+        pcap_mod.LOCKSTEP_MIN = saved
+    seq_s = statistics.median(x[0] for x in seq)
     print(f"replay: {total} packets, {c.candidates} candidates, {len(stalls)} stalls; runs {runs}",
           flush=True)
 
@@ -177,6 +196,8 @@ def main() -> None:
     rows = [
         (f"iqn-ctl replay (estimator count, median of {args.runs})", total, replay_s, len(stalls)),
         ("iqn-ctl replay --estimator paper", total, paper_s, len(paper_stalls)),
+        (f"iqn-ctl replay, same packets as pcapng (median of {args.runs})", total, ng_s, ng_stalls),
+        (f"iqn-ctl replay, sequential record walk (median of {args.runs})", total, seq_s, len(seq[0][1])),
         (f"read_candidates only (median of {args.runs})", total, read_s, None),
         ("dpkt per-packet loop + paper agent logic", dpkt_n, dpkt_s, dpkt_stalls),
         (f"pyshark + paper agent logic ({shark_n // 1000} k-packet slice)", shark_n, shark_s, shark_stalls),

@@ -2,12 +2,15 @@
 
 A replay of a router's capture has to keep up with the router: millions of
 packets, almost none of them candidates. Building a Python object per packet
-would cost microseconds each, so the reader does the one thing that is
-inherently sequential - hopping from record header to record header - in the
-tightest loop CPython allows (one ``struct.unpack_from`` and one ``append`` per
-record), and everything else (lengths, timestamps, Ethernet/VLAN/IP/UDP headers,
-the candidate filter, flow keys) with numpy fancy indexing over the mmapped
-file. Only candidate *flows* (a handful) ever become Python strings.
+would cost microseconds each, so nothing here is per packet in Python. The one
+inherently sequential part - hopping from record header to record header - is
+done for many stretches of the file at once (:func:`_lockstep`, verified to
+equal the sequential chain; a one-``unpack_from``-per-record loop is the
+fallback that also words the errors). Then the first bytes of every record are
+copied into one compact matrix in a single pass over the mmapped file, and
+lengths, timestamps, Ethernet/VLAN/IP/UDP headers, the candidate filter and
+flow keys are numpy operations on it. Only candidate *flows* (a handful) ever
+become Python strings.
 
 Classification follows the data plane (``bpf/iqn_xdp.c``): Ethernet, up to two
 VLAN tags (0x8100, 0x88a8), IPv4 (options via IHL; fragments are never
@@ -30,6 +33,7 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +46,8 @@ F64 = npt.NDArray[np.float64]
 LINKTYPE_ETHERNET = 1
 #: the largest record Wireshark accepts for Ethernet; anything above is a garbled length
 MAX_RECORD = 262144
+#: frame bytes copied per packet: two VLAN tags, IPv4 with the longest options and UDP
+_HDR = 96  # >= 22 + 60 + 8
 
 _LINKTYPE_NAMES = {
     0: "NULL (BSD loopback)",
@@ -102,8 +108,9 @@ class _Packets:
     origlen: I64
     times: F64
     linktypes: list[int]
-    #: frame headers already copied out (rows, and the column where the frame begins)
-    hdr: tuple[npt.NDArray[np.uint8], int] | None = None
+    #: frame headers already copied out: a byte matrix, each packet's row in it
+    #: (None: row i is packet i) and the column where its frame begins
+    hdr: tuple[npt.NDArray[np.uint8], I64 | None, I64 | int] | None = None
 
 
 def linktype_name(lt: int) -> str:
@@ -222,7 +229,7 @@ def _read_pcap(mm: mmap.mmap, name: str, truncated_ok: bool) -> _Packets:
                 )
             incl, orig, sec, frac, o = incl[:-1], orig[:-1], sec[:-1], frac[:-1], o[:-1]
             rows = rows[:-1]
-    return _Packets(o + 16, incl, orig, sec + frac * unit, [linktype] if o.size else [], (rows, 16))
+    return _Packets(o + 16, incl, orig, sec + frac * unit, [linktype] if o.size else [], (rows, None, 16))
 
 
 def _rows(u8: npt.NDArray[np.uint8], starts: I64, width: int) -> npt.NDArray[np.uint8]:
@@ -274,7 +281,7 @@ def _lockstep(
     ``len_at`` is where a record's length field lies, ``add`` what to add to it.
     """
     n = len(mm)
-    if n < LOCKSTEP_MIN:
+    if n < max(LOCKSTEP_MIN, 64):
         return None
     lanes = np.array(sorted({first, *starts}), dtype=np.int64)
     stops = np.append(lanes[1:], n)
@@ -314,7 +321,7 @@ def _pcap_sync(mm: mmap.mmap, endian: str, unit: float) -> list[int]:
     in a row have timestamps sharing the top 16 bits of the first record's
     seconds, sane fractions and lengths. Only a guess; :func:`_lockstep` checks."""
     n = len(mm)
-    if n < LOCKSTEP_MIN or n < 40:
+    if n < max(LOCKSTEP_MIN, 64):
         return []
     rec = struct.Struct(endian + "IIII")
     sec0 = rec.unpack_from(mm, 24)[0]
@@ -348,14 +355,15 @@ def _pcapng_fast(mm: mmap.mmap) -> tuple[I64, str] | None:
     (lanes synchronised on enhanced packet blocks whose trailing length matches);
     None for small, multi-section or damaged files."""
     n = len(mm)
-    if n < LOCKSTEP_MIN:
+    if n < max(LOCKSTEP_MIN, 64):
         return None
     bom = struct.unpack_from("<I", mm, 8)[0]
     endian = "<" if bom == _PCAPNG_BOM else ">" if bom == 0x4D3C2B1A else None
     if endian is None:
         return None
     blk = struct.Struct(endian + "II")
-    pat = struct.pack(endian + "I", _BT_EPB)
+    word = struct.Struct(endian + "I")
+    pat = word.pack(_BT_EPB)
 
     def plausible(s: int) -> bool:
         for _ in range(3):
@@ -364,7 +372,7 @@ def _pcapng_fast(mm: mmap.mmap) -> tuple[I64, str] | None:
             btype, blen = blk.unpack_from(mm, s)
             if blen < 12 or blen & 3 or blen > MAX_RECORD + 4096 or s + blen > n:
                 return False
-            if btype == _PCAPNG_SHB or blk.unpack_from(mm, s + blen - 4)[0] != blen:
+            if btype == _PCAPNG_SHB or word.unpack_from(mm, s + blen - 4)[0] != blen:
                 return False
             s += blen
         return True
@@ -457,6 +465,7 @@ def _pcapng_sections(
 ) -> _Packets:
     """Packets of every section, from the offsets of all blocks."""
     parts: list[tuple[I64, I64, I64, F64, I64]] = []
+    hdrs: list[tuple[npt.NDArray[np.uint8], I64 | None, I64 | int]] = []
     linktypes: set[int] = set()
     bad = np.flatnonzero(all_offs & 3)
     if bad.size:  # the block before it had a length that is not a multiple of 4
@@ -471,11 +480,14 @@ def _pcapng_sections(
         if res is not None:
             parts.append(res[0])
             linktypes.update(res[1])
+            hdrs.append(res[2])
     if not parts:
         z = np.empty(0, np.int64)
         return _Packets(z, z, z, np.empty(0), [])
     data, cap, orig, times, _blk = (np.concatenate(a) for a in zip(*parts, strict=True))
-    return _Packets(data, cap, orig, _forward_fill(times), sorted(linktypes))
+    # one section (the usual case): its copied headers serve the classifier too
+    hdr = hdrs[0] if len(hdrs) == 1 else None
+    return _Packets(data, cap, orig, _forward_fill(times), sorted(linktypes), hdr)
 
 
 def _forward_fill(times: F64) -> F64:
@@ -489,19 +501,35 @@ def _forward_fill(times: F64) -> F64:
     return times[idx]  # a leading run of NaN maps to index 0, itself NaN
 
 
+#: bytes copied per pcapng block: the previous block's trailing length, the
+#: enhanced packet block header, the frame headers
+_NG_ROW = 4 + 28 + _HDR
+
+
 def _pcapng_section(
     mm: mmap.mmap, name: str, endian: str, o: I64, first_block: int
-) -> tuple[tuple[I64, I64, I64, F64, I64], set[int]] | None:
+) -> tuple[
+    tuple[I64, I64, I64, F64, I64], set[int], tuple[npt.NDArray[np.uint8], I64 | None, I64 | int]
+] | None:
     n = len(mm)
-    u32 = np.frombuffer(mm, dtype=endian + "u4", count=n // 4)
+    # One pass: each row starts 4 bytes before its block, so it holds the trailing
+    # length of the block before (blocks of a section are contiguous), then type,
+    # length, EPB's interface, ts high, ts low, captured and original length, frame.
+    u8 = np.frombuffer(mm, dtype=np.uint8)
     try:
-        # type, length, then EPB's interface, ts high, ts low, captured and original length
-        hdr = _rows(np.frombuffer(mm, dtype=np.uint8), o, 28).view(endian + "u4")
-        btype = hdr[:, 0]
-        blen = hdr[:, 1].astype(np.int64)
-        trail = u32[(o + blen - 4) >> 2]
+        rows = _rows(u8, np.maximum(o - 4, 0), _NG_ROW)
+        if int(o[0]) < 4:  # the file's first block: nothing before it
+            rows[0, :4] = 0
+            rows[0, 4:] = _rows(u8, o[:1], _NG_ROW - 4)[0]
     finally:
-        del u32
+        del u8
+    hdr = np.ascontiguousarray(rows[:, 4:32]).view(endian + "u4")
+    btype = hdr[:, 0]
+    blen = hdr[:, 1].astype(np.int64)
+    trail = np.empty(o.size, np.int64)
+    trail[:-1] = np.ascontiguousarray(rows[1:, :4]).view(endian + "u4")[:, 0]
+    end = int(o[-1] + blen[-1])
+    trail[-1] = struct.unpack_from(endian + "I", mm, end - 4)[0] if 4 <= end <= n else -1
     bad = np.flatnonzero(trail != blen)
     if bad.size:
         i = int(bad[0])
@@ -542,7 +570,13 @@ def _pcapng_section(
             f"{name}: garbled packet block at byte {int(po[i])} (block {first_block + int(pkt[i]) + 1}): "
             f"interface {int(iface[i])} but the section describes {len(ifaces)}"
         )
-    lt = np.array([f.linktype for f in ifaces], dtype=np.int64)[iface]
+
+    def pick(values: list[int], dtype: type) -> npt.NDArray[Any]:
+        """A per-interface value for each packet (a scalar when there is one interface)."""
+        arr: npt.NDArray[Any] = np.array(values, dtype=dtype)
+        return arr[:1] if arr.size == 1 else arr[iface]
+
+    lt = np.broadcast_to(pick([f.linktype for f in ifaces], np.int64), iface.shape)
     badlt = np.flatnonzero(lt != LINKTYPE_ETHERNET)
     if badlt.size:
         i = int(badlt[0])
@@ -550,11 +584,15 @@ def _pcapng_section(
             f"{name}: link type {linktype_name(int(lt[i]))} is not supported, only Ethernet (1) "
             f"(packet block at byte {int(po[i])})"
         )
-    orig = np.where(spb, ph[:, 2], ph[:, 6]).astype(np.int64)
-    snap = np.array([f.snaplen or MAX_RECORD for f in ifaces], dtype=np.int64)[iface]
-    cap = np.where(spb, np.minimum(np.minimum(orig, snap), pl - 16), ph[:, 5].astype(np.int64))
-    data = po + np.where(spb, 12, 28)
-    room = pl - np.where(spb, 16, 32)
+    if spb.any():
+        orig = np.where(spb, ph[:, 2], ph[:, 6]).astype(np.int64)
+        snap = pick([f.snaplen or MAX_RECORD for f in ifaces], np.int64)
+        cap = np.where(spb, np.minimum(np.minimum(orig, snap), pl - 16), ph[:, 5].astype(np.int64))
+        data = po + np.where(spb, 12, 28)
+        room = pl - np.where(spb, 16, 32)
+    else:  # the usual case: enhanced packet blocks only
+        orig, cap = ph[:, 6].astype(np.int64), ph[:, 5].astype(np.int64)
+        data, room = po + 28, pl - 32
     over = np.flatnonzero(cap > room)
     if over.size:
         i = int(over[0])
@@ -563,12 +601,13 @@ def _pcapng_section(
             f"captured length {int(cap[i])} does not fit its block"
         )
     ticks = (ph[:, 3].astype(np.uint64) << np.uint64(32)) | ph[:, 4].astype(np.uint64)
-    res = np.array([f.res for f in ifaces], dtype=np.uint64)[iface]
-    toff = np.array([f.offset for f in ifaces], dtype=np.float64)[iface]
+    res = pick([f.res for f in ifaces], np.uint64)
+    toff = pick([f.offset for f in ifaces], np.float64)
     whole = (ticks // res).astype(np.float64)
     times = whole + (ticks % res).astype(np.float64) / res.astype(np.float64) + toff
     times[spb] = np.nan
-    return (data, cap, orig, times, pkt + first_block), {f.linktype for f in ifaces}
+    col0: I64 | int = np.where(spb, 4 + 12, 4 + 28) if spb.any() else 4 + 28
+    return (data, cap, orig, times, pkt + first_block), {f.linktype for f in ifaces}, (rows, pkt, col0)
 
 
 def _parse_idb(mm: mmap.mmap, name: str, endian: str, off: int, blen: int) -> _Iface:
@@ -603,8 +642,6 @@ def _parse_idb(mm: mmap.mmap, name: str, endian: str, off: int, blen: int) -> _I
 # frames -----------------------------------------------------------------------
 
 
-#: frame bytes copied per packet: two VLAN tags, IPv4 with the longest options and UDP
-_HDR = 96  # >= 22 + 60 + 8
 
 
 def _classify(u8: npt.NDArray[np.uint8], pk: _Packets, filt: CandidateFilter, name: str) -> Candidates:
@@ -614,9 +651,9 @@ def _classify(u8: npt.NDArray[np.uint8], pk: _Packets, filt: CandidateFilter, na
         return Candidates(np.empty(0, np.int64), np.empty(0), [], linktypes=pk.linktypes)
     cap = pk.caplen
     # bytes past a frame's caplen are junk: the checks below never use them
-    hdr, col0 = pk.hdr if pk.hdr is not None else (_rows(u8, pk.data, _HDR), 0)
+    hdr, rowidx, col0 = pk.hdr if pk.hdr is not None else (_rows(u8, pk.data, _HDR), None, 0)
     flat = hdr.ravel()
-    rowbase = np.arange(total, dtype=np.int64) * hdr.shape[1] + col0
+    rowbase = (np.arange(total, dtype=np.int64) if rowidx is None else rowidx) * hdr.shape[1] + col0
 
     def b8(rows: I64, col: I64) -> I64:
         return flat[rowbase[rows] + col].astype(np.int64)
@@ -628,7 +665,7 @@ def _classify(u8: npt.NDArray[np.uint8], pk: _Packets, filt: CandidateFilter, na
     # Ethernet and up to two VLAN tags: `pos` is where the ethertype field lies.
     pos = np.full(total, 12, np.int64)
     valid = cap >= 14
-    et = (hdr[:, col0 + 12].astype(np.int64) << 8) | hdr[:, col0 + 13]
+    et = (flat[rowbase + 12].astype(np.int64) << 8) | flat[rowbase + 13]
     for _ in range(2):
         tag = valid & ((et == 0x8100) | (et == 0x88A8))
         if not tag.any():

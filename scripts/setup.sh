@@ -15,7 +15,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-pip python3-dev   # the venv (system Python, for bcc)
   python3-bpfcc bpfcc-tools bpftool              # XDP data plane (bcc from Debian, never PyPI's "bcc")
   iproute2 nftables iputils-ping procps psmisc   # namespaces, NAT, lab tooling
-  tshark                                         # bench: the paper's pyshark approach
+  tshark tcpdump                                 # bench: pyshark baseline; replay tests: real captures
   make gcc
   python3-tk xvfb xauth chromium chromium-driver xdotool ffmpeg  # user agent: pyautogui, headful Chromium, test clip
   openvpn openssl vagrant vagrant-libvirt shellcheck  # lab: tunnel, certificate checks, VM pair validation

@@ -282,3 +282,57 @@ def test_crash_detach_reattach_daemon(live: dict[str, Any]) -> None:
     assert not sock_path(run, lab.cli_if).exists()
     log = (base / "s1" / f"{lab.cli_if}.log").read_text()
     assert "SIGTERM received, detaching" in log and "detached" in log
+
+
+def test_lost_events_are_counted_and_logged(tmp_path: Path) -> None:
+    """A stopped agent with a one-page perf ring overflows: every candidate is
+    either delivered or counted as lost, and the loss is logged."""
+    need_xdp()
+    env = dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
+    with Lab() as lab:
+        agent = subprocess.Popen(lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp_path / "s"),
+                                               "--perf-pages", "1"),
+                                 env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            sock = sock_path(tmp_path / "run", lab.cli_if)
+            wait_ready(sock, agent)
+            agent.send_signal(signal.SIGSTOP)
+            try:
+                now = time.time() + 0.2
+                snd = lab.send({"flows": [{"name": "x", "src": lab.srv4, "dst": lab.cli4, "dport": 40009,
+                                           "frame": 1250, "times": [now + i * 1e-5 for i in range(600)]}]})
+                snd.communicate(timeout=30)
+                assert snd.returncode == 0
+            finally:
+                agent.send_signal(signal.SIGCONT)
+            time.sleep(1.0)  # counters are logged every 0.5 s
+            st = request(sock, "status")
+            assert st["candidates"] == 600
+            assert st["lost"] > 0 and st["events"] + st["lost"] == 600, (st["lost"], st["events"])
+            table = cli(lab, env, "status").stdout
+            assert f" {st['lost']} " in table
+        finally:
+            log = stop(agent)
+    assert f"candidate events lost (total {st['lost']})" in log
+
+
+def test_force_replaces_a_foreign_program_and_detach_removes_ours(tmp_path: Path) -> None:
+    need_xdp()
+    env = dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
+    with Lab() as lab:
+        load = (
+            "from bcc import BPF; b = BPF(text='int other_prog(struct xdp_md *c) { return XDP_PASS; }');"
+            f"BPF.attach_xdp({lab.cli_if!r}, b.load_func('other_prog', BPF.XDP), 1 << 1)"
+        )
+        subprocess.run(["ip", "netns", "exec", lab.cli_ns, PY, "-c", load], check=True, capture_output=True,
+                       timeout=120)
+        assert lab.xdp_on_client() == "other_prog"
+        a = cli(lab, env, "attach", lab.cli_if, "--force", "--daemon", "--xdp-mode", "skb",
+                "--state-dir", str(tmp_path / "s"))
+        try:
+            assert a.returncode == 0, a.stderr
+            assert "XDP skb" in a.stdout
+            assert lab.xdp_on_client() == "iqn_xdp"
+        finally:
+            d = cli(lab, env, "detach", lab.cli_if)
+        assert d.returncode == 0 and lab.xdp_on_client() is None

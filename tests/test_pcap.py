@@ -319,21 +319,30 @@ SMALL = {fmt: _small_capture(fmt) for fmt in ("pcap", "pcapng")}
     fmt=st.sampled_from(sorted(SMALL)),
     edits=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), min_size=1, max_size=6),
     cut=st.integers(0, 2000),
+    lockstep=st.booleans(),
 )
 def test_random_damage_never_escapes_as_anything_but_capture_error(
-    tmp_path_factory: pytest.TempPathFactory, fmt: str, edits: list[tuple[int, int]], cut: int
+    tmp_path_factory: pytest.TempPathFactory, fmt: str, edits: list[tuple[int, int]], cut: int,
+    lockstep: bool,
 ) -> None:
+    import iqn_ctl.pcap as pcap
+
     data = bytearray(SMALL[fmt])
     for at, val in edits:
         data[at % len(data)] = val
     data = data[: max(cut, 4)] if cut < len(data) else data
     path = tmp_path_factory.mktemp("fuzz") / f"f.{fmt}"
     path.write_bytes(bytes(data))
+    saved = pcap.LOCKSTEP_MIN, pcap.LANE
+    if lockstep:  # the vectorised walk, with tiny lanes, must fail over just as safely
+        pcap.LOCKSTEP_MIN, pcap.LANE = 0, 64
     try:
         c = read_candidates(path)
     except CaptureError as e:
         assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
         return
+    finally:
+        pcap.LOCKSTEP_MIN, pcap.LANE = saved
     assert c.candidates == c.times.size == c.flow_ids.size
     assert c.flow_ids.size == 0 or int(c.flow_ids.max()) < len(c.labels)
     assert 0 <= c.undecodable <= c.packets
@@ -408,10 +417,8 @@ def small_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _all_fields(c: object) -> tuple[object, ...]:
-    return tuple(
-        (v.tolist() if isinstance(v, np.ndarray) else v)
-        for v in (getattr(c, k) for k in ("flow_ids", "times", "labels", "packets", "candidates", "undecodable"))
-    )
+    keys = ("flow_ids", "times", "labels", "packets", "candidates", "undecodable")
+    return tuple((v.tolist() if isinstance(v, np.ndarray) else v) for v in (getattr(c, k) for k in keys))
 
 
 @pytest.mark.parametrize("fmt", ["pcap-le", "pcap-be-ns", "pcapng-le", "pcapng-be"])
@@ -478,3 +485,49 @@ def test_lockstep_path_still_reports_damage(tmp_path: Path, small_lanes: None, f
     path.write_bytes(bytes(damaged))
     with pytest.raises(CaptureError, match=rf"at byte {rec50}"):
         read_candidates(path)
+
+
+MEDIUM = {
+    "pcap": SMALL["pcap"] + SMALL["pcap"][24:] * 9,
+    "pcapng": SMALL["pcapng"] * 3,  # three sections: the fast path must step aside
+    "pcapng1": pcapng_section_bytes(
+        [Packet(T0 + i * 0.01, fr[:150]) for i, (fr, _) in enumerate(_frames() * 6)]
+    ),
+}
+
+
+def _outcome(path: Path) -> object:
+    try:
+        return _all_fields(read_candidates(path))
+    except CaptureError as e:
+        return str(e)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    fmt=st.sampled_from(sorted(MEDIUM)),
+    edits=st.lists(st.tuples(st.integers(0, 20000), st.integers(0, 255)), max_size=3),
+    cut=st.integers(0, 20000),
+    lane=st.sampled_from([64, 256, 1024]),
+)
+def test_lockstep_and_sequential_walks_agree_on_damaged_files(
+    tmp_path_factory: pytest.TempPathFactory, fmt: str, edits: list[tuple[int, int]], cut: int, lane: int
+) -> None:
+    import iqn_ctl.pcap as pcap
+
+    data = bytearray(MEDIUM[fmt])
+    for at, val in edits:
+        data[at % len(data)] = val
+    if cut < len(data):
+        data = data[: max(cut, 4)]
+    path = tmp_path_factory.mktemp("diff") / "f"
+    path.write_bytes(bytes(data))
+    saved = pcap.LOCKSTEP_MIN, pcap.LANE
+    try:
+        pcap.LOCKSTEP_MIN, pcap.LANE = 0, lane
+        fast = _outcome(path)
+        pcap.LOCKSTEP_MIN = 1 << 62
+        slow = _outcome(path)
+    finally:
+        pcap.LOCKSTEP_MIN, pcap.LANE = saved
+    assert fast == slow

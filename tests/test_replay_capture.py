@@ -109,3 +109,86 @@ def test_damaged_captures_give_one_line_and_exit_2(tmp_path: Path, cli_python: l
     sll = tmp_path / "sll.pcap"
     write_pcap(sll, [(T0, bytes(60))], linktype=113)
     _assert_one_line_error(_run(cli_python, "replay", str(sll)), "link type 113")
+
+
+def test_replay_of_real_tcpdump_and_dumpcap_captures(tmp_path: Path, cli_python: list[str]) -> None:
+    """Real packets on a real veth, captured by the real tools (tcpdump writes
+    pcap, dumpcap pcapng with its own interface options): the replay must see
+    every candidate the sender sent, at the time it was sent, and the stalls."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    from conftest import need, need_root
+    from netlab import Lab
+
+    from iqn_ctl.pcap import read_candidates
+    from iqn_ctl.synth import signal_times
+
+    need_root()
+    need(bool(shutil.which("tcpdump") and shutil.which("dumpcap")), "tcpdump and dumpcap (setup.sh)")
+    with Lab() as lab:
+        pcap, pcapng = tmp_path / "td.pcap", tmp_path / "dc.pcapng"
+        procs = [
+            subprocess.Popen(["ip", "netns", "exec", lab.cli_ns, "tcpdump", "-Z", "root", "-i", lab.cli_if,
+                              "-s", "0", "-U", "--immediate-mode", "-w", str(pcap)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+            subprocess.Popen(["ip", "netns", "exec", lab.cli_ns, "dumpcap", "-q", "-i", lab.cli_if,
+                              "-w", str(pcapng)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+        ]
+        try:
+            deadline = time.time() + 15
+            while not (pcap.exists() and pcapng.exists() and pcapng.stat().st_size > 0):
+                assert time.time() < deadline, "capture tools did not start"
+                assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs if p.stderr]
+                time.sleep(0.05)
+            time.sleep(0.5)  # both are now listening
+            t0 = time.time() + 0.5
+            rng = np.random.default_rng(1)
+            stall4, stall6 = (t0, t0 + 1.6), (t0 + 0.3, t0 + 1.2)
+            spec = {"flows": [
+                {"name": "v4", "src": lab.srv4, "dst": lab.cli4, "dport": 40001, "frame": 1250,
+                 "times": signal_times([stall4], rng=rng).tolist()},
+                {"name": "v6", "src": lab.srv6, "dst": lab.cli6, "dport": 40002, "frame": 1188,
+                 "times": signal_times([stall6], rng=rng).tolist()},
+                {"name": "bulk", "src": lab.srv4, "dst": lab.cli4, "dport": 40003, "frame": 1292,
+                 "bulk_pps": 300, "from": t0, "to": t0 + 1.8},
+            ]}
+            snd = lab.send(spec)
+            out, err = snd.communicate(timeout=30)
+            assert snd.returncode == 0, err
+            time.sleep(0.5)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.kill(p.pid, signal.SIGINT)  # flush and close the file
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        sent = json.loads(out)["sent"]
+        labels = {
+            "v4": f"{lab.srv4}:443>{lab.cli4}:40001",
+            "v6": f"[{lab.srv6}]:443>[{lab.cli6}]:40002",
+        }
+        for path in (pcap, pcapng):
+            c = read_candidates(path)
+            assert c.packets >= sum(len(v) for v in sent.values())
+            by_flow = {lab_: c.times[c.flow_ids == i] for i, (lab_, _) in enumerate(c.labels)}
+            assert sorted(by_flow) == sorted(labels.values()), path
+            for name, label in labels.items():
+                got, want = by_flow[label], np.array(sent[name])
+                assert got.size == want.size, (path, name)
+                # captured a little after the sender's clock read: same order, within 50 ms
+                assert np.all(np.abs(got - np.sort(want)) < 0.05), (path, name)
+            res = _run(cli_python, "replay", str(path), "--json")
+            assert res.returncode == 0, res.stderr
+            stalls = {json.loads(line)["flow"]: json.loads(line) for line in res.stdout.splitlines()}
+            assert sorted(stalls) == sorted(labels.values()), (path, res.stdout)
+            for name, (a, b) in (("v4", stall4), ("v6", stall6)):
+                rec = stalls[labels[name]]
+                assert rec["client"] == (lab.cli4 if name == "v4" else lab.cli6)
+                assert abs(rec["duration"] - (b - a)) < 0.3, (path, name, rec)

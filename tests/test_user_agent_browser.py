@@ -113,8 +113,9 @@ def test_locating_follows_the_window(driver: Any) -> None:
         time.sleep(0.3)
 
 
+@pytest.mark.parametrize("mode, n", [("batched", 4), ("batched", 6), ("pyautogui", 4)])
 def test_signal_toggles_switch_n_times_and_restores_everything(
-    driver: Any, page: PageServer, gui: Any
+    driver: Any, page: PageServer, gui: Any, mode: str, n: int
 ) -> None:
     lay = located(driver)
     driver.execute_script("window.iqnPlayer.clicks = []")
@@ -122,24 +123,25 @@ def test_signal_toggles_switch_n_times_and_restores_everything(
     switch_state = "return document.getElementById('autoplay-toggle').ariaChecked"
     start_state = driver.execute_script(switch_state)
     gui.moveTo(700, 650)
-    burst = Signaler(4, gui).signal(lay.switch)
+    burst = Signaler(n, gui, mode).signal(lay.switch)
 
-    assert len(burst.clicks) == 4 and burst.restored
+    assert len(burst.clicks) == n and burst.restored
     assert tuple(gui.position()) == (700, 650)
-    assert burst.max_gap < 0.005, f"toggles {burst.max_gap * 1000:.1f} ms apart"
     deadline = time.monotonic() + 5
-    while len(page.posts) < 4 and time.monotonic() < deadline:
+    while len(page.posts) < n and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.2)  # nothing more may arrive
     posts = page.take_posts()
-    assert len(posts) == 4
+    assert len(posts) == n
     first = start_state != "true"
-    assert sorted(on for _, on in posts) == sorted([first, not first, first, not first])
+    assert sorted(on for _, on in posts) == sorted([first, not first] * (n // 2))
     assert driver.execute_script(switch_state) == start_state
     clicks = driver.execute_script("return window.iqnPlayer.clicks")
-    assert len(clicks) == 4
+    assert len(clicks) == n
     gaps = np.diff(clicks)
-    assert (gaps >= 0).all() and gaps.max() < 5.0, f"browser saw clicks {gaps} ms apart"
+    assert (gaps >= 0).all()
+    if mode == "batched":  # one X write: the browser sees the clicks back to back
+        assert gaps.max() < 5.0, f"browser saw clicks {gaps} ms apart"
     arrivals = sorted(t for t, _ in posts)
     assert arrivals[-1] - arrivals[0] < 0.1  # one burst, not spread over p
 

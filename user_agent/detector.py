@@ -4,12 +4,17 @@ A stalled player shows a frozen picture with a spinner turning in its centre,
 so between two grabs the centre changes while the periphery does not. Normal
 playback changes the periphery; a paused or static picture changes nothing.
 
-Why the thresholds hold up against compression noise: the per-cell threshold
-is the larger of a fixed floor and a multiple of the noise level measured in
-the periphery of the same frame pair (median absolute difference), so noise
-that shakes the whole picture raises the bar for the centre with it. Noise
-above ``max_noise`` means the periphery is moving, i.e. playback. A frozen
-picture is bit-identical between grabs, so a real stall has zero noise.
+Why the thresholds hold up against compression noise: a frozen picture is
+bit-identical between grabs, so in a real stall the typical cell does not
+change at all, in the periphery and in the centre alike (the spinner covers
+well under half of the centre box); only the few cells the spinner sweeps
+change, and by a lot. The noise level is the median cell change of the
+noisier region; above ``max_noise`` the picture is alive (playback, even
+when only the detailed middle of a shot shimmers while a flat background
+stays put). The per-cell threshold is the larger of a fixed floor and a
+multiple of that noise level. Finally a spinner's change is crisp: of the
+centre cells that change at all, a good share (``crisp_share``) change by
+more than the threshold, where noise stirs many cells a little.
 
 What it filters, and why (each would otherwise look like a stall):
 
@@ -57,6 +62,7 @@ class Verdict:
     centre_changed: int = 0
     periphery_changed: int = 0
     noise: float = 0.0
+    centre_active: int = 0
 
     @property
     def stall(self) -> bool:
@@ -70,10 +76,13 @@ class DetectorConfig:
     controls: float = 0.15  # ...and above the bottom strip where player controls fade in
     threshold_floor: float = 10.0  # grey levels a cell must change by, at least
     noise_k: float = 6.0  # ...or this many noise levels, whichever is larger
-    max_noise: float = 3.0  # periphery noise above this is moving video
+    max_noise: float = 3.0  # a typical cell changing more than this is moving video
     centre_min_cells: int = 3  # spinner: at least this many centre cells change
     centre_min_frac: float = 0.008  # ...and at least this fraction of them
     periphery_max_frac: float = 0.004  # frozen: at most this fraction of periphery cells change
+    active_level: float = 1.0  # a centre cell changing more than this (or active_k noise levels)...
+    active_k: float = 4.0  # ...is "active",
+    crisp_share: float = 0.25  # ...and a spinner makes at least this share of them change a lot
     jump_frac: float = 0.4  # a seek/scene jump changes this fraction of the periphery...
     jump_level: float = 30.0  # ...by at least this many levels
     input_quiet: float = 1.0
@@ -155,18 +164,21 @@ class StallDetector:
         self._prev = grid
 
         dp = d[m.periphery]
-        noise = float(np.median(dp))
+        dc = d[m.centre]
+        # The typical cell, in either region: zero for a frozen picture (the
+        # spinner covers well under half of the centre), the noise level otherwise.
+        noise = max(float(np.median(dp)), float(np.median(dc)))
         thr = max(cfg.threshold_floor, cfg.noise_k * noise)
         p_changed = int(np.count_nonzero(dp > thr))
-        dc = d[m.centre]
         c_changed = int(np.count_nonzero(dc > thr))
+        c_active = int(np.count_nonzero(dc > max(cfg.active_level, cfg.active_k * noise)))
         jump = float(np.count_nonzero(dp > cfg.jump_level)) >= cfg.jump_frac * dp.size
 
         centre_moves = c_changed >= max(cfg.centre_min_cells, cfg.centre_min_frac * dc.size)
         frozen = noise <= cfg.max_noise and p_changed <= cfg.periphery_max_frac * dp.size
 
         def verdict(kind: Kind, reason: str = "") -> Verdict:
-            return Verdict(t, kind, reason, c_changed, p_changed, noise)
+            return Verdict(t, kind, reason, c_changed, p_changed, noise, c_active)
 
         prev_jump, self._prev_jump = self._prev_jump, jump
         if not frozen:
@@ -175,6 +187,10 @@ class StallDetector:
         if not centre_moves:
             self._episode_start = None
             return verdict(Kind.STILL)
+        if c_changed < cfg.crisp_share * c_active:
+            # many cells stirring a little, few a lot: detail shimmering, not a spinner
+            self._episode_start = None
+            return verdict(Kind.PLAYING, "centre shimmers")
         if self._episode_start is None:
             self._episode_start = t
             self._episode_after_jump = prev_jump

@@ -2,10 +2,11 @@
 
 Each click makes the page POST the new switch state, and the server's 200 OK
 is one QUIC packet in the 1,180-1,288 byte band the ISP agent counts. The
-clicks go out with pyautogui's pause set to zero so a burst of n takes a few
-milliseconds (< 5 ms between clicks), well inside the ISP's 1.5 p start
-window. n must be even so the switch ends as it was: the user's autoplay
-setting is theirs. The pointer goes back to where it was.
+clicks go out with pyautogui's pause set to zero, through its X connection in
+one batch, so a burst of n takes about a millisecond (< 5 ms between clicks),
+well inside the ISP's 1.5 p start window. n must be even so the switch ends
+as it was: the user's autoplay setting is theirs. The pointer goes back to
+where it was.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def _follow_display(name: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Burst:
-    """One signal: wall-clock times of the clicks (after each mouse-up), and
-    when the first pointer move began."""
+    """One signal: when each click was sent (after its mouse-up; in batched
+    mode, when it was queued), and when the first pointer move began."""
 
     clicks: tuple[float, ...]
     restored: bool
@@ -81,9 +82,23 @@ class Burst:
         return max((b - a for a, b in zip(self.clicks, self.clicks[1:], strict=False)), default=0.0)
 
 
+MODES = ("batched", "pyautogui")
+
+
 class Signaler:
-    def __init__(self, n: int = 4, gui: Any = None) -> None:
+    """``batched`` (default): pyautogui's own X connection carries the move, the
+    n press/release pairs and the move back in one write and one round trip,
+    so the X server handles them back to back. ``pyautogui``: one
+    ``pyautogui.click`` per toggle; each click waits for three X round trips,
+    and a busy X server (it also draws the video) stretches the gaps past 5 ms
+    now and then. ``bench/bench_user_agent.py`` measures both.
+    """
+
+    def __init__(self, n: int = 4, gui: Any = None, mode: str = "batched") -> None:
         self.n = check_n(n)
+        if mode not in MODES:
+            raise AgentError(f"unknown click mode {mode!r}; choose from {', '.join(MODES)}")
+        self.mode = mode
         self._gui = gui if gui is not None else load_pyautogui()
 
     def signal(self, switch: Point) -> Burst:
@@ -92,9 +107,23 @@ class Signaler:
         x0, y0 = gui.position()
         began = time.time()
         clicks: list[float] = []
-        for _ in range(self.n):
-            gui.click(switch.x, switch.y)
-            clicks.append(time.time())
-        gui.moveTo(x0, y0)
+        if self.mode == "batched":
+            import pyautogui._pyautogui_x11 as x11
+            from Xlib import X
+            from Xlib.ext.xtest import fake_input
+
+            d = x11._display
+            fake_input(d, X.MotionNotify, x=switch.x, y=switch.y)
+            for _ in range(self.n):
+                fake_input(d, X.ButtonPress, 1)
+                fake_input(d, X.ButtonRelease, 1)
+                clicks.append(time.time())
+            fake_input(d, X.MotionNotify, x=x0, y=y0)
+            d.sync()
+        else:
+            for _ in range(self.n):
+                gui.click(switch.x, switch.y)
+                clicks.append(time.time())
+            gui.moveTo(x0, y0)
         restored = tuple(gui.position()) == (x0, y0)
         return Burst(tuple(clicks), restored, began)
