@@ -33,6 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import _results  # noqa: E402  (bench/ is on sys.path when run as a script)
 from netlab import PY, Lab  # noqa: E402
 
 from iqn_ctl.agent import IDLE_POLL_MS  # noqa: E402
@@ -339,16 +340,6 @@ def report(tp: list[dict[str, Any]], ps: list[dict[str, Any]], lat: dict[str, An
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path) -> None:
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(new)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -404,7 +395,7 @@ def main() -> None:
     text = report(tp, ps, lat, mode, args.quick)
     print(text)
     if not args.no_write:
-        write_section(text, args.out)
+        _results.write_section(SECTION, text, args.out)
         print(f"wrote the '{SECTION}' section of {args.out}")
 
 

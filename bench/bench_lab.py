@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import _results  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from iqn_lab.lab import Lab  # noqa: E402
 from iqn_lab.ott.media import MediaSpec, ensure_media  # noqa: E402
 
@@ -119,15 +121,7 @@ def main() -> None:
     )
     if args.no_write:
         return
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[nxt:] if nxt >= 0 else "")
-    RESULTS.write_text(text)
-    print(f"\nwrote the '{SECTION}' section of {RESULTS.relative_to(ROOT)}")
+    _results.write_section(SECTION, body)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import sys
 import time
@@ -25,6 +24,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import _results  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 import iqn_ctl.pcap as pcap_mod  # noqa: E402
 from iqn_ctl.params import CandidateFilter, SignalParams  # noqa: E402
@@ -140,13 +141,6 @@ def timed(fn, *args):  # type: ignore[no-untyped-def]
     return time.perf_counter() - t, out
 
 
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pat = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{text.strip()}\n\n"
-    new = pat.sub(lambda _: block, old) if pat.search(old) else old.rstrip("\n") + "\n\n" + block
-    RESULTS.write_text(new)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -224,8 +218,7 @@ def main() -> None:
         "Re-run: `.venv/bin/python bench/bench_replay.py` (the capture is generated once into bench/out/)."
     )
     if not args.no_write:
-        write_section(table + "\n\n" + note)
-        print(f"\nwrote the '{SECTION}' section of {RESULTS.relative_to(ROOT)}")
+        _results.write_section(SECTION, f"{SECTION}\n\n{table}\n\n{note.strip()}\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import _results  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from iqn_ctl.bpf_testrun import TestRunner  # noqa: E402
 from iqn_ctl.frames import udp_frame  # noqa: E402
 from iqn_ctl.params import CandidateFilter  # noqa: E402
@@ -175,15 +177,7 @@ def write_section(table: str, summary: str, args: argparse.Namespace) -> None:
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Re-run: `{cmd}`\n\n"
         f"{table}\n\n{summary}\n"
     )
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[nxt:] if nxt >= 0 else "")
-    RESULTS.write_text(text)
-    print(f"\nwrote the '{SECTION}' section of {RESULTS.relative_to(ROOT)}")
+    _results.write_section(SECTION, body)
 
 
 if __name__ == "__main__":

@@ -225,9 +225,10 @@ def test_noise_in_a_detailed_centre_over_a_flat_background_is_not_a_stall(
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(seed=st.integers(0, 10_000), sigma=st.floats(0.0, 6.0), phase=st.floats(0, 2 * math.pi))
-def test_stall_is_seen_through_compression_noise(seed: int, sigma: float, phase: float) -> None:
-    """Mild per-pixel noise on the frozen picture does not hide the spinner."""
+@given(seed=st.integers(0, 10_000), sigma=st.floats(0.0, 1.5), phase=st.floats(0, 2 * math.pi))
+def test_stall_is_seen_through_pixel_jitter(seed: int, sigma: float, phase: float) -> None:
+    """A frozen frame repeats exactly on screen; pixel jitter of a grey level or
+    so (dithering, a scaler's rounding) still does not hide the spinner."""
     img = scene(seed % 50)
     frames = [noisy(with_spinner(img, phase + i * 2 * math.pi / 5), sigma, seed + i) for i in range(4)]
     assert run(frames)[1:] == [Kind.STALL] * 3

@@ -6,15 +6,16 @@ playback changes the periphery; a paused or static picture changes nothing.
 
 Why the thresholds hold up against compression noise: a frozen picture is
 bit-identical between grabs, so in a real stall the typical cell does not
-change at all, in the periphery and in the centre alike (the spinner covers
-well under half of the centre box); only the few cells the spinner sweeps
-change, and by a lot. The noise level is the median cell change of the
-noisier region; above ``max_noise`` the picture is alive (playback, even
-when only the detailed middle of a shot shimmers while a flat background
-stays put). The per-cell threshold is the larger of a fixed floor and a
-multiple of that noise level. Finally a spinner's change is crisp: of the
-centre cells that change at all, a good share (``crisp_share``) change by
-more than the threshold, where noise stirs many cells a little.
+change at all, in the periphery and in the centre alike (the spinner's arc
+covers far fewer than a quarter of the centre box); only the few cells the
+spinner sweeps change, and by a lot. The noise level is the larger of the
+periphery's median cell change and the centre's upper quartile; above
+``max_noise`` the picture is alive (playback, even when only the detailed
+middle of a shot shimmers while a flat background stays put). The per-cell
+threshold is the larger of a fixed floor and a multiple of that noise level.
+Finally a spinner's change is crisp: of the centre cells that change at all,
+a good share (``crisp_share``) change by more than the threshold, where noise
+stirs many cells a little.
 
 What it filters, and why (each would otherwise look like a stall):
 
@@ -79,7 +80,8 @@ class DetectorConfig:
     max_noise: float = 3.0  # a typical cell changing more than this is moving video
     centre_min_cells: int = 3  # spinner: at least this many centre cells change
     centre_min_frac: float = 0.008  # ...and at least this fraction of them
-    periphery_max_frac: float = 0.004  # frozen: at most this fraction of periphery cells change
+    still_level: float = 1.0  # a periphery cell changing more than this has moved...
+    periphery_max_frac: float = 0.002  # ...and a frozen periphery has at most this fraction of such cells
     active_level: float = 1.0  # a centre cell changing more than this (or active_k noise levels)...
     active_k: float = 4.0  # ...is "active",
     crisp_share: float = 0.25  # ...and a spinner makes at least this share of them change a lot
@@ -165,11 +167,13 @@ class StallDetector:
 
         dp = d[m.periphery]
         dc = d[m.centre]
-        # The typical cell, in either region: zero for a frozen picture (the
-        # spinner covers well under half of the centre), the noise level otherwise.
-        noise = max(float(np.median(dp)), float(np.median(dc)))
+        # How much a typical cell stirs: the periphery's median, and the centre's
+        # upper quartile (the spinner's arc sweeps far fewer than a quarter of
+        # the centre cells). Zero for a frozen picture, the noise level otherwise.
+        k = (3 * (dc.size - 1)) // 4
+        noise = max(float(np.median(dp)), float(np.partition(dc, k)[k]))
         thr = max(cfg.threshold_floor, cfg.noise_k * noise)
-        p_changed = int(np.count_nonzero(dp > thr))
+        p_changed = int(np.count_nonzero(dp > cfg.still_level))
         c_changed = int(np.count_nonzero(dc > thr))
         c_active = int(np.count_nonzero(dc > max(cfg.active_level, cfg.active_k * noise)))
         jump = float(np.count_nonzero(dp > cfg.jump_level)) >= cfg.jump_frac * dp.size
