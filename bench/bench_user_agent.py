@@ -40,7 +40,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## End-user agent"
 CMD = ".venv/bin/python bench/bench_user_agent.py"
 PAPER_CPU, PAPER_RSS = 12.0, 200.0
@@ -137,17 +136,6 @@ def toggle_gaps(driver: Any, page: Any, switch: Any, bursts: int) -> dict[str, l
         out[f"{mode}: browser, click event times"] = browser
         out[f"{mode}: server, POST arrivals"] = server
     return out
-
-
-def write_section(body: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[nxt + 1 :] if nxt >= 0 else "")
-    RESULTS.write_text(text)
 
 
 def main() -> None:
@@ -272,8 +260,9 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     if not a.no_write:
-        write_section(table)
-        print(f"wrote the '{SECTION}' section of {RESULTS.relative_to(ROOT)}")
+        import _results  # bench/ is on sys.path when run as a script
+
+        _results.write_section(SECTION, table)
 
 
 if __name__ == "__main__":

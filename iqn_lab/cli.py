@@ -154,6 +154,9 @@ def exec_(
     raise typer.Exit(rc)
 
 
+from . import cli_demo  # noqa: E402,F401  (registers iqn-lab demo)
+
+
 def main() -> None:
     app(prog_name="iqn-lab")
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from . import topology as T
 from .capture import Capture, Frame
-from .demo_plan import Plan, plan
+from .demo_plan import TARGETS, Plan, plan
 from .demo_report import (
     FILES,
     build_report,
@@ -46,7 +46,9 @@ from .demo_report import (
     write_stalls,
     write_times,
 )
+from .demo_shaping import MediaSqueeze
 from .lab import Lab, LabError
+from .ott.media import MediaSpec
 from .shaping import format_rate
 from .xvfb import xvfb
 
@@ -62,9 +64,11 @@ class DemoConfig:
     stalls: int = 24
     p: float = 0.2
     n: int = 4
-    starve_rate: str = "300kbit"
+    starve_rate: str = "100kbit"
+    video_kbit: int = 1200
     seed: int = 1
-    release: float = 7.0
+    release: float = 5.0
+    targets: tuple[float, ...] = TARGETS
     min_size: int = 1180
     max_size: int = 1288
 
@@ -115,7 +119,8 @@ class IspAgent:
                 return
             except ApiError:
                 time.sleep(0.2)
-        raise LabError(f"the ISP agent did not attach within {AGENT_READY_TIMEOUT:.0f} s: {_last_line(self.log)}")
+        why = _last_line(self.log)
+        raise LabError(f"the ISP agent did not attach within {AGENT_READY_TIMEOUT:.0f} s: {why}")
 
     def flows(self) -> list[dict[str, Any]]:
         from iqn_ctl.api import ApiError, request, sock_path
@@ -142,8 +147,8 @@ class IspAgent:
             self.lab.exec("router", _ctl("detach", self.iface), env=self.env, capture_output=True)
 
     def stalls(self) -> list[dict[str, Any]]:
-        r = subprocess.run(_ctl("stalls", "--json", "--iface", self.iface, "--state-dir", str(self.state_dir)),
-                           capture_output=True, text=True, env=self.env)  # fmt: skip
+        argv = _ctl("stalls", "--json", "--iface", self.iface, "--state-dir", str(self.state_dir))
+        r = subprocess.run(argv, capture_output=True, text=True, env=self.env)
         if r.returncode != 0:
             raise LabError(f"iqn-ctl stalls failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
         return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
@@ -177,7 +182,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _video_time(driver: Any) -> float:
-    t = driver.execute_script("const v = document.querySelector('#movie_player video'); return v ? v.currentTime : 0;")
+    t = driver.execute_script(
+        "const v = document.querySelector('#movie_player video'); return v?.currentTime;"
+    )
     return float(t or 0.0)
 
 
@@ -217,16 +224,18 @@ def _progress(say: Say, t: float, pl: Plan, side: UserSide, isp: IspAgent) -> No
     isp_stalls = sum(int(f.get("stalls", 0)) for f in page)
     in_stall = any(f.get("state") == "stall" for f in page)
     actual = side.truth.stalls if side.truth is not None else 0
-    say(f"[{t:5.0f}/{pl.end:.0f} s] bottleneck {format_rate(pl.rate_at(t)):>7} (squeeze {squeezes}/"
+    say(
+        f"[{t:5.0f}/{pl.end:.0f} s] bottleneck {format_rate(pl.rate_at(t)):>7} (squeeze {squeezes}/"
         f"{len(pl.targets)}) | actual stalls {actual:>2} | user agent {side.bursts:>3} signals | "
-        f"ISP agent {isp_stalls:>2} stalls{' (in a stall now)' if in_stall else ''}")
+        f"ISP agent {isp_stalls:>2} stalls{' (in a stall now)' if in_stall else ''}"
+    )
 
 
 def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
     """Run the whole demo; returns report.json's content (also saved under ``cfg.out``)."""
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
-    pl = plan(cfg.stalls, cfg.starve_rate, cfg.seed, release=cfg.release)
+    pl = plan(cfg.stalls, cfg.starve_rate, cfg.seed, release=cfg.release, targets=cfg.targets)
     (out / "schedule.txt").write_text(pl.spec() + "\n")
     lab = Lab(cfg.prefix)
     side = UserSide()
@@ -236,9 +245,11 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
     with _sigterm_as_interrupt(), contextlib.ExitStack() as stack:
         say(f"lab {cfg.prefix}: building namespaces, OpenVPN tunnel and the HTTP/3 OTT emulator")
         stack.callback(lambda: say(f"torn down: {len(lab.down())} lab item(s) removed"))
-        lab.up(rate=None)
+        lab.up(rate=None, media=MediaSpec(kbit=cfg.video_kbit))
         display = stack.enter_context(xvfb())
         say(f"Xvfb on {display}; attaching the ISP agent (XDP) to {lab.router_ott_iface} in {lab.router_ns}")
+        squeeze = MediaSqueeze(lab)
+        squeeze.install()
         isp = IspAgent(lab, out, cfg)
         stack.callback(isp.stop)
         isp.start()
@@ -258,8 +269,8 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
             f"schedule of {len(pl.targets)} squeezes to {cfg.starve_rate}, {pl.end:.0f} s")  # fmt: skip
         th = _start_user_agent(driver, cfg, out, side, stop, stack)
         t0 = time.monotonic()
-        lab.run_schedule(pl.steps)
-        stack.callback(lab.stop_schedule)
+        squeeze.run(pl)
+        stack.callback(squeeze.stop)
         next_report = 0.0
         while (t := time.monotonic() - t0) < pl.end:
             if side.error is not None or not th.is_alive():
@@ -278,7 +289,7 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
         frames = list(cap.frames)
         rows = isp.stalls()
         stats = side.stats
-    say("torn down; scoring with iqn-ctl evaluate")
+    say("scoring with iqn-ctl evaluate")
     return _finish(cfg, pl, side, stats, rows, frames, time.time() - t_start, say)
 
 

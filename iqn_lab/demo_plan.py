@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .shaping import Step, format_rate, parse_rate
 
 #: seconds from squeeze to spinner: the ~4 s buffer plus the segment in flight
-DRAIN = 5.5
+DRAIN = 4.2
 #: stall lengths the plan aims at (seconds): the paper's range, spread out
 TARGETS = (0.6, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 
@@ -46,10 +46,10 @@ class Plan:
 
 def plan(
     stalls: int,
-    starve_rate: str = "300kbit",
+    starve_rate: str = "100kbit",
     seed: int = 1,
     warmup: float = 8.0,
-    release: float = 7.0,
+    release: float = 5.0,
     drain: float = DRAIN,
     targets: tuple[float, ...] = TARGETS,
 ) -> Plan:

@@ -69,8 +69,20 @@ def write_times(times: Sequence[float], path: Path) -> None:
 
 def evaluate(out: Path, inferred: str, plot: str, candidates: str) -> dict[str, Any]:
     """``iqn-ctl evaluate --json --plot`` on files in ``out``; its JSON result."""
-    argv = [sys.executable, "-m", "iqn_ctl", "evaluate", "--truth", str(out / FILES["truth"]),
-            str(out / inferred), "--json", "--plot", str(out / plot), "--candidates", str(out / candidates)]
+    argv = [
+        sys.executable,
+        "-m",
+        "iqn_ctl",
+        "evaluate",
+        "--truth",
+        str(out / FILES["truth"]),
+        str(out / inferred),
+        "--json",
+        "--plot",
+        str(out / plot),
+        "--candidates",
+        str(out / candidates),
+    ]
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         raise ReportError((r.stderr.strip() or f"iqn-ctl evaluate exited {r.returncode}").splitlines()[-1])
@@ -82,7 +94,9 @@ def _matched(real: Sequence[Stall], other: Sequence[Stall]) -> dict[Stall, Stall
     return {pair.real: pair.inferred for pair in score(list(real), list(other)).pairs}
 
 
-def recall_of_signalled(real: Sequence[Stall], signalled: Sequence[Stall], inferred: Sequence[Stall]) -> float:
+def recall_of_signalled(
+    real: Sequence[Stall], signalled: Sequence[Stall], inferred: Sequence[Stall]
+) -> float:
     """Of the significant stalls the user agent signalled, the share the ISP matched:
     the network's part of the job, apart from stalls the user agent never reported."""
     by_user = _matched(real, signalled)
@@ -142,9 +156,11 @@ def stall_table(out: Path, signalled: Sequence[Stall], inferred: Sequence[Stall]
     lines = [f"{'#':>3} {'at (s)':>7} {'actual':>7} {'signalled':>9} {'inferred':>8} {'error (ms)':>10}"]
     for i, r in enumerate(real, 1):
         u, s = by_user.get(r), by_isp.get(r)
-        err = f"{(s.duration - r.duration) * 1000:+.0f}" if s else ("missed" if r.duration >= SIGNIFICANT else "")
-        lines.append(f"{i:>3} {r.start - t0:>7.1f} {r.duration:>7.2f} {_f(u and u.duration, '9.2f'):>9} "
-                     f"{_f(s and s.duration, '8.2f'):>8} {err:>10}")
+        miss = "missed" if r.duration >= SIGNIFICANT else ""
+        err = f"{(s.duration - r.duration) * 1000:+.0f}" if s else miss
+        ud = _f(u.duration if u else None, "9.2f")
+        sd = _f(s.duration if s else None, "8.2f")
+        lines.append(f"{i:>3} {r.start - t0:>7.1f} {r.duration:>7.2f} {ud:>9} {sd:>8} {err:>10}")
     lines += [
         "",
         f"{'':<24} {'actual':>7} {'signalled':>9} {'inferred':>8}",
@@ -152,7 +168,8 @@ def stall_table(out: Path, signalled: Sequence[Stall], inferred: Sequence[Stall]
         f"{'significant (>= 0.4 s)':<24} {rep['stalls_significant']:>7}",
         f"{'matched significant':<24} {'':>7} {rep['evaluate_user']['matched']:>9} {rep['matched']:>8}",
         f"{'false positives':<24} {'':>7} {rep['false_positives_user']:>9} {rep['false_positives_isp']:>8}",
-        f"{'precision':<24} {'':>7} {_f(rep['precision_user'], '9.3f'):>9} {_f(rep['precision_isp'], '8.3f'):>8}",
+        f"{'precision':<24} {'':>7} {_f(rep['precision_user'], '9.3f'):>9} "
+        f"{_f(rep['precision_isp'], '8.3f'):>8}",
         f"{'recall':<24} {'':>7} {_f(rep['recall_user'], '9.3f'):>9} {_f(rep['recall_isp'], '8.3f'):>8}",
         f"{'MAE (ms)':<24} {'':>7} {_f(rep['user_mae_ms'], '9.1f'):>9} {_f(rep['mae_ms'], '8.1f'):>8}",
         f"{'RMSE (ms)':<24} {'':>7} {_f(rep['user_rmse_ms'], '9.1f'):>9} {_f(rep['rmse_ms'], '8.1f'):>8}",

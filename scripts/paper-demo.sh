@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper-trace demo: install, infer the stalls of the paper's shipped
+# The quick paper path (`scripts/demo.sh --paper`): install, infer the stalls of the paper's shipped
 # traces with both estimators, score them against the spinner ground truth and
 # plot the result. Output under results/paper-<time>/.
 set -euo pipefail

@@ -248,6 +248,7 @@ def test_calibration_by_hovering_matches_selenium(driver: Any, gui: Any, tmp_pat
     targets = [(pl.left, pl.top), corner, (lay.switch.x, lay.switch.y)]
 
     def hover() -> None:
+        time.sleep(0.3)  # let the recorder note where the pointer starts
         for x, y in targets:
             gui.moveTo(x, y)
             time.sleep(0.45)
@@ -335,6 +336,31 @@ def test_cli_run_with_calibration_for_a_user_started_browser(
     time.sleep(0.3)
     assert len(page.take_posts()) == 4 * len(sent)
     time.sleep(3.0)  # let the stall end before the next test
+
+
+def test_cli_calibrate_records_hovered_positions(driver: Any, gui: Any, tmp_path: Path) -> None:
+    lay = located(driver)
+    pl = lay.player
+    corner = (pl.left + pl.width - 1, pl.top + pl.height - 1)
+    targets = [(pl.left, pl.top), corner, (lay.switch.x, lay.switch.y)]
+    gui.moveTo(5, 5)  # resting here at the start must not count as the first corner
+    out = tmp_path / "cal.json"
+    cmd = ["calibrate", "--still", "0.3", "--timeout", "30", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "user_agent.cli", *cmd], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for x, y in targets:
+            line = proc.stderr.readline()  # "rest the mouse pointer on ..." once it waits for us
+            assert "rest the mouse pointer" in line, line
+            time.sleep(0.6)  # longer than --still: a pointer at rest where it was is not taken
+            gui.moveTo(x, y)
+            assert "recorded" in proc.stderr.readline()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert load_calibration(out) == lay
 
 
 def test_cli_run_starts_its_own_chromium(desktop: str, page: PageServer, tmp_path: Path) -> None:

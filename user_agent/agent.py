@@ -48,7 +48,7 @@ class RunStats:
     no_layout: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
     filtered: Counter[str] = field(default_factory=Counter)
-    max_click_gap: float = 0.0
+    max_click_gap: float = 0.0  # agent-side; with batched clicks, between queueing them (see Burst)
     restore_failures: int = 0
     signal_failures: int = 0
     last_why: str = ""

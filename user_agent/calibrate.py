@@ -29,8 +29,10 @@ def record_positions(
     timeout: float = 120.0,
     poll: float = 0.05,
 ) -> list[tuple[int, int]]:
-    """One resting position per step, each different from the one before."""
+    """One resting position per step, each different from the one before
+    (and the first different from where the pointer was at the start)."""
     taken: list[tuple[int, int]] = []
+    last = pointer()  # where the pointer rests now is no answer: the user has to move it
     deadline = time.monotonic() + timeout
     for step in STEPS:
         say(f"rest the mouse pointer on {step} (hold still {still:g} s)")
@@ -42,8 +44,9 @@ def record_positions(
             now_pos = pointer()
             if now_pos != pos:
                 pos, since = now_pos, time.monotonic()
-            elif time.monotonic() - since >= still and (not taken or pos != taken[-1]):
+            elif time.monotonic() - since >= still and pos != last:
                 taken.append(pos)
+                last = pos
                 say(f"  recorded {step} at {pos[0]},{pos[1]}")
                 break
     return taken

@@ -12,10 +12,9 @@ spinner sweeps change, and by a lot. The noise level is the larger of the
 periphery's median cell change and the centre's upper quartile; above
 ``max_noise`` the picture is alive (playback, even when only the detailed
 middle of a shot shimmers while a flat background stays put). The per-cell
-threshold is the larger of a fixed floor and a multiple of that noise level.
-Finally a spinner's change is crisp: of the centre cells that change at all,
-a good share (``crisp_share``) change by more than the threshold, where noise
-stirs many cells a little.
+threshold is the larger of a fixed floor and a multiple of that noise level,
+and the periphery counts as frozen only when hardly a cell in it moved by
+more than a grey level.
 
 What it filters, and why (each would otherwise look like a stall):
 
@@ -63,7 +62,6 @@ class Verdict:
     centre_changed: int = 0
     periphery_changed: int = 0
     noise: float = 0.0
-    centre_active: int = 0
 
     @property
     def stall(self) -> bool:
@@ -82,9 +80,6 @@ class DetectorConfig:
     centre_min_frac: float = 0.008  # ...and at least this fraction of them
     still_level: float = 1.0  # a periphery cell changing more than this has moved...
     periphery_max_frac: float = 0.002  # ...and a frozen periphery has at most this fraction of such cells
-    active_level: float = 1.0  # a centre cell changing more than this (or active_k noise levels)...
-    active_k: float = 4.0  # ...is "active",
-    crisp_share: float = 0.25  # ...and a spinner makes at least this share of them change a lot
     jump_frac: float = 0.4  # a seek/scene jump changes this fraction of the periphery...
     jump_level: float = 30.0  # ...by at least this many levels
     input_quiet: float = 1.0
@@ -175,14 +170,13 @@ class StallDetector:
         thr = max(cfg.threshold_floor, cfg.noise_k * noise)
         p_changed = int(np.count_nonzero(dp > cfg.still_level))
         c_changed = int(np.count_nonzero(dc > thr))
-        c_active = int(np.count_nonzero(dc > max(cfg.active_level, cfg.active_k * noise)))
         jump = float(np.count_nonzero(dp > cfg.jump_level)) >= cfg.jump_frac * dp.size
 
         centre_moves = c_changed >= max(cfg.centre_min_cells, cfg.centre_min_frac * dc.size)
         frozen = noise <= cfg.max_noise and p_changed <= cfg.periphery_max_frac * dp.size
 
         def verdict(kind: Kind, reason: str = "") -> Verdict:
-            return Verdict(t, kind, reason, c_changed, p_changed, noise, c_active)
+            return Verdict(t, kind, reason, c_changed, p_changed, noise)
 
         prev_jump, self._prev_jump = self._prev_jump, jump
         if not frozen:
@@ -191,10 +185,6 @@ class StallDetector:
         if not centre_moves:
             self._episode_start = None
             return verdict(Kind.STILL)
-        if c_changed < cfg.crisp_share * c_active:
-            # many cells stirring a little, few a lot: detail shimmering, not a spinner
-            self._episode_start = None
-            return verdict(Kind.PLAYING, "centre shimmers")
         if self._episode_start is None:
             self._episode_start = t
             self._episode_after_jump = prev_jump

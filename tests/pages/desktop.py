@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -45,6 +46,9 @@ def xvfb(width: int = 1280, height: int = 1024) -> Iterator[str]:
         if not num:
             raise RuntimeError(f"Xvfb did not start (exit status {proc.poll()})")
         display = f":{num}"
+        if shutil.which("xauth"):  # a cookie (unchecked under -ac) keeps python-xlib from warning
+            subprocess.run(["xauth", "-f", str(auth), "add", display, ".", secrets.token_hex(16)],
+                           capture_output=True, check=False)
         os.environ["DISPLAY"] = display
         os.environ["XAUTHORITY"] = str(auth)
         yield display
