@@ -32,7 +32,7 @@ def demo(
     """Lab, ISP agent (XDP), headful Chromium, end-user agent, stalls on a timetable; report at the end."""
     from user_agent.errors import AgentError
 
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, check, run_demo
     from .demo_report import ReportError
     from .xvfb import XvfbError
 
@@ -44,6 +44,11 @@ def demo(
     cfg = DemoConfig(out=out.resolve(), prefix=prefix, stalls=stalls, p=p, n=n, starve_rate=starve_rate,
                      seed=seed, release=release)  # fmt: skip
     try:
+        check(cfg)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LabError(f"{out}: cannot create the results directory: {e.strerror or e}") from None
         run_demo(cfg, say=lambda msg: typer.echo(msg))
     except (XvfbError, ReportError, AgentError, ValueError) as e:
         raise LabError(str(e)) from None

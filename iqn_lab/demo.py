@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +52,7 @@ from .demo_shaping import MediaSqueeze
 from .lab import Lab, LabError
 from .ott.media import MediaSpec
 from .shaping import format_rate
+from .topology import Names
 from .xvfb import xvfb
 
 Say = Callable[[str], None]
@@ -145,6 +148,9 @@ class IspAgent:
         self.proc = None
         if self.lab.health().namespaces.get("router"):  # also after a kill: no program left behind
             self.lab.exec("router", _ctl("detach", self.iface), env=self.env, capture_output=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.run_dir.parent.rmdir()  # only if no other demo uses it
 
     def stalls(self) -> list[dict[str, Any]]:
         argv = _ctl("stalls", "--json", "--iface", self.iface, "--state-dir", str(self.state_dir))
@@ -231,11 +237,23 @@ def _progress(say: Say, t: float, pl: Plan, side: UserSide, isp: IspAgent) -> No
     )
 
 
+def check(cfg: DemoConfig) -> Plan:
+    """Refuse bad settings before anything is built; the timetable they give."""
+    from user_agent.errors import AgentError
+    from user_agent.signaler import check_n
+
+    check_n(cfg.n)  # the same checks the user agent makes, but before the lab is up
+    if not 0.02 <= cfg.p <= 60:
+        raise AgentError(f"--p must be between 0.02 and 60 seconds, got {cfg.p}")
+    Names(cfg.prefix)
+    return plan(cfg.stalls, cfg.starve_rate, cfg.seed, release=cfg.release, targets=cfg.targets)
+
+
 def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
     """Run the whole demo; returns report.json's content (also saved under ``cfg.out``)."""
+    pl = check(cfg)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
-    pl = plan(cfg.stalls, cfg.starve_rate, cfg.seed, release=cfg.release, targets=cfg.targets)
     (out / "schedule.txt").write_text(pl.spec() + "\n")
     lab = Lab(cfg.prefix)
     side = UserSide()
@@ -293,9 +311,14 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
     return _finish(cfg, pl, side, stats, rows, frames, time.time() - t_start, say)
 
 
+def _nan_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
 def _finish(cfg: DemoConfig, pl: Plan, side: UserSide, stats: Any, rows: list[dict[str, Any]],
             frames: list[Frame], wall: float, say: Say) -> dict[str, Any]:  # fmt: skip
-    from iqn_ctl.traces import Stall
+    from iqn_ctl.scoring import score
+    from iqn_ctl.traces import Stall, read_real_stalls
 
     out = cfg.out
     cand = [f for f in frames if not f.outgoing and f.proto == 17 and f.sport == 443
@@ -306,6 +329,8 @@ def _finish(cfg: DemoConfig, pl: Plan, side: UserSide, stats: Any, rows: list[di
     (out / "isp_stalls_all_flows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     page_rows = [r for r in rows if r.get("server") == T.OTT_WWW]
     inferred = [Stall(r["start"], r["end"], r["flow"], r["client"]) for r in page_rows]
+    all_inferred = [Stall(r["start"], r["end"], r["flow"], r["client"]) for r in rows]
+    real = read_real_stalls(out / FILES["truth"])
     signalled = signalled_stalls(side.clicks, cfg.p, cfg.n)
     write_stalls(inferred, out / FILES["inferred"])
     write_stalls(signalled, out / FILES["signalled"])
@@ -323,6 +348,8 @@ def _finish(cfg: DemoConfig, pl: Plan, side: UserSide, stats: Any, rows: list[di
         "candidates_page_flow": len(page_cand),
         "candidates_other_flows": len(cand) - len(page_cand),
         "isp_stalls_other_flows": len(rows) - len(page_rows),
+        # an ISP cannot tell the page's connection from the others: all flows scored together
+        "precision_isp_all_flows": _nan_none(score(real, all_inferred).precision),
         "user_agent": None if stats is None else {
             "frames": stats.frames, "signals": stats.signals, "grab_failures": stats.grab_failures,
             "no_layout": stats.no_layout, "filtered": dict(stats.filtered),

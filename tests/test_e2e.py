@@ -51,6 +51,8 @@ def leftovers(prefix: str) -> list[str]:
     """Anything of the lab ``prefix`` still around: namespaces, interfaces, processes."""
     nss = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
     found = [n for n in nss if n.startswith(prefix + "-")]
+    if os.path.exists(f"/run/iqn-demo/{prefix}"):
+        found.append(f"agent run dir /run/iqn-demo/{prefix}")
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     found += [ln.split(":")[1].strip() for ln in links.splitlines() if f" {prefix}-" in ln]
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -94,6 +96,21 @@ def test_signalled_stalls_go_through_the_engine() -> None:
     real = [Stall(100.0, 102.0), Stall(110.0, 111.0), Stall(120.0, 121.0)]
     assert recall_of_signalled(real, got, [Stall(100.1, 101.9)]) == pytest.approx(0.5)
     assert recall_of_signalled(real, got, got) == 1.0
+
+
+BAD = [["--n", "3"], ["--p", "0"], ["--stalls", "0"], ["--starve-rate", "fast"], ["--prefix", "Bad_"]]
+
+
+@pytest.mark.parametrize("args", [*BAD, ["--out", "/dev/null/x"]])
+def test_bad_options_are_one_line_errors(args: list[str], tmp_path: Path) -> None:
+    """Refused before anything is built (as root) or for want of root; never a traceback."""
+    out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
+    r = subprocess.run([sys.executable, "-c", "from iqn_lab.cli import main; main()", "demo", *args, *out],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("iqn-lab: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert r.stdout == ""
+    assert not (tmp_path / "run").exists()
 
 
 # -- the real thing --------------------------------------------------------------
