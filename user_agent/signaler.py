@@ -36,7 +36,7 @@ def load_pyautogui() -> Any:
         import pyautogui
     except Exception as e:  # Xlib auth errors, missing tkinter, ...
         raise AgentError(f"cannot drive the mouse on {os.environ['DISPLAY']}: {e}") from None
-    _follow_display(os.environ["DISPLAY"])
+    _follow_display(os.environ["DISPLAY"], os.environ.get("XAUTHORITY", ""))
     pyautogui.PAUSE = 0  # no sleep after each call: the burst must take milliseconds
     pyautogui.MINIMUM_DURATION = 0
     # The fail-safe aborts when the pointer rests in a screen corner; the user
@@ -45,19 +45,25 @@ def load_pyautogui() -> Any:
     return pyautogui
 
 
-def _follow_display(name: str) -> None:
+def _follow_display(name: str, auth: str = "") -> None:
     """pyautogui opens DISPLAY once, at import; a process that moves to another
-    X screen later (a test session, a demo restarting Xvfb) must reconnect it."""
+    X screen later (a test session, a demo restarting Xvfb) must reconnect it.
+
+    The display name alone does not identify a screen: a new Xvfb may take the
+    number of one that has exited, and pyautogui would then wait forever on the
+    dead server's connection. Each of our Xvfb screens has its own authority
+    file, so (name, XAUTHORITY) does."""
     import pyautogui._pyautogui_x11 as x11
 
-    if getattr(x11, "_iqn_display", None) != name:
+    key = f"{name}|{auth}"
+    if getattr(x11, "_iqn_display", None) != key:
         from Xlib.display import Display
 
         try:
             x11._display = Display(name)
         except Exception as e:
             raise AgentError(f"cannot drive the mouse on {name}: {e}") from None
-        x11._iqn_display = name  # type: ignore[attr-defined]
+        x11._iqn_display = key  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
