@@ -111,6 +111,17 @@ class Lab:
         ents = xdp.get("attached") or [xdp]
         return str(ents[0].get("prog", {}).get("name", "?"))
 
+    def attach_foreign_xdp(self, name: str = "other_prog") -> None:
+        """Put someone else's (non-IQN) XDP program on the client-side veth, in
+        generic mode, the way another tool on the router would."""
+        load = (
+            f"from bcc import BPF; b = BPF(text='int {name}(struct xdp_md *c) {{ return XDP_PASS; }}');"
+            f"BPF.attach_xdp({self.cli_if!r}, b.load_func({name!r}, BPF.XDP), 1 << 1)"
+        )
+        subprocess.run(["ip", "netns", "exec", self.cli_ns, PY, "-c", load], check=True,
+                       capture_output=True, timeout=120)
+        assert self.xdp_on_client() == name
+
     def close(self) -> None:
         for ns in reversed(self.created):
             sh("ip", "netns", "pids", ns, check=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import need, need_root
-from netlab import IQN_CTL, PY, Lab
+from netlab import IQN_CTL, Lab
 from test_agent_live import need_xdp
 
 from iqn_ctl.history import History, StallRecord
@@ -108,13 +108,7 @@ def lab() -> Iterator[Lab]:
 def test_foreign_xdp_program_is_refused(lab: Lab, env: dict[str, str]) -> None:
     """Someone else's XDP program stays put unless --force."""
     need_xdp()
-    load = (
-        "from bcc import BPF; b = BPF(text='int other_prog(struct xdp_md *c) { return XDP_PASS; }');"
-        f"BPF.attach_xdp({lab.cli_if!r}, b.load_func('other_prog', BPF.XDP), 1 << 1)"
-    )
-    subprocess.run(["ip", "netns", "exec", lab.cli_ns, PY, "-c", load], check=True, capture_output=True,
-                   timeout=120)
-    assert lab.xdp_on_client() == "other_prog"
+    lab.attach_foreign_xdp("other_prog")
     one_error(run("attach", lab.cli_if, ns=lab.cli_ns, env=env),
               f"{lab.cli_if} already carries another XDP program 'other_prog'")
     assert lab.xdp_on_client() == "other_prog"

@@ -320,13 +320,7 @@ def test_force_replaces_a_foreign_program_and_detach_removes_ours(tmp_path: Path
     need_xdp()
     env = dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
     with Lab() as lab:
-        load = (
-            "from bcc import BPF; b = BPF(text='int other_prog(struct xdp_md *c) { return XDP_PASS; }');"
-            f"BPF.attach_xdp({lab.cli_if!r}, b.load_func('other_prog', BPF.XDP), 1 << 1)"
-        )
-        subprocess.run(["ip", "netns", "exec", lab.cli_ns, PY, "-c", load], check=True, capture_output=True,
-                       timeout=120)
-        assert lab.xdp_on_client() == "other_prog"
+        lab.attach_foreign_xdp("other_prog")
         a = cli(lab, env, "attach", lab.cli_if, "--force", "--daemon", "--xdp-mode", "skb",
                 "--state-dir", str(tmp_path / "s"))
         try:
