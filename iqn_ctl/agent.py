@@ -128,6 +128,10 @@ class LiveFlows:
             self._info[fid] = info
         return fid
 
+    def raws(self, fid: Hashable) -> list[bytes]:
+        """The data plane's keys of one flow (several with --key client)."""
+        return [raw for raw, f in self._fid.items() if f == fid]
+
     def info(self, fid: Hashable) -> FlowInfo:
         got = self._info.get(fid)
         if got is not None:
@@ -284,6 +288,8 @@ class AgentConfig:
     #: perf ring per CPU, in 4 KiB pages; ~64 bytes an event, so 1024 pages hold
     #: 65k events: half a second of 130k candidates/s while the agent is descheduled
     perf_pages: int = 1024
+    #: see Agent._bulk(): 0 disables the check
+    bulk_ratio: float = 2.0
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -298,6 +304,8 @@ class AgentConfig:
             raise AgentError(f"--max-flows must be in 1..{1 << 24}, got {self.max_flows}")
         if self.perf_pages < 1 or self.perf_pages & (self.perf_pages - 1) or self.perf_pages > 1 << 16:
             raise AgentError(f"--perf-pages must be a power of two up to 65536, got {self.perf_pages}")
+        if not 0 <= self.bulk_ratio < 1e6:
+            raise AgentError(f"--bulk-ratio must be >= 0, got {self.bulk_ratio}")
         if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:
             raise AgentError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
 
@@ -339,6 +347,9 @@ class Agent:
         self.started_at = 0.0
         self.stalls_started = 0
         self.stalls_ended = 0
+        self.stalls_discarded = 0
+        #: kernel (packets, candidates, bytes) of a flow when its stall started
+        self._stall_base: dict[Hashable, tuple[int, int, int]] = {}
         self._state = threading.Lock()
         self._counters: dict[str, int] = {"packets": 0, "candidates": 0, "parse_errors": 0, "lost": 0}
         self._lost_logged = 0
@@ -488,12 +499,20 @@ class Agent:
         for e in events:
             info = self.flows.info(e.flow)
             if isinstance(e, StallStarted):
+                if self.cfg.bulk_ratio and self.dp is not None:
+                    self._stall_base[e.flow] = self.dp.flow_totals(self.flows.raws(e.flow))
                 self.stalls_started += 1
                 if self.metrics:
                     self.metrics.stall_started()
                 log.info("%s: stall start flow=%s client=%s start=%s", iface, info.label, info.client,
                          _iso(e.start))
             elif isinstance(e, StallEnded):
+                bulk = self._bulk(e)
+                if bulk:
+                    self.stalls_discarded += 1
+                    log.info("%s: stall discarded flow=%s client=%s start=%s duration=%.3fs: %s",
+                             iface, info.label, info.client, _iso(e.start), e.duration, bulk)
+                    continue
                 self.stalls_ended += 1
                 if self.metrics:
                     self.metrics.stall_ended(e.duration)
@@ -513,12 +532,36 @@ class Agent:
                 log.error("%s: could not record %d stall(s) in %s: %s",
                           iface, len(recs), self.history.path, ex)
 
+    def _bulk(self, e: StallEnded) -> str:
+        """Why this stall is bulk traffic rather than a signal ("" if it is a signal).
+
+        A video flow now and then carries candidate-sized packets (a segment's
+        last packet), and a burst of segments after a congested spell can hold
+        n of them within w_start. A signalling flow carries little but its
+        candidates during a stall (answers to the toggles, a few ACKs), a video
+        flow carries megabytes: more than ``bulk_ratio`` full-size packets'
+        worth of other bytes per candidate, counted by the kernel over the
+        stall, marks it as bulk.
+        """
+        base = self._stall_base.pop(e.flow, None)
+        if base is None or self.dp is None or not self.cfg.bulk_ratio:
+            return ""
+        packets, candidates, nbytes = self.dp.flow_totals(self.flows.raws(e.flow))
+        d_cand = max(candidates - base[1], 1)
+        d_bytes = nbytes - base[2]
+        max_size = self.cfg.filt.max_size
+        other = d_bytes - d_cand * max_size
+        if other <= self.cfg.bulk_ratio * d_cand * max_size:
+            return ""
+        return (f"bulk flow: {packets - base[0] - d_cand} other packets ({other} bytes) beside "
+                f"{d_cand} candidates during it (--bulk-ratio {self.cfg.bulk_ratio:g})")
+
     # -- API --
 
     def snapshot(self) -> dict[str, int]:
         c = dict(self._counters)
         c["flows"] = len(self.flows.table)
-        c["flows_in_stall"] = self.stalls_started - self.stalls_ended
+        c["flows_in_stall"] = self.stalls_started - self.stalls_ended - self.stalls_discarded
         return c
 
     def status(self) -> dict[str, Any]:
@@ -533,6 +576,7 @@ class Agent:
             **self.snapshot(),
             "stalls_started": self.stalls_started,
             "stalls_ended": self.stalls_ended,
+            "stalls_discarded": self.stalls_discarded,
             "events": self.flows.events_in,
             "late": sum(tr.late for tr in self.flows.table),
             "evicted": self.flows.table.evicted,

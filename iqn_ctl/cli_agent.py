@@ -86,6 +86,11 @@ def attach(
         DEFAULT_ESTIMATOR, "--estimator", help=f"one of: {', '.join(sorted(ESTIMATORS))}"
     ),
     perf_pages: int = typer.Option(1024, "--perf-pages", help="perf ring size per CPU, 4 KiB pages"),
+    bulk_ratio: float = typer.Option(
+        2.0, "--bulk-ratio",
+        help="discard a stall whose flow carried more than this many full-size packets' worth of "
+             "other traffic per candidate during it (a video flow, not a signal); 0 keeps every stall",
+    ),
     run_dir: Path = OptRunDir,
 ) -> None:
     """Load the XDP program on IFACE and infer stalls live until SIGINT/SIGTERM."""
@@ -96,7 +101,7 @@ def attach(
         iface=iface, params=SignalParams(p, n), filt=CandidateFilter(port, min_size, max_size),
         estimator=estimator, key_mode=key, max_flows=max_flows, xdp_mode=xdp_mode, force=force,
         state_dir=state_dir, run_dir=run_dir, metrics_port=metrics_port, metrics_addr=metrics_addr,
-        perf_pages=perf_pages,
+        perf_pages=perf_pages, bulk_ratio=bulk_ratio,
     )
     cfg.validate()
     need_root("attach")

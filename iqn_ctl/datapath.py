@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,6 +370,22 @@ class Datapath:
                  "bytes": int(v.bytes), "last_seen_ns": int(v.last_seen_ns)},
             ))
         return out
+
+    def flow_totals(self, raws: Iterable[bytes]) -> tuple[int, int, int]:
+        """(packets, candidates, bytes) summed over the given flows' kernel
+        counters; a flow the LRU has dropped counts as zero."""
+        self._check_open()
+        packets = candidates = nbytes = 0
+        key_t = self._flows.Key
+        for raw in raws:
+            try:
+                v = self._flows[key_t.from_buffer_copy(raw)]
+            except KeyError:
+                continue
+            packets += int(v.packets)
+            candidates += int(v.candidates)
+            nbytes += int(v.bytes)
+        return packets, candidates, nbytes
 
     def detach(self) -> None:
         """Remove our program from the interface (only ours); idempotent."""

@@ -330,3 +330,41 @@ def test_force_replaces_a_foreign_program_and_detach_removes_ours(tmp_path: Path
         finally:
             d = cli(lab, env, "detach", lab.cli_if)
         assert d.returncode == 0 and lab.xdp_on_client() is None
+
+
+def test_video_flow_with_candidate_sized_packets_is_discarded(tmp_path: Path) -> None:
+    """A video flow's segment tails can fall in the size band; a burst of them
+    (n within w_start) starts a stall in the engine, but the kernel's per-flow
+    counters show megabytes of other traffic beside a few candidates, so the
+    agent discards it (--bulk-ratio) and records nothing. A signal on another
+    flow at the same time is still recorded."""
+    need_xdp()
+    env = dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
+    with Lab() as lab:
+        agent = subprocess.Popen(
+            lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp_path / "s")),
+            env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_ready(sock_path(tmp_path / "run", lab.cli_if), agent)
+            t0 = time.time() + 0.5
+            video = dict(src=lab.srv4, dst=lab.cli4, dport=40010)
+            tails = [t0 + 0.3 + 0.04 * i for i in range(8)]  # 8 candidate-sized frames in 0.28 s
+            spec = {"flows": [
+                {"name": "video", **video, "frame": 1292, "bulk_pps": 400, "from": t0, "to": t0 + 1.6},
+                {"name": "tails", **video, "frame": 1250, "times": tails},
+                {"name": "signal", "src": lab.srv4, "dst": lab.cli4, "dport": 40011, "frame": 1250,
+                 "times": burst_times(t0, 7)},
+            ]}
+            out, err = lab.send(spec).communicate(timeout=30)
+            assert out, err
+            time.sleep(max(0.0, t0 + STALL + 4 * P + 0.4 - time.time()))
+            (st,) = [x for x in json.loads(cli(lab, env, "status", "--json").stdout)
+                     if x["iface"] == lab.cli_if]
+            stalls = [json.loads(x) for x in cli(lab, env, "stalls", "--json", "--state-dir",
+                                                 str(tmp_path / "s")).stdout.splitlines()]
+        finally:
+            log = stop(agent)
+    assert (st["stalls_started"], st["stalls_ended"], st["stalls_discarded"]) == (2, 1, 1), st
+    assert by_port(stalls, 40010) == []
+    assert len(by_port(stalls, 40011)) == 1
+    assert "stall discarded" in log and ":40010" in log
