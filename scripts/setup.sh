@@ -59,7 +59,7 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   echo "setup: installing the project and its Python dependencies into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev,bench]'
+  .venv/bin/python -m pip install -q -e '.[dev,bench,qos]'
   touch "$stamp"
 fi
 echo "setup: ready (.venv/bin/iqn-ctl)"

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check iqn_ctl iqn_lab user_agent tests bench
+.venv/bin/ruff check iqn_ctl iqn_lab user_agent iqn_qos tests bench
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"
