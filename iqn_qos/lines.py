@@ -71,6 +71,9 @@ def parse_line(text: str, where: str) -> MediaLine:
     m = _int(obj, "m", where)
     if m > n:
         raise QosError(f"{where}: m > n ({m} > {n})")
+    if n == 0:
+        # An empty measurement says nothing about any component; it is a bug upstream.
+        raise QosError(f"{where}: empty measurement (n = 0)")
     opt: dict[str, str | None] = {}
     for k in _OPTIONAL:
         v = obj.get(k)

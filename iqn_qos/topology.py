@@ -1,0 +1,197 @@
+"""The system graph: components, directed edges, and where prefixes attach.
+
+A topology file (YAML or JSON) looks like::
+
+    components:                      # nodes: subnets, cities/PoPs, routers, servers
+      - {id: wifi-3, kind: subnet}
+      - {id: paris, kind: city}
+      - {id: relay-1, kind: server}
+    edges:                           # directed; each edge is a component too
+      - {from: wifi-3, to: paris}                 # id defaults to "wifi-3>paris"
+      - {from: paris, to: relay-1, id: paris-relay1}
+      - [relay-1, paris]                          # short form
+    attach:                          # longest prefix wins
+      - {prefix: 10.3.0.0/16, node: wifi-3}
+      - {prefix: 192.0.2.0/24, node: relay-1}
+
+GraphML (published topologies, read with networkx): nodes with an optional
+``kind`` attribute and an optional ``prefixes`` attribute (comma-separated);
+undirected graphs get both directions.  Edge ids are ``"<from>><to>"``.
+
+A resolved path is the shortest directed path (fewest hops; ties go to the
+first-declared edges) from the client's node to the server's node, listed as
+node, edge, node, ..., node: degradation on a segment is one direction's.
+Parsing builds plain data; only :func:`load_topology` touches the file system.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import QosError
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def edge_id(a: str, b: str) -> str:
+    """Default id of the directed edge a -> b."""
+    return f"{a}>{b}"
+
+
+@dataclass
+class Topology:
+    """Components (nodes and directed edges), adjacency, and prefix attachments."""
+
+    kinds: dict[str, str] = field(default_factory=dict)  # component id -> kind ("edge" for edges)
+    adj: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # node -> [(next node, edge id)]
+    attach: list[tuple[Net, str]] = field(default_factory=list)  # longest prefix first
+
+    @property
+    def components(self) -> set[str]:
+        return set(self.kinds)
+
+    def add_node(self, cid: str, kind: str = "node") -> None:
+        if cid in self.kinds:
+            raise QosError(f"component {cid!r} declared twice")
+        self.kinds[cid] = kind
+        self.adj.setdefault(cid, [])
+
+    def add_edge(self, a: str, b: str, eid: str | None = None) -> None:
+        for n in (a, b):
+            if n not in self.adj:
+                raise QosError(f"edge {a}->{b}: unknown node {n!r}")
+        eid = eid or edge_id(a, b)
+        if eid in self.kinds:
+            raise QosError(f"component {eid!r} declared twice")
+        self.kinds[eid] = "edge"
+        self.adj[a].append((b, eid))
+
+    def add_prefix(self, prefix: str, node: str) -> None:
+        if node not in self.adj:
+            raise QosError(f"prefix {prefix}: unknown node {node!r}")
+        try:
+            net = ipaddress.ip_network(prefix, strict=False)
+        except ValueError as e:
+            raise QosError(f"bad prefix {prefix!r}: {e}") from None
+        self.attach.append((net, node))
+        self.attach.sort(key=lambda a: -a[0].prefixlen)
+
+    def node_of(self, addr: str) -> str:
+        """The node an address attaches to (longest matching prefix)."""
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            raise QosError(f"bad address {addr!r}") from None
+        for net, node in self.attach:
+            if ip.version == net.version and ip in net:
+                return node
+        raise QosError(f"address {addr} attaches to no component (no prefix matches)")
+
+    def resolve(self, client: str, server: str) -> tuple[str, ...]:
+        """The component path of a session from ``client`` to ``server`` (BFS, fewest hops)."""
+        src, dst = self.node_of(client), self.node_of(server)
+        prev: dict[str, tuple[str, str] | None] = {src: None}
+        queue = deque([src])
+        while queue and dst not in prev:
+            u = queue.popleft()
+            for v, eid in self.adj[u]:
+                if v not in prev:
+                    prev[v] = (u, eid)
+                    queue.append(v)
+        if dst not in prev:
+            raise QosError(f"no directed path from {src} ({client}) to {dst} ({server})")
+        out = [dst]
+        step = prev[dst]
+        while step is not None:
+            u, eid = step
+            out += [eid, u]
+            step = prev[u]
+        return tuple(reversed(out))
+
+
+def _parse_edge(e: Any) -> tuple[str, str, str | None]:
+    if isinstance(e, list | tuple) and len(e) == 2:
+        return str(e[0]), str(e[1]), None
+    if isinstance(e, Mapping) and "from" in e and "to" in e:
+        return str(e["from"]), str(e["to"]), (str(e["id"]) if e.get("id") is not None else None)
+    raise QosError(f"bad edge {e!r}: expected [from, to] or {{from, to, id}}")
+
+
+def topology_from_dict(doc: Any) -> Topology:
+    """Build a :class:`Topology` from a parsed YAML/JSON document (sans-I/O)."""
+    if not isinstance(doc, Mapping):
+        raise QosError("topology: expected a mapping with 'components', 'edges', 'attach'")
+    topo = Topology()
+    for c in doc.get("components") or []:
+        if isinstance(c, str):
+            topo.add_node(c)
+        elif isinstance(c, Mapping) and "id" in c:
+            topo.add_node(str(c["id"]), str(c.get("kind", "node")))
+        else:
+            raise QosError(f"topology: bad component {c!r}: expected an id or {{id, kind}}")
+    for e in doc.get("edges") or []:
+        topo.add_edge(*_parse_edge(e))
+    for a in doc.get("attach") or []:
+        if not isinstance(a, Mapping) or "prefix" not in a or "node" not in a:
+            raise QosError(f"topology: bad attachment {a!r}: expected {{prefix, node}}")
+        topo.add_prefix(str(a["prefix"]), str(a["node"]))
+    return topo
+
+
+def topology_to_dict(topo: Topology) -> dict[str, Any]:
+    """The inverse of :func:`topology_from_dict` (for generators writing topology files)."""
+    nodes = [{"id": c, "kind": k} for c, k in topo.kinds.items() if k != "edge"]
+    edges = [{"from": a, "to": b, "id": eid} for a, outs in topo.adj.items() for b, eid in outs]
+    attach = [{"prefix": str(net), "node": node} for net, node in topo.attach]
+    return {"components": nodes, "edges": edges, "attach": attach}
+
+
+def _from_graphml(path: Path) -> Topology:
+    import networkx as nx
+
+    try:
+        g = nx.read_graphml(path)
+    except Exception as e:  # networkx raises a zoo of parser errors
+        raise QosError(f"{path}: not a readable GraphML file ({e})") from None
+    topo = Topology()
+    for node, data in g.nodes(data=True):
+        topo.add_node(str(node), str(data.get("kind", "node")))
+    for a, b in g.edges():
+        topo.add_edge(str(a), str(b))
+        if not g.is_directed():
+            topo.add_edge(str(b), str(a))
+    for node, data in g.nodes(data=True):
+        for pfx in str(data.get("prefixes", "")).split(","):
+            if pfx.strip():
+                topo.add_prefix(pfx.strip(), str(node))
+    return topo
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read a topology file: ``.graphml`` via networkx, ``.json`` as JSON, anything else as YAML."""
+    p = Path(path)
+    try:
+        text = p.read_text() if p.suffix.lower() != ".graphml" else ""
+    except OSError as e:
+        raise QosError(f"{p}: {e.strerror}") from None
+    if p.suffix.lower() == ".graphml":
+        return _from_graphml(p)
+    try:
+        if p.suffix.lower() == ".json":
+            doc = json.loads(text)
+        else:
+            import yaml
+
+            doc = yaml.safe_load(text)
+    except (ValueError, Exception) as e:  # json.JSONDecodeError / yaml.YAMLError
+        raise QosError(f"{p}: not a readable topology file ({e})") from None
+    try:
+        return topology_from_dict(doc)
+    except QosError as e:
+        raise QosError(f"{p}: {e}") from None
