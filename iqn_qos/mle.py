@@ -100,9 +100,7 @@ def build_problem(lines: Sequence[MediaLine]) -> Problem:
         good[r] += ln.m
     rows = [r for key, r in path_ix.items() for _ in key]
     cols_ = [j for key in path_ix for j in key]
-    full = sp.csc_matrix(
-        (np.ones(len(rows)), (rows, cols_)), shape=(len(path_ix), len(comp_ix))
-    )
+    full = sp.csc_matrix((np.ones(len(rows)), (rows, cols_)), shape=(len(path_ix), len(comp_ix)))
     full.sort_indices()
     # Identical columns <=> identical sets of unique paths: group by the row-index bytes.
     names = list(comp_ix)
@@ -116,9 +114,7 @@ def build_problem(lines: Sequence[MediaLine]) -> Problem:
     return Problem(groups, a, np.array(bad, float), np.array(good, float), glines)
 
 
-def _objective(
-    x: np.ndarray, prob: Problem, lam: float, scale: float
-) -> tuple[float, np.ndarray]:
+def _objective(x: np.ndarray, prob: Problem, lam: float, scale: float) -> tuple[float, np.ndarray]:
     """-l(x)/scale + lam/scale * sum x and its gradient."""
     s = prob.a @ x
     se = np.maximum(s, S_EPS)
@@ -193,27 +189,30 @@ def _polish(x: np.ndarray, prob: Problem, lam: float, scale: float, steps: int =
     return x
 
 
-def _loglik_1d(xi: float, s_rest: np.ndarray, bad: np.ndarray, good: np.ndarray) -> float:
-    s = np.maximum(s_rest + xi, S_EPS)
-    return float(np.sum(bad * np.log(-np.expm1(-s))) - good @ (s_rest + xi))
+def _upper_one_sided(bound: np.ndarray, x: np.ndarray, prob: Problem) -> np.ndarray:
+    """hi (x scale) for groups at x = 0: where the log-likelihood in x_j alone (the others at
+    their estimates) has dropped by ONE_SIDED_DROP.  Vectorised bisection over all of them:
+    the drop is convex in x_j, so {x_j : drop < D} is an interval starting at 0."""
+    sub = prob.a[:, bound].tocoo()
+    r, j = sub.row, sub.col
+    s_rest = (prob.a @ x)[r] - x[bound][j]
+    b, g = prob.bad[r], prob.good[r]
 
+    def ll(h: np.ndarray) -> np.ndarray:
+        s = s_rest + h[j]
+        terms = np.where(b > 0, b * np.log(-np.expm1(-np.maximum(s, S_EPS))), 0.0) - g * s
+        return np.bincount(j, weights=terms, minlength=bound.size)
 
-def _upper_one_sided(j: int, x: np.ndarray, prob: Problem) -> float:
-    """hi (x scale) for a group at x_j = 0: likelihood in x_j alone drops by ONE_SIDED_DROP."""
-    col = prob.a[:, [j]].tocoo().row
-    s_rest = prob.a[col] @ x - x[j]
-    bad, good = prob.bad[col], prob.good[col]
-    l0 = _loglik_1d(x[j], s_rest, bad, good)
-    lo, hi = x[j], max(x[j], 1e-9)
-    while l0 - _loglik_1d(hi, s_rest, bad, good) < ONE_SIDED_DROP and hi < X_MAX:
-        lo, hi = hi, min(hi * 4 + 1e-6, X_MAX)
-    for _ in range(60):
+    l0 = ll(x[bound])
+    lo = x[bound].copy()
+    hi = np.full(bound.size, X_MAX)
+    inside = l0 - ll(hi) < ONE_SIDED_DROP  # never drops enough: hi stays at X_MAX
+    for _ in range(64):
         mid = (lo + hi) / 2
-        if l0 - _loglik_1d(mid, s_rest, bad, good) < ONE_SIDED_DROP:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+        below = l0 - ll(mid) < ONE_SIDED_DROP
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    return np.where(inside, X_MAX, hi)
 
 
 def _intervals(x: np.ndarray, prob: Problem, z: float) -> tuple[np.ndarray, np.ndarray]:
@@ -230,8 +229,9 @@ def _intervals(x: np.ndarray, prob: Problem, z: float) -> tuple[np.ndarray, np.n
         sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
         lo[free] = np.maximum(x[free] - z * sd, 0.0)
         hi[free] = np.minimum(x[free] + z * sd, X_MAX)
-    for j in np.flatnonzero(x <= 1e-9):
-        hi[j] = _upper_one_sided(int(j), x, prob)
+    bound = np.flatnonzero(x <= 1e-9)
+    if bound.size:
+        hi[bound] = _upper_one_sided(bound, x, prob)
     return lo, hi
 
 

@@ -6,21 +6,26 @@ A topology file (YAML or JSON) looks like::
       - {id: wifi-3, kind: subnet}
       - {id: paris, kind: city}
       - {id: relay-1, kind: server}
-    edges:                           # directed; each edge is a component too
-      - {from: wifi-3, to: paris}                 # id defaults to "wifi-3>paris"
-      - {from: paris, to: relay-1, id: paris-relay1}
-      - [relay-1, paris]                          # short form
-    attach:                          # longest prefix wins
+      - {id: paris>lyon, kind: link}  # a directed network segment as a component
+    edges:                           # directed adjacency between nodes
+      - {from: wifi-3, to: paris}                 # plain adjacency: not a component
+      - {from: paris, to: lyon, via: paris>lyon}  # the edge is the component paris>lyon
+      - {from: lyon, to: paris, id: lyon>paris}   # an undeclared id is declared, kind "edge"
+      - [relay-1, paris]                          # short form of plain adjacency
+    attach:                          # longest prefix wins; "component" is a synonym of "node"
       - {prefix: 10.3.0.0/16, node: wifi-3}
-      - {prefix: 192.0.2.0/24, node: relay-1}
+      - {prefix: 192.0.2.0/24, node: relay-1, role: server}   # role is informative only
 
-GraphML (published topologies, read with networkx): nodes with an optional
-``kind`` attribute and an optional ``prefixes`` attribute (comma-separated);
-undirected graphs get both directions.  Edge ids are ``"<from>><to>"``.
+Only edges that name a component (``via`` or ``id``) are components: a subnet's
+single uplink would otherwise always appear with the subnet and the two could
+never be told apart.  GraphML (published topologies, read with networkx):
+nodes with an optional ``kind`` and ``prefixes`` (comma-separated) attribute;
+every GraphML edge is a component with id ``"<from>><to>"`` (undirected graphs
+get both directions).
 
 A resolved path is the shortest directed path (fewest hops; ties go to the
 first-declared edges) from the client's node to the server's node, listed as
-node, edge, node, ..., node: degradation on a segment is one direction's.
+node, [edge component,] node, ..., node: a segment degrades in one direction.
 Parsing builds plain data; only :func:`load_topology` touches the file system.
 """
 
@@ -49,7 +54,7 @@ class Topology:
     """Components (nodes and directed edges), adjacency, and prefix attachments."""
 
     kinds: dict[str, str] = field(default_factory=dict)  # component id -> kind ("edge" for edges)
-    adj: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # node -> [(next node, edge id)]
+    adj: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)  # node -> [(next, edge id)]
     attach: list[tuple[Net, str]] = field(default_factory=list)  # longest prefix first
 
     @property
@@ -63,13 +68,12 @@ class Topology:
         self.adj.setdefault(cid, [])
 
     def add_edge(self, a: str, b: str, eid: str | None = None) -> None:
+        """Adjacency a -> b; ``eid`` (declared or new, kind "edge") makes the edge a component."""
         for n in (a, b):
             if n not in self.adj:
                 raise QosError(f"edge {a}->{b}: unknown node {n!r}")
-        eid = eid or edge_id(a, b)
-        if eid in self.kinds:
-            raise QosError(f"component {eid!r} declared twice")
-        self.kinds[eid] = "edge"
+        if eid is not None and eid not in self.kinds:
+            self.kinds[eid] = "edge"
         self.adj[a].append((b, eid))
 
     def add_prefix(self, prefix: str, node: str) -> None:
@@ -96,7 +100,7 @@ class Topology:
     def resolve(self, client: str, server: str) -> tuple[str, ...]:
         """The component path of a session from ``client`` to ``server`` (BFS, fewest hops)."""
         src, dst = self.node_of(client), self.node_of(server)
-        prev: dict[str, tuple[str, str] | None] = {src: None}
+        prev: dict[str, tuple[str, str | None] | None] = {src: None}
         queue = deque([src])
         while queue and dst not in prev:
             u = queue.popleft()
@@ -110,7 +114,7 @@ class Topology:
         step = prev[dst]
         while step is not None:
             u, eid = step
-            out += [eid, u]
+            out += [eid, u] if eid is not None else [u]
             step = prev[u]
         return tuple(reversed(out))
 
@@ -119,7 +123,8 @@ def _parse_edge(e: Any) -> tuple[str, str, str | None]:
     if isinstance(e, list | tuple) and len(e) == 2:
         return str(e[0]), str(e[1]), None
     if isinstance(e, Mapping) and "from" in e and "to" in e:
-        return str(e["from"]), str(e["to"]), (str(e["id"]) if e.get("id") is not None else None)
+        eid = e.get("via", e.get("id"))
+        return str(e["from"]), str(e["to"]), (str(eid) if eid is not None else None)
     raise QosError(f"bad edge {e!r}: expected [from, to] or {{from, to, id}}")
 
 
@@ -138,16 +143,19 @@ def topology_from_dict(doc: Any) -> Topology:
     for e in doc.get("edges") or []:
         topo.add_edge(*_parse_edge(e))
     for a in doc.get("attach") or []:
-        if not isinstance(a, Mapping) or "prefix" not in a or "node" not in a:
+        node = a.get("node", a.get("component")) if isinstance(a, Mapping) else None
+        if not isinstance(a, Mapping) or "prefix" not in a or node is None:
             raise QosError(f"topology: bad attachment {a!r}: expected {{prefix, node}}")
-        topo.add_prefix(str(a["prefix"]), str(a["node"]))
+        topo.add_prefix(str(a["prefix"]), str(node))
     return topo
 
 
 def topology_to_dict(topo: Topology) -> dict[str, Any]:
     """The inverse of :func:`topology_from_dict` (for generators writing topology files)."""
     nodes = [{"id": c, "kind": k} for c, k in topo.kinds.items() if k != "edge"]
-    edges = [{"from": a, "to": b, "id": eid} for a, outs in topo.adj.items() for b, eid in outs]
+    edges = [
+        {"from": a, "to": b} | ({"id": eid} if eid else {}) for a, outs in topo.adj.items() for b, eid in outs
+    ]
     attach = [{"prefix": str(net), "node": node} for net, node in topo.attach]
     return {"components": nodes, "edges": edges, "attach": attach}
 
@@ -163,9 +171,9 @@ def _from_graphml(path: Path) -> Topology:
     for node, data in g.nodes(data=True):
         topo.add_node(str(node), str(data.get("kind", "node")))
     for a, b in g.edges():
-        topo.add_edge(str(a), str(b))
+        topo.add_edge(str(a), str(b), edge_id(str(a), str(b)))
         if not g.is_directed():
-            topo.add_edge(str(b), str(a))
+            topo.add_edge(str(b), str(a), edge_id(str(b), str(a)))
     for node, data in g.nodes(data=True):
         for pfx in str(data.get("prefixes", "")).split(","):
             if pfx.strip():

@@ -1,0 +1,161 @@
+"""The DuckDB store: one file with the media lines and the estimates per slot.
+
+``infer`` over a store reads each slot's lines with one query and keeps the
+slot's estimates, so asking again (or ``predict``, ``heatmap``) is a query, not
+a re-read of days of JSON lines.  A slot's estimates are recomputed only when
+its lines changed (count and unit sums) or the parameters differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+
+from .errors import QosError
+from .lines import MediaLine
+from .mle import Estimate, infer_slot, slot_of
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS lines (
+  t DOUBLE NOT NULL, path VARCHAR[] NOT NULL, n BIGINT NOT NULL, m BIGINT NOT NULL,
+  client VARCHAR, server VARCHAR, router VARCHAR, kind VARCHAR);
+CREATE TABLE IF NOT EXISTS slots (
+  slot DOUBLE NOT NULL, slot_s DOUBLE NOT NULL, nlines BIGINT NOT NULL, units BIGINT NOT NULL,
+  good BIGINT NOT NULL, threshold DOUBLE NOT NULL, l1 DOUBLE NOT NULL, PRIMARY KEY (slot, slot_s));
+CREATE TABLE IF NOT EXISTS estimates (
+  slot DOUBLE NOT NULL, slot_s DOUBLE NOT NULL, component VARCHAR[] NOT NULL, p DOUBLE NOT NULL,
+  lo DOUBLE NOT NULL, hi DOUBLE NOT NULL, lines BIGINT NOT NULL, faulty BOOLEAN NOT NULL);
+"""
+
+
+class Store:
+    """A DuckDB file (``:memory:`` for none) holding lines and per-slot estimates."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            self.con = duckdb.connect(self.path)
+            self.con.execute(_SCHEMA)
+        except duckdb.Error as e:
+            raise QosError(f"{self.path}: cannot open the store ({e})") from None
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def add_lines(self, lines: Sequence[MediaLine]) -> None:
+        """Append lines in one statement (list parameters unnested: no row-by-row inserts)."""
+        cols = (
+            [ln.t for ln in lines],
+            [list(ln.path) for ln in lines],
+            [ln.n for ln in lines],
+            [ln.m for ln in lines],
+            [ln.client for ln in lines],
+            [ln.server for ln in lines],
+            [ln.router for ln in lines],
+            [ln.kind for ln in lines],
+        )
+        self.con.execute(
+            "INSERT INTO lines SELECT unnest($1::DOUBLE[]), unnest($2::VARCHAR[][]), unnest($3::BIGINT[]),"
+            " unnest($4::BIGINT[]), unnest($5::VARCHAR[]), unnest($6::VARCHAR[]), unnest($7::VARCHAR[]),"
+            " unnest($8::VARCHAR[])",
+            list(cols),
+        )
+
+    def slot_starts(self, slot_s: float) -> list[float]:
+        rows = self.con.execute(
+            "SELECT DISTINCT floor(t / $1) * $1 AS s FROM lines ORDER BY s", [slot_s]
+        ).fetchall()
+        return [float(r[0]) for r in rows]
+
+    def lines_in(self, slot: float, slot_s: float) -> list[MediaLine]:
+        rows = self.con.execute(
+            "SELECT t, path, n, m, client, server, router, kind FROM lines WHERE t >= $1 AND t < $1 + $2",
+            [slot, slot_s],
+        ).fetchall()
+        return [MediaLine(r[0], tuple(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
+
+    def _stats(self, slot: float, slot_s: float) -> tuple[int, int, int]:
+        r = self.con.execute(
+            "SELECT count(*), coalesce(sum(n), 0), coalesce(sum(m), 0) FROM lines"
+            " WHERE t >= $1 AND t < $1 + $2",
+            [slot, slot_s],
+        ).fetchone()
+        assert r is not None
+        return int(r[0]), int(r[1]), int(r[2])
+
+    def cached(self, slot: float, slot_s: float, threshold: float, l1: float) -> list[Estimate] | None:
+        """The slot's stored estimates if they are up to date for its lines and these parameters."""
+        meta = self.con.execute(
+            "SELECT nlines, units, good, threshold, l1 FROM slots WHERE slot = $1 AND slot_s = $2",
+            [slot, slot_s],
+        ).fetchone()
+        if meta is None or tuple(meta) != (*self._stats(slot, slot_s), threshold, l1):
+            return None
+        return self.estimates_of(slot, slot_s)
+
+    def estimates_of(self, slot: float, slot_s: float) -> list[Estimate]:
+        rows = self.con.execute(
+            "SELECT component, p, lo, hi, lines, faulty FROM estimates WHERE slot = $1 AND slot_s = $2"
+            " ORDER BY p DESC, component",
+            [slot, slot_s],
+        ).fetchall()
+        return [
+            Estimate(r[0][0] if len(r[0]) == 1 else tuple(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows
+        ]
+
+    def put(self, slot: float, slot_s: float, threshold: float, l1: float, ests: Sequence[Estimate]) -> None:
+        stats = self._stats(slot, slot_s)
+        self.con.execute("BEGIN")
+        self.con.execute("DELETE FROM estimates WHERE slot = $1 AND slot_s = $2", [slot, slot_s])
+        self.con.execute("DELETE FROM slots WHERE slot = $1 AND slot_s = $2", [slot, slot_s])
+        self.con.execute(
+            "INSERT INTO slots VALUES ($1, $2, $3, $4, $5, $6, $7)", [slot, slot_s, *stats, threshold, l1]
+        )
+        if ests:
+            comps = [[e.component] if isinstance(e.component, str) else list(e.component) for e in ests]
+            self.con.execute(
+                "INSERT INTO estimates SELECT $1, $2, unnest($3::VARCHAR[][]), unnest($4::DOUBLE[]),"
+                " unnest($5::DOUBLE[]), unnest($6::DOUBLE[]), unnest($7::BIGINT[]), unnest($8::BOOLEAN[])",
+                [
+                    slot,
+                    slot_s,
+                    comps,
+                    [e.p for e in ests],
+                    [e.lo for e in ests],
+                    [e.hi for e in ests],
+                    [e.lines for e in ests],
+                    [e.faulty for e in ests],
+                ],
+            )
+        self.con.execute("COMMIT")
+
+    def infer(
+        self, slot: float, slot_s: float, *, threshold: float = 0.01, l1: float = 0.0
+    ) -> list[Estimate]:
+        """The slot's estimates: from the store when fresh, else computed from its lines and stored."""
+        got = self.cached(slot, slot_s, threshold, l1)
+        if got is not None:
+            return got
+        ests = infer_slot(self.lines_in(slot, slot_s), threshold=threshold, l1=l1)
+        self.put(slot, slot_s, threshold, l1, ests)
+        return ests
+
+    def latest(self, k: int) -> list[tuple[float, list[Estimate]]]:
+        """The ``k`` latest slots with stored estimates (newest first), for ``predict``."""
+        rows = self.con.execute(
+            "SELECT slot, slot_s FROM slots ORDER BY slot DESC, slot_s LIMIT $1", [k]
+        ).fetchall()
+        return [(float(s), self.estimates_of(s, ss)) for s, ss in rows]
+
+
+def slots_of(lines: Sequence[MediaLine], slot_s: float) -> list[float]:
+    """Distinct slot starts of ``lines``, sorted."""
+    return sorted({slot_of(ln.t, slot_s) for ln in lines})
