@@ -59,7 +59,7 @@ def _int(obj: dict[str, Any], key: str, where: str) -> int:
 def parse_line(text: str, where: str) -> MediaLine:
     """Parse one JSON line; every defect raises :class:`QosError` naming ``where``."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
         raise QosError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
