@@ -238,5 +238,10 @@ def heatmap(
     typer.echo(f"wrote {out}")
 
 
+from . import cli_synth  # noqa: E402  (QOS-B: the synth command)
+
+cli_synth.register(app)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     app(args=list(argv) if argv is not None else None, prog_name="iqn-qos")
