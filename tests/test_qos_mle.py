@@ -200,3 +200,27 @@ def test_predict_weighs_recent_slots_more_and_adds_over_the_path() -> None:
     assert fc.p == pytest.approx(-math.expm1(-(xa + xb)), rel=1e-9)
     assert fc.lo <= fc.p <= fc.hi
     assert fc.unknown == ("zz",) and fc.slots == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(slot_lines())
+def test_estimate_meets_the_optimality_conditions(lines: list[MediaLine]) -> None:
+    """KKT of max l(x), x >= 0 (concave: these make it the global optimum): dl/dx_j = 0 where x_j > 0,
+    dl/dx_j <= 0 where x_j = 0; checked per unit of data, after the polish to full precision."""
+    ests = infer_slot(lines)
+    x = {c: -math.log1p(-e.p) for e in ests for c in ((e.component,) if isinstance(e.component, str)
+                                                        else e.component)}
+    units = sum(ln.n for ln in lines)
+    for e in ests:
+        members = {e.component} if isinstance(e.component, str) else set(e.component)
+        grad = 0.0
+        for ln in lines:
+            if members & set(ln.path):
+                s = sum(x[c] for c in set(ln.path))
+                grad += (ln.n - ln.m) / math.expm1(max(s, 1e-12)) - ln.m if ln.n > ln.m else -ln.m
+        if e.p >= 0.999999:  # capped at X_MAX: only an upper bound binds
+            assert grad >= -1e-10 * units
+        elif e.p > 1e-9:
+            assert abs(grad) <= 1e-10 * units, (e, grad / units)
+        else:
+            assert grad <= 1e-10 * units, (e, grad / units)
