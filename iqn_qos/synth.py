@@ -32,8 +32,9 @@ Scenarios (the paper's three cases, a control, and a random one):
 * ``random-k``: k components of random kinds, each at a rate in [2 %, 12 %].
 
 Components on which a fault is injected are kept busy in every slot (else the
-fault would be invisible), and a forced subnet brings a second subnet of its
-city along, so a city is not confounded with its only subnet.  Everything is
+fault would be invisible), and a forced subnet (server) brings a second subnet
+(server) of its city along, so a city is not confounded with its only busy
+subnet or server.  Everything is
 drawn from one seeded numpy Generator: the same arguments give the same lines.
 """
 
@@ -254,6 +255,14 @@ def _force_subnet(world: World, force: _Force, s: int) -> None:
         force.subnets.add(max(others, key=lambda o: world.w_subnet[o]))
 
 
+def _force_server(world: World, force: _Force, r: int) -> None:
+    """Busy server r and a second server of its city (else city and server always go together)."""
+    force.servers.add(r)
+    others = [int(o) for o in np.flatnonzero(world.server_city == world.server_city[r]) if o != r]
+    if others:
+        force.servers.add(max(others, key=lambda o: world.w_server[o]))
+
+
 def _force_city(world: World, force: _Force, city: int) -> None:
     subs = sorted(_subnets_of(world, city).tolist(), key=lambda o: -world.w_subnet[o])
     for s in subs[:2]:
@@ -264,7 +273,7 @@ def _force_city(world: World, force: _Force, city: int) -> None:
 def _force_link(world: World, force: _Force, a: int, b: int) -> None:
     """Lines from servers in city a to clients in city b (a must host servers)."""
     srv = np.flatnonzero(world.server_city == a)
-    force.servers.add(int(srv[np.argmax(world.w_server[srv])]))
+    _force_server(world, force, int(srv[np.argmax(world.w_server[srv])]))
     _force_city(world, force, b)
     force.pairs.add((a, b))
 
@@ -303,7 +312,7 @@ def make_faults(
             pick = sorted(relays.tolist(), key=lambda o: -world.w_server[o])[:2]
         faults = []
         for r in pick:
-            force.servers.add(r)
+            _force_server(world, force, r)
             faults.append(Fault(world.server_ix(r), np.full(slots, 0.05)))
         return faults, force
     if scenario == "random-k":
@@ -339,7 +348,7 @@ def make_faults(
                 r = int(rng.integers(0, world.server_city.size))
                 ix = world.server_ix(r)
                 if ix not in chosen:
-                    force.servers.add(r)
+                    _force_server(world, force, r)
             if ix in chosen:
                 continue
             chosen.add(ix)

@@ -232,3 +232,31 @@ def test_score_false_flags_and_empty_conventions() -> None:
     assert summ.mae == pytest.approx((clean.abs_err + noisy.abs_err) / 4)
     with pytest.raises(QosError):
         scoring.summarize([])
+
+
+# -- end to end: synth | infer -----------------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", ["wireless-ap", "link-direction", "relay-bug", "random-k"])
+def test_synth_then_infer_finds_the_injected_faults(tmp_path, scenario: str) -> None:
+    """`iqn-qos synth ... > f; iqn-qos infer f --json --l1 10`: flagged = injected, per slot."""
+    lines, truth = tmp_path / "l.jsonl", tmp_path / "t.jsonl"
+    r = CliRunner().invoke(app, ["synth", "--scenario", scenario, "--slots", "2", "--lines-per-slot", "3000",
+                                 "--seed", "11", "--out", str(lines), "--truth-out", str(truth)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["infer", str(lines), "--json", "--l1", "10"])
+    assert r.exit_code == 0, r.output
+    injected: dict[float, set[str]] = defaultdict(set)
+    for row in map(json.loads, truth.read_text().splitlines()):
+        if row["injected"]:
+            injected[row["slot"]].add(row["component"])
+    flagged: dict[float, list[set[str]]] = defaultdict(list)
+    for row in map(json.loads, r.output.splitlines()):
+        comp = row["component"]
+        if row["faulty"]:
+            flagged[row["slot"]].append({comp} if isinstance(comp, str) else set(comp))
+    assert set(injected) == set(flagged) and len(injected) == 2
+    for slot, inj in injected.items():
+        assert inj, slot
+        # every flag holds an injected component, every injected component is in a flag
+        assert all(f & inj for f in flagged[slot]), (slot, flagged[slot], inj)
+        assert inj <= set().union(*flagged[slot]), (slot, flagged[slot], inj)
