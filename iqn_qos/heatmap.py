@@ -39,7 +39,7 @@ def plot_heatmap(per_slot: History, out: Path, *, threshold: float) -> None:
     """Rows: components faulty in at least one slot; columns: slots; colour: p (blank: no lines)."""
     rows = sorted({_name(e.component) for _, ests in per_slot for e in ests if e.faulty})
     starts = [s for s, _ in per_slot]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(starts) + 3), max(2.5, 0.3 * len(rows) + 1.5)))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.12 * len(starts) + 3)), max(3.0, 0.3 * len(rows) + 2)))
     if not rows:
         ax.text(0.5, 0.5, f"no component above p = {threshold} in any slot", ha="center", va="center")
         ax.set_axis_off()
@@ -96,6 +96,8 @@ def plot_component(per_slot: History, component: str, out: Path, *, slot_s: floa
     ax.set_xlabel("time (UTC)")
     ax.set_title(f"{label}: estimated degradation per slot")
     ax.set_ylim(bottom=0)
+    pad = np.timedelta64(int(slot_s * 1000), "ms")  # one slot either side: a lone point keeps a sane axis
+    ax.set_xlim(tx.min() - pad, tx.max() + pad)
     ax.legend(loc="upper right")
     fig.autofmt_xdate()
     fig.tight_layout()
