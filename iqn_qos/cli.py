@@ -19,7 +19,7 @@ import typer
 
 from .errors import QosError
 from .io import read_media_lines
-from .mle import Estimate, infer_slot, slots
+from .mle import L1_DEFAULT, Estimate, infer_slot, slots
 from .predict import predict_path
 from .topology import Topology, load_topology
 
@@ -58,7 +58,11 @@ OptSlot = typer.Option(
 )
 OptTopo = typer.Option(None, "--topology", help="topology file (YAML, JSON or GraphML)")
 OptThr = typer.Option(0.01, "--threshold", help="faulty when the interval's lower end exceeds this p")
-OptL1 = typer.Option(0.0, "--l1", help="L1 (sparsity) penalty on x = -ln(1-p), in log-likelihood units")
+OptL1 = typer.Option(
+    L1_DEFAULT,
+    "--l1",
+    help="sparsity: L1 weight per unit of data choosing which components carry blame; 0: plain MLE",
+)
 OptStore = typer.Option(None, "--store", help="DuckDB file keeping lines and per-slot estimates")
 
 

@@ -39,7 +39,8 @@ def plot_heatmap(per_slot: History, out: Path, *, threshold: float) -> None:
     """Rows: components faulty in at least one slot; columns: slots; colour: p (blank: no lines)."""
     rows = sorted({_name(e.component) for _, ests in per_slot for e in ests if e.faulty})
     starts = [s for s, _ in per_slot]
-    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.12 * len(starts) + 3)), max(3.0, 0.3 * len(rows) + 2)))
+    width = min(14.0, max(6.0, 0.12 * len(starts) + 3))
+    fig, ax = plt.subplots(figsize=(width, max(3.0, 0.3 * len(rows) + 2)))
     if not rows:
         ax.text(0.5, 0.5, f"no component above p = {threshold} in any slot", ha="center", va="center")
         ax.set_axis_off()

@@ -10,15 +10,21 @@ s_M = a_M . x the log-likelihood is (up to constants)
 Each term is concave in s (ln(1 - e^-s) has second derivative
 -e^s / (e^s - 1)^2 < 0; -m s is linear) and s is linear in x, so l is concave
 and the bounded problem max l(x), x >= 0 has a global optimum.  We minimise
--l(x)/N (+ an optional L1 penalty lam * sum x, still convex) with L-BFGS-B on
-the analytic gradient A^T (m - b / expm1(s)), then polish with a few projected
-Newton steps on the free (x > 0) components.
+-l(x)/N with L-BFGS-B on the analytic gradient A^T (m - b / expm1(s)), then
+polish with a few projected Newton steps on the free (x > 0) components.
+
+Sparsity: l is flat along some directions in layered topologies (a city's
+column is the sum of its subnets' columns: blame can slide between them), so
+the plain MLE splits blame arbitrarily.  By default an L1 fit (penalty
+l1 * N * sum x, still convex; N the slot's units, so duplicating lines changes
+nothing) chooses the support, and the estimate is the MLE refit on that support
+(no shrinkage).  ``l1=0`` gives the plain MLE.
 
 Identifiability: components whose columns in the slot's routing matrix are
 identical (they always appear together) get one variable and are reported as
 one group.  Components on no line get no estimate at all.
 
-Intervals (95 % by default):
+Intervals (95 % by default; given the chosen support):
 * a component with x > 0: Wald interval on the x scale from the expected
   Fisher information of the free block, I = A_F^T diag(n / expm1(s)) A_F
   (inverted as a whole, so components sharing lines widen each other), mapped
@@ -42,6 +48,7 @@ from scipy.optimize import minimize
 from .errors import QosError
 from .lines import MediaLine
 
+L1_DEFAULT = 1e-4  # per unit of data; chosen on the synth scenarios (docs/qos.md, "Sparsity")
 X_MAX = 30.0  # p = 1 - e^-30: keeps p < 1 in floating point when every unit was bad
 S_EPS = 1e-12  # floor of s inside ln(1 - e^-s): finite gradient when a bad line sits on x = 0
 Z95 = 1.959963984540054
@@ -128,8 +135,27 @@ def _objective(x: np.ndarray, prob: Problem, lam: float, scale: float) -> tuple[
     return f, (-grad + lam) / scale
 
 
+def _fit(prob: Problem, x0: np.ndarray, lam: float, scale: float, upper: np.ndarray) -> np.ndarray:
+    """Minimise -l/scale + lam/scale * sum x over 0 <= x <= upper (L-BFGS-B, then the polish)."""
+    res = minimize(
+        _objective,
+        np.minimum(x0, upper),
+        args=(prob, lam, scale),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=list(zip(np.zeros_like(upper), upper, strict=True)),
+        options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10},
+    )
+    return _polish(np.clip(res.x, 0.0, upper), prob, lam, scale, upper=upper)
+
+
 def solve(prob: Problem, *, l1: float = 0.0) -> np.ndarray:
-    """The MLE (or L1-penalised MAP) of x per group."""
+    """The MLE of x per group; with ``l1 > 0`` the MLE on the support an L1 fit selects.
+
+    ``l1`` is per unit of data (the penalty is l1 * N * sum x with N the slot's units), so
+    duplicating every line changes nothing.  The penalised fit only chooses which groups
+    carry blame; the estimates are then refit without penalty on that support (no
+    shrinkage: a single component still gets exactly (n - m) / n)."""
     k = prob.a.shape[1]
     scale = float(prob.bad.sum() + prob.good.sum())
     # Start from each group's own line-average bad rate, split over an average path.
@@ -138,17 +164,12 @@ def solve(prob: Problem, *, l1: float = 0.0) -> np.ndarray:
     rate = np.asarray(prob.a.T @ prob.bad).ravel() / np.maximum(np.asarray(prob.a.T @ tot).ravel(), 1)
     mean_len = float(np.average(deg, weights=tot))
     x0 = np.clip(-np.log1p(-np.minimum(rate, 0.999)) / max(mean_len, 1.0), 0.0, X_MAX)
-    res = minimize(
-        _objective,
-        x0,
-        args=(prob, l1, scale),
-        jac=True,
-        method="L-BFGS-B",
-        bounds=[(0.0, X_MAX)] * k,
-        options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12},
-    )
-    x = np.clip(res.x, 0.0, X_MAX)
-    return _polish(x, prob, l1, scale)
+    upper = np.full(k, X_MAX)
+    x = _fit(prob, x0, l1 * scale, scale, upper)
+    if l1 > 0:
+        upper = np.where(x > 1e-9, X_MAX, 0.0)
+        x = _fit(prob, x, 0.0, scale, upper)
+    return x
 
 
 def _hessian_w(s: np.ndarray, bad: np.ndarray) -> np.ndarray:
@@ -158,24 +179,26 @@ def _hessian_w(s: np.ndarray, bad: np.ndarray) -> np.ndarray:
     return np.where(bad > 0, bad * (em + 1.0) / (em * em), 0.0)
 
 
-def _kkt(x: np.ndarray, g: np.ndarray) -> float:
-    """Largest violation of the optimality conditions: g = 0 where x > 0, g >= 0 at x = 0."""
+def _kkt(x: np.ndarray, g: np.ndarray, upper: np.ndarray) -> float:
+    """Largest violation of the optimality conditions: g = 0 inside, g >= 0 at 0, g <= 0 at the top."""
     viol = np.where(x > 1e-10, np.abs(g), np.maximum(-g, 0.0))
-    viol[(x >= X_MAX) & (g <= 0)] = 0.0
+    viol[(x >= upper) & (g <= 0)] = 0.0
     return float(viol.max(initial=0.0))
 
 
-def _polish(x: np.ndarray, prob: Problem, lam: float, scale: float, steps: int = 5) -> np.ndarray:
+def _polish(
+    x: np.ndarray, prob: Problem, lam: float, scale: float, steps: int = 5, *, upper: np.ndarray
+) -> np.ndarray:
     """Projected Newton steps on the free set: the quasi-Newton answer to full precision.
 
     Steps are judged by the optimality residual, not by f: near the optimum f changes
     below its floating-point resolution while the gradient still shrinks quadratically."""
     _, g = _objective(x, prob, lam, scale)
-    r = _kkt(x, g)
+    r = _kkt(x, g, upper)
     for _ in range(steps):
         if r < 1e-14:
             break
-        free = np.flatnonzero(((x > 1e-10) | (g < 0)) & (x < X_MAX))
+        free = np.flatnonzero(((x > 1e-10) | (g < 0)) & (x < upper))
         if free.size == 0:
             break
         af = prob.a[:, free]
@@ -188,9 +211,9 @@ def _polish(x: np.ndarray, prob: Problem, lam: float, scale: float, steps: int =
         t = 1.0
         while t > 1e-4:
             xn = x.copy()
-            xn[free] = np.clip(x[free] - t * d, 0.0, X_MAX)
+            xn[free] = np.clip(x[free] - t * d, 0.0, upper[free])
             _, gn = _objective(xn, prob, lam, scale)
-            rn = _kkt(xn, gn)
+            rn = _kkt(xn, gn, upper)
             if rn < r:
                 break
             t /= 2
@@ -247,7 +270,7 @@ def _intervals(x: np.ndarray, prob: Problem, z: float) -> tuple[np.ndarray, np.n
 
 
 def infer_slot(
-    lines: Sequence[MediaLine], *, threshold: float = 0.01, l1: float = 0.0, z: float = Z95
+    lines: Sequence[MediaLine], *, threshold: float = 0.01, l1: float = L1_DEFAULT, z: float = Z95
 ) -> list[Estimate]:
     """Estimate every component (or inseparable group) seen on ``lines``; worst first."""
     if not 0.0 <= threshold < 1.0:

@@ -24,8 +24,9 @@ every GraphML edge is a component with id ``"<from>><to>"`` (undirected graphs
 get both directions).
 
 A resolved path is the shortest directed path (fewest hops; ties go to the
-first-declared edges) from the client's node to the server's node, listed as
-node, [edge component,] node, ..., node: a segment degrades in one direction.
+first-declared edges) in the media direction, from the server's node to the
+client's node, listed as node, [edge component,] node, ..., node: a segment
+degrades in one direction, and what stalls a viewer is the server-to-client one.
 Parsing builds plain data; only :func:`load_topology` touches the file system.
 """
 
@@ -98,8 +99,11 @@ class Topology:
         raise QosError(f"address {addr} attaches to no component (no prefix matches)")
 
     def resolve(self, client: str, server: str) -> tuple[str, ...]:
-        """The component path of a session from ``client`` to ``server`` (BFS, fewest hops)."""
-        src, dst = self.node_of(client), self.node_of(server)
+        """The component path of a session, in the media direction: from ``server`` to ``client``.
+
+        Video (and IQN's stalls) flow from the server to the viewer, so a degraded
+        segment is the server-to-client direction of a link (BFS, fewest hops)."""
+        src, dst = self.node_of(server), self.node_of(client)
         prev: dict[str, tuple[str, str | None] | None] = {src: None}
         queue = deque([src])
         while queue and dst not in prev:
@@ -109,7 +113,7 @@ class Topology:
                     prev[v] = (u, eid)
                     queue.append(v)
         if dst not in prev:
-            raise QosError(f"no directed path from {src} ({client}) to {dst} ({server})")
+            raise QosError(f"no directed path from server {server} ({src}) to client {client} ({dst})")
         out = [dst]
         step = prev[dst]
         while step is not None:

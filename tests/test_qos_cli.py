@@ -26,12 +26,17 @@ components:
   - {id: lyon>paris, kind: link}
   - {id: srv-a, kind: server}
   - {id: srv-c, kind: server}
-edges:
-  - [wifi-1, gw-1]
-  - [gw-1, paris]
-  - [lan-1, lyon]
+edges:  # plain adjacency both ways; the links are directed components
+  - [srv-a, paris]
   - [paris, srv-a]
+  - [srv-c, lyon]
   - [lyon, srv-c]
+  - [paris, gw-1]
+  - [gw-1, paris]
+  - [gw-1, wifi-1]
+  - [wifi-1, gw-1]
+  - [lyon, lan-1]
+  - [lan-1, lyon]
   - {from: paris, to: lyon, via: paris>lyon}
   - {from: lyon, to: paris, via: lyon>paris}
 attach:
@@ -120,7 +125,7 @@ def test_store_infer_is_a_query_and_predict_reads_it(tmp_path: Path, topo: Path)
     )
     assert r.returncode == 0, r.stderr
     fc = json.loads(r.stdout)
-    assert fc["path"] == ["lan-1", "lyon", "srv-c"] and fc["slots"] == 3 and fc["unknown"] == []
+    assert fc["path"] == ["srv-c", "lyon", "lan-1"] and fc["slots"] == 3 and fc["unknown"] == []
     assert fc["lo"] <= 0.03 <= fc["hi"] and abs(fc["p"] - 0.03) < 0.005
     r = run("predict", "--path", "wifi-1,paris,srv-a", "--store", str(db))
     assert r.returncode == 0, r.stderr
@@ -234,4 +239,4 @@ def test_lines_round_trip_and_resolution(tmp_path: Path, topo: Path) -> None:
     src = tmp_path / "l.jsonl"
     src.write_text('{"t": 1, "client": "10.1.0.9", "server": "192.0.2.3", "n": 5, "m": 5}\n')
     (got,) = read_media_lines(str(src), load_topology(topo))
-    assert got.path == ("wifi-1", "gw-1", "paris", "paris>lyon", "lyon", "srv-c")
+    assert got.path == ("srv-c", "lyon", "lyon>paris", "paris", "gw-1", "wifi-1")  # media direction

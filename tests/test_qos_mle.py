@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from iqn_qos.errors import QosError
 from iqn_qos.lines import MediaLine
-from iqn_qos.mle import Z95, Estimate, infer_slot, slots
+from iqn_qos.mle import L1_DEFAULT, Z95, Estimate, infer_slot, slots
 from iqn_qos.predict import predict_path
 
 COMPS = [f"c{i}" for i in range(6)]
@@ -162,10 +162,10 @@ PATHS = [route(s, v) for s in SUBNETS for v in SERVERS]
         ({"lyon>paris": 0.05}, 0.0),
         ({"srv-a": 0.03, "srv-b": 0.03}, 0.0),
         ({}, 0.0),
-        ({"wifi-1": 0.046}, 1.0),
+        ({"wifi-1": 0.046}, L1_DEFAULT),
         # Every line through paris also passes wifi-1, wifi-2 or lyon>paris: the likelihood is
         # flat along moving paris's blame onto those three; the sparsity prior picks paris.
-        ({"paris": 0.02, "lan-2": 0.08}, 1.0),
+        ({"paris": 0.02, "lan-2": 0.08}, L1_DEFAULT),
     ],
 )
 def test_recovers_injected_faults_on_a_small_topology(truth: dict[str, float], l1: float) -> None:
@@ -207,9 +207,12 @@ def test_predict_weighs_recent_slots_more_and_adds_over_the_path() -> None:
 def test_estimate_meets_the_optimality_conditions(lines: list[MediaLine]) -> None:
     """KKT of max l(x), x >= 0 (concave: these make it the global optimum): dl/dx_j = 0 where x_j > 0,
     dl/dx_j <= 0 where x_j = 0; checked per unit of data, after the polish to full precision."""
-    ests = infer_slot(lines)
-    x = {c: -math.log1p(-e.p) for e in ests for c in ((e.component,) if isinstance(e.component, str)
-                                                        else e.component)}
+    ests = infer_slot(lines, l1=0.0)
+    x = {
+        c: -math.log1p(-e.p)
+        for e in ests
+        for c in ((e.component,) if isinstance(e.component, str) else e.component)
+    }
     units = sum(ln.n for ln in lines)
     for e in ests:
         members = {e.component} if isinstance(e.component, str) else set(e.component)
