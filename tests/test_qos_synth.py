@@ -238,12 +238,12 @@ def test_score_false_flags_and_empty_conventions() -> None:
 
 @pytest.mark.parametrize("scenario", ["wireless-ap", "link-direction", "relay-bug", "random-k"])
 def test_synth_then_infer_finds_the_injected_faults(tmp_path, scenario: str) -> None:
-    """`iqn-qos synth ... > f; iqn-qos infer f --json --l1 10`: flagged = injected, per slot."""
+    """`iqn-qos synth ... > f; iqn-qos infer f --json` (defaults): flagged = injected, per slot."""
     lines, truth = tmp_path / "l.jsonl", tmp_path / "t.jsonl"
     r = CliRunner().invoke(app, ["synth", "--scenario", scenario, "--slots", "2", "--lines-per-slot", "3000",
                                  "--seed", "11", "--out", str(lines), "--truth-out", str(truth)])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(app, ["infer", str(lines), "--json", "--l1", "10"])
+    r = CliRunner().invoke(app, ["infer", str(lines), "--json"])
     assert r.exit_code == 0, r.output
     injected: dict[float, set[str]] = defaultdict(set)
     for row in map(json.loads, truth.read_text().splitlines()):
