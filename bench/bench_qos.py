@@ -232,6 +232,8 @@ def main() -> None:
         "(a group against its members' combined p).\n\n"
         f"{acc}\n\n" + "\n".join(f"- {v}" for v in acc_verdicts) + "\n\n"
         "### Speed\n\n"
+        "Best of the runs given on a 2-core machine shared with other jobs while it ran: the same slot can "
+        "time differently in two rows of one run (interference only adds time).\n\n"
         f"{spd}\n\nHow one slot's time grows (random-k scenario, engine only):\n\n{grow}\n\n"
         + "\n".join(f"- {v}" for v in spd_verdicts) + "\n"
     )
