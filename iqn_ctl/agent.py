@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .api import DEFAULT_RUN_DIR, ApiError, ApiServer, RawJson, ensure_run_dir, pid_path, sock_path
+from .discard import Counters, bulk_reason
 from .estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from .flowtable import FlowTable
 from .history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
@@ -348,8 +349,8 @@ class Agent:
         self.stalls_started = 0
         self.stalls_ended = 0
         self.stalls_discarded = 0
-        #: kernel (packets, candidates, bytes) of a flow when its stall started
-        self._stall_base: dict[Hashable, tuple[int, int, int]] = {}
+        #: kernel counters of each of a flow's connections when its stall started
+        self._stall_base: dict[Hashable, dict[bytes, Counters | None]] = {}
         self._state = threading.Lock()
         self._counters: dict[str, int] = {"packets": 0, "candidates": 0, "parse_errors": 0, "lost": 0}
         self._lost_logged = 0
@@ -500,7 +501,7 @@ class Agent:
             info = self.flows.info(e.flow)
             if isinstance(e, StallStarted):
                 if self.cfg.bulk_ratio and self.dp is not None:
-                    self._stall_base[e.flow] = self.dp.flow_totals(self.flows.raws(e.flow))
+                    self._stall_base[e.flow] = self.dp.flow_counters(self.flows.raws(e.flow))
                 self.stalls_started += 1
                 if self.metrics:
                     self.metrics.stall_started()
@@ -533,28 +534,17 @@ class Agent:
                           iface, len(recs), self.history.path, ex)
 
     def _bulk(self, e: StallEnded) -> str:
-        """Why this stall is bulk traffic rather than a signal ("" if it is a signal).
-
-        A video flow now and then carries candidate-sized packets (a segment's
-        last packet), and a burst of segments after a congested spell can hold
-        n of them within w_start. A signalling flow carries little but its
-        candidates during a stall (answers to the toggles, a few ACKs), a video
-        flow carries megabytes: more than ``bulk_ratio`` full-size packets'
-        worth of other bytes per candidate, counted by the kernel over the
-        stall, marks it as bulk.
+        """Why this stall is bulk traffic rather than a signal ("" if it is a
+        signal): :func:`~iqn_ctl.discard.bulk_reason` on the kernel counters of
+        the stall's connections (several with --key client) at its start and end.
+        The connections known at the start are looked up again even if the key
+        cache forgot them since, so an evicted one shows as unknown, not as gone.
         """
         base = self._stall_base.pop(e.flow, None)
         if base is None or self.dp is None or not self.cfg.bulk_ratio:
             return ""
-        packets, candidates, nbytes = self.dp.flow_totals(self.flows.raws(e.flow))
-        d_cand = max(candidates - base[1], 1)
-        d_bytes = nbytes - base[2]
-        max_size = self.cfg.filt.max_size
-        other = d_bytes - d_cand * max_size
-        if other <= self.cfg.bulk_ratio * d_cand * max_size:
-            return ""
-        return (f"bulk flow: {packets - base[0] - d_cand} other packets ({other} bytes) beside "
-                f"{d_cand} candidates during it (--bulk-ratio {self.cfg.bulk_ratio:g})")
+        now = self.dp.flow_counters(dict.fromkeys([*base, *self.flows.raws(e.flow)]))
+        return bulk_reason(base, now, self.cfg.filt.max_size, self.cfg.bulk_ratio)
 
     # -- API --
 

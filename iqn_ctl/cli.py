@@ -113,7 +113,9 @@ def replay(
     if source.is_dir():
         raise UserError(f"{source}: is a directory, expected a capture or a timestamp file")
     if looks_like_timestamps(source):
-        stalls = replay_timestamps(source, params, estimator)
+        stalls = replay_timestamps(
+            source, params, estimator, warn=lambda m: typer.echo(f"iqn-ctl: warning: {m}", err=True)
+        )
     else:
         stalls = replay_capture(source, params, estimator, filt)
     if as_json:

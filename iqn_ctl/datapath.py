@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bpf_testrun
+from .discard import Counters
 from .params import DEFAULT_N, CandidateFilter
 
 PROG_NAME = "iqn_xdp"
@@ -371,21 +372,20 @@ class Datapath:
             ))
         return out
 
-    def flow_totals(self, raws: Iterable[bytes]) -> tuple[int, int, int]:
-        """(packets, candidates, bytes) summed over the given flows' kernel
-        counters; a flow the LRU has dropped counts as zero."""
+    def flow_counters(self, raws: Iterable[bytes]) -> dict[bytes, Counters | None]:
+        """Each given flow's kernel counters, None for a flow the LRU has
+        dropped (or never had): the bulk rule must tell "gone" from "zero"."""
         self._check_open()
-        packets = candidates = nbytes = 0
+        out: dict[bytes, Counters | None] = {}
         key_t = self._flows.Key
         for raw in raws:
             try:
                 v = self._flows[key_t.from_buffer_copy(raw)]
             except KeyError:
+                out[raw] = None
                 continue
-            packets += int(v.packets)
-            candidates += int(v.candidates)
-            nbytes += int(v.bytes)
-        return packets, candidates, nbytes
+            out[raw] = Counters(int(v.packets), int(v.candidates), int(v.bytes))
+        return out
 
     def detach(self) -> None:
         """Remove our program from the interface (only ours); idempotent."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from .flowtable import FlowTable
 from .params import CandidateFilter, SignalParams
-from .traces import Stall, read_timestamps
+from .traces import Stall, read_timestamp_log
 from .tracker import StallEnded, StallTracker
 
 
@@ -21,8 +22,18 @@ def infer_times(
     return [e for e in events if isinstance(e, StallEnded)]
 
 
-def replay_timestamps(path: str | Path, params: SignalParams, estimator: str) -> list[Stall]:
-    ended = infer_times(read_timestamps(path), params, estimator)
+def replay_timestamps(
+    path: str | Path,
+    params: SignalParams,
+    estimator: str,
+    warn: Callable[[str], None] | None = None,
+) -> list[Stall]:
+    """A timestamp file's stalls; ``warn`` gets a line when repeats were dropped."""
+    log = read_timestamp_log(path)
+    msg = log.warning(path)
+    if msg and warn:
+        warn(msg)
+    ended = infer_times(log.times, params, estimator)
     return [Stall(e.start, e.end) for e in ended]
 
 

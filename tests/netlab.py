@@ -156,6 +156,19 @@ def payload_len(frame_len: int, family: int, vlan: bool) -> int:
     return frame_len - ETH - (VLAN if vlan else 0) - (IP6 if family == 6 else IP4) - UDP
 
 
+def _getcpu() -> int:
+    """The CPU this thread runs on (glibc's sched_getcpu; Python 3.11's os lacks it)."""
+    import ctypes
+
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None)
+    return int(_LIBC.sched_getcpu())
+
+
+_LIBC: Any = None
+
+
 def _sleep_until(t: float) -> None:
     while True:
         d = t - time.time()
@@ -165,10 +178,14 @@ def _sleep_until(t: float) -> None:
 
 
 def send(spec: dict[str, Any]) -> dict[str, Any]:
-    """Spec: {"flows": [{"name", "src", "dst", "dport", "frame", "vlan", "times": [...]} |
-    {"name", ..., "bulk_pps", "from", "to"}]}; times are epoch seconds. Returns the
-    actual send time of every packet per flow name."""
-    socks: dict[tuple[str, int], socket.socket] = {}
+    """Spec: {"flows": [{"name", "src", "dst", "dport", "frame", "vlan", "cpus", "times": [...]} |
+    {"name", ..., "bulk_pps", "from", "to"}], "lead"}; times are epoch seconds, or, with
+    "lead", offsets from a start ``lead`` s after the sender is ready (so interpreter start-up
+    under ``ip netns exec`` cannot eat the head start). "cpus": packet i of the flow is sent
+    from CPU cpus[i % len] (its XDP and perf event then run on that CPU). Returns the actual
+    send time of every packet per flow name, the start "t0" (0 without "lead") and the CPU
+    each packet was sent from."""
+    socks: dict[tuple[str, int, int], socket.socket] = {}  # (src, family, sport)
     plan: list[tuple[float, str, socket.socket, bytes, Any]] = []
     for f in spec["flows"]:
         fam = 6 if ":" in f["src"] else 4
@@ -182,11 +199,11 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
                               vlans=(int(f["vlan"]),), **macs)
             plan.extend((t, f["name"], raw, frame, None) for t in f["times"])
             continue
-        key = (f["src"], fam)
+        key = (f["src"], fam, int(f.get("sport", 443)))
         if key not in socks:
             s = socket.socket(socket.AF_INET6 if fam == 6 else socket.AF_INET, socket.SOCK_DGRAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((f["src"], f.get("sport", 443)))
+            s.bind((f["src"], key[2]))
             socks[key] = s
         data = bytes(payload_len(int(f["frame"]), fam, bool(f.get("vlan"))))
         dst = (f["dst"], int(f["dport"]))
@@ -196,16 +213,23 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
             k = int((f["to"] - f["from"]) * f["bulk_pps"])
             times = [f["from"] + i / f["bulk_pps"] for i in range(k)]
         plan.extend((t, f["name"], socks[key], data, dst) for t in times)
+    cpus = {f["name"]: f.get("cpus") for f in spec["flows"]}
+    t0 = time.time() + float(spec["lead"]) if "lead" in spec else 0.0
     plan.sort(key=lambda x: x[0])
     sent: dict[str, list[float]] = {f["name"]: [] for f in spec["flows"]}
+    on_cpu: dict[str, list[int]] = {f["name"]: [] for f in spec["flows"]}
     for t, name, s, data, dst in plan:
-        _sleep_until(t)
+        want = cpus[name]
+        if want:
+            os.sched_setaffinity(0, {want[len(sent[name]) % len(want)]})
+        _sleep_until(t0 + t)
         if dst is None:
             s.send(data)
         else:
             s.sendto(data, dst)
         sent[name].append(time.time())
-    return {"sent": sent}
+        on_cpu[name].append(_getcpu())
+    return {"sent": sent, "t0": t0, "cpu": on_cpu}
 
 
 if __name__ == "__main__":

@@ -596,3 +596,146 @@ def test_flow_table_is_bounded_and_lost_events_counted() -> None:
         assert c["candidates"] == burst + 1
         assert c["lost"] > 0
         assert got + c["lost"] == burst + 1
+
+
+# --- a non-default filter: the loader's -D constants reach the program ----------
+# Everything above runs with the defaults, which were also the C file's fallbacks:
+# a loader that stopped passing -D would still have passed. These filters differ
+# from the defaults in port and in both band edges (the second one: a port above
+# 32767, a one-byte band), so only constants that really arrive make them pass.
+
+ALT_FILTERS = {
+    "8443 600..700": CandidateFilter(port=8443, min_size=600, max_size=700),
+    "50000 64..64": CandidateFilter(port=50000, min_size=64, max_size=64),
+}
+
+DEFAULT_LO, DEFAULT_HI = FILT.min_size, FILT.max_size  # the filter every test above uses
+
+
+class FilteredProg(Prog):
+    """Prog compiled for another filter, judged by the reference with that filter."""
+
+    def __init__(self, filt: CandidateFilter) -> None:
+        from iqn_ctl.datapath import Datapath
+
+        self.filt = filt
+        self.dp = Datapath("lo", filt)
+        self.runner = bpf_testrun.TestRunner(self.dp.prog_fd)
+        self._cfd = self.dp._counters.map_fd
+        self._ffd = self.dp._flows.map_fd
+        self._ncpu = bpf_testrun.possible_cpus()
+
+    def ref(self, frame: bytes) -> Ref:
+        f = self.filt
+        return reference(frame, f.port, f.min_size, f.max_size)
+
+    def decide(self, frame: bytes) -> tuple[int, str]:
+        """As Prog.decide, but a tracked flow is recognised by this filter's port."""
+        c0, e0 = self.counter(1), self.counter(2)
+        key = self.ref(frame).key
+        f0 = self.flow_packets(key) if key else 0
+        verdict, _ = self.runner.run(frame)
+        dc, de = self.counter(1) - c0, self.counter(2) - e0
+        if dc or de:
+            outcome = {(1, 0): "cand", (0, 1): "bad"}.get((dc, de), f"weird c{dc} e{de}")
+            return verdict, outcome
+        if key and self.flow_packets(key) == f0 + 1:
+            return verdict, "flow"
+        return verdict, "other"
+
+
+@pytest.fixture(scope="module", params=list(ALT_FILTERS))
+def alt(request: pytest.FixtureRequest) -> Iterator[FilteredProg]:
+    _need_bpf()
+    p = FilteredProg(ALT_FILTERS[request.param])
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def alt_cases(f: CandidateFilter) -> dict[str, tuple[bytes, str]]:
+    """Frames at and around the filter's edges, and where the defaults would say otherwise."""
+    lo, hi, port, mid = f.min_size, f.max_size, f.port, (f.min_size + f.max_size) // 2
+
+    def a4(n: int, sport: int = port, **kw: object) -> bytes:
+        return udp_frame(S4, C4, sport, 51234, frame_len=n, **kw)  # type: ignore[arg-type]
+
+    def a6(n: int, sport: int = port) -> bytes:
+        return udp_frame(S6, C6, sport, 51234, frame_len=n)
+
+    return {
+        "min": (a4(lo), "cand"),
+        "max": (a4(hi), "cand"),
+        "mid": (a4(mid), "cand"),
+        "min-1": (a4(lo - 1), "flow"),
+        "max+1": (a4(hi + 1), "flow"),
+        "v6 min": (a6(lo), "cand"),
+        "v6 max": (a6(hi), "cand"),
+        "v6 min-1": (a6(lo - 1), "flow"),
+        "v6 max+1": (a6(hi + 1), "flow"),
+        "vlan min": (a4(lo, vlans=(7,)), "cand"),  # the tag counts: the frame length is the wire's
+        "vlan max+1": (a4(hi + 1, vlans=(7,)), "flow"),
+        "default min": (a4(DEFAULT_LO), "flow"),
+        "default max": (a4(DEFAULT_HI), "flow"),
+        "443 in band": (a4(mid, sport=443), "other"),
+        "443 at min": (a4(lo, sport=443), "other"),
+        "443 default band": (a4(1200, sport=443), "other"),
+        "port+1 in band": (a4(mid, sport=port + 1), "other"),
+        "dport only": (udp_frame(S4, C4, 51234, port, frame_len=mid), "other"),
+    }
+
+
+ALT_CASE_NAMES = list(alt_cases(ALT_FILTERS["8443 600..700"]))
+
+
+def test_alt_cases_tell_the_filters_apart() -> None:
+    """The table is worth something only if the defaults decide its frames
+    differently: each filter's candidates are no candidates under the defaults."""
+    for f in ALT_FILTERS.values():
+        cases = alt_cases(f)
+        assert set(cases) == set(ALT_CASE_NAMES)
+        for name, (frame, expected) in cases.items():
+            ref = reference(frame, f.port, f.min_size, f.max_size).outcome
+            assert ref == expected, f"{f}: reference disagrees with the table on {name}"
+            default = reference(frame).outcome
+            if expected == "cand":
+                assert default != "cand", f"{f}: {name} is a candidate by default too"
+            if name == "443 default band":
+                assert default == "cand", f"{name} must be a candidate under the defaults"
+        assert sum(e == "cand" for _, e in cases.values()) >= 5
+
+
+@pytest.mark.parametrize("name", ALT_CASE_NAMES)
+def test_non_default_filter_in_the_kernel(alt: FilteredProg, name: str) -> None:
+    frame, expected = alt_cases(alt.filt)[name]
+    assert alt.decide(frame) == (XDP_PASS, expected)
+
+
+def test_non_default_filter_sweep_and_events(alt: FilteredProg) -> None:
+    """Every size from well below to well above the band and a few ports, IPv4
+    and IPv6: the kernel decides like the reference for this filter, and each
+    candidate reaches user space with its length and the filter's port."""
+    from iqn_ctl.datapath import decode_key
+
+    f = alt.filt
+    alt.dp.poll(0)
+    sizes = sorted(set(range(max(f.min_size - 8, 62), f.max_size + 9))  # 62: smallest UDP/IPv6 frame
+                   | {DEFAULT_LO - 1, DEFAULT_LO, DEFAULT_HI, DEFAULT_HI + 1})
+    want_cands = []
+    seen: Counter[str] = Counter()
+    for sport in (f.port, 443, f.port - 1):
+        for src, dst in ((S4, C4), (S6, C6)):
+            for n in sizes:
+                frame = udp_frame(src, dst, sport, 40000, frame_len=n)
+                want = alt.ref(frame).outcome
+                assert alt.decide(frame) == (XDP_PASS, want), (sport, src, n)
+                seen[want] += 1
+                if want == "cand":
+                    want_cands.append((sport, n))
+    assert seen["cand"] and seen["flow"] and seen["other"], seen
+    events = alt.dp.poll(100)
+    got = sorted((decode_key(k).sport, n) for k, _, n in events)
+    assert got == sorted(want_cands)
+    assert {decode_key(k).sport for k, _, _ in events} == {f.port}
+    assert {n for _, n in want_cands} == set(range(f.min_size, f.max_size + 1))

@@ -109,7 +109,9 @@ def run_agent(
                 verdict = Verdict(t, Kind.NONE, stats.last_why)
             else:
                 if located.layout != layout:
-                    if layout is not None:
+                    # Unless this is the first look: the player moved, or it came back
+                    # into view (fullscreen left, scrolled back), maybe still moving.
+                    if stats.frames:
                         detector.note_geometry(t)
                     layout = located.layout
                 if inputs is not None:
