@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import typer
 
+from .demo import cli as demo_cli
 from .lab import Lab, LabError
 from .ott.media import MediaError
 from .shaping import RateError, parse_rate
@@ -154,7 +155,7 @@ def exec_(
     raise typer.Exit(rc)
 
 
-from . import cli_demo  # noqa: E402,F401  (registers iqn-lab demo)
+app.command(name="demo")(friendly(demo_cli.demo))
 
 
 def main() -> None:

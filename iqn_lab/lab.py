@@ -24,6 +24,7 @@ from typing import Any
 from . import netns, procs
 from . import topology as T
 from .certs import fingerprint, make_cert, spki_hash
+from .chrome import chrome_args
 from .ott.media import MediaSpec, ensure_media
 from .shaping import Step, apply_rate, current_rate, format_rate, parse_rate, parse_schedule
 from .templates import render
@@ -102,8 +103,6 @@ class Lab:
 
     def chrome_args(self, headless: bool = True) -> list[str]:
         """Chromium flags for the client namespace: h3 to the emulator, no DNS."""
-        from .browser import chrome_args
-
         return chrome_args(spki_hash(self.ott_cert), headless=headless)
 
     # -- running things inside --------------------------------------------------

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import need, need_root
-from netlab import PY, Lab
 
-from iqn_ctl.api import ApiError, request, sock_path
-from iqn_ctl.synth import SignalModel, signal_times
+from iqn_ctl.engine.synth import SignalModel, signal_times
+from iqn_ctl.live.api import ApiError, request, sock_path
+from iqn_lab.testbed import PY
+from iqn_lab.testbed import Testbed as Lab
 
 P = 0.2
 STALL = 2.0  # seconds of signal per flow: enough for a stall, short enough for a fast test

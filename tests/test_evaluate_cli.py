@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from conftest import DATA
 
-from iqn_ctl.plots import C_MATCHED, C_MISSED, C_REAL, plot_evaluation
-from iqn_ctl.scoring import score
-from iqn_ctl.traces import Stall
+from iqn_ctl.evaluate.plots import C_MATCHED, C_MISSED, C_REAL, plot_evaluation
+from iqn_ctl.evaluate.scoring import score
+from iqn_ctl.evaluate.traces import Stall
 
 T0 = 1_700_000_000.0
 

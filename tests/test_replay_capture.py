@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iqn_ctl.pcapwrite import SignalFlow, router_traffic, write_pcap, write_pcapng
-from iqn_ctl.synth import SignalModel, random_stalls
+from iqn_ctl.capture.pcapwrite import SignalFlow, router_traffic, write_pcap, write_pcapng
+from iqn_ctl.engine.synth import SignalModel, random_stalls
 
 T0 = 1_700_000_000.0
 FLOW = "198.18.0.10:443>198.18.1.2:50000"
@@ -121,10 +121,10 @@ def test_replay_of_real_tcpdump_and_dumpcap_captures(tmp_path: Path, cli_python:
     import time
 
     from conftest import need, need_root
-    from netlab import Lab
 
-    from iqn_ctl.pcap import read_candidates
-    from iqn_ctl.synth import signal_times
+    from iqn_ctl.capture.pcap import read_candidates
+    from iqn_ctl.engine.synth import signal_times
+    from iqn_lab.testbed import Testbed as Lab
 
     need_root()
     need(bool(shutil.which("tcpdump") and shutil.which("dumpcap")), "tcpdump and dumpcap (setup.sh)")

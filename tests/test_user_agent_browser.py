@@ -19,7 +19,7 @@ from conftest import need
 from pages.desktop import have_desktop_tools, xvfb
 from pages.server import PageServer, make_clip
 
-from iqn_ctl.traces import read_detected_clicks, read_real_stalls
+from iqn_ctl.evaluate.traces import read_detected_clicks, read_real_stalls
 from user_agent.agent import run_agent
 from user_agent.calibrate import record_positions
 from user_agent.layout import Layout, Point, Rect, load_calibration

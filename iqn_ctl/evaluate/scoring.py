@@ -13,7 +13,7 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from .traces import Stall
+from iqn_ctl.evaluate.traces import Stall
 
 SIGNIFICANT = 0.4
 TOLERANCE = 1.0

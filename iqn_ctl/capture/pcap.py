@@ -12,7 +12,7 @@ lengths, timestamps, Ethernet/VLAN/IP/UDP headers, the candidate filter and
 flow keys are numpy operations on it. Only candidate *flows* (a handful) ever
 become Python strings.
 
-Classification follows the data plane (``bpf/iqn_xdp.c``): Ethernet, up to two
+Classification follows the data plane (``iqn_ctl/live/bpf/iqn_xdp.c``): Ethernet, up to two
 VLAN tags (0x8100, 0x88a8), IPv4 (options via IHL; fragments are never
 candidates, since a fragment's frame length is not the response size) or IPv6
 (fixed header, next header UDP), UDP. A candidate has UDP source port
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .params import CandidateFilter
+from iqn_ctl.engine.params import CandidateFilter
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]

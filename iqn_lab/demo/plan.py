@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .shaping import Step, format_rate, parse_rate
+from iqn_lab.shaping import Step, format_rate, parse_rate
 
 #: seconds from squeeze to spinner: the ~4 s buffer plus the segment in flight
 DRAIN = 4.2

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from .cli import UserError
-from .scoring import Score
-from .traces import Stall
+from iqn_ctl.errors import UserError
+from iqn_ctl.evaluate.scoring import Score
+from iqn_ctl.evaluate.traces import Stall
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .params import SignalParams
+from iqn_ctl.engine.params import SignalParams
 
 
 @dataclass(frozen=True, slots=True)

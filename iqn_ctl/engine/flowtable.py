@@ -14,9 +14,9 @@ from collections.abc import Hashable, Iterator
 import numpy as np
 import numpy.typing as npt
 
-from .estimators import DEFAULT_ESTIMATOR, make_estimator
-from .params import SignalParams
-from .tracker import DEFAULT_REORDER, Event, StallTracker
+from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, make_estimator
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallTracker
 
 #: a flow that sent nothing for this many stall-end windows is forgotten
 IDLE_WINDOWS = 150.0  # 150 x 4p = 120 s at p = 0.2

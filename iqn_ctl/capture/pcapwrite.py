@@ -1,10 +1,10 @@
 """Write pcap and pcapng captures, for tests and benchmarks.
 
-The reader (:mod:`iqn_ctl.pcap`) must handle every variant a router or a
+The reader (:mod:`iqn_ctl.capture.pcap`) must handle every variant a router or a
 laptop may hand us - either byte order, micro- or nanosecond pcap, pcapng with
 several interfaces and odd timestamp resolutions, snaplen-cut frames - so the
 writer can produce each of them on purpose, from frames built by
-:mod:`iqn_ctl.frames` and times from :mod:`iqn_ctl.synth`.
+:mod:`iqn_ctl.capture.frames` and times from :mod:`iqn_ctl.engine.synth`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .frames import udp_frame
-from .pcap import LINKTYPE_ETHERNET
-from .synth import SignalModel, signal_times
+from iqn_ctl.capture.frames import udp_frame
+from iqn_ctl.capture.pcap import LINKTYPE_ETHERNET
+from iqn_ctl.engine.synth import SignalModel, signal_times
 
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
@@ -227,7 +227,7 @@ def router_traffic(
     bulk_share: float = 0.5,
 ) -> list[Packet]:
     """What a router between OTT servers and clients sees: the signal flows'
-    candidate bursts (from :func:`iqn_ctl.synth.signal_times`, frame lengths
+    candidate bursts (from :func:`iqn_ctl.engine.synth.signal_times`, frame lengths
     drawn from the 1,180-1,288 band), plus ``noise`` packets in [t0, t1]: bulk
     video from port 443 in full 1,292- and 1,514-byte frames (just outside the
     band), and small, IPv6, VLAN-tagged, other-port, in-band-but-wrong-port and

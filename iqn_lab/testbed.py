@@ -1,14 +1,15 @@
-"""Namespaces and a synthetic IQN sender for the live-agent tests and benchmark.
+"""A two-namespace testbed and a synthetic IQN sender for the live-agent tests
+and benchmark (the full lab with OpenVPN and the OTT emulator is :mod:`iqn_lab.lab`).
 
-A lab is two network namespaces joined by a veth pair: the *server* side sends
+A testbed is two network namespaces joined by a veth pair: the *server* side sends
 (plain UDP sockets bound to port 443, payload sized so the Ethernet frame has
 the wanted length), the *client* side receives and carries the agent's XDP
 program. Nothing touches the root namespace; addresses come from
 198.18.0.0/15 (IPv6 from a ULA prefix) and every name carries a per-run prefix.
-``Lab`` is a context manager that always removes what it created.
+``Testbed`` is a context manager that always removes what it created.
 
 Run as a script (inside the server namespace) it is the sender:
-``python tests/netlab.py send SPEC.json`` prints the actual send times as JSON.
+``python -m iqn_lab.testbed send SPEC.json`` prints the actual send times as JSON.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = str(ROOT / ".venv" / "bin" / "python")
-IQN_CTL = str(ROOT / ".venv" / "bin" / "iqn-ctl")
+PY = sys.executable  # the interpreter (and venv) this testbed runs in
+IQN_CTL = str(Path(sys.executable).with_name("iqn-ctl"))
 ETH, VLAN, IP4, IP6, UDP = 14, 4, 20, 40, 8
 
 
@@ -43,7 +43,7 @@ def run_prefix() -> str:
 
 
 @dataclass
-class Lab:
+class Testbed:
     """server ns <-> client ns over one veth pair, with IPv4 and IPv6.
 
     VLAN-tagged traffic is sent as hand-built frames on an AF_PACKET socket (the
@@ -64,7 +64,7 @@ class Lab:
         self.srv4v, self.cli4v = f"198.19.{n}.1", f"198.19.{n}.2"  # VLAN-tagged raw frames
         self.srv6, self.cli6 = f"fd00:198:18:{n:x}::1", f"fd00:198:18:{n:x}::2"
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Testbed:
         try:
             self._build()
         except BaseException:
@@ -173,13 +173,13 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
     for f in spec["flows"]:
         fam = 6 if ":" in f["src"] else 4
         if f.get("vlan"):
-            from iqn_ctl.frames import udp_frame
+            from iqn_ctl.capture.frames import udp_frame
 
             raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
             raw.bind((spec["dev"], 0))
-            macs = {k: bytes.fromhex(spec[k].replace(":", "")) for k in ("src_mac", "dst_mac")}
+            src_mac, dst_mac = (bytes.fromhex(spec[k].replace(":", "")) for k in ("src_mac", "dst_mac"))
             frame = udp_frame(f["src"], f["dst"], f.get("sport", 443), int(f["dport"]), int(f["frame"]),
-                              vlans=(int(f["vlan"]),), **macs)
+                              vlans=(int(f["vlan"]),), src_mac=src_mac, dst_mac=dst_mac)
             plan.extend((t, f["name"], raw, frame, None) for t in f["times"])
             continue
         key = (f["src"], fam)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .flowtable import FlowTable
-from .params import CandidateFilter, SignalParams
-from .traces import Stall, read_timestamps
-from .tracker import StallEnded, StallTracker
+from iqn_ctl.engine.flowtable import FlowTable
+from iqn_ctl.engine.params import CandidateFilter, SignalParams
+from iqn_ctl.engine.tracker import StallEnded, StallTracker
+from iqn_ctl.evaluate.traces import Stall, read_timestamps
 
 
 def infer_times(
@@ -60,7 +60,7 @@ def replay_flows(
 def replay_capture(
     path: str | Path, params: SignalParams, estimator: str, filt: CandidateFilter
 ) -> list[Stall]:
-    from .pcap import read_candidates
+    from iqn_ctl.capture.pcap import read_candidates
 
     cands = read_candidates(path, filt)
     return replay_flows(cands.flow_ids, cands.times, cands.labels, params, estimator)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .params import SignalParams
+from iqn_ctl.engine.params import SignalParams
 
 
 @dataclass(frozen=True, slots=True)

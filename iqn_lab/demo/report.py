@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from iqn_ctl.params import SignalParams
-from iqn_ctl.replay import infer_times
-from iqn_ctl.scoring import SIGNIFICANT, score
-from iqn_ctl.traces import Stall, read_real_stalls, stall_to_json
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.evaluate.replay import infer_times
+from iqn_ctl.evaluate.scoring import SIGNIFICANT, score
+from iqn_ctl.evaluate.traces import Stall, read_real_stalls, stall_to_json
 
 FILES = {
     "truth": "Real_stalls.txt",

@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 
 import typer
 
-from .api import DEFAULT_RUN_DIR, ApiError, NoAgent, agent_sockets, request, sock_path
-from .cli import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, _fmt_time, app, friendly
-from .estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from .history import DEFAULT_STATE_DIR, History, HistoryError
+from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from iqn_ctl.live.api import DEFAULT_RUN_DIR, ApiError, NoAgent, agent_sockets, request, sock_path
+from iqn_ctl.live.history import DEFAULT_STATE_DIR, History, HistoryError
+
+from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, _fmt_time, app, friendly
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -41,14 +42,14 @@ def agent_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: object, **kwargs: object) -> object:
-        from .agent import AgentError
+        from iqn_ctl.live.agent import AgentError
 
         try:
             return fn(*args, **kwargs)
         except (AgentError, ApiError, HistoryError) as e:
             raise UserError(str(e)) from None
         except Exception as e:
-            dp = sys.modules.get("iqn_ctl.datapath")
+            dp = sys.modules.get("iqn_ctl.live.datapath")
             if dp is not None and isinstance(e, dp.DatapathError):
                 raise UserError(str(e)) from None
             raise
@@ -94,8 +95,8 @@ def attach(
     run_dir: Path = OptRunDir,
 ) -> None:
     """Load the XDP program on IFACE and infer stalls live until SIGINT/SIGTERM."""
-    from .agent import AgentConfig, check_iface, need_root, serve
-    from .params import CandidateFilter, SignalParams
+    from iqn_ctl.engine.params import CandidateFilter, SignalParams
+    from iqn_ctl.live.agent import AgentConfig, check_iface, need_root, serve
 
     cfg = AgentConfig(
         iface=iface, params=SignalParams(p, n), filt=CandidateFilter(port, min_size, max_size),
@@ -116,7 +117,7 @@ def attach(
 def _daemonize(cfg: Any) -> None:
     """Fork a detached agent; this process waits until it is attached (or has
     failed) so errors still reach the terminal and the exit status."""
-    from .agent import InterfaceLock, serve
+    from iqn_ctl.live.agent import InterfaceLock, serve
 
     holder = InterfaceLock(cfg.run_dir, cfg.iface).holder()
     if holder is not None:
@@ -181,7 +182,7 @@ def detach(
     run_dir: Path = OptRunDir,
 ) -> None:
     """Stop the agent on IFACE and remove the XDP program, also after the agent was killed."""
-    from .agent import detach as do_detach
+    from iqn_ctl.live.agent import detach as do_detach
 
     typer.echo(f"{iface}: {do_detach(iface, run_dir)}")
 
@@ -250,7 +251,7 @@ def stalls(
     state_dir: Path = OptStateDir,
 ) -> None:
     """Inferred stall history (read from disk; works with no agent running)."""
-    from .history import db_path
+    from iqn_ctl.live.history import db_path
 
     try:
         present = db_path(state_dir).exists()

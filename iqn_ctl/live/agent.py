@@ -2,7 +2,7 @@
 flow table, stall history, local API and metrics.
 
 The agent owns no inference logic: it groups perf events by flow and hands
-them to :class:`~iqn_ctl.flowtable.FlowTable` (the one engine shared with the
+them to :class:`~iqn_ctl.engine.flowtable.FlowTable` (the one engine shared with the
 replays), then calls ``advance(time.time())`` after every poll so that stalls
 end on time even when the flow goes silent. Everything else here is plumbing
 whose failure modes users actually meet: a second agent on the same
@@ -27,16 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .api import DEFAULT_RUN_DIR, ApiError, ApiServer, RawJson, ensure_run_dir, pid_path, sock_path
-from .estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from .flowtable import FlowTable
-from .history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
-from .params import CandidateFilter, SignalParams
-from .tracker import DEFAULT_REORDER, Event, StallEnded, StallStarted
+from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from iqn_ctl.engine.flowtable import FlowTable
+from iqn_ctl.engine.params import CandidateFilter, SignalParams
+from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallEnded, StallStarted
+from iqn_ctl.live.api import (
+    DEFAULT_RUN_DIR,
+    ApiError,
+    ApiServer,
+    RawJson,
+    ensure_run_dir,
+    pid_path,
+    sock_path,
+)
+from iqn_ctl.live.history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
 
 if TYPE_CHECKING:
-    from .datapath import Datapath, FlowKey
-    from .metrics import AgentMetrics
+    from iqn_ctl.live.datapath import Datapath, FlowKey
+    from iqn_ctl.live.metrics import AgentMetrics
 
 log = logging.getLogger("iqn.agent")
 
@@ -80,7 +88,7 @@ class FlowInfo:
 class LiveFlows:
     """Candidate events (raw key, time, length) -> FlowTable, with the names
     the flow view and the history need. ``decode`` turns the data plane's raw
-    key bytes into a :class:`~iqn_ctl.datapath.FlowKey`; it runs once per raw
+    key bytes into a :class:`~iqn_ctl.live.datapath.FlowKey`; it runs once per raw
     key, not per event."""
 
     def __init__(
@@ -95,7 +103,7 @@ class LiveFlows:
         if key_mode not in KEY_MODES:
             raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {key_mode!r}")
         if decode is None:
-            from .datapath import decode_key
+            from iqn_ctl.live.datapath import decode_key
 
             decode = decode_key
         self.table = FlowTable(params, estimator, max_flows=max_flows, reorder=reorder)
@@ -375,7 +383,7 @@ class Agent:
         return self.mode
 
     def _start(self) -> None:
-        from .datapath import PROG_NAME, Datapath, remove_xdp, xdp_program_on
+        from iqn_ctl.live.datapath import PROG_NAME, Datapath, remove_xdp, xdp_program_on
 
         cfg = self.cfg
         self.history = History(cfg.state_dir, cfg.history_rows)
@@ -393,7 +401,7 @@ class Agent:
         self.started_at = time.time()
         self.api = ApiServer(sock_path(cfg.run_dir, cfg.iface), self._handle).start()
         if cfg.metrics_port is not None:
-            from .metrics import AgentMetrics
+            from iqn_ctl.live.metrics import AgentMetrics
 
             self.metrics = AgentMetrics(cfg.iface, self.snapshot)
             try:
@@ -676,7 +684,7 @@ def detach(iface: str, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -
     except OSError:
         exists = False
     if exists:
-        from .datapath import remove_xdp
+        from iqn_ctl.live.datapath import remove_xdp
 
         if remove_xdp(iface):
             done.append("removed the IQN XDP program" + ("" if pid else " (agent was not running)"))

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .estimators import DEFAULT_ESTIMATOR, Segment, make_estimator
-from .params import SignalParams
+from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, Segment, make_estimator
+from iqn_ctl.engine.params import SignalParams
 
 FloatArray = npt.NDArray[np.float64]
 

@@ -1,89 +1,21 @@
-"""The ``iqn-ctl`` command line (typer).
+"""``iqn-ctl replay / evaluate``: offline inference and scoring.
 
-Every expected failure (bad file, bad flag value, missing privilege) ends as
-one ``iqn-ctl: error: ...`` line and exit status 2, never a traceback.
+Registered on :data:`iqn_ctl.cli.common.app` by importing this module.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import typer
 
-from . import params as P
-from .estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from .params import CandidateFilter, ParamError, SignalParams
+from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from iqn_ctl.engine.params import CandidateFilter, SignalParams
 
-app = typer.Typer(
-    name="iqn-ctl",
-    help="IQN ISP agent: infer video stalls from in-band signals (live XDP, pcap or trace replay).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-F = TypeVar("F", bound=Callable[..., object])
-
-
-class UserError(Exception):
-    """An error whose message is for the user as is."""
-
-
-def fail(msg: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"iqn-ctl: error: {msg}", err=True)
-    return typer.Exit(code)
-
-
-def friendly(fn: F) -> F:
-    """Turn expected errors into one line on stderr and a non-zero exit."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: object, **kwargs: object) -> object:
-        from .traces import TraceError
-
-        try:
-            return fn(*args, **kwargs)
-        except (UserError, ParamError, TraceError) as e:
-            raise fail(str(e)) from None
-        except _capture_error() as e:  # type: ignore[misc]
-            raise fail(str(e)) from None
-        except BrokenPipeError:
-            sys.stderr.close()
-            raise typer.Exit(0) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _capture_error() -> type[Exception]:
-    try:
-        from .pcap import CaptureError
-
-        return CaptureError
-    except ImportError:  # pragma: no cover - pcap module always ships
-        return UserError
-
-
-# shared options ---------------------------------------------------------------
-OptP = typer.Option(P.DEFAULT_P, "--p", help="signalling interval p of the end-user agent, seconds")
-OptN = typer.Option(P.DEFAULT_N, "--n", help="toggles per signal n")
-OptMin = typer.Option(P.DEFAULT_MIN_SIZE, "--min-size", help="smallest candidate Ethernet frame, bytes")
-OptMax = typer.Option(P.DEFAULT_MAX_SIZE, "--max-size", help="largest candidate Ethernet frame, bytes")
-OptPort = typer.Option(P.DEFAULT_PORT, "--port", help="server UDP port of candidates")
-OptJson = typer.Option(False, "--json", help="machine-readable output")
-
-
-def _fmt_time(t: float) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, _fmt_time, app, friendly
 
 
 @app.command()
@@ -101,8 +33,8 @@ def replay(
     as_json: bool = OptJson,
 ) -> None:
     """Offline inference on a capture or a paper timestamp file."""
-    from .replay import replay_capture, replay_timestamps
-    from .traces import looks_like_timestamps, stall_to_json
+    from iqn_ctl.evaluate.replay import replay_capture, replay_timestamps
+    from iqn_ctl.evaluate.traces import looks_like_timestamps, stall_to_json
 
     if estimator not in ESTIMATORS:
         raise UserError(f"unknown --estimator {estimator!r}; choose one of {', '.join(sorted(ESTIMATORS))}")
@@ -145,8 +77,8 @@ def evaluate(
     ),
 ) -> None:
     """Score inferred stalls against ground truth, as in the paper."""
-    from .scoring import score
-    from .traces import TraceError, read_real_stalls, read_stall_lines, read_timestamps
+    from iqn_ctl.evaluate.scoring import score
+    from iqn_ctl.evaluate.traces import TraceError, read_real_stalls, read_stall_lines, read_timestamps
 
     real = read_real_stalls(truth)
     if inferred == "-":
@@ -162,7 +94,7 @@ def evaluate(
     sc = score(real, inf)
     d = sc.as_dict()
     if plot is not None:
-        from .plots import plot_evaluation
+        from iqn_ctl.evaluate.plots import plot_evaluation
 
         cand = read_timestamps(candidates) if candidates is not None else None
         plot_evaluation(sc, real, inf, plot, candidates=cand)
@@ -186,13 +118,3 @@ def evaluate(
     if plot is not None:
         typer.echo(f"plot written to {plot}")
 
-
-from . import cli_agent  # noqa: E402,F401  (registers attach/detach/flows/stalls/status)
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

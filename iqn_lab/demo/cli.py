@@ -1,4 +1,4 @@
-"""``iqn-lab demo``: the end-to-end demo (registered on :data:`iqn_lab.cli.app`).
+"""``iqn-lab demo``: the end-to-end demo (registered on :data:`iqn_lab.cli.app` by that module).
 
 A separate module so the demo's imports (Selenium, the user agent, scoring)
 stay out of the lab's everyday commands. Expected failures become one
@@ -13,12 +13,9 @@ from pathlib import Path
 
 import typer
 
-from .cli import app, friendly
-from .lab import LabError
+from iqn_lab.lab import LabError
 
 
-@app.command()
-@friendly
 def demo(
     prefix: str = typer.Option("iqndemo", "--prefix", help="name prefix of the demo's lab instance"),
     out: Path | None = typer.Option(None, "--out", help="results dir (default results/demo-<UTC time>)"),
@@ -30,11 +27,10 @@ def demo(
     seed: int = typer.Option(1, "--seed", help="order of the stall lengths"),
 ) -> None:
     """Lab, ISP agent (XDP), headful Chromium, end-user agent, stalls on a timetable; report at the end."""
+    from iqn_lab.demo.report import ReportError
+    from iqn_lab.demo.run import DemoConfig, check, run_demo
+    from iqn_lab.xvfb import XvfbError
     from user_agent.errors import AgentError
-
-    from .demo import DemoConfig, check, run_demo
-    from .demo_report import ReportError
-    from .xvfb import XvfbError
 
     if os.geteuid() != 0:
         raise LabError("the demo needs root (namespaces, XDP, OpenVPN): run with sudo")

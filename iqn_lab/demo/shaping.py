@@ -24,10 +24,10 @@ import subprocess
 import threading
 import time
 
-from . import topology as T
-from .demo_plan import Plan
-from .lab import Lab, LabError
-from .shaping import tbf_params
+from iqn_lab import topology as T
+from iqn_lab.demo.plan import Plan
+from iqn_lab.lab import Lab, LabError
+from iqn_lab.shaping import tbf_params
 
 UNLIMITED = 10_000_000_000  # 10 Gbit/s: no limit on a veth
 

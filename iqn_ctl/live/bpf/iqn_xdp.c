@@ -12,7 +12,7 @@
  * and every helper checks its own bounds before reading, so the verifier can
  * prove every access and malformed frames simply stop the parse.
  *
- * Compile-time constants (-D from iqn_ctl.datapath): IQN_PORT, IQN_MIN_SIZE,
+ * Compile-time constants (-D from iqn_ctl.live.datapath): IQN_PORT, IQN_MIN_SIZE,
  * IQN_MAX_SIZE, IQN_MAX_FLOWS.
  */
 #include <uapi/linux/bpf.h>
@@ -45,7 +45,7 @@
  * header is invalid (counted as a parse error). */
 #define PARSE_BAD (-1)
 
-/* Layout shared with iqn_ctl/datapath.py (KEY_FORMAT): 40 bytes, no holes, so
+/* Layout shared with iqn_ctl/live/datapath.py (KEY_FORMAT): 40 bytes, no holes, so
  * user space can use the raw bytes as the map key. Addresses are in network
  * order; an IPv4 address fills the first 4 bytes and the rest stay zero.
  * Ports are in network order, as on the wire. */

@@ -1,4 +1,4 @@
-"""Load bpf/iqn_xdp.c on a router interface and hand its candidate events to
+"""Load iqn_ctl/live/bpf/iqn_xdp.c on a router interface and hand its candidate events to
 the agent.
 
 The kernel program does the per-packet work; this module only compiles it
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import bpf_testrun
-from .params import DEFAULT_N, CandidateFilter
+from iqn_ctl.engine.params import DEFAULT_N, CandidateFilter
+from iqn_ctl.live import bpf_testrun
 
 PROG_NAME = "iqn_xdp"
-SRC = Path(__file__).resolve().parent.parent / "bpf" / "iqn_xdp.c"
+SRC = Path(__file__).resolve().parent / "bpf" / "iqn_xdp.c"
 KEY_SIZE = 40  # struct flow_key in iqn_xdp.c
 _EVENT_TAIL = struct.Struct("=QI")  # ts_ns, len after the key in struct cand_event
 COUNTERS = ("packets", "candidates", "parse_errors")  # enum iqn_counter order

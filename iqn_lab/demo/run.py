@@ -15,7 +15,7 @@ SIGTERM, turned into the same ``KeyboardInterrupt``):
    h3 through the tunnel;
 6. the end-user agent (``user_agent.agent.run_agent``) with the ground-truth
    recorder, in a thread of this process;
-7. the bottleneck schedule (:mod:`iqn_lab.demo_plan`).
+7. the bottleneck schedule (:mod:`iqn_lab.demo.plan`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import topology as T
-from .capture import Capture, Frame
-from .demo_plan import TARGETS, Plan, plan
-from .demo_report import (
+from iqn_lab import topology as T
+from iqn_lab.capture import Capture, Frame
+from iqn_lab.demo.plan import TARGETS, Plan, plan
+from iqn_lab.demo.report import (
     FILES,
     build_report,
     detected_clicks_name,
@@ -48,12 +48,12 @@ from .demo_report import (
     write_stalls,
     write_times,
 )
-from .demo_shaping import MediaSqueeze
-from .lab import Lab, LabError
-from .ott.media import MediaSpec
-from .shaping import format_rate
-from .topology import Names
-from .xvfb import xvfb
+from iqn_lab.demo.shaping import MediaSqueeze
+from iqn_lab.lab import Lab, LabError
+from iqn_lab.ott.media import MediaSpec
+from iqn_lab.shaping import format_rate
+from iqn_lab.topology import Names
+from iqn_lab.xvfb import xvfb
 
 Say = Callable[[str], None]
 AGENT_READY_TIMEOUT = 90.0  # bcc compiles the XDP program at attach (seconds on a busy box)
@@ -105,7 +105,7 @@ class IspAgent:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        from iqn_ctl.api import ApiError, request, sock_path
+        from iqn_ctl.live.api import ApiError, request, sock_path
 
         argv = _ctl("attach", self.iface, "--p", str(self.cfg.p), "--n", str(self.cfg.n),
                     "--min-size", str(self.cfg.min_size), "--max-size", str(self.cfg.max_size),
@@ -126,7 +126,7 @@ class IspAgent:
         raise LabError(f"the ISP agent did not attach within {AGENT_READY_TIMEOUT:.0f} s: {why}")
 
     def flows(self) -> list[dict[str, Any]]:
-        from iqn_ctl.api import ApiError, request, sock_path
+        from iqn_ctl.live.api import ApiError, request, sock_path
 
         try:
             got: list[dict[str, Any]] = request(sock_path(self.run_dir, self.iface), "flows")
@@ -273,7 +273,7 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
         isp.start()
         cap = Capture(lab.router_ns, lab.router_ott_iface)
         stack.enter_context(cap)
-        from .browser import client_webdriver
+        from iqn_lab.browser import client_webdriver
 
         say("starting headful Chromium in the client namespace (h3 through the tunnel)")
         driver = stack.enter_context(client_webdriver(lab, headless=False, display=display))
@@ -317,8 +317,8 @@ def _nan_none(x: float) -> float | None:
 
 def _finish(cfg: DemoConfig, pl: Plan, side: UserSide, stats: Any, rows: list[dict[str, Any]],
             frames: list[Frame], wall: float, say: Say) -> dict[str, Any]:  # fmt: skip
-    from iqn_ctl.scoring import score
-    from iqn_ctl.traces import Stall, read_real_stalls
+    from iqn_ctl.evaluate.scoring import score
+    from iqn_ctl.evaluate.traces import Stall, read_real_stalls
 
     out = cfg.out
     cand = [f for f in frames if not f.outgoing and f.proto == 17 and f.sport == 443
