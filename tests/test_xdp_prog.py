@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, need, need_root
 
-from iqn_ctl import bpf_testrun
 from iqn_ctl.capture.frames import udp_frame
 from iqn_ctl.engine.params import CandidateFilter
+from iqn_ctl.live import bpf_testrun
 
 XDP_PASS = 2
 FILT = CandidateFilter()  # port 443, frames 1180..1288
