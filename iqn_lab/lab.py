@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from iqn_ctl.errors import IqnError
+
 from . import netns, procs
 from . import topology as T
 from .certs import fingerprint, make_cert, spki_hash
@@ -35,7 +37,7 @@ DAEMONS = ("openvpn-server", "openvpn-client", "ott")
 READY_TIMEOUT = 25.0
 
 
-class LabError(Exception):
+class LabError(IqnError):
     """An expected failure (not root, missing tool, lab not up); message for the user."""
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from iqn_ctl.engine.params import CandidateFilter
+from iqn_ctl.errors import IqnError
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -73,7 +74,7 @@ _PCAPNG_BOM = 0x1A2B3C4D
 _BT_IDB, _BT_PB, _BT_SPB, _BT_EPB = 1, 2, 3, 6
 
 
-class CaptureError(ValueError):
+class CaptureError(IqnError, ValueError):
     """A capture that cannot be read; the message names the file and byte offset."""
 
 

@@ -8,24 +8,20 @@ already running, no agent) is one ``iqn-ctl: error:`` line and exit status 2.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from iqn_ctl.live.api import DEFAULT_RUN_DIR, ApiError, NoAgent, agent_sockets, request, sock_path
-from iqn_ctl.live.history import DEFAULT_STATE_DIR, History, HistoryError
+from iqn_ctl.live.api import DEFAULT_RUN_DIR, NoAgent, agent_sockets, request, sock_path
+from iqn_ctl.live.history import DEFAULT_STATE_DIR, History
 
-from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, _fmt_time, app, friendly
-
-F = TypeVar("F", bound=Callable[..., object])
+from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, app, fmt_time, friendly
 
 OptRunDir = typer.Option(
     DEFAULT_RUN_DIR, "--run-dir", envvar="IQN_RUN_DIR", hidden=True,
@@ -34,27 +30,6 @@ OptRunDir = typer.Option(
 OptStateDir = typer.Option(
     DEFAULT_STATE_DIR, "--state-dir", envvar="IQN_STATE_DIR", help="where the stall history is kept"
 )
-
-
-def agent_errors(fn: F) -> F:
-    """Map the agent's own error types onto :class:`UserError` so ``friendly``
-    prints them as one line (datapath is imported lazily: bcc is slow to load)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: object, **kwargs: object) -> object:
-        from iqn_ctl.live.agent import AgentError
-
-        try:
-            return fn(*args, **kwargs)
-        except (AgentError, ApiError, HistoryError) as e:
-            raise UserError(str(e)) from None
-        except Exception as e:
-            dp = sys.modules.get("iqn_ctl.live.datapath")
-            if dp is not None and isinstance(e, dp.DatapathError):
-                raise UserError(str(e)) from None
-            raise
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _setup_logging(stream: Any = None) -> None:
@@ -67,7 +42,6 @@ def _setup_logging(stream: Any = None) -> None:
 
 @app.command()
 @friendly
-@agent_errors
 def attach(
     iface: str = typer.Argument(..., help="interface on the server-to-client path, e.g. eth0"),
     p: float = OptP,
@@ -176,7 +150,6 @@ def _daemonize(cfg: Any) -> None:
 
 @app.command()
 @friendly
-@agent_errors
 def detach(
     iface: str = typer.Argument(..., help="interface the agent is attached to"),
     run_dir: Path = OptRunDir,
@@ -200,7 +173,6 @@ def _targets(run_dir: Path, iface: str | None) -> list[tuple[str, Path]]:
 
 @app.command()
 @friendly
-@agent_errors
 def flows(
     iface: str | None = typer.Option(None, "--iface", help="only this interface's agent"),
     as_json: bool = OptJson,
@@ -232,9 +204,9 @@ def flows(
     typer.echo(f"{'iface':<{wi}} {'flow':<{wf}} {'state':<6} {'cand':>7} {'stalls':>6} "
                f"{'stall since (UTC)':<23} {'last dur':>8} {'last seen (UTC)':<23}")
     for f in sorted(out, key=lambda r: (r["iface"], r["flow"])):
-        since = _fmt_time(f["stall_start"]) if f["stall_start"] is not None else "-"
+        since = fmt_time(f["stall_start"]) if f["stall_start"] is not None else "-"
         dur = f"{f['last_duration']:.2f}s" if f["last_duration"] is not None else "-"
-        seen = _fmt_time(f["last_seen"]) if f["last_seen"] is not None else "-"
+        seen = fmt_time(f["last_seen"]) if f["last_seen"] is not None else "-"
         typer.echo(f"{f['iface']:<{wi}} {f['flow']:<{wf}} {f['state']:<6} {f['candidates']:>7} "
                    f"{f['stalls']:>6} {since:<23} {dur:>8} {seen:<23}")
     in_stall = sum(1 for f in out if f["state"] == "stall")
@@ -243,7 +215,6 @@ def flows(
 
 @app.command()
 @friendly
-@agent_errors
 def stalls(
     iface: str | None = typer.Option(None, "--iface", help="only stalls seen on this interface"),
     since: float | None = typer.Option(None, "--since", help="only stalls ending at/after this epoch"),
@@ -279,7 +250,7 @@ def stalls(
     typer.echo(f"{'iface':<{wi}} {'flow':<{wf}} {'start (UTC)':<23} {'end (UTC)':<23} {'duration':>9}")
     for r in recs:
         mark = " (open at exit)" if r.truncated else ""
-        typer.echo(f"{r.iface:<{wi}} {r.flow:<{wf}} {_fmt_time(r.start):<23} {_fmt_time(r.end):<23} "
+        typer.echo(f"{r.iface:<{wi}} {r.flow:<{wf}} {fmt_time(r.start):<23} {fmt_time(r.end):<23} "
                    f"{r.duration:>8.3f}s{mark}")
     typer.echo(f"{len(recs)} stall(s)")
 
@@ -294,7 +265,6 @@ def _uptime(s: float) -> str:
 
 @app.command()
 @friendly
-@agent_errors
 def status(as_json: bool = OptJson, run_dir: Path = OptRunDir) -> None:
     """Running agents: interface, XDP mode, packets, candidates, lost events, flows."""
     rows: list[dict[str, Any]] = []

@@ -15,7 +15,7 @@ import typer
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from iqn_ctl.engine.params import CandidateFilter, SignalParams
 
-from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, _fmt_time, app, friendly
+from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, app, fmt_time, friendly
 
 
 @app.command()
@@ -57,7 +57,7 @@ def replay(
         return
     typer.echo(f"{'flow':<44} {'start (UTC)':<23} {'end (UTC)':<23} {'duration':>9}")
     for st in stalls:
-        typer.echo(f"{st.flow:<44} {_fmt_time(st.start):<23} {_fmt_time(st.end):<23} {st.duration:>8.3f}s")
+        typer.echo(f"{st.flow:<44} {fmt_time(st.start):<23} {fmt_time(st.end):<23} {st.duration:>8.3f}s")
     typer.echo(f"{len(stalls)} stall(s), estimator {estimator}")
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from iqn_ctl.errors import IqnError
+
 DEFAULT_P = 0.2
 DEFAULT_N = 4
 DEFAULT_PORT = 443
@@ -17,7 +19,7 @@ DEFAULT_MAX_SIZE = 1288
 MAX_FRAME = 65535
 
 
-class ParamError(ValueError):
+class ParamError(IqnError, ValueError):
     """A parameter combination that cannot work; the message is shown to the user as is."""
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from iqn_ctl.errors import UserError
+from iqn_ctl.errors import IqnError
 from iqn_ctl.evaluate.scoring import Score
 from iqn_ctl.evaluate.traces import Stall
 
@@ -45,7 +45,7 @@ C_MISSED = "#ff7f0e"
 C_CAND = "#444444"
 
 
-class PlotError(UserError):
+class PlotError(IqnError):
     """The figure cannot be written (bad directory, unknown suffix); the CLI
     shows the message as one line."""
 

@@ -17,8 +17,10 @@ from typing import IO
 import numpy as np
 import numpy.typing as npt
 
+from iqn_ctl.errors import IqnError
 
-class TraceError(ValueError):
+
+class TraceError(IqnError, ValueError):
     """A trace file that cannot be read; the message names file and line."""
 
 

@@ -31,6 +31,7 @@ from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from iqn_ctl.engine.flowtable import FlowTable
 from iqn_ctl.engine.params import CandidateFilter, SignalParams
 from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallEnded, StallStarted
+from iqn_ctl.errors import IqnError
 from iqn_ctl.live.api import (
     DEFAULT_RUN_DIR,
     ApiError,
@@ -69,7 +70,7 @@ COUNTER_PERIOD = 0.5
 LIVE_REORDER = 0.0
 
 
-class AgentError(Exception):
+class AgentError(IqnError):
     """An expected failure of attach/detach; the message is for the user as is."""
 
 

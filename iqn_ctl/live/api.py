@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from iqn_ctl.errors import IqnError
+
 DEFAULT_RUN_DIR = Path(os.environ.get("IQN_RUN_DIR", "/run/iqn"))
 MAX_REQUEST = 64 * 1024
 
@@ -30,7 +32,7 @@ class RawJson(bytes):
     agent almost nothing while nothing changes)."""
 
 
-class ApiError(Exception):
+class ApiError(IqnError):
     """The agent cannot be reached or refused the request; the message is for the user."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from iqn_ctl.engine.params import DEFAULT_N, CandidateFilter
+from iqn_ctl.errors import IqnError
 from iqn_ctl.live import bpf_testrun
 
 PROG_NAME = "iqn_xdp"
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 _by_time = operator.itemgetter(1)
 
 
-class DatapathError(Exception):
+class DatapathError(IqnError):
     """A one-line, actionable reason the data plane cannot run."""
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from iqn_ctl.errors import IqnError
+
 DEFAULT_STATE_DIR = Path(os.environ.get("IQN_STATE_DIR", "/var/lib/iqn"))
 DB_NAME = "stalls.sqlite"
 #: newest stalls kept; at ~100 bytes a row this is ~10 MB
@@ -40,7 +42,7 @@ CREATE INDEX IF NOT EXISTS stalls_start ON stalls (start);
 """
 
 
-class HistoryError(Exception):
+class HistoryError(IqnError):
     """The history cannot be opened or read; the message is for the user."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.errors import IqnError
 from iqn_ctl.evaluate.replay import infer_times
 from iqn_ctl.evaluate.scoring import SIGNIFICANT, score
 from iqn_ctl.evaluate.traces import Stall, read_real_stalls, stall_to_json
@@ -45,7 +46,7 @@ FILES = {
 }
 
 
-class ReportError(Exception):
+class ReportError(IqnError):
     """Scoring failed (``iqn-ctl evaluate`` refused a file); the message is for the user."""
 
 
