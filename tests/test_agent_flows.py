@@ -14,7 +14,7 @@ from iqn_ctl.engine.params import SignalParams
 from iqn_ctl.engine.synth import SignalModel, signal_times
 from iqn_ctl.engine.tracker import StallEnded, StallStarted
 from iqn_ctl.live.agent import AgentError, LiveFlows
-from iqn_ctl.live.datapath import KEY_SIZE, decode_key
+from iqn_ctl.live.layout import KEY_SIZE, decode_key
 from iqn_ctl.live.metrics import AgentMetrics
 
 FIELDS = {"flow", "client", "server", "state", "candidates", "stalls", "stall_start", "last_duration",

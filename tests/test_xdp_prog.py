@@ -213,7 +213,7 @@ def test_crafted_frame(prog: Prog, name: str) -> None:
 
 
 def test_candidate_event_and_flow_stats(prog: Prog) -> None:
-    from iqn_ctl.live.datapath import decode_key
+    from iqn_ctl.live.layout import decode_key
 
     prog.dp.poll(0)
     frame = v4(1234, vlans=(5,))
@@ -407,7 +407,8 @@ def send_udp(lab: Lab, sends: list[tuple[int, int]]) -> None:
 
 @pytest.mark.parametrize("mode", ["native", "skb"])
 def test_veth_events_and_counters(lab: Lab, mode: str) -> None:
-    from iqn_ctl.live.datapath import Datapath, decode_key, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, xdp_program_on
+    from iqn_ctl.live.layout import decode_key
 
     with Datapath(lab.router, FILT, xdp_mode=mode) as dp:
         assert dp.attach() == mode
@@ -574,7 +575,8 @@ def test_flow_table_is_bounded_and_lost_events_counted() -> None:
     """max_flows bounds the LRU (newest flows kept); a perf buffer too small
     for a burst loses events, and counters()["lost"] accounts for every one."""
     _need_bpf()
-    from iqn_ctl.live.datapath import Datapath, decode_key
+    from iqn_ctl.live.datapath import Datapath
+    from iqn_ctl.live.layout import decode_key
 
     with Datapath("lo", FILT, max_flows=256, perf_pages=1) as dp:
         runner = bpf_testrun.TestRunner(dp.prog_fd)

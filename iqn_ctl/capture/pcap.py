@@ -12,13 +12,8 @@ lengths, timestamps, Ethernet/VLAN/IP/UDP headers, the candidate filter and
 flow keys are numpy operations on it. Only candidate *flows* (a handful) ever
 become Python strings.
 
-Classification follows the data plane (``iqn_ctl/live/bpf/iqn_xdp.c``): Ethernet, up to two
-VLAN tags (0x8100, 0x88a8), IPv4 (options via IHL; fragments are never
-candidates, since a fragment's frame length is not the response size) or IPv6
-(fixed header, next header UDP), UDP. A candidate has UDP source port
-``filt.port`` and an *original* frame length (what was on the wire, not what the
-snaplen kept) in ``[filt.min_size, filt.max_size]``. Headers must lie within the
-captured bytes; a frame cut short of its headers, or not IP, is *undecodable*.
+Which frames are candidates is decided by :mod:`iqn_ctl.capture.classify`, the
+Python twin of the XDP program.
 
 Damaged files fail with :class:`CaptureError`, one line naming file and byte
 offset. A capture cut mid-record (a crashed or still-running tcpdump) is an
@@ -28,27 +23,24 @@ unless the caller passes ``truncated_ok=True``, which drops the partial record.
 
 from __future__ import annotations
 
-import ipaddress
 import mmap
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from iqn_ctl.capture.classify import F64, HDR, I64, Candidates, classify
 from iqn_ctl.engine.params import CandidateFilter
 from iqn_ctl.errors import IqnError
-
-I64 = npt.NDArray[np.int64]
-F64 = npt.NDArray[np.float64]
 
 LINKTYPE_ETHERNET = 1
 #: the largest record Wireshark accepts for Ethernet; anything above is a garbled length
 MAX_RECORD = 262144
 #: frame bytes copied per packet: two VLAN tags, IPv4 with the longest options and UDP
-_HDR = 96  # >= 22 + 60 + 8
+_HDR = HDR
 
 _LINKTYPE_NAMES = {
     0: "NULL (BSD loopback)",
@@ -76,28 +68,6 @@ _BT_IDB, _BT_PB, _BT_SPB, _BT_EPB = 1, 2, 3, 6
 
 class CaptureError(IqnError, ValueError):
     """A capture that cannot be read; the message names the file and byte offset."""
-
-
-@dataclass(slots=True)
-class Candidates:
-    """Candidate arrivals of a capture, in time order.
-
-    ``flow_ids[i]`` indexes ``labels``: (flow label, client address) per flow.
-    """
-
-    flow_ids: I64
-    times: F64
-    labels: list[tuple[str, str]]
-    #: packet records in the capture
-    packets: int = 0
-    #: candidate packets (== len(times))
-    candidates: int = 0
-    #: frames that are not IP over Ethernet, or cut short of their headers by the snaplen
-    undecodable: int = 0
-    #: pcapng simple-packet-block candidates with no earlier timestamp to inherit (dropped)
-    untimed: int = 0
-    #: link types seen (pcapng may mix interfaces)
-    linktypes: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -643,123 +613,15 @@ def _parse_idb(mm: mmap.mmap, name: str, endian: str, off: int, blen: int) -> _I
 # frames -----------------------------------------------------------------------
 
 
-
-
 def _classify(u8: npt.NDArray[np.uint8], pk: _Packets, filt: CandidateFilter, name: str) -> Candidates:
-    """Parse every frame's headers at once and keep the candidates."""
-    total = int(pk.data.size)
-    if total == 0:
-        return Candidates(np.empty(0, np.int64), np.empty(0), [], linktypes=pk.linktypes)
-    cap = pk.caplen
-    # bytes past a frame's caplen are junk: the checks below never use them
+    """Copy out every frame's first bytes (unless the reader already did) and
+    hand them to the one classifier."""
     hdr, rowidx, col0 = pk.hdr if pk.hdr is not None else (_rows(u8, pk.data, _HDR), None, 0)
-    flat = hdr.ravel()
-    rowbase = (np.arange(total, dtype=np.int64) if rowidx is None else rowidx) * hdr.shape[1] + col0
-
-    def b8(rows: I64, col: I64) -> I64:
-        return flat[rowbase[rows] + col].astype(np.int64)
-
-    def be16(rows: I64, col: I64) -> I64:
-        i = rowbase[rows] + col
-        return (flat[i].astype(np.int64) << 8) | flat[i + 1]
-
-    # Ethernet and up to two VLAN tags: `pos` is where the ethertype field lies.
-    pos = np.full(total, 12, np.int64)
-    valid = cap >= 14
-    et = (flat[rowbase + 12].astype(np.int64) << 8) | flat[rowbase + 13]
-    for _ in range(2):
-        tag = valid & ((et == 0x8100) | (et == 0x88A8))
-        if not tag.any():
-            break
-        ti = np.flatnonzero(tag)
-        pos[ti] += 4
-        valid[ti] = cap[ti] >= pos[ti] + 2
-        et[ti] = be16(ti, pos[ti])
-    l3 = pos + 2
-    avail = cap - l3
-
-    # IPv4: IHL for options; any fragment (MF set or offset > 0) is not a candidate.
-    i4 = np.flatnonzero(valid & (et == 0x0800))
-    c3, a4 = l3[i4], avail[i4]
-    vi = b8(i4, c3)
-    ihl = (vi & 15) * 4
-    ok4 = (a4 >= 20) & ((vi >> 4) == 4) & (ihl >= 20)
-    udp4 = ok4 & (b8(i4, c3 + 9) == 17) & ((be16(i4, c3 + 6) & 0x3FFF) == 0)
-    bad4 = ~ok4 | (udp4 & (a4 < ihl + 8))
-    udp4 &= ~bad4
-    c4 = udp4 & (be16(i4, c3 + np.minimum(ihl, 60)) == filt.port)
-
-    # IPv6: fixed header only; the next header must be UDP.
-    i6 = np.flatnonzero(valid & (et == 0x86DD))
-    c6l3, a6 = l3[i6], avail[i6]
-    ok6 = (a6 >= 40) & ((b8(i6, c6l3) >> 4) == 6)
-    udp6 = ok6 & (b8(i6, c6l3 + 6) == 17)
-    bad6 = ~ok6 | (udp6 & (a6 < 48))
-    udp6 &= ~bad6
-    c6 = udp6 & (be16(i6, c6l3 + 40) == filt.port)
-
-    undecodable = total - i4.size - i6.size + int(bad4.sum()) + int(bad6.sum())
-    lo, hi = filt.min_size, filt.max_size
-    org = pk.origlen
-    c4 &= (org[i4] >= lo) & (org[i4] <= hi)
-    c6 &= (org[i6] >= lo) & (org[i6] <= hi)
-    k4, k6 = i4[c4], i6[c6]
-
-    # Flow keys as rows [family, src(16), dst(16), sport(2), dport(2)] -> unique flows.
-    keys = np.zeros((k4.size + k6.size, 37), np.uint8)
-    r4 = keys[: k4.size]
-    s4 = (rowbase[k4] + c3[c4])[:, None]
-    r4[:, 0] = 4
-    r4[:, 1:5] = flat[s4 + np.arange(12, 16)]
-    r4[:, 17:21] = flat[s4 + np.arange(16, 20)]
-    r4[:, 33:37] = flat[s4 + ihl[c4][:, None] + np.arange(4)]
-    r6 = keys[k4.size :]
-    s6 = (rowbase[k6] + c6l3[c6])[:, None]
-    r6[:, 0] = 6
-    r6[:, 1:33] = flat[s6 + np.arange(8, 40)]
-    r6[:, 33:37] = flat[s6 + np.arange(40, 44)]
-
-    times = np.concatenate([pk.times[k4], pk.times[k6]])
-    timed = ~np.isnan(times)
-    untimed = int(times.size - timed.sum())
-    if untimed and not timed.any():
+    c = classify(hdr, pk.caplen, pk.origlen, pk.times, filt, rowidx, col0)
+    if c.untimed and not c.candidates:
         raise CaptureError(
-            f"{name}: all {untimed} candidate packets are in simple packet blocks, "
+            f"{name}: all {c.untimed} candidate packets are in simple packet blocks, "
             "which carry no timestamps"
         )
-    keys, times = keys[timed], times[timed]
-    order = np.argsort(times, kind="stable")
-    keys, times = keys[order], times[order]
-    if times.size:
-        void = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel()
-        uniq, first, inverse = np.unique(void, return_index=True, return_inverse=True)
-        # number flows by first appearance, so labels read in capture order
-        rank = np.empty(uniq.size, np.int64)
-        rank[np.argsort(first, kind="stable")] = np.arange(uniq.size)
-        flow_ids = rank[inverse.ravel()]
-        labels: list[tuple[str, str]] = [("", "")] * uniq.size
-        for u in range(uniq.size):
-            labels[int(rank[u])] = _label(keys[int(first[u])])
-    else:
-        flow_ids, labels = np.empty(0, np.int64), []
-    return Candidates(
-        flow_ids=flow_ids.astype(np.int64),
-        times=times,
-        labels=labels,
-        packets=total,
-        candidates=int(times.size),
-        undecodable=int(undecodable),
-        untimed=untimed,
-        linktypes=pk.linktypes,
-    )
-
-
-def _label(row: npt.NDArray[np.uint8]) -> tuple[str, str]:
-    """DESIGN.md's flow label: ``server:port>client:port``, IPv6 in brackets."""
-    raw = row.tobytes()
-    sport, dport = struct.unpack("!HH", raw[33:37])
-    if raw[0] == 4:
-        src, dst = str(ipaddress.IPv4Address(raw[1:5])), str(ipaddress.IPv4Address(raw[17:21]))
-        return f"{src}:{sport}>{dst}:{dport}", dst
-    src, dst = str(ipaddress.IPv6Address(raw[1:17])), str(ipaddress.IPv6Address(raw[17:33]))
-    return f"[{src}]:{sport}>[{dst}]:{dport}", dst
+    c.linktypes = pk.linktypes
+    return c

@@ -17,9 +17,11 @@ from typing import Any
 
 import typer
 
+from iqn_ctl.engine import params as P
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from iqn_ctl.live.api import DEFAULT_RUN_DIR, NoAgent, agent_sockets, request, sock_path
 from iqn_ctl.live.history import DEFAULT_STATE_DIR, History
+from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE
 
 from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, app, fmt_time, friendly
 
@@ -49,10 +51,14 @@ def attach(
     min_size: int = OptMin,
     max_size: int = OptMax,
     port: int = OptPort,
-    xdp_mode: str = typer.Option("auto", "--xdp-mode", help="auto (native, else generic), native or skb"),
+    xdp_mode: str = typer.Option(
+        DEFAULT_XDP_MODE, "--xdp-mode", help="auto (native, else generic), native or skb"
+    ),
     daemon: bool = typer.Option(False, "--daemon", help="run in the background (pid file in the run dir)"),
     key: str = typer.Option("5tuple", "--key", help="5tuple: a flow per connection; client: per client"),
-    max_flows: int = typer.Option(65536, "--max-flows", help="flows tracked at once (least recent dropped)"),
+    max_flows: int = typer.Option(
+        P.DEFAULT_MAX_FLOWS, "--max-flows", help="flows tracked at once (least recent dropped)"
+    ),
     state_dir: Path = OptStateDir,
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics here"),
     metrics_addr: str = typer.Option("0.0.0.0", "--metrics-addr", help="address for --metrics-port"),
@@ -60,7 +66,9 @@ def attach(
     estimator: str = typer.Option(
         DEFAULT_ESTIMATOR, "--estimator", help=f"one of: {', '.join(sorted(ESTIMATORS))}"
     ),
-    perf_pages: int = typer.Option(1024, "--perf-pages", help="perf ring size per CPU, 4 KiB pages"),
+    perf_pages: int = typer.Option(
+        DEFAULT_PERF_PAGES, "--perf-pages", help="perf ring size per CPU, 4 KiB pages"
+    ),
     bulk_ratio: float = typer.Option(
         2.0, "--bulk-ratio",
         help="discard a stall whose flow carried more than this many full-size packets' worth of "

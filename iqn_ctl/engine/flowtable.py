@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, make_estimator
-from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, SignalParams
 from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallTracker
 
 #: a flow that sent nothing for this many stall-end windows is forgotten
@@ -29,7 +29,7 @@ class FlowTable:
         self,
         params: SignalParams | None = None,
         estimator: str = DEFAULT_ESTIMATOR,
-        max_flows: int = 65536,
+        max_flows: int = DEFAULT_MAX_FLOWS,
         idle_timeout: float | None = None,
         reorder: float = DEFAULT_REORDER,
     ) -> None:

@@ -17,6 +17,8 @@ DEFAULT_PORT = 443
 DEFAULT_MIN_SIZE = 1180
 DEFAULT_MAX_SIZE = 1288
 MAX_FRAME = 65535
+#: flows tracked at once, in the kernel's table and the engine's (least recent dropped)
+DEFAULT_MAX_FLOWS = 65536
 
 
 class ParamError(IqnError, ValueError):

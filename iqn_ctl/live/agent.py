@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from iqn_ctl.engine.flowtable import FlowTable
-from iqn_ctl.engine.params import CandidateFilter, SignalParams
+from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, CandidateFilter, SignalParams
 from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallEnded, StallStarted
 from iqn_ctl.errors import IqnError
 from iqn_ctl.live.api import (
@@ -42,15 +42,16 @@ from iqn_ctl.live.api import (
     sock_path,
 )
 from iqn_ctl.live.history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
+from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE, dataplane_problem
 
 if TYPE_CHECKING:
-    from iqn_ctl.live.datapath import Datapath, FlowKey
+    from iqn_ctl.engine.flowkey import FlowKey
+    from iqn_ctl.live.datapath import Datapath
     from iqn_ctl.live.metrics import AgentMetrics
 
 log = logging.getLogger("iqn.agent")
 
 KEY_MODES = ("5tuple", "client")
-XDP_MODES = ("auto", "native", "skb")
 #: longest the event loop sleeps in the kernel. The data plane wakes the reader
 #: only every n-th candidate per CPU (a wake-up per event costs the kernel
 #: microseconds per packet), and that count does not line up with bursts, so the
@@ -89,7 +90,7 @@ class FlowInfo:
 class LiveFlows:
     """Candidate events (raw key, time, length) -> FlowTable, with the names
     the flow view and the history need. ``decode`` turns the data plane's raw
-    key bytes into a :class:`~iqn_ctl.live.datapath.FlowKey`; it runs once per raw
+    key bytes into a :class:`~iqn_ctl.engine.flowkey.FlowKey`; it runs once per raw
     key, not per event."""
 
     def __init__(
@@ -97,14 +98,14 @@ class LiveFlows:
         params: SignalParams,
         estimator: str = DEFAULT_ESTIMATOR,
         key_mode: str = "5tuple",
-        max_flows: int = 65536,
+        max_flows: int = DEFAULT_MAX_FLOWS,
         decode: Callable[[bytes], FlowKey] | None = None,
         reorder: float = DEFAULT_REORDER,
     ) -> None:
         if key_mode not in KEY_MODES:
             raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {key_mode!r}")
         if decode is None:
-            from iqn_ctl.live.datapath import decode_key
+            from iqn_ctl.live.layout import decode_key
 
             decode = decode_key
         self.table = FlowTable(params, estimator, max_flows=max_flows, reorder=reorder)
@@ -285,8 +286,8 @@ class AgentConfig:
     filt: CandidateFilter = field(default_factory=CandidateFilter)
     estimator: str = DEFAULT_ESTIMATOR
     key_mode: str = "5tuple"
-    max_flows: int = 65536
-    xdp_mode: str = "auto"
+    max_flows: int = DEFAULT_MAX_FLOWS
+    xdp_mode: str = DEFAULT_XDP_MODE
     force: bool = False
     state_dir: Path = DEFAULT_STATE_DIR
     run_dir: Path = DEFAULT_RUN_DIR
@@ -294,9 +295,7 @@ class AgentConfig:
     metrics_addr: str = "0.0.0.0"
     history_rows: int = DEFAULT_MAX_ROWS
     reorder: float = LIVE_REORDER
-    #: perf ring per CPU, in 4 KiB pages; ~64 bytes an event, so 1024 pages hold
-    #: 65k events: half a second of 130k candidates/s while the agent is descheduled
-    perf_pages: int = 1024
+    perf_pages: int = DEFAULT_PERF_PAGES
     #: see Agent._bulk(): 0 disables the check
     bulk_ratio: float = 2.0
 
@@ -307,12 +306,9 @@ class AgentConfig:
             )
         if self.key_mode not in KEY_MODES:
             raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {self.key_mode!r}")
-        if self.xdp_mode not in XDP_MODES:
-            raise AgentError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}, got {self.xdp_mode!r}")
-        if not 1 <= self.max_flows <= 1 << 24:
-            raise AgentError(f"--max-flows must be in 1..{1 << 24}, got {self.max_flows}")
-        if self.perf_pages < 1 or self.perf_pages & (self.perf_pages - 1) or self.perf_pages > 1 << 16:
-            raise AgentError(f"--perf-pages must be a power of two up to 65536, got {self.perf_pages}")
+        problem = dataplane_problem(self.xdp_mode, self.max_flows, self.perf_pages)
+        if problem:
+            raise AgentError(problem)
         if not 0 <= self.bulk_ratio < 1e6:
             raise AgentError(f"--bulk-ratio must be >= 0, got {self.bulk_ratio}")
         if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:

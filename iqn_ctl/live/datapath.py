@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ipaddress
 import json
 import logging
 import operator
@@ -25,20 +24,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iqn_ctl.engine.params import DEFAULT_N, CandidateFilter
+from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_N, CandidateFilter
 from iqn_ctl.errors import IqnError
-from iqn_ctl.live import bpf_testrun
+from iqn_ctl.live import bpf_testrun, layout
+from iqn_ctl.live.layout import (
+    COUNTERS,
+    EVENT_LEN_OFFSET,
+    EVENT_TS_OFFSET,
+    KEY_SIZE,
+    FlowKeyC,
+    FlowStatsC,
+)
+from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE, dataplane_problem
 
 PROG_NAME = "iqn_xdp"
 SRC = Path(__file__).resolve().parent / "bpf" / "iqn_xdp.c"
-KEY_SIZE = 40  # struct flow_key in iqn_xdp.c
-_EVENT_TAIL = struct.Struct("=QI")  # ts_ns, len after the key in struct cand_event
-COUNTERS = ("packets", "candidates", "parse_errors")  # enum iqn_counter order
-XDP_MODES = ("auto", "native", "skb")
+_EVENT_TAIL = struct.Struct("=QI")  # ts_ns, len (adjacent in struct cand_event)
+assert EVENT_LEN_OFFSET == EVENT_TS_OFFSET + 8
 
 # XDP attach flags (linux/if_link.h) and the modes `ip -j link` reports
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -53,38 +58,6 @@ _by_time = operator.itemgetter(1)
 
 class DatapathError(IqnError):
     """A one-line, actionable reason the data plane cannot run."""
-
-
-@dataclass(frozen=True, slots=True)
-class FlowKey:
-    """A flow's 5-tuple in the server-to-client direction (the candidates' direction)."""
-
-    server: str
-    sport: int
-    client: str
-    dport: int
-    family: int  # 4 or 6
-
-    @property
-    def label(self) -> str:
-        if self.family == 6:
-            return f"[{self.server}]:{self.sport}>[{self.client}]:{self.dport}"
-        return f"{self.server}:{self.sport}>{self.client}:{self.dport}"
-
-
-def decode_key(raw: bytes) -> FlowKey:
-    """Decode struct flow_key bytes (map key or event prefix)."""
-    if len(raw) < KEY_SIZE:
-        raise ValueError(f"flow key must be {KEY_SIZE} bytes, got {len(raw)}")
-    family = raw[36]
-    sport, dport = struct.unpack_from("!HH", raw, 32)
-    if family == 6:
-        server = str(ipaddress.IPv6Address(raw[0:16]))
-        client = str(ipaddress.IPv6Address(raw[16:32]))
-    else:
-        server = str(ipaddress.IPv4Address(raw[0:4]))
-        client = str(ipaddress.IPv4Address(raw[16:20]))
-    return FlowKey(server=server, sport=sport, client=client, dport=dport, family=family)
 
 
 # ---------------------------------------------------------------------------
@@ -213,18 +186,15 @@ class Datapath:
         self,
         iface: str,
         filt: CandidateFilter,
-        max_flows: int = 65536,
-        xdp_mode: str = "auto",
+        max_flows: int = DEFAULT_MAX_FLOWS,
+        xdp_mode: str = DEFAULT_XDP_MODE,
         force: bool = False,
-        perf_pages: int = 256,
+        perf_pages: int = DEFAULT_PERF_PAGES,
         wakeup_events: int = DEFAULT_N,
     ) -> None:
-        if xdp_mode not in XDP_MODES:
-            raise DatapathError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}, got {xdp_mode!r}")
-        if not 1 <= max_flows <= 1 << 24:
-            raise DatapathError(f"max_flows must be in 1..{1 << 24}, got {max_flows}")
-        if perf_pages < 1 or perf_pages & (perf_pages - 1):
-            raise DatapathError(f"perf_pages must be a power of two, got {perf_pages}")
+        problem = dataplane_problem(xdp_mode, max_flows, perf_pages)
+        if problem:
+            raise DatapathError(problem)
         if wakeup_events < 1:
             raise DatapathError(f"wakeup_events must be at least 1, got {wakeup_events}")
         _require_root()
@@ -266,6 +236,11 @@ class Datapath:
         self._prog_id = bpf_testrun.prog_id_by_fd(self._fn.fd)
         self._counters = self._bpf[b"counters"]
         self._flows = self._bpf[b"flows"]
+        for bcc_type, ours in ((self._flows.Key, FlowKeyC), (self._flows.Leaf, FlowStatsC)):
+            problem = layout.check(bcc_type, ours)
+            if problem:
+                self._bpf.cleanup()
+                raise DatapathError(f"{SRC.name}: {problem}")
         # The kernel wakes the reader only every `wakeup_events` candidates: a
         # wake-up per event costs microseconds per candidate in the kernel (an
         # IPI; bench/bench_xdp.py). The default, the signal's n, wakes it once per
@@ -343,7 +318,7 @@ class Datapath:
         unpack = _EVENT_TAIL.unpack_from
         out = []
         for ev in raw:
-            ts, length = unpack(ev, KEY_SIZE)
+            ts, length = unpack(ev, EVENT_TS_OFFSET)
             out.append((ev[:KEY_SIZE], ts / 1e9 + offset, length))
         out.sort(key=_by_time)  # per-CPU buffers are read one after the other
         return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from iqn_ctl.engine import params as P
 from iqn_lab.lab import LabError
 
 
@@ -20,8 +21,8 @@ def demo(
     prefix: str = typer.Option("iqndemo", "--prefix", help="name prefix of the demo's lab instance"),
     out: Path | None = typer.Option(None, "--out", help="results dir (default results/demo-<UTC time>)"),
     stalls: int = typer.Option(24, "--stalls", help="bottleneck squeezes, one stall each"),
-    p: float = typer.Option(0.2, "--p", help="end-user agent's signalling interval, seconds"),
-    n: int = typer.Option(4, "--n", help="toggles per signal (even)"),
+    p: float = typer.Option(P.DEFAULT_P, "--p", help="end-user agent's signalling interval, seconds"),
+    n: int = typer.Option(P.DEFAULT_N, "--n", help="toggles per signal (even)"),
     starve_rate: str = typer.Option("100kbit", "--starve-rate", help="media path rate during a squeeze"),
     release: float = typer.Option(5.0, "--release", help="seconds unshaped between squeezes"),
     seed: int = typer.Option(1, "--seed", help="order of the stall lengths"),

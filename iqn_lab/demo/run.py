@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iqn_ctl.engine import params as P
 from iqn_lab import topology as T
-from iqn_lab.capture import Capture, Frame
+from iqn_lab.capture import Capture, Frame, candidates
 from iqn_lab.demo.plan import TARGETS, Plan, plan
 from iqn_lab.demo.report import (
     FILES,
@@ -65,15 +66,15 @@ class DemoConfig:
     out: Path
     prefix: str = "iqndemo"
     stalls: int = 24
-    p: float = 0.2
-    n: int = 4
+    p: float = P.DEFAULT_P
+    n: int = P.DEFAULT_N
     starve_rate: str = "100kbit"
     video_kbit: int = 1200
     seed: int = 1
     release: float = 5.0
     targets: tuple[float, ...] = TARGETS
-    min_size: int = 1180
-    max_size: int = 1288
+    min_size: int = P.DEFAULT_MIN_SIZE
+    max_size: int = P.DEFAULT_MAX_SIZE
 
 
 @dataclass
@@ -239,12 +240,10 @@ def _progress(say: Say, t: float, pl: Plan, side: UserSide, isp: IspAgent) -> No
 
 def check(cfg: DemoConfig) -> Plan:
     """Refuse bad settings before anything is built; the timetable they give."""
-    from user_agent.errors import AgentError
-    from user_agent.signaler import check_n
+    from user_agent.protocol import check_n, check_p
 
     check_n(cfg.n)  # the same checks the user agent makes, but before the lab is up
-    if not 0.02 <= cfg.p <= 60:
-        raise AgentError(f"--p must be between 0.02 and 60 seconds, got {cfg.p}")
+    check_p(cfg.p)
     Names(cfg.prefix)
     return plan(cfg.stalls, cfg.starve_rate, cfg.seed, release=cfg.release, targets=cfg.targets)
 
@@ -321,8 +320,7 @@ def _finish(cfg: DemoConfig, pl: Plan, side: UserSide, stats: Any, rows: list[di
     from iqn_ctl.evaluate.traces import Stall, read_real_stalls
 
     out = cfg.out
-    cand = [f for f in frames if not f.outgoing and f.proto == 17 and f.sport == 443
-            and cfg.min_size <= f.length <= cfg.max_size]  # fmt: skip
+    cand = candidates(frames, P.CandidateFilter(min_size=cfg.min_size, max_size=cfg.max_size))
     page_cand = [f.t for f in cand if f.src == T.OTT_WWW]
     write_times(page_cand, out / FILES["candidates"])
     write_times(side.clicks, out / FILES["clicks"])

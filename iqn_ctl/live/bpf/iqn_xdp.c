@@ -45,7 +45,8 @@
  * header is invalid (counted as a parse error). */
 #define PARSE_BAD (-1)
 
-/* Layout shared with iqn_ctl/live/datapath.py (KEY_FORMAT): 40 bytes, no holes, so
+/* Layout described for user space by iqn_ctl/live/layout.py (FlowKeyC, checked
+ * against this struct when the program loads): 40 bytes, no holes, so
  * user space can use the raw bytes as the map key. Addresses are in network
  * order; an IPv4 address fills the first 4 bytes and the rest stay zero.
  * Ports are in network order, as on the wire. */
