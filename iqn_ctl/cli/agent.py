@@ -1,7 +1,7 @@
 """``iqn-ctl attach / detach / flows / stalls / status``: the live agent's commands.
 
 Registered on :data:`iqn_ctl.cli.app` by importing this module. Output is a
-table for people and ``--json`` for scripts (shapes in DESIGN.md). Every
+table for people and ``--json`` for scripts (shapes in docs/contracts.md). Every
 expected failure (not root, no such interface, foreign XDP program, agent
 already running, no agent) is one ``iqn-ctl: error:`` line and exit status 2.
 """

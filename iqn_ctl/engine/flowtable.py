@@ -120,6 +120,16 @@ class FlowTable:
             self.expired += 1
         return events
 
+    def next_deadline(self) -> float | None:
+        """The earliest clock time at which :meth:`advance` may emit an event or
+        forget a flow, or None when nothing is due without a new arrival."""
+        dues = [d for f in self._active if (d := self._flows[f].next_deadline()) is not None]
+        if self._flows:
+            oldest = next(iter(self._flows.values())).last_seen
+            if oldest is not None:
+                dues.append(oldest + self.idle_timeout)
+        return min(dues) if dues else None
+
     def close(self) -> list[Event]:
         """End of input: close every open stall."""
         events: list[Event] = []

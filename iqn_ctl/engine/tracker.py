@@ -140,6 +140,20 @@ class StallTracker:
                 events.append(self._end(quiet, self._watermark))
         return events
 
+    def next_deadline(self) -> float | None:
+        """The earliest clock time at which :meth:`advance` may emit an event
+        (release held arrivals, end the stall), or None while only a new
+        arrival can change anything. Like aioquic's ``get_timer()``: the caller
+        owns the clock and the waiting, the engine owns the timing."""
+        due: float | None = None
+        if self._pending.size:
+            due = float(self._pending.min()) + self.reorder
+        if self.in_stall and self.estimator.time_driven_end:
+            quiet = self._quiet_at()
+            if quiet is not None:
+                due = quiet + self.reorder if due is None else min(due, quiet + self.reorder)
+        return due
+
     def close(self) -> list[Event]:
         """End of input: process everything held and close an open stall."""
         events = self._release(np.inf)

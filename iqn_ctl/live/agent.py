@@ -1,10 +1,12 @@
 """The live ISP agent: XDP candidate events -> per-flow stall inference ->
 flow table, stall history, local API and metrics.
 
-The agent owns no inference logic: it groups perf events by flow and hands
-them to :class:`~iqn_ctl.engine.flowtable.FlowTable` (the one engine shared with the
-replays), then calls ``advance(time.time())`` after every poll so that stalls
-end on time even when the flow goes silent. Everything else here is plumbing
+The agent owns no inference logic and no timing of its own: the live flow
+view (:mod:`iqn_ctl.live.flows`) groups perf events by flow and hands them to
+:class:`~iqn_ctl.engine.flowtable.FlowTable` (the one engine shared with the
+replays); the loop calls ``advance(time.time())`` after every poll and sleeps
+no longer than the engine's ``next_deadline()``, so that stalls end on time
+even when the flow goes silent. Everything else here is plumbing
 whose failure modes users actually meet: a second agent on the same
 interface, an agent killed with SIGKILL (stale program, socket and pid file),
 perf events lost under load (counted and logged, never silent).
@@ -17,21 +19,20 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from iqn_ctl.engine.flowtable import FlowTable
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, CandidateFilter, SignalParams
-from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallEnded, StallStarted
-from iqn_ctl.errors import IqnError
+from iqn_ctl.engine.tracker import Event, StallEnded, StallStarted
 from iqn_ctl.live.api import (
     DEFAULT_RUN_DIR,
     ApiError,
@@ -41,17 +42,16 @@ from iqn_ctl.live.api import (
     pid_path,
     sock_path,
 )
+from iqn_ctl.live.flows import KEY_MODES, LiveFlows
 from iqn_ctl.live.history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
-from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE, dataplane_problem
+from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE, AgentError, dataplane_problem
 
 if TYPE_CHECKING:
-    from iqn_ctl.engine.flowkey import FlowKey
     from iqn_ctl.live.datapath import Datapath
     from iqn_ctl.live.metrics import AgentMetrics
 
 log = logging.getLogger("iqn.agent")
 
-KEY_MODES = ("5tuple", "client")
 #: longest the event loop sleeps in the kernel. The data plane wakes the reader
 #: only every n-th candidate per CPU (a wake-up per event costs the kernel
 #: microseconds per packet), and that count does not line up with bursts, so the
@@ -69,151 +69,6 @@ COUNTER_PERIOD = 0.5
 #: and counts as ``late``. Holding nothing back saves 5 ms of detection latency
 #: and the tracker's per-arrival Python path (half the agent's CPU per event).
 LIVE_REORDER = 0.0
-
-
-class AgentError(IqnError):
-    """An expected failure of attach/detach; the message is for the user as is."""
-
-
-# -- the live flow view (sans-I/O) -------------------------------------------------
-
-
-@dataclass(slots=True)
-class FlowInfo:
-    """How a flow is named to people: the flow label, its client and server."""
-
-    label: str
-    client: str
-    server: str
-
-
-class LiveFlows:
-    """Candidate events (raw key, time, length) -> FlowTable, with the names
-    the flow view and the history need. ``decode`` turns the data plane's raw
-    key bytes into a :class:`~iqn_ctl.engine.flowkey.FlowKey`; it runs once per raw
-    key, not per event."""
-
-    def __init__(
-        self,
-        params: SignalParams,
-        estimator: str = DEFAULT_ESTIMATOR,
-        key_mode: str = "5tuple",
-        max_flows: int = DEFAULT_MAX_FLOWS,
-        decode: Callable[[bytes], FlowKey] | None = None,
-        reorder: float = DEFAULT_REORDER,
-    ) -> None:
-        if key_mode not in KEY_MODES:
-            raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {key_mode!r}")
-        if decode is None:
-            from iqn_ctl.live.layout import decode_key
-
-            decode = decode_key
-        self.table = FlowTable(params, estimator, max_flows=max_flows, reorder=reorder)
-        self.key_mode = key_mode
-        self.max_flows = max_flows
-        self._decode = decode
-        self._fid: dict[bytes, Hashable] = {}
-        self._info: dict[Hashable, FlowInfo] = {}
-        self.events_in = 0
-
-    def flow_id(self, raw: bytes) -> Hashable:
-        fid = self._fid.get(raw)
-        if fid is not None:
-            return fid
-        if len(self._fid) >= 4 * self.max_flows:
-            self._fid.clear()  # bounded cache; refilled from the live flows on demand
-        k = self._decode(raw)
-        if self.key_mode == "client":
-            fid = k.client
-            info = FlowInfo(k.client, k.client, k.server)
-        else:
-            fid = k
-            info = FlowInfo(k.label, k.client, k.server)
-        self._fid[raw] = fid
-        old = self._info.get(fid)
-        if old is None or old.server != info.server:
-            self._info[fid] = info  # client mode: the server shown is the latest one seen
-        if len(self._info) > 2 * self.max_flows + 1024:
-            self._info = {tr.flow: self._info[tr.flow] for tr in self.table if tr.flow in self._info}
-            self._info[fid] = info
-        return fid
-
-    def raws(self, fid: Hashable) -> list[bytes]:
-        """The data plane's keys of one flow (several with --key client)."""
-        return [raw for raw, f in self._fid.items() if f == fid]
-
-    def info(self, fid: Hashable) -> FlowInfo:
-        got = self._info.get(fid)
-        if got is not None:
-            return got
-        return FlowInfo(str(fid), str(fid), "")
-
-    def ingest(self, events: Sequence[tuple[bytes, float, int]]) -> list[Event]:
-        """Feed one poll's events; each flow's tracker gets one sorted batch."""
-        if not events:
-            return []
-        self.events_in += len(events)
-        by_raw: dict[bytes, list[float]] = {}
-        for raw, t, _length in events:
-            g = by_raw.get(raw)
-            if g is None:
-                by_raw[raw] = [t]
-            else:
-                g.append(t)
-        groups: dict[Hashable, list[float]] = {}
-        for raw, ts in by_raw.items():
-            fid = self._fid.get(raw)
-            if fid is None:
-                fid = self.flow_id(raw)
-            if fid in groups:  # --key client: several connections of one client
-                groups[fid].extend(ts)
-            else:
-                groups[fid] = ts
-        out: list[Event] = []
-        for fid, ts in groups.items():
-            ts.sort()
-            out.extend(self.table.feed(fid, ts))
-        return out
-
-    def advance(self, now: float) -> list[Event]:
-        return self.table.advance(now)
-
-    def close(self) -> list[Event]:
-        return self.table.close()
-
-    def flows(self, stats: Iterable[tuple[bytes, dict[str, int]]] = ()) -> list[dict[str, Any]]:
-        """The DESIGN.md flow objects, plus kernel packet/byte counts when given."""
-        per: dict[Hashable, dict[str, int]] = {}
-        for raw, st in stats:
-            fid = self._fid.get(raw)
-            if fid is None:
-                try:
-                    fid = self.flow_id(raw)
-                except Exception:  # a key the decoder rejects is just not shown
-                    continue
-            acc = per.setdefault(fid, {"packets": 0, "bytes": 0})
-            acc["packets"] += int(st.get("packets", 0))
-            acc["bytes"] += int(st.get("bytes", 0))
-        out = []
-        for tr in self.table:
-            info = self.info(tr.flow)
-            rec: dict[str, Any] = {
-                "flow": info.label,
-                "client": info.client,
-                "server": info.server,
-                "state": "stall" if tr.in_stall else "normal",
-                "candidates": tr.candidates,
-                "stalls": tr.stalls,
-                "stall_start": tr.stall_start,
-                "last_duration": tr.last_duration,
-                "last_seen": tr.last_seen,
-                "key": self.key_mode,
-            }
-            k = per.get(tr.flow)
-            if k is not None:
-                rec.update(k)
-            out.append(rec)
-        return out
 
 
 # -- one agent per interface: the pid file is the lock ----------------------------
@@ -329,6 +184,14 @@ def check_iface(iface: str) -> None:
         raise AgentError(f"no such interface: {iface} (see 'ip link')") from None
 
 
+def poll_timeout_ms(due: float | None, now: float) -> int:
+    """How long the loop may sleep in the kernel: until the engine's next
+    deadline, and never longer than :data:`IDLE_POLL_MS`."""
+    if due is None:
+        return IDLE_POLL_MS
+    return max(0, min(IDLE_POLL_MS, math.ceil((due - now) * 1000)))
+
+
 def _iso(t: float | None) -> str:
     if t is None:
         return "-"
@@ -358,7 +221,6 @@ class Agent:
         self._state = threading.Lock()
         self._counters: dict[str, int] = {"packets": 0, "candidates": 0, "parse_errors": 0, "lost": 0}
         self._lost_logged = 0
-        self._release_at = 0.0
         #: bumped whenever the flow view may have changed; keys the cached flows answer
         self._version = 0
         self._flows_cache: tuple[int, RawJson] | None = None
@@ -442,13 +304,10 @@ class Agent:
         assert self.dp is not None, "start() first"
         dp = self.dp
         next_counters = 0.0
-        reorder = self.flows.table.reorder
+        due: float | None = None
         while not stop.is_set():
             now = time.time()
-            # Arrivals are held back ``reorder`` s behind the newest one; wake up as
-            # soon as they can be released so a stall shows within a few ms.
-            wait = self._release_at - now
-            timeout = IDLE_POLL_MS if wait <= 0 else max(1, min(IDLE_POLL_MS, int(wait * 1000) + 1))
+            timeout = poll_timeout_ms(due, now)
             snap = None
             if now >= next_counters:
                 # read the kernel counters *before* this poll drains the rings, so every
@@ -462,11 +321,11 @@ class Agent:
                 size = len(self.flows.table)
                 out = self.flows.ingest(evs) if evs else []
                 out.extend(self.flows.advance(now))
+                # the engine says when it next has something to do (held arrivals to
+                # release, a stall to end): wake up then, so a stall shows within a few ms
+                due = self.flows.table.next_deadline()
                 if evs or out or size != len(self.flows.table):
                     self._version += 1
-                if evs:
-                    newest = max(e[1] for e in evs)
-                    self._release_at = max(self._release_at, newest + reorder)
             if out:
                 self._on_events(out)
             if snap is not None:

@@ -64,7 +64,7 @@ class StallRecord:
         return self.end - self.start
 
     def as_json(self) -> dict[str, object]:
-        """The DESIGN.md stall object (flow, client, start, end, duration) plus extras."""
+        """The stall object of docs/contracts.md (flow, client, start, end, duration) plus extras."""
         d = asdict(self)
         out: dict[str, object] = {
             "flow": self.flow,

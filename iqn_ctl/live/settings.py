@@ -6,6 +6,8 @@ Light on purpose (no bcc import), so the CLI and the agent can use it.
 
 from __future__ import annotations
 
+from iqn_ctl.errors import IqnError
+
 XDP_MODES = ("auto", "native", "skb")
 DEFAULT_XDP_MODE = "auto"
 #: perf ring per CPU, in 4 KiB pages; ~64 bytes an event, so 1024 pages hold
@@ -14,6 +16,10 @@ DEFAULT_PERF_PAGES = 1024
 MAX_PERF_PAGES = 1 << 16
 #: the kernel's LRU flow table; the engine's flow table has the same bound
 MAX_FLOWS_LIMIT = 1 << 24
+
+
+class AgentError(IqnError):
+    """An expected failure of attach/detach; the message is for the user as is."""
 
 
 def dataplane_problem(xdp_mode: str, max_flows: int, perf_pages: int) -> str | None:
