@@ -49,6 +49,8 @@ class Testbed:
     VLAN-tagged traffic is sent as hand-built frames on an AF_PACKET socket (the
     CI kernel has no 8021q module, and the agent only needs to see the tag)."""
 
+    __test__ = False  # a helper, not a pytest test class
+
     prefix: str = field(default_factory=run_prefix)
     vlan_id: int = 42
     created: list[str] = field(default_factory=list)

@@ -200,7 +200,7 @@ class Datapath:
         _require_root()
         _ifindex(iface)
         if not SRC.is_file():
-            raise DatapathError(f"the XDP program source is missing ({SRC}): run IQN from its checkout")
+            raise DatapathError(f"the XDP program source is missing ({SRC}): reinstall IQN (pip install .)")
         self.iface = iface
         self.filt = filt
         self.xdp_mode = xdp_mode
