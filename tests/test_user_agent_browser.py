@@ -1,5 +1,5 @@
 """The end-user agent against a real headful Chromium on a private Xvfb screen,
-playing the test player page (tests/pages/player.html, the page contract) from
+playing the lab's player page (the page contract; tests/pages adds markers and hooks) from
 a plain-HTTP server on 127.0.0.1: locating, real clicks, the loop, ground truth,
 calibration."""
 
