@@ -1,7 +1,7 @@
 """`iqn-ctl evaluate` as a user runs it: the scoring table and JSON, stdin,
 the figure, and one-line errors for bad input.
 
-The small case below is scored by hand from DESIGN.md's rules, so the expected
+The small case below is scored by hand from docs/contracts.md's rules, so the expected
 numbers come from the rules, not from a previous run.
 """
 
