@@ -20,6 +20,8 @@ import numpy as np
 
 from iqn_ctl.capture.frames import udp_frame
 from iqn_ctl.capture.pcap import LINKTYPE_ETHERNET
+from iqn_ctl.engine.flowkey import flow_label
+from iqn_ctl.engine.params import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, DEFAULT_PORT
 from iqn_ctl.engine.synth import SignalModel, signal_times
 
 PCAP_MAGIC_US = 0xA1B2C3D4
@@ -206,15 +208,12 @@ class SignalFlow:
     client: str
     cport: int
     stalls: list[tuple[float, float]]
-    sport: int = 443
+    sport: int = DEFAULT_PORT
     vlans: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
-        def ep(a: str, port: int) -> str:
-            return f"[{a}]:{port}" if ":" in a else f"{a}:{port}"
-
-        return f"{ep(self.server, self.sport)}>{ep(self.client, self.cport)}"
+        return flow_label(self.server, self.sport, self.client, self.cport)
 
 
 def router_traffic(
@@ -236,7 +235,7 @@ def router_traffic(
     out: list[Packet] = []
     for fl in flows:
         ts = signal_times(fl.stalls, mdl, rng)
-        sizes = rng.integers(1180, 1289, ts.size)
+        sizes = rng.integers(DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE + 1, ts.size)
         cache: dict[int, bytes] = {}
         for t, sz in zip(ts.tolist(), sizes.tolist(), strict=True):
             fr = cache.get(sz)
