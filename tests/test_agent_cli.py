@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import need, need_root
-from netlab import IQN_CTL, Lab
 from test_agent_live import need_xdp
 
-from iqn_ctl.history import History, StallRecord
+from iqn_ctl.live.history import History, StallRecord
+from iqn_lab.testbed import IQN_CTL
+from iqn_lab.testbed import Testbed as Lab
 
 
 def run(*args: str, env: dict[str, str] | None = None, user: str | None = None,

@@ -24,10 +24,11 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 from conftest import need, need_root
-from netlab import PY, Lab
 
-from iqn_ctl.api import ApiError, request, sock_path
-from iqn_ctl.synth import SignalModel, signal_times
+from iqn_ctl.engine.synth import SignalModel, signal_times
+from iqn_ctl.live.api import ApiError, request, sock_path
+from iqn_lab.testbed import PY
+from iqn_lab.testbed import Testbed as Lab
 
 P = 0.2
 STALL = 2.0  # seconds of signal per flow: enough for a stall, short enough for a fast test
@@ -272,10 +273,10 @@ def test_cross_cpu_stragglers_are_clamped_and_counted(tmp_path: Path, estimator:
     there a straggler left in place (not clamped) would end the stall early."""
     import struct
 
-    from iqn_ctl.agent import LIVE_REORDER, Agent, AgentConfig
-    from iqn_ctl.flowtable import FlowTable
-    from iqn_ctl.params import SignalParams
-    from iqn_ctl.tracker import StallEnded, StallStarted
+    from iqn_ctl.engine.flowtable import FlowTable
+    from iqn_ctl.engine.params import SignalParams
+    from iqn_ctl.engine.tracker import StallEnded, StallStarted
+    from iqn_ctl.live.agent import LIVE_REORDER, Agent, AgentConfig
 
     agent = Agent(AgentConfig(iface="lo", state_dir=tmp_path / "s", run_dir=tmp_path / "run",
                               estimator=estimator))

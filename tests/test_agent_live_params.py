@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netlab import Lab
 from test_agent_live import P, burst_times, by_port, cli, need_xdp, stop, wait_ready
 
-from iqn_ctl.api import request, sock_path
-from iqn_ctl.params import DEFAULT_N, CandidateFilter
+from iqn_ctl.engine.params import DEFAULT_N, CandidateFilter
+from iqn_ctl.live.api import request, sock_path
+from iqn_lab.testbed import Testbed as Lab
 
 FILT = CandidateFilter(port=8443, min_size=600, max_size=700)
 SIGNAL = 40101  # client ports: one flow each
@@ -73,7 +73,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             sock = sock_path(base / "run", lab.cli_if)
             wait_ready(sock, agent)
             t0 = time.time() + 0.8  # head start for the sender's start-up; times are compared as sent
-            # netlab binds one socket per source address: srv4 sends from FILT.port, srv4b from 443
+            # srv4 sends only from FILT.port, srv4b only from 443
             ours = {"src": lab.srv4, "dst": lab.cli4, "sport": FILT.port}
             flows: list[dict[str, Any]] = [
                 {"name": "signal", **ours, "dport": SIGNAL, "frame": 650, "times": burst_times(t0, 11)},

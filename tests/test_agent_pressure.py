@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from netlab import Lab
 from test_agent_live import DEADLINE, LEAD, cli, need_xdp, poll_until, stop, wait_ready
 
-from iqn_ctl.api import request, sock_path
-from iqn_ctl.flowtable import IDLE_WINDOWS
-from iqn_ctl.params import SignalParams
-from iqn_ctl.synth import SignalModel, signal_times
+from iqn_ctl.engine.flowtable import IDLE_WINDOWS
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.engine.synth import SignalModel, signal_times
+from iqn_ctl.live.api import request, sock_path
+from iqn_lab.testbed import Testbed as Lab
 
 MAX_FLOWS = 8
 #: a short signalling interval makes the idle timeout (IDLE_WINDOWS x 4p) 6 s

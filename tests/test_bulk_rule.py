@@ -1,4 +1,4 @@
-"""The bulk-discard rule (``iqn_ctl.discard``, the agent's ``--bulk-ratio``).
+"""The bulk-discard rule (``iqn_ctl.engine.discard``, the agent's ``--bulk-ratio``).
 
 The pure rule is pinned exactly (its threshold, ratio 0, unknown counters,
 which connections count); then one live traffic phase checks that the agent
@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from netlab import Lab
 from test_agent_live import STALL, burst_times, by_port, cli, need_xdp, stop, wait_ready
 
-from iqn_ctl.api import request, sock_path
-from iqn_ctl.discard import Counters, bulk_reason, delta
+from iqn_ctl.engine.discard import Counters, bulk_reason, delta
+from iqn_ctl.live.api import request, sock_path
+from iqn_lab.testbed import Testbed as Lab
 
 MAX = 1288  # the default candidate band's top: one full-size packet
 BASE = Counters(100, 7, 100 * 1000)

@@ -19,10 +19,16 @@ import psutil
 import pytest
 from conftest import need, need_root
 
-from iqn_ctl.scoring import SIGNIFICANT
-from iqn_ctl.traces import Stall, read_detected_clicks, read_real_stalls, read_stall_lines, read_timestamps
-from iqn_lab.demo_plan import plan
-from iqn_lab.demo_report import recall_of_signalled, signalled_stalls
+from iqn_ctl.evaluate.scoring import SIGNIFICANT
+from iqn_ctl.evaluate.traces import (
+    Stall,
+    read_detected_clicks,
+    read_real_stalls,
+    read_stall_lines,
+    read_timestamps,
+)
+from iqn_lab.demo.plan import plan
+from iqn_lab.demo.report import recall_of_signalled, signalled_stalls
 from iqn_lab.shaping import parse_schedule
 
 TOOLS = ("Xvfb", "/usr/bin/chromium", "/usr/bin/chromedriver", "openvpn", "nft", "ffmpeg", "tc")
@@ -118,7 +124,7 @@ def test_bad_options_are_one_line_errors(args: list[str], tmp_path: Path) -> Non
 
 def test_end_to_end_demo_scores_and_tears_down(tmp_path: Path) -> None:
     need_everything()
-    from iqn_lab.demo import DemoConfig, run_demo
+    from iqn_lab.demo.run import DemoConfig, run_demo
 
     prefix = f"e2e{os.getpid() % 100000}"
     out = tmp_path / "run"

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from iqn_ctl.estimators import DEFAULT_ESTIMATOR
-from iqn_ctl.params import SignalParams
-from iqn_ctl.replay import infer_times
-from iqn_ctl.scoring import score
-from iqn_ctl.traces import Stall
+from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.evaluate.replay import infer_times
+from iqn_ctl.evaluate.scoring import score
+from iqn_ctl.evaluate.traces import Stall
 
 T0 = 1.72e9
 BASE_DELAY = 0.020

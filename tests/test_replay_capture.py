@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import need, need_root
-from netlab import Lab
 
-from iqn_ctl.params import SignalParams
-from iqn_ctl.pcap import read_candidates
-from iqn_ctl.pcapwrite import SignalFlow, router_traffic, write_pcap, write_pcapng
-from iqn_ctl.synth import SignalModel, random_stalls, signal_times
+from iqn_ctl.capture.pcap import read_candidates
+from iqn_ctl.capture.pcapwrite import SignalFlow, router_traffic, write_pcap, write_pcapng
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.engine.synth import SignalModel, random_stalls, signal_times
+from iqn_lab.testbed import Testbed as Lab
 
 T0 = 1_700_000_000.0
 FLOW = "198.18.0.10:443>198.18.1.2:50000"

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iqn_ctl.scoring import SIGNIFICANT, TOLERANCE, Score, score
-from iqn_ctl.traces import Stall, read_real_stalls, read_stall_lines
+from iqn_ctl.evaluate.scoring import SIGNIFICANT, TOLERANCE, Score, score
+from iqn_ctl.evaluate.traces import Stall, read_real_stalls, read_stall_lines
 
 T0 = 1_700_000_000.0  # epoch-sized: the float rounding the traces live with
 

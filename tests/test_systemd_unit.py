@@ -1,10 +1,10 @@
-"""packaging/systemd/iqn-agent@.service: it verifies, and its command lines, with
+"""packaging/systemd/iqn-ctl@.service: it verifies, and its command lines, with
 the instance name put in the way systemd does, attach and detach the agent.
 
 No systemd runs here, so the unit is checked with ``systemd-analyze verify``
 (offline) and its ExecStart/ExecStopPost lines are expanded like systemd expands
 them (``%i`` is the instance as written in the unit name, i.e. escaped: an
-interface ``wan-1`` is ``iqn-agent@wan\\x2d1``; ``%I`` is it unescaped) and run
+interface ``wan-1`` is ``iqn-ctl@wan\\x2d1``; ``%I`` is it unescaped) and run
 against a real veth whose name has a '-' in it, stopped with the unit's
 KillSignal and after a crash.
 """
@@ -20,12 +20,13 @@ import subprocess
 from pathlib import Path
 
 from conftest import ROOT, need
-from netlab import Lab, sh
 from test_agent_live import DEADLINE, need_xdp, stop, wait_ready
 
-from iqn_ctl.api import sock_path
+from iqn_ctl.live.api import sock_path
+from iqn_lab.testbed import Testbed as Lab
+from iqn_lab.testbed import sh
 
-UNIT = ROOT / "packaging" / "systemd" / "iqn-agent@.service"
+UNIT = ROOT / "packaging" / "systemd" / "iqn-ctl@.service"
 PREFIX = "/opt/iqn"  # where the unit expects the checkout (docs/agent.md)
 
 
@@ -81,7 +82,7 @@ def test_unit_verifies(tmp_path: Path) -> None:
     d = tmp_path / "units"
     d.mkdir()
     (d / UNIT.name).write_text(installed(tmp_path))
-    r = subprocess.run(["systemd-analyze", "verify", str(d / "iqn-agent@eth0.service")],
+    r = subprocess.run(["systemd-analyze", "verify", str(d / "iqn-ctl@eth0.service")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
 
@@ -103,7 +104,7 @@ def test_unit_commands_attach_and_detach_a_dashed_interface(tmp_path: Path) -> N
         sh("ip", "-n", lab.cli_ns, "link", "set", "dev", lab.cli_if, "name", name)
         sh("ip", "-n", lab.cli_ns, "link", "set", "dev", name, "up")
         lab.cli_if = name
-        instance = escape(name)  # systemctl start iqn-agent@$(systemd-escape wan-1)
+        instance = escape(name)  # systemctl start iqn-ctl@$(systemd-escape wan-1)
         assert instance != name
         # the device the unit binds to is the interface's own device unit
         device = sh("systemd-escape", "--path", "--suffix=device", f"/sys/subsystem/net/devices/{name}")

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from conftest import DATA
 
-from iqn_ctl.params import SignalParams
-from iqn_ctl.replay import infer_times
-from iqn_ctl.synth import SignalModel, random_stalls, signal_times
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.engine.synth import SignalModel, random_stalls, signal_times
+from iqn_ctl.evaluate.replay import infer_times
 
 PRM = SignalParams(0.2, 4)
 

@@ -1,5 +1,5 @@
 """The end-user agent against a real headful Chromium on a private Xvfb screen,
-playing the test player page (tests/pages/player.html, the page contract) from
+playing the lab's player page (the page contract; tests/pages adds markers and hooks) from
 a plain-HTTP server on 127.0.0.1: locating, real clicks, the loop, ground truth,
 calibration, and what users do to a player that must not pass for a stall or
 break the signalling (pause, seek, fullscreen).
@@ -29,9 +29,9 @@ from conftest import need
 from pages.desktop import have_desktop_tools, xvfb
 from pages.server import PageServer, make_clip
 
-from iqn_ctl.params import SignalParams
-from iqn_ctl.traces import read_detected_clicks, read_real_stalls
-from iqn_ctl.tracker import StallEnded, StallStarted, StallTracker
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.engine.tracker import StallEnded, StallStarted, StallTracker
+from iqn_ctl.evaluate.traces import read_detected_clicks, read_real_stalls
 from user_agent.agent import RunStats, run_agent
 from user_agent.calibrate import record_positions
 from user_agent.detector import DetectorConfig, Kind, Verdict
@@ -158,7 +158,7 @@ def switch_clicks_answered(driver: Any, page: PageServer, count: int) -> list[tu
 
 def one_burst_for_the_router(times: list[float], n: int, p: float = 0.2) -> bool:
     """The ISP side's grouping: ``n`` candidates within its start window make one
-    stall start of ``n`` candidates (iqn_ctl.tracker, the engine the agents use)."""
+    stall start of ``n`` candidates (iqn_ctl.engine.tracker, the engine the agents use)."""
     tr = StallTracker(SignalParams(p=p, n=n))
     events = tr.feed(sorted(times)) + tr.close()
     starts = [e for e in events if isinstance(e, StallStarted)]

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, need, need_root
 
-from iqn_ctl import bpf_testrun
-from iqn_ctl.frames import udp_frame
-from iqn_ctl.params import CandidateFilter
+from iqn_ctl.capture.frames import udp_frame
+from iqn_ctl.engine.params import CandidateFilter
+from iqn_ctl.live import bpf_testrun
 
 XDP_PASS = 2
 FILT = CandidateFilter()  # port 443, frames 1180..1288
@@ -93,7 +93,7 @@ class Prog:
     """The compiled program (via Datapath, never attached) with fast counter reads."""
 
     def __init__(self, max_flows: int = 65536) -> None:
-        from iqn_ctl.datapath import Datapath
+        from iqn_ctl.live.datapath import Datapath
 
         self.dp = Datapath("lo", FILT, max_flows=max_flows)
         self.runner = bpf_testrun.TestRunner(self.dp.prog_fd)
@@ -213,7 +213,7 @@ def test_crafted_frame(prog: Prog, name: str) -> None:
 
 
 def test_candidate_event_and_flow_stats(prog: Prog) -> None:
-    from iqn_ctl.datapath import decode_key
+    from iqn_ctl.live.layout import decode_key
 
     prog.dp.poll(0)
     frame = v4(1234, vlans=(5,))
@@ -407,7 +407,8 @@ def send_udp(lab: Lab, sends: list[tuple[int, int]]) -> None:
 
 @pytest.mark.parametrize("mode", ["native", "skb"])
 def test_veth_events_and_counters(lab: Lab, mode: str) -> None:
-    from iqn_ctl.datapath import Datapath, decode_key, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, xdp_program_on
+    from iqn_ctl.live.layout import decode_key
 
     with Datapath(lab.router, FILT, xdp_mode=mode) as dp:
         assert dp.attach() == mode
@@ -444,7 +445,7 @@ FOREIGN = b"int foreign_xdp(struct xdp_md *ctx) { return XDP_PASS; }"
 def test_foreign_program_refused_unless_forced(lab: Lab) -> None:
     from bcc import BPF
 
-    from iqn_ctl.datapath import Datapath, DatapathError, remove_xdp, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, DatapathError, remove_xdp, xdp_program_on
 
     other = BPF(text=FOREIGN)
     fn = other.load_func(b"foreign_xdp", BPF.XDP)
@@ -467,7 +468,7 @@ def test_foreign_program_refused_unless_forced(lab: Lab) -> None:
 
 def test_no_such_interface() -> None:
     _need_bpf()
-    from iqn_ctl.datapath import Datapath, DatapathError, remove_xdp, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, DatapathError, remove_xdp, xdp_program_on
 
     name = f"iqnz{uuid.uuid4().hex[:8]}"
     for call in (lambda: Datapath(name, FILT), lambda: xdp_program_on(name), lambda: remove_xdp(name)):
@@ -476,12 +477,12 @@ def test_no_such_interface() -> None:
 
 
 def test_remove_after_sigkill_and_stale_replaced(lab: Lab) -> None:
-    from iqn_ctl.datapath import Datapath, remove_xdp, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, remove_xdp, xdp_program_on
 
     code = textwrap.dedent(f"""
         import time
-        from iqn_ctl.datapath import Datapath
-        from iqn_ctl.params import CandidateFilter
+        from iqn_ctl.live.datapath import Datapath
+        from iqn_ctl.engine.params import CandidateFilter
         dp = Datapath({lab.router!r}, CandidateFilter())
         print(dp.attach(), dp.prog_id, flush=True)
         time.sleep(120)
@@ -513,7 +514,7 @@ def test_errors_are_one_line() -> None:
     _need_bpf()
     probe = textwrap.dedent("""
         import os, sys
-        import iqn_ctl.datapath as d
+        import iqn_ctl.live.datapath as d
         from pathlib import Path
         if sys.argv[1:] == ["nobody"]:  # drop root after the imports: the checkout may be private
             os.setgroups([])
@@ -551,7 +552,7 @@ def test_errors_are_one_line() -> None:
 def test_auto_falls_back_to_generic_where_native_is_missing(caplog: pytest.LogCaptureFixture) -> None:
     """A bridge has no native XDP: auto uses generic mode and says so, native refuses."""
     _need_bpf()
-    from iqn_ctl.datapath import Datapath, DatapathError, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, DatapathError, xdp_program_on
 
     dev = f"iqnx{uuid.uuid4().hex[:6]}b"
     try:
@@ -561,7 +562,7 @@ def test_auto_falls_back_to_generic_where_native_is_missing(caplog: pytest.LogCa
                 dp.attach()
             assert xdp_program_on(dev) is None
             dp.xdp_mode = "auto"
-            with caplog.at_level("WARNING", logger="iqn_ctl.datapath"):
+            with caplog.at_level("WARNING", logger="iqn_ctl.live.datapath"):
                 assert dp.attach() == "skb"
             assert "native XDP is not available" in caplog.text and "generic (skb)" in caplog.text
             assert xdp_program_on(dev) == (dp.prog_id, "iqn_xdp")
@@ -574,7 +575,8 @@ def test_flow_table_is_bounded_and_lost_events_counted() -> None:
     """max_flows bounds the LRU (newest flows kept); a perf buffer too small
     for a burst loses events, and counters()["lost"] accounts for every one."""
     _need_bpf()
-    from iqn_ctl.datapath import Datapath, decode_key
+    from iqn_ctl.live.datapath import Datapath
+    from iqn_ctl.live.layout import decode_key
 
     with Datapath("lo", FILT, max_flows=256, perf_pages=1) as dp:
         runner = bpf_testrun.TestRunner(dp.prog_fd)
@@ -616,7 +618,7 @@ class FilteredProg(Prog):
     """Prog compiled for another filter, judged by the reference with that filter."""
 
     def __init__(self, filt: CandidateFilter) -> None:
-        from iqn_ctl.datapath import Datapath
+        from iqn_ctl.live.datapath import Datapath
 
         self.filt = filt
         self.dp = Datapath("lo", filt)
@@ -716,7 +718,7 @@ def test_non_default_filter_sweep_and_events(alt: FilteredProg) -> None:
     """Every size from well below to well above the band and a few ports, IPv4
     and IPv6: the kernel decides like the reference for this filter, and each
     candidate reaches user space with its length and the filter's port."""
-    from iqn_ctl.datapath import decode_key
+    from iqn_ctl.live.datapath import decode_key
 
     f = alt.filt
     alt.dp.poll(0)

@@ -32,7 +32,8 @@ from .detector import DetectorConfig, Kind, StallDetector, Verdict
 from .errors import AgentError
 from .layout import Layout
 from .locate import Locator
-from .signaler import Burst, Signaler, check_n
+from .protocol import DEFAULT_N, DEFAULT_P, check_n, check_p
+from .signaler import Burst, Signaler
 from .truth import TruthRecorder
 from .xinput import InputWatcher, RecordedInput
 
@@ -58,8 +59,8 @@ def run_agent(
     locator: Locator,
     stop: threading.Event,
     *,
-    p: float = 0.2,
-    n: int = 4,
+    p: float = DEFAULT_P,
+    n: int = DEFAULT_N,
     log: IO[str] | None = None,
     truth: TruthRecorder | None = None,
     grabber: Grabber | None = None,
@@ -71,8 +72,7 @@ def run_agent(
     on_verdict: Callable[[Verdict, Burst | None], None] | None = None,
 ) -> RunStats:
     """Run until ``stop`` is set (or ``duration`` seconds pass); return counters."""
-    if not (0.02 <= p <= 60):
-        raise AgentError(f"--p must be between 0.02 and 60 seconds, got {p}")
+    check_p(p)
     check_n(n)
     own_grabber = grabber is None
     grabber = grabber or make_grabber("mss")

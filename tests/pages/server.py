@@ -1,5 +1,10 @@
 """Plain-HTTP server for the test player page on 127.0.0.1, recording the
-autoplay POSTs with their arrival times (the stand-in for the OTT service)."""
+autoplay POSTs with their arrival times (the stand-in for the OTT service).
+
+The page is the lab's player (``iqn_lab/ott/static``: one page contract, one
+page) playing a local clip (``?clip=``), plus two test-only additions: corner
+markers, so tests can check the located rectangle, and ``hooks.js``
+(``window.iqnTest.stall(ms)``, a stall on demand)."""
 
 from __future__ import annotations
 
@@ -9,9 +14,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from pathlib import Path
 
-PAGE = Path(__file__).with_name("player.html")
+STATIC = Path(str(resources.files("iqn_lab.ott") / "static"))
+HOOKS = Path(__file__).with_name("hooks.js")
+_SQUARE = '<div style="position:absolute;{};width:12px;height:12px;z-index:2;background:{}"></div>'
+MARKERS = _SQUARE.format("left:0;top:0", "#ff00ff") + _SQUARE.format("right:0;bottom:0", "#00ff00")
+TYPES = {".css": "text/css", ".js": "text/javascript"}
+
+
+def page() -> bytes:
+    """The lab's player page with the markers in the player and the hooks after its script."""
+    html = (STATIC / "player.html").read_text()
+    html = html.replace('<div class="ytp-spinner"', MARKERS + '\n    <div class="ytp-spinner"', 1)
+    script = '<script src="/player.js"></script>'
+    html = html.replace(script, script + '\n<script src="/hooks.js"></script>', 1)
+    return html.encode()
 
 
 def make_clip(path: Path, seconds: int = 6) -> Path:
@@ -50,7 +69,11 @@ class PageServer:
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 path = self.path.split("?", 1)[0]
                 if path in ("/", "/player.html"):
-                    self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+                    self._send(200, page(), "text/html; charset=utf-8")
+                elif path in ("/player.css", "/player.js"):
+                    self._send(200, (STATIC / path[1:]).read_bytes(), TYPES[Path(path).suffix])
+                elif path == "/hooks.js":
+                    self._send(200, HOOKS.read_bytes(), "text/javascript")
                 elif path == "/clip.webm":
                     self._send(200, owner.clip.read_bytes(), "video/webm")
                 else:
@@ -75,7 +98,7 @@ class PageServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/player.html"
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/player.html?clip=/clip.webm"
 
     def take_posts(self) -> list[tuple[float, bool]]:
         with self.lock:
