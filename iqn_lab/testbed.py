@@ -37,9 +37,18 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return r
 
 
+#: the OS's randomness, not the ``random`` module's: hypothesis seeds that one
+#: deterministically inside its tests, so two testbeds of one run could get the same names
+_RNG = random.SystemRandom()
+
+
 def run_prefix() -> str:
-    """Short and unique per run (interface names are at most 15 characters)."""
-    return f"iq{os.getpid() % 10000:04d}{random.randrange(36 ** 2):03x}"[:9]
+    """Short and unique per run (interface names are at most 15 characters); a name whose
+    namespace already exists (another run's, or a leftover) is never reused."""
+    while True:
+        prefix = f"iq{os.getpid() % 10000:04d}{_RNG.randrange(16 ** 3):03x}"
+        if not any(os.path.exists(f"/run/netns/{prefix}{role}") for role in "sc"):
+            return prefix
 
 
 @dataclass
@@ -56,7 +65,7 @@ class Testbed:
     created: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        n = random.randrange(1, 250)
+        n = _RNG.randrange(1, 250)
         self.srv_ns = f"{self.prefix}s"
         self.cli_ns = f"{self.prefix}c"
         self.srv_if = f"{self.prefix}S"

@@ -23,7 +23,7 @@ CANDIDATE = (1180, 1288)
 
 
 def lab_prefix(tag: str) -> str:
-    return f"{tag}{os.getpid() % 10000:04d}{random.randrange(256):02x}"
+    return f"{tag}{os.getpid() % 10000:04d}{random.SystemRandom().randrange(256):02x}"
 
 
 def need_lab_tools() -> None:
