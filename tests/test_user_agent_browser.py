@@ -125,8 +125,9 @@ def located(driver: Any) -> Layout:
 
 
 def player_state(driver: Any) -> dict[str, Any]:
-    """The page's own record (tests/pages/player.html): stalls, switch clicks, clicks
-    on the player, seeks, pauses, fullscreen changes, answered POSTs."""
+    """The page's own record: the lab player's (iqn_lab/ott/static/player.js: stalls,
+    switch clicks, autoplayOk = answered POSTs) and the test hooks' (tests/pages/hooks.js:
+    clicks on the player, seeks, pauses, fullscreen changes)."""
     return dict(driver.execute_script("return window.iqnPlayer"))
 
 
@@ -149,10 +150,11 @@ def switch_clicks_answered(driver: Any, page: PageServer, count: int) -> list[tu
     """Wait until the page has ``count`` switch clicks with their POSTs answered (so
     the server has them all), then return the server's POSTs."""
     try:
-        wait_for(lambda: player_state(driver)["ok"] >= count, f"{count} answered autoplay POSTs")
+        wait_for(lambda: player_state(driver)["autoplayOk"] >= count, f"{count} answered autoplay POSTs")
     except pytest.fail.Exception:
         st = player_state(driver)
-        pytest.fail(f"the page answered {st['ok']} of {count} POSTs from {len(st['clicks'])} switch clicks")
+        answered, clicks = st["autoplayOk"], len(st["clicks"])
+        pytest.fail(f"the page answered {answered} of {count} POSTs from {clicks} switch clicks")
     return page.take_posts()
 
 
@@ -286,7 +288,7 @@ def test_signal_toggles_switch_n_times_and_restores_everything(
     lay = located(driver)
     driver.execute_script("window.iqnPlayer.clicks = []")
     page.take_posts()
-    ok0 = player_state(driver)["ok"]
+    ok0 = player_state(driver)["autoplayOk"]
     start_state = driver.execute_script(SWITCH_STATE)
     gui.moveTo(*PARK)
     burst = Signaler(n, gui, mode).signal(lay.switch)
@@ -314,7 +316,7 @@ def test_agent_signals_only_while_the_page_stalls(driver: Any, page: PageServer,
     log_path, truth_path = tmp_path / "Detected_clicks_0.2.txt", tmp_path / "Real_stalls.txt"
     page.take_posts()
     reset_page(driver)
-    ok0 = player_state(driver)["ok"]
+    ok0 = player_state(driver)["autoplayOk"]
     with open(log_path, "w") as log, open(truth_path, "w") as truth:
         with AgentRun(driver, p=p, record_truth=True, log=log, truth=TruthRecorder(truth)) as run:
             run.wait(lambda: run.count(Kind.PLAYING) >= 3, "the agent to see playback")
@@ -578,7 +580,7 @@ def test_seek_rebuffer_is_held_back_then_signalled(driver: Any, page: PageServer
     lay = located(driver)
     reset_page(driver)
     page.take_posts()
-    ok0 = player_state(driver)["ok"]
+    ok0 = player_state(driver)["autoplayOk"]
     driver.execute_script("window.iqnTest.seekRebufferMs = 3000")
     bar = (lay.player.left + lay.player.width * 3 // 4, lay.player.top + lay.player.height - 27)
     try:
@@ -641,7 +643,7 @@ def test_player_fullscreen_hides_the_switch_and_nothing_is_clicked(driver: Any, 
     windowed = located(driver)
     reset_page(driver)
     page.take_posts()
-    ok0 = player_state(driver)["ok"]
+    ok0 = player_state(driver)["autoplayOk"]
     driver.execute_script("window.iqnTest.stall(0)")  # until resume()
     try:
         with AgentRun(driver) as run:
@@ -678,7 +680,7 @@ def test_browser_fullscreen_moves_the_player_and_the_agent_follows(driver: Any, 
     windowed = located(driver)
     reset_page(driver)
     page.take_posts()
-    ok0 = player_state(driver)["ok"]
+    ok0 = player_state(driver)["autoplayOk"]
     start_state = driver.execute_script(SWITCH_STATE)
     driver.execute_script("window.iqnTest.stall(0)")
     try:
@@ -753,7 +755,7 @@ def test_cli_run_with_calibration_for_a_user_started_browser(
 
     save_calibration(located(driver), tmp_path / "cal.json")
     page.take_posts()
-    ok0 = player_state(driver)["ok"]
+    ok0 = player_state(driver)["autoplayOk"]
     driver.execute_script("window.iqnTest.stall(0)")  # stalled all along
     try:
         err, lines = run_cli_until(
