@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agent_live import P, burst_times, by_port, cli, need_xdp, stop, wait_ready
+from test_agent_live import P, burst_times, by_port, cli, need_xdp, poll_until, stop, wait_ready
 
 from iqn_ctl.engine.params import DEFAULT_N, CandidateFilter
 from iqn_ctl.live.api import request, sock_path
@@ -45,17 +45,13 @@ DEADLINE = 30.0
 
 def _wait_settled(sock: Path, sent_total: int) -> dict[str, Any]:
     """Poll the agent until the kernel has seen every packet sent, user space has
-    every candidate event, no flow is in a stall and the history holds every
-    ended stall; returns the last status. Event-driven: no planned times."""
-    deadline = time.monotonic() + DEADLINE
-    st: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        st = request(sock, "status")
-        if (st["packets"] >= sent_total and st["events"] == st["candidates"]
-                and st["flows_in_stall"] == 0):
-            return st
-        time.sleep(0.1)
-    raise AssertionError(f"agent did not settle within {DEADLINE} s: {st}")
+    every candidate event and no flow is in a stall; returns the last status.
+    Event-driven: no planned times."""
+    st = poll_until(lambda: request(sock, "status"),
+                    lambda st: (st["packets"] >= sent_total and st["events"] == st["candidates"]
+                                and st["flows_in_stall"] == 0))
+    assert st["packets"] >= sent_total and st["flows_in_stall"] == 0, f"agent did not settle: {st}"
+    return st
 
 
 @pytest.fixture(scope="module")

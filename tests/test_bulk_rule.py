@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_agent_live import STALL, burst_times, by_port, cli, need_xdp, stop, wait_ready
+from test_agent_live import STALL, burst_times, by_port, cli, need_xdp, poll_until, stop, wait_ready
 
 from iqn_ctl.engine.discard import Counters, bulk_reason, delta
 from iqn_ctl.live.api import request, sock_path
@@ -222,14 +222,13 @@ def signal_with_other(lab: Lab, name: str, dport: int, seed: int, pps: int) -> l
 def settled(sock: Path, started: int, deadline: float) -> dict[str, Any]:
     """The agent's status once ``started`` stalls began and all of them ended
     or were discarded (polled: stall ends are noticed w_end after the signal)."""
-    st_: dict[str, Any] = {}
-    while time.time() < deadline:
-        st_ = request(sock, "status")
-        if st_["stalls_started"] >= started and st_["stalls_ended"] + st_["stalls_discarded"] == st_[
-                "stalls_started"]:
-            return st_
-        time.sleep(0.1)
-    raise AssertionError(f"stalls did not settle: {st_}")
+    st = poll_until(lambda: request(sock, "status"),
+                    lambda st: (st["stalls_started"] >= started
+                                and st["stalls_ended"] + st["stalls_discarded"] == st["stalls_started"]),
+                    timeout=max(0.0, deadline - time.time()))
+    assert st["stalls_started"] >= started, f"stalls did not settle: {st}"
+    assert st["stalls_ended"] + st["stalls_discarded"] == st["stalls_started"], f"stalls did not settle: {st}"
+    return st
 
 
 @pytest.fixture(scope="module")
