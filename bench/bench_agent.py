@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 import _results  # noqa: E402  (bench/ is on sys.path when run as a script)
-from netlab import PY, Lab  # noqa: E402
 
-from iqn_ctl.agent import IDLE_POLL_MS  # noqa: E402
-from iqn_ctl.api import ApiError, request, sock_path  # noqa: E402
-from iqn_ctl.frames import udp_frame  # noqa: E402
+from iqn_ctl.capture.frames import udp_frame  # noqa: E402
+from iqn_ctl.live.agent import IDLE_POLL_MS  # noqa: E402
+from iqn_ctl.live.api import ApiError, request, sock_path  # noqa: E402
+from iqn_lab.testbed import PY  # noqa: E402
+from iqn_lab.testbed import Testbed as Lab  # noqa: E402
 
 SECTION = "## Live agent"
 CMD = "sudo .venv/bin/python bench/bench_agent.py"

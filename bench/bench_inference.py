@@ -6,7 +6,7 @@ The paper's agent keeps every candidate in a Python list and, at each packet,
 re-filters the whole list with a list comprehension to count the packets in
 the window. That is quadratic, so it is timed on a slice of the trace (its rate
 on the slice is reported as measured; nothing is extrapolated). Ours is timed
-on the whole trace (>= 5 M timestamps from iqn_ctl.synth), fed the ways the
+on the whole trace (>= 5 M timestamps from iqn_ctl.engine.synth), fed the ways the
 project feeds it:
 
 - all at once: `iqn-ctl replay` of a timestamp file;
@@ -40,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 import _results  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from iqn_ctl.flowtable import FlowTable  # noqa: E402
-from iqn_ctl.params import SignalParams  # noqa: E402
-from iqn_ctl.synth import SignalModel, random_stalls, signal_times  # noqa: E402
-from iqn_ctl.tracker import StallEnded, StallTracker  # noqa: E402
+from iqn_ctl.engine.flowtable import FlowTable  # noqa: E402
+from iqn_ctl.engine.params import SignalParams  # noqa: E402
+from iqn_ctl.engine.synth import SignalModel, random_stalls, signal_times  # noqa: E402
+from iqn_ctl.engine.tracker import StallEnded, StallTracker  # noqa: E402
 
 T = TypeVar("T")
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -230,7 +230,8 @@ def write_section(table: str, summary: str, args: argparse.Namespace, size: int)
     body = (
         f"{SECTION}\n\n"
         f"StallTracker throughput on a synthetic trace of {args.stalls:,} stalls ({size:,} candidate "
-        "timestamps, `iqn_ctl.synth`, 0.3 s jitter, 1% loss) against the paper's agent loop (append to a "
+        "timestamps, `iqn_ctl.engine.synth`, 0.3 s jitter, 1% loss) against the paper's agent loop "
+        "(append to a "
         f"list, re-filter the whole list at every packet) timed on a slice in the same run; best of "
         f"{args.rounds} runs each "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "

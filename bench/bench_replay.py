@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 import _results  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-import iqn_ctl.pcap as pcap_mod  # noqa: E402
-from iqn_ctl.params import CandidateFilter, SignalParams  # noqa: E402
-from iqn_ctl.pcap import read_candidates  # noqa: E402
-from iqn_ctl.pcapwrite import SignalFlow, router_traffic, write_pcap, write_pcapng  # noqa: E402
-from iqn_ctl.replay import replay_capture  # noqa: E402
-from iqn_ctl.synth import SignalModel, random_stalls  # noqa: E402
+import iqn_ctl.capture.pcap as pcap_mod  # noqa: E402
+from iqn_ctl.capture.pcap import read_candidates  # noqa: E402
+from iqn_ctl.capture.pcapwrite import SignalFlow, router_traffic, write_pcap, write_pcapng  # noqa: E402
+from iqn_ctl.engine.params import CandidateFilter, SignalParams  # noqa: E402
+from iqn_ctl.engine.synth import SignalModel, random_stalls  # noqa: E402
+from iqn_ctl.evaluate.replay import replay_capture  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 RESULTS = ROOT / "bench" / "RESULTS.md"

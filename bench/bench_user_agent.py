@@ -124,9 +124,15 @@ def toggle_gaps(driver: Any, page: Any, switch: Any, bursts: int) -> dict[str, l
         for _ in range(bursts):
             driver.execute_script("window.iqnPlayer.clicks = []")
             page.take_posts()
+            ok0 = driver.execute_script("return window.iqnPlayer.autoplayOk")
             b = sig.signal(switch)
             agent += [(y - x) * 1000 for x, y in zip(b.clicks, b.clicks[1:], strict=False)]
-            time.sleep(0.25)
+            # all four POSTs answered, so none of them spills into the next burst's gaps
+            deadline = time.monotonic() + 30
+            while driver.execute_script("return window.iqnPlayer.autoplayOk") < ok0 + 4:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the page did not answer a burst's four POSTs within 30 s")
+                time.sleep(0.01)
             clicks = driver.execute_script("return window.iqnPlayer.clicks")
             browser += [y - x for x, y in zip(clicks, clicks[1:], strict=False)]
             arr = sorted(t for t, _ in page.take_posts())

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 import _results  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from iqn_ctl.bpf_testrun import TestRunner  # noqa: E402
-from iqn_ctl.frames import udp_frame  # noqa: E402
-from iqn_ctl.params import CandidateFilter  # noqa: E402
+from iqn_ctl.capture.frames import udp_frame  # noqa: E402
+from iqn_ctl.engine.params import CandidateFilter  # noqa: E402
+from iqn_ctl.live.bpf_testrun import TestRunner  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## XDP data plane"
@@ -102,7 +102,7 @@ def main() -> None:
 
     from bcc import BPF
 
-    from iqn_ctl.datapath import Datapath
+    from iqn_ctl.live.datapath import Datapath
 
     filt = CandidateFilter()
     empty_bpf = BPF(text=EMPTY_SRC)
@@ -172,7 +172,8 @@ def write_section(table: str, summary: str, args: argparse.Namespace) -> None:
         cmd += f" --repeat {args.repeat} --cand-repeat {args.cand_repeat} --rounds {args.rounds}"
     body = (
         f"{SECTION}\n\n"
-        "Per-packet cost of `bpf/iqn_xdp.c` against an empty `XDP_PASS` program, both loaded with bcc "
+        "Per-packet cost of `iqn_ctl/live/bpf/iqn_xdp.c` against an empty `XDP_PASS` program, "
+        "both loaded with bcc "
         "run in the kernel by BPF_PROG_TEST_RUN in the same run and timed by the calling thread's CPU time "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Re-run: `{cmd}`\n\n"
         f"{table}\n\n{summary}\n"

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from . import netns
-from . import topology as T
+from .chrome import chrome_args
 
 if TYPE_CHECKING:
     from selenium.webdriver.chrome.options import Options
@@ -33,28 +33,6 @@ if TYPE_CHECKING:
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
-def chrome_args(spki: str, headless: bool = True) -> list[str]:
-    hosts = f"{T.WWW_HOST}:443,{T.MEDIA_HOST}:443"
-    rules = f"MAP {T.WWW_HOST} {T.OTT_WWW}, MAP {T.MEDIA_HOST} {T.OTT_MEDIA}, MAP * ~NOTFOUND"
-    args = [
-        "--enable-quic",
-        f"--origin-to-force-quic-on={hosts}",
-        f"--ignore-certificate-errors-spki-list={spki}",
-        f"--host-resolver-rules={rules}",
-        "--no-sandbox",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--autoplay-policy=no-user-gesture-required",
-        "--disable-dev-shm-usage",
-        "--window-size=800,600",
-    ]
-    if headless:
-        args += ["--headless=new", "--disable-gpu"]
-    return args
 
 
 def chrome_options(spki: str, headless: bool = True) -> Options:

@@ -2,7 +2,9 @@
 
 What the ISP agent would see on the router, for tests and experiments while
 the XDP data plane is not attached: Ethernet frame length (the paper's size
-measure), protocol and addresses of every IPv4 packet on the link.
+measure), protocol and addresses of every IPv4 packet on the link. Which of
+them are candidates is decided by :func:`candidates`, i.e. by the one
+classifier the replay uses (:mod:`iqn_ctl.capture.classify`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from iqn_ctl.capture.classify import HDR, classify_frames
+from iqn_ctl.engine.params import CandidateFilter
 
 from . import netns
 
@@ -31,6 +37,8 @@ class Frame:
     dst: str
     dport: int
     outgoing: bool
+    #: the frame's first bytes, for the candidate classifier
+    head: bytes = field(default=b"", compare=False, repr=False)
 
 
 def parse(buf: bytes, t: float, outgoing: bool) -> Frame | None:
@@ -46,7 +54,15 @@ def parse(buf: bytes, t: float, outgoing: bool) -> Frame | None:
         if len(buf) < 14 + ihl + 8:
             return None
         sport, dport = struct.unpack("!HH", buf[14 + ihl : 14 + ihl + 4])
-    return Frame(t, len(buf), proto, src, sport, dst, dport, outgoing)
+    return Frame(t, len(buf), proto, src, sport, dst, dport, outgoing, buf[:HDR])
+
+
+def candidates(frames: Sequence[Frame], filt: CandidateFilter) -> list[Frame]:
+    """The frames the ISP agent takes as candidates, in time order: incoming
+    ones only (XDP sees a link's ingress), classified like the data plane."""
+    inc = [f for f in frames if not f.outgoing]
+    c = classify_frames([f.head for f in inc], [f.t for f in inc], filt, [f.length for f in inc])
+    return [inc[int(i)] for i in c.frame_index]
 
 
 class Capture:

@@ -6,50 +6,25 @@ Expected failures (not root, bad rate, lab not up) end as one
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
 import typer
 
-from .lab import Lab, LabError
-from .ott.media import MediaError
-from .shaping import RateError, parse_rate
-from .templates import TemplateError
-from .topology import ROLES, PrefixError
+from iqn_ctl.clikit import friendly_for, make_app
 
-app = typer.Typer(
-    name="iqn-lab",
-    help="IQN lab: client - OpenVPN tunnel - router - OTT (HTTP/3) in network namespaces.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-F = TypeVar("F", bound=Callable[..., object])
+from .demo import cli as demo_cli
+from .lab import Lab, LabError
+from .shaping import parse_rate
+from .topology import ROLES
+
+app = make_app("iqn-lab", "IQN lab: client - OpenVPN tunnel - router - OTT (HTTP/3) in network namespaces.")
+friendly = friendly_for("iqn-lab", permission_hint="run as root")
 OptPrefix = typer.Option(
     os.environ.get("IQN_LAB_PREFIX", "iqnlab"), "--prefix", help="name prefix of this lab instance"
 )
-
-
-def friendly(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: object, **kwargs: object) -> object:
-        try:
-            return fn(*args, **kwargs)
-        except (LabError, RateError, PrefixError, MediaError, TemplateError) as e:
-            typer.echo(f"iqn-lab: error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except PermissionError as e:
-            typer.echo(f"iqn-lab: error: {e.strerror or e}: run as root", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _root() -> None:
@@ -154,7 +129,7 @@ def exec_(
     raise typer.Exit(rc)
 
 
-from . import cli_demo  # noqa: E402,F401  (registers iqn-lab demo)
+app.command(name="demo")(friendly(demo_cli.demo))
 
 
 def main() -> None:

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from iqn_ctl.errors import IqnError
+
 from . import netns, procs
 from . import topology as T
 from .certs import fingerprint, make_cert, spki_hash
+from .chrome import chrome_args
 from .ott.media import MediaSpec, ensure_media
 from .shaping import Step, apply_rate, current_rate, format_rate, parse_rate, parse_schedule
 from .templates import render
@@ -34,7 +37,7 @@ DAEMONS = ("openvpn-server", "openvpn-client", "ott")
 READY_TIMEOUT = 25.0
 
 
-class LabError(Exception):
+class LabError(IqnError):
     """An expected failure (not root, missing tool, lab not up); message for the user."""
 
 
@@ -102,8 +105,6 @@ class Lab:
 
     def chrome_args(self, headless: bool = True) -> list[str]:
         """Chromium flags for the client namespace: h3 to the emulator, no DNS."""
-        from .browser import chrome_args
-
         return chrome_args(spki_hash(self.ott_cert), headless=headless)
 
     # -- running things inside --------------------------------------------------

@@ -15,13 +15,15 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from iqn_ctl.errors import IqnError
+
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = Path("/run/netns")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class NetnsError(Exception):
+class NetnsError(IqnError):
     """A namespace could not be entered or found; the message is for the user."""
 
 

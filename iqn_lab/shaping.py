@@ -10,6 +10,8 @@ import errno
 import re
 from dataclasses import dataclass
 
+from iqn_ctl.errors import IqnError
+
 from .templates import env_file
 
 TC_H_ROOT = 0xFFFFFFFF
@@ -19,7 +21,7 @@ _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit)?\s*$", re.IGNORE
 UNLIMITED = ("none", "off", "unlimited")
 
 
-class RateError(ValueError):
+class RateError(IqnError, ValueError):
     """A rate or schedule the user wrote cannot be understood."""
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from iqn_ctl.errors import IqnError
+
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 
 
-class TemplateError(Exception):
+class TemplateError(IqnError):
     """A template was rendered with a placeholder left unfilled."""
 
 

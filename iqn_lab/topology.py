@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from iqn_ctl.errors import IqnError
+
 ROLES = ("client", "router", "ott")
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 
@@ -36,7 +38,7 @@ WWW_HOST = "www.iqn.test"
 MEDIA_HOST = "media.iqn.test"
 
 
-class PrefixError(ValueError):
+class PrefixError(IqnError, ValueError):
     """A lab prefix that cannot name namespaces and interfaces."""
 
 

@@ -18,8 +18,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from iqn_ctl.errors import IqnError
 
-class XvfbError(Exception):
+
+class XvfbError(IqnError):
     """Xvfb missing or failed to start; the message is for the user."""
 
 

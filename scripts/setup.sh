@@ -19,6 +19,7 @@ APT_PACKAGES=(
   make gcc
   python3-tk xvfb xauth chromium chromium-driver xdotool ffmpeg  # user agent: pyautogui, headful Chromium, test clip
   openvpn openssl vagrant vagrant-libvirt shellcheck  # lab: tunnel, certificate checks, VM pair validation
+  systemd                                        # tests: systemd-analyze verify / systemd-escape on the unit
 )
 
 missing=()

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import need, need_root
-from netlab import IQN_CTL, Lab
 from test_agent_live import need_xdp
 
-from iqn_ctl.history import History, StallRecord
+from iqn_ctl.live.history import History, StallRecord
+from iqn_lab.testbed import IQN_CTL
+from iqn_lab.testbed import Testbed as Lab
 
 
 def run(*args: str, env: dict[str, str] | None = None, user: str | None = None,
@@ -100,14 +101,17 @@ def test_stalls_from_history_without_agent(env: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
+def xdp_lab() -> Iterator[Lab]:
+    """A lab for a test that needs XDP: the prerequisite is checked before any
+    namespace is built, so a box without XDP skips (or CI fails) with the reason."""
+    need_xdp()
     with Lab() as lab:
         yield lab
 
 
-def test_foreign_xdp_program_is_refused(lab: Lab, env: dict[str, str]) -> None:
+def test_foreign_xdp_program_is_refused(xdp_lab: Lab, env: dict[str, str]) -> None:
     """Someone else's XDP program stays put unless --force."""
-    need_xdp()
+    lab = xdp_lab
     lab.attach_foreign_xdp("other_prog")
     one_error(run("attach", lab.cli_if, ns=lab.cli_ns, env=env),
               f"{lab.cli_if} already carries another XDP program 'other_prog'")

@@ -10,12 +10,12 @@ import urllib.request
 import numpy as np
 import pytest
 
-from iqn_ctl.agent import AgentError, LiveFlows
-from iqn_ctl.datapath import KEY_SIZE, decode_key
-from iqn_ctl.metrics import AgentMetrics
-from iqn_ctl.params import SignalParams
-from iqn_ctl.synth import SignalModel, signal_times
-from iqn_ctl.tracker import StallEnded, StallStarted
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.engine.synth import SignalModel, signal_times
+from iqn_ctl.engine.tracker import StallEnded, StallStarted
+from iqn_ctl.live.agent import AgentError, LiveFlows
+from iqn_ctl.live.layout import KEY_SIZE, decode_key
+from iqn_ctl.live.metrics import AgentMetrics
 
 FIELDS = {"flow", "client", "server", "state", "candidates", "stalls", "stall_start", "last_duration",
           "last_seen"}

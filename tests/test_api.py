@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import need, need_root
 
-from iqn_ctl.api import ApiError, ApiServer, NoAgent, RawJson, agent_sockets, request, sock_path
+from iqn_ctl.live.api import ApiError, ApiServer, NoAgent, RawJson, agent_sockets, request, sock_path
 
 
 def handler(req: dict[str, Any]) -> Any:
@@ -85,7 +85,7 @@ def test_refuses_non_root_peer_even_if_chmodded(server: ApiServer) -> None:
     root = str(Path(__file__).resolve().parent.parent)
     code = (
         f"import sys; sys.path.insert(0, {root!r}); from pathlib import Path\n"
-        "from iqn_ctl.api import request, ApiError\n"
+        "from iqn_ctl.live.api import request, ApiError\n"
         f"try:\n    request(Path({str(server.path)!r}), 'echo', x=1)\nexcept ApiError as e:\n    print(e)"
     )
     out = subprocess.run(

@@ -19,10 +19,16 @@ import psutil
 import pytest
 from conftest import need, need_root
 
-from iqn_ctl.scoring import SIGNIFICANT
-from iqn_ctl.traces import Stall, read_detected_clicks, read_real_stalls, read_stall_lines, read_timestamps
-from iqn_lab.demo_plan import plan
-from iqn_lab.demo_report import recall_of_signalled, signalled_stalls
+from iqn_ctl.evaluate.scoring import SIGNIFICANT
+from iqn_ctl.evaluate.traces import (
+    Stall,
+    read_detected_clicks,
+    read_real_stalls,
+    read_stall_lines,
+    read_timestamps,
+)
+from iqn_lab.demo.plan import plan
+from iqn_lab.demo.report import recall_of_signalled, signalled_stalls
 from iqn_lab.shaping import parse_schedule
 
 TOOLS = ("Xvfb", "/usr/bin/chromium", "/usr/bin/chromedriver", "openvpn", "nft", "ffmpeg", "tc")
@@ -118,7 +124,7 @@ def test_bad_options_are_one_line_errors(args: list[str], tmp_path: Path) -> Non
 
 def test_end_to_end_demo_scores_and_tears_down(tmp_path: Path) -> None:
     need_everything()
-    from iqn_lab.demo import DemoConfig, run_demo
+    from iqn_lab.demo.run import DemoConfig, run_demo
 
     prefix = f"e2e{os.getpid() % 100000}"
     out = tmp_path / "run"
@@ -149,16 +155,26 @@ def test_end_to_end_demo_scores_and_tears_down(tmp_path: Path) -> None:
     assert sum(1 for k, _ in clicks if k == "S") == rep["signal_bursts"] > 0
     assert sum(1 for k, _ in clicks if k == "N") > 0
     cand = read_timestamps(out / "timestamp_of_candidate.txt")
-    assert len(cand) >= 4 * len(significant)
+    # candidates came in bursts of n inside the stalls, for all but at most one significant stall
+    # (one long stall's many candidates cannot cover for the others)
+    carried = [r for r in significant if sum(1 for t in cand if r.start <= t <= r.end + 1.0) >= 4]
+    assert len(carried) >= len(significant) - 1, (carried, significant)
     with open(out / "inferred.jsonl") as f:
         assert len(read_stall_lines(f, "inferred.jsonl")) == rep["inferred"]
     for png in ("isp_agent.png", "user_agent.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "precision" in (out / "report.txt").read_text()
 
-    # the targets
+    # the targets: each side's precision and recall, not only the network's share
+    sig = len(significant)
+    assert rep["stalls_significant"] == sig, rep
     assert rep["precision_user"] >= 0.95, rep
+    assert rep["recall_user"] >= (sig - 1) / sig, rep  # the user agent saw all but at most one
     assert rep["recall_isp_of_signalled"] >= 0.90, rep
+    assert rep["recall_isp"] >= (sig - 1) / sig, rep
+    assert rep["precision_isp"] >= 0.95, rep
+    # an ISP cannot tell the page's connection from the video's: no false stall on any flow
+    assert rep["precision_isp_all_flows"] >= 0.95, rep
     assert rep["mae_ms"] is not None and rep["mae_ms"] <= 200, rep
 
 

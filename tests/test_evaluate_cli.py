@@ -1,7 +1,7 @@
 """`iqn-ctl evaluate` as a user runs it: the scoring table and JSON, stdin,
 the figure, and one-line errors for bad input.
 
-The small case below is scored by hand from DESIGN.md's rules, so the expected
+The small case below is scored by hand from docs/contracts.md's rules, so the expected
 numbers come from the rules, not from a previous run.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from conftest import DATA
 
-from iqn_ctl.plots import C_MATCHED, C_MISSED, C_REAL, plot_evaluation
-from iqn_ctl.scoring import score
-from iqn_ctl.traces import Stall
+from iqn_ctl.evaluate.plots import C_MATCHED, C_MISSED, C_REAL, plot_evaluation
+from iqn_ctl.evaluate.scoring import score
+from iqn_ctl.evaluate.traces import Stall
 
 T0 = 1_700_000_000.0
 

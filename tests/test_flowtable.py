@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iqn_ctl.flowtable import FlowTable
-from iqn_ctl.params import SignalParams
-from iqn_ctl.synth import SignalModel, random_stalls, signal_times
-from iqn_ctl.tracker import Event, StallEnded, StallTracker
+from iqn_ctl.engine.flowtable import FlowTable
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.engine.synth import SignalModel, random_stalls, signal_times
+from iqn_ctl.engine.tracker import Event, StallEnded, StallTracker
 
 PRM = SignalParams(0.2, 4)
 T0 = 1.7e9

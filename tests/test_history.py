@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iqn_ctl.history import History, HistoryError, StallRecord, db_path
+from iqn_ctl.live.history import History, HistoryError, StallRecord, db_path
 
 
 def rec(i: int, iface: str = "eth0", start: float = 1.7e9) -> StallRecord:
@@ -53,7 +53,7 @@ def test_persists_across_reopen_and_kill(tmp_path: Path) -> None:
     """A writer killed with SIGKILL right after a commit loses nothing."""
     code = (
         f"import os, sys; from pathlib import Path; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-        "from test_history import rec; from iqn_ctl.history import History;"
+        "from test_history import rec; from iqn_ctl.live.history import History;"
         f"h = History(Path({str(tmp_path)!r})); h.add([rec(i) for i in range(5)]); os.kill(os.getpid(), 9)"
     )
     p = subprocess.run([sys.executable, "-c", code])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from iqn_ctl.frames import udp_frame
+from iqn_ctl.capture.frames import udp_frame
 from iqn_lab import capture
 from iqn_lab.certs import fingerprint, make_cert, spki_hash
 from iqn_lab.shaping import RateError, Step, format_rate, parse_rate, parse_schedule, tbf_params

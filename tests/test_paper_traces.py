@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from conftest import DATA
 
-from iqn_ctl.params import SignalParams
-from iqn_ctl.replay import replay_timestamps
-from iqn_ctl.scoring import Pair, score
-from iqn_ctl.traces import read_real_stalls
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.evaluate.replay import replay_timestamps
+from iqn_ctl.evaluate.scoring import Pair, score
+from iqn_ctl.evaluate.traces import read_real_stalls
 
 GENRES = ["news", "music"]
 

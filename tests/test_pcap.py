@@ -1,6 +1,6 @@
 """The capture reader: every format variant, the candidate rules, and damaged files.
 
-Captures are generated (iqn_ctl.pcapwrite) so each test knows the truth; dpkt
+Captures are generated (iqn_ctl.capture.pcapwrite) so each test knows the truth; dpkt
 and tshark, where installed, check that reader and writer agree with
 independent implementations rather than only with each other.
 """
@@ -18,10 +18,9 @@ from conftest import need
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iqn_ctl.frames import udp_frame
-from iqn_ctl.params import CandidateFilter
-from iqn_ctl.pcap import CaptureError, read_candidates
-from iqn_ctl.pcapwrite import (
+from iqn_ctl.capture.frames import udp_frame
+from iqn_ctl.capture.pcap import CaptureError, read_candidates
+from iqn_ctl.capture.pcapwrite import (
     Interface,
     Packet,
     SignalFlow,
@@ -33,7 +32,8 @@ from iqn_ctl.pcapwrite import (
     write_pcap,
     write_pcapng,
 )
-from iqn_ctl.synth import random_stalls
+from iqn_ctl.engine.params import CandidateFilter
+from iqn_ctl.engine.synth import random_stalls
 
 T0 = 1_700_000_000.0
 V4 = ("198.18.0.10", "198.18.1.2")
@@ -325,7 +325,7 @@ def test_random_damage_never_escapes_as_anything_but_capture_error(
     tmp_path_factory: pytest.TempPathFactory, fmt: str, edits: list[tuple[int, int]], cut: int,
     lockstep: bool,
 ) -> None:
-    import iqn_ctl.pcap as pcap
+    import iqn_ctl.capture.pcap as pcap
 
     data = bytearray(SMALL[fmt])
     for at, val in edits:
@@ -410,7 +410,7 @@ def test_tshark_reads_what_we_write(tmp_path: Path) -> None:
 @pytest.fixture
 def small_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the lockstep walk (normally for files of 8 MiB and up) run on small files."""
-    import iqn_ctl.pcap as pcap
+    import iqn_ctl.capture.pcap as pcap
 
     monkeypatch.setattr(pcap, "LOCKSTEP_MIN", 0)
     monkeypatch.setattr(pcap, "LANE", 2048)
@@ -423,7 +423,7 @@ def _all_fields(c: object) -> tuple[object, ...]:
 
 @pytest.mark.parametrize("fmt", ["pcap-le", "pcap-be-ns", "pcapng-le", "pcapng-be"])
 def test_lockstep_walk_equals_sequential_walk(tmp_path: Path, small_lanes: None, fmt: str) -> None:
-    import iqn_ctl.pcap as pcap
+    import iqn_ctl.capture.pcap as pcap
 
     rng = np.random.default_rng(11)
     flows = [SignalFlow("198.18.0.10", "198.18.1.2", 50000, random_stalls(3, rng, t0=T0, max_gap=5))]
@@ -457,7 +457,7 @@ def test_lockstep_rejects_wrong_lane_guesses(tmp_path: Path, small_lanes: None) 
     """A lane start that is not a record start must never change the result."""
     import mmap
 
-    import iqn_ctl.pcap as pcap
+    import iqn_ctl.capture.pcap as pcap
 
     pk = [Packet(T0 + i * 0.001, udp_frame(*V4, 443, 50000, 1200 + i % 50)) for i in range(200)]
     write_pcap(tmp_path / "c.pcap", pk)
@@ -513,7 +513,7 @@ def _outcome(path: Path) -> object:
 def test_lockstep_and_sequential_walks_agree_on_damaged_files(
     tmp_path_factory: pytest.TempPathFactory, fmt: str, edits: list[tuple[int, int]], cut: int, lane: int
 ) -> None:
-    import iqn_ctl.pcap as pcap
+    import iqn_ctl.capture.pcap as pcap
 
     data = bytearray(MEDIUM[fmt])
     for at, val in edits:

@@ -1,5 +1,5 @@
 """StallTracker: invariants under arbitrary arrivals (hypothesis) and accuracy on
-synthetic signals of known stalls (iqn_ctl.synth).
+synthetic signals of known stalls (iqn_ctl.engine.synth).
 
 The properties are the promises the live agent, pcap replay and trace replay
 rely on: the same arrivals give the same stalls however they are batched,
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iqn_ctl.params import SignalParams
-from iqn_ctl.synth import SignalModel, random_stalls, signal_times
-from iqn_ctl.tracker import DEFAULT_REORDER, Event, StallEnded, StallStarted, StallTracker
+from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.engine.synth import SignalModel, random_stalls, signal_times
+from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallEnded, StallStarted, StallTracker
 
 T0 = 1.7e9  # epoch-sized times: float resolution is what the agent lives with
 ESTIMATORS = ["count", "paper"]

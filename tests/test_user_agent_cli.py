@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from iqn_ctl.traces import read_real_stalls
+from iqn_ctl.evaluate.traces import read_real_stalls
 from user_agent.errors import AgentError
 from user_agent.layout import (
     Layout,

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, need, need_root
 
-from iqn_ctl import bpf_testrun
-from iqn_ctl.frames import udp_frame
-from iqn_ctl.params import CandidateFilter
+from iqn_ctl.capture.frames import udp_frame
+from iqn_ctl.engine.params import CandidateFilter
+from iqn_ctl.live import bpf_testrun
 
 XDP_PASS = 2
 FILT = CandidateFilter()  # port 443, frames 1180..1288
@@ -93,7 +93,7 @@ class Prog:
     """The compiled program (via Datapath, never attached) with fast counter reads."""
 
     def __init__(self, max_flows: int = 65536) -> None:
-        from iqn_ctl.datapath import Datapath
+        from iqn_ctl.live.datapath import Datapath
 
         self.dp = Datapath("lo", FILT, max_flows=max_flows)
         self.runner = bpf_testrun.TestRunner(self.dp.prog_fd)
@@ -213,7 +213,7 @@ def test_crafted_frame(prog: Prog, name: str) -> None:
 
 
 def test_candidate_event_and_flow_stats(prog: Prog) -> None:
-    from iqn_ctl.datapath import decode_key
+    from iqn_ctl.live.layout import decode_key
 
     prog.dp.poll(0)
     frame = v4(1234, vlans=(5,))
@@ -407,7 +407,8 @@ def send_udp(lab: Lab, sends: list[tuple[int, int]]) -> None:
 
 @pytest.mark.parametrize("mode", ["native", "skb"])
 def test_veth_events_and_counters(lab: Lab, mode: str) -> None:
-    from iqn_ctl.datapath import Datapath, decode_key, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, xdp_program_on
+    from iqn_ctl.live.layout import decode_key
 
     with Datapath(lab.router, FILT, xdp_mode=mode) as dp:
         assert dp.attach() == mode
@@ -444,7 +445,7 @@ FOREIGN = b"int foreign_xdp(struct xdp_md *ctx) { return XDP_PASS; }"
 def test_foreign_program_refused_unless_forced(lab: Lab) -> None:
     from bcc import BPF
 
-    from iqn_ctl.datapath import Datapath, DatapathError, remove_xdp, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, DatapathError, remove_xdp, xdp_program_on
 
     other = BPF(text=FOREIGN)
     fn = other.load_func(b"foreign_xdp", BPF.XDP)
@@ -467,7 +468,7 @@ def test_foreign_program_refused_unless_forced(lab: Lab) -> None:
 
 def test_no_such_interface() -> None:
     _need_bpf()
-    from iqn_ctl.datapath import Datapath, DatapathError, remove_xdp, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, DatapathError, remove_xdp, xdp_program_on
 
     name = f"iqnz{uuid.uuid4().hex[:8]}"
     for call in (lambda: Datapath(name, FILT), lambda: xdp_program_on(name), lambda: remove_xdp(name)):
@@ -476,12 +477,12 @@ def test_no_such_interface() -> None:
 
 
 def test_remove_after_sigkill_and_stale_replaced(lab: Lab) -> None:
-    from iqn_ctl.datapath import Datapath, remove_xdp, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, remove_xdp, xdp_program_on
 
     code = textwrap.dedent(f"""
         import time
-        from iqn_ctl.datapath import Datapath
-        from iqn_ctl.params import CandidateFilter
+        from iqn_ctl.live.datapath import Datapath
+        from iqn_ctl.engine.params import CandidateFilter
         dp = Datapath({lab.router!r}, CandidateFilter())
         print(dp.attach(), dp.prog_id, flush=True)
         time.sleep(120)
@@ -513,7 +514,7 @@ def test_errors_are_one_line() -> None:
     _need_bpf()
     probe = textwrap.dedent("""
         import os, sys
-        import iqn_ctl.datapath as d
+        import iqn_ctl.live.datapath as d
         from pathlib import Path
         if sys.argv[1:] == ["nobody"]:  # drop root after the imports: the checkout may be private
             os.setgroups([])
@@ -551,7 +552,7 @@ def test_errors_are_one_line() -> None:
 def test_auto_falls_back_to_generic_where_native_is_missing(caplog: pytest.LogCaptureFixture) -> None:
     """A bridge has no native XDP: auto uses generic mode and says so, native refuses."""
     _need_bpf()
-    from iqn_ctl.datapath import Datapath, DatapathError, xdp_program_on
+    from iqn_ctl.live.datapath import Datapath, DatapathError, xdp_program_on
 
     dev = f"iqnx{uuid.uuid4().hex[:6]}b"
     try:
@@ -561,7 +562,7 @@ def test_auto_falls_back_to_generic_where_native_is_missing(caplog: pytest.LogCa
                 dp.attach()
             assert xdp_program_on(dev) is None
             dp.xdp_mode = "auto"
-            with caplog.at_level("WARNING", logger="iqn_ctl.datapath"):
+            with caplog.at_level("WARNING", logger="iqn_ctl.live.datapath"):
                 assert dp.attach() == "skb"
             assert "native XDP is not available" in caplog.text and "generic (skb)" in caplog.text
             assert xdp_program_on(dev) == (dp.prog_id, "iqn_xdp")
@@ -574,7 +575,8 @@ def test_flow_table_is_bounded_and_lost_events_counted() -> None:
     """max_flows bounds the LRU (newest flows kept); a perf buffer too small
     for a burst loses events, and counters()["lost"] accounts for every one."""
     _need_bpf()
-    from iqn_ctl.datapath import Datapath, decode_key
+    from iqn_ctl.live.datapath import Datapath
+    from iqn_ctl.live.layout import decode_key
 
     with Datapath("lo", FILT, max_flows=256, perf_pages=1) as dp:
         runner = bpf_testrun.TestRunner(dp.prog_fd)
@@ -596,3 +598,146 @@ def test_flow_table_is_bounded_and_lost_events_counted() -> None:
         assert c["candidates"] == burst + 1
         assert c["lost"] > 0
         assert got + c["lost"] == burst + 1
+
+
+# --- a non-default filter: the loader's -D constants reach the program ----------
+# Everything above runs with the defaults, which were also the C file's fallbacks:
+# a loader that stopped passing -D would still have passed. These filters differ
+# from the defaults in port and in both band edges (the second one: a port above
+# 32767, a one-byte band), so only constants that really arrive make them pass.
+
+ALT_FILTERS = {
+    "8443 600..700": CandidateFilter(port=8443, min_size=600, max_size=700),
+    "50000 64..64": CandidateFilter(port=50000, min_size=64, max_size=64),
+}
+
+DEFAULT_LO, DEFAULT_HI = FILT.min_size, FILT.max_size  # the filter every test above uses
+
+
+class FilteredProg(Prog):
+    """Prog compiled for another filter, judged by the reference with that filter."""
+
+    def __init__(self, filt: CandidateFilter) -> None:
+        from iqn_ctl.live.datapath import Datapath
+
+        self.filt = filt
+        self.dp = Datapath("lo", filt)
+        self.runner = bpf_testrun.TestRunner(self.dp.prog_fd)
+        self._cfd = self.dp._counters.map_fd
+        self._ffd = self.dp._flows.map_fd
+        self._ncpu = bpf_testrun.possible_cpus()
+
+    def ref(self, frame: bytes) -> Ref:
+        f = self.filt
+        return reference(frame, f.port, f.min_size, f.max_size)
+
+    def decide(self, frame: bytes) -> tuple[int, str]:
+        """As Prog.decide, but a tracked flow is recognised by this filter's port."""
+        c0, e0 = self.counter(1), self.counter(2)
+        key = self.ref(frame).key
+        f0 = self.flow_packets(key) if key else 0
+        verdict, _ = self.runner.run(frame)
+        dc, de = self.counter(1) - c0, self.counter(2) - e0
+        if dc or de:
+            outcome = {(1, 0): "cand", (0, 1): "bad"}.get((dc, de), f"weird c{dc} e{de}")
+            return verdict, outcome
+        if key and self.flow_packets(key) == f0 + 1:
+            return verdict, "flow"
+        return verdict, "other"
+
+
+@pytest.fixture(scope="module", params=list(ALT_FILTERS))
+def alt(request: pytest.FixtureRequest) -> Iterator[FilteredProg]:
+    _need_bpf()
+    p = FilteredProg(ALT_FILTERS[request.param])
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def alt_cases(f: CandidateFilter) -> dict[str, tuple[bytes, str]]:
+    """Frames at and around the filter's edges, and where the defaults would say otherwise."""
+    lo, hi, port, mid = f.min_size, f.max_size, f.port, (f.min_size + f.max_size) // 2
+
+    def a4(n: int, sport: int = port, **kw: object) -> bytes:
+        return udp_frame(S4, C4, sport, 51234, frame_len=n, **kw)  # type: ignore[arg-type]
+
+    def a6(n: int, sport: int = port) -> bytes:
+        return udp_frame(S6, C6, sport, 51234, frame_len=n)
+
+    return {
+        "min": (a4(lo), "cand"),
+        "max": (a4(hi), "cand"),
+        "mid": (a4(mid), "cand"),
+        "min-1": (a4(lo - 1), "flow"),
+        "max+1": (a4(hi + 1), "flow"),
+        "v6 min": (a6(lo), "cand"),
+        "v6 max": (a6(hi), "cand"),
+        "v6 min-1": (a6(lo - 1), "flow"),
+        "v6 max+1": (a6(hi + 1), "flow"),
+        "vlan min": (a4(lo, vlans=(7,)), "cand"),  # the tag counts: the frame length is the wire's
+        "vlan max+1": (a4(hi + 1, vlans=(7,)), "flow"),
+        "default min": (a4(DEFAULT_LO), "flow"),
+        "default max": (a4(DEFAULT_HI), "flow"),
+        "443 in band": (a4(mid, sport=443), "other"),
+        "443 at min": (a4(lo, sport=443), "other"),
+        "443 default band": (a4(1200, sport=443), "other"),
+        "port+1 in band": (a4(mid, sport=port + 1), "other"),
+        "dport only": (udp_frame(S4, C4, 51234, port, frame_len=mid), "other"),
+    }
+
+
+ALT_CASE_NAMES = list(alt_cases(ALT_FILTERS["8443 600..700"]))
+
+
+def test_alt_cases_tell_the_filters_apart() -> None:
+    """The table is worth something only if the defaults decide its frames
+    differently: each filter's candidates are no candidates under the defaults."""
+    for f in ALT_FILTERS.values():
+        cases = alt_cases(f)
+        assert set(cases) == set(ALT_CASE_NAMES)
+        for name, (frame, expected) in cases.items():
+            ref = reference(frame, f.port, f.min_size, f.max_size).outcome
+            assert ref == expected, f"{f}: reference disagrees with the table on {name}"
+            default = reference(frame).outcome
+            if expected == "cand":
+                assert default != "cand", f"{f}: {name} is a candidate by default too"
+            if name == "443 default band":
+                assert default == "cand", f"{name} must be a candidate under the defaults"
+        assert sum(e == "cand" for _, e in cases.values()) >= 5
+
+
+@pytest.mark.parametrize("name", ALT_CASE_NAMES)
+def test_non_default_filter_in_the_kernel(alt: FilteredProg, name: str) -> None:
+    frame, expected = alt_cases(alt.filt)[name]
+    assert alt.decide(frame) == (XDP_PASS, expected)
+
+
+def test_non_default_filter_sweep_and_events(alt: FilteredProg) -> None:
+    """Every size from well below to well above the band and a few ports, IPv4
+    and IPv6: the kernel decides like the reference for this filter, and each
+    candidate reaches user space with its length and the filter's port."""
+    from iqn_ctl.live.datapath import decode_key
+
+    f = alt.filt
+    alt.dp.poll(0)
+    sizes = sorted(set(range(max(f.min_size - 8, 62), f.max_size + 9))  # 62: smallest UDP/IPv6 frame
+                   | {DEFAULT_LO - 1, DEFAULT_LO, DEFAULT_HI, DEFAULT_HI + 1})
+    want_cands = []
+    seen: Counter[str] = Counter()
+    for sport in (f.port, 443, f.port - 1):
+        for src, dst in ((S4, C4), (S6, C6)):
+            for n in sizes:
+                frame = udp_frame(src, dst, sport, 40000, frame_len=n)
+                want = alt.ref(frame).outcome
+                assert alt.decide(frame) == (XDP_PASS, want), (sport, src, n)
+                seen[want] += 1
+                if want == "cand":
+                    want_cands.append((sport, n))
+    assert seen["cand"] and seen["flow"] and seen["other"], seen
+    events = alt.dp.poll(100)
+    got = sorted((decode_key(k).sport, n) for k, _, n in events)
+    assert got == sorted(want_cands)
+    assert {decode_key(k).sport for k, _, _ in events} == {f.port}
+    assert {n for _, n in want_cands} == set(range(f.min_size, f.max_size + 1))

@@ -32,7 +32,8 @@ from .detector import DetectorConfig, Kind, StallDetector, Verdict
 from .errors import AgentError
 from .layout import Layout
 from .locate import Locator
-from .signaler import Burst, Signaler, check_n
+from .protocol import DEFAULT_N, DEFAULT_P, check_n, check_p
+from .signaler import Burst, Signaler
 from .truth import TruthRecorder
 from .xinput import InputWatcher, RecordedInput
 
@@ -58,8 +59,8 @@ def run_agent(
     locator: Locator,
     stop: threading.Event,
     *,
-    p: float = 0.2,
-    n: int = 4,
+    p: float = DEFAULT_P,
+    n: int = DEFAULT_N,
     log: IO[str] | None = None,
     truth: TruthRecorder | None = None,
     grabber: Grabber | None = None,
@@ -71,8 +72,7 @@ def run_agent(
     on_verdict: Callable[[Verdict, Burst | None], None] | None = None,
 ) -> RunStats:
     """Run until ``stop`` is set (or ``duration`` seconds pass); return counters."""
-    if not (0.02 <= p <= 60):
-        raise AgentError(f"--p must be between 0.02 and 60 seconds, got {p}")
+    check_p(p)
     check_n(n)
     own_grabber = grabber is None
     grabber = grabber or make_grabber("mss")
@@ -109,7 +109,9 @@ def run_agent(
                 verdict = Verdict(t, Kind.NONE, stats.last_why)
             else:
                 if located.layout != layout:
-                    if layout is not None:
+                    # Unless this is the first look: the player moved, or it came back
+                    # into view (fullscreen left, scrolled back), maybe still moving.
+                    if stats.frames:
                         detector.note_geometry(t)
                     layout = located.layout
                 if inputs is not None:

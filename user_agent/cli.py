@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import typer
 
 from .errors import AgentError
+from .protocol import DEFAULT_N, DEFAULT_P
 
 app = typer.Typer(
     name="iqn-agent",
@@ -80,8 +81,10 @@ def _writer(path: Path | None) -> Any:
 @app.command()
 @friendly
 def run(
-    p: float = typer.Option(0.2, "--p", help="seconds between screen grabs (and signals during a stall)"),
-    n: int = typer.Option(4, "--n", help="toggles per signal (even, so the switch ends as it was)"),
+    p: float = typer.Option(
+        DEFAULT_P, "--p", help="seconds between screen grabs (and signals during a stall)"
+    ),
+    n: int = typer.Option(DEFAULT_N, "--n", help="toggles per signal (even, so the switch ends as it was)"),
     url: str | None = typer.Option(None, "--url", help="open this player page in a new Chromium"),
     calibration: Path | None = typer.Option(
         None, "--calibration", help="use positions from 'iqn-agent calibrate' (a browser you started)"
@@ -100,12 +103,12 @@ def run(
     from .capture import make_grabber
     from .layout import load_calibration
     from .locate import FixedLocator, Locator, SeleniumLocator
-    from .signaler import Signaler, check_n
+    from .protocol import check_n, check_p
+    from .signaler import Signaler
     from .truth import TruthRecorder
 
     check_n(n)
-    if not (0.02 <= p <= 60):
-        raise AgentError(f"--p must be between 0.02 and 60 seconds, got {p}")
+    check_p(p)
     if sum(x is not None for x in (url, calibration, attach)) != 1:
         raise AgentError("give exactly one of --url, --calibration or --attach")
     if calibration is not None and truth is not None:

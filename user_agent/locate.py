@@ -65,6 +65,10 @@ def layout_from_page(info: dict[str, Any]) -> Located:
     player = element_to_screen(win, *info["player"])
     sw = element_to_screen(win, *info["switch"])
     switch = Point(sw.left + sw.width // 2, sw.top + sw.height // 2)
+    if player.contains(switch.x, switch.y):
+        # A fullscreen player covers the page, but the switch keeps its layout box
+        # (inside the viewport, so "in view"): a click there would hit the picture.
+        return Located(None, "the autoplay switch is covered by the player (fullscreen?)", truth)
     return Located(Layout(player, switch), "", truth)
 
 

@@ -18,14 +18,9 @@ from typing import Any
 
 from .errors import AgentError
 from .layout import Point
+from .protocol import check_n
 
-
-def check_n(n: int) -> int:
-    if n < 2 or n % 2:
-        raise AgentError(
-            f"--n must be an even number of toggles (>= 2) so the autoplay switch ends as it was, got {n}"
-        )
-    return n
+__all__ = ["Burst", "Signaler", "check_n", "load_pyautogui"]
 
 
 def load_pyautogui() -> Any:

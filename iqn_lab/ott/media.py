@@ -17,10 +17,12 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from iqn_ctl.errors import IqnError
+
 DEFAULT_CACHE = Path(os.environ.get("IQN_LAB_CACHE", "/var/cache/iqn-lab"))
 
 
-class MediaError(Exception):
+class MediaError(IqnError):
     """The clip could not be made; the message is for the user."""
 
 

@@ -1,15 +1,17 @@
 // IQN lab player: Media Source Extensions fed with one-second segments over HTTP/3
 // from the media host, keeping only a few seconds buffered (like YouTube), so a
 // bottleneck becomes a stall within seconds. Contract: docs/page-contract.md.
+// With ?clip=URL it plays that file in a loop instead (the user-agent tests' page).
 "use strict";
 (function () {
   const params = new URLSearchParams(location.search);
   const AHEAD = Number(params.get("buffer") || 4); // seconds kept buffered ahead
   const KEEP_BEHIND = 10; // seconds kept behind the play head before pruning
+  const CLIP = params.get("clip");
   const video = document.querySelector("#movie_player video");
   const spinner = document.querySelector("#movie_player .ytp-spinner");
   const toggle = document.getElementById("autoplay-toggle");
-  const state = { stalls: [], segments: 0, bytes: 0, autoplayPosts: 0, autoplayOk: 0, errors: [] };
+  const state = { stalls: [], clicks: [], segments: 0, bytes: 0, autoplayPosts: 0, autoplayOk: 0, errors: [] };
   window.iqnPlayer = state;
 
   // Spinner: shown exactly while the video waits; every shown interval is a stall.
@@ -31,7 +33,8 @@
   video.addEventListener("canplay", () => { if (!video.paused) hideSpinner(); });
 
   // Autoplay switch: each click flips it and tells the service (POST, 200 OK).
-  toggle.addEventListener("click", () => {
+  toggle.addEventListener("click", (ev) => {
+    state.clicks.push(performance.timeOrigin + ev.timeStamp); // epoch ms of each click
     const on = toggle.getAttribute("aria-checked") !== "true";
     toggle.setAttribute("aria-checked", on ? "true" : "false");
     state.autoplayPosts++;
@@ -99,5 +102,10 @@
       }
     }
   }
-  start().catch((e) => state.errors.push("player: " + e));
+  if (CLIP) {
+    video.loop = true;
+    video.src = CLIP;
+  } else {
+    start().catch((e) => state.errors.push("player: " + e));
+  }
 })();

@@ -1,0 +1,2 @@
+"""Packets on disk: pcap/pcapng reading, the candidate classifier, the writer,
+frame builders."""

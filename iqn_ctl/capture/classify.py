@@ -1,0 +1,204 @@
+"""The candidate classifier: which Ethernet frames are IQN candidates, and of
+which flow. The Python twin of the XDP program (``iqn_ctl/live/bpf/iqn_xdp.c``),
+used by pcap replay and by the lab's capture, and checked against the kernel
+program through BPF_PROG_TEST_RUN (tests/test_classify.py).
+
+Ethernet, up to two VLAN tags (0x8100, 0x88a8), IPv4 (options via IHL;
+fragments are never candidates, since a fragment's frame length is not the
+response size) or IPv6 (fixed header, next header UDP), UDP. A candidate has
+UDP source port ``filt.port`` and an *original* frame length (what was on the
+wire, not what a snaplen kept) in ``[filt.min_size, filt.max_size]``. Headers
+must lie within the kept bytes; a frame cut short of its headers, or not IP,
+is *undecodable*.
+
+Nothing is per packet in Python: the headers of all frames are numpy
+operations on one byte matrix, and only candidate *flows* (a handful) become
+Python strings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from iqn_ctl.engine.flowkey import flow_label
+from iqn_ctl.engine.params import CandidateFilter
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+HDR = 96  # header bytes the classifier may read: >= 22 (Ethernet, 2 tags) + 60 (IPv4) + 8 (UDP)
+
+
+@dataclass(slots=True)
+class Candidates:
+    """Candidate arrivals of a capture, in time order.
+
+    ``flow_ids[i]`` indexes ``labels``: (flow label, client address) per flow.
+    """
+
+    flow_ids: I64
+    times: F64
+    labels: list[tuple[str, str]]
+    #: packet records in the capture
+    packets: int = 0
+    #: candidate packets (== len(times))
+    candidates: int = 0
+    #: frames that are not IP over Ethernet, or cut short of their headers by the snaplen
+    undecodable: int = 0
+    #: pcapng simple-packet-block candidates with no earlier timestamp to inherit (dropped)
+    untimed: int = 0
+    #: link types seen (pcapng may mix interfaces)
+    linktypes: list[int] = field(default_factory=list)
+    #: which input frame each candidate is (index into the frames classified)
+    frame_index: I64 = field(default_factory=lambda: np.empty(0, np.int64))
+
+
+
+def classify_frames(
+    frames: Sequence[bytes], times: Sequence[float], filt: CandidateFilter,
+    origlens: Sequence[int] | None = None,
+) -> Candidates:  # fmt: skip
+    """Classify whole frames (a live capture, a test's list): the convenience
+    form of :func:`classify`. ``origlens`` defaults to each frame's length."""
+    n = len(frames)
+    hdr = np.zeros((n, HDR), np.uint8)
+    for i, f in enumerate(frames):
+        head = f[:HDR]
+        hdr[i, : len(head)] = np.frombuffer(head, np.uint8)
+    caplen = np.fromiter((len(f) for f in frames), np.int64, n)
+    org = caplen if origlens is None else np.asarray(origlens, np.int64)
+    return classify(hdr, caplen, org, np.asarray(times, np.float64), filt)
+
+
+def classify(
+    hdr: npt.NDArray[np.uint8],
+    caplen: I64,
+    origlen: I64,
+    times: F64,
+    filt: CandidateFilter,
+    rowidx: I64 | None = None,
+    col0: I64 | int = 0,
+) -> Candidates:
+    """Parse every frame's headers at once and keep the candidates.
+
+    Frame ``i``'s first bytes are row ``rowidx[i]`` (``i`` when None) of the
+    byte matrix ``hdr``, starting at column ``col0`` (per frame or one for
+    all), at least :data:`HDR` bytes of it; ``caplen`` is how many bytes of the
+    frame were kept (bytes past it are junk and never read), ``origlen`` its
+    length on the wire, ``times`` its arrival (NaN: unknown, dropped and
+    counted as ``untimed``)."""
+    total = int(caplen.size)
+    if total == 0:
+        return Candidates(np.empty(0, np.int64), np.empty(0), [])
+    cap = caplen
+    flat = hdr.ravel()
+    rowbase = (np.arange(total, dtype=np.int64) if rowidx is None else rowidx) * hdr.shape[1] + col0
+
+    def b8(rows: I64, col: I64) -> I64:
+        return flat[rowbase[rows] + col].astype(np.int64)
+
+    def be16(rows: I64, col: I64) -> I64:
+        i = rowbase[rows] + col
+        return (flat[i].astype(np.int64) << 8) | flat[i + 1]
+
+    # Ethernet and up to two VLAN tags: `pos` is where the ethertype field lies.
+    pos = np.full(total, 12, np.int64)
+    valid = cap >= 14
+    et = (flat[rowbase + 12].astype(np.int64) << 8) | flat[rowbase + 13]
+    for _ in range(2):
+        tag = valid & ((et == 0x8100) | (et == 0x88A8))
+        if not tag.any():
+            break
+        ti = np.flatnonzero(tag)
+        pos[ti] += 4
+        valid[ti] = cap[ti] >= pos[ti] + 2
+        et[ti] = be16(ti, pos[ti])
+    l3 = pos + 2
+    avail = cap - l3
+
+    # IPv4: IHL for options; any fragment (MF set or offset > 0) is not a candidate.
+    i4 = np.flatnonzero(valid & (et == 0x0800))
+    c3, a4 = l3[i4], avail[i4]
+    vi = b8(i4, c3)
+    ihl = (vi & 15) * 4
+    ok4 = (a4 >= 20) & ((vi >> 4) == 4) & (ihl >= 20)
+    udp4 = ok4 & (b8(i4, c3 + 9) == 17) & ((be16(i4, c3 + 6) & 0x3FFF) == 0)
+    bad4 = ~ok4 | (udp4 & (a4 < ihl + 8))
+    udp4 &= ~bad4
+    c4 = udp4 & (be16(i4, c3 + np.minimum(ihl, 60)) == filt.port)
+
+    # IPv6: fixed header only; the next header must be UDP.
+    i6 = np.flatnonzero(valid & (et == 0x86DD))
+    c6l3, a6 = l3[i6], avail[i6]
+    ok6 = (a6 >= 40) & ((b8(i6, c6l3) >> 4) == 6)
+    udp6 = ok6 & (b8(i6, c6l3 + 6) == 17)
+    bad6 = ~ok6 | (udp6 & (a6 < 48))
+    udp6 &= ~bad6
+    c6 = udp6 & (be16(i6, c6l3 + 40) == filt.port)
+
+    undecodable = total - i4.size - i6.size + int(bad4.sum()) + int(bad6.sum())
+    lo, hi = filt.min_size, filt.max_size
+    org = origlen
+    c4 &= (org[i4] >= lo) & (org[i4] <= hi)
+    c6 &= (org[i6] >= lo) & (org[i6] <= hi)
+    k4, k6 = i4[c4], i6[c6]
+
+    # Flow keys as rows [family, src(16), dst(16), sport(2), dport(2)] -> unique flows.
+    keys = np.zeros((k4.size + k6.size, 37), np.uint8)
+    r4 = keys[: k4.size]
+    s4 = (rowbase[k4] + c3[c4])[:, None]
+    r4[:, 0] = 4
+    r4[:, 1:5] = flat[s4 + np.arange(12, 16)]
+    r4[:, 17:21] = flat[s4 + np.arange(16, 20)]
+    r4[:, 33:37] = flat[s4 + ihl[c4][:, None] + np.arange(4)]
+    r6 = keys[k4.size :]
+    s6 = (rowbase[k6] + c6l3[c6])[:, None]
+    r6[:, 0] = 6
+    r6[:, 1:33] = flat[s6 + np.arange(8, 40)]
+    r6[:, 33:37] = flat[s6 + np.arange(40, 44)]
+
+    times = np.concatenate([times[k4], times[k6]])
+    timed = ~np.isnan(times)
+    untimed = int(times.size - timed.sum())
+    index = np.concatenate([k4, k6])[timed]
+    keys, times = keys[timed], times[timed]
+    order = np.argsort(times, kind="stable")
+    keys, times, index = keys[order], times[order], index[order]
+    if times.size:
+        void = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel()
+        uniq, first, inverse = np.unique(void, return_index=True, return_inverse=True)
+        # number flows by first appearance, so labels read in capture order
+        rank = np.empty(uniq.size, np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(uniq.size)
+        flow_ids = rank[inverse.ravel()]
+        labels: list[tuple[str, str]] = [("", "")] * uniq.size
+        for u in range(uniq.size):
+            labels[int(rank[u])] = _label(keys[int(first[u])])
+    else:
+        flow_ids, labels = np.empty(0, np.int64), []
+    return Candidates(
+        frame_index=index.astype(np.int64),
+        flow_ids=flow_ids.astype(np.int64),
+        times=times,
+        labels=labels,
+        packets=total,
+        candidates=int(times.size),
+        undecodable=int(undecodable),
+        untimed=untimed,
+    )
+
+
+def _label(row: npt.NDArray[np.uint8]) -> tuple[str, str]:
+    """The flow label of a key row, and its client address."""
+    raw = row.tobytes()
+    sport, dport = struct.unpack("!HH", raw[33:37])
+    if raw[0] == 4:
+        src, dst = str(ipaddress.IPv4Address(raw[1:5])), str(ipaddress.IPv4Address(raw[17:21]))
+    else:
+        src, dst = str(ipaddress.IPv6Address(raw[1:17])), str(ipaddress.IPv6Address(raw[17:33]))
+    return flow_label(src, sport, dst, dport), dst

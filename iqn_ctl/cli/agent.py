@@ -1,0 +1,306 @@
+"""``iqn-ctl attach / detach / flows / stalls / status``: the live agent's commands.
+
+Registered on :data:`iqn_ctl.cli.app` by importing this module. Output is a
+table for people and ``--json`` for scripts (shapes in docs/contracts.md). Every
+expected failure (not root, no such interface, foreign XDP program, agent
+already running, no agent) is one ``iqn-ctl: error:`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from iqn_ctl.engine import params as P
+from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from iqn_ctl.live.api import DEFAULT_RUN_DIR, NoAgent, agent_sockets, request, sock_path
+from iqn_ctl.live.history import DEFAULT_STATE_DIR, History
+from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE
+
+from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, app, fmt_time, friendly
+
+OptRunDir = typer.Option(
+    DEFAULT_RUN_DIR, "--run-dir", envvar="IQN_RUN_DIR", hidden=True,
+    help="where agents keep their sockets and pid files",
+)
+OptStateDir = typer.Option(
+    DEFAULT_STATE_DIR, "--state-dir", envvar="IQN_STATE_DIR", help="where the stall history is kept"
+)
+
+
+def _setup_logging(stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+@app.command()
+@friendly
+def attach(
+    iface: str = typer.Argument(..., help="interface on the server-to-client path, e.g. eth0"),
+    p: float = OptP,
+    n: int = OptN,
+    min_size: int = OptMin,
+    max_size: int = OptMax,
+    port: int = OptPort,
+    xdp_mode: str = typer.Option(
+        DEFAULT_XDP_MODE, "--xdp-mode", help="auto (native, else generic), native or skb"
+    ),
+    daemon: bool = typer.Option(False, "--daemon", help="run in the background (pid file in the run dir)"),
+    key: str = typer.Option("5tuple", "--key", help="5tuple: a flow per connection; client: per client"),
+    max_flows: int = typer.Option(
+        P.DEFAULT_MAX_FLOWS, "--max-flows", help="flows tracked at once (least recent dropped)"
+    ),
+    state_dir: Path = OptStateDir,
+    metrics_port: int | None = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics here"),
+    metrics_addr: str = typer.Option("0.0.0.0", "--metrics-addr", help="address for --metrics-port"),
+    force: bool = typer.Option(False, "--force", help="replace another XDP program already on IFACE"),
+    estimator: str = typer.Option(
+        DEFAULT_ESTIMATOR, "--estimator", help=f"one of: {', '.join(sorted(ESTIMATORS))}"
+    ),
+    perf_pages: int = typer.Option(
+        DEFAULT_PERF_PAGES, "--perf-pages", help="perf ring size per CPU, 4 KiB pages"
+    ),
+    bulk_ratio: float = typer.Option(
+        2.0, "--bulk-ratio",
+        help="discard a stall whose flow carried more than this many full-size packets' worth of "
+             "other traffic per candidate during it (a video flow, not a signal); 0 keeps every stall",
+    ),
+    run_dir: Path = OptRunDir,
+) -> None:
+    """Load the XDP program on IFACE and infer stalls live until SIGINT/SIGTERM."""
+    from iqn_ctl.engine.params import CandidateFilter, SignalParams
+    from iqn_ctl.live.agent import AgentConfig, check_iface, need_root, serve
+
+    cfg = AgentConfig(
+        iface=iface, params=SignalParams(p, n), filt=CandidateFilter(port, min_size, max_size),
+        estimator=estimator, key_mode=key, max_flows=max_flows, xdp_mode=xdp_mode, force=force,
+        state_dir=state_dir, run_dir=run_dir, metrics_port=metrics_port, metrics_addr=metrics_addr,
+        perf_pages=perf_pages, bulk_ratio=bulk_ratio,
+    )
+    cfg.validate()
+    need_root("attach")
+    check_iface(iface)
+    if daemon:
+        _daemonize(cfg)
+        return
+    _setup_logging()
+    serve(cfg)
+
+
+def _daemonize(cfg: Any) -> None:
+    """Fork a detached agent; this process waits until it is attached (or has
+    failed) so errors still reach the terminal and the exit status."""
+    from iqn_ctl.live.agent import InterfaceLock, serve
+
+    holder = InterfaceLock(cfg.run_dir, cfg.iface).holder()
+    if holder is not None:
+        raise UserError(
+            f"an IQN agent is already attached to {cfg.iface} (pid {holder}); "
+            f"run 'iqn-ctl detach {cfg.iface}' first"
+        )
+    cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_path = cfg.state_dir / f"{cfg.iface}.log"
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() > 0:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read().decode(errors="replace").strip()
+        if msg.startswith("ok "):
+            _, pid, mode = msg.split()
+            typer.echo(f"agent on {cfg.iface} running in the background (pid {pid}, XDP {mode}); "
+                       f"log: {log_path}")
+            return
+        raise UserError(msg or f"the agent on {cfg.iface} died while starting; see {log_path}")
+    # child: new session, then a second fork so the daemon can never regain a terminal
+    os.close(r)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    code = 0
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(devnull, 0)
+        os.dup2(logfd, 1)
+        os.dup2(logfd, 2)
+        os.close(devnull)
+        os.close(logfd)
+        os.chdir("/")
+        _setup_logging()
+
+        def ready(agent: Any) -> None:
+            os.write(w, f"ok {os.getpid()} {agent.mode}\n".encode())
+            os.close(w)
+
+        serve(cfg, on_ready=ready)
+    except BaseException as e:
+        msg = str(e) or type(e).__name__
+        logging.getLogger("iqn.agent").error("%s: %s", cfg.iface, msg)
+        try:
+            os.write(w, msg.encode())
+        except OSError:
+            pass
+        code = 2
+    finally:
+        os._exit(code)
+
+
+@app.command()
+@friendly
+def detach(
+    iface: str = typer.Argument(..., help="interface the agent is attached to"),
+    run_dir: Path = OptRunDir,
+) -> None:
+    """Stop the agent on IFACE and remove the XDP program, also after the agent was killed."""
+    from iqn_ctl.live.agent import detach as do_detach
+
+    typer.echo(f"{iface}: {do_detach(iface, run_dir)}")
+
+
+def _targets(run_dir: Path, iface: str | None) -> list[tuple[str, Path]]:
+    if iface is not None:
+        path = sock_path(run_dir, iface)
+        if not path.exists():
+            if not run_dir.exists() or os.access(run_dir, os.X_OK):
+                raise UserError(f"no agent attached to {iface} (start one with 'iqn-ctl attach {iface}')")
+            raise UserError(f"permission denied on {run_dir}: the IQN API is for root (use sudo)")
+        return [(iface, path)]
+    return agent_sockets(run_dir)
+
+
+@app.command()
+@friendly
+def flows(
+    iface: str | None = typer.Option(None, "--iface", help="only this interface's agent"),
+    as_json: bool = OptJson,
+    run_dir: Path = OptRunDir,
+) -> None:
+    """Live flows of running agents."""
+    out: list[dict[str, Any]] = []
+    for name, path in _targets(run_dir, iface):
+        try:
+            got = request(path, "flows")
+        except NoAgent:
+            if iface is not None:
+                raise UserError(
+                    f"the agent on {name} is not running (stale files; 'iqn-ctl detach {name}')"
+                ) from None
+            continue
+        for f in got:
+            f["iface"] = name
+        out.extend(got)
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    if not out:
+        typer.echo("no flows (no candidate packets seen yet)" if iface or agent_sockets(run_dir) else
+                   "no IQN agents running")
+        return
+    wi = max(5, *(len(f["iface"]) for f in out))
+    wf = max(4, *(len(f["flow"]) for f in out))
+    typer.echo(f"{'iface':<{wi}} {'flow':<{wf}} {'state':<6} {'cand':>7} {'stalls':>6} "
+               f"{'stall since (UTC)':<23} {'last dur':>8} {'last seen (UTC)':<23}")
+    for f in sorted(out, key=lambda r: (r["iface"], r["flow"])):
+        since = fmt_time(f["stall_start"]) if f["stall_start"] is not None else "-"
+        dur = f"{f['last_duration']:.2f}s" if f["last_duration"] is not None else "-"
+        seen = fmt_time(f["last_seen"]) if f["last_seen"] is not None else "-"
+        typer.echo(f"{f['iface']:<{wi}} {f['flow']:<{wf}} {f['state']:<6} {f['candidates']:>7} "
+                   f"{f['stalls']:>6} {since:<23} {dur:>8} {seen:<23}")
+    in_stall = sum(1 for f in out if f["state"] == "stall")
+    typer.echo(f"{len(out)} flow(s), {in_stall} in a stall")
+
+
+@app.command()
+@friendly
+def stalls(
+    iface: str | None = typer.Option(None, "--iface", help="only stalls seen on this interface"),
+    since: float | None = typer.Option(None, "--since", help="only stalls ending at/after this epoch"),
+    as_json: bool = OptJson,
+    state_dir: Path = OptStateDir,
+) -> None:
+    """Inferred stall history (read from disk; works with no agent running)."""
+    from iqn_ctl.live.history import db_path
+
+    try:
+        present = db_path(state_dir).exists()
+        if present and not os.access(db_path(state_dir), os.R_OK):
+            raise PermissionError
+    except PermissionError:
+        msg = f"permission denied on {state_dir}: the stall history is for root (use sudo)"
+        raise UserError(msg) from None
+    if not present:
+        if not as_json:
+            typer.echo(f"no stalls recorded (no history in {state_dir} yet)")
+        return
+    with History(state_dir, create=False) as h:
+        recs = h.query(iface, since)
+    if as_json:
+        for r in recs:
+            typer.echo(json.dumps(r.as_json()))
+        return
+    if not recs:
+        where = (f" on {iface}" if iface else "") + (" in that period" if since else "")
+        typer.echo(f"no stalls recorded{where}")
+        return
+    wi = max(5, *(len(r.iface) for r in recs))
+    wf = max(4, *(len(r.flow) for r in recs))
+    typer.echo(f"{'iface':<{wi}} {'flow':<{wf}} {'start (UTC)':<23} {'end (UTC)':<23} {'duration':>9}")
+    for r in recs:
+        mark = " (open at exit)" if r.truncated else ""
+        typer.echo(f"{r.iface:<{wi}} {r.flow:<{wf}} {fmt_time(r.start):<23} {fmt_time(r.end):<23} "
+                   f"{r.duration:>8.3f}s{mark}")
+    typer.echo(f"{len(recs)} stall(s)")
+
+
+def _uptime(s: float) -> str:
+    s = int(s)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+@app.command()
+@friendly
+def status(as_json: bool = OptJson, run_dir: Path = OptRunDir) -> None:
+    """Running agents: interface, XDP mode, packets, candidates, lost events, flows."""
+    rows: list[dict[str, Any]] = []
+    for name, path in agent_sockets(run_dir):
+        try:
+            st = request(path, "status")
+            st["running"] = True
+        except NoAgent:
+            st = {"iface": name, "running": False,
+                  "error": f"agent not running (stale files; run 'iqn-ctl detach {name}')"}
+        rows.append(st)
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo("no IQN agents running")
+        return
+    wi = max(5, *(len(st["iface"]) for st in rows))
+    typer.echo(f"{'iface':<{wi}} {'pid':>7} {'xdp':<6} {'packets':>12} {'candidates':>11} {'lost':>8} "
+               f"{'flows':>7} {'in stall':>8} {'stalls':>7} {'uptime':>10}")
+    for st in rows:
+        if not st["running"]:
+            typer.echo(f"{st['iface']:<{wi}} {st['error']}")
+            continue
+        typer.echo(f"{st['iface']:<{wi}} {st['pid']:>7} {st['xdp_mode']:<6} {st['packets']:>12} "
+                   f"{st['candidates']:>11} {st['lost']:>8} {st['flows']:>7} {st['flows_in_stall']:>8} "
+                   f"{st['stalls_ended']:>7} {_uptime(st['uptime']):>10}")
+        if st["lost"]:
+            typer.echo(f"  warning: {st['lost']} candidate events lost on {st['iface']}: "
+                       "the agent could not keep up; stalls may be missed", err=True)
+

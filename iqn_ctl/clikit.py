@@ -1,0 +1,68 @@
+"""What the ``iqn-ctl`` and ``iqn-lab`` command lines share: the typer app's
+settings, the error wrapper, time formatting.
+
+A library module (no commands), so the lab's CLI can use it without importing
+``iqn_ctl.cli``. The wrapper is the one place where an expected failure
+(:class:`~iqn_ctl.errors.IqnError`) becomes one ``<prog>: error: ...`` line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+
+from iqn_ctl.errors import IqnError
+
+F = TypeVar("F", bound=Callable[..., object])
+USER_ERROR_EXIT = 2
+
+
+def make_app(name: str, help: str) -> typer.Typer:
+    """A typer app with the house settings: help on no arguments, no shell
+    completion, plain tracebacks for bugs."""
+    return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False)  # fmt: skip
+
+
+def fail(prog: str, msg: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
+    typer.echo(f"{prog}: error: {msg}", err=True)
+    return typer.Exit(code)
+
+
+def friendly_for(prog: str, permission_hint: str | None = None) -> Callable[[F], F]:
+    """The error wrapper of command line ``prog``.
+
+    ``permission_hint``, when given, turns a stray ``PermissionError`` into a
+    user error too (the lab's commands touch namespaces and need root)."""
+
+    def friendly(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: object, **kwargs: object) -> object:
+            try:
+                return fn(*args, **kwargs)
+            except IqnError as e:
+                raise fail(prog, str(e)) from None
+            except PermissionError as e:
+                if permission_hint is None:
+                    raise
+                raise fail(prog, f"{e.strerror or e}: {permission_hint}") from None
+            except BrokenPipeError:
+                sys.stderr.close()
+                raise typer.Exit(0) from None
+            except KeyboardInterrupt:
+                raise typer.Exit(130) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return friendly
+
+
+def fmt_time(t: float) -> str:
+    """Epoch seconds as UTC with milliseconds, as every table prints them."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]

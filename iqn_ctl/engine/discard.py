@@ -1,0 +1,110 @@
+"""Is a stall a signal, or bulk (video) traffic that happened to look like one?
+
+A video flow now and then carries candidate-sized packets (a segment's last
+packet), and a burst of segments after a congested spell can hold n of them
+within w_start, so the engine starts a "stall" on it. A signalling flow
+carries little but its candidates during a stall (answers to the toggles, a
+few ACKs); a video flow carries megabytes. The kernel counts every flow's
+packets, candidates and bytes, so comparing two snapshots (at the stall's
+start and end) tells them apart: more than ``bulk_ratio`` full-size packets'
+worth of other bytes per candidate marks a flow as bulk.
+
+The rule lives here as pure functions over counter snapshots so the live
+agent applies it, replays can apply it to counters rebuilt from a capture,
+and tests pin it exactly without a kernel.
+
+Two choices are deliberate:
+
+* Only the flows that carried the stall's candidates are judged, each on its
+  own, and the stall is discarded only when every one of them is bulk. With
+  ``--key client`` a stall gathers all of a client's connections; summing
+  their bytes would let any other connection of that client (its own video,
+  or a server that once sent one forged candidate to get its key filed under
+  the client) turn a real stall into a "bulk flow".
+* Counters that cannot be compared (an entry missing at either end, or a
+  counter that went down because the kernel's LRU evicted the flow and it
+  started again from zero) are *unknown*, and an unknown flow that may have
+  carried candidates keeps the stall: a wrong discard loses a real stall for
+  good, a wrong keep only records a short false one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import NamedTuple, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Counters(NamedTuple):
+    """One flow's kernel counters (``struct flow_stats``): UDP packets from the
+    signalling port, how many of them were candidates, their frame bytes."""
+
+    packets: int
+    candidates: int
+    bytes: int
+
+
+def delta(start: Counters | None, end: Counters | None) -> Counters | None:
+    """What one flow carried between two snapshots; None when the counters
+    cannot tell (an entry missing, or a counter that went down)."""
+    if start is None or end is None:
+        return None
+    d = Counters(end.packets - start.packets, end.candidates - start.candidates, end.bytes - start.bytes)
+    return None if min(d) < 0 else d
+
+
+def _other(d: Counters, max_size: int) -> tuple[int, int, int]:
+    """(candidates, other packets, other bytes) of a flow's delta. A flow that
+    shows no candidate is counted as one: the candidates that started the stall
+    arrived before the start snapshot, and one full-size packet's allowance is
+    what the rule has always given them."""
+    cands = max(d.candidates, 1)
+    return cands, d.packets - cands, d.bytes - cands * max_size
+
+
+def bulk_reason(
+    start: Mapping[K, Counters | None],
+    end: Mapping[K, Counters | None],
+    max_size: int,
+    bulk_ratio: float,
+) -> str:
+    """Why a stall is bulk traffic rather than a signal, "" to keep it.
+
+    ``start`` and ``end`` map each flow (raw kernel key) the stall may
+    involve to its counters at the stall's start and end, None when the
+    kernel had no entry; a flow missing from a mapping counts as None.
+    ``bulk_ratio`` 0 disables the rule. A flow carried candidates if its
+    candidate counter rose; when none rose (all of them arrived before the
+    start snapshot), the flows that carried any packet during the stall are
+    judged instead.
+    """
+    if bulk_ratio <= 0:
+        return ""
+    carriers: list[Counters] = []
+    active: list[Counters] = []
+    for flow in start.keys() | end.keys():
+        s, e = start.get(flow), end.get(flow)
+        d = delta(s, e)
+        if d is None:
+            if s is None and e is not None and e.candidates == 0:
+                continue  # new to us and never carried a candidate: not part of the signal
+            if s is None and e is None:
+                continue  # nothing known, nothing there
+            return ""  # unknown, and it may have carried candidates
+        if d.candidates > 0:
+            carriers.append(d)
+        elif d.packets > 0:
+            active.append(d)
+    judged = carriers or active
+    if not judged:
+        return ""
+    cands = others = other_bytes = 0
+    for d in judged:
+        c, op, ob = _other(d, max_size)
+        if ob <= bulk_ratio * c * max_size:
+            return ""  # one signal-like flow is enough to keep the stall
+        cands, others, other_bytes = cands + c, others + op, other_bytes + ob
+    what = "bulk flow" if len(judged) == 1 else f"bulk flows ({len(judged)} connections)"
+    return (f"{what}: {others} other packets ({other_bytes} bytes) beside "
+            f"{cands} candidates during it (--bulk-ratio {bulk_ratio:g})")

@@ -1,0 +1,139 @@
+"""Many flows at once: one :class:`StallTracker` per flow key, bounded and expiring.
+
+Still sans-I/O: keys are whatever the caller uses (a 5-tuple, a client
+address, ``"trace"``). A router sees far more flows than ever signal, so the
+table is bounded (least recently seen flows go first; one in a stall is closed
+with its evidence so far rather than dropped silently) and idle flows expire.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, make_estimator
+from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, SignalParams
+from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallTracker
+
+#: a flow that sent nothing for this many stall-end windows is forgotten
+IDLE_WINDOWS = 150.0  # 150 x 4p = 120 s at p = 0.2
+
+
+class FlowTable:
+    """Stall trackers keyed by flow."""
+
+    def __init__(
+        self,
+        params: SignalParams | None = None,
+        estimator: str = DEFAULT_ESTIMATOR,
+        max_flows: int = DEFAULT_MAX_FLOWS,
+        idle_timeout: float | None = None,
+        reorder: float = DEFAULT_REORDER,
+    ) -> None:
+        if max_flows < 1:
+            raise ValueError("max_flows must be at least 1")
+        make_estimator(estimator)  # fail early on a bad name
+        self.params = params or SignalParams()
+        self.estimator = estimator
+        self.max_flows = max_flows
+        self.idle_timeout = (
+            idle_timeout if idle_timeout is not None else IDLE_WINDOWS * self.params.w_end
+        )
+        self.reorder = reorder
+        self._flows: OrderedDict[Hashable, StallTracker] = OrderedDict()
+        #: flows that may emit an event on advance(): in a stall or holding arrivals
+        self._active: set[Hashable] = set()
+        self.evicted = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def __iter__(self) -> Iterator[StallTracker]:
+        return iter(self._flows.values())
+
+    def get(self, flow: Hashable) -> StallTracker | None:
+        return self._flows.get(flow)
+
+    def _tracker(self, flow: Hashable, events: list[Event]) -> StallTracker:
+        tr = self._flows.get(flow)
+        if tr is None:
+            while len(self._flows) >= self.max_flows:
+                old_key, old = self._flows.popitem(last=False)
+                self._active.discard(old_key)
+                events.extend(old.close())
+                self.evicted += 1
+            tr = StallTracker(self.params, self.estimator, flow, self.reorder)
+            self._flows[flow] = tr
+        else:
+            self._flows.move_to_end(flow)
+        return tr
+
+    def _note(self, flow: Hashable, tr: StallTracker) -> None:
+        if tr.busy:
+            self._active.add(flow)
+        else:
+            self._active.discard(flow)
+
+    def feed(self, flow: Hashable, times: float | npt.ArrayLike) -> list[Event]:
+        """Arrivals of one flow."""
+        events: list[Event] = []
+        tr = self._tracker(flow, events)
+        events.extend(tr.feed(times))  # type: ignore[arg-type]
+        self._note(flow, tr)
+        return events
+
+    def feed_many(self, flows: list[Hashable], times: npt.ArrayLike) -> list[Event]:
+        """Arrivals of many flows (parallel sequences), grouped so each tracker
+        sees one batch; events come out in order of their detection time."""
+        t = np.asarray(times, dtype=np.float64)
+        if len(flows) != t.size:
+            raise ValueError("flows and times differ in length")
+        groups: dict[Hashable, list[int]] = {}
+        for i, f in enumerate(flows):
+            groups.setdefault(f, []).append(i)
+        events: list[Event] = []
+        for f, idx in groups.items():
+            events.extend(self.feed(f, t[idx]))
+        events.sort(key=lambda e: e.detected_at)
+        return events
+
+    def advance(self, now: float) -> list[Event]:
+        """The clock reached ``now``: end stalls whose end window has passed and
+        forget flows idle for longer than ``idle_timeout``."""
+        events: list[Event] = []
+        for flow in list(self._active):
+            tr = self._flows[flow]
+            events.extend(tr.advance(now))
+            self._note(flow, tr)
+        horizon = now - self.idle_timeout
+        while self._flows:
+            flow, tr = next(iter(self._flows.items()))
+            if tr.last_seen is None or tr.last_seen >= horizon:
+                break
+            del self._flows[flow]
+            self._active.discard(flow)
+            events.extend(tr.close())
+            self.expired += 1
+        return events
+
+    def next_deadline(self) -> float | None:
+        """The earliest clock time at which :meth:`advance` may emit an event or
+        forget a flow, or None when nothing is due without a new arrival."""
+        dues = [d for f in self._active if (d := self._flows[f].next_deadline()) is not None]
+        if self._flows:
+            oldest = next(iter(self._flows.values())).last_seen
+            if oldest is not None:
+                dues.append(oldest + self.idle_timeout)
+        return min(dues) if dues else None
+
+    def close(self) -> list[Event]:
+        """End of input: close every open stall."""
+        events: list[Event] = []
+        for tr in self._flows.values():
+            events.extend(tr.close())
+        self._active.clear()
+        return events

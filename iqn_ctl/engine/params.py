@@ -1,0 +1,74 @@
+"""Signalling and filter parameters shared by the data plane, the engine and the CLI.
+
+Everything the inference needs is derived from the two numbers the end-user
+agent is configured with, p and n, so that a deployment with another signalling
+interval or toggle count needs no re-tuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from iqn_ctl.errors import IqnError
+
+DEFAULT_P = 0.2
+DEFAULT_N = 4
+DEFAULT_PORT = 443
+DEFAULT_MIN_SIZE = 1180
+DEFAULT_MAX_SIZE = 1288
+MAX_FRAME = 65535
+#: flows tracked at once, in the kernel's table and the engine's (least recent dropped)
+DEFAULT_MAX_FLOWS = 65536
+
+
+class ParamError(IqnError, ValueError):
+    """A parameter combination that cannot work; the message is shown to the user as is."""
+
+
+@dataclass(frozen=True, slots=True)
+class SignalParams:
+    """The end-user agent's signalling: a burst of ``n`` toggles every ``p`` seconds.
+
+    The windows are the paper's: a stall starts once ``n`` candidates fall in
+    ``w_start = 1.5 p`` (one burst, with room for jitter) and ends once fewer
+    than ``n`` fall in ``w_end = 4 p`` (several missing bursts in a row).
+    """
+
+    p: float = DEFAULT_P
+    n: int = DEFAULT_N
+
+    def __post_init__(self) -> None:
+        if not (self.p > 0 and self.p < 3600):
+            raise ParamError(f"--p must be a positive number of seconds, got {self.p}")
+        if self.n < 1:
+            raise ParamError(f"--n must be at least 1, got {self.n}")
+
+    @property
+    def w_start(self) -> float:
+        return 1.5 * self.p
+
+    @property
+    def w_end(self) -> float:
+        return 4.0 * self.p
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateFilter:
+    """Which packets are candidates: server-to-client UDP from ``port`` with an
+    Ethernet frame length in ``[min_size, max_size]`` (headers included, as in the paper)."""
+
+    port: int = DEFAULT_PORT
+    min_size: int = DEFAULT_MIN_SIZE
+    max_size: int = DEFAULT_MAX_SIZE
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port <= 65535:
+            raise ParamError(f"--port must be in 1..65535, got {self.port}")
+        if self.min_size < 0 or self.max_size > MAX_FRAME:
+            raise ParamError(
+                f"sizes must lie in 0..{MAX_FRAME}, got --min-size {self.min_size} --max-size {self.max_size}"
+            )
+        if self.min_size > self.max_size:
+            raise ParamError(
+                f"--min-size {self.min_size} is larger than --max-size {self.max_size}"
+            )

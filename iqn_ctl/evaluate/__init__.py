@@ -1,0 +1,1 @@
+"""Offline work on the paper's trace formats: replay, scoring, plots."""

@@ -1,0 +1,550 @@
+"""The live ISP agent: XDP candidate events -> per-flow stall inference ->
+flow table, stall history, local API and metrics.
+
+The agent owns no inference logic and no timing of its own: the live flow
+view (:mod:`iqn_ctl.live.flows`) groups perf events by flow and hands them to
+:class:`~iqn_ctl.engine.flowtable.FlowTable` (the one engine shared with the
+replays); the loop calls ``advance(time.time())`` after every poll and sleeps
+no longer than the engine's ``next_deadline()``, so that stalls end on time
+even when the flow goes silent. Everything else here is plumbing
+whose failure modes users actually meet: a second agent on the same
+interface, an agent killed with SIGKILL (stale program, socket and pid file),
+perf events lost under load (counted and logged, never silent).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from iqn_ctl.engine.discard import Counters, bulk_reason
+from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, CandidateFilter, SignalParams
+from iqn_ctl.engine.tracker import Event, StallEnded, StallStarted
+from iqn_ctl.live.api import (
+    DEFAULT_RUN_DIR,
+    ApiError,
+    ApiServer,
+    RawJson,
+    ensure_run_dir,
+    pid_path,
+    sock_path,
+)
+from iqn_ctl.live.flows import KEY_MODES, LiveFlows
+from iqn_ctl.live.history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
+from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE, AgentError, dataplane_problem
+
+if TYPE_CHECKING:
+    from iqn_ctl.live.datapath import Datapath
+    from iqn_ctl.live.metrics import AgentMetrics
+
+log = logging.getLogger("iqn.agent")
+
+#: longest the event loop sleeps in the kernel. The data plane wakes the reader
+#: only every n-th candidate per CPU (a wake-up per event costs the kernel
+#: microseconds per packet), and that count does not line up with bursts, so the
+#: n-th packet of a signal may wait for this timeout: it bounds the detection
+#: latency (target <= 10 ms) as well as how late a silent flow's stall end is
+#: noticed. 333 wake-ups a second cost the idle agent about 1% of a core.
+IDLE_POLL_MS = 3
+#: how often kernel counters are read to notice lost events
+COUNTER_PERIOD = 0.5
+#: The live agent's reorder tolerance. Replays need the engine's default (merged
+#: captures reorder by milliseconds), but here one flow's packets hash to one RX
+#: queue, so they reach one CPU's perf buffer in order, and every poll's batch
+#: is sorted per flow before it is fed. What is left (--key client merging flows
+#: from several CPUs) is microseconds, which the tracker clamps to its watermark
+#: and counts as ``late``. Holding nothing back saves 5 ms of detection latency
+#: and the tracker's per-arrival Python path (half the agent's CPU per event).
+LIVE_REORDER = 0.0
+
+
+# -- one agent per interface: the pid file is the lock ----------------------------
+
+
+class InterfaceLock:
+    """``/run/iqn/<iface>.pid`` held with flock by the running agent.
+
+    Why flock and not "is the pid alive": a pid file left by a SIGKILLed agent
+    may name a pid that was reused; a lock dies with its process, so a held lock
+    means a live agent and a free one means a stale file, with no guessing.
+    """
+
+    def __init__(self, run_dir: Path, iface: str) -> None:
+        self.path = pid_path(run_dir, iface)
+        self.iface = iface
+        self._fd: int | None = None
+
+    def holder(self) -> int | None:
+        """Pid of the live agent holding the lock, None when no agent runs."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 64).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> None:
+        ensure_run_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise AgentError(
+                f"an IQN agent is already attached to {self.iface} (pid {text or '?'}); "
+                f"run 'iqn-ctl detach {self.iface}' first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+# -- the agent ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    iface: str
+    params: SignalParams = field(default_factory=SignalParams)
+    filt: CandidateFilter = field(default_factory=CandidateFilter)
+    estimator: str = DEFAULT_ESTIMATOR
+    key_mode: str = "5tuple"
+    max_flows: int = DEFAULT_MAX_FLOWS
+    xdp_mode: str = DEFAULT_XDP_MODE
+    force: bool = False
+    state_dir: Path = DEFAULT_STATE_DIR
+    run_dir: Path = DEFAULT_RUN_DIR
+    metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"
+    history_rows: int = DEFAULT_MAX_ROWS
+    reorder: float = LIVE_REORDER
+    perf_pages: int = DEFAULT_PERF_PAGES
+    #: see Agent._bulk(): 0 disables the check
+    bulk_ratio: float = 2.0
+
+    def validate(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise AgentError(
+                f"unknown --estimator {self.estimator!r}; choose one of {', '.join(sorted(ESTIMATORS))}"
+            )
+        if self.key_mode not in KEY_MODES:
+            raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {self.key_mode!r}")
+        problem = dataplane_problem(self.xdp_mode, self.max_flows, self.perf_pages)
+        if problem:
+            raise AgentError(problem)
+        if not 0 <= self.bulk_ratio < 1e6:
+            raise AgentError(f"--bulk-ratio must be >= 0, got {self.bulk_ratio}")
+        if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:
+            raise AgentError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
+
+
+def need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise AgentError(f"{what} needs root (XDP, {DEFAULT_RUN_DIR}): run it with sudo")
+
+
+def check_iface(iface: str) -> None:
+    if not iface or "/" in iface or len(iface) > 15:
+        raise AgentError(f"{iface!r} is not a valid interface name")
+    try:
+        socket.if_nametoindex(iface)
+    except OSError:
+        raise AgentError(f"no such interface: {iface} (see 'ip link')") from None
+
+
+def poll_timeout_ms(due: float | None, now: float) -> int:
+    """How long the loop may sleep in the kernel: until the engine's next
+    deadline, and never longer than :data:`IDLE_POLL_MS`."""
+    if due is None:
+        return IDLE_POLL_MS
+    return max(0, min(IDLE_POLL_MS, math.ceil((due - now) * 1000)))
+
+
+def _iso(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Agent:
+    """One interface's agent. ``start()`` attaches, ``run()`` loops until the
+    stop event is set, ``shutdown()`` removes everything it created."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.lock = InterfaceLock(cfg.run_dir, cfg.iface)
+        self.flows = LiveFlows(cfg.params, cfg.estimator, cfg.key_mode, cfg.max_flows, reorder=cfg.reorder)
+        self.dp: Datapath | None = None
+        self.api: ApiServer | None = None
+        self.metrics: AgentMetrics | None = None
+        self.history: History | None = None
+        self.mode = ""
+        self.started_at = 0.0
+        self.stalls_started = 0
+        self.stalls_ended = 0
+        self.stalls_discarded = 0
+        #: kernel counters of each of a flow's connections when its stall started
+        self._stall_base: dict[Hashable, dict[bytes, Counters | None]] = {}
+        self._state = threading.Lock()
+        self._counters: dict[str, int] = {"packets": 0, "candidates": 0, "parse_errors": 0, "lost": 0}
+        self._lost_logged = 0
+        #: bumped whenever the flow view may have changed; keys the cached flows answer
+        self._version = 0
+        self._flows_cache: tuple[int, RawJson] | None = None
+
+    # -- lifecycle --
+
+    def start(self) -> str:
+        """Attach and start serving; returns the XDP mode used. On failure
+        everything already set up is torn down again."""
+        cfg = self.cfg
+        need_root("attach")
+        check_iface(cfg.iface)
+        self.lock.acquire()
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self.mode
+
+    def _start(self) -> None:
+        from iqn_ctl.live.datapath import PROG_NAME, Datapath, remove_xdp, xdp_program_on
+
+        cfg = self.cfg
+        self.history = History(cfg.state_dir, cfg.history_rows)
+        present = xdp_program_on(cfg.iface)
+        if present is not None and present[1] == PROG_NAME:
+            # we hold the interface lock, so no live agent owns it: a dead agent's leftover
+            remove_xdp(cfg.iface)
+            log.warning("%s: removed a stale IQN program (id %d) left by an agent that died",
+                        cfg.iface, present[0])
+        self.dp = Datapath(
+            cfg.iface, cfg.filt, max_flows=cfg.max_flows, xdp_mode=cfg.xdp_mode, force=cfg.force,
+            perf_pages=cfg.perf_pages,
+        )
+        self.mode = self.dp.attach()
+        self.started_at = time.time()
+        self.api = ApiServer(sock_path(cfg.run_dir, cfg.iface), self._handle).start()
+        if cfg.metrics_port is not None:
+            from iqn_ctl.live.metrics import AgentMetrics
+
+            self.metrics = AgentMetrics(cfg.iface, self.snapshot)
+            try:
+                self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
+            except OSError as e:
+                raise AgentError(
+                    f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {e.strerror or e}"
+                ) from None
+        p, f = cfg.params, cfg.filt
+        log.info(
+            "%s: attached (XDP %s); p=%g n=%d sizes %d..%d port %d key %s estimator %s; history %s%s",
+            cfg.iface, self.mode, p.p, p.n, f.min_size, f.max_size, f.port, cfg.key_mode, cfg.estimator,
+            self.history.path, f"; metrics on :{cfg.metrics_port}" if self.metrics else "",
+        )
+
+    def shutdown(self) -> None:
+        """Remove the XDP program, socket, metrics server and pid file; idempotent."""
+        if self.dp is not None:
+            try:
+                self.dp.close()  # detaches our program and frees maps and perf buffers
+            except Exception as e:  # keep cleaning up the rest
+                log.error("%s: removing the XDP program failed: %s", self.cfg.iface, e)
+        if self.api is not None:
+            self.api.close()
+            self.api = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.history is not None:
+            self.history.close()
+            self.history = None
+        if self.dp is not None:
+            self.dp = None
+            if self.mode:
+                log.info("%s: detached", self.cfg.iface)
+        self.lock.release()
+
+    # -- event loop --
+
+    def run(self, stop: threading.Event) -> None:
+        assert self.dp is not None, "start() first"
+        dp = self.dp
+        next_counters = 0.0
+        due: float | None = None
+        while not stop.is_set():
+            now = time.time()
+            timeout = poll_timeout_ms(due, now)
+            snap = None
+            if now >= next_counters:
+                # read the kernel counters *before* this poll drains the rings, so every
+                # candidate they count was either delivered by it or lost (_read_counters)
+                next_counters = now + COUNTER_PERIOD
+                snap = dp.counters()
+                timeout = 0
+            evs = dp.poll(timeout)
+            now = time.time()
+            with self._state:
+                size = len(self.flows.table)
+                out = self.flows.ingest(evs) if evs else []
+                out.extend(self.flows.advance(now))
+                # the engine says when it next has something to do (held arrivals to
+                # release, a stall to end): wake up then, so a stall shows within a few ms
+                due = self.flows.table.next_deadline()
+                if evs or out or size != len(self.flows.table):
+                    self._version += 1
+            if out:
+                self._on_events(out)
+            if snap is not None:
+                self._read_counters(snap)
+        with self._state:
+            out = self.flows.close()
+        if out:
+            self._on_events(out, closing=True)
+        snap = dp.counters()
+        dp.poll(0)
+        self._read_counters(snap)
+
+    def _read_counters(self, c: dict[str, int]) -> None:
+        """Note kernel counters read before the rings were last drained.
+
+        The kernel reports perf events it dropped only with the next event it
+        manages to write, so after a burst of loss followed by silence bcc's
+        count stays 0. Every candidate the kernel counted before the drain was
+        either delivered by then or lost, so ``candidates - delivered`` is a
+        lower bound of the loss that needs no next event; we report the larger.
+        """
+        lost = max(c.get("lost", 0), c.get("candidates", 0) - self.flows.events_in, self._lost_logged)
+        self._counters = {**c, "lost": lost}
+        if lost > self._lost_logged:
+            log.warning(
+                "%s: %d candidate events lost (total %d): the agent is not keeping up, "
+                "stalls may be missed",
+                self.cfg.iface, lost - self._lost_logged, lost,
+            )
+            self._lost_logged = lost
+
+    def _on_events(self, events: list[Event], closing: bool = False) -> None:
+        recs = []
+        iface = self.cfg.iface
+        for e in events:
+            info = self.flows.info(e.flow)
+            if isinstance(e, StallStarted):
+                if self.cfg.bulk_ratio and self.dp is not None:
+                    self._stall_base[e.flow] = self.dp.flow_counters(self.flows.raws(e.flow))
+                self.stalls_started += 1
+                if self.metrics:
+                    self.metrics.stall_started()
+                log.info("%s: stall start flow=%s client=%s start=%s", iface, info.label, info.client,
+                         _iso(e.start))
+            elif isinstance(e, StallEnded):
+                bulk = self._bulk(e)
+                if bulk:
+                    self.stalls_discarded += 1
+                    log.info("%s: stall discarded flow=%s client=%s start=%s duration=%.3fs: %s",
+                             iface, info.label, info.client, _iso(e.start), e.duration, bulk)
+                    continue
+                self.stalls_ended += 1
+                if self.metrics:
+                    self.metrics.stall_ended(e.duration)
+                why = " (agent stopping)" if closing else (" (flow evicted/expired)" if e.truncated else "")
+                log.info(
+                    "%s: stall end flow=%s client=%s start=%s end=%s duration=%.3fs candidates=%d%s",
+                    iface, info.label, info.client, _iso(e.start), _iso(e.end), e.duration, e.candidates, why,
+                )
+                recs.append(StallRecord(
+                    iface, info.label, info.client, info.server, e.start, e.end, e.candidates,
+                    e.detected_at, e.truncated, self.cfg.estimator,
+                ))
+        if recs and self.history is not None:
+            try:
+                self.history.add(recs)
+            except Exception as ex:  # a full disk must not stop inference
+                log.error("%s: could not record %d stall(s) in %s: %s",
+                          iface, len(recs), self.history.path, ex)
+
+    def _bulk(self, e: StallEnded) -> str:
+        """Why this stall is bulk traffic rather than a signal ("" if it is a
+        signal): :func:`~iqn_ctl.engine.discard.bulk_reason` on the kernel counters of
+        the stall's connections (several with --key client) at its start and end.
+        The connections known at the start are looked up again even if the key
+        cache forgot them since, so an evicted one shows as unknown, not as gone.
+        """
+        base = self._stall_base.pop(e.flow, None)
+        if base is None or self.dp is None or not self.cfg.bulk_ratio:
+            return ""
+        now = self.dp.flow_counters(dict.fromkeys([*base, *self.flows.raws(e.flow)]))
+        return bulk_reason(base, now, self.cfg.filt.max_size, self.cfg.bulk_ratio)
+
+    # -- API --
+
+    def snapshot(self) -> dict[str, int]:
+        c = dict(self._counters)
+        c["flows"] = len(self.flows.table)
+        c["flows_in_stall"] = self.stalls_started - self.stalls_ended - self.stalls_discarded
+        return c
+
+    def status(self) -> dict[str, Any]:
+        if self.dp is not None:  # fresh packet counts; loss as last established by the event loop
+            c = self.dp.counters()
+            self._counters = {**c, "lost": max(c.get("lost", 0), self._lost_logged)}
+        cfg = self.cfg
+        s: dict[str, Any] = {
+            "iface": cfg.iface,
+            "pid": os.getpid(),
+            "xdp_mode": self.mode,
+            **self.snapshot(),
+            "stalls_started": self.stalls_started,
+            "stalls_ended": self.stalls_ended,
+            "stalls_discarded": self.stalls_discarded,
+            "events": self.flows.events_in,
+            "late": sum(tr.late for tr in self.flows.table),
+            "evicted": self.flows.table.evicted,
+            "expired": self.flows.table.expired,
+            "started_at": self.started_at,
+            "uptime": time.time() - self.started_at,
+            "key": cfg.key_mode,
+            "estimator": cfg.estimator,
+            "p": cfg.params.p,
+            "n": cfg.params.n,
+            "min_size": cfg.filt.min_size,
+            "max_size": cfg.filt.max_size,
+            "port": cfg.filt.port,
+            "max_flows": cfg.max_flows,
+            "state_dir": str(cfg.state_dir),
+            "metrics_port": cfg.metrics_port,
+        }
+        return s
+
+    def _handle(self, req: dict[str, Any]) -> Any:
+        cmd = req["cmd"]
+        if cmd == "status":
+            return self.status()
+        if cmd == "flows":
+            if req.get("kernel", True) and self.dp is not None:
+                stats = self.dp.flow_stats()
+                with self._state:
+                    return self.flows.flows(stats)
+            # without the kernel's per-flow counters the answer only changes with the
+            # version: serve it from a cache so fast pollers do not slow the event loop
+            with self._state:
+                cached = self._flows_cache
+                if cached is not None and cached[0] == self._version:
+                    return cached[1]
+                version, rows = self._version, self.flows.flows()
+            raw = RawJson(json.dumps(rows).encode())
+            self._flows_cache = (version, raw)
+            return raw
+        if cmd == "ping":
+            return {"iface": self.cfg.iface, "pid": os.getpid()}
+        raise ApiError(f"unknown request {cmd!r}")
+
+
+def serve(cfg: AgentConfig, on_ready: Callable[[Agent], None] | None = None) -> None:
+    """Attach, run until SIGINT/SIGTERM, then detach cleanly."""
+    agent = Agent(cfg)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("%s: %s received, detaching", cfg.iface, signal.Signals(signum).name)
+        stop.set()
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        agent.start()
+        if on_ready is not None:
+            on_ready(agent)
+        agent.run(stop)
+    finally:
+        agent.shutdown()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# -- detach (works without the agent) ------------------------------------------------
+
+
+def detach(iface: str, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -> str:
+    """Stop the agent on ``iface`` (if any), remove any IQN XDP program left on
+    it and clean up stale socket/pid files. Returns what was done, for people."""
+    need_root("detach")
+    lock = InterfaceLock(run_dir, iface)
+    done = []
+    pid = lock.holder()
+    if pid is not None and pid > 0:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while lock.holder() is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if lock.holder() is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 5.0
+            while lock.holder() is not None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            done.append(f"killed agent pid {pid} (it ignored SIGTERM for {timeout:g} s)")
+        else:
+            done.append(f"stopped agent pid {pid}")
+    exists = True
+    try:
+        socket.if_nametoindex(iface)
+    except OSError:
+        exists = False
+    if exists:
+        from iqn_ctl.live.datapath import remove_xdp
+
+        if remove_xdp(iface):
+            done.append("removed the IQN XDP program" + ("" if pid else " (agent was not running)"))
+    for path in (sock_path(run_dir, iface), pid_path(run_dir, iface)):
+        if lock.holder() is None:
+            try:
+                path.unlink()
+                if not done or "stale" not in done[-1]:
+                    done.append("removed stale agent files")
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+    if not exists and not done:
+        raise AgentError(f"no such interface: {iface} (and no agent files for it)")
+    return "; ".join(done) if done else f"nothing attached to {iface}"

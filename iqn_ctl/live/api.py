@@ -1,0 +1,212 @@
+"""The agent's local API: one JSON request line in, one JSON response line out,
+over a unix socket that only root can reach.
+
+Why a unix socket and not TCP: the flow table names subscribers' addresses, so
+it must not be reachable from the network or by unprivileged users. The socket
+lives in a 0700 directory with mode 0600, and the server also checks the peer's
+uid (SO_PEERCRED) so a mistaken chmod does not open it up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from iqn_ctl.errors import IqnError
+
+DEFAULT_RUN_DIR = Path(os.environ.get("IQN_RUN_DIR", "/run/iqn"))
+MAX_REQUEST = 64 * 1024
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class RawJson(bytes):
+    """A result already serialised to JSON: the server sends it as is (the
+    agent caches its flow table this way, so a client polling fast costs the
+    agent almost nothing while nothing changes)."""
+
+
+class ApiError(IqnError):
+    """The agent cannot be reached or refused the request; the message is for the user."""
+
+
+class NoAgent(ApiError):
+    """Nothing listens on the socket (never started, or died without cleaning up)."""
+
+
+def sock_path(run_dir: Path, iface: str) -> Path:
+    return run_dir / f"{iface}.sock"
+
+
+def pid_path(run_dir: Path, iface: str) -> Path:
+    return run_dir / f"{iface}.pid"
+
+
+def ensure_run_dir(run_dir: Path) -> None:
+    """Create the run dir 0700 (and tighten an existing one we own)."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = run_dir.stat()
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        run_dir.chmod(0o700)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class ApiServer:
+    """Serves requests on a background thread; ``handler`` gets the decoded
+    request (a dict with at least ``"cmd"``) and returns a JSON-able result."""
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        ensure_run_dir(path.parent)
+        if path.exists() or path.is_symlink():
+            path.unlink()  # stale socket of a dead agent (the caller holds the interface lock)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self._sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._sock.listen(64)
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"iqn-api:{path.name}", daemon=True)
+        self.requests = 0
+
+    def start(self) -> ApiServer:
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                continue
+            with conn:
+                try:
+                    self._one(conn)
+                except OSError:
+                    pass  # client went away mid-answer; nothing to tell anyone
+
+    def _one(self, conn: socket.socket) -> None:
+        conn.settimeout(2.0)
+        if _peer_uid(conn) != 0 and _peer_uid(conn) != os.geteuid():
+            conn.sendall(b'{"ok": false, "error": "permission denied: the IQN API is for root only"}\n')
+            return
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > MAX_REQUEST:
+                conn.sendall(b'{"ok": false, "error": "request too large"}\n')
+                return
+        try:
+            req = json.loads(buf)
+            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                raise ValueError("expected an object with a 'cmd' string")
+        except ValueError as e:
+            conn.sendall(json.dumps({"ok": False, "error": f"bad request: {e}"}).encode() + b"\n")
+            return
+        self.requests += 1
+        try:
+            resp = {"ok": True, "result": self.handler(req)}
+        except ApiError as e:
+            resp = {"ok": False, "error": str(e)}
+        except Exception as e:  # keep serving; the agent's log gets the details
+            import logging
+
+            logging.getLogger("iqn.api").exception("API request %r failed", req.get("cmd"))
+            resp = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+        result = resp.get("result")
+        if isinstance(result, RawJson):
+            conn.sendall(b'{"ok": true, "result": ' + result + b"}\n")
+        else:
+            conn.sendall(json.dumps(resp).encode() + b"\n")
+
+    def close(self) -> None:
+        """Stop serving and remove the socket file; idempotent."""
+        self._stop.set()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def request(path: Path, cmd: str, timeout: float = 5.0, **args: Any) -> Any:
+    """Send one request and return its result; raises :class:`ApiError` with a
+    message fit for the user."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(str(path))
+        except FileNotFoundError:
+            raise NoAgent(f"no agent socket at {path}") from None
+        except ConnectionRefusedError:
+            raise NoAgent(f"stale agent socket at {path} (agent not running)") from None
+        except PermissionError:
+            raise ApiError(f"permission denied on {path}: the IQN API is for root (use sudo)") from None
+        try:
+            s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server refused early (not root, too large); its reason is still readable
+        buf = bytearray()
+        while True:
+            try:
+                chunk = s.recv(1 << 16)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+            if buf.endswith(b"\n"):
+                break
+    except TimeoutError:
+        raise ApiError(f"agent at {path} did not answer within {timeout:g} s") from None
+    except ConnectionResetError:
+        raise NoAgent(f"agent at {path} closed the connection") from None
+    finally:
+        s.close()
+    try:
+        resp = json.loads(buf)
+    except ValueError:
+        raise ApiError(f"agent at {path} sent a garbled answer") from None
+    if not resp.get("ok"):
+        raise ApiError(str(resp.get("error", "request failed")))
+    return resp.get("result")
+
+
+def agent_sockets(run_dir: Path) -> list[tuple[str, Path]]:
+    """(iface, socket path) of every agent socket in ``run_dir``, sorted by iface."""
+    try:
+        names = sorted(run_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    except PermissionError:
+        raise ApiError(f"permission denied on {run_dir}: the IQN API is for root (use sudo)") from None
+    return [(p.name[: -len(".sock")], p) for p in names if p.name.endswith(".sock")]

@@ -1,0 +1,393 @@
+"""Load iqn_ctl/live/bpf/iqn_xdp.c on a router interface and hand its candidate events to
+the agent.
+
+The kernel program does the per-packet work; this module only compiles it
+with the operator's filter (-D constants, so the fast path has no map look-up
+for its configuration), attaches it without trampling someone else's XDP
+program, and drains the perf ring buffer in batches. The perf callback runs
+once per candidate, so it only stores the raw bytes; decoding and the
+monotonic-to-wall-clock conversion happen once per poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import operator
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from iqn_ctl.engine.discard import Counters
+from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_N, CandidateFilter
+from iqn_ctl.errors import IqnError
+from iqn_ctl.live import bpf_testrun, layout
+from iqn_ctl.live.layout import (
+    COUNTERS,
+    EVENT_LEN_OFFSET,
+    EVENT_TS_OFFSET,
+    KEY_SIZE,
+    FlowKeyC,
+    FlowStatsC,
+)
+from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE, dataplane_problem
+
+PROG_NAME = "iqn_xdp"
+SRC = Path(__file__).resolve().parent / "bpf" / "iqn_xdp.c"
+_EVENT_TAIL = struct.Struct("=QI")  # ts_ns, len (adjacent in struct cand_event)
+assert EVENT_LEN_OFFSET == EVENT_TS_OFFSET + 8
+
+# XDP attach flags (linux/if_link.h) and the modes `ip -j link` reports
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_HW_MODE = 1 << 3
+_MODE_FLAGS = {1: XDP_FLAGS_DRV_MODE, 2: XDP_FLAGS_SKB_MODE, 3: XDP_FLAGS_HW_MODE}
+_IP_MODE = {1: "xdpdrv", 2: "xdpgeneric", 3: "xdpoffload"}  # `ip link set dev X <mode> off`
+
+log = logging.getLogger(__name__)
+_by_time = operator.itemgetter(1)
+
+
+class DatapathError(IqnError):
+    """A one-line, actionable reason the data plane cannot run."""
+
+
+# ---------------------------------------------------------------------------
+# what is attached where
+
+
+def _ifindex(iface: str) -> int:
+    try:
+        return socket.if_nametoindex(iface)
+    except (OSError, ValueError):
+        raise DatapathError(f"no such network interface: {iface!r}") from None
+
+
+def _attached(iface: str) -> list[tuple[int, int, str]]:
+    """(mode, prog id, prog name) of every XDP program on ``iface``;
+    mode 1 native, 2 generic (skb), 3 offloaded."""
+    _ifindex(iface)
+    try:
+        out = subprocess.run(
+            ["ip", "-j", "link", "show", "dev", iface], capture_output=True, text=True, check=True
+        ).stdout
+    except FileNotFoundError:
+        raise DatapathError(
+            "the `ip` command (iproute2) is missing: run `sudo bash scripts/setup.sh`"
+        ) from None
+    except subprocess.CalledProcessError:
+        raise DatapathError(f"no such network interface: {iface!r}") from None
+    links: list[dict[str, Any]] = json.loads(out or "[]")
+    xdp = links[0].get("xdp") if links else None
+    if not xdp:
+        return []
+    entries = xdp.get("attached") or [xdp]
+    found = []
+    for e in entries:
+        prog = e.get("prog") or {}
+        if "id" not in prog:
+            continue
+        name = prog.get("name")
+        if name is None:
+            try:
+                name = bpf_testrun.prog_name_by_id(int(prog["id"]))
+            except OSError:
+                name = "?"
+        found.append((int(e.get("mode", 0)), int(prog["id"]), str(name)))
+    return found
+
+
+def xdp_program_on(iface: str) -> tuple[int, str] | None:
+    """(prog id, prog name) of the XDP program attached to ``iface`` in any mode, or None."""
+    progs = _attached(iface)
+    return (progs[0][1], progs[0][2]) if progs else None
+
+
+@contextlib.contextmanager
+def _quiet_stderr(fds: tuple[int, ...] = (2,)) -> Iterator[list[str]]:
+    """Capture what bcc/libbpf/clang print on ``fds`` (warnings, libbpf chatter;
+    bcc prints "Unable to find kernel headers" on stdout); the caller gets the
+    text, e.g. to summarise a compile failure."""
+    captured: list[str] = []
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed or None in a daemon
+            stream.flush()
+    saved: dict[int, int] = {}
+    for fd in fds:
+        with contextlib.suppress(OSError):  # a closed fd needs no silencing
+            saved[fd] = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        try:
+            for fd in saved:
+                os.dup2(tmp.fileno(), fd)
+            yield captured
+        finally:
+            for fd, old in saved.items():
+                os.dup2(old, fd)
+                os.close(old)
+            tmp.seek(0)
+            captured.append(tmp.read().decode(errors="replace"))
+
+
+def _detach_mode(iface: str, mode: int) -> None:
+    from bcc import BPF
+
+    with _quiet_stderr():
+        try:
+            BPF.remove_xdp(iface.encode(), _MODE_FLAGS.get(mode, 0))
+        except Exception as e:  # bcc raises bare Exception
+            raise DatapathError(f"cannot remove the XDP program from {iface}: {e}") from None
+
+
+def remove_xdp(iface: str) -> bool:
+    """Remove IQN's program(s) from ``iface`` in every mode; True if one was there.
+    Needs no running agent: it recognises the program by name."""
+    removed = False
+    for mode, _pid, name in _attached(iface):
+        if name == PROG_NAME:
+            _detach_mode(iface, mode)
+            removed = True
+    return removed
+
+
+# ---------------------------------------------------------------------------
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise DatapathError("loading an XDP program needs root: run with sudo")
+
+
+def _compile_error(iface: str, text: str) -> DatapathError:
+    release = os.uname().release
+    if "Unable to find kernel headers" in text or "kernel headers" in text.lower() or (
+        "file not found" in text and ("linux/" in text or "asm/" in text)
+    ):
+        return DatapathError(
+            f"kernel headers not found at /lib/modules/{release}/build: run `sudo bash scripts/setup.sh`"
+        )
+    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
+    summary = lines[0] if lines else (text.strip().splitlines() or ["unknown error"])[-1]
+    return DatapathError(f"compiling {SRC.name} for {iface} failed: {summary}")
+
+
+class Datapath:
+    """IQN's XDP program on one interface: compile, attach, poll, detach."""
+
+    def __init__(
+        self,
+        iface: str,
+        filt: CandidateFilter,
+        max_flows: int = DEFAULT_MAX_FLOWS,
+        xdp_mode: str = DEFAULT_XDP_MODE,
+        force: bool = False,
+        perf_pages: int = DEFAULT_PERF_PAGES,
+        wakeup_events: int = DEFAULT_N,
+    ) -> None:
+        problem = dataplane_problem(xdp_mode, max_flows, perf_pages)
+        if problem:
+            raise DatapathError(problem)
+        if wakeup_events < 1:
+            raise DatapathError(f"wakeup_events must be at least 1, got {wakeup_events}")
+        _require_root()
+        _ifindex(iface)
+        if not SRC.is_file():
+            raise DatapathError(f"the XDP program source is missing ({SRC}): reinstall IQN (pip install .)")
+        self.iface = iface
+        self.filt = filt
+        self.xdp_mode = xdp_mode
+        self.force = force
+        self.wakeup_events = wakeup_events
+        self.mode: str | None = None  # "native"/"skb" once attached
+        self._raw: list[bytes] = []
+        self._lost = 0
+        self._closed = False
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise DatapathError(
+                "bcc is missing (Debian's python3-bpfcc): run `sudo bash scripts/setup.sh`"
+            ) from None
+        self._BPF = BPF
+        cflags = [
+            f"-DIQN_PORT={filt.port}",
+            f"-DIQN_MIN_SIZE={filt.min_size}",
+            f"-DIQN_MAX_SIZE={filt.max_size}",
+            f"-DIQN_MAX_FLOWS={max_flows}",
+            "-w",
+        ]
+        err = ""
+        with _quiet_stderr((1, 2)) as out:
+            try:
+                self._bpf = BPF(src_file=str(SRC).encode(), cflags=cflags)
+                self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+            except Exception as e:  # bcc raises bare Exception for compile/load failures
+                err = str(e) or type(e).__name__
+        if err:
+            raise _compile_error(iface, "\n".join(out) + "\n" + err)
+        self._prog_id = bpf_testrun.prog_id_by_fd(self._fn.fd)
+        self._counters = self._bpf[b"counters"]
+        self._flows = self._bpf[b"flows"]
+        for bcc_type, ours in ((self._flows.Key, FlowKeyC), (self._flows.Leaf, FlowStatsC)):
+            problem = layout.check(bcc_type, ours)
+            if problem:
+                self._bpf.cleanup()
+                raise DatapathError(f"{SRC.name}: {problem}")
+        # The kernel wakes the reader only every `wakeup_events` candidates: a
+        # wake-up per event costs microseconds per candidate in the kernel (an
+        # IPI; bench/bench_xdp.py). The default, the signal's n, wakes it once per
+        # burst, which is when the inference can act anyway. poll() consumes the
+        # remainder itself, so no event is later than one poll timeout; the
+        # timestamps are the kernel's, so lateness does not skew the inference.
+        self._bpf[b"events"].open_perf_buffer(
+            self._on_event, page_cnt=perf_pages, lost_cb=self._on_lost, wakeup_events=wakeup_events
+        )
+
+    # perf callbacks: as cheap as possible, they run once per candidate
+    def _on_event(self, _cpu: int, data: int, size: int) -> None:
+        self._raw.append(ctypes.string_at(data, size))
+
+    def _on_lost(self, lost: int) -> None:
+        self._lost += lost
+
+    @property
+    def prog_fd(self) -> int:
+        return int(self._fn.fd)
+
+    @property
+    def prog_id(self) -> int:
+        return self._prog_id
+
+    def attach(self) -> str:
+        """Attach to the interface; returns "native" or "skb" (generic), whichever was used."""
+        if self._closed:
+            raise DatapathError("data plane already closed")
+        for mode, pid, name in _attached(self.iface):
+            if pid == self._prog_id:
+                continue
+            if name != PROG_NAME and not self.force:
+                raise DatapathError(
+                    f"{self.iface} already carries another XDP program {name!r} (id {pid}); "
+                    f"remove it (ip link set dev {self.iface} {_IP_MODE.get(mode, 'xdp')} off) "
+                    "or attach with --force to replace it"
+                )
+            if name == PROG_NAME:
+                log.warning("replacing a stale IQN XDP program (id %d) on %s", pid, self.iface)
+            else:
+                log.warning("force: replacing XDP program %r (id %d) on %s", name, pid, self.iface)
+            _detach_mode(self.iface, mode)
+        tries = {"native": ["native"], "skb": ["skb"], "auto": ["native", "skb"]}[self.xdp_mode]
+        last = ""
+        for want in tries:
+            flags = XDP_FLAGS_DRV_MODE if want == "native" else XDP_FLAGS_SKB_MODE
+            with _quiet_stderr():
+                try:
+                    self._BPF.attach_xdp(self.iface.encode(), self._fn, flags)
+                except Exception as e:  # bcc: "Failed to attach BPF to device b'x': <strerror>"
+                    last = str(e).rsplit(": ", 1)[-1]
+                    if want == "native" and self.xdp_mode == "auto":
+                        log.warning(
+                            "%s: native XDP is not available (%s); using generic (skb) mode, "
+                            "which costs more per packet", self.iface, last,
+                        )
+                    continue
+            self.mode = want
+            return want
+        raise DatapathError(f"cannot attach XDP to {self.iface} in {self.xdp_mode} mode: {last}")
+
+    def poll(self, timeout_ms: int) -> list[tuple[bytes, float, int]]:
+        """Candidate events since the last poll: (raw key bytes, wall-clock epoch
+        seconds, frame length). Returns after ``timeout_ms`` at the latest, earlier
+        once ``wakeup_events`` candidates are waiting on one CPU."""
+        if self._closed:
+            return []
+        self._bpf.perf_buffer_poll(timeout_ms)
+        self._bpf.perf_buffer_consume()  # what arrived below the wake-up threshold
+        raw, self._raw = self._raw, []
+        if not raw:
+            return []
+        offset = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+        unpack = _EVENT_TAIL.unpack_from
+        out = []
+        for ev in raw:
+            ts, length = unpack(ev, EVENT_TS_OFFSET)
+            out.append((ev[:KEY_SIZE], ts / 1e9 + offset, length))
+        out.sort(key=_by_time)  # per-CPU buffers are read one after the other
+        return out
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DatapathError(f"the data plane on {self.iface} is closed")
+
+    def counters(self) -> dict[str, int]:
+        """Global counters summed over CPUs, plus perf events lost so far."""
+        self._check_open()
+        table = self._counters
+        res = {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(COUNTERS)}
+        res["lost"] = self._lost
+        return res
+
+    def flow_stats(self) -> list[tuple[bytes, dict[str, int]]]:
+        """Every flow in the kernel's LRU table: raw key -> its counters."""
+        self._check_open()
+        out = []
+        for k, v in self._flows.items():
+            out.append((
+                bytes(k),
+                {"packets": int(v.packets), "candidates": int(v.candidates),
+                 "bytes": int(v.bytes), "last_seen_ns": int(v.last_seen_ns)},
+            ))
+        return out
+
+    def flow_counters(self, raws: Iterable[bytes]) -> dict[bytes, Counters | None]:
+        """Each given flow's kernel counters, None for a flow the LRU has
+        dropped (or never had): the bulk rule must tell "gone" from "zero"."""
+        self._check_open()
+        out: dict[bytes, Counters | None] = {}
+        key_t = self._flows.Key
+        for raw in raws:
+            try:
+                v = self._flows[key_t.from_buffer_copy(raw)]
+            except KeyError:
+                out[raw] = None
+                continue
+            out[raw] = Counters(int(v.packets), int(v.candidates), int(v.bytes))
+        return out
+
+    def detach(self) -> None:
+        """Remove our program from the interface (only ours); idempotent."""
+        if self.mode is None:
+            return
+        try:
+            progs = _attached(self.iface)
+        except DatapathError:  # interface gone: nothing left to detach
+            progs = []
+        for mode, pid, _name in progs:
+            if pid == self._prog_id:
+                _detach_mode(self.iface, mode)
+        self.mode = None
+
+    def close(self) -> None:
+        """Detach and release the program, maps and perf buffers."""
+        if self._closed:
+            return
+        try:
+            self.detach()
+        finally:
+            self._closed = True
+            self._bpf.cleanup()
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

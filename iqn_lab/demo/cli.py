@@ -1,0 +1,51 @@
+"""``iqn-lab demo``: the end-to-end demo (registered on :data:`iqn_lab.cli.app` by that module).
+
+A separate module so the demo's imports (Selenium, the user agent, scoring)
+stay out of the lab's everyday commands. Expected failures become one
+``iqn-lab: error:`` line through :func:`iqn_lab.cli.friendly`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import typer
+
+from iqn_ctl.engine import params as P
+from iqn_lab.lab import LabError
+
+
+def demo(
+    prefix: str = typer.Option("iqndemo", "--prefix", help="name prefix of the demo's lab instance"),
+    out: Path | None = typer.Option(None, "--out", help="results dir (default results/demo-<UTC time>)"),
+    stalls: int = typer.Option(24, "--stalls", help="bottleneck squeezes, one stall each"),
+    p: float = typer.Option(P.DEFAULT_P, "--p", help="end-user agent's signalling interval, seconds"),
+    n: int = typer.Option(P.DEFAULT_N, "--n", help="toggles per signal (even)"),
+    starve_rate: str = typer.Option("100kbit", "--starve-rate", help="media path rate during a squeeze"),
+    release: float = typer.Option(5.0, "--release", help="seconds unshaped between squeezes"),
+    seed: int = typer.Option(1, "--seed", help="order of the stall lengths"),
+) -> None:
+    """Lab, ISP agent (XDP), headful Chromium, end-user agent, stalls on a timetable; report at the end."""
+    from iqn_lab.demo.report import ReportError
+    from iqn_lab.demo.run import DemoConfig, check, run_demo
+    from iqn_lab.xvfb import XvfbError
+    from user_agent.errors import AgentError
+
+    if os.geteuid() != 0:
+        raise LabError("the demo needs root (namespaces, XDP, OpenVPN): run with sudo")
+    if stalls < 1 or release <= 0:
+        raise LabError("--stalls must be at least 1 and --release positive")
+    out = out or Path("results") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
+    cfg = DemoConfig(out=out.resolve(), prefix=prefix, stalls=stalls, p=p, n=n, starve_rate=starve_rate,
+                     seed=seed, release=release)  # fmt: skip
+    try:
+        check(cfg)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LabError(f"{out}: cannot create the results directory: {e.strerror or e}") from None
+        run_demo(cfg, say=lambda msg: typer.echo(msg))
+    except (XvfbError, ReportError, AgentError, ValueError) as e:
+        raise LabError(str(e)) from None
