@@ -718,7 +718,7 @@ def test_non_default_filter_sweep_and_events(alt: FilteredProg) -> None:
     """Every size from well below to well above the band and a few ports, IPv4
     and IPv6: the kernel decides like the reference for this filter, and each
     candidate reaches user space with its length and the filter's port."""
-    from iqn_ctl.live.datapath import decode_key
+    from iqn_ctl.live.layout import decode_key
 
     f = alt.filt
     alt.dp.poll(0)
