@@ -9,14 +9,22 @@ Chromedriver must run inside the client namespace (it starts Chromium and
 speaks to it over loopback there). Selenium in the caller's namespace reaches
 it through ``NetnsForwarder``, a loopback TCP relay whose outgoing sockets are
 created inside the namespace.
+
+Why the relay checks who connects: chromedriver runs as root and starts any
+binary a session names, with ``--no-sandbox``; the relay's port on the host's
+loopback is reachable by every local user, so it serves only connections from
+its own uid (root), found in the kernel's socket table, and closes the rest.
+Selenium speaks HTTP over TCP only, so a 0600 Unix socket is not an option.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import selectors
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -67,6 +75,9 @@ class NetnsForwarder:
                 continue
             except OSError:
                 return
+            if tcp_peer_uid(conn) != os.geteuid():
+                conn.close()  # another user: no root chromedriver for them
+                continue
             try:
                 out = netns.ns_socket(self.ns, socket.AF_INET, socket.SOCK_STREAM)
                 out.connect(("127.0.0.1", self.target))
@@ -79,6 +90,31 @@ class NetnsForwarder:
         self._stop.set()
         self._listener.close()
         self._thread.join(timeout=2)
+
+
+def _hex_endpoint(addr: tuple[str, int]) -> str:
+    """An IPv4 endpoint as /proc/net/tcp prints it (address in host byte order)."""
+    ip = int.from_bytes(socket.inet_aton(addr[0]), sys.byteorder)
+    return f"{ip:08X}:{addr[1]:04X}"
+
+
+def tcp_peer_uid(conn: socket.socket) -> int | None:
+    """The uid owning the other end of a loopback IPv4 connection we accepted, from
+    /proc/thread-self/net/tcp (this thread's namespace); None if it is gone.
+
+    TCP has no SO_PEERCRED, but on loopback the peer's socket is in the same
+    table: the row whose local end is our peer and whose remote end is us."""
+    try:
+        want_local, want_remote = _hex_endpoint(conn.getpeername()), _hex_endpoint(conn.getsockname())
+        with open("/proc/thread-self/net/tcp") as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[1] == want_local and cols[2] == want_remote:
+                    return int(cols[7])
+    except OSError:
+        pass
+    return None
 
 
 def _pipe(a: socket.socket, b: socket.socket, stop: threading.Event) -> None:
@@ -117,8 +153,6 @@ def client_webdriver(lab: Lab, headless: bool = True, display: str | None = None
     ``display`` (e.g. ``":99"`` of an Xvfb) gives a real window for the
     end-user agent to look at; by default Chromium is headless.
     """
-    import os
-
     from selenium import webdriver
 
     ns = lab.client_ns

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -40,13 +41,27 @@ def make_cert(cert_path: Path, key_path: Path, common_name: str, dns_names: tupl
             x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False
         )
     cert = builder.sign(key, hashes.SHA256())
-    key_path.write_bytes(
+    write_private(
+        key_path,
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        ),
     )
-    key_path.chmod(0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret into a new file that is 0600 from its first byte.
+
+    Why not write then chmod: the key would sit readable (0644 under the usual
+    umask) in between. Any file already at ``path`` is removed first and the new
+    one made with O_EXCL and O_NOFOLLOW, so a planted symlink or a file someone
+    else owns (and could read later) is never written through.
+    """
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _load(cert_path: Path) -> x509.Certificate:

@@ -195,8 +195,13 @@ class Lab:
             self.run_schedule(steps, repeat)
         self._write_info(bits, steps)
 
+    def make_state_dir(self) -> None:
+        """The lab's state dir, 0700: it holds the lab's private keys, configs and logs."""
+        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.state.chmod(0o700)  # also one left by an older lab, or made under another umask
+
     def _build(self, media: MediaSpec) -> None:
-        self.state.mkdir(parents=True, exist_ok=True)
+        self.make_state_dir()
         media_dir = ensure_media(media)
         s = self.state
         make_cert(s / "server.crt", s / "server.key", "iqn-lab-router")

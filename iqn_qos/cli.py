@@ -242,6 +242,33 @@ def heatmap(
     typer.echo(f"wrote {out}")
 
 
+@app.command("from-agent")
+@friendly
+def from_agent(
+    state_dir: Path = typer.Argument(..., help="the IQN agent's state dir (or its stalls.sqlite)"),
+    router: str = typer.Option(
+        None, "--router", help="router id for the lines (default: the agent's host name)"
+    ),
+    topology: Path = OptTopo,
+    out: Path = typer.Option(None, "--out", help="write the media lines here instead of stdout"),
+) -> None:
+    """Media lines (one per client and slot: n watched seconds, m not stalled) from an ISP agent's history."""
+    from .from_agent import read_sessions
+    from .lines import to_json
+
+    lines = list(read_sessions(state_dir, router, _topology(topology)))
+    if not lines:
+        raise QosError(f"{state_dir}: no watched-time records yet (the agent writes one per client and slot)")
+    text = "".join(to_json(ln) + "\n" for ln in lines)
+    if out is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise QosError(f"{out}: {e.strerror}") from None
+
+
 from . import cli_synth  # noqa: E402  (QOS-B: the synth command)
 
 cli_synth.register(app)

@@ -84,8 +84,9 @@ def test_max_flows_bound_evicts_least_recent_and_closes_its_stall() -> None:
     events += table.feed("stalling", burst(T0) + [T0 + 0.1])  # n arrivals: a stall opens
     tr = table.get("stalling")
     assert tr is not None and tr.in_stall
-    events += table.feed("b", T0 + 0.1)
-    events += table.feed("c", T0 + 0.2)
+    # every flow is in a stall (a flow that is not goes first: tests/test_hostile_traffic.py)
+    events += table.feed("b", burst(T0 + 0.1))
+    events += table.feed("c", burst(T0 + 0.2) + [T0 + 0.25])
     events += table.feed("b", T0 + 0.3)  # b is recent again; "stalling" is the oldest
     assert len(table) == 3 and not ended(events)
     events += table.feed("d", T0 + 0.4)  # a fourth flow evicts "stalling"

@@ -19,6 +19,7 @@ import typer
 
 from iqn_ctl.engine import params as P
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from iqn_ctl.engine.watch import DEFAULT_SLOT
 from iqn_ctl.live.api import DEFAULT_RUN_DIR, NoAgent, agent_sockets, request, sock_path
 from iqn_ctl.live.history import DEFAULT_STATE_DIR, History
 from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE
@@ -34,9 +35,10 @@ OptStateDir = typer.Option(
 )
 
 
-def _setup_logging(stream: Any = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+def _setup_logging(handler: logging.Handler | None = None) -> None:
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -61,7 +63,13 @@ def attach(
     ),
     state_dir: Path = OptStateDir,
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics here"),
-    metrics_addr: str = typer.Option("0.0.0.0", "--metrics-addr", help="address for --metrics-port"),
+    metrics_addr: str = typer.Option(
+        "127.0.0.1", "--metrics-addr",
+        help="address for --metrics-port (loopback by default; e.g. 0.0.0.0 opens it to the network)",
+    ),
+    redact: bool = typer.Option(
+        False, "--redact", help="log client addresses as keyed hashes (anon-...), not in the clear"
+    ),
     force: bool = typer.Option(False, "--force", help="replace another XDP program already on IFACE"),
     estimator: str = typer.Option(
         DEFAULT_ESTIMATOR, "--estimator", help=f"one of: {', '.join(sorted(ESTIMATORS))}"
@@ -74,6 +82,15 @@ def attach(
         help="discard a stall whose flow carried more than this many full-size packets' worth of "
              "other traffic per candidate during it (a video flow, not a signal); 0 keeps every stall",
     ),
+    source_rate: float = typer.Option(
+        P.DEFAULT_SOURCE_RATE, "--source-rate",
+        help="new flows per second (and per burst) one server address may open; more are refused "
+             "and counted (status 'refused'); 0: no limit",
+    ),
+    slot: float = typer.Option(
+        DEFAULT_SLOT, "--slot",
+        help="seconds per watched-time record (the sessions table read by 'iqn-qos from-agent')",
+    ),
     run_dir: Path = OptRunDir,
 ) -> None:
     """Load the XDP program on IFACE and infer stalls live until SIGINT/SIGTERM."""
@@ -84,7 +101,8 @@ def attach(
         iface=iface, params=SignalParams(p, n), filt=CandidateFilter(port, min_size, max_size),
         estimator=estimator, key_mode=key, max_flows=max_flows, xdp_mode=xdp_mode, force=force,
         state_dir=state_dir, run_dir=run_dir, metrics_port=metrics_port, metrics_addr=metrics_addr,
-        perf_pages=perf_pages, bulk_ratio=bulk_ratio,
+        perf_pages=perf_pages, bulk_ratio=bulk_ratio, redact=redact, source_rate=source_rate,
+        slot=slot,
     )
     cfg.validate()
     need_root("attach")
@@ -99,7 +117,8 @@ def attach(
 def _daemonize(cfg: Any) -> None:
     """Fork a detached agent; this process waits until it is attached (or has
     failed) so errors still reach the terminal and the exit status."""
-    from iqn_ctl.live.agent import InterfaceLock, serve
+    from iqn_ctl.live.agent import DaemonLog, InterfaceLock, serve
+    from iqn_ctl.live.api import ensure_private_dir
 
     holder = InterfaceLock(cfg.run_dir, cfg.iface).holder()
     if holder is not None:
@@ -107,8 +126,9 @@ def _daemonize(cfg: Any) -> None:
             f"an IQN agent is already attached to {cfg.iface} (pid {holder}); "
             f"run 'iqn-ctl detach {cfg.iface}' first"
         )
-    cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_private_dir(cfg.state_dir, "state dir")
     log_path = cfg.state_dir / f"{cfg.iface}.log"
+    logfile = DaemonLog(log_path)  # opened here, so a refused log file is the caller's error
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -130,14 +150,11 @@ def _daemonize(cfg: Any) -> None:
     code = 0
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
-        logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(devnull, 0)
-        os.dup2(logfd, 1)
-        os.dup2(logfd, 2)
         os.close(devnull)
-        os.close(logfd)
+        logfile.redirect(1, 2)  # stray output follows the log across rotations
         os.chdir("/")
-        _setup_logging()
+        _setup_logging(logfile)
 
         def ready(agent: Any) -> None:
             os.write(w, f"ok {os.getpid()} {agent.mode}\n".encode())
@@ -257,7 +274,10 @@ def stalls(
     wf = max(4, *(len(r.flow) for r in recs))
     typer.echo(f"{'iface':<{wi}} {'flow':<{wf}} {'start (UTC)':<23} {'end (UTC)':<23} {'duration':>9}")
     for r in recs:
-        mark = " (open at exit)" if r.truncated else ""
+        # open/interrupted: the end is only the last moment the stall was known to go on
+        mark = {"open": " (open: still going on, or its agent died)",
+                "interrupted": " (interrupted: its agent died)"}.get(
+            r.state, " (open at exit)" if r.truncated else "")
         typer.echo(f"{r.iface:<{wi}} {r.flow:<{wf}} {fmt_time(r.start):<23} {fmt_time(r.end):<23} "
                    f"{r.duration:>8.3f}s{mark}")
     typer.echo(f"{len(recs)} stall(s)")

@@ -63,13 +63,33 @@ def _other(d: Counters, max_size: int) -> tuple[int, int, int]:
     return cands, d.packets - cands, d.bytes - cands * max_size
 
 
+#: what the bulk check of a recorded stall found (the record's ``bulk_check``)
+CHECK_OK = "ok"  # every connection that may have carried the signal was compared
+CHECK_UNKNOWN = "unknown"  # some counter was missing or went down: kept without a verdict
+CHECK_OFF = "off"  # --bulk-ratio 0: no check
+
+
 def bulk_reason(
     start: Mapping[K, Counters | None],
     end: Mapping[K, Counters | None],
     max_size: int,
     bulk_ratio: float,
 ) -> str:
-    """Why a stall is bulk traffic rather than a signal, "" to keep it.
+    """Why a stall is bulk traffic rather than a signal, "" to keep it
+    (:func:`bulk_check`'s reason)."""
+    return bulk_check(start, end, max_size, bulk_ratio)[1]
+
+
+def bulk_check(
+    start: Mapping[K, Counters | None],
+    end: Mapping[K, Counters | None],
+    max_size: int,
+    bulk_ratio: float,
+) -> tuple[str, str]:
+    """(what the check could tell, why the stall is bulk or ""): ``CHECK_OFF``
+    with the rule disabled, ``CHECK_UNKNOWN`` when a counter that matters
+    could not be compared (the stall is kept, and the record says so), else
+    ``CHECK_OK`` with the reason, "" to keep the stall.
 
     ``start`` and ``end`` map each flow (raw kernel key) the stall may
     involve to its counters at the stall's start and end, None when the
@@ -80,9 +100,10 @@ def bulk_reason(
     judged instead.
     """
     if bulk_ratio <= 0:
-        return ""
+        return CHECK_OFF, ""
     carriers: list[Counters] = []
     active: list[Counters] = []
+    known = blind = 0
     for flow in start.keys() | end.keys():
         s, e = start.get(flow), end.get(flow)
         d = delta(s, e)
@@ -90,21 +111,24 @@ def bulk_reason(
             if s is None and e is not None and e.candidates == 0:
                 continue  # new to us and never carried a candidate: not part of the signal
             if s is None and e is None:
+                blind += 1
                 continue  # nothing known, nothing there
-            return ""  # unknown, and it may have carried candidates
+            return CHECK_UNKNOWN, ""  # unknown, and it may have carried candidates
+        known += 1
         if d.candidates > 0:
             carriers.append(d)
         elif d.packets > 0:
             active.append(d)
     judged = carriers or active
     if not judged:
-        return ""
+        # no connection could be compared at all: nothing tells signal from bulk
+        return (CHECK_UNKNOWN if blind and not known else CHECK_OK), ""
     cands = others = other_bytes = 0
     for d in judged:
         c, op, ob = _other(d, max_size)
         if ob <= bulk_ratio * c * max_size:
-            return ""  # one signal-like flow is enough to keep the stall
+            return CHECK_OK, ""  # one signal-like flow is enough to keep the stall
         cands, others, other_bytes = cands + c, others + op, other_bytes + ob
     what = "bulk flow" if len(judged) == 1 else f"bulk flows ({len(judged)} connections)"
-    return (f"{what}: {others} other packets ({other_bytes} bytes) beside "
-            f"{cands} candidates during it (--bulk-ratio {bulk_ratio:g})")
+    return CHECK_OK, (f"{what}: {others} other packets ({other_bytes} bytes) beside "
+                      f"{cands} candidates during it (--bulk-ratio {bulk_ratio:g})")

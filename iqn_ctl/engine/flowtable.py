@@ -2,8 +2,12 @@
 
 Still sans-I/O: keys are whatever the caller uses (a 5-tuple, a client
 address, ``"trace"``). A router sees far more flows than ever signal, so the
-table is bounded (least recently seen flows go first; one in a stall is closed
-with its evidence so far rather than dropped silently) and idle flows expire.
+table is bounded and idle flows expire. When it is full, the least recently
+seen flow that is *not* in a stall goes first: otherwise a flood of one-packet
+flows (65,536 take about a second to send) pushes a viewer's tracker out in the
+middle of its stall and cuts the stall short. Only when every tracked flow is
+in a stall is the least recent one of them closed, with its evidence so far
+(``truncated``), rather than dropped silently.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class FlowTable:
         self._flows: OrderedDict[Hashable, StallTracker] = OrderedDict()
         #: flows that may emit an event on advance(): in a stall or holding arrivals
         self._active: set[Hashable] = set()
+        #: the flows not in a stall, least recently seen first: evicted before any stall
+        self._calm: OrderedDict[Hashable, None] = OrderedDict()
         self.evicted = 0
         self.expired = 0
 
@@ -62,21 +68,41 @@ class FlowTable:
         tr = self._flows.get(flow)
         if tr is None:
             while len(self._flows) >= self.max_flows:
-                old_key, old = self._flows.popitem(last=False)
-                self._active.discard(old_key)
-                events.extend(old.close())
-                self.evicted += 1
+                self._evict(events)
             tr = StallTracker(self.params, self.estimator, flow, self.reorder)
             self._flows[flow] = tr
+            self._calm[flow] = None
         else:
             self._flows.move_to_end(flow)
+            if flow in self._calm:
+                self._calm.move_to_end(flow)
         return tr
+
+    def _evict(self, events: list[Event]) -> None:
+        """Make room for one flow: the least recently seen one not in a stall,
+        or, when every flow is in a stall, the least recently seen of all. O(1)."""
+        if self._calm:
+            old_key = next(iter(self._calm))
+            old = self._flows.pop(old_key)
+        else:
+            old_key, old = self._flows.popitem(last=False)
+        self._forget(old_key)
+        events.extend(old.close())
+        self.evicted += 1
+
+    def _forget(self, flow: Hashable) -> None:
+        self._active.discard(flow)
+        self._calm.pop(flow, None)
 
     def _note(self, flow: Hashable, tr: StallTracker) -> None:
         if tr.busy:
             self._active.add(flow)
         else:
             self._active.discard(flow)
+        if tr.in_stall:
+            self._calm.pop(flow, None)
+        elif flow not in self._calm:
+            self._calm[flow] = None  # its stall just ended: the newest of the calm flows
 
     def feed(self, flow: Hashable, times: float | npt.ArrayLike) -> list[Event]:
         """Arrivals of one flow."""
@@ -115,7 +141,7 @@ class FlowTable:
             if tr.last_seen is None or tr.last_seen >= horizon:
                 break
             del self._flows[flow]
-            self._active.discard(flow)
+            self._forget(flow)
             events.extend(tr.close())
             self.expired += 1
         return events

@@ -19,6 +19,12 @@ DEFAULT_MAX_SIZE = 1288
 MAX_FRAME = 65535
 #: flows tracked at once, in the kernel's table and the engine's (least recent dropped)
 DEFAULT_MAX_FLOWS = 65536
+#: the most toggles per signal a flag may ask for: the tracker keeps a window of
+#: n arrivals, and an agent toggling a thousand times every p is no video player
+MAX_N = 1000
+#: new flows one server address may open per second (and in one burst) before its
+#: further new flows are refused: one source cannot flood the flow table (0: no limit)
+DEFAULT_SOURCE_RATE = 1000.0
 
 
 class ParamError(IqnError, ValueError):
@@ -40,8 +46,8 @@ class SignalParams:
     def __post_init__(self) -> None:
         if not (self.p > 0 and self.p < 3600):
             raise ParamError(f"--p must be a positive number of seconds, got {self.p}")
-        if self.n < 1:
-            raise ParamError(f"--n must be at least 1, got {self.n}")
+        if not 1 <= self.n <= MAX_N:
+            raise ParamError(f"--n must be in 1..{MAX_N}, got {self.n}")
 
     @property
     def w_start(self) -> float:

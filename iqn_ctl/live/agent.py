@@ -4,7 +4,7 @@ flow table, stall history, local API and metrics.
 The agent owns no inference logic and no timing of its own: the live flow
 view (:mod:`iqn_ctl.live.flows`) groups perf events by flow and hands them to
 :class:`~iqn_ctl.engine.flowtable.FlowTable` (the one engine shared with the
-replays); the loop calls ``advance(time.time())`` after every poll and sleeps
+replays); the loop calls ``advance(time.monotonic())`` after every poll and sleeps
 no longer than the engine's ``next_deadline()``, so that stalls end on time
 even when the flow goes silent. Everything else here is plumbing
 whose failure modes users actually meet: a second agent on the same
@@ -17,10 +17,13 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import fcntl
+import hashlib
 import json
 import logging
+import logging.handlers
 import math
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -30,21 +33,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from iqn_ctl.engine.discard import Counters, bulk_reason
+from iqn_ctl.engine.discard import CHECK_OFF, Counters, bulk_check
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, CandidateFilter, SignalParams
+from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_SOURCE_RATE, CandidateFilter, SignalParams
 from iqn_ctl.engine.tracker import Event, StallEnded, StallStarted
+from iqn_ctl.engine.watch import DEFAULT_SLOT
 from iqn_ctl.live.api import (
     DEFAULT_RUN_DIR,
     ApiError,
     ApiServer,
     RawJson,
+    check_iface_name,
+    ensure_private_dir,
     ensure_run_dir,
+    open_private,
     pid_path,
     sock_path,
 )
 from iqn_ctl.live.flows import KEY_MODES, LiveFlows
 from iqn_ctl.live.history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
+from iqn_ctl.live.sessions import Sessions
 from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE, AgentError, dataplane_problem
 
 if TYPE_CHECKING:
@@ -89,9 +97,11 @@ class InterfaceLock:
         self._fd: int | None = None
 
     def holder(self) -> int | None:
-        """Pid of the live agent holding the lock, None when no agent runs."""
+        """Pid of the live agent holding the lock, None when no agent runs.
+        A pid file in a directory others can write may name any process: refused."""
+        ensure_private_dir(self.path.parent, "run dir", create=False)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = open_private(self.path, os.O_RDONLY, "pid file")
         except FileNotFoundError:
             return None
         try:
@@ -107,7 +117,7 @@ class InterfaceLock:
 
     def acquire(self) -> None:
         ensure_run_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT, "pid file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -132,6 +142,70 @@ class InterfaceLock:
         self._fd = None
 
 
+# -- what the agent writes where others may read it ----------------------------------
+
+#: the daemon's log rotates at this size and keeps LOG_BACKUPS old files (60 MiB at most)
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
+
+
+class DaemonLog(logging.handlers.RotatingFileHandler):
+    """The ``--daemon`` agent's log file: rotated by size, opened 0600 without
+    following symlinks (:func:`~iqn_ctl.live.api.open_private`).
+
+    After every (re)open the file descriptors ``fds`` (the daemon's stdout and
+    stderr, once it has forked) point at the current file, so output that
+    bypasses logging (bcc's compiler, a dying thread's traceback) follows the
+    rotation instead of growing a renamed file forever.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> None:
+        self.fds: tuple[int, ...] = ()
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def _open(self) -> Any:
+        fd = open_private(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "log file")
+        for target in self.fds:
+            os.dup2(fd, target)
+        return os.fdopen(fd, "a", encoding="utf-8")
+
+    def redirect(self, *fds: int) -> None:
+        """Point ``fds`` at the log file now and after every rotation."""
+        self.fds = fds
+        if self.stream is not None:
+            self.stream.flush()
+            for target in fds:
+                os.dup2(self.stream.fileno(), target)
+
+
+class Redactor:
+    """``--redact``: a client address in a log line becomes ``anon-`` and 12 hex
+    digits of BLAKE2b keyed with 16 random bytes drawn when the agent starts.
+
+    Why keyed: an unkeyed hash of an IPv4 address is undone by hashing all 2^32
+    of them; the key is never written anywhere, so the log alone does not give
+    the address back. Why a hash and not a truncated prefix: one client's stall
+    start and end lines still match up, and two clients behind one /24 stay
+    apart. The mapping changes with every agent start (unlinkable across
+    restarts); the root-only history and API keep the full addresses.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key if key is not None else secrets.token_bytes(16)
+
+    def client(self, addr: str) -> str:
+        return "anon-" + hashlib.blake2b(addr.encode(), key=self._key, digest_size=6).hexdigest()
+
+    def label(self, label: str, client: str) -> str:
+        """The flow label (``server:port>client:port``, or the client with --key client)
+        with the client's address replaced; the server and ports stay."""
+        head, sep, tail = label.rpartition(">")
+        if not sep:
+            return self.client(client) if label == client else label
+        return f"{head}>{self.client(client)}:{tail.rpartition(':')[2]}"
+
+
 # -- the agent ----------------------------------------------------------------------
 
 
@@ -148,12 +222,19 @@ class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     run_dir: Path = DEFAULT_RUN_DIR
     metrics_port: int | None = None
-    metrics_addr: str = "0.0.0.0"
+    #: loopback unless asked: the metrics need no root to read (see docs/agent.md)
+    metrics_addr: str = "127.0.0.1"
+    #: --redact: client addresses in log lines become keyed hashes (Redactor)
+    redact: bool = False
     history_rows: int = DEFAULT_MAX_ROWS
     reorder: float = LIVE_REORDER
     perf_pages: int = DEFAULT_PERF_PAGES
     #: see Agent._bulk(): 0 disables the check
     bulk_ratio: float = 2.0
+    #: new flows per second (and per burst) one server address may open; 0: no limit
+    source_rate: float = DEFAULT_SOURCE_RATE
+    #: --slot: seconds per watched-time record (iqn_ctl.live.sessions)
+    slot: float = DEFAULT_SLOT
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -167,6 +248,10 @@ class AgentConfig:
             raise AgentError(problem)
         if not 0 <= self.bulk_ratio < 1e6:
             raise AgentError(f"--bulk-ratio must be >= 0, got {self.bulk_ratio}")
+        if not 0 <= self.source_rate < 1e9:
+            raise AgentError(f"--source-rate must be a number >= 0, got {self.source_rate}")
+        if not 0 < self.slot <= 86400:
+            raise AgentError(f"--slot must be in (0, 86400] seconds, got {self.slot}")
         if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:
             raise AgentError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
 
@@ -177,8 +262,7 @@ def need_root(what: str) -> None:
 
 
 def check_iface(iface: str) -> None:
-    if not iface or "/" in iface or len(iface) > 15:
-        raise AgentError(f"{iface!r} is not a valid interface name")
+    check_iface_name(iface)
     try:
         socket.if_nametoindex(iface)
     except OSError:
@@ -203,11 +287,17 @@ class Agent:
     """One interface's agent. ``start()`` attaches, ``run()`` loops until the
     stop event is set, ``shutdown()`` removes everything it created."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, wall: Callable[[], float] = time.time) -> None:
+        """``wall`` is the wall clock, read only to turn the monotonic times the
+        inference runs on into the epoch seconds shown; tests pass one that steps."""
         cfg.validate()
         self.cfg = cfg
         self.lock = InterfaceLock(cfg.run_dir, cfg.iface)
-        self.flows = LiveFlows(cfg.params, cfg.estimator, cfg.key_mode, cfg.max_flows, reorder=cfg.reorder)
+        self._redactor = Redactor() if cfg.redact else None
+        self.flows = LiveFlows(cfg.params, cfg.estimator, cfg.key_mode, cfg.max_flows, reorder=cfg.reorder,
+                               source_rate=cfg.source_rate)
+        self._wall = wall
+        self._started_mono = 0.0
         self.dp: Datapath | None = None
         self.api: ApiServer | None = None
         self.metrics: AgentMetrics | None = None
@@ -219,12 +309,16 @@ class Agent:
         self.stalls_discarded = 0
         #: kernel counters of each of a flow's connections when its stall started
         self._stall_base: dict[Hashable, dict[bytes, Counters | None]] = {}
+        #: the start (epoch) each open stall was written with: its end replaces that row
+        self._open: dict[Hashable, float] = {}
         self._state = threading.Lock()
         self._counters: dict[str, int] = {"packets": 0, "candidates": 0, "parse_errors": 0, "lost": 0}
         self._lost_logged = 0
         #: bumped whenever the flow view may have changed; keys the cached flows answer
         self._version = 0
-        self._flows_cache: tuple[int, RawJson] | None = None
+        self._flows_cache: tuple[tuple[int, float], RawJson] | None = None
+        #: watched time of the clients that signal (docs/qos.md, "From the ISP agent")
+        self.sessions: Sessions | None = None
 
     # -- lifecycle --
 
@@ -246,7 +340,13 @@ class Agent:
         from iqn_ctl.live.datapath import PROG_NAME, Datapath, remove_xdp, xdp_program_on
 
         cfg = self.cfg
+        ensure_private_dir(cfg.state_dir, "state dir")  # the history and the daemon's log live here
         self.history = History(cfg.state_dir, cfg.history_rows)
+        died = self.history.mark_interrupted(cfg.iface)
+        self.sessions = Sessions(cfg.iface, self.history.path, cfg.slot)
+        if died:
+            log.warning("%s: %d stall(s) left open by an agent that died marked interrupted in %s",
+                        cfg.iface, died, self.history.path)
         present = xdp_program_on(cfg.iface)
         if present is not None and present[1] == PROG_NAME:
             # we hold the interface lock, so no live agent owns it: a dead agent's leftover
@@ -258,7 +358,8 @@ class Agent:
             perf_pages=cfg.perf_pages,
         )
         self.mode = self.dp.attach()
-        self.started_at = time.time()
+        self.started_at = self._wall()
+        self._started_mono = time.monotonic()
         self.api = ApiServer(sock_path(cfg.run_dir, cfg.iface), self._handle).start()
         if cfg.metrics_port is not None:
             from iqn_ctl.live.metrics import AgentMetrics
@@ -274,7 +375,7 @@ class Agent:
         log.info(
             "%s: attached (XDP %s); p=%g n=%d sizes %d..%d port %d key %s estimator %s; history %s%s",
             cfg.iface, self.mode, p.p, p.n, f.min_size, f.max_size, f.port, cfg.key_mode, cfg.estimator,
-            self.history.path, f"; metrics on :{cfg.metrics_port}" if self.metrics else "",
+            self.history.path, f"; metrics on {cfg.metrics_addr}:{cfg.metrics_port}" if self.metrics else "",
         )
 
     def shutdown(self) -> None:
@@ -290,7 +391,14 @@ class Agent:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        if self.sessions is not None:
+            self.sessions.finish(None, time.monotonic(), self.wall_offset())  # no-op after run()'s
+            self.sessions.close()
+            self.sessions = None
         if self.history is not None:
+            if not self.history.flush(force=True):
+                log.error("%s: %d stall record(s) could not be written to %s and are lost: %s",
+                          self.cfg.iface, self.history.pending, self.history.path, self.history.last_error)
             self.history.close()
             self.history = None
         if self.dp is not None:
@@ -307,7 +415,7 @@ class Agent:
         next_counters = 0.0
         due: float | None = None
         while not stop.is_set():
-            now = time.time()
+            now = time.monotonic()  # the kernel's clock: inference never sees a wall-clock step
             timeout = poll_timeout_ms(due, now)
             snap = None
             if now >= next_counters:
@@ -316,8 +424,8 @@ class Agent:
                 next_counters = now + COUNTER_PERIOD
                 snap = dp.counters()
                 timeout = 0
-            evs = dp.poll(timeout)
-            now = time.time()
+            evs = dp.poll_monotonic(timeout)
+            now = time.monotonic()
             with self._state:
                 size = len(self.flows.table)
                 out = self.flows.ingest(evs) if evs else []
@@ -331,12 +439,18 @@ class Agent:
                 self._on_events(out)
             if snap is not None:
                 self._read_counters(snap)
+                if self.sessions is not None:
+                    self.sessions.tick(dp, now, self.wall_offset())
+                if self.history is not None and self.history.pending:
+                    self.history.flush()  # retry what a full or failing disk refused
         with self._state:
             out = self.flows.close()
         if out:
             self._on_events(out, closing=True)
+        if self.sessions is not None:
+            self.sessions.finish(dp, time.monotonic(), self.wall_offset())
         snap = dp.counters()
-        dp.poll(0)
+        dp.poll_monotonic(0)
         self._read_counters(snap)
 
     def _read_counters(self, c: dict[str, int]) -> None:
@@ -358,25 +472,60 @@ class Agent:
             )
             self._lost_logged = lost
 
+    def _shown(self, label: str, client: str) -> tuple[str, str]:
+        """A flow's label and client as log lines show them (hashed with --redact)."""
+        if self._redactor is None:
+            return label, client
+        return self._redactor.label(label, client), self._redactor.client(client)
+
+    def wall_offset(self) -> float:
+        """Wall-clock minus monotonic seconds, now: the engine's times plus this
+        are the epoch seconds shown. Read at output time, so after a clock step
+        every time shown moves with the clock while durations stay monotonic."""
+        return self._wall() - time.monotonic()
+
     def _on_events(self, events: list[Event], closing: bool = False) -> None:
-        recs = []
+        """Log, count and record stall events. A stall is written when it starts
+        (state ``open``) and that row is replaced when it ends, or deleted when it
+        is discarded, so an agent killed mid-stall leaves it in the history; all
+        of one poll round's writes go in one transaction (:meth:`History.flush`)."""
         iface = self.cfg.iface
+        off = self.wall_offset()
         for e in events:
             info = self.flows.info(e.flow)
+            label, client = self._shown(info.label, info.client)  # as the log names them
             if isinstance(e, StallStarted):
                 if self.cfg.bulk_ratio and self.dp is not None:
                     self._stall_base[e.flow] = self.dp.flow_counters(self.flows.raws(e.flow))
                 self.stalls_started += 1
+                if self.sessions is not None:
+                    self.sessions.stall_started(e.flow, info.client, info.server, e.start + off)
+                if self.history is not None:
+                    t = e.detected_at + off  # the stall is known to go on at least until now
+                    self._open[e.flow] = e.start + off
+                    self.history.stage("start", StallRecord(
+                        iface, info.label, info.client, info.server, e.start + off, t, 0, t,
+                        estimator=self.cfg.estimator, state="open",
+                    ))
                 if self.metrics:
                     self.metrics.stall_started()
-                log.info("%s: stall start flow=%s client=%s start=%s", iface, info.label, info.client,
-                         _iso(e.start))
+                log.info("%s: stall start flow=%s client=%s start=%s", iface, label, client,
+                         _iso(e.start + off))
             elif isinstance(e, StallEnded):
-                bulk = self._bulk(e)
+                check, bulk = self._bulk(e)
+                rec = StallRecord(
+                    iface, info.label, info.client, info.server, e.start + off, e.end + off, e.candidates,
+                    e.detected_at + off, e.truncated, self.cfg.estimator, bulk_check=check,
+                )
+                if self.history is not None:
+                    self.history.stage("drop" if bulk else "end", rec, self._open.pop(e.flow, None))
+                if self.sessions is not None:
+                    self.sessions.stall_ended(e.flow, info.client, info.server, e.start + off, e.end + off,
+                                              kept=not bulk, detected=e.detected_at + off)
                 if bulk:
                     self.stalls_discarded += 1
                     log.info("%s: stall discarded flow=%s client=%s start=%s duration=%.3fs: %s",
-                             iface, info.label, info.client, _iso(e.start), e.duration, bulk)
+                             iface, label, client, _iso(e.start + off), e.duration, bulk)
                     continue
                 self.stalls_ended += 1
                 if self.metrics:
@@ -384,31 +533,27 @@ class Agent:
                 why = " (agent stopping)" if closing else (" (flow evicted/expired)" if e.truncated else "")
                 log.info(
                     "%s: stall end flow=%s client=%s start=%s end=%s duration=%.3fs candidates=%d%s",
-                    iface, info.label, info.client, _iso(e.start), _iso(e.end), e.duration, e.candidates, why,
+                    iface, label, client, _iso(e.start + off), _iso(e.end + off), e.duration, e.candidates,
+                    why + ("" if check != "unknown" else " (bulk check unknown: kernel counters evicted)"),
                 )
-                recs.append(StallRecord(
-                    iface, info.label, info.client, info.server, e.start, e.end, e.candidates,
-                    e.detected_at, e.truncated, self.cfg.estimator,
-                ))
-        if recs and self.history is not None:
-            try:
-                self.history.add(recs)
-            except Exception as ex:  # a full disk must not stop inference
-                log.error("%s: could not record %d stall(s) in %s: %s",
-                          iface, len(recs), self.history.path, ex)
+        if self.history is not None:
+            self.history.flush()  # failures are held, counted and retried, never stop inference
 
-    def _bulk(self, e: StallEnded) -> str:
-        """Why this stall is bulk traffic rather than a signal ("" if it is a
-        signal): :func:`~iqn_ctl.engine.discard.bulk_reason` on the kernel counters of
-        the stall's connections (several with --key client) at its start and end.
-        The connections known at the start are looked up again even if the key
-        cache forgot them since, so an evicted one shows as unknown, not as gone.
+    def _bulk(self, e: StallEnded) -> tuple[str, str]:
+        """(what the check could tell, why this stall is bulk traffic rather
+        than a signal or ""): :func:`~iqn_ctl.engine.discard.bulk_check` on the
+        kernel counters of the stall's connections (several with --key client)
+        at its start and end. The connections known at the start are looked up
+        again even if the key cache forgot them since, so an evicted one shows
+        as unknown, not as gone; "unknown" goes into the stall's record.
         """
         base = self._stall_base.pop(e.flow, None)
-        if base is None or self.dp is None or not self.cfg.bulk_ratio:
-            return ""
+        if self.dp is None or not self.cfg.bulk_ratio:
+            return CHECK_OFF, ""
+        if base is None:
+            base = {}
         now = self.dp.flow_counters(dict.fromkeys([*base, *self.flows.raws(e.flow)]))
-        return bulk_reason(base, now, self.cfg.filt.max_size, self.cfg.bulk_ratio)
+        return bulk_check(base, now, self.cfg.filt.max_size, self.cfg.bulk_ratio)
 
     # -- API --
 
@@ -416,6 +561,10 @@ class Agent:
         c = dict(self._counters)
         c["flows"] = len(self.flows.table)
         c["flows_in_stall"] = self.stalls_started - self.stalls_ended - self.stalls_discarded
+        h = self.history
+        c["history_failures"] = h.failures if h else 0
+        c["history_pending"] = h.pending if h else 0
+        c["history_dropped"] = h.dropped if h else 0
         return c
 
     def status(self) -> dict[str, Any]:
@@ -434,9 +583,12 @@ class Agent:
             "events": self.flows.events_in,
             "late": sum(tr.late for tr in self.flows.table),
             "evicted": self.flows.table.evicted,
+            "refused": self.flows.refused,
+            "refused_events": self.flows.refused_events,
+            "source_rate": cfg.source_rate,
             "expired": self.flows.table.expired,
             "started_at": self.started_at,
-            "uptime": time.time() - self.started_at,
+            "uptime": time.monotonic() - self._started_mono,
             "key": cfg.key_mode,
             "estimator": cfg.estimator,
             "p": cfg.params.p,
@@ -458,14 +610,16 @@ class Agent:
             if req.get("kernel", True) and self.dp is not None:
                 stats = self.dp.flow_stats()
                 with self._state:
-                    return self.flows.flows(stats)
+                    return self.flows.flows(stats, self.wall_offset())
             # without the kernel's per-flow counters the answer only changes with the
             # version: serve it from a cache so fast pollers do not slow the event loop
+            off = self.wall_offset()
             with self._state:
                 cached = self._flows_cache
-                if cached is not None and cached[0] == self._version:
+                # a wall-clock step changes the times shown: it invalidates the cache too
+                if cached is not None and cached[0] == (self._version, round(off, 2)):
                     return cached[1]
-                version, rows = self._version, self.flows.flows()
+                version, rows = (self._version, round(off, 2)), self.flows.flows((), off)
             raw = RawJson(json.dumps(rows).encode())
             self._flows_cache = (version, raw)
             return raw
@@ -474,9 +628,11 @@ class Agent:
         raise ApiError(f"unknown request {cmd!r}")
 
 
-def serve(cfg: AgentConfig, on_ready: Callable[[Agent], None] | None = None) -> None:
-    """Attach, run until SIGINT/SIGTERM, then detach cleanly."""
-    agent = Agent(cfg)
+def serve(
+    cfg: AgentConfig, on_ready: Callable[[Agent], None] | None = None, wall: Callable[[], float] = time.time
+) -> None:
+    """Attach, run until SIGINT/SIGTERM, then detach cleanly (``wall``: see :class:`Agent`)."""
+    agent = Agent(cfg, wall)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -502,7 +658,7 @@ def detach(iface: str, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -
     """Stop the agent on ``iface`` (if any), remove any IQN XDP program left on
     it and clean up stale socket/pid files. Returns what was done, for people."""
     need_root("detach")
-    lock = InterfaceLock(run_dir, iface)
+    lock = InterfaceLock(run_dir, iface)  # refuses a name like '../x' before any file is touched
     done = []
     pid = lock.holder()
     if pid is not None and pid > 0:

@@ -5,13 +5,22 @@ Why a unix socket and not TCP: the flow table names subscribers' addresses, so
 it must not be reachable from the network or by unprivileged users. The socket
 lives in a 0700 directory with mode 0600, and the server also checks the peer's
 uid (SO_PEERCRED) so a mistaken chmod does not open it up.
+
+Why the run dir must be root's and closed to other writers: the agent (root)
+creates, truncates and unlinks files there by name. In a directory another user
+can write, that user could plant a symlink named like the pid file and make
+root overwrite the file it points to, or a pid file naming a process of their
+choice for ``detach`` to kill. So such a directory is refused, not repaired,
+and the files in it are opened without following symlinks all the same.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
+import stat
 import struct
 import threading
 from collections.abc import Callable
@@ -19,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from iqn_ctl.errors import IqnError
+from iqn_ctl.live.settings import AgentError
 
 DEFAULT_RUN_DIR = Path(os.environ.get("IQN_RUN_DIR", "/run/iqn"))
 MAX_REQUEST = 64 * 1024
@@ -40,20 +50,87 @@ class NoAgent(ApiError):
     """Nothing listens on the socket (never started, or died without cleaning up)."""
 
 
+#: an interface name as the kernel accepts it (dev_valid_name): the run dir's
+#: file names are made from it, so '../x' must never get that far
+IFNAMSIZ = 16
+
+
+def check_iface_name(iface: str) -> None:
+    """Refuse what cannot be an interface name (``'../x'`` would name files outside the run dir)."""
+    if (
+        not iface or len(iface.encode()) >= IFNAMSIZ or iface in (".", "..")
+        or any(c in "/:" or c.isspace() or not c.isprintable() for c in iface)
+    ):
+        raise AgentError(f"{iface!r} is not a valid interface name")
+
+
 def sock_path(run_dir: Path, iface: str) -> Path:
+    check_iface_name(iface)
     return run_dir / f"{iface}.sock"
 
 
 def pid_path(run_dir: Path, iface: str) -> Path:
+    check_iface_name(iface)
     return run_dir / f"{iface}.pid"
 
 
+def ensure_private_dir(path: Path, what: str, create: bool = True) -> None:
+    """Create ``path`` 0700 if missing (unless ``create`` is false); refuse one we
+    do not own or that group or others may write (see the module's docstring);
+    an existing one merely readable by others is tightened to 0700."""
+    if create:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise AgentError(f"refusing {what} {path}: not a directory")
+    if st.st_uid != os.geteuid():
+        raise AgentError(
+            f"refusing {what} {path}: owned by uid {st.st_uid}, not by uid {os.geteuid()} "
+            "(another user could plant files in it)"
+        )
+    if st.st_mode & 0o022:
+        raise AgentError(
+            f"refusing {what} {path}: writable by group or others (mode {st.st_mode & 0o7777:o}); "
+            f"run 'chmod 0700 {path}'"
+        )
+    if st.st_mode & 0o077:
+        path.chmod(0o700)
+
+
 def ensure_run_dir(run_dir: Path) -> None:
-    """Create the run dir 0700 (and tighten an existing one we own)."""
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = run_dir.stat()
-    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
-        run_dir.chmod(0o700)
+    """Create the run dir 0700; refuse one that is not safely ours."""
+    ensure_private_dir(run_dir, "run dir")
+
+
+def open_private(path: Path | str, flags: int, what: str) -> int:
+    """``os.open`` for the agent's own files (pid file, log): never through a
+    symlink, never a FIFO or device, created 0600; refuses a file owned by
+    someone else or with other hard links (it would be their file we write).
+    A missing file without ``O_CREAT`` raises FileNotFoundError as os.open does."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise AgentError(f"refusing {what} {path}: it is a symbolic link (remove it)") from None
+        raise AgentError(f"cannot open {what} {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    problem = ""
+    if not stat.S_ISREG(st.st_mode):
+        problem = "not a regular file"
+    elif st.st_uid != os.geteuid():
+        problem = f"owned by uid {st.st_uid}"
+    elif st.st_nlink > 1:
+        problem = "it has other hard links"
+    if problem:
+        os.close(fd)
+        raise AgentError(f"refusing {what} {path}: {problem} (remove it)")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -73,12 +150,11 @@ class ApiServer:
         if path.exists() or path.is_symlink():
             path.unlink()  # stale socket of a dead agent (the caller holds the interface lock)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # the socket is born 0600: no chmod, which would follow a symlink
         try:
             self._sock.bind(str(path))
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
         self._sock.listen(64)
         self._sock.settimeout(0.2)
         self._stop = threading.Event()

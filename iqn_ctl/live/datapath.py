@@ -5,8 +5,9 @@ The kernel program does the per-packet work; this module only compiles it
 with the operator's filter (-D constants, so the fast path has no map look-up
 for its configuration), attaches it without trampling someone else's XDP
 program, and drains the perf ring buffer in batches. The perf callback runs
-once per candidate, so it only stores the raw bytes; decoding and the
-monotonic-to-wall-clock conversion happen once per poll.
+once per candidate, so it only stores the raw bytes; decoding happens once
+per poll, and times stay on the kernel's monotonic clock
+(:meth:`Datapath.poll_monotonic`) for the inference.
 """
 
 from __future__ import annotations
@@ -304,10 +305,16 @@ class Datapath:
             return want
         raise DatapathError(f"cannot attach XDP to {self.iface} in {self.xdp_mode} mode: {last}")
 
-    def poll(self, timeout_ms: int) -> list[tuple[bytes, float, int]]:
-        """Candidate events since the last poll: (raw key bytes, wall-clock epoch
-        seconds, frame length). Returns after ``timeout_ms`` at the latest, earlier
-        once ``wakeup_events`` candidates are waiting on one CPU."""
+    def poll_monotonic(self, timeout_ms: int) -> list[tuple[bytes, float, int]]:
+        """Candidate events since the last poll: (raw key bytes, CLOCK_MONOTONIC
+        seconds as the kernel stamped them, frame length), sorted by time.
+        Returns after ``timeout_ms`` at the latest, earlier once
+        ``wakeup_events`` candidates are waiting on one CPU.
+
+        The agent infers on this clock: the wall clock may be stepped (NTP, an
+        operator), and a step inside a stall would move arrivals against each
+        other and against the engine's watermark; the monotonic clock never
+        jumps. Wall time is for output only."""
         if self._closed:
             return []
         self._bpf.perf_buffer_poll(timeout_ms)
@@ -315,14 +322,22 @@ class Datapath:
         raw, self._raw = self._raw, []
         if not raw:
             return []
-        offset = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
         unpack = _EVENT_TAIL.unpack_from
         out = []
         for ev in raw:
             ts, length = unpack(ev, EVENT_TS_OFFSET)
-            out.append((ev[:KEY_SIZE], ts / 1e9 + offset, length))
+            out.append((ev[:KEY_SIZE], ts / 1e9, length))
         out.sort(key=_by_time)  # per-CPU buffers are read one after the other
         return out
+
+    def poll(self, timeout_ms: int) -> list[tuple[bytes, float, int]]:
+        """:meth:`poll_monotonic` with wall-clock epoch seconds (one offset per
+        poll): for tools that print times; the agent uses the monotonic form."""
+        out = self.poll_monotonic(timeout_ms)
+        if not out:
+            return out
+        offset = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+        return [(k, t + offset, n) for k, t, n in out]
 
     def _check_open(self) -> None:
         if self._closed:

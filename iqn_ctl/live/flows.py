@@ -3,9 +3,17 @@ kernel key, time, length) -> the engine's :class:`FlowTable`, with the names
 (flow label, client, server) the flow view and the history need.
 
 No sockets, no bcc, no clock: the agent's loop feeds it, tests feed it event
-tuples exactly as ``Datapath.poll`` returns them. It lives beside the loader
-rather than in the engine because its keys are the kernel's key bytes
+tuples exactly as ``Datapath.poll_monotonic`` returns them. It lives beside the
+loader rather than in the engine because its keys are the kernel's key bytes
 (:mod:`iqn_ctl.live.layout`).
+
+Hostile traffic shapes two things here. Each flow keeps an index of its raw
+keys, so what the agent does per stall (look up the stall's connections in the
+kernel) costs the same with 10 flows as with 262,144 cached keys. And new flows
+are admitted per source (server address) through a token bucket: one address
+flooding one-packet flows gets ``source_rate`` new flows a second into the
+table, the rest are refused and counted, and other servers' viewers keep their
+trackers.
 """
 
 from __future__ import annotations
@@ -17,12 +25,16 @@ from typing import Any
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR
 from iqn_ctl.engine.flowkey import FlowKey
 from iqn_ctl.engine.flowtable import FlowTable
-from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, SignalParams
+from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_SOURCE_RATE, SignalParams
 from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event
 from iqn_ctl.live.layout import decode_key
 from iqn_ctl.live.settings import AgentError
 
 KEY_MODES = ("5tuple", "client")
+#: raw keys remembered per flow (--key client: a client's connections, newest kept)
+RAWS_PER_FLOW = 64
+#: source buckets kept before the full ones (equivalent to none) are dropped
+MAX_SOURCES = 4096
 
 
 @dataclass(slots=True)
@@ -32,6 +44,47 @@ class FlowInfo:
     label: str
     client: str
     server: str
+
+
+class SourceLimit:
+    """New flows per second per source: a token bucket per server address,
+    ``rate`` tokens a second and at most ``rate`` at once (one second's burst).
+
+    Time is the arrivals' own (monotonic) clock, so the limit is sans-I/O and
+    immune to wall-clock steps. At most :data:`MAX_SOURCES` buckets are kept: a
+    full bucket is the same as none, so those go first; if every bucket is
+    draining (a flood with spoofed sources), all are reset, which only costs
+    the limit its memory, never a real flow.
+    """
+
+    def __init__(self, rate: float) -> None:
+        if not rate >= 0:
+            raise AgentError(f"--source-rate must be >= 0, got {rate}")
+        self.rate = float(rate)
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, at)
+
+    def admit(self, source: str, t: float) -> bool:
+        if not self.rate:
+            return True
+        got = self._buckets.get(source)
+        if got is None:
+            if len(self._buckets) >= MAX_SOURCES:
+                self._shrink(t)
+            tokens = self.rate
+        else:
+            tokens = min(self.rate, got[0] + max(t - got[1], 0.0) * self.rate)
+        if tokens < 1.0 - 1e-9:  # a whole token, give or take float rounding of the refill
+            self._buckets[source] = (tokens, max(t, got[1]) if got else t)
+            return False
+        self._buckets[source] = (tokens - 1.0, max(t, got[1]) if got else t)
+        return True
+
+    def _shrink(self, t: float) -> None:
+        full = [s for s, (k, at) in self._buckets.items() if k + max(t - at, 0.0) * self.rate >= self.rate]
+        for s in full:
+            del self._buckets[s]
+        if len(self._buckets) >= MAX_SOURCES:
+            self._buckets.clear()
 
 
 class LiveFlows:
@@ -48,6 +101,7 @@ class LiveFlows:
         max_flows: int = DEFAULT_MAX_FLOWS,
         decode: Callable[[bytes], FlowKey] | None = None,
         reorder: float = DEFAULT_REORDER,
+        source_rate: float = DEFAULT_SOURCE_RATE,
     ) -> None:
         if key_mode not in KEY_MODES:
             raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {key_mode!r}")
@@ -59,7 +113,14 @@ class LiveFlows:
         self._decode = decode
         self._fid: dict[bytes, Hashable] = {}
         self._info: dict[Hashable, FlowInfo] = {}
+        #: each flow's raw keys (an ordered set, oldest learned first): raws() without a scan
+        self._raws: dict[Hashable, dict[bytes, None]] = {}
+        self.limit = SourceLimit(source_rate)
         self.events_in = 0
+        #: new flows refused by the per-source limit (once per flow and poll)
+        self.refused = 0
+        #: their candidate events, not fed to the engine
+        self.refused_events = 0
 
     def flow_id(self, raw: bytes) -> Hashable:
         fid = self._fid.get(raw)
@@ -78,14 +139,26 @@ class LiveFlows:
         old = self._info.get(fid)
         if old is None or old.server != info.server:
             self._info[fid] = info  # client mode: the server shown is the latest one seen
+        known = self._raws.get(fid)
+        if known is None:
+            self._raws[fid] = {raw: None}
+        else:
+            known.pop(raw, None)
+            known[raw] = None
+            if len(known) > RAWS_PER_FLOW:
+                del known[next(iter(known))]
         if len(self._info) > 2 * self.max_flows + 1024:
+            # forget the names and keys of flows the table no longer tracks (amortised O(1))
             self._info = {tr.flow: self._info[tr.flow] for tr in self.table if tr.flow in self._info}
+            self._raws = {f: self._raws[f] for f in self._info if f in self._raws}
             self._info[fid] = info
+            self._raws.setdefault(fid, {raw: None})
         return fid
 
     def raws(self, fid: Hashable) -> list[bytes]:
-        """The data plane's keys of one flow (several with --key client)."""
-        return [raw for raw, f in self._fid.items() if f == fid]
+        """The data plane's keys of one flow (several with --key client): an
+        index look-up, O(1) in the number of flows (it runs for every stall)."""
+        return list(self._raws.get(fid, ()))
 
     def info(self, fid: Hashable) -> FlowInfo:
         got = self._info.get(fid)
@@ -106,14 +179,18 @@ class LiveFlows:
             else:
                 g.append(t)
         groups: dict[Hashable, list[float]] = {}
+        table = self.table
         for raw, ts in by_raw.items():
             fid = self._fid.get(raw)
             if fid is None:
                 fid = self.flow_id(raw)
             if fid in groups:  # --key client: several connections of one client
                 groups[fid].extend(ts)
-            else:
+            elif table.get(fid) is not None or self.limit.admit(self.info(fid).server, ts[0]):
                 groups[fid] = ts
+            else:
+                self.refused += 1
+                self.refused_events += len(ts)
         out: list[Event] = []
         for fid, ts in groups.items():
             ts.sort()
@@ -126,8 +203,12 @@ class LiveFlows:
     def close(self) -> list[Event]:
         return self.table.close()
 
-    def flows(self, stats: Iterable[tuple[bytes, dict[str, int]]] = ()) -> list[dict[str, Any]]:
-        """The flow objects of docs/contracts.md, plus kernel packet/byte counts when given."""
+    def flows(
+        self, stats: Iterable[tuple[bytes, dict[str, int]]] = (), offset: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """The flow objects of docs/contracts.md, plus kernel packet/byte counts when given.
+        The engine runs on the arrivals' clock; ``offset`` turns its times into
+        the epoch seconds shown (the agent passes wall minus monotonic, now)."""
         per: dict[Hashable, dict[str, int]] = {}
         for raw, st in stats:
             fid = self._fid.get(raw)
@@ -140,6 +221,10 @@ class LiveFlows:
             acc["packets"] += int(st.get("packets", 0))
             acc["bytes"] += int(st.get("bytes", 0))
         out = []
+
+        def wall(t: float | None) -> float | None:
+            return None if t is None else t + offset
+
         for tr in self.table:
             info = self.info(tr.flow)
             rec: dict[str, Any] = {
@@ -149,9 +234,9 @@ class LiveFlows:
                 "state": "stall" if tr.in_stall else "normal",
                 "candidates": tr.candidates,
                 "stalls": tr.stalls,
-                "stall_start": tr.stall_start,
+                "stall_start": wall(tr.stall_start),
                 "last_duration": tr.last_duration,
-                "last_seen": tr.last_seen,
+                "last_seen": wall(tr.last_seen),
                 "key": self.key_mode,
             }
             k = per.get(tr.flow)

@@ -5,12 +5,23 @@ Why SQLite: ``iqn-ctl stalls`` must work with no agent running, several agents
 or corrupt what was already recorded. SQLite in WAL mode gives all three with
 no extra service. The table is bounded (newest ``max_rows`` kept) so a router
 that runs for years never fills its disk.
+
+Nothing lost (docs/agent.md, "The stall history"): a stall is written when it
+starts (state ``open``) and completed when it ends, so one still open when the
+agent is SIGKILLed is found by the next agent on that interface and marked
+``interrupted``. Writes that fail (a full disk, an I/O error) are kept in
+memory, bounded, and retried; every commit is synchronous (``FULL``), and a
+damaged file is noticed when the agent starts and moved aside.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import os
 import sqlite3
+import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +34,16 @@ DB_NAME = "stalls.sqlite"
 DEFAULT_MAX_ROWS = 100_000
 #: prune only every this many inserts: deleting is cheap but not free
 _PRUNE_EVERY = 256
+#: writes (stall starts, ends, discards) held in memory while the history cannot be
+#: written; at ~300 bytes each this is ~3 MB. Past it the oldest are dropped, counted.
+MAX_PENDING = 10_000
+#: seconds between attempts to write what is held
+RETRY_EVERY = 1.0
+#: ``state`` of a stall record: ``open`` (written when it started, the agent still
+#: running), ``ended`` and ``interrupted`` (the agent died while it was open)
+STATES = ("open", "ended", "interrupted")
+
+log = logging.getLogger("iqn.history")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stalls (
@@ -36,14 +57,35 @@ CREATE TABLE IF NOT EXISTS stalls (
     candidates INTEGER NOT NULL,
     detected_at REAL NOT NULL,
     truncated INTEGER NOT NULL DEFAULT 0,
-    estimator TEXT NOT NULL DEFAULT ''
+    estimator TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT 'ended',
+    bulk_check TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS stalls_start ON stalls (start);
 """
+#: columns added since the first release, with their definitions: a history written
+#: by an older agent gets them (and their defaults) when it is opened
+_ADDED_COLUMNS = {"state": "TEXT NOT NULL DEFAULT 'ended'", "bulk_check": "TEXT NOT NULL DEFAULT ''"}
 
 
 class HistoryError(IqnError):
     """The history cannot be opened or read; the message is for the user."""
+
+
+def _damage(db: sqlite3.Connection) -> str:
+    """What ``PRAGMA quick_check`` finds wrong with the database, "" if nothing."""
+    try:
+        rows = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as e:
+        # SQLITE_CORRUPT (11) and SQLITE_NOTADB (26); anything else (locked, no access) is not damage
+        if (getattr(e, "sqlite_errorcode", 0) & 0xFF) in (11, 26):
+            return str(e)
+        raise
+    if rows == ["ok"]:
+        return ""
+    found = [r for r in rows if not r.startswith("*** in database")] or rows
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    return f"quick_check: {found[0]}{more}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +100,13 @@ class StallRecord:
     detected_at: float
     truncated: bool = False
     estimator: str = ""
+    #: one of :data:`STATES`; for ``open`` and ``interrupted`` ``end`` is the last
+    #: moment the agent knew the stall was going on and ``candidates`` is 0
+    state: str = "ended"
+    #: what the bulk-discard check could tell (``iqn_ctl.engine.discard.CHECK_*``):
+    #: "ok", "unknown" (a kernel counter was evicted or restarted during the stall,
+    #: so it was kept unjudged), "off" (--bulk-ratio 0); "" in rows of older agents
+    bulk_check: str = ""
 
     @property
     def duration(self) -> float:
@@ -97,30 +146,77 @@ class History:
         self.path = db_path(state_dir)
         self.max_rows = max_rows
         self._since_prune = 0
+        #: writes not yet on disk, oldest first: (kind, record, start of the open row)
+        self._pending: deque[tuple[str, StallRecord, float]] = deque()
+        #: failed attempts to write, and writes dropped because too many were held
+        self.failures = 0
+        self.dropped = 0
+        self.last_error = ""
+        self._retry_at = 0.0
+        self._streak = 0
         try:
             if create:
                 # client addresses are personal data: only root reads them
                 state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                old = os.umask(0o077)
-                try:
-                    self._db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
-                finally:
-                    os.umask(old)
+                self._db = self._connect()
             else:
                 if not self.path.exists():
                     raise HistoryError(f"no stall history at {self.path} (no agent ran with this state dir)")
+                # as_uri() percent-encodes the path: a raw '?' or '#' in it would end the
+                # file name early and open (or create) another file
                 self._db = sqlite3.connect(
-                    f"file:{self.path}?mode=rw", uri=True, timeout=10.0, check_same_thread=False
+                    f"{self.path.absolute().as_uri()}?mode=rw", uri=True, timeout=10.0,
+                    check_same_thread=False,
                 )
+            # before anything is written: a damaged file opens fine and then fails every write
+            problem = _damage(self._db)
+            if problem and not create:
+                self._db.close()
+                raise HistoryError(f"stall history {self.path} is damaged ({problem}); "
+                                   "the agent moves it aside when it next starts")
+            if problem:
+                self._move_aside(problem)
             if create:
                 self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
+                # FULL: a commit is on disk before the agent goes on (docs/agent.md)
+                self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
-                self._db.commit()
-            else:
-                self._db.execute("SELECT 1 FROM stalls LIMIT 1").fetchall()
+            self._migrate()
+            self._db.commit()
+            self._db.execute("SELECT 1 FROM stalls LIMIT 1").fetchall()
         except (sqlite3.Error, OSError) as e:
             raise _explain(self.path, e) from None
+
+    def _connect(self) -> sqlite3.Connection:
+        old = os.umask(0o077)
+        try:
+            return sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
+        finally:
+            os.umask(old)
+
+    def _move_aside(self, problem: str) -> None:
+        """Keep a damaged history (and its WAL) for recovery under a new name and start afresh."""
+        self._db.close()
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        n = 0
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}.{n}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                src.rename(Path(f"{aside}{suffix}"))
+        log.warning("stall history %s is damaged (%s); moved it to %s and started a new one",
+                    self.path, problem, aside)
+        self._db = self._connect()
+
+    def _migrate(self) -> None:
+        """Add the columns an older agent's history lacks (``_ADDED_COLUMNS``)."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(stalls)")}
+        for name, decl in _ADDED_COLUMNS.items():
+            if have and name not in have:
+                self._db.execute(f"ALTER TABLE stalls ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         self._db.close()
@@ -133,23 +229,113 @@ class History:
 
     def add(self, records: Iterable[StallRecord]) -> int:
         """Store records in one transaction (one fsync per poll round, not per stall)."""
+        with self._db:
+            n = self._insert(records)
+        self._inserted(n)
+        return n
+
+    def _insert(self, records: Iterable[StallRecord]) -> int:
+        """INSERT without committing: the caller's transaction groups it with other writes."""
         rows = [
             (r.iface, r.flow, r.client, r.server, r.start, r.end, r.candidates, r.detected_at,
-             int(r.truncated), r.estimator)
+             int(r.truncated), r.estimator, r.bulk_check, r.state)
             for r in records
         ]
-        if not rows:
-            return 0
-        with self._db:
+        if rows:
             self._db.executemany(
                 'INSERT INTO stalls (iface, flow, client, server, start, "end", candidates, '
-                "detected_at, truncated, estimator) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "detected_at, truncated, estimator, bulk_check, state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
-        self._since_prune += len(rows)
-        if self._since_prune >= _PRUNE_EVERY or self._since_prune >= self.max_rows:
-            self.prune()
         return len(rows)
+
+    def _inserted(self, n: int) -> None:
+        self._since_prune += n
+        if n and (self._since_prune >= _PRUNE_EVERY or self._since_prune >= self.max_rows):
+            self.prune()
+
+    # -- the agent's writes: held in memory while the history cannot take them --
+
+    def stage(self, kind: str, rec: StallRecord, opened: float | None = None) -> None:
+        """Queue a write for :meth:`flush`. ``start`` writes ``rec`` (state ``open``);
+        ``end`` replaces the open row of the same stall (same iface and flow, start
+        ``opened``: the epoch start it was written with, ``rec.start`` if None) with
+        ``rec``, or writes it alone if that row never made it to disk; ``drop``
+        deletes the open row (a discarded stall). At most :data:`MAX_PENDING` are
+        held: past it the oldest go, counted in ``dropped``."""
+        if kind not in ("start", "end", "drop"):
+            raise ValueError(f"unknown history write {kind!r}")
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.popleft()
+            self.dropped += 1
+            if self.dropped == 1:
+                log.error("stall history %s: more than %d records held; dropping the oldest",
+                          self.path, MAX_PENDING)
+        self._pending.append((kind, rec, rec.start if opened is None else opened))
+
+    @property
+    def pending(self) -> int:
+        """Writes held in memory, not yet on disk."""
+        return len(self._pending)
+
+    def flush(self, force: bool = False) -> bool:
+        """Write what is held in one transaction; True when nothing is left held.
+
+        A write that fails (disk full, I/O error, damage found since the start)
+        leaves everything held, counts in ``failures`` and is tried again no
+        sooner than :data:`RETRY_EVERY` s later unless ``force``: a failing disk
+        must not slow the event loop down, and nothing is given up while the
+        agent runs."""
+        if not self._pending:
+            return True
+        now = time.monotonic()
+        if not force and now < self._retry_at:
+            return False
+        ops = list(self._pending)
+        try:
+            with self._db:
+                n = self._apply(ops)
+        except sqlite3.Error as e:
+            self.failures += 1
+            self._streak += 1
+            self._retry_at = now + RETRY_EVERY
+            if self._streak == 1:
+                log.error("cannot write %d stall record(s) to %s: %s; keeping them in memory "
+                          "(at most %d) and retrying every %g s", len(ops), self.path, e, MAX_PENDING,
+                          RETRY_EVERY)
+            self.last_error = str(e)
+            return False
+        self._pending.clear()
+        if self._streak:
+            log.warning("stall history %s writable again: wrote %d held record(s) after %d failed "
+                        "attempt(s)", self.path, len(ops), self._streak)
+            self._streak = 0
+            self.last_error = ""
+        self._inserted(n)
+        return True
+
+    def _apply(self, ops: list[tuple[str, StallRecord, float]]) -> int:
+        inserted = 0
+        for kind, r, opened in ops:
+            if kind != "start":
+                self._db.execute(
+                    "DELETE FROM stalls WHERE iface = ? AND flow = ? AND start = ? AND state = 'open'",
+                    (r.iface, r.flow, opened),
+                )
+            if kind != "drop":
+                inserted += self._insert([r])
+        return inserted
+
+    def mark_interrupted(self, iface: str) -> int:
+        """Mark ``iface``'s ``open`` stalls ``interrupted`` (and truncated): only one
+        agent runs per interface, so when one starts, an open row there was left
+        by an agent that died before the stall ended. Returns how many."""
+        with self._db:
+            cur = self._db.execute(
+                "UPDATE stalls SET state = 'interrupted', truncated = 1 WHERE iface = ? AND state = 'open'",
+                (iface,),
+            )
+        return cur.rowcount
 
     def prune(self) -> int:
         """Drop all but the newest ``max_rows`` stalls."""
@@ -161,10 +347,11 @@ class History:
         return cur.rowcount
 
     def query(self, iface: str | None = None, since: float | None = None) -> list[StallRecord]:
-        """Stalls oldest first; ``since`` keeps those that end at or after it."""
+        """Stalls oldest first; ``since`` keeps those that end at or after it (and
+        the open ones: their end is not known yet)."""
         sql = (
             'SELECT iface, flow, client, server, start, "end", candidates, detected_at, truncated, '
-            "estimator FROM stalls"
+            "estimator, bulk_check, state FROM stalls"
         )
         where: list[str] = []
         args: list[object] = []
@@ -172,7 +359,7 @@ class History:
             where.append("iface = ?")
             args.append(iface)
         if since is not None:
-            where.append('"end" >= ?')
+            where.append("(\"end\" >= ? OR state = 'open')")
             args.append(since)
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -182,7 +369,9 @@ class History:
         except sqlite3.Error as e:
             raise HistoryError(f"cannot read stall history {self.path}: {e}") from None
         return [
-            StallRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9]) for r in rows
+            StallRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], bulk_check=r[10],
+                        state=r[11])
+            for r in rows
         ]
 
     def count(self) -> int:

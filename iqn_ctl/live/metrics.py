@@ -35,6 +35,10 @@ class _AgentCollector(Collector):
             ("iqn_candidates", "candidates", "candidate packets (port and size match)"),
             ("iqn_lost_events", "lost", "candidate events lost between kernel and agent"),
             ("iqn_parse_errors", "parse_errors", "packets the XDP program could not parse"),
+            ("iqn_history_write_failures", "history_failures",
+             "failed attempts to write the stall history (disk full, I/O error); retried"),
+            ("iqn_history_dropped", "history_dropped",
+             "stall history writes dropped because too many were held in memory"),
         ):
             c = CounterMetricFamily(name, doc, labels=["iface"])
             c.add_metric([self.iface], float(s.get(key, 0)))
@@ -42,6 +46,7 @@ class _AgentCollector(Collector):
         for name, key, doc in (
             ("iqn_flows", "flows", "flows tracked by the agent"),
             ("iqn_flows_in_stall", "flows_in_stall", "flows currently in a stall"),
+            ("iqn_history_pending", "history_pending", "history writes held in memory, not yet on disk"),
         ):
             g = GaugeMetricFamily(name, doc, labels=["iface"])
             g.add_metric([self.iface], float(s.get(key, 0)))
@@ -76,8 +81,13 @@ class AgentMetrics:
         self._ended.inc()
         self._duration.observe(max(duration, 0.0))
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Serve /metrics on a background thread; raises OSError if the port is taken."""
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Serve /metrics on a background thread; raises OSError if the port is taken.
+
+        Loopback by default: anyone who reaches the port reads the agent's
+        numbers, so exposing them is an explicit ``--metrics-addr``. The labels
+        name only the interface, never a client (so ``--redact`` has nothing to hide here).
+        """
         self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
 
     @property

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,9 +62,10 @@ def ensure_media(spec: MediaSpec = MediaSpec(), cache: Path = DEFAULT_CACHE) -> 
         return out
     if shutil.which("ffmpeg") is None:
         raise MediaError("ffmpeg not found: run sudo bash scripts/setup.sh (installs Debian's ffmpeg)")
-    tmp = cache / f".tmp-{spec.key()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    # mkdtemp: an unpredictable name, made 0700 by us, so nobody can plant a symlink or a
+    # directory of theirs where the clip is built (a name from the pid could be guessed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.key()}-", dir=cache))
     try:
         r = subprocess.run(_ffmpeg_argv(spec), cwd=tmp, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
@@ -82,6 +84,7 @@ def ensure_media(spec: MediaSpec = MediaSpec(), cache: Path = DEFAULT_CACHE) -> 
         (tmp / "media.json").write_text(json.dumps(meta))
         if not (out / "media.json").is_file():  # another lab may have finished first
             shutil.rmtree(out, ignore_errors=True)
+            tmp.chmod(0o755)  # finished: readable like any cached clip (mkdtemp made it 0700)
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
