@@ -64,5 +64,11 @@ def friendly_for(prog: str, permission_hint: str | None = None) -> Callable[[F],
 
 
 def fmt_time(t: float) -> str:
-    """Epoch seconds as UTC with milliseconds, as every table prints them."""
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    """Epoch seconds as UTC with milliseconds, as every table prints them.
+
+    A time no calendar date can hold (past year 9999, before year 1, NaN) comes
+    back as plain epoch seconds: a garbled file's times are shown, not a traceback."""
+    try:
+        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    except (ValueError, OverflowError, OSError):
+        return f"{t:.3f} s epoch"

@@ -531,3 +531,50 @@ def test_lockstep_and_sequential_walks_agree_on_damaged_files(
     finally:
         pcap.LOCKSTEP_MIN, pcap.LANE = saved
     assert fast == slow
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_a_zeroed_record_header_ends_either_walk_at_that_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lockstep: bool
+) -> None:
+    """An all-zero record header (nothing on the wire) is no record: both walks stop
+    there, instead of reading the zeros as millions of empty records."""
+    import iqn_ctl.capture.pcap as pcap
+
+    if lockstep:
+        monkeypatch.setattr(pcap, "LOCKSTEP_MIN", 0)
+        monkeypatch.setattr(pcap, "LANE", 2048)
+    frame = udp_frame(*V4, 443, 50000, 1200)
+    write_pcap(tmp_path / "c.pcap", [Packet(T0 + i, frame) for i in range(20)])
+    data = bytearray((tmp_path / "c.pcap").read_bytes())
+    rec = 16 + len(frame)
+    at = 24 + 7 * rec
+    data[at:] = bytes(len(data) - at)  # record 8 onwards: zeros
+    (tmp_path / "z.pcap").write_bytes(bytes(data))
+    with pytest.raises(CaptureError, match=rf"byte {at} \(record 8\): original length 0$"):
+        read_candidates(tmp_path / "z.pcap")
+
+
+def test_readable_oddities_reach_the_warn_callback(tmp_path: Path) -> None:
+    frame = udp_frame(*V4, 443, 50000, 1200)
+    pk = [Packet(T0 + i, frame) for i in range(3)]
+    for nanos, frac, unit in ((False, 1_000_000, "us"), (True, 1_000_000_000, "ns")):
+        write_pcap(tmp_path / "f.pcap", pk, nanos=nanos)
+        data = bytearray((tmp_path / "f.pcap").read_bytes())
+        struct.pack_into("<I", data, 24 + 2 * (16 + len(frame)) + 4, frac)  # record 3
+        (tmp_path / "f.pcap").write_bytes(bytes(data))
+        notes: list[str] = []
+        c = read_candidates(tmp_path / "f.pcap", warn=notes.append)
+        assert c.candidates == 3 and c.times[-1] == pytest.approx(T0 + 3, abs=1e-6)  # carried
+        assert len(notes) == 1 and f"({frac} {unit} in record 3 at byte" in notes[0], notes
+    notes = []
+    write_pcapng(tmp_path / "r.pcapng", [Packet(0.5 * i, frame) for i in range(3)],
+                 interfaces=(Interface(tsresol=0x80 | 63),))  # fmt: skip
+    read_candidates(tmp_path / "r.pcapng", warn=notes.append)
+    assert len(notes) == 1 and "finer than a picosecond" in notes[0], notes
+    notes = []
+    write_pcapng(tmp_path / "ok.pcapng", pk, interfaces=(Interface(tsresol=0x80 | 30),))  # ~1 ns: fine
+    read_candidates(tmp_path / "ok.pcapng", warn=notes.append)
+    write_pcap(tmp_path / "ok.pcap", pk, nanos=True)
+    read_candidates(tmp_path / "ok.pcap", warn=notes.append)
+    assert notes == []

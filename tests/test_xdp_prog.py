@@ -269,7 +269,9 @@ def test_truncated_headers(prog: Prog, base: str) -> None:
 
 # --- fuzz ----------------------------------------------------------------------
 
-FUZZ_FRAMES = 100_000
+#: frames in the fuzz (issue 10: one million); 28.5 s measured on the 2-core dev machine,
+#: stated budget 120 s (the test prints its time; timing targets live in bench/)
+FUZZ_FRAMES = 1_000_000
 HOT_OFFSETS = (12, 13, 14, 16, 17, 18, 20, 21, 22, 23, 34, 35, 36, 38, 42, 43, 54, 55)
 INTERESTING = (0x00, 0x01, 0x04, 0x05, 0x06, 0x08, 0x0F, 0x11, 0x20, 0x3F, 0x45, 0x46, 0x4F,
                0x60, 0x81, 0x86, 0x88, 0xA8, 0xBB, 0xDD, 0xFF)
@@ -311,11 +313,12 @@ def fuzz_frames(seed: int, count: int) -> Iterator[bytes]:
 
 
 def test_fuzz_matches_reference() -> None:
-    """>= 100 k frames: verdict always XDP_PASS and the kernel's decision
+    """One million frames: verdict always XDP_PASS and the kernel's decision
     (candidate / parse error / tracked flow / ignored) equals the reference's
     for every frame; the flow table ends up exactly as the reference predicts."""
     _need_bpf()
     p = Prog(max_flows=1 << 18)
+    began = time.monotonic()
     try:
         run, counter = p.runner.run, p.counter
         want_flows: Counter[bytes] = Counter()
@@ -344,7 +347,9 @@ def test_fuzz_matches_reference() -> None:
             f"kernel): {mismatches[0][0][:160]} {mismatches[0][1:]}"
         )
         # every outcome was exercised, so the fuzz is not trivially agreeing
-        print("fuzz outcomes:", dict(outcomes), "flows:", len(want_flows))
+        print(f"fuzz: {sum(outcomes.values())} frames in {time.monotonic() - began:.1f} s (budget 120 s); "
+              f"outcomes: {dict(outcomes)}, flows: {len(want_flows)}")  # fmt: skip
+        assert sum(outcomes.values()) == FUZZ_FRAMES
         assert min(outcomes[o] for o in ("cand", "flow", "other", "bad")) > 1000, outcomes
         assert cands == outcomes["cand"]
         assert events + p.dp.counters()["lost"] == cands

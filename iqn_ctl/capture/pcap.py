@@ -16,16 +16,27 @@ Which frames are candidates is decided by :mod:`iqn_ctl.capture.classify`, the
 Python twin of the XDP program.
 
 Damaged files fail with :class:`CaptureError`, one line naming file and byte
-offset. A capture cut mid-record (a crashed or still-running tcpdump) is an
-error by default too - the tail may be exactly the stall being asked about -
-unless the caller passes ``truncated_ok=True``, which drops the partial record.
+offset. The magic and the first record are checked on a few bytes read before
+the file is mapped, and every record header is checked as the walk reaches it,
+so a file of garbage (gigabytes of zeros) fails at its first bad record instead
+of costing memory in proportion to its size. Oddities that still leave a
+readable capture (a timestamp fraction of a whole second or more, an absurdly
+fine ``if_tsresol``) are reported through the caller's ``warn``.
+
+A capture cut mid-record (a crashed or still-running tcpdump) is an error by
+default too - the tail may be exactly the stall being asked about - unless the
+caller passes ``truncated_ok=True``, which drops the partial record.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 import struct
-from dataclasses import dataclass
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,29 +93,51 @@ class _Packets:
     #: frame headers already copied out: a byte matrix, each packet's row in it
     #: (None: row i is packet i) and the column where its frame begins
     hdr: tuple[npt.NDArray[np.uint8], I64 | None, I64 | int] | None = None
+    #: readable but suspicious: one line each for the user
+    notes: list[str] = field(default_factory=list)
 
 
 def linktype_name(lt: int) -> str:
     return f"{lt} {_LINKTYPE_NAMES[lt]}" if lt in _LINKTYPE_NAMES else str(lt)
 
 
+#: bytes read (not mapped) to check the magic and the first record header
+_SNIFF = 64
+#: if_tsresol finer than this many ticks per second (a picosecond) is reported
+MAX_PLAUSIBLE_RES = 10**12
+
+
 def read_candidates(
-    path: str | Path, filt: CandidateFilter | None = None, truncated_ok: bool = False
+    path: str | Path,
+    filt: CandidateFilter | None = None,
+    truncated_ok: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> Candidates:
-    """Candidates of a pcap/pcapng capture (format detected from the magic)."""
+    """Candidates of a pcap/pcapng capture (format detected from the magic).
+
+    ``warn`` gets one line per oddity that still leaves a readable capture."""
     filt = filt or CandidateFilter()
     name = str(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CaptureError(f"{name}: cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        # a FIFO or a device would block or never end: only files have a structure to check
+        raise CaptureError(f"{name}: not a regular file, expected a pcap or pcapng capture")
     try:
         f = open(path, "rb")
     except OSError as e:
         raise CaptureError(f"{name}: cannot read: {e.strerror or e}") from None
     with f:
         try:
-            size = Path(path).stat().st_size
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(_SNIFF)
         except OSError as e:
             raise CaptureError(f"{name}: cannot read: {e.strerror or e}") from None
         if size == 0:
             raise CaptureError(f"{name}: empty file, expected a pcap or pcapng capture")
+        _sniff(head, name)  # before mapping: a 2 GB non-capture costs nothing
         try:
             # Populate the page tables up front: faulting in a 1 GB capture page by
             # page as the walk touches it costs several times the walk itself.
@@ -113,27 +146,59 @@ def read_candidates(
         except (OSError, ValueError) as e:
             raise CaptureError(f"{name}: cannot map: {e}") from None
         try:
-            return _read(mm, name, filt, truncated_ok)
+            c, notes = _read(mm, name, filt, truncated_ok)
         finally:
             try:
                 mm.close()
             except BufferError:  # pragma: no cover - a view escaped; GC closes it
                 pass
+    if warn is not None:
+        for note in notes:
+            warn(note)
+    return c
 
 
-def _read(mm: mmap.mmap, name: str, filt: CandidateFilter, truncated_ok: bool) -> Candidates:
-    head = mm[:4]
-    if head in _PCAP_MAGIC:
+def _sniff(head: bytes, name: str) -> None:
+    """Fail on a file that is no capture, or whose first record header is
+    garbage, from its first bytes alone."""
+    magic = head[:4]
+    if magic in _PCAP_MAGIC:
+        if len(head) >= 40:
+            endian = _PCAP_MAGIC[magic][0]
+            incl, orig = struct.unpack_from(endian + "II", head, 32)
+            _check_record(name, 24, 1, incl, orig)
+        return
+    if len(magic) == 4 and struct.unpack("<I", magic)[0] == _PCAPNG_SHB:
+        return
+    if len(magic) < 4 and any(m.startswith(magic) for m in [*_PCAP_MAGIC, b"\x0a\x0d\x0d\x0a"]):
+        raise CaptureError(f"{name}: truncated file header at byte 0 ({len(magic)} bytes)")
+    raise CaptureError(f"{name}: not a pcap or pcapng capture (magic 0x{magic.hex()} at byte 0)")
+
+
+def _check_record(name: str, off: int, index: int, incl: int, orig: int) -> None:
+    """A pcap record header no capture can hold: a captured length past any
+    snaplen, or nothing on the wire (an all-zero header, i.e. no record at all)."""
+    if incl > MAX_RECORD:
+        raise CaptureError(
+            f"{name}: garbled record header at byte {off} (record {index}): "
+            f"captured length {incl} exceeds {MAX_RECORD}"
+        )
+    if orig == 0:
+        raise CaptureError(
+            f"{name}: garbled record header at byte {off} (record {index}): original length 0"
+        )
+
+
+def _read(
+    mm: mmap.mmap, name: str, filt: CandidateFilter, truncated_ok: bool
+) -> tuple[Candidates, list[str]]:
+    if mm[:4] in _PCAP_MAGIC:
         pk = _read_pcap(mm, name, truncated_ok)
-    elif len(head) == 4 and struct.unpack("<I", head)[0] == _PCAPNG_SHB:
+    else:  # _sniff let only the two magics through
         pk = _read_pcapng(mm, name, truncated_ok)
-    elif len(head) < 4 and any(m.startswith(head) for m in [*_PCAP_MAGIC, b"\x0a\x0d\x0d\x0a"]):
-        raise CaptureError(f"{name}: truncated file header at byte 0 ({len(head)} bytes)")
-    else:
-        raise CaptureError(f"{name}: not a pcap or pcapng capture (magic 0x{head.hex()} at byte 0)")
     u8 = np.frombuffer(mm, dtype=np.uint8)
     try:
-        return _classify(u8, pk, filt, name)
+        return _classify(u8, pk, filt, name), pk.notes
     finally:
         del u8
 
@@ -155,20 +220,24 @@ def _read_pcap(mm: mmap.mmap, name: str, truncated_ok: bool) -> _Packets:
             f"{name}: link type {linktype_name(linktype)} is not supported, only Ethernet (1)"
         )
 
-    offs: list[int] = []
+    offs = array("q")  # 8 bytes a record, not a Python int and a list slot
     fast = _lockstep(mm, endian, 24, _pcap_sync(mm, endian, unit), 8, 16)
     if fast is not None:
         o, off = fast, n
     else:
         # The only sequential part: each record's length says where the next begins.
-        get = struct.Struct(endian + "8xI").unpack_from
+        # Each header is checked as it is reached, so garbage ends the walk at once.
+        get = struct.Struct(endian + "8xII").unpack_from
         app = offs.append
         off = 24
         last = n - 16
         while off <= last:
+            incl_, orig_ = get(mm, off)
+            if incl_ > MAX_RECORD or not orig_:
+                _check_record(name, off, len(offs) + 1, incl_, orig_)
             app(off)
-            off += 16 + get(mm, off)[0]
-        o = np.array(offs, dtype=np.int64)
+            off += 16 + incl_
+        o = np.frombuffer(offs, dtype=np.int64) if len(offs) else np.empty(0, np.int64)
     u8 = np.frombuffer(mm, dtype=np.uint8)
     try:
         rows = _rows(u8, o, 16 + _HDR)  # record header and frame headers in one pass
@@ -179,13 +248,10 @@ def _read_pcap(mm: mmap.mmap, name: str, truncated_ok: bool) -> _Packets:
     orig = rec[:, 3].astype(np.int64)
     sec = rec[:, 0].astype(np.float64)
     frac = rec[:, 1].astype(np.float64)
-    bad = np.flatnonzero(incl > MAX_RECORD)
+    bad = np.flatnonzero((incl > MAX_RECORD) | (orig == 0))
     if bad.size:
         i = int(bad[0])
-        raise CaptureError(
-            f"{name}: garbled record header at byte {int(o[i])} (record {i + 1}): "
-            f"captured length {int(incl[i])} exceeds {MAX_RECORD}"
-        )
+        _check_record(name, int(o[i]), i + 1, int(incl[i]), int(orig[i]))
     if off != n:
         if off < n:  # fewer than 16 bytes left: a cut record header
             if not truncated_ok:
@@ -200,7 +266,17 @@ def _read_pcap(mm: mmap.mmap, name: str, truncated_ok: bool) -> _Packets:
                 )
             incl, orig, sec, frac, o = incl[:-1], orig[:-1], sec[:-1], frac[:-1], o[:-1]
             rows = rows[:-1]
-    return _Packets(o + 16, incl, orig, sec + frac * unit, [linktype] if o.size else [], (rows, None, 16))
+    pk = _Packets(o + 16, incl, orig, sec + frac * unit, [linktype] if o.size else [], (rows, None, 16))
+    whole = 1_000_000 if unit == 1e-6 else 1_000_000_000
+    over = np.flatnonzero(frac >= whole)
+    if over.size:
+        i = int(over[0])
+        pk.notes.append(
+            f"{name}: {over.size} record(s) have a timestamp fraction of a whole second or more "
+            f"({int(frac[i])} {'us' if unit == 1e-6 else 'ns'} in record {i + 1} at byte {int(o[i])}); "
+            "read as carrying into the seconds"
+        )
+    return pk
 
 
 def _rows(u8: npt.NDArray[np.uint8], starts: I64, width: int) -> npt.NDArray[np.uint8]:
@@ -256,6 +332,10 @@ def _lockstep(
         return None
     lanes = np.array(sorted({first, *starts}), dtype=np.int64)
     stops = np.append(lanes[1:], n)
+    if int((stops - lanes).max()) > 8 * max(LANE, MAX_RECORD + 4096):
+        # Too few lanes synchronised (garbage, or a capture whose guesses all failed):
+        # one numpy step per record would crawl; the sequential walk is faster and checks.
+        return None
     u32 = np.ndarray(shape=(n - 3,), dtype=endian + "u4", buffer=mm, strides=(1,))
     try:
         off = lanes.copy()
@@ -305,19 +385,23 @@ def _pcap_sync(mm: mmap.mmap, endian: str, unit: float) -> list[int]:
             if s + 16 > n:
                 return s == n
             sec, frac, incl, orig = rec.unpack_from(mm, s)
-            if sec >> 16 != sec0 >> 16 or frac >= frac_max or incl > orig or orig > MAX_RECORD:
+            if sec >> 16 != sec0 >> 16 or frac >= frac_max or incl > orig or not 0 < orig <= MAX_RECORD:
                 return False
             s += 16 + incl
         return True
 
     out = []
+    # Never search up to the very end: CPython 3.11's mmap.find reads one byte past
+    # its range, a segfault when the file ends on a page boundary (no record starts
+    # in the last 16 bytes anyway).
     for c in range(LANE, n - 16, LANE):
-        h = mm.find(pat, c + shift, min(c + LANE, n))
+        stop = min(c + LANE, n - 16)
+        h = mm.find(pat, c + shift, stop)
         while h != -1:
             if plausible(h - shift):
                 out.append(h - shift)
                 break
-            h = mm.find(pat, h + 1, min(c + LANE, n))
+            h = mm.find(pat, h + 1, stop)
     return out
 
 
@@ -350,12 +434,13 @@ def _pcapng_fast(mm: mmap.mmap) -> tuple[I64, str] | None:
 
     starts = []
     for c in range(LANE, n - 12, LANE):
-        h = mm.find(pat, c, min(c + LANE, n))
+        stop = min(c + LANE, n - 12)  # not to the end: see _pcap_sync
+        h = mm.find(pat, c, stop)
         while h != -1:
             if not h & 3 and plausible(h):
                 starts.append(h)
                 break
-            h = mm.find(pat, h + 1, min(c + LANE, n))
+            h = mm.find(pat, h + 1, stop)
     offs = _lockstep(mm, endian, 0, starts, 4, 0)
     if offs is None:
         return None
@@ -387,7 +472,7 @@ def _read_pcapng(mm: mmap.mmap, name: str, truncated_ok: bool) -> _Packets:
         return _pcapng_sections(mm, name, fast[0], [(0, fast[1])])
     # Walk block headers. Only a section header can change the byte order; its
     # type reads the same either way round, so the loop tests for it cheaply.
-    offs: list[int] = []
+    offs = array("q")
     app = offs.append
     sections: list[tuple[int, str]] = []  # (index of first block, byte order)
     get = struct.Struct("<II").unpack_from
@@ -428,7 +513,7 @@ def _read_pcapng(mm: mmap.mmap, name: str, truncated_ok: bool) -> _Packets:
             return _Packets(z, z, z, np.empty(0), [])
         raise CaptureError(f"{name}: truncated section header at byte 0 ({n} bytes)")
 
-    return _pcapng_sections(mm, name, np.array(offs, dtype=np.int64), sections)
+    return _pcapng_sections(mm, name, np.frombuffer(offs, dtype=np.int64).copy(), sections)
 
 
 def _pcapng_sections(
@@ -438,6 +523,7 @@ def _pcapng_sections(
     parts: list[tuple[I64, I64, I64, F64, I64]] = []
     hdrs: list[tuple[npt.NDArray[np.uint8], I64 | None, I64 | int]] = []
     linktypes: set[int] = set()
+    notes: list[str] = []
     bad = np.flatnonzero(all_offs & 3)
     if bad.size:  # the block before it had a length that is not a multiple of 4
         i = max(int(bad[0]) - 1, 0)
@@ -447,18 +533,18 @@ def _pcapng_sections(
         )
     bounds = [s for s, _ in sections] + [all_offs.size]
     for (start, endian), stop in zip(sections, bounds[1:], strict=True):
-        res = _pcapng_section(mm, name, endian, all_offs[start:stop], start)
+        res = _pcapng_section(mm, name, endian, all_offs[start:stop], start, notes)
         if res is not None:
             parts.append(res[0])
             linktypes.update(res[1])
             hdrs.append(res[2])
     if not parts:
         z = np.empty(0, np.int64)
-        return _Packets(z, z, z, np.empty(0), [])
+        return _Packets(z, z, z, np.empty(0), [], notes=notes)
     data, cap, orig, times, _blk = (np.concatenate(a) for a in zip(*parts, strict=True))
     # one section (the usual case): its copied headers serve the classifier too
     hdr = hdrs[0] if len(hdrs) == 1 else None
-    return _Packets(data, cap, orig, _forward_fill(times), sorted(linktypes), hdr)
+    return _Packets(data, cap, orig, _forward_fill(times), sorted(linktypes), hdr, notes)
 
 
 def _forward_fill(times: F64) -> F64:
@@ -478,7 +564,7 @@ _NG_ROW = 4 + 28 + _HDR
 
 
 def _pcapng_section(
-    mm: mmap.mmap, name: str, endian: str, o: I64, first_block: int
+    mm: mmap.mmap, name: str, endian: str, o: I64, first_block: int, notes: list[str]
 ) -> tuple[
     tuple[I64, I64, I64, F64, I64], set[int], tuple[npt.NDArray[np.uint8], I64 | None, I64 | int]
 ] | None:
@@ -517,7 +603,13 @@ def _pcapng_section(
 
     ifaces: list[_Iface] = []
     for j in np.flatnonzero(btype == _BT_IDB).tolist():
-        ifaces.append(_parse_idb(mm, name, endian, int(o[j]), int(blen[j])))
+        desc = _parse_idb(mm, name, endian, int(o[j]), int(blen[j]))
+        if desc.res > MAX_PLAUSIBLE_RES:
+            notes.append(
+                f"{name}: interface description at byte {int(o[j])}: if_tsresol of {desc.res:.3g} "
+                "ticks a second is finer than a picosecond; its timestamps are probably garbled"
+            )
+        ifaces.append(desc)
 
     pkt = np.flatnonzero((btype == _BT_EPB) | (btype == _BT_PB) | (btype == _BT_SPB))
     if pkt.size == 0:

@@ -44,12 +44,19 @@ def replay(
         raise UserError(f"{source}: no such file")
     if source.is_dir():
         raise UserError(f"{source}: is a directory, expected a capture or a timestamp file")
+    if not source.is_file():  # a FIFO or a device: reading it could wait forever
+        raise UserError(f"{source}: not a regular file, expected a capture or a timestamp file")
+
+    def warn(m: str) -> None:
+        typer.echo(f"iqn-ctl: warning: {m}", err=True)
+
+    def report(m: str) -> None:
+        typer.echo(f"iqn-ctl: {m}", err=True)
+
     if looks_like_timestamps(source):
-        stalls = replay_timestamps(
-            source, params, estimator, warn=lambda m: typer.echo(f"iqn-ctl: warning: {m}", err=True)
-        )
+        stalls = replay_timestamps(source, params, estimator, warn=warn)
     else:
-        stalls = replay_capture(source, params, estimator, filt)
+        stalls = replay_capture(source, params, estimator, filt, warn=warn, report=report)
     if as_json:
         for st in stalls:
             typer.echo(stall_to_json(st))
@@ -80,12 +87,19 @@ def evaluate(
 ) -> None:
     """Score inferred stalls against ground truth, as in the paper."""
     from iqn_ctl.evaluate.scoring import score
-    from iqn_ctl.evaluate.traces import TraceError, read_real_stalls, read_stall_lines, read_timestamps
+    from iqn_ctl.evaluate.traces import (
+        TraceError,
+        check_regular,
+        read_real_stalls,
+        read_stall_lines,
+        read_timestamps,
+    )
 
     real = read_real_stalls(truth)
     if inferred == "-":
         inf = read_stall_lines(sys.stdin, "<stdin>")
     else:
+        check_regular(inferred)
         try:
             with open(inferred, encoding="utf-8") as f:
                 inf = read_stall_lines(f, inferred)

@@ -7,8 +7,11 @@ or garbled file gives the user one clear line instead of a traceback.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
+import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,21 @@ class Stall:
         return self.end - self.start
 
 
+def check_regular(path: str | Path) -> None:
+    """Fail unless ``path`` is a regular file: reading a FIFO or a terminal
+    would wait forever for a writer, and a device may never end."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise TraceError(f"{path}: is a directory, expected a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise TraceError(f"{path}: not a regular file (a FIFO or a device?); give a file, or - for stdin")
+
+
 def _lines(path: str | Path) -> list[str]:
+    check_regular(path)
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -110,13 +127,22 @@ def read_timestamps(path: str | Path) -> npt.NDArray[np.float64]:
 
 
 def looks_like_timestamps(path: str | Path) -> bool:
-    """True when the file starts like a text timestamp file (not a capture)."""
+    """True when the file starts as text (a capture's magic never is), so it is
+    read as a timestamp file, whose reader says which line is wrong ("nan",
+    a word) rather than calling it a capture with a strange magic.
+    False for anything but a regular file (never opens a FIFO)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as f:
-            head = f.read(64)
+            head = f.read(256)
     except OSError:
         return False
-    return bool(head) and all(c in b"0123456789.eE+- \t\r\n" for c in head)
+    try:  # not final: the head may end inside a multi-byte character
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return bool(text) and all(c.isprintable() or c in "\t\r\n" for c in text)
 
 
 def read_real_stalls(path: str | Path) -> list[Stall]:
@@ -191,7 +217,8 @@ def read_stall_lines(lines: Iterable[str], name: str = "<stdin>") -> list[Stall]
         try:
             rec = json.loads(s)
             start, end = float(rec["start"]), float(rec["end"])
-        except (ValueError, KeyError, TypeError):
+        # OverflowError: an integer too large for a float; RecursionError: nesting
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             raise TraceError(
                 f"{name}:{i}: expected a JSON stall with 'start' and 'end', got {s[:60]!r}"
             ) from None
