@@ -202,12 +202,17 @@ def flows(
     iface: str | None = typer.Option(None, "--iface", help="only this interface's agent"),
     as_json: bool = OptJson,
     run_dir: Path = OptRunDir,
+    stalling: bool = typer.Option(False, "--stalling", help="only flows in a stall"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="only the N flows seen last, per agent"),
 ) -> None:
     """Live flows of running agents."""
     out: list[dict[str, Any]] = []
+    opts: dict[str, Any] = {"stalling": True} if stalling else {}
+    if limit is not None:
+        opts["limit"] = limit
     for name, path in _targets(run_dir, iface):
         try:
-            got = request(path, "flows")
+            got = request(path, "flows", **opts)
         except NoAgent:
             if iface is not None:
                 raise UserError(

@@ -253,6 +253,9 @@ class StallTracker:
                 i = int(start_at[k])
                 first_i = int(np.searchsorted(a, a[i] - w_s, side="right"))
                 first_i = max(first_i, int(np.searchsorted(a, self._prev_last, side="right")))
+                # an arrival equal to the previous stall's last one (a late one placed
+                # at it) may trigger: it is then the first of its own stall
+                first_i = min(first_i, i)
                 self.in_stall = True
                 self._seg_first = float(a[first_i])
                 self._seg_trigger = float(a[i])

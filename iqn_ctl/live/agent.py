@@ -3,10 +3,11 @@ flow table, stall history, local API and metrics.
 
 The agent owns no inference logic and no timing of its own: the live flow
 view (:mod:`iqn_ctl.live.flows`) groups perf events by flow and hands them to
-:class:`~iqn_ctl.engine.flowtable.FlowTable` (the one engine shared with the
-replays); the loop calls ``advance(time.monotonic())`` after every poll and sleeps
-no longer than the engine's ``next_deadline()``, so that stalls end on time
-even when the flow goes silent. Everything else here is plumbing
+:class:`~iqn_ctl.engine.vector.VectorFlowTable` (``FlowTable``'s state machine,
+held to it by equivalence tests, costed per poll rather than per flow); the
+loop calls ``advance(time.monotonic())`` after every poll and sleeps no longer
+than the engine's ``next_deadline()``, so that stalls end on time even when the
+flow goes silent. Everything else here is plumbing
 whose failure modes users actually meet: a second agent on the same
 interface, an agent killed with SIGKILL (stale program, socket and pid file),
 perf events lost under load (counted and logged, never silent).
@@ -14,9 +15,11 @@ perf events lost under load (counted and logged, never silent).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -28,7 +31,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +73,16 @@ log = logging.getLogger("iqn.agent")
 IDLE_POLL_MS = 3
 #: how often kernel counters are read to notice lost events
 COUNTER_PERIOD = 0.5
+#: a poll whose oldest candidate waited longer than this before its events were
+#: handled counts as late (``polls_late``) and the agent reports ``load: behind``:
+#: the stall-visible latency the agent is meant to keep (docs/agent.md)
+LAG_BUDGET = 0.05
+#: a wait of the loop for the agent's state lock longer than this is counted
+#: (``api_waits``): API and metrics readers hold it only to copy counters
+API_WAIT_NOTED = 0.01
+#: a flows answer is served again to any poller for this long (s): pollers of
+#: 65k flows cost one build per interval, whatever their number and speed
+FLOWS_REUSE = 0.5
 #: The live agent's reorder tolerance. Replays need the engine's default (merged
 #: captures reorder by milliseconds), but here one flow's packets hash to one RX
 #: queue, so they reach one CPU's perf buffer in order, and every poll's batch
@@ -314,9 +327,18 @@ class Agent:
         self._state = threading.Lock()
         self._counters: dict[str, int] = {"packets": 0, "candidates": 0, "parse_errors": 0, "lost": 0}
         self._lost_logged = 0
+        #: how far behind the loop is: last and largest time from a poll's oldest
+        #: candidate to its events being handled (s), and polls over LAG_BUDGET
+        self.lag = 0.0
+        self.lag_max = 0.0
+        self.polls_late = 0
+        #: the loop's waits for ``_state`` longer than API_WAIT_NOTED, and the longest (s)
+        self.api_waits = 0
+        self.api_wait_max = 0.0
         #: bumped whenever the flow view may have changed; keys the cached flows answer
         self._version = 0
-        self._flows_cache: tuple[tuple[int, float], RawJson] | None = None
+        #: the last flows answer: (request options, made at, version, answer)
+        self._flows_cache: tuple[tuple[Any, ...], float, int, RawJson] | None = None
         #: watched time of the clients that signal (docs/qos.md, "From the ISP agent")
         self.sessions: Sessions | None = None
 
@@ -427,6 +449,7 @@ class Agent:
             evs = dp.poll_monotonic(timeout)
             now = time.monotonic()
             with self._state:
+                self._note_wait(time.monotonic() - now)
                 size = len(self.flows.table)
                 out = self.flows.ingest(evs) if evs else []
                 out.extend(self.flows.advance(now))
@@ -437,6 +460,8 @@ class Agent:
                     self._version += 1
             if out:
                 self._on_events(out)
+            if evs and self.flows.oldest is not None:
+                self._note_lag(time.monotonic() - self.flows.oldest)
             if snap is not None:
                 self._read_counters(snap)
                 if self.sessions is not None:
@@ -452,6 +477,23 @@ class Agent:
         snap = dp.counters()
         dp.poll_monotonic(0)
         self._read_counters(snap)
+
+    def _note_wait(self, waited: float) -> None:
+        """Count the loop's waits for the API or metrics thread to let go of
+        ``_state``: they must hold it only to copy (``api_waits``, ``api_wait_max_ms``)."""
+        if waited > API_WAIT_NOTED:
+            self.api_waits += 1
+        self.api_wait_max = max(self.api_wait_max, waited)
+
+    def _note_lag(self, lag: float) -> None:
+        """Say when the loop falls behind rather than let it show only as late stalls."""
+        was_behind, self.lag = self.lag > LAG_BUDGET, lag
+        self.lag_max = max(self.lag_max, lag)
+        if lag > LAG_BUDGET:
+            if not was_behind:  # log the change, not every late poll
+                log.warning("%s: the agent is behind: candidates waited %.0f ms (budget %.0f ms)",
+                            self.cfg.iface, 1000 * lag, 1000 * LAG_BUDGET)
+            self.polls_late += 1
 
     def _read_counters(self, c: dict[str, int]) -> None:
         """Note kernel counters read before the rings were last drained.
@@ -565,28 +607,50 @@ class Agent:
         c["history_failures"] = h.failures if h else 0
         c["history_pending"] = h.pending if h else 0
         c["history_dropped"] = h.dropped if h else 0
+        c["lag_us"] = round(1e6 * self.lag)
+        c["polls_late"] = self.polls_late
         return c
 
+    def engine_counters(self) -> dict[str, int]:
+        """The engine's counters, read under ``_state``: the loop grows and
+        reorders the table's arrays and dicts while other threads ask, and
+        each of these is a cheap read (one vectorised sum at most)."""
+        fl = self.flows
+        with self._state:
+            return {"flows": len(fl.table), "events": fl.events_in, "late": fl.table.late,
+                    "evicted": fl.table.evicted, "expired": fl.table.expired,
+                    "refused": fl.refused, "refused_events": fl.refused_events}
+
     def status(self) -> dict[str, Any]:
+        """Runs on the API thread: the engine is read only through
+        :meth:`engine_counters`, never iterated."""
+        snap = self.snapshot()
         if self.dp is not None:  # fresh packet counts; loss as last established by the event loop
             c = self.dp.counters()
-            self._counters = {**c, "lost": max(c.get("lost", 0), self._lost_logged)}
+            snap.update(c, lost=max(c.get("lost", 0), self._lost_logged))
+        eng = self.engine_counters()
         cfg = self.cfg
         s: dict[str, Any] = {
             "iface": cfg.iface,
             "pid": os.getpid(),
             "xdp_mode": self.mode,
-            **self.snapshot(),
+            **snap,
+            "flows": eng["flows"],
             "stalls_started": self.stalls_started,
             "stalls_ended": self.stalls_ended,
             "stalls_discarded": self.stalls_discarded,
-            "events": self.flows.events_in,
-            "late": sum(tr.late for tr in self.flows.table),
-            "evicted": self.flows.table.evicted,
-            "refused": self.flows.refused,
-            "refused_events": self.flows.refused_events,
+            "events": eng["events"],
+            "late": eng["late"],
+            "lag_ms": round(1000 * self.lag, 3),
+            "lag_max_ms": round(1000 * self.lag_max, 3),
+            "load": "behind" if self.lag > LAG_BUDGET else "ok",
+            "api_waits": self.api_waits,
+            "api_wait_max_ms": round(1000 * self.api_wait_max, 3),
+            "evicted": eng["evicted"],
+            "refused": eng["refused"],
+            "refused_events": eng["refused_events"],
             "source_rate": cfg.source_rate,
-            "expired": self.flows.table.expired,
+            "expired": eng["expired"],
             "started_at": self.started_at,
             "uptime": time.monotonic() - self._started_mono,
             "key": cfg.key_mode,
@@ -602,30 +666,68 @@ class Agent:
         }
         return s
 
+    def _flows_answer(self, req: dict[str, Any]) -> RawJson:
+        """``flows``, built on the API thread from a copy taken under ``_state``
+        (a few array copies, no Python step per flow): with 65k flows building
+        the rows takes a second, and the loop must not wait for it. An answer
+        younger than :data:`FLOWS_REUSE` is served again, to any poller: under a
+        flood the table changes every poll, so a version key alone never hits."""
+        stalling, limit = req.get("stalling", False), req.get("limit")
+        if not isinstance(stalling, bool):
+            raise ApiError("flows: 'stalling' must be true or false")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ApiError(f"flows: 'limit' must be a whole number >= 1, got {limit!r}")
+        kernel = bool(req.get("kernel", True)) and self.dp is not None
+        off = self.wall_offset()
+        # a wall-clock step changes the times shown: it is part of the key
+        key = (kernel, stalling, limit, round(off, 2))
+        now = time.monotonic()
+        cached = self._flows_cache
+        if cached is not None and cached[0] == key and (
+            now - cached[1] < FLOWS_REUSE or (not kernel and cached[2] == self._version)
+        ):
+            return cached[3]
+        with self._state:
+            version, snap = self._version, self.flows.snapshot()
+        stats = self.dp.flow_stats() if kernel and self.dp is not None else ()
+        raw = RawJson(json.dumps(snap.rows(stats, off, stalling=stalling, limit=limit)).encode())
+        self._flows_cache = (key, now, version, raw)
+        return raw
+
     def _handle(self, req: dict[str, Any]) -> Any:
         cmd = req["cmd"]
         if cmd == "status":
             return self.status()
         if cmd == "flows":
-            if req.get("kernel", True) and self.dp is not None:
-                stats = self.dp.flow_stats()
-                with self._state:
-                    return self.flows.flows(stats, self.wall_offset())
-            # without the kernel's per-flow counters the answer only changes with the
-            # version: serve it from a cache so fast pollers do not slow the event loop
-            off = self.wall_offset()
-            with self._state:
-                cached = self._flows_cache
-                # a wall-clock step changes the times shown: it invalidates the cache too
-                if cached is not None and cached[0] == (self._version, round(off, 2)):
-                    return cached[1]
-                version, rows = (self._version, round(off, 2)), self.flows.flows((), off)
-            raw = RawJson(json.dumps(rows).encode())
-            self._flows_cache = (version, raw)
-            return raw
+            return self._flows_answer(req)
         if cmd == "ping":
             return {"iface": self.cfg.iface, "pid": os.getpid()}
         raise ApiError(f"unknown request {cmd!r}")
+
+
+#: full collections once per this many collections of the middle generation
+#: (Python's default: 10): with 65k flows' trackers and names a full collection
+#: walks every one of them on the loop's thread (80-1134 ms in the soak)
+GC_FULL_EVERY = 1000
+
+
+@contextlib.contextmanager
+def quiet_gc() -> Iterator[None]:
+    """The event loop's garbage collection: the objects made at start-up (bcc's
+    compiler, numpy, sqlite) frozen out of every collection, and full
+    collections made rare. Why not off: the loop makes no cyclic garbage per
+    flow (its objects go with their reference counts), but a rare full
+    collection still frees what an odd cycle leaves. Restored on exit (tests
+    and the bench run agents in their own process)."""
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(before[0], before[1], GC_FULL_EVERY)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def serve(
@@ -644,7 +746,8 @@ def serve(
         agent.start()
         if on_ready is not None:
             on_ready(agent)
-        agent.run(stop)
+        with quiet_gc():
+            agent.run(stop)
     finally:
         agent.shutdown()
         for s, h in old.items():

@@ -1,5 +1,7 @@
 """The live flow view, sans-I/O: the data plane's candidate events (raw
-kernel key, time, length) -> the engine's :class:`FlowTable`, with the names
+kernel key, time, length) -> the engine's
+:class:`~iqn_ctl.engine.vector.VectorFlowTable` (``FlowTable``'s semantics,
+costed per poll: one vectorised pass over all of a poll's arrivals), with the names
 (flow label, client, server) the flow view and the history need.
 
 No sockets, no bcc, no clock: the agent's loop feeds it, tests feed it event
@@ -24,9 +26,9 @@ from typing import Any
 
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR
 from iqn_ctl.engine.flowkey import FlowKey
-from iqn_ctl.engine.flowtable import FlowTable
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_SOURCE_RATE, SignalParams
 from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event
+from iqn_ctl.engine.vector import FlowColumns, VectorFlowTable
 from iqn_ctl.live.layout import decode_key
 from iqn_ctl.live.settings import AgentError
 
@@ -88,7 +90,7 @@ class SourceLimit:
 
 
 class LiveFlows:
-    """Candidate events (raw key, time, length) -> FlowTable, with the names
+    """Candidate events (raw key, time, length) -> VectorFlowTable, with the names
     the flow view and the history need. ``decode`` turns the data plane's raw
     key bytes into a :class:`~iqn_ctl.engine.flowkey.FlowKey`; it runs once per raw
     key, not per event."""
@@ -107,7 +109,7 @@ class LiveFlows:
             raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {key_mode!r}")
         if decode is None:
             decode = decode_key
-        self.table = FlowTable(params, estimator, max_flows=max_flows, reorder=reorder)
+        self.table = VectorFlowTable(params, estimator, max_flows=max_flows, reorder=reorder)
         self.key_mode = key_mode
         self.max_flows = max_flows
         self._decode = decode
@@ -121,6 +123,8 @@ class LiveFlows:
         self.refused = 0
         #: their candidate events, not fed to the engine
         self.refused_events = 0
+        #: the oldest arrival of the last ingest() (how far behind the loop is: agent's lag)
+        self.oldest: float | None = None
 
     def flow_id(self, raw: bytes) -> Hashable:
         fid = self._fid.get(raw)
@@ -167,17 +171,22 @@ class LiveFlows:
         return FlowInfo(str(fid), str(fid), "")
 
     def ingest(self, events: Sequence[tuple[bytes, float, int]]) -> list[Event]:
-        """Feed one poll's events; each flow's tracker gets one sorted batch."""
+        """Feed one poll's events to the engine in one call (one vectorised pass
+        over every flow's arrivals); events in order of detection time."""
         if not events:
             return []
         self.events_in += len(events)
         by_raw: dict[bytes, list[float]] = {}
+        oldest = events[0][1]
         for raw, t, _length in events:
+            if t < oldest:
+                oldest = t
             g = by_raw.get(raw)
             if g is None:
                 by_raw[raw] = [t]
             else:
                 g.append(t)
+        self.oldest = oldest
         groups: dict[Hashable, list[float]] = {}
         table = self.table
         for raw, ts in by_raw.items():
@@ -186,16 +195,12 @@ class LiveFlows:
                 fid = self.flow_id(raw)
             if fid in groups:  # --key client: several connections of one client
                 groups[fid].extend(ts)
-            elif table.get(fid) is not None or self.limit.admit(self.info(fid).server, ts[0]):
+            elif fid in table or self.limit.admit(self.info(fid).server, ts[0]):
                 groups[fid] = ts
             else:
                 self.refused += 1
                 self.refused_events += len(ts)
-        out: list[Event] = []
-        for fid, ts in groups.items():
-            ts.sort()
-            out.extend(self.table.feed(fid, ts))
-        return out
+        return table.feed_groups(list(groups), list(groups.values()))
 
     def advance(self, now: float) -> list[Event]:
         return self.table.advance(now)
@@ -203,43 +208,86 @@ class LiveFlows:
     def close(self) -> list[Event]:
         return self.table.close()
 
+    def snapshot(self) -> FlowsSnapshot:
+        """What the flow view needs, taken in a few memcpy-speed copies (no
+        Python step per flow), so the agent holds its loop's lock only for this
+        and builds the rows (:meth:`FlowsSnapshot.rows`) after letting go.
+
+        The name and key maps are shared, not copied: the loop only adds to or
+        replaces entries of them in place and drops entries by building new
+        dicts, so every flow in the copy keeps its name in the maps taken here."""
+        return FlowsSnapshot(self.table.copy_columns(), self._info, self._fid, self._decode, self.key_mode)
+
     def flows(
         self, stats: Iterable[tuple[bytes, dict[str, int]]] = (), offset: float = 0.0
     ) -> list[dict[str, Any]]:
         """The flow objects of docs/contracts.md, plus kernel packet/byte counts when given.
         The engine runs on the arrivals' clock; ``offset`` turns its times into
         the epoch seconds shown (the agent passes wall minus monotonic, now)."""
+        return self.snapshot().rows(stats, offset)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowsSnapshot:
+    """The flow view at one instant (:meth:`LiveFlows.snapshot`), safe to read
+    on another thread while the loop goes on."""
+
+    cols: FlowColumns
+    names: dict[Hashable, FlowInfo]
+    fids: dict[bytes, Hashable]
+    decode: Callable[[bytes], FlowKey]
+    key_mode: str
+
+    def _fid(self, raw: bytes) -> Hashable:
+        fid = self.fids.get(raw)
+        if fid is not None:
+            return fid
+        k = self.decode(raw)  # not cached: the loop owns the caches
+        return k.client if self.key_mode == "client" else k
+
+    def rows(
+        self, stats: Iterable[tuple[bytes, dict[str, int]]] = (), offset: float = 0.0,
+        stalling: bool = False, limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The flow objects (see :meth:`LiveFlows.flows`), least recently fed
+        first; ``stalling``: only flows in a stall; ``limit``: only the most
+        recently fed ``limit`` of those."""
+        c = self.cols
+        slots = c.slots(stalling)
+        if limit is not None:
+            slots = slots[max(0, len(slots) - limit):]
         per: dict[Hashable, dict[str, int]] = {}
         for raw, st in stats:
-            fid = self._fid.get(raw)
-            if fid is None:
-                try:
-                    fid = self.flow_id(raw)
-                except Exception:  # a key the decoder rejects is just not shown
-                    continue
+            try:
+                fid = self._fid(raw)
+            except Exception:  # a key the decoder rejects is just not shown
+                continue
             acc = per.setdefault(fid, {"packets": 0, "bytes": 0})
             acc["packets"] += int(st.get("packets", 0))
             acc["bytes"] += int(st.get("bytes", 0))
+        in_stall, cands, stalls = c.in_stall.tolist(), c.cands.tolist(), c.stalls.tolist()
+        last_seen, stall_start, last_dur = c.last_seen.tolist(), c.stall_start.tolist(), c.last_dur.tolist()
+
+        def opt(t: float, off: float = 0.0) -> float | None:
+            return None if t != t else t + off  # NaN: never set
+
         out = []
-
-        def wall(t: float | None) -> float | None:
-            return None if t is None else t + offset
-
-        for tr in self.table:
-            info = self.info(tr.flow)
+        for s in slots:
+            fid = c.keys[s]
+            info = self.names.get(fid) or FlowInfo(str(fid), str(fid), "")
             rec: dict[str, Any] = {
                 "flow": info.label,
                 "client": info.client,
                 "server": info.server,
-                "state": "stall" if tr.in_stall else "normal",
-                "candidates": tr.candidates,
-                "stalls": tr.stalls,
-                "stall_start": wall(tr.stall_start),
-                "last_duration": tr.last_duration,
-                "last_seen": wall(tr.last_seen),
+                "state": "stall" if in_stall[s] else "normal",
+                "candidates": cands[s],
+                "stalls": stalls[s],
+                "stall_start": opt(stall_start[s], offset),
+                "last_duration": opt(last_dur[s]),
+                "last_seen": opt(last_seen[s], offset),
                 "key": self.key_mode,
             }
-            k = per.get(tr.flow)
+            k = per.get(fid)
             if k is not None:
                 rec.update(k)
             out.append(rec)

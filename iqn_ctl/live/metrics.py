@@ -39,6 +39,8 @@ class _AgentCollector(Collector):
              "failed attempts to write the stall history (disk full, I/O error); retried"),
             ("iqn_history_dropped", "history_dropped",
              "stall history writes dropped because too many were held in memory"),
+            ("iqn_polls_late", "polls_late",
+             "polls whose oldest candidate waited more than 50 ms to be handled (the agent fell behind)"),
         ):
             c = CounterMetricFamily(name, doc, labels=["iface"])
             c.add_metric([self.iface], float(s.get(key, 0)))
@@ -51,6 +53,11 @@ class _AgentCollector(Collector):
             g = GaugeMetricFamily(name, doc, labels=["iface"])
             g.add_metric([self.iface], float(s.get(key, 0)))
             yield g
+        lag = GaugeMetricFamily("iqn_poll_lag_seconds",
+                                "time from the last poll's oldest candidate to its events being handled",
+                                labels=["iface"])
+        lag.add_metric([self.iface], s.get("lag_us", 0) / 1e6)
+        yield lag
 
 
 class AgentMetrics:
