@@ -593,6 +593,9 @@ class Agent:
             "max_size": cfg.filt.max_size,
             "port": cfg.filt.port,
             "max_flows": cfg.max_flows,
+            "ring_pages": cfg.ring_pages,
+            # records waiting in the ring that wake the agent: the signal's n (--n)
+            "wakeup_records": self.dp.wakeup_events if self.dp is not None else cfg.params.n,
             "state_dir": str(cfg.state_dir),
             "metrics_port": cfg.metrics_port,
         }
