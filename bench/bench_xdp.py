@@ -43,7 +43,7 @@ SECTION = "## XDP data plane"
 EMPTY_SRC = b"int empty_xdp(struct xdp_md *ctx) { return XDP_PASS; }"
 TARGET = 1.5
 CAND_TARGET_NS = 100.0
-RING_PAGES = 2048  # 8 MiB shared: 131072 records of 64 bytes
+RING_PAGES = 4096  # 16 MiB shared: 262143 records of 64 bytes, four calls of candidates
 S, C = "198.18.0.1", "198.18.0.2"
 
 

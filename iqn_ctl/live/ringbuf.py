@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import select
-import struct
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +30,6 @@ import numpy.typing as npt
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _HDR = 8
-_POS = struct.Struct("=Q")
 
 
 class RingReader:
@@ -55,6 +53,11 @@ class RingReader:
         self._prod = mmap.mmap(map_fd, page + 2 * data_bytes, mmap.MAP_SHARED, mmap.PROT_READ,
                                offset=page)
         self._data = memoryview(self._prod)[page:]
+        # the positions, read and written as whole aligned 8-byte words: struct's
+        # byte-wise packing could let the kernel see a torn, too large consumer
+        # position (and fail reservations), or us a torn producer position
+        self._cons_pos = np.frombuffer(self._cons, np.uint64, count=1)
+        self._prod_pos = np.frombuffer(self._prod, np.uint64, count=1)
         self._ep = select.epoll()
         self._ep.register(map_fd, select.EPOLLIN)
         self._closed = False
@@ -67,13 +70,13 @@ class RingReader:
 
     def pending(self) -> int:
         """Bytes written by the kernel and not yet consumed."""
-        return int(_POS.unpack_from(self._prod, 0)[0] - _POS.unpack_from(self._cons, 0)[0])
+        return int(self._prod_pos[0]) - int(self._cons_pos[0])
 
     def read(self) -> npt.NDArray[np.void]:
         """Every committed record since the last read, in ring order, as a
         copy (the space is handed back to the kernel at once)."""
-        cons = _POS.unpack_from(self._cons, 0)[0]
-        prod = _POS.unpack_from(self._prod, 0)[0]
+        cons = int(self._cons_pos[0])
+        prod = int(self._prod_pos[0])
         n = (prod - cons) // self._rec
         if n <= 0:
             return np.empty(0, self._dtype["rec"])
@@ -82,12 +85,12 @@ class RingReader:
         ok = view["hdr"] == self._want
         if not ok.all():
             bad = int(np.argmin(ok))
-            hdr = int(view["hdr"][bad])
-            if not hdr & _BUSY:
+            hdr = int(view["hdr"][bad])  # read again: it may have been committed meanwhile
+            if not hdr & _BUSY and hdr != self._want:
                 raise RuntimeError(f"unexpected ring record header {hdr:#x} (size or discard)")
-            n = bad  # still being written: the rest waits for the next read
+            n = bad  # still being written when we looked: it and the rest wait for the next read
         out = view["rec"][:n].copy()
-        _POS.pack_into(self._cons, 0, cons + n * self._rec)
+        self._cons_pos[0] = cons + n * self._rec
         return out
 
     def close(self) -> None:
@@ -96,7 +99,8 @@ class RingReader:
         self._closed = True
         self._ep.close()
         # an array still viewing the map (say, in a traceback) keeps it open; the GC unmaps it later
+        del self._cons_pos, self._prod_pos
         with contextlib.suppress(BufferError):
             self._data.release()
             self._prod.close()
-        self._cons.close()
+            self._cons.close()
