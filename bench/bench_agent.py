@@ -1,7 +1,7 @@
 """Live agent benchmark: real XDP on a real veth, traffic from another namespace.
 
-1. Throughput: candidate events per second the agent sustains with 0 lost perf
-   events, and the rate where loss begins. Traffic comes from bench/blast.c
+1. Throughput: candidate events per second the agent sustains with 0 lost ring
+   records (counted by the kernel), and the rate where loss begins. Traffic comes from bench/blast.c
    (AF_PACKET + sendmmsg at a fixed rate; pktgen is not in CI's kernel);
    baseline = the rate actually offered.
 2. The paper's live approach (pyshark LiveCapture + its per-packet window
@@ -98,7 +98,7 @@ def bench_throughput(lab: Lab, sock: Path, exe: str, tmp: Path, quick: bool) -> 
     pid = int(status(sock)["pid"])
     frames = frame_file(tmp, lab, lab.cli4.rsplit(".", 1)[0] + ".3", 1250, 16)
     rates = [50e3, 100e3, 150e3, 200e3, 250e3, 300e3, 400e3, 600e3, 800e3]
-    # long enough that the perf rings (1024 pages/CPU, ~65k events each) cannot hide a deficit
+    # long enough that the ring (the default 4096 pages, ~262k records) cannot hide a deficit
     secs = 2.0 if quick else 5.0
     rows, lossy = [], 0
     senders = 1
@@ -106,7 +106,7 @@ def bench_throughput(lab: Lab, sock: Path, exe: str, tmp: Path, quick: bool) -> 
         before = status(sock)
         cpu0 = cpu_seconds(pid)
         sent, took = blast(lab, exe, rate, secs, frames, senders)
-        time.sleep(0.5)  # let the agent drain its perf buffers
+        time.sleep(0.5)  # let the agent drain its ring buffer
         cpu = cpu_seconds(pid) - cpu0
         after = status(sock)
         d = {k: after[k] - before[k] for k in ("candidates", "events", "lost")}
@@ -288,10 +288,12 @@ def report(tp: list[dict[str, Any]], ps: list[dict[str, Any]], lat: dict[str, An
     lines = [SECTION, "",
              f"`{CMD}{' --quick' if quick else ''}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"kernel {platform.release()}, {os.cpu_count()} CPUs, veth XDP mode {mode}, one agent "
-             "(Python, bcc perf buffer), sender and agent on the same machine.", ""]
+             "(Python; BPF ring buffer read in batches from its memory map), sender and agent on the "
+             "same machine.", ""]
     lines += ["### 1. Candidate events per second (0 lost events = complete)", "",
               f"Each rate for {2 if quick else 5} s from bench/blast.c (16 flows of 1,250-byte candidates); "
-              "perf ring 1024 pages per CPU (the agent's default, about 65k events).", "",
+              "ring buffer 4096 pages shared by all CPUs (the agent's default, about 262k records); "
+              "lost = records the kernel found no room for.", "",
               "| senders | offered /s (baseline) | agent counted /s | ratio | lost events | complete "
               "| agent CPU µs/event |",
               "|---:|---:|---:|---:|---:|:---:|---:|"]
@@ -333,8 +335,8 @@ def report(tp: list[dict[str, Any]], ps: list[dict[str, Any]], lat: dict[str, An
         qa, qu = pct(a, q), pct(u, q)
         lines.append(f"| p{q if q < 100 else ' max'} | {qa:.2f} | {qu:.3f} | {qa / qu if qu else 0:,.1f}x |")
     lines += ["", f"Target p99 <= 10 ms: {'met' if pct(a, 99) <= 10 else 'NOT met'} ({pct(a, 99):.2f} ms). "
-              "The agent holds nothing back (agent.LIVE_REORDER = 0); the data plane wakes it every n-th "
-              f"candidate per CPU, so the event loop's {IDLE_POLL_MS} ms poll timeout "
+              "The agent holds nothing back (agent.LIVE_REORDER = 0); the data plane wakes it once n "
+              f"records wait in the ring, so the event loop's {IDLE_POLL_MS} ms poll timeout "
               "(agent.IDLE_POLL_MS) bounds the rest. "
               f"Idle agent CPU with that timeout: {lat['idle_cpu'] * 100:.1f}% of a core.", ""]
     return "\n".join(lines) + "\n"

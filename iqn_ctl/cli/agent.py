@@ -22,7 +22,7 @@ from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from iqn_ctl.engine.watch import DEFAULT_SLOT
 from iqn_ctl.live.api import DEFAULT_RUN_DIR, NoAgent, agent_sockets, request, sock_path
 from iqn_ctl.live.history import DEFAULT_STATE_DIR, History
-from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE
+from iqn_ctl.live.settings import DEFAULT_RING_PAGES, DEFAULT_XDP_MODE
 
 from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, app, fmt_time, friendly
 
@@ -74,8 +74,9 @@ def attach(
     estimator: str = typer.Option(
         DEFAULT_ESTIMATOR, "--estimator", help=f"one of: {', '.join(sorted(ESTIMATORS))}"
     ),
-    perf_pages: int = typer.Option(
-        DEFAULT_PERF_PAGES, "--perf-pages", help="perf ring size per CPU, 4 KiB pages"
+    ring_pages: int = typer.Option(
+        DEFAULT_RING_PAGES, "--ring-pages", "--perf-pages",
+        help="ring buffer size, 4 KiB pages shared by all CPUs (a power of two; --perf-pages: old name)",
     ),
     bulk_ratio: float = typer.Option(
         2.0, "--bulk-ratio",
@@ -101,7 +102,7 @@ def attach(
         iface=iface, params=SignalParams(p, n), filt=CandidateFilter(port, min_size, max_size),
         estimator=estimator, key_mode=key, max_flows=max_flows, xdp_mode=xdp_mode, force=force,
         state_dir=state_dir, run_dir=run_dir, metrics_port=metrics_port, metrics_addr=metrics_addr,
-        perf_pages=perf_pages, bulk_ratio=bulk_ratio, redact=redact, source_rate=source_rate,
+        ring_pages=ring_pages, bulk_ratio=bulk_ratio, redact=redact, source_rate=source_rate,
         slot=slot,
     )
     cfg.validate()

@@ -6,7 +6,7 @@ same object. It works on batches with numpy so that a replay of millions of
 arrivals costs a few vector operations per batch and a Python step per *stall*,
 not per arrival; feeding one arrival at a time gives identical results.
 
-Arrivals may come slightly out of order (per-CPU perf buffers, capture merges).
+Arrivals may come slightly out of order (several CPUs writing, capture merges).
 They are held back for ``reorder`` seconds behind the newest arrival (the
 watermark) and processed in time order, so any reordering within that tolerance
 leaves the result unchanged. An arrival older than the watermark is processed as

@@ -2,7 +2,7 @@
 flow table, stall history, local API and metrics.
 
 The agent owns no inference logic and no timing of its own: the live flow
-view (:mod:`iqn_ctl.live.flows`) groups perf events by flow and hands them to
+view (:mod:`iqn_ctl.live.flows`) groups ring-buffer records by flow and hands them to
 :class:`~iqn_ctl.engine.vector.VectorFlowTable` (``FlowTable``'s state machine,
 held to it by equivalence tests, costed per poll rather than per flow); the
 loop calls ``advance(time.monotonic())`` after every poll and sleeps no longer
@@ -10,7 +10,7 @@ than the engine's ``next_deadline()``, so that stalls end on time even when the
 flow goes silent. Everything else here is plumbing
 whose failure modes users actually meet: a second agent on the same
 interface, an agent killed with SIGKILL (stale program, socket and pid file),
-perf events lost under load (counted and logged, never silent).
+records lost under load (counted by the kernel, shown and logged, never silent).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from iqn_ctl.live.api import (
 from iqn_ctl.live.flows import KEY_MODES, LiveFlows
 from iqn_ctl.live.history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
 from iqn_ctl.live.sessions import Sessions
-from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE, AgentError, dataplane_problem
+from iqn_ctl.live.settings import DEFAULT_RING_PAGES, DEFAULT_XDP_MODE, AgentError, dataplane_problem
 
 if TYPE_CHECKING:
     from iqn_ctl.live.datapath import Datapath
@@ -65,8 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("iqn.agent")
 
 #: longest the event loop sleeps in the kernel. The data plane wakes the reader
-#: only every n-th candidate per CPU (a wake-up per event costs the kernel
-#: microseconds per packet), and that count does not line up with bursts, so the
+#: only once n records wait in the ring (a wake-up per record costs the kernel
+#: far more than the record), and that count does not line up with bursts, so the
 #: n-th packet of a signal may wait for this timeout: it bounds the detection
 #: latency (target <= 10 ms) as well as how late a silent flow's stall end is
 #: noticed. 333 wake-ups a second cost the idle agent about 1% of a core.
@@ -85,7 +85,7 @@ API_WAIT_NOTED = 0.01
 FLOWS_REUSE = 0.5
 #: The live agent's reorder tolerance. Replays need the engine's default (merged
 #: captures reorder by milliseconds), but here one flow's packets hash to one RX
-#: queue, so they reach one CPU's perf buffer in order, and every poll's batch
+#: queue, so one CPU writes them to the ring in order, and every poll's batch
 #: is sorted per flow before it is fed. What is left (--key client merging flows
 #: from several CPUs) is microseconds, which the tracker clamps to its watermark
 #: and counts as ``late``. Holding nothing back saves 5 ms of detection latency
@@ -241,7 +241,8 @@ class AgentConfig:
     redact: bool = False
     history_rows: int = DEFAULT_MAX_ROWS
     reorder: float = LIVE_REORDER
-    perf_pages: int = DEFAULT_PERF_PAGES
+    #: --ring-pages (old name --perf-pages): the BPF ring buffer, 4 KiB pages shared by all CPUs
+    ring_pages: int = DEFAULT_RING_PAGES
     #: see Agent._bulk(): 0 disables the check
     bulk_ratio: float = 2.0
     #: new flows per second (and per burst) one server address may open; 0: no limit
@@ -256,7 +257,7 @@ class AgentConfig:
             )
         if self.key_mode not in KEY_MODES:
             raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {self.key_mode!r}")
-        problem = dataplane_problem(self.xdp_mode, self.max_flows, self.perf_pages)
+        problem = dataplane_problem(self.xdp_mode, self.max_flows, self.ring_pages)
         if problem:
             raise AgentError(problem)
         if not 0 <= self.bulk_ratio < 1e6:
@@ -377,7 +378,7 @@ class Agent:
                         cfg.iface, present[0])
         self.dp = Datapath(
             cfg.iface, cfg.filt, max_flows=cfg.max_flows, xdp_mode=cfg.xdp_mode, force=cfg.force,
-            perf_pages=cfg.perf_pages,
+            ring_pages=cfg.ring_pages, wakeup_events=cfg.params.n,
         )
         self.mode = self.dp.attach()
         self.started_at = self._wall()
@@ -404,7 +405,7 @@ class Agent:
         """Remove the XDP program, socket, metrics server and pid file; idempotent."""
         if self.dp is not None:
             try:
-                self.dp.close()  # detaches our program and frees maps and perf buffers
+                self.dp.close()  # detaches our program and frees maps and the ring buffer
             except Exception as e:  # keep cleaning up the rest
                 log.error("%s: removing the XDP program failed: %s", self.cfg.iface, e)
         if self.api is not None:
@@ -441,8 +442,8 @@ class Agent:
             timeout = poll_timeout_ms(due, now)
             snap = None
             if now >= next_counters:
-                # read the kernel counters *before* this poll drains the rings, so every
-                # candidate they count was either delivered by it or lost (_read_counters)
+                # the kernel's counters, lost records included (counted where they are dropped);
+                # this round polls without sleeping so reading them never delays records
                 next_counters = now + COUNTER_PERIOD
                 snap = dp.counters()
                 timeout = 0
@@ -496,20 +497,15 @@ class Agent:
             self.polls_late += 1
 
     def _read_counters(self, c: dict[str, int]) -> None:
-        """Note kernel counters read before the rings were last drained.
-
-        The kernel reports perf events it dropped only with the next event it
-        manages to write, so after a burst of loss followed by silence bcc's
-        count stays 0. Every candidate the kernel counted before the drain was
-        either delivered by then or lost, so ``candidates - delivered`` is a
-        lower bound of the loss that needs no next event; we report the larger.
-        """
-        lost = max(c.get("lost", 0), c.get("candidates", 0) - self.flows.events_in, self._lost_logged)
+        """Note kernel counters and log new loss. The kernel counts a record
+        lost when the ring has no room for it (``CNT_LOST`` in iqn_xdp.c), so
+        the count is exact and needs no later event to show up."""
+        lost = max(c.get("lost", 0), self._lost_logged)
         self._counters = {**c, "lost": lost}
         if lost > self._lost_logged:
             log.warning(
-                "%s: %d candidate events lost (total %d): the agent is not keeping up, "
-                "stalls may be missed",
+                "%s: %d candidate events lost (total %d): the agent is not keeping up or the ring "
+                "is too small (--ring-pages), stalls may be missed",
                 self.cfg.iface, lost - self._lost_logged, lost,
             )
             self._lost_logged = lost
@@ -661,6 +657,9 @@ class Agent:
             "max_size": cfg.filt.max_size,
             "port": cfg.filt.port,
             "max_flows": cfg.max_flows,
+            "ring_pages": cfg.ring_pages,
+            # records waiting in the ring that wake the agent: the signal's n (--n)
+            "wakeup_records": self.dp.wakeup_events if self.dp is not None else cfg.params.n,
             "state_dir": str(cfg.state_dir),
             "metrics_port": cfg.metrics_port,
         }

@@ -4,22 +4,20 @@ the agent.
 The kernel program does the per-packet work; this module only compiles it
 with the operator's filter (-D constants, so the fast path has no map look-up
 for its configuration), attaches it without trampling someone else's XDP
-program, and drains the perf ring buffer in batches. The perf callback runs
-once per candidate, so it only stores the raw bytes; decoding happens once
-per poll, and times stay on the kernel's monotonic clock
-(:meth:`Datapath.poll_monotonic`) for the inference.
+program, and drains the program's BPF ring buffer in batches straight from its
+memory map (:mod:`iqn_ctl.live.ringbuf`: no Python call per record). Times stay
+on the kernel's monotonic clock (:meth:`Datapath.poll_monotonic`) for the
+inference.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import operator
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -28,24 +26,22 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from iqn_ctl.engine.discard import Counters
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_N, CandidateFilter
 from iqn_ctl.errors import IqnError
 from iqn_ctl.live import bpf_testrun, layout
-from iqn_ctl.live.layout import (
-    COUNTERS,
-    EVENT_LEN_OFFSET,
-    EVENT_TS_OFFSET,
-    KEY_SIZE,
-    FlowKeyC,
-    FlowStatsC,
-)
-from iqn_ctl.live.settings import DEFAULT_PERF_PAGES, DEFAULT_XDP_MODE, dataplane_problem
+from iqn_ctl.live.layout import COUNTERS, EVENT_DTYPE, FlowKeyC, FlowStatsC
+from iqn_ctl.live.ringbuf import RingReader
+from iqn_ctl.live.settings import DEFAULT_RING_PAGES, DEFAULT_XDP_MODE, dataplane_problem
 
 PROG_NAME = "iqn_xdp"
 SRC = Path(__file__).resolve().parent / "bpf" / "iqn_xdp.c"
-_EVENT_TAIL = struct.Struct("=QI")  # ts_ns, len (adjacent in struct cand_event)
-assert EVENT_LEN_OFFSET == EVENT_TS_OFFSET + 8
+#: bytes a record takes in the ring: 8-byte header + struct cand_event, 8-aligned
+RECORD_BYTES = (8 + EVENT_DTYPE.itemsize + 7) & ~7
+PAGE = 4096
 
 # XDP attach flags (linux/if_link.h) and the modes `ip -j link` reports
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -56,6 +52,7 @@ _IP_MODE = {1: "xdpdrv", 2: "xdpgeneric", 3: "xdpoffload"}  # `ip link set dev X
 
 log = logging.getLogger(__name__)
 _by_time = operator.itemgetter(1)
+Batch = tuple[list[bytes], "npt.NDArray[np.uint64]", "npt.NDArray[np.uint32]"]
 
 
 class DatapathError(IqnError):
@@ -191,10 +188,16 @@ class Datapath:
         max_flows: int = DEFAULT_MAX_FLOWS,
         xdp_mode: str = DEFAULT_XDP_MODE,
         force: bool = False,
-        perf_pages: int = DEFAULT_PERF_PAGES,
+        ring_pages: int = DEFAULT_RING_PAGES,
         wakeup_events: int = DEFAULT_N,
+        perf_pages: int | None = None,
     ) -> None:
-        problem = dataplane_problem(xdp_mode, max_flows, perf_pages)
+        """``ring_pages``: the ring buffer's size in 4 KiB pages, shared by all
+        CPUs (``perf_pages`` is its old name, still accepted). The reader is
+        woken once ``wakeup_events`` records wait (the signal's n)."""
+        if perf_pages is not None:
+            ring_pages = perf_pages
+        problem = dataplane_problem(xdp_mode, max_flows, ring_pages)
         if problem:
             raise DatapathError(problem)
         if wakeup_events < 1:
@@ -208,9 +211,8 @@ class Datapath:
         self.xdp_mode = xdp_mode
         self.force = force
         self.wakeup_events = wakeup_events
+        self.ring_pages = ring_pages
         self.mode: str | None = None  # "native"/"skb" once attached
-        self._raw: list[bytes] = []
-        self._lost = 0
         self._closed = False
         try:
             from bcc import BPF
@@ -224,6 +226,8 @@ class Datapath:
             f"-DIQN_MIN_SIZE={filt.min_size}",
             f"-DIQN_MAX_SIZE={filt.max_size}",
             f"-DIQN_MAX_FLOWS={max_flows}",
+            f"-DIQN_RING_PAGES={ring_pages}",
+            f"-DIQN_WAKEUP_BYTES={min(wakeup_events * RECORD_BYTES, ring_pages * PAGE)}",
             "-w",
         ]
         err = ""
@@ -243,22 +247,17 @@ class Datapath:
             if problem:
                 self._bpf.cleanup()
                 raise DatapathError(f"{SRC.name}: {problem}")
-        # The kernel wakes the reader only every `wakeup_events` candidates: a
-        # wake-up per event costs microseconds per candidate in the kernel (an
-        # IPI; bench/bench_xdp.py). The default, the signal's n, wakes it once per
-        # burst, which is when the inference can act anyway. poll() consumes the
-        # remainder itself, so no event is later than one poll timeout; the
-        # timestamps are the kernel's, so lateness does not skew the inference.
-        self._bpf[b"events"].open_perf_buffer(
-            self._on_event, page_cnt=perf_pages, lost_cb=self._on_lost, wakeup_events=wakeup_events
-        )
-
-    # perf callbacks: as cheap as possible, they run once per candidate
-    def _on_event(self, _cpu: int, data: int, size: int) -> None:
-        self._raw.append(ctypes.string_at(data, size))
-
-    def _on_lost(self, lost: int) -> None:
-        self._lost += lost
+        # The kernel wakes the reader only when `wakeup_events` records wait
+        # (iqn_xdp.c): a wake-up per record would cost the kernel far more than
+        # the record. The default, the signal's n, wakes it once per burst,
+        # which is when the inference can act anyway; whatever waits below the
+        # threshold is read at the poll timeout, and the timestamps are the
+        # kernel's, so lateness does not skew the inference.
+        try:
+            self._ring = RingReader(self._bpf[b"events"].map_fd, ring_pages * PAGE, EVENT_DTYPE)
+        except (OSError, ValueError) as e:
+            self._bpf.cleanup()
+            raise DatapathError(f"cannot map the ring buffer of {SRC.name}: {e}") from None
 
     @property
     def prog_fd(self) -> int:
@@ -305,30 +304,35 @@ class Datapath:
             return want
         raise DatapathError(f"cannot attach XDP to {self.iface} in {self.xdp_mode} mode: {last}")
 
+    def poll_batch(self, timeout_ms: int) -> Batch:
+        """Candidate records since the last poll, as columns sorted by time:
+        (raw key bytes, CLOCK_MONOTONIC ns as the kernel stamped them, frame
+        length). Returns after ``timeout_ms`` at the latest, earlier once
+        ``wakeup_events`` records wait. One numpy pass per batch, no Python
+        work per record beyond the key's bytes object."""
+        if self._closed:
+            return [], np.empty(0, np.uint64), np.empty(0, np.uint32)
+        self._ring.wait(timeout_ms)
+        recs = self._ring.read()
+        ts = recs["ts_ns"]
+        if len(ts) > 1 and bool((ts[1:] < ts[:-1]).any()):
+            # records are in reservation order; CPUs stamp a little before they reserve
+            recs = recs[np.argsort(ts, kind="stable")]
+            ts = recs["ts_ns"]
+        return recs["key"].tolist(), ts, recs["len"]
+
     def poll_monotonic(self, timeout_ms: int) -> list[tuple[bytes, float, int]]:
-        """Candidate events since the last poll: (raw key bytes, CLOCK_MONOTONIC
-        seconds as the kernel stamped them, frame length), sorted by time.
-        Returns after ``timeout_ms`` at the latest, earlier once
-        ``wakeup_events`` candidates are waiting on one CPU.
+        """:meth:`poll_batch` as (raw key bytes, CLOCK_MONOTONIC seconds,
+        frame length) tuples, sorted by time.
 
         The agent infers on this clock: the wall clock may be stepped (NTP, an
         operator), and a step inside a stall would move arrivals against each
         other and against the engine's watermark; the monotonic clock never
         jumps. Wall time is for output only."""
-        if self._closed:
+        keys, ts, lens = self.poll_batch(timeout_ms)
+        if not keys:
             return []
-        self._bpf.perf_buffer_poll(timeout_ms)
-        self._bpf.perf_buffer_consume()  # what arrived below the wake-up threshold
-        raw, self._raw = self._raw, []
-        if not raw:
-            return []
-        unpack = _EVENT_TAIL.unpack_from
-        out = []
-        for ev in raw:
-            ts, length = unpack(ev, EVENT_TS_OFFSET)
-            out.append((ev[:KEY_SIZE], ts / 1e9, length))
-        out.sort(key=_by_time)  # per-CPU buffers are read one after the other
-        return out
+        return list(zip(keys, (ts / 1e9).tolist(), lens.tolist(), strict=True))
 
     def poll(self, timeout_ms: int) -> list[tuple[bytes, float, int]]:
         """:meth:`poll_monotonic` with wall-clock epoch seconds (one offset per
@@ -344,12 +348,11 @@ class Datapath:
             raise DatapathError(f"the data plane on {self.iface} is closed")
 
     def counters(self) -> dict[str, int]:
-        """Global counters summed over CPUs, plus perf events lost so far."""
+        """Global counters summed over CPUs; ``lost`` counts the candidates the
+        kernel found no room for in the ring (counted where it happens)."""
         self._check_open()
         table = self._counters
-        res = {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(COUNTERS)}
-        res["lost"] = self._lost
-        return res
+        return {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(COUNTERS)}
 
     def flow_stats(self) -> list[tuple[bytes, dict[str, int]]]:
         """Every flow in the kernel's LRU table: raw key -> its counters."""
@@ -392,13 +395,14 @@ class Datapath:
         self.mode = None
 
     def close(self) -> None:
-        """Detach and release the program, maps and perf buffers."""
+        """Detach and release the program, maps and the ring buffer."""
         if self._closed:
             return
         try:
             self.detach()
         finally:
             self._closed = True
+            self._ring.close()
             self._bpf.cleanup()
 
     def __enter__(self) -> Datapath:

@@ -14,6 +14,8 @@ import ctypes
 import ipaddress
 import socket
 
+import numpy as np
+
 from iqn_ctl.engine.flowkey import FlowKey
 
 
@@ -44,7 +46,7 @@ class FlowStatsC(ctypes.Structure):
 
 
 class CandEventC(ctypes.Structure):
-    """struct cand_event: one candidate on the perf ring, key first."""
+    """struct cand_event: one candidate record on the ring buffer, key first."""
 
     _fields_ = [
         ("key", FlowKeyC),
@@ -57,7 +59,12 @@ class CandEventC(ctypes.Structure):
 KEY_SIZE = ctypes.sizeof(FlowKeyC)
 EVENT_TS_OFFSET = CandEventC.ts_ns.offset  # type: ignore[attr-defined]
 EVENT_LEN_OFFSET = CandEventC.len.offset  # type: ignore[attr-defined]
-COUNTERS = ("packets", "candidates", "parse_errors")  # enum iqn_counter order
+EVENT_SIZE = ctypes.sizeof(CandEventC)
+#: numpy twin of struct cand_event, for reading the ring buffer in batches
+EVENT_DTYPE = np.dtype({"names": ["key", "ts_ns", "len"],
+                        "formats": [f"V{KEY_SIZE}", "<u8", "<u4"],
+                        "offsets": [0, EVENT_TS_OFFSET, EVENT_LEN_OFFSET], "itemsize": EVENT_SIZE})
+COUNTERS = ("packets", "candidates", "parse_errors", "lost")  # enum iqn_counter order
 
 
 def _shape(cls: type[ctypes.Structure]) -> list[tuple[str, int, int]]:

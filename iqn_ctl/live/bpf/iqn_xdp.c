@@ -3,9 +3,9 @@
  *
  * A candidate is a UDP datagram from IQN_PORT whose Ethernet frame length
  * (data_end - data) lies in [IQN_MIN_SIZE, IQN_MAX_SIZE]. For each one the
- * program bumps per-flow counters in an LRU hash and sends a perf event
- * {flow key, bpf_ktime_get_ns(), frame length} to user space, where the stall
- * inference runs. It always returns XDP_PASS: IQN observes, it never drops or
+ * program bumps per-flow counters in an LRU hash and writes a record
+ * {flow key, bpf_ktime_get_ns(), frame length} to a BPF ring buffer read by
+ * user space, where the stall inference runs. It always returns XDP_PASS: IQN observes, it never drops or
  * rewrites traffic.
  *
  * Parsing follows xdp-tutorial's parsing_helpers.h: a cursor walks the headers
@@ -13,7 +13,8 @@
  * prove every access and malformed frames simply stop the parse.
  *
  * Compile-time constants (-D from iqn_ctl.live.datapath): IQN_PORT, IQN_MIN_SIZE,
- * IQN_MAX_SIZE, IQN_MAX_FLOWS.
+ * IQN_MAX_SIZE, IQN_MAX_FLOWS, IQN_RING_PAGES, IQN_WAKEUP_BYTES. Each has a
+ * default below, so the file also compiles with bcc on its own.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -33,6 +34,14 @@
 #endif
 #ifndef IQN_MAX_FLOWS
 #define IQN_MAX_FLOWS 65536
+#endif
+/* ring buffer size in 4 KiB pages (a power of two), shared by all CPUs */
+#ifndef IQN_RING_PAGES
+#define IQN_RING_PAGES 4096
+#endif
+/* wake the reader once this many bytes of records wait (n records of 64 bytes) */
+#ifndef IQN_WAKEUP_BYTES
+#define IQN_WAKEUP_BYTES (4 * 64)
 #endif
 
 #define IQN_ETH_P_8021Q 0x8100
@@ -67,7 +76,8 @@ struct flow_stats {
     __u64 last_seen_ns;  /* CLOCK_MONOTONIC; coarse (one tick) unless the last packet was a candidate */
 };
 
-/* Perf event: the key comes first so user space can slice it off as is. */
+/* Ring buffer record (64 bytes with the ring's 8-byte header): the key comes
+ * first so user space can slice it off as is. */
 struct cand_event {
     struct flow_key key;
     __u64 ts_ns;
@@ -79,12 +89,13 @@ enum iqn_counter {
     CNT_PACKETS = 0,
     CNT_CANDIDATES = 1,
     CNT_PARSE_ERRORS = 2,
-    CNT_MAX = 3,
+    CNT_LOST = 3,      /* candidates the ring had no room for */
+    CNT_MAX = 4,
 };
 
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows, IQN_MAX_FLOWS);
 BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
-BPF_PERF_OUTPUT(events);
+BPF_RINGBUF_OUTPUT(events, IQN_RING_PAGES);
 
 struct hdr_cursor {
     void *pos;
@@ -96,6 +107,24 @@ static __always_inline void count(__u32 idx)
     if (c)
         *c += 1;  /* per-CPU slot: no atomics needed */
 }
+
+/* Batched wake-ups. A wake-up per record costs the kernel far more than the
+ * record (irq_work, then waking a task), and user space can act only once a
+ * signal's n packets are there anyway. So a record wakes the reader only when
+ * it lifts the unread data to IQN_WAKEUP_BYTES; below that the reader finds
+ * the records at its poll timeout. bcc 0.26 has no events.ringbuf_query(),
+ * but its rewriter turns events.ringbuf_output(...) into the text
+ * bpf_ringbuf_output(<map pointer>, ...) and compiles that again: the macro
+ * below catches it, so this function gets the map pointer to query. */
+static __always_inline long iqn_ringbuf_output(void *ring, void *data, __u64 size)
+{
+    __u64 waiting = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA);
+    __u64 rec = (size + 8 + 7) & ~7ULL;  /* header + data, 8-byte aligned */
+    __u64 flags = waiting < IQN_WAKEUP_BYTES && waiting + rec >= IQN_WAKEUP_BYTES
+                      ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+    return (bpf_ringbuf_output)(ring, data, size, flags);
+}
+#define bpf_ringbuf_output(ring, data, size, flags) iqn_ringbuf_output(ring, data, size)
 
 /* Ethernet plus up to two VLAN tags (802.1Q / 802.1ad). Returns the inner
  * ethertype in network order, or PARSE_BAD when the frame is too short. */
@@ -245,7 +274,10 @@ counted:
         ev.key = key;
         ev.ts_ns = now;
         ev.len = len;
-        events.perf_submit(ctx, &ev, sizeof(ev));
+        /* a full ring drops the record: counted here, where it happens, so
+         * user space never has to infer the loss */
+        if (events.ringbuf_output(&ev, sizeof(ev), 0) < 0)
+            count(CNT_LOST);
     }
     return XDP_PASS;
 
