@@ -7,17 +7,16 @@ input is read and checked completely before anything is written to a store.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
 
 import typer
 
 from .errors import QosError
+from .friendly import friendly
 from .io import read_media_lines
 from .mle import L1_DEFAULT, Estimate, infer_slot, slots
 from .predict import predict_path
@@ -30,28 +29,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-F = TypeVar("F", bound=Callable[..., object])
-
-
-def friendly(fn: F) -> F:
-    """Turn expected errors into one line on stderr and exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: object, **kwargs: object) -> object:
-        try:
-            return fn(*args, **kwargs)
-        except QosError as e:
-            typer.echo(f"iqn-qos: error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except BrokenPipeError:
-            sys.stderr.close()
-            raise typer.Exit(0) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 OptSlot = typer.Option(
     900.0, "--slot", help="slot length, seconds (lines belong to the slot of their start t)"

@@ -9,17 +9,16 @@ slot and component on a line, ``{"slot", "component", "p", "injected"}``.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import typer
 
 from .errors import QosError
+from .friendly import friendly
 from .lines import to_json
 from .synth import SCENARIOS, T0, iter_slots, topology_json, truth_rows
 
@@ -62,27 +61,10 @@ def synth(
         dest.flush()
 
 
-def _friendly(fn: Callable[..., None]) -> Callable[..., None]:
-    """QosError -> one ``iqn-qos: error: ...`` line, exit 2 (as cli.friendly, without importing cli)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except QosError as e:
-            typer.echo(f"iqn-qos: error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except BrokenPipeError:
-            sys.stderr.close()
-            raise typer.Exit(0) from None
-
-    return wrapper
-
-
 def register(app: typer.Typer) -> None:
     """Add the ``synth`` command to ``app`` (the ``iqn-qos`` app of :mod:`iqn_qos.cli`).
 
     This module does not import :mod:`iqn_qos.cli` (no import cycle); it maps
     its errors the same way.
     """
-    app.command("synth")(_friendly(synth))
+    app.command("synth")(friendly(synth))

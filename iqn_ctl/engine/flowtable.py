@@ -26,6 +26,21 @@ from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallTracker
 IDLE_WINDOWS = 150.0  # 150 x 4p = 120 s at p = 0.2
 
 
+def table_settings(
+    params: SignalParams | None, estimator: str, max_flows: int, idle_timeout: float | None, reorder: float
+) -> tuple[SignalParams, float]:
+    """Check the arguments both flow tables take (this one and the vectorised
+    :class:`~iqn_ctl.engine.vector.VectorFlowTable`) and fill in the defaults:
+    returns the signal parameters and the idle timeout."""
+    if max_flows < 1:
+        raise ValueError("max_flows must be at least 1")
+    if reorder < 0:
+        raise ValueError("reorder tolerance must be >= 0")
+    make_estimator(estimator)  # fail early on a bad name
+    params = params or SignalParams()
+    return params, idle_timeout if idle_timeout is not None else IDLE_WINDOWS * params.w_end
+
+
 class FlowTable:
     """Stall trackers keyed by flow."""
 
@@ -37,15 +52,9 @@ class FlowTable:
         idle_timeout: float | None = None,
         reorder: float = DEFAULT_REORDER,
     ) -> None:
-        if max_flows < 1:
-            raise ValueError("max_flows must be at least 1")
-        make_estimator(estimator)  # fail early on a bad name
-        self.params = params or SignalParams()
+        self.params, self.idle_timeout = table_settings(params, estimator, max_flows, idle_timeout, reorder)
         self.estimator = estimator
         self.max_flows = max_flows
-        self.idle_timeout = (
-            idle_timeout if idle_timeout is not None else IDLE_WINDOWS * self.params.w_end
-        )
         self.reorder = reorder
         self._flows: OrderedDict[Hashable, StallTracker] = OrderedDict()
         #: flows that may emit an event on advance(): in a stall or holding arrivals

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, Segment, make_estimator
-from iqn_ctl.engine.flowtable import IDLE_WINDOWS
+from iqn_ctl.engine.flowtable import table_settings
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, SignalParams
 from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallEnded, StallStarted
 
@@ -100,18 +100,11 @@ class VectorFlowTable:
         idle_timeout: float | None = None,
         reorder: float = DEFAULT_REORDER,
     ) -> None:
-        if max_flows < 1:
-            raise ValueError("max_flows must be at least 1")
-        if reorder < 0:
-            raise ValueError("reorder tolerance must be >= 0")
-        self.params = params or SignalParams()
+        self.params, self.idle_timeout = table_settings(params, estimator, max_flows, idle_timeout, reorder)
         self.estimator = estimator
         self._est = make_estimator(estimator)
         self._td = self._est.time_driven_end
         self.max_flows = max_flows
-        self.idle_timeout = (
-            idle_timeout if idle_timeout is not None else IDLE_WINDOWS * self.params.w_end
-        )
         self.reorder = reorder
         self.evicted = 0
         self.expired = 0
