@@ -30,23 +30,30 @@ class SignalModel:
     spacing: float = 0.002
     #: standard deviation of the screenshot period, seconds
     period_jitter: float = 0.0
-    #: one-way path delay and its per-packet jitter (uniform 0..jitter), seconds
+    #: one-way path delay and its per-packet jitter, seconds: uniform over
+    #: 0..jitter, or (``jitter_dist="exponential"``) long-tailed with mean jitter
     delay: float = 0.0
     jitter: float = 0.0
+    jitter_dist: str = "uniform"
+    #: probability that a packet is held back by up to p more (arrives after
+    #: later packets: reordering)
+    reorder: float = 0.0
     #: probability that a candidate packet is lost
     loss: float = 0.0
     #: probability that the first screenshot showing the stall sends no signal
     first_miss: float = 0.5
 
 
-def signal_times(
+def signal_shots(
     stalls: list[tuple[float, float]],
     model: SignalModel = SignalModel(),
     rng: np.random.Generator | None = None,
-) -> npt.NDArray[np.float64]:
-    """Candidate arrival times (sorted) for stalls given as (start, end) pairs."""
+) -> list[npt.NDArray[np.float64]]:
+    """Per stall, the screenshots that sent a signal (the agent's ``S-`` log
+    lines). :func:`signal_times` draws the same random numbers in the same
+    order, so a seed gives the same shots to both."""
     rng = rng or np.random.default_rng(0)
-    p, n = model.params.p, model.params.n
+    p = model.params.p
     out: list[npt.NDArray[np.float64]] = []
     for start, end in stalls:
         phase = rng.uniform(0, p)
@@ -57,10 +64,23 @@ def signal_times(
         shots = shots[(shots > start) & (shots < end)]
         if shots.size and rng.random() < model.first_miss:
             shots = shots[1:]
-        if shots.size == 0:
-            continue
-        burst = shots[:, None] + model.spacing * np.arange(n)[None, :]
-        out.append(burst.ravel())
+        out.append(np.asarray(shots, dtype=np.float64))
+    return out
+
+
+def signal_times(
+    stalls: list[tuple[float, float]],
+    model: SignalModel = SignalModel(),
+    rng: np.random.Generator | None = None,
+) -> npt.NDArray[np.float64]:
+    """Candidate arrival times (sorted) for stalls given as (start, end) pairs."""
+    rng = rng or np.random.default_rng(0)
+    n = model.params.n
+    out = [
+        (shots[:, None] + model.spacing * np.arange(n)[None, :]).ravel()
+        for shots in signal_shots(stalls, model, rng)
+        if shots.size
+    ]
     if not out:
         return np.empty(0)
     t = np.concatenate(out)
@@ -68,7 +88,15 @@ def signal_times(
         t = t[rng.random(t.size) >= model.loss]
     t = t + model.delay
     if model.jitter:
-        t = t + rng.uniform(0, model.jitter, t.size)
+        if model.jitter_dist == "exponential":
+            t = t + rng.exponential(model.jitter, t.size)
+        elif model.jitter_dist == "uniform":
+            t = t + rng.uniform(0, model.jitter, t.size)
+        else:
+            raise ValueError(f"unknown jitter distribution {model.jitter_dist!r}")
+    if model.reorder:
+        held = rng.random(t.size) < model.reorder
+        t = t + held * rng.uniform(0, model.params.p, t.size)
     return np.sort(t)
 
 

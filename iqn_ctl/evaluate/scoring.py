@@ -136,3 +136,19 @@ def score(
         missed=missed,
         false_positive_stalls=fps,
     )
+
+
+def pool(scores: list[Score]) -> Score:
+    """Many runs scored as one: counts add up and MAE/RMSE are over all the
+    runs' pairs, so a run with many stalls weighs more than a short one (as
+    the paper pools news and music)."""
+    return Score(
+        real=sum(s.real for s in scores),
+        significant=sum(s.significant for s in scores),
+        inferred=sum(s.inferred for s in scores),
+        matched=sum(s.matched for s in scores),
+        false_positives=sum(s.false_positives for s in scores),
+        pairs=[p for s in scores for p in s.pairs],
+        missed=[m for s in scores for m in s.missed],
+        false_positive_stalls=[f for s in scores for f in s.false_positive_stalls],
+    )
