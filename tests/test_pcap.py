@@ -193,11 +193,11 @@ def test_other_link_types_are_named(tmp_path: Path, fmt: str) -> None:
     path = tmp_path / f"c.{fmt}"
     pk = [Packet(T0, b"\x45" + bytes(59))]
     if fmt == "pcap":
-        write_pcap(path, pk, linktype=113)
-        match = "link type 113 LINUX_SLL"
+        write_pcap(path, pk, linktype=105)
+        match = "link type 105 IEEE802_11"
     else:
-        write_pcapng(path, pk, interfaces=(Interface(linktype=101),))
-        match = "link type 101 RAW"
+        write_pcapng(path, pk, interfaces=(Interface(linktype=127),))
+        match = "link type 127 IEEE802_11_RADIOTAP"
     with pytest.raises(CaptureError, match=match):
         read_candidates(path)
 

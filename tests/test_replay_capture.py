@@ -134,8 +134,8 @@ def test_damaged_captures_give_one_line_and_exit_2(tmp_path: Path, cli_python: l
     empty.write_bytes(b"")
     _assert_one_line_error(_run(cli_python, "replay", str(empty)), "empty file")
     sll = tmp_path / "sll.pcap"
-    write_pcap(sll, [(T0, bytes(60))], linktype=113)
-    _assert_one_line_error(_run(cli_python, "replay", str(sll)), "link type 113")
+    write_pcap(sll, [(T0, bytes(60))], linktype=105)
+    _assert_one_line_error(_run(cli_python, "replay", str(sll)), "link type 105")
 
 
 def _await_stderr(proc: subprocess.Popen[bytes], needle: bytes, timeout: float = 30.0) -> None:

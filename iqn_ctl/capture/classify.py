@@ -3,6 +3,12 @@ which flow. The Python twin of the XDP program (``iqn_ctl/live/bpf/iqn_xdp.c``),
 used by pcap replay and by the lab's capture, and checked against the kernel
 program through BPF_PROG_TEST_RUN (tests/test_classify.py).
 
+Captures of other link types (``tcpdump -i any`` writes Linux cooked headers, a
+tun or WireGuard device raw IP, BSD loopback a 4-byte family) are classified by
+the same code once the link header is stepped over (:data:`LINK_TYPES`). The
+size band is defined on the Ethernet frame, so for them the size compared is the
+IP packet's length plus 14, computed in one place (:func:`_band_size`).
+
 Ethernet, up to two VLAN tags (0x8100, 0x88a8), IPv4 (options via IHL;
 fragments are never candidates, since a fragment's frame length is not the
 response size) or IPv6 (fixed header, next header UDP), UDP. A candidate has
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +37,29 @@ from iqn_ctl.engine.params import CandidateFilter
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
-HDR = 96  # header bytes the classifier may read: >= 22 (Ethernet, 2 tags) + 60 (IPv4) + 8 (UDP)
+HDR = 96  # header bytes the classifier may read: >= 28 (SLL2, 2 tags) + 60 (IPv4) + 8 (UDP)
+#: the Ethernet header the size band counts: the band is on Ethernet frame lengths
+ETH_HLEN = 14
+
+LINKTYPE_ETHERNET = 1
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_LINUX_SLL2 = 276
+#: raw IP: 101 is the pcap number; 12 and 14 are DLT_RAW as some systems write it
+#: (14 on OpenBSD); 228 and 229 are raw IPv4 and raw IPv6 only
+LINKTYPES_RAW = (101, 12, 14, 228, 229)
+#: a 4-byte address family before the IP packet: host byte order (NULL), network (LOOP)
+LINKTYPES_NULL = (0, 108)
+#: link type -> (where its ethertype lies, where the network layer starts); None
+#: where the IP version (raw) or the address family (NULL/LOOP) says which IP it is
+LINK_TYPES: dict[int, tuple[int, int] | tuple[None, int]] = {
+    LINKTYPE_ETHERNET: (12, 14),
+    LINKTYPE_LINUX_SLL: (14, 16),
+    LINKTYPE_LINUX_SLL2: (0, 20),
+    **{lt: (None, 0) for lt in LINKTYPES_RAW},
+    **{lt: (None, 4) for lt in LINKTYPES_NULL},
+}
+#: address families that mean IPv6 in a NULL/LOOP header (Linux, NetBSD/OpenBSD, FreeBSD, macOS)
+_AF_INET6 = (10, 24, 28, 30)
 
 
 @dataclass(slots=True)
@@ -48,7 +76,7 @@ class Candidates:
     packets: int = 0
     #: candidate packets (== len(times))
     candidates: int = 0
-    #: frames that are not IP over Ethernet, or cut short of their headers by the snaplen
+    #: frames that are not IP (over a supported link), or cut short of their headers by the snaplen
     undecodable: int = 0
     #: pcapng simple-packet-block candidates with no earlier timestamp to inherit (dropped)
     untimed: int = 0
@@ -83,6 +111,7 @@ def classify(
     filt: CandidateFilter,
     rowidx: I64 | None = None,
     col0: I64 | int = 0,
+    linktype: I64 | int = LINKTYPE_ETHERNET,
 ) -> Candidates:
     """Parse every frame's headers at once and keep the candidates.
 
@@ -91,7 +120,8 @@ def classify(
     all), at least :data:`HDR` bytes of it; ``caplen`` is how many bytes of the
     frame were kept (bytes past it are junk and never read), ``origlen`` its
     length on the wire, ``times`` its arrival (NaN: unknown, dropped and
-    counted as ``untimed``)."""
+    counted as ``untimed``). ``linktype`` (per frame or one for all, a key of
+    :data:`LINK_TYPES`) says which link header precedes the IP packet."""
     total = int(caplen.size)
     if total == 0:
         return Candidates(np.empty(0, np.int64), np.empty(0), [])
@@ -106,19 +136,8 @@ def classify(
         i = rowbase[rows] + col
         return (flat[i].astype(np.int64) << 8) | flat[i + 1]
 
-    # Ethernet and up to two VLAN tags: `pos` is where the ethertype field lies.
-    pos = np.full(total, 12, np.int64)
-    valid = cap >= 14
-    et = (flat[rowbase + 12].astype(np.int64) << 8) | flat[rowbase + 13]
-    for _ in range(2):
-        tag = valid & ((et == 0x8100) | (et == 0x88A8))
-        if not tag.any():
-            break
-        ti = np.flatnonzero(tag)
-        pos[ti] += 4
-        valid[ti] = cap[ti] >= pos[ti] + 2
-        et[ti] = be16(ti, pos[ti])
-    l3 = pos + 2
+    lt = np.broadcast_to(np.asarray(linktype, np.int64), (total,))
+    valid, et, l3 = _link(flat, rowbase, cap, lt, be16)
     avail = cap - l3
 
     # IPv4: IHL for options; any fragment (MF set or offset > 0) is not a candidate.
@@ -144,8 +163,9 @@ def classify(
     undecodable = total - i4.size - i6.size + int(bad4.sum()) + int(bad6.sum())
     lo, hi = filt.min_size, filt.max_size
     org = origlen
-    c4 &= (org[i4] >= lo) & (org[i4] <= hi)
-    c6 &= (org[i6] >= lo) & (org[i6] <= hi)
+    size = _band_size(org, lt, l3)
+    c4 &= (size[i4] >= lo) & (size[i4] <= hi)
+    c6 &= (size[i6] >= lo) & (size[i6] <= hi)
     k4, k6 = i4[c4], i6[c6]
 
     # Flow keys as rows [family, src(16), dst(16), sport(2), dport(2)] -> unique flows.
@@ -191,6 +211,60 @@ def classify(
         undecodable=int(undecodable),
         untimed=untimed,
     )
+
+
+def _band_size(origlen: I64, lt: npt.NDArray[np.int64], l3: I64) -> I64:
+    """The length the size band is compared with: the Ethernet frame's on the
+    wire, or for any other link the IP packet's (what was on the wire past the
+    link header) plus :data:`ETH_HLEN`, as if it had crossed an Ethernet."""
+    return np.where(lt == LINKTYPE_ETHERNET, origlen, origlen - l3 + ETH_HLEN)
+
+
+def _link(
+    flat: npt.NDArray[np.uint8], rowbase: I64, cap: I64, lt: npt.NDArray[np.int64],
+    be16: Callable[[I64, I64], I64],
+) -> tuple[npt.NDArray[np.bool_], I64, I64]:  # fmt: skip
+    """Step over each frame's link header: whether it is intact, the ethertype
+    of what follows (0 when unknown) and the column where the IP packet starts.
+
+    Ethernet and Linux cooked headers carry an ethertype, maybe VLAN tags after
+    it; raw IP says its version in its first nibble; NULL/LOOP carry an address
+    family in either byte order (the writer's host order for NULL)."""
+    total = lt.size
+    every = np.arange(total, dtype=np.int64)
+    et = np.zeros(total, np.int64)
+    l3 = np.zeros(total, np.int64)
+    valid = np.zeros(total, np.bool_)
+    uniform = int(lt[0]) if total and bool((lt == lt[0]).all()) else None
+    for code, (et_at, start) in LINK_TYPES.items():
+        if uniform is not None:  # the usual case: one link type for the whole capture
+            rows = every if code == uniform else every[:0]
+        else:
+            rows = every[lt == code]
+        if not rows.size:
+            continue
+        l3[rows] = start
+        valid[rows] = cap[rows] >= start + (1 if et_at is None else 0)
+        if et_at is not None:
+            et[rows] = be16(rows, np.full(rows.size, et_at, np.int64))
+        elif code in LINKTYPES_RAW:
+            ver = flat[rowbase[rows]].astype(np.int64) >> 4
+            et[rows] = np.select([ver == 4, ver == 6], [0x0800, 0x86DD], 0)
+        else:
+            hi, lo_ = be16(rows, np.zeros(rows.size, np.int64)), be16(rows, np.full(rows.size, 2))
+            # the family fits 16 bits: whichever half is non-zero holds it
+            af = np.where(hi == 0, lo_, ((hi & 0xFF) << 8) | (hi >> 8))
+            et[rows] = np.select([af == 2, np.isin(af, _AF_INET6)], [0x0800, 0x86DD], 0)
+    # up to two VLAN tags (0x8100, 0x88a8) after an ethertype
+    for _ in range(2):
+        tag = valid & ((et == 0x8100) | (et == 0x88A8))
+        if not tag.any():
+            break
+        ti = np.flatnonzero(tag)
+        valid[ti] = cap[ti] >= l3[ti] + 4
+        et[ti] = be16(ti, l3[ti] + 2)
+        l3[ti] += 4
+    return valid, et, l3
 
 
 def _label(row: npt.NDArray[np.uint8]) -> tuple[str, str]:

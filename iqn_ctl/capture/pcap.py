@@ -13,7 +13,13 @@ flow keys are numpy operations on it. Only candidate *flows* (a handful) ever
 become Python strings.
 
 Which frames are candidates is decided by :mod:`iqn_ctl.capture.classify`, the
-Python twin of the XDP program.
+Python twin of the XDP program, which also knows the link types read here
+(Ethernet, Linux cooked v1/v2, raw IP, NULL/LOOP; pcapng interfaces may mix them).
+
+A gzip-compressed capture (magic 1f 8b, what ``tcpdump -w - | gzip`` or a log
+rotation leaves) is decompressed as a stream into an unlinked temporary file and
+read from there: memory stays bounded, and byte offsets in errors are offsets in
+the decompressed capture.
 
 Damaged files fail with :class:`CaptureError`, one line naming file and byte
 offset. The magic and the first record are checked on a few bytes read before
@@ -34,20 +40,29 @@ import mmap
 import os
 import stat
 import struct
+import tempfile
+import zlib
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from iqn_ctl.capture.classify import F64, HDR, I64, Candidates, classify
+from iqn_ctl.capture.classify import (
+    F64,
+    HDR,
+    I64,
+    LINK_TYPES,
+    LINKTYPE_ETHERNET,
+    Candidates,
+    classify,
+)
 from iqn_ctl.engine.params import CandidateFilter
 from iqn_ctl.errors import IqnError
 
-LINKTYPE_ETHERNET = 1
 #: the largest record Wireshark accepts for Ethernet; anything above is a garbled length
 MAX_RECORD = 262144
 #: frame bytes copied per packet: two VLAN tags, IPv4 with the longest options and UDP
@@ -55,6 +70,9 @@ _HDR = HDR
 
 _LINKTYPE_NAMES = {
     0: "NULL (BSD loopback)",
+    1: "Ethernet",
+    12: "RAW (raw IP)",
+    14: "RAW (raw IP)",
     101: "RAW (raw IP)",
     105: "IEEE802_11 (Wi-Fi)",
     108: "LOOP (OpenBSD loopback)",
@@ -90,6 +108,8 @@ class _Packets:
     origlen: I64
     times: F64
     linktypes: list[int]
+    #: each packet's link type, or one for all
+    lt: I64 | int = LINKTYPE_ETHERNET
     #: frame headers already copied out: a byte matrix, each packet's row in it
     #: (None: row i is packet i) and the column where its frame begins
     hdr: tuple[npt.NDArray[np.uint8], I64 | None, I64 | int] | None = None
@@ -99,6 +119,15 @@ class _Packets:
 
 def linktype_name(lt: int) -> str:
     return f"{lt} {_LINKTYPE_NAMES[lt]}" if lt in _LINKTYPE_NAMES else str(lt)
+
+
+SUPPORTED = "Ethernet (1), LINUX_SLL (113), LINUX_SLL2 (276), RAW (101, 12, 14, 228, 229), NULL/LOOP (0, 108)"
+
+
+def _unsupported(name: str, lt: int, where: str = "") -> CaptureError:
+    return CaptureError(
+        f"{name}: link type {linktype_name(lt)} is not supported{where}; supported: {SUPPORTED}"
+    )
 
 
 #: bytes read (not mapped) to check the magic and the first record header
@@ -126,7 +155,7 @@ def read_candidates(
         # a FIFO or a device would block or never end: only files have a structure to check
         raise CaptureError(f"{name}: not a regular file, expected a pcap or pcapng capture")
     try:
-        f = open(path, "rb")
+        f: IO[bytes] = open(path, "rb")
     except OSError as e:
         raise CaptureError(f"{name}: cannot read: {e.strerror or e}") from None
     with f:
@@ -135,27 +164,96 @@ def read_candidates(
             head = f.read(_SNIFF)
         except OSError as e:
             raise CaptureError(f"{name}: cannot read: {e.strerror or e}") from None
-        if size == 0:
-            raise CaptureError(f"{name}: empty file, expected a pcap or pcapng capture")
-        _sniff(head, name)  # before mapping: a 2 GB non-capture costs nothing
-        try:
-            # Populate the page tables up front: faulting in a 1 GB capture page by
-            # page as the walk touches it costs several times the walk itself.
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
-        except (OSError, ValueError) as e:
-            raise CaptureError(f"{name}: cannot map: {e}") from None
-        try:
-            c, notes = _read(mm, name, filt, truncated_ok)
-        finally:
-            try:
-                mm.close()
-            except BufferError:  # pragma: no cover - a view escaped; GC closes it
-                pass
+        if head[:2] == b"\x1f\x8b":
+            with _gunzip(f, name, truncated_ok) as g:
+                try:
+                    size = os.fstat(g.fileno()).st_size
+                    head = g.read(_SNIFF)
+                except OSError as e:
+                    raise CaptureError(f"{name}: cannot read: {e.strerror or e}") from None
+                c, notes = _map_and_read(g, size, head, name, filt, truncated_ok)
+        else:
+            c, notes = _map_and_read(f, size, head, name, filt, truncated_ok)
     if warn is not None:
         for note in notes:
             warn(note)
     return c
+
+
+def _map_and_read(
+    f: IO[bytes], size: int, head: bytes, name: str, filt: CandidateFilter, truncated_ok: bool
+) -> tuple[Candidates, list[str]]:
+    """Check the first bytes, then map the whole (regular, uncompressed) file and read it."""
+    if size == 0:
+        raise CaptureError(f"{name}: empty file, expected a pcap or pcapng capture")
+    _sniff(head, name)  # before mapping: a 2 GB non-capture costs nothing
+    try:
+        # Populate the page tables up front: faulting in a 1 GB capture page by
+        # page as the walk touches it costs several times the walk itself.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+    except (OSError, ValueError) as e:
+        raise CaptureError(f"{name}: cannot map: {e}") from None
+    try:
+        return _read(mm, name, filt, truncated_ok)
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # pragma: no cover - a view escaped; GC closes it
+            pass
+
+
+#: compressed bytes read, and decompressed bytes produced, per step of :func:`_gunzip`
+_GZ_STEP = 1 << 20
+
+
+def _gunzip(f: IO[bytes], name: str, truncated_ok: bool) -> IO[bytes]:
+    """The decompressed capture of gzip file ``f``, in an unlinked temporary file.
+
+    Streamed in steps of at most :data:`_GZ_STEP` bytes either side, so memory is
+    bounded whatever the compression ratio; the first bytes are checked before the
+    rest is decompressed, so a compressed non-capture costs nothing. Members follow
+    each other (``cat a.gz b.gz``). A cut stream (a still-running ``tcpdump | gzip``)
+    is an error unless ``truncated_ok``, which keeps everything before the cut."""
+    tmp = tempfile.TemporaryFile(prefix="iqn-replay-")
+    try:
+        f.seek(0)  # the caller read the magic
+        d = zlib.decompressobj(wbits=31)
+        started = False  # d has taken bytes of a member it has not finished
+        head = b""
+        while data := f.read(_GZ_STEP):
+            while True:
+                started = True
+                out = d.decompress(data, _GZ_STEP)
+                data = d.unconsumed_tail
+                tmp.write(out)
+                if len(head) < _SNIFF:
+                    head += out[:_SNIFF]
+                    if len(head) >= _SNIFF:
+                        _sniff(head, name)
+                if d.eof:  # a member ended: what follows is the next one, or padding
+                    data = d.unused_data + data
+                    d, started = zlib.decompressobj(wbits=31), False
+                    if not data.strip(b"\0"):
+                        break
+                elif not data and len(out) < _GZ_STEP:
+                    break  # all input taken and no output held back
+        if started and not truncated_ok:
+            raise CaptureError(f"{name}: truncated gzip stream (the compressed file is cut short)")
+        if started:
+            tmp.write(d.flush())
+    except zlib.error as e:
+        tmp.close()
+        raise CaptureError(f"{name}: garbled gzip stream: {e}") from None
+    except OSError as e:
+        tmp.close()
+        raise CaptureError(f"{name}: cannot decompress: {e.strerror or e}") from None
+    except BaseException:
+        tmp.close()
+        raise
+    tmp.flush()
+    tmp.seek(0)
+    return tmp
 
 
 def _sniff(head: bytes, name: str) -> None:
@@ -215,10 +313,8 @@ def _read_pcap(mm: mmap.mmap, name: str, truncated_ok: bool) -> _Packets:
     if vmaj != 2:
         raise CaptureError(f"{name}: garbled pcap file header at byte 4 (version {vmaj}, expected 2)")
     linktype = network & 0x0FFFFFFF
-    if linktype != LINKTYPE_ETHERNET:
-        raise CaptureError(
-            f"{name}: link type {linktype_name(linktype)} is not supported, only Ethernet (1)"
-        )
+    if linktype not in LINK_TYPES:
+        raise _unsupported(name, linktype)
 
     offs = array("q")  # 8 bytes a record, not a Python int and a list slot
     fast = _lockstep(mm, endian, 24, _pcap_sync(mm, endian, unit), 8, 16)
@@ -266,7 +362,9 @@ def _read_pcap(mm: mmap.mmap, name: str, truncated_ok: bool) -> _Packets:
                 )
             incl, orig, sec, frac, o = incl[:-1], orig[:-1], sec[:-1], frac[:-1], o[:-1]
             rows = rows[:-1]
-    pk = _Packets(o + 16, incl, orig, sec + frac * unit, [linktype] if o.size else [], (rows, None, 16))
+    pk = _Packets(
+        o + 16, incl, orig, sec + frac * unit, [linktype] if o.size else [], linktype, (rows, None, 16)
+    )
     whole = 1_000_000 if unit == 1e-6 else 1_000_000_000
     over = np.flatnonzero(frac >= whole)
     if over.size:
@@ -520,7 +618,7 @@ def _pcapng_sections(
     mm: mmap.mmap, name: str, all_offs: I64, sections: list[tuple[int, str]]
 ) -> _Packets:
     """Packets of every section, from the offsets of all blocks."""
-    parts: list[tuple[I64, I64, I64, F64, I64]] = []
+    parts: list[tuple[I64, I64, I64, F64, I64, I64]] = []
     hdrs: list[tuple[npt.NDArray[np.uint8], I64 | None, I64 | int]] = []
     linktypes: set[int] = set()
     notes: list[str] = []
@@ -541,10 +639,10 @@ def _pcapng_sections(
     if not parts:
         z = np.empty(0, np.int64)
         return _Packets(z, z, z, np.empty(0), [], notes=notes)
-    data, cap, orig, times, _blk = (np.concatenate(a) for a in zip(*parts, strict=True))
+    data, cap, orig, times, _blk, lt = (np.concatenate(a) for a in zip(*parts, strict=True))
     # one section (the usual case): its copied headers serve the classifier too
     hdr = hdrs[0] if len(hdrs) == 1 else None
-    return _Packets(data, cap, orig, _forward_fill(times), sorted(linktypes), hdr, notes)
+    return _Packets(data, cap, orig, _forward_fill(times), sorted(linktypes), lt, hdr, notes)
 
 
 def _forward_fill(times: F64) -> F64:
@@ -566,7 +664,7 @@ _NG_ROW = 4 + 28 + _HDR
 def _pcapng_section(
     mm: mmap.mmap, name: str, endian: str, o: I64, first_block: int, notes: list[str]
 ) -> tuple[
-    tuple[I64, I64, I64, F64, I64], set[int], tuple[npt.NDArray[np.uint8], I64 | None, I64 | int]
+    tuple[I64, I64, I64, F64, I64, I64], set[int], tuple[npt.NDArray[np.uint8], I64 | None, I64 | int]
 ] | None:
     n = len(mm)
     # One pass: each row starts 4 bytes before its block, so it holds the trailing
@@ -640,13 +738,10 @@ def _pcapng_section(
         return arr[:1] if arr.size == 1 else arr[iface]
 
     lt = np.broadcast_to(pick([f.linktype for f in ifaces], np.int64), iface.shape)
-    badlt = np.flatnonzero(lt != LINKTYPE_ETHERNET)
+    badlt = np.flatnonzero(~np.isin(lt, list(LINK_TYPES)))
     if badlt.size:
         i = int(badlt[0])
-        raise CaptureError(
-            f"{name}: link type {linktype_name(int(lt[i]))} is not supported, only Ethernet (1) "
-            f"(packet block at byte {int(po[i])})"
-        )
+        raise _unsupported(name, int(lt[i]), f" (packet block at byte {int(po[i])})")
     if spb.any():
         orig = np.where(spb, ph[:, 2], ph[:, 6]).astype(np.int64)
         snap = pick([f.snaplen or MAX_RECORD for f in ifaces], np.int64)
@@ -670,7 +765,11 @@ def _pcapng_section(
     times = whole + (ticks % res).astype(np.float64) / res.astype(np.float64) + toff
     times[spb] = np.nan
     col0: I64 | int = np.where(spb, 4 + 12, 4 + 28) if spb.any() else 4 + 28
-    return (data, cap, orig, times, pkt + first_block), {f.linktype for f in ifaces}, (rows, pkt, col0)
+    return (
+        (data, cap, orig, times, pkt + first_block, np.ascontiguousarray(lt)),
+        {f.linktype for f in ifaces},
+        (rows, pkt, col0),
+    )
 
 
 def _parse_idb(mm: mmap.mmap, name: str, endian: str, off: int, blen: int) -> _Iface:
@@ -709,7 +808,7 @@ def _classify(u8: npt.NDArray[np.uint8], pk: _Packets, filt: CandidateFilter, na
     """Copy out every frame's first bytes (unless the reader already did) and
     hand them to the one classifier."""
     hdr, rowidx, col0 = pk.hdr if pk.hdr is not None else (_rows(u8, pk.data, _HDR), None, 0)
-    c = classify(hdr, pk.caplen, pk.origlen, pk.times, filt, rowidx, col0)
+    c = classify(hdr, pk.caplen, pk.origlen, pk.times, filt, rowidx, col0, pk.lt)
     if c.untimed and not c.candidates:
         raise CaptureError(
             f"{name}: all {c.untimed} candidate packets are in simple packet blocks, "
