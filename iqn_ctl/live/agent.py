@@ -387,7 +387,7 @@ class Agent:
         if cfg.metrics_port is not None:
             from iqn_ctl.live.metrics import AgentMetrics
 
-            self.metrics = AgentMetrics(cfg.iface, self.snapshot)
+            self.metrics = AgentMetrics(cfg.iface, self.scrape)
             try:
                 self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
             except OSError as e:
@@ -617,13 +617,20 @@ class Agent:
                     "evicted": fl.table.evicted, "expired": fl.table.expired,
                     "refused": fl.refused, "refused_events": fl.refused_events}
 
+    def scrape(self) -> dict[str, int]:
+        """:meth:`snapshot` with the kernel's totals read now (packets, candidates,
+        lost records), not as the loop last copied them: ``status`` and the
+        metrics show the same numbers at any moment."""
+        snap = self.snapshot()
+        if self.dp is not None:
+            c = self.dp.counters()
+            snap.update(c, lost=max(c.get("lost", 0), self._lost_logged))
+        return snap
+
     def status(self) -> dict[str, Any]:
         """Runs on the API thread: the engine is read only through
         :meth:`engine_counters`, never iterated."""
-        snap = self.snapshot()
-        if self.dp is not None:  # fresh packet counts; loss as last established by the event loop
-            c = self.dp.counters()
-            snap.update(c, lost=max(c.get("lost", 0), self._lost_logged))
+        snap = self.scrape()
         eng = self.engine_counters()
         cfg = self.cfg
         s: dict[str, Any] = {
