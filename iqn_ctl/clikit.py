@@ -35,6 +35,20 @@ def fail(prog: str, msg: str, code: int = USER_ERROR_EXIT) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` was caused by Ctrl-C: Python wraps a KeyboardInterrupt raised
+    while a module is being imported (a dataclass's ``__set_name__``, say) in a
+    RuntimeError, which must still end as an interrupt (exit 130), not a traceback."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def friendly_for(prog: str, permission_hint: str | None = None) -> Callable[[F], F]:
     """The error wrapper of command line ``prog``.
 
@@ -57,6 +71,10 @@ def friendly_for(prog: str, permission_hint: str | None = None) -> Callable[[F],
                 raise typer.Exit(0) from None
             except KeyboardInterrupt:
                 raise typer.Exit(130) from None
+            except Exception as e:
+                if _interrupted(e):  # Ctrl-C that landed inside an import or a __set_name__
+                    raise typer.Exit(130) from None
+                raise
 
         return wrapper  # type: ignore[return-value]
 

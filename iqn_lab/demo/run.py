@@ -282,6 +282,8 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise LabError(f"the video did not start playing within {PLAY_TIMEOUT:.0f} s")
             time.sleep(0.2)
+        import user_agent.agent  # noqa: F401  (imported before the schedule is announced: a
+        # Ctrl-C right after the announcement must not land inside the import)
         say(f"video playing; end-user agent watching (p={cfg.p:g} s, n={cfg.n}); "
             f"schedule of {len(pl.targets)} squeezes to {cfg.starve_rate}, {pl.end:.0f} s")  # fmt: skip
         th = _start_user_agent(driver, cfg, out, side, stop, stack)
