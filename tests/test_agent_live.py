@@ -74,6 +74,20 @@ def poll_until(get: Callable[[], T], ok: Callable[[T], bool], timeout: float = D
         time.sleep(0.02)
 
 
+def burst_while_stopped(lab: Lab, agent: subprocess.Popen[str], count: int) -> None:
+    """``count`` candidates back to back while the agent is stopped (SIGSTOP), so
+    its ring fills and the kernel has to count what did not fit."""
+    agent.send_signal(signal.SIGSTOP)
+    try:
+        snd = lab.send({"lead": 0.0, "flows": [{
+            "name": "x", "src": lab.srv4, "dst": lab.cli4, "dport": 40009, "frame": 1250,
+            "times": [i * 1e-5 for i in range(count)]}]})
+        snd.communicate(timeout=60)
+        assert snd.returncode == 0
+    finally:
+        agent.send_signal(signal.SIGCONT)
+
+
 def settled(total: int) -> Callable[[dict[str, Any]], bool]:
     """Status predicate: all ``total`` candidates sent reached the agent (delivered
     or counted lost) and no stall is open any more."""
@@ -460,15 +474,7 @@ def test_lost_events_are_counted_and_logged(tmp_path: Path) -> None:
         try:
             sock = sock_path(tmp_path / "run", lab.cli_if)
             wait_ready(sock, agent)
-            agent.send_signal(signal.SIGSTOP)
-            try:
-                snd = lab.send({"lead": 0.0, "flows": [{
-                    "name": "x", "src": lab.srv4, "dst": lab.cli4, "dport": 40009, "frame": 1250,
-                    "times": [i * 1e-5 for i in range(600)]}]})
-                snd.communicate(timeout=60)
-                assert snd.returncode == 0
-            finally:
-                agent.send_signal(signal.SIGCONT)
+            burst_while_stopped(lab, agent, 600)
             # the event loop establishes (and logs) the loss when it next reads the counters
             st = poll_until(lambda: request(sock, "status"),
                             lambda st: st["lost"] > 0 and st["events"] + st["lost"] >= 600)

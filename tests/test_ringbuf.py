@@ -9,14 +9,13 @@ one-page ring and a burst of real candidates while the agent is stopped.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 from conftest import need_root
-from test_agent_live import cli, need_xdp, poll_until, stop, wait_ready
+from test_agent_live import burst_while_stopped, cli, need_xdp, poll_until, stop, wait_ready
 
 from iqn_ctl.capture.frames import udp_frame
 from iqn_ctl.engine.params import CandidateFilter
@@ -141,15 +140,7 @@ def test_agent_with_too_small_ring_counts_lost_in_status_and_metrics(tmp_path: P
             wait_ready(sock, agent)
             st = request(sock, "status")
             assert (st["ring_pages"], st["wakeup_records"], st["n"]) == (1, 5, 5)
-            agent.send_signal(signal.SIGSTOP)
-            try:
-                snd = lab.send({"lead": 0.0, "flows": [{
-                    "name": "x", "src": lab.srv4, "dst": lab.cli4, "dport": 40009, "frame": 1250,
-                    "times": [i * 1e-5 for i in range(600)]}]})
-                snd.communicate(timeout=60)
-                assert snd.returncode == 0
-            finally:
-                agent.send_signal(signal.SIGCONT)
+            burst_while_stopped(lab, agent, 600)
             st = poll_until(lambda: request(sock, "status"),
                             lambda st: st["candidates"] == 600 and st["events"] + st["lost"] >= 600)
             assert st["candidates"] == 600
