@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iqn_ctl.errors import IqnError
-
 from . import netns, procs
 from . import topology as T
 from .certs import fingerprint, make_cert, spki_hash
 from .chrome import chrome_args
+from .errors import LabError
 from .ott.media import MediaSpec, ensure_media
 from .shaping import Step, apply_rate, current_rate, format_rate, parse_rate, parse_schedule
 from .templates import render
@@ -35,10 +34,6 @@ from .topology import Names
 STATE_ROOT = Path(os.environ.get("IQN_LAB_STATE", "/run/iqn-lab"))
 DAEMONS = ("openvpn-server", "openvpn-client", "ott")
 READY_TIMEOUT = 25.0
-
-
-class LabError(IqnError):
-    """An expected failure (not root, missing tool, lab not up); message for the user."""
 
 
 @dataclass(frozen=True)
