@@ -92,6 +92,19 @@ def attach(
         DEFAULT_SLOT, "--slot",
         help="seconds per watched-time record (the sessions table read by 'iqn-qos from-agent')",
     ),
+    export: list[str] | None = typer.Option(
+        None, "--export",
+        help="ship finished stalls and watched-time records to NATS JetStream at nats://HOST:PORT "
+             "(repeat for a cluster's seeds; docs/export.md)",
+    ),
+    router_id: str | None = typer.Option(
+        None, "--router-id",
+        help="this router's name in export subjects and records ([A-Za-z0-9_-], default: the host name)",
+    ),
+    export_replicas: int | None = typer.Option(
+        None, "--export-replicas",
+        help="replicas of the IQN stream if the agent creates it (default: 3 with 3+ --export seeds, else 1)",
+    ),
     run_dir: Path = OptRunDir,
 ) -> None:
     """Load the XDP program on IFACE and infer stalls live until SIGINT/SIGTERM."""
@@ -103,7 +116,7 @@ def attach(
         estimator=estimator, key_mode=key, max_flows=max_flows, xdp_mode=xdp_mode, force=force,
         state_dir=state_dir, run_dir=run_dir, metrics_port=metrics_port, metrics_addr=metrics_addr,
         ring_pages=ring_pages, bulk_ratio=bulk_ratio, redact=redact, source_rate=source_rate,
-        slot=slot,
+        slot=slot, export=tuple(export or ()), router_id=router_id, export_replicas=export_replicas,
     )
     cfg.validate()
     need_root("attach")
@@ -297,6 +310,18 @@ def _uptime(s: float) -> str:
     return (f"{d}d" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
 
 
+def _export_line(ex: dict[str, Any] | None) -> None:
+    """The ``--export`` state under an agent's status row (nothing without --export)."""
+    if not ex:
+        return
+    where = f"connected to {ex['connected']}" if ex["connected"] else "not connected"
+    last = fmt_time(ex["last_export"]) if ex["last_export"] is not None else "never"
+    typer.echo(f"  export as {ex['router']}: {where}, backlog {ex['backlog']}, exported "
+               f"{ex['exported_stalls']} stall(s) + {ex['exported_sessions']} session(s), last {last}, "
+               f"errors {ex['errors']}, retries {ex['retries']}"
+               + (f" (last error: {ex['last_error']})" if ex["last_error"] else ""))
+
+
 @app.command()
 @friendly
 def status(as_json: bool = OptJson, run_dir: Path = OptRunDir) -> None:
@@ -326,6 +351,7 @@ def status(as_json: bool = OptJson, run_dir: Path = OptRunDir) -> None:
         typer.echo(f"{st['iface']:<{wi}} {st['pid']:>7} {st['xdp_mode']:<6} {st['packets']:>12} "
                    f"{st['candidates']:>11} {st['lost']:>8} {st['flows']:>7} {st['flows_in_stall']:>8} "
                    f"{st['stalls_ended']:>7} {_uptime(st['uptime']):>10}")
+        _export_line(st.get("export"))
         if st["lost"]:
             typer.echo(f"  warning: {st['lost']} candidate events lost on {st['iface']}: "
                        "the agent could not keep up; stalls may be missed", err=True)

@@ -53,6 +53,7 @@ from iqn_ctl.live.api import (
     pid_path,
     sock_path,
 )
+from iqn_ctl.live.export import check_export
 from iqn_ctl.live.flows import KEY_MODES, LiveFlows
 from iqn_ctl.live.history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
 from iqn_ctl.live.sessions import Sessions
@@ -60,6 +61,7 @@ from iqn_ctl.live.settings import DEFAULT_RING_PAGES, DEFAULT_XDP_MODE, AgentErr
 
 if TYPE_CHECKING:
     from iqn_ctl.live.datapath import Datapath
+    from iqn_ctl.live.export import Exporter
     from iqn_ctl.live.metrics import AgentMetrics
 
 log = logging.getLogger("iqn.agent")
@@ -249,6 +251,10 @@ class AgentConfig:
     source_rate: float = DEFAULT_SOURCE_RATE
     #: --slot: seconds per watched-time record (iqn_ctl.live.sessions)
     slot: float = DEFAULT_SLOT
+    #: --export URL (repeatable), --router-id, --export-replicas: iqn_ctl.live.export
+    export: tuple[str, ...] = ()
+    router_id: str | None = None
+    export_replicas: int | None = None
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -268,6 +274,7 @@ class AgentConfig:
             raise AgentError(f"--slot must be in (0, 86400] seconds, got {self.slot}")
         if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:
             raise AgentError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
+        check_export(self.export, self.router_id, self.export_replicas)
 
 
 def need_root(what: str) -> None:
@@ -342,6 +349,8 @@ class Agent:
         self._flows_cache: tuple[tuple[Any, ...], float, int, RawJson] | None = None
         #: watched time of the clients that signal (docs/qos.md, "From the ISP agent")
         self.sessions: Sessions | None = None
+        #: --export: ships the history's finished records to JetStream (docs/export.md)
+        self.exporter: Exporter | None = None
 
     # -- lifecycle --
 
@@ -366,7 +375,8 @@ class Agent:
         ensure_private_dir(cfg.state_dir, "state dir")  # the history and the daemon's log live here
         self.history = History(cfg.state_dir, cfg.history_rows)
         died = self.history.mark_interrupted(cfg.iface)
-        self.sessions = Sessions(cfg.iface, self.history.path, cfg.slot)
+        self.sessions = Sessions(cfg.iface, self.history.path, cfg.slot, router=cfg.router_id)
+        self._start_export()
         if died:
             log.warning("%s: %d stall(s) left open by an agent that died marked interrupted in %s",
                         cfg.iface, died, self.history.path)
@@ -387,7 +397,7 @@ class Agent:
         if cfg.metrics_port is not None:
             from iqn_ctl.live.metrics import AgentMetrics
 
-            self.metrics = AgentMetrics(cfg.iface, self.scrape)
+            self.metrics = AgentMetrics(cfg.iface, self.scrape, self.export_stats)
             try:
                 self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
             except OSError as e:
@@ -424,11 +434,26 @@ class Agent:
                           self.cfg.iface, self.history.pending, self.history.path, self.history.last_error)
             self.history.close()
             self.history = None
+        if self.exporter is not None:
+            self.exporter.stop()  # after the last records were written: they go too, if the broker answers
+            self.exporter = None
         if self.dp is not None:
             self.dp = None
             if self.mode:
                 log.info("%s: detached", self.cfg.iface)
         self.lock.release()
+
+    def _start_export(self) -> None:
+        cfg = self.cfg
+        if cfg.export and self.history is not None:
+            from iqn_ctl.live.export import start_exporter
+
+            self.exporter = start_exporter(self.history.path, cfg.iface, cfg.export, cfg.router_id,
+                                           cfg.export_replicas)
+
+    def export_stats(self) -> dict[str, Any] | None:
+        """The exporter's state (``status``' ``export``, the metrics), None without --export."""
+        return self.exporter.stats() if self.exporter is not None else None
 
     # -- event loop --
 
@@ -669,6 +694,7 @@ class Agent:
             "wakeup_records": self.dp.wakeup_events if self.dp is not None else cfg.params.n,
             "state_dir": str(cfg.state_dir),
             "metrics_port": cfg.metrics_port,
+            "export": self.export_stats(),
         }
         return s
 

@@ -67,6 +67,40 @@ CREATE INDEX IF NOT EXISTS stalls_start ON stalls (start);
 #: by an older agent gets them (and their defaults) when it is opened
 _ADDED_COLUMNS = {"state": "TEXT NOT NULL DEFAULT 'ended'", "bulk_check": "TEXT NOT NULL DEFAULT ''"}
 
+# -- the export outbox (iqn_ctl.live.export) ---------------------------------------
+#: tables whose rows the live export ships; a row is waiting while ``exported_at`` is NULL
+OUTBOX_TABLES = ("stalls", "sessions")
+#: the ``meta`` key of the random id that makes export message ids unique across files
+UUID_KEY = "history_uuid"
+
+
+def ensure_outbox(db: sqlite3.Connection) -> str:
+    """Make ``db`` (an open history) an export outbox and return its history uuid.
+
+    Why in the history itself: a record is marked sent (``exported_at``, epoch of
+    the broker's acknowledgement) in the same file it was recorded in, so a crash
+    at any point leaves each row either acknowledged or still waiting, never
+    forgotten. Idempotent and additive: an older agent's file gets an
+    ``exported_at`` column (NULL: waiting) on ``stalls`` and, when it exists,
+    ``sessions``, partial indexes over the waiting rows (so finding the backlog
+    costs nothing when it is empty), and a ``meta`` table holding a random uuid
+    drawn once per file (a recreated file's row ids never collide with old ones
+    in message ids). Agents that predate export ignore all of it."""
+    import uuid
+
+    with db:
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (UUID_KEY, uuid.uuid4().hex))
+        for table in OUTBOX_TABLES:
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if not have:
+                continue
+            if "exported_at" not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN exported_at REAL")
+            db.execute(f"CREATE INDEX IF NOT EXISTS {table}_unexported ON {table} (iface, id) "
+                       "WHERE exported_at IS NULL")
+    return str(db.execute("SELECT value FROM meta WHERE key = ?", (UUID_KEY,)).fetchone()[0])
+
 
 class HistoryError(IqnError):
     """The history cannot be opened or read; the message is for the user."""
@@ -154,6 +188,8 @@ class History:
         self.last_error = ""
         self._retry_at = 0.0
         self._streak = 0
+        #: the file's random id (:func:`ensure_outbox`); "" when opened read-only
+        self.uuid = ""
         try:
             if create:
                 # client addresses are personal data: only root reads them
@@ -183,6 +219,8 @@ class History:
                 self._db.executescript(_SCHEMA)
             self._migrate()
             self._db.commit()
+            if create:
+                self.uuid = ensure_outbox(self._db)
             self._db.execute("SELECT 1 FROM stalls LIMIT 1").fetchall()
         except (sqlite3.Error, OSError) as e:
             raise _explain(self.path, e) from None

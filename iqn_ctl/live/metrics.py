@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -21,14 +22,51 @@ from prometheus_client.registry import Collector
 DURATION_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 60.0, 120.0, 300.0)
 
 Snapshot = Callable[[], dict[str, int]]
+#: the exporter's state (``Exporter.stats``), None when the agent does not export
+ExportSnapshot = Callable[[], "dict[str, Any] | None"]
+
+
+def export_metrics(iface: str, st: dict[str, Any] | None) -> Iterator[Metric]:
+    """The live export's metrics (``--export``; none without it): what waits,
+    what went, what failed, and where to."""
+    if st is None:
+        return
+    for name, value, doc in (
+        ("iqn_export_records", None, "records acknowledged by JetStream, by type"),
+        ("iqn_export_errors", st["errors"],
+         "failed export attempts (connect, stream set-up, a batch not wholly acknowledged); retried"),
+        ("iqn_export_retries", st["retries"], "records sent again after an attempt got no acknowledgement"),
+    ):
+        c = CounterMetricFamily(name, doc, labels=["iface", "type"] if value is None else ["iface"])
+        if value is None:
+            c.add_metric([iface, "stall"], float(st["exported_stalls"]))
+            c.add_metric([iface, "session"], float(st["exported_sessions"]))
+        else:
+            c.add_metric([iface], float(value))
+        yield c
+    g = GaugeMetricFamily("iqn_export_backlog", "records in the history waiting to be exported",
+                          labels=["iface"])
+    g.add_metric([iface], float(st["backlog"]))
+    yield g
+    g = GaugeMetricFamily("iqn_export_last_success_timestamp_seconds",
+                          "epoch of the last batch JetStream acknowledged (0: none yet)", labels=["iface"])
+    g.add_metric([iface], float(st["last_export"] or 0.0))
+    yield g
+    g = GaugeMetricFamily("iqn_export_connected", "1 while connected to the broker (server: which one)",
+                          labels=["iface", "server"])
+    g.add_metric([iface, st["connected"] or ""], 1.0 if st["connected"] else 0.0)
+    yield g
 
 
 class _AgentCollector(Collector):
-    def __init__(self, iface: str, snapshot: Snapshot) -> None:
+    def __init__(self, iface: str, snapshot: Snapshot, export: ExportSnapshot | None = None) -> None:
         self.iface = iface
         self.snapshot = snapshot
+        self.export = export
 
     def collect(self) -> Iterator[Metric]:
+        if self.export is not None:
+            yield from export_metrics(self.iface, self.export())
         s = self.snapshot()
         for name, key, doc in (
             ("iqn_packets", "packets", "packets the XDP program saw"),
@@ -64,10 +102,10 @@ class AgentMetrics:
     """The metrics of one agent; ``stall_started`` / ``stall_ended`` are called
     from the event loop, the rest is read at scrape time."""
 
-    def __init__(self, iface: str, snapshot: Snapshot) -> None:
+    def __init__(self, iface: str, snapshot: Snapshot, export: ExportSnapshot | None = None) -> None:
         self.iface = iface
         self.registry = CollectorRegistry()
-        self.registry.register(_AgentCollector(iface, snapshot))
+        self.registry.register(_AgentCollector(iface, snapshot, export))
         self._started = Counter(
             "iqn_stalls_started", "stalls inferred to have started", ["iface"], registry=self.registry
         ).labels(iface)

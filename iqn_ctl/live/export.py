@@ -1,0 +1,593 @@
+"""Live export of the agent's records to NATS JetStream (``attach --export``).
+
+Why: an ISP runs agents on many routers and one QoS service; every finished
+stall and every watched-time record must reach it, also across a broker or
+link outage and an agent crash. The rules (docs/export.md):
+
+* **The history is the outbox.** A record is shipped from the agent's SQLite
+  history (``stalls`` rows once ``ended`` or ``interrupted``, every
+  ``sessions`` row) and marked sent (``exported_at``) only when JetStream has
+  acknowledged it. Until then it waits on disk: a broker outage grows the
+  backlog, a SIGKILL forgets nothing (what was sent but not yet marked is sent
+  again after the restart).
+* **Stable message ids.** Each message carries ``Nats-Msg-Id`` = its ``id``
+  (``<router>/<history uuid>/stall|session/<row id>``), the same on every
+  retry and after restarts, so JetStream drops re-sends inside the stream's
+  duplicate window and consumers can be idempotent on it after that.
+* **Never in the packet loop's way.** The exporter is a thread with its own
+  asyncio loop (nats-py is asyncio) and its own SQLite connection (WAL: its
+  reads never block the agent's writes; its marks are small transactions
+  without fsync, since a mark lost to a power cut only means a re-send).
+  Records go out in batches of core publishes whose replies land on one
+  wildcard inbox: the acknowledgements of a whole batch are awaited together
+  (``js.publish_async`` does the same with a future and a task switch per
+  message and is ~2.5x slower here: bench/bench_export.py).
+
+nats-py is imported only when an exporter starts, so the agent runs without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from iqn_ctl.live.history import ensure_outbox
+from iqn_ctl.live.settings import AgentError
+
+log = logging.getLogger("iqn.export")
+
+#: message schema version (the ``v`` field); any change of the fields bumps it
+SCHEMA_VERSION = 1
+#: the stream the agent publishes to, created if missing
+STREAM = "IQN"
+STALL_SUBJECT = "iqn.stalls.{router}"
+SESSION_SUBJECT = "iqn.sessions.{router}"
+#: what a stream created by the agent listens on
+STREAM_SUBJECTS = ("iqn.stalls.*", "iqn.sessions.*")
+#: a stream created by the agent drops a re-sent message id within this many seconds
+#: (JetStream's default, stated so that it is a contract: consumers de-duplicate after it)
+DUPLICATE_WINDOW = 120.0
+#: records published per batch, their acknowledgements awaited together
+BATCH = 4096
+#: records written to the client's send buffer at once
+PUB_CHUNK = 256
+#: seconds a batch waits for its acknowledgements before its silent records are retried
+ACK_TIMEOUT = 5.0
+#: seconds between looks at the outbox while it is empty (bounds the export delay)
+IDLE_POLL = 0.1
+#: back-off after a failure: doubles from MIN to MAX seconds, reset by a success
+BACKOFF_MIN = 0.25
+BACKOFF_MAX = 4.0
+#: the backlog (a COUNT over the waiting rows) is recounted at most this often (s)
+COUNT_EVERY = 1.0
+#: seconds a stopping agent gives the exporter to ship what is left (the rest waits on disk)
+DRAIN_ON_STOP = 3.0
+#: ``--router-id``: it becomes a subject token and a part of message ids
+ROUTER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_REPLICAS = 5
+DEFAULT_PORT = 4222
+
+
+def default_router_id() -> str:
+    """The host name made a valid router id: a dot (or any other character a
+    subject token cannot hold) becomes ``_``, at most 64 characters."""
+    rid = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64]
+    return rid or "router"
+
+
+def check_router_id(rid: str) -> str:
+    if not ROUTER_RE.fullmatch(rid):
+        raise AgentError(f"--router-id must be 1-64 letters, digits, '_' or '-', got {rid!r}")
+    return rid
+
+
+def check_export_url(url: str) -> str:
+    """``nats://HOST[:PORT]`` (port 4222 if omitted), returned with its port."""
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        port, u = -1, None
+    if u is None or u.scheme != "nats" or not u.hostname or port == -1 or u.path not in ("", "/") \
+            or u.query or u.fragment or u.username or u.password:
+        raise AgentError(f"--export must be nats://HOST:PORT, got {url!r}")
+    if port == 0:
+        raise AgentError(f"--export port must be in 1..65535, got {url!r}")
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return f"nats://{host}:{port or DEFAULT_PORT}"
+
+
+def default_replicas(urls: Sequence[str]) -> int:
+    """R3 when given a cluster's seeds (three or more), else R1: the stream then
+    survives the loss of any one node."""
+    return 3 if len(urls) >= 3 else 1
+
+
+def check_replicas(n: int | None) -> None:
+    if n is not None and not 1 <= n <= MAX_REPLICAS:
+        raise AgentError(f"--export-replicas must be in 1..{MAX_REPLICAS}, got {n}")
+
+
+def check_export(urls: Sequence[str], router_id: str | None, replicas: int | None) -> None:
+    """The ``--export``, ``--router-id`` and ``--export-replicas`` flags, checked
+    before anything is attached (one error line naming the flag)."""
+    for url in urls:
+        check_export_url(url)
+    if router_id is not None:
+        check_router_id(router_id)
+    check_replicas(replicas)
+    if replicas is not None and not urls:
+        raise AgentError("--export-replicas needs --export")
+
+
+def start_exporter(db: Path, iface: str, urls: Sequence[str], router_id: str | None,
+                   replicas: int | None) -> Exporter:
+    """The agent's exporter, started (its thread runs until :meth:`Exporter.stop`)."""
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        raise AgentError("--export needs the nats-py package (pip install nats-py)") from None
+    return Exporter(db, iface, router_id or default_router_id(), [check_export_url(u) for u in urls],
+                    replicas).start()
+
+
+def _ports(flow: str) -> tuple[int, int]:
+    """(server port, client port) from a flow label ``server:sport>client:dport``;
+    (0, 0) for a per-client flow (``--key client``: no single connection)."""
+    head, sep, tail = flow.rpartition(">")
+    if not sep:
+        return 0, 0
+    try:
+        return int(head.rpartition(":")[2]), int(tail.rpartition(":")[2])
+    except ValueError:
+        return 0, 0
+
+
+def stall_body(mid: str, router: str, r: tuple[Any, ...], sport: int, cport: int) -> dict[str, Any]:
+    """A stall message (schema v1, docs/export.md) from a ``stalls`` row as :class:`Outbox` reads it;
+    a non-finite time becomes null (JSON has no NaN)."""
+    _row, iface, flow, client, server, start, end, cand, detected, trunc, est, state = r
+
+    def num(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {"v": SCHEMA_VERSION, "type": "stall", "id": mid, "router": router, "interface": iface,
+            "client.address": client, "client.port": cport, "server.address": server, "server.port": sport,
+            "iqn.flow": flow, "iqn.start": num(start), "iqn.end": num(end),
+            "iqn.duration_s": num(end - start), "iqn.candidates": cand, "iqn.estimator": est,
+            "iqn.truncated": bool(trunc), "iqn.state": state,
+            "iqn.detected_at": num(detected)}
+
+
+_q = encode_basestring_ascii
+#: :func:`stall_body` as a template (same keys, same order)
+_STALL_JSON = (
+    '{"v":1,"type":"stall","id":%s,"router":%s,"interface":%s,"client.address":%s,"client.port":%d,'
+    '"server.address":%s,"server.port":%d,"iqn.flow":%s,"iqn.start":%r,"iqn.end":%r,"iqn.duration_s":%r,'
+    '"iqn.candidates":%d,"iqn.estimator":%s,"iqn.truncated":%s,"iqn.state":%s,"iqn.detected_at":%r}'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    table: str
+    row: int
+    subject: str
+    msg_id: str
+    payload: bytes
+
+
+class Outbox:
+    """The export's view of the history file, on its own connection."""
+
+    _STALLS = ('SELECT id, iface, flow, client, server, start, "end", candidates, detected_at, truncated, '
+               "estimator, state FROM stalls WHERE iface = ? AND exported_at IS NULL AND state != 'open' "
+               "ORDER BY id LIMIT ?")
+    _SESSIONS = ("SELECT id, iface, client, server, slot, slot_s, watched_s, stalled_s, recorded_at "
+                 "FROM sessions WHERE iface = ? AND exported_at IS NULL ORDER BY id LIMIT ?")
+
+    def __init__(self, path: Path, iface: str, router: str) -> None:
+        self.iface = iface
+        self.router = router
+        self._db = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
+        # a mark lost to a power cut means a re-send (de-duplicated), not a loss: no fsync
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self.uuid = ensure_outbox(self._db)
+        self._sessions = bool(self._db.execute("PRAGMA table_info(sessions)").fetchall())
+        self._qrouter = _q(router)
+        self._stall_subject = STALL_SUBJECT.format(router=router)
+        self._session_subject = SESSION_SUBJECT.format(router=router)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def backlog(self) -> int:
+        n = int(self._db.execute(
+            "SELECT COUNT(*) FROM stalls WHERE iface = ? AND exported_at IS NULL AND state != 'open'",
+            (self.iface,)).fetchone()[0])
+        if self._sessions:
+            n += int(self._db.execute("SELECT COUNT(*) FROM sessions WHERE iface = ? AND exported_at IS NULL",
+                                      (self.iface,)).fetchone()[0])
+        return n
+
+    def take(self, limit: int) -> list[Outgoing]:
+        """Up to ``limit`` waiting records, stalls first, oldest first."""
+        out = [self._stall(r) for r in self._db.execute(self._STALLS, (self.iface, limit))]
+        if self._sessions and len(out) < limit:
+            rows = self._db.execute(self._SESSIONS, (self.iface, limit - len(out)))
+            out.extend(self._session(r) for r in rows)
+        return out
+
+    def _stall(self, r: tuple[Any, ...]) -> Outgoing:
+        row, iface, flow, client, server, start, end, cand, detected, trunc, est, state = r
+        sport, cport = _ports(flow)
+        mid = f"{self.router}/{self.uuid}/stall/{row}"
+        if math.isfinite(start + end + detected):
+            # the fast path (2.5x json.dumps of a dict): strings escaped by json's own C
+            # encoder, floats as repr (what json writes for a finite float)
+            body = _STALL_JSON % (
+                _q(mid), self._qrouter, _q(iface), _q(client), cport, _q(server), sport, _q(flow),
+                start, end, end - start, cand, _q(est), "true" if trunc else "false", _q(state), detected)
+        else:
+            body = json.dumps(stall_body(mid, self.router, r, sport, cport), separators=(",", ":"))
+        return Outgoing("stalls", row, self._stall_subject, mid, body.encode())
+
+    def _session(self, r: tuple[Any, ...]) -> Outgoing:
+        row, iface, client, server, slot, slot_s, watched, stalled, recorded = r
+        mid = f"{self.router}/{self.uuid}/session/{row}"
+        body = {"v": SCHEMA_VERSION, "type": "session", "id": mid, "router": self.router, "interface": iface,
+                "client.address": client, "server.address": server, "iqn.slot": slot, "iqn.slot_s": slot_s,
+                "iqn.watched_s": watched, "iqn.stalled_s": stalled, "iqn.recorded_at": recorded}
+        return Outgoing("sessions", row, self._session_subject, mid,
+                        json.dumps(body, separators=(",", ":")).encode())
+
+    def mark(self, acked: Sequence[Outgoing], at: float) -> None:
+        """Record the broker's acknowledgement of ``acked`` (one transaction)."""
+        with self._db:
+            for table in ("stalls", "sessions"):
+                ids = [(at, o.row) for o in acked if o.table == table]
+                if ids:
+                    self._db.executemany(f"UPDATE {table} SET exported_at = ? WHERE id = ?", ids)
+
+
+@dataclass
+class ExportStats:
+    """What ``status`` (``export``) and the metrics show; written by the exporter thread."""
+
+    router: str
+    servers: list[str]
+    stream: str = STREAM
+    #: the server the exporter is connected to, "" while it is not
+    connected: str = ""
+    #: records waiting in the outbox (recounted about every second)
+    backlog: int = 0
+    #: records acknowledged by JetStream since the agent started, per type
+    exported_stalls: int = 0
+    exported_sessions: int = 0
+    #: failed attempts: connecting, setting up the stream, a batch not wholly acknowledged
+    errors: int = 0
+    #: records sent again because an earlier attempt got no acknowledgement
+    retries: int = 0
+    #: epoch of the last acknowledged batch; None before the first
+    last_export: float | None = None
+    last_error: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"router": self.router, "servers": list(self.servers), "stream": self.stream,
+                "connected": self.connected or None, "backlog": self.backlog,
+                "exported_stalls": self.exported_stalls, "exported_sessions": self.exported_sessions,
+                "errors": self.errors, "retries": self.retries, "last_export": self.last_export,
+                "last_error": self.last_error}
+
+
+class Exporter:
+    """Ships the outbox of one interface's agent to JetStream from its own thread."""
+
+    def __init__(self, db: Path, iface: str, router: str, urls: Sequence[str], replicas: int | None = None,
+                 wall: Callable[[], float] = time.time, batch: int = BATCH) -> None:
+        self.db = db
+        self.iface = iface
+        self.router = router
+        self.urls = list(urls)
+        self.replicas = replicas if replicas is not None else default_replicas(urls)
+        self.batch = batch
+        self._wall = wall
+        self._stats = ExportStats(router, list(urls))
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stop_at: float | None = None
+        self._ready = threading.Event()
+        self._streak = 0
+        self._seq = 0
+        #: no stream answered (503): look the stream up (or create it) before the next batch
+        self._need_stream = False
+
+    # -- the agent's side --
+
+    def start(self) -> Exporter:
+        self._thread = threading.Thread(target=self._run_thread, name=f"iqn-export-{self.iface}", daemon=True)
+        self._thread.start()
+        self._ready.wait(10.0)
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return self._stats.as_json()
+
+    def stop(self, drain: float = DRAIN_ON_STOP) -> None:
+        """Ship what is waiting for at most ``drain`` s more, then close; what is
+        left stays in the outbox for the next agent."""
+        loop, stop, thread = self._loop, self._stop, self._thread
+        if thread is None:
+            return
+        self._stop_at = time.monotonic() + drain
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(stop.set)
+        thread.join(drain + ACK_TIMEOUT + 5.0)
+        if thread.is_alive():
+            log.error("%s: the exporter did not stop in time; unacknowledged records stay in the outbox",
+                      self.iface)
+        self._thread = None
+
+    # -- the exporter's thread --
+
+    def _set(self, **kw: Any) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self._stats, k, v)
+
+    def _run_thread(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception:  # the agent goes on inferring; the outbox keeps everything
+            log.exception("%s: the exporter stopped on an unexpected error; records wait in %s",
+                          self.iface, self.db)
+        finally:
+            self._ready.set()
+
+    def _fail(self, what: str, e: BaseException | str) -> None:
+        msg = f"{what}: {e if isinstance(e, str) else (str(e) or type(e).__name__)}"
+        self._streak += 1
+        with self._lock:
+            self._stats.errors += 1
+            self._stats.last_error = msg
+        if self._streak == 1:
+            log.warning("%s: export to %s failed (%s); records wait in the history and are retried",
+                        self.iface, ",".join(self.urls), msg)
+
+    def _ok(self) -> None:
+        if self._streak:
+            log.info("%s: export to %s works again after %d failed attempt(s)", self.iface,
+                     ",".join(self.urls), self._streak)
+            self._streak = 0
+            self._set(last_error="")
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, cut short by a stop request."""
+        assert self._stop is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    def _past_drain(self) -> bool:
+        return self._stop_at is not None and time.monotonic() >= self._stop_at
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        outbox = Outbox(self.db, self.iface, self.router)
+        self._ready.set()
+        log.info("%s: exporting to %s as router %s (stream %s, R%d if it is created)", self.iface,
+                 ",".join(self.urls), self.router, STREAM, self.replicas)
+        backoff = BACKOFF_MIN
+        nc: Any = None
+        try:
+            while not self._past_drain():
+                if nc is None or nc.is_closed:
+                    nc = await self._connect()
+                    if nc is None or not await self._ensure_stream(nc):
+                        if self._stopping():
+                            break
+                        await self._sleep(backoff)
+                        backoff = min(2 * backoff, BACKOFF_MAX)
+                        continue
+                    self._ack_prefix = nc.new_inbox() + "."
+                    await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
+                elif self._need_stream:
+                    self._need_stream = False
+                    if not await self._ensure_stream(nc):
+                        nc = None
+                        await self._sleep(backoff)
+                        backoff = min(2 * backoff, BACKOFF_MAX)
+                        continue
+                shipped = await self._round(nc, outbox)
+                if shipped is None:  # a failure: back off, the same records go again
+                    if self._stopping():
+                        break
+                    await self._sleep(backoff)
+                    backoff = min(2 * backoff, BACKOFF_MAX)
+                    continue
+                backoff = BACKOFF_MIN
+                if shipped < self.batch:
+                    if self._stopping():
+                        break  # the outbox is empty: done
+                    await self._sleep(IDLE_POLL)
+        finally:
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), 2.0)
+            with contextlib.suppress(Exception):
+                self._count(outbox, force=True)
+            outbox.close()
+            self._set(connected="")
+
+    async def _connect(self) -> Any:
+        import nats
+
+        async def quiet(e: Exception) -> None:  # reconnect attempts: counted by _round, not logged each
+            log.debug("%s: nats: %s", self.iface, e)
+
+        async def gone() -> None:
+            self._set(connected="")
+            log.info("%s: export: disconnected from the broker; records wait in the history", self.iface)
+
+        async def back() -> None:
+            self._set(connected=self._server(nc))
+            log.info("%s: export: reconnected to %s", self.iface, self._server(nc))
+
+        try:
+            nc = await nats.connect(servers=self.urls, connect_timeout=2, reconnect_time_wait=0.5,
+                                    max_reconnect_attempts=-1, allow_reconnect=True, error_cb=quiet,
+                                    disconnected_cb=gone, reconnected_cb=back, name=f"iqn-ctl {self.router}")
+        except Exception as e:  # refused, timed out, no servers: the broker is down, retry
+            self._fail("connect", e)
+            return None
+        self._set(connected=self._server(nc))
+        return nc
+
+    @staticmethod
+    def _server(nc: Any) -> str:
+        u = nc.connected_url
+        return f"nats://{u.netloc}" if u is not None else ""
+
+    async def _ensure_stream(self, nc: Any) -> bool:
+        """The stream exists (created with our subjects and replicas if it did not)."""
+        from nats.js.api import StorageType, StreamConfig
+        from nats.js.errors import NotFoundError
+
+        js = nc.jetstream(timeout=ACK_TIMEOUT)
+        try:
+            try:
+                await js.stream_info(STREAM)
+            except NotFoundError:
+                await js.add_stream(StreamConfig(name=STREAM, subjects=list(STREAM_SUBJECTS),
+                                                 num_replicas=self.replicas, storage=StorageType.FILE,
+                                                 duplicate_window=DUPLICATE_WINDOW))
+                log.info("%s: export: created stream %s (R%d, duplicate window %g s)", self.iface, STREAM,
+                         self.replicas, DUPLICATE_WINDOW)
+        except Exception as e:  # no leader yet, timeout, disconnected: try again
+            self._fail("stream set-up", e)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2.0)
+            return False
+        return True
+
+    def _count(self, outbox: Outbox, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now >= getattr(self, "_count_at", 0.0):
+            self._count_at = now + COUNT_EVERY
+            self._set(backlog=outbox.backlog())
+
+    # one batch in flight: token -> its record; acknowledgements fill _acked
+    _ack_prefix = ""
+    _inflight: dict[str, Outgoing]
+    _acked: list[Outgoing]
+    _refused: list[str]
+    _done: asyncio.Event
+
+    async def _on_ack(self, msg: Any) -> None:
+        o = self._inflight.pop(msg.subject[len(self._ack_prefix):], None)
+        if o is None:
+            return  # a late answer of an earlier batch: its record was retried
+        hdr = msg.headers
+        if hdr and hdr.get("Status") == "503":
+            self._refused.append("no stream answers (503)")
+        elif b'"error"' in msg.data:
+            self._refused.append(msg.data.decode(errors="replace")[:200])
+        else:
+            self._acked.append(o)
+        if not self._inflight:
+            self._done.set()
+
+    async def _publish(self, nc: Any, recs: list[Outgoing]) -> None:
+        """Publish ``recs``, each with a reply subject of its own under the ack inbox.
+
+        Why not ``nc.publish`` per record: it validates and encodes each header and
+        runs a coroutine per message, which is most of the exporter's time. The
+        messages are written as the protocol's ``HPUB`` frames (the subjects,
+        reply tokens and ids are made of characters the protocol allows:
+        ``--router-id`` is checked), a chunk at a time, through the client's own
+        send buffer, so they are flushed, and buffered across a reconnect, exactly
+        like its publishes. A client without that method gets ``nc.publish``."""
+        prefix = self._ack_prefix
+        send = getattr(nc, "_send_command", None)
+        chunk: list[bytes] = []
+        for o in recs:
+            # unique across batches: a late answer to an earlier batch never acknowledges this one
+            self._seq += 1
+            token = str(self._seq)
+            self._inflight[token] = o
+            if send is None:
+                await nc.publish(o.subject, o.payload, reply=prefix + token,
+                                 headers={"Nats-Msg-Id": o.msg_id})
+                continue
+            hdr = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % o.msg_id.encode()
+            chunk.append(b"HPUB %s %s%s %d %d\r\n%s%s\r\n" % (
+                o.subject.encode(), prefix.encode(), token.encode(), len(hdr), len(hdr) + len(o.payload), hdr,
+                o.payload))
+            if len(chunk) >= PUB_CHUNK:
+                await send(b"".join(chunk))
+                chunk = []
+        if chunk and send is not None:
+            await send(b"".join(chunk))
+
+    async def _round(self, nc: Any, outbox: Outbox) -> int | None:
+        """Publish one batch and mark what JetStream acknowledged. Returns how many
+        records the batch had, None if some were not acknowledged (or not sent)."""
+        self._count(outbox)
+        if not nc.is_connected:
+            self._fail("publish", "not connected to the broker")
+            return None
+        recs = outbox.take(self.batch)
+        if not recs:
+            return 0
+        self._inflight, self._acked, self._refused, self._done = {}, [], [], asyncio.Event()
+        try:
+            await self._publish(nc, recs)
+            await nc.flush(timeout=ACK_TIMEOUT)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._done.wait(), ACK_TIMEOUT)
+        except Exception as e:  # disconnected mid-batch, buffer full, flush timed out
+            self._fail("publish", e)
+        acked, refused = self._acked, self._refused
+        missing = len(recs) - len(acked)
+        self._inflight = {}
+        if acked:
+            outbox.mark(acked, self._wall())
+            n_stalls = sum(1 for o in acked if o.table == "stalls")
+            with self._lock:
+                self._stats.exported_stalls += n_stalls
+                self._stats.exported_sessions += len(acked) - n_stalls
+                self._stats.last_export = self._wall()
+                self._stats.backlog = max(0, self._stats.backlog - len(acked))
+        if missing:
+            with self._lock:
+                self._stats.retries += missing
+            if refused:
+                self._need_stream = any("503" in r for r in refused)
+                self._fail("publish", f"{len(refused)} refused, e.g. {refused[0]}")
+            else:
+                self._fail("publish",
+                           f"{missing} of {len(recs)} record(s) not acknowledged in {ACK_TIMEOUT:g} s")
+            return None
+        self._ok()
+        return len(recs)
