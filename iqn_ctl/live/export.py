@@ -402,6 +402,7 @@ class Exporter:
         nc: Any = None
         try:
             while not self._past_drain():
+                self._count(outbox)  # also while the broker is away: the backlog is what it shows
                 if nc is None or nc.is_closed:
                     nc = await self._connect()
                     if nc is None or not await self._ensure_stream(nc):
@@ -443,8 +444,10 @@ class Exporter:
     async def _connect(self) -> Any:
         import nats
 
-        async def quiet(e: Exception) -> None:  # reconnect attempts: counted by _round, not logged each
-            log.debug("%s: nats: %s", self.iface, e)
+        async def failed(e: Exception) -> None:
+            # every failed (re)connect attempt: counted, logged once per streak of failures
+            # (the client keeps trying the seeds every reconnect_time_wait, also on the first connect)
+            self._fail("connect", e)
 
         async def gone() -> None:
             self._set(connected="")
@@ -456,7 +459,7 @@ class Exporter:
 
         try:
             nc = await nats.connect(servers=self.urls, connect_timeout=2, reconnect_time_wait=0.5,
-                                    max_reconnect_attempts=-1, allow_reconnect=True, error_cb=quiet,
+                                    max_reconnect_attempts=-1, allow_reconnect=True, error_cb=failed,
                                     disconnected_cb=gone, reconnected_cb=back, name=f"iqn-ctl {self.router}")
         except Exception as e:  # refused, timed out, no servers: the broker is down, retry
             self._fail("connect", e)
@@ -553,7 +556,6 @@ class Exporter:
     async def _round(self, nc: Any, outbox: Outbox) -> int | None:
         """Publish one batch and mark what JetStream acknowledged. Returns how many
         records the batch had, None if some were not acknowledged (or not sent)."""
-        self._count(outbox)
         if not nc.is_connected:
             self._fail("publish", "not connected to the broker")
             return None
