@@ -57,15 +57,8 @@ READER = r"""
 import asyncio, json, sys
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
-async def main(urls):
-    nc = await nats.connect(servers=urls, connect_timeout=5)
-    js = nc.jetstream(timeout=10)
-    for _ in range(100):
-        try:
-            info = await js.stream_info("IQN")
-            break
-        except Exception:
-            await asyncio.sleep(0.2)
+async def read(js):
+    info = await js.stream_info("IQN")
     n = info.state.messages
     out = []
     if n:
@@ -73,9 +66,22 @@ async def main(urls):
         while len(out) < n:
             for m in await sub.fetch(min(2000, n - len(out)), timeout=10):
                 out.append([m.subject, (m.headers or {}).get("Nats-Msg-Id"), json.loads(m.data)])
-    print(json.dumps({"messages": n, "replicas": info.config.num_replicas,
-                      "duplicate_window": info.config.duplicate_window,
-                      "subjects": info.config.subjects, "msgs": out}))
+        await sub.unsubscribe()
+    c = info.config
+    return {"messages": n, "replicas": c.num_replicas, "duplicate_window": c.duplicate_window,
+            "subjects": c.subjects, "msgs": out}
+async def main(urls):
+    nc = await nats.connect(servers=urls, connect_timeout=5)
+    js = nc.jetstream(timeout=10)
+    for attempt in range(20):  # right after a node died, a stream's leader may still be being elected
+        try:
+            got = await read(js)
+            break
+        except Exception:
+            if attempt == 19:
+                raise
+            await asyncio.sleep(0.5)
+    print(json.dumps(got))
     await nc.close()
 asyncio.run(main(json.loads(sys.argv[1])))
 """
