@@ -457,10 +457,21 @@ class Exporter:
             self._set(connected=self._server(nc))
             log.info("%s: export: reconnected to %s", self.iface, self._server(nc))
 
+        # the client tries the seeds until one answers (also on this first connect): a stop
+        # request must not wait for that beyond its drain time
+        task = asyncio.ensure_future(nats.connect(
+            servers=self.urls, connect_timeout=2, reconnect_time_wait=0.5, max_reconnect_attempts=-1,
+            allow_reconnect=True, error_cb=failed, disconnected_cb=gone, reconnected_cb=back,
+            name=f"iqn-ctl {self.router}"))
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.1)
+            if not task.done() and self._past_drain():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                return None
         try:
-            nc = await nats.connect(servers=self.urls, connect_timeout=2, reconnect_time_wait=0.5,
-                                    max_reconnect_attempts=-1, allow_reconnect=True, error_cb=failed,
-                                    disconnected_cb=gone, reconnected_cb=back, name=f"iqn-ctl {self.router}")
+            nc = task.result()
         except Exception as e:  # refused, timed out, no servers: the broker is down, retry
             self._fail("connect", e)
             return None
