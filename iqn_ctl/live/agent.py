@@ -449,7 +449,7 @@ class Agent:
             from iqn_ctl.live.export import start_exporter
 
             self.exporter = start_exporter(self.history.path, cfg.iface, cfg.export, cfg.router_id,
-                                           cfg.export_replicas)
+                                           cfg.export_replicas, late=lambda: self.polls_late)
 
     def export_stats(self) -> dict[str, Any] | None:
         """The exporter's state (``status``' ``export``, the metrics), None without --export."""

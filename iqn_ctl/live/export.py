@@ -62,7 +62,7 @@ STREAM_SUBJECTS = ("iqn.stalls.*", "iqn.sessions.*")
 #: (JetStream's default, stated so that it is a contract: consumers de-duplicate after it)
 DUPLICATE_WINDOW = 120.0
 #: records published per batch, their acknowledgements awaited together
-BATCH = 4096
+BATCH = 1024
 #: records written to the client's send buffer at once
 PUB_CHUNK = 256
 #: seconds a batch waits for its acknowledgements before its silent records are retried
@@ -74,6 +74,8 @@ BACKOFF_MIN = 0.25
 BACKOFF_MAX = 4.0
 #: the backlog (a COUNT over the waiting rows) is recounted at most this often (s)
 COUNT_EVERY = 1.0
+#: seconds the exporter pauses after a batch during which the packet loop fell behind
+YIELD_PAUSE = 0.2
 #: seconds a stopping agent gives the exporter to ship what is left (the rest waits on disk)
 DRAIN_ON_STOP = 3.0
 #: ``--router-id``: it becomes a subject token and a part of message ids
@@ -135,14 +137,15 @@ def check_export(urls: Sequence[str], router_id: str | None, replicas: int | Non
 
 
 def start_exporter(db: Path, iface: str, urls: Sequence[str], router_id: str | None,
-                   replicas: int | None) -> Exporter:
-    """The agent's exporter, started (its thread runs until :meth:`Exporter.stop`)."""
+                   replicas: int | None, late: Callable[[], int] | None = None) -> Exporter:
+    """The agent's exporter, started (its thread runs until :meth:`Exporter.stop`);
+    ``late``: the packet loop's count of late polls (see :class:`Exporter`)."""
     try:
         import nats  # noqa: F401
     except ImportError:
         raise AgentError("--export needs the nats-py package (pip install nats-py)") from None
     return Exporter(db, iface, router_id or default_router_id(), [check_export_url(u) for u in urls],
-                    replicas).start()
+                    replicas, late=late).start()
 
 
 def _ports(flow: str) -> tuple[int, int]:
@@ -285,20 +288,29 @@ class ExportStats:
     #: epoch of the last acknowledged batch; None before the first
     last_export: float | None = None
     last_error: str = ""
+    #: pauses after batches during which the packet loop fell behind
+    paused: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {"router": self.router, "servers": list(self.servers), "stream": self.stream,
                 "connected": self.connected or None, "backlog": self.backlog,
                 "exported_stalls": self.exported_stalls, "exported_sessions": self.exported_sessions,
                 "errors": self.errors, "retries": self.retries, "last_export": self.last_export,
-                "last_error": self.last_error}
+                "last_error": self.last_error, "paused": self.paused}
 
 
 class Exporter:
     """Ships the outbox of one interface's agent to JetStream from its own thread."""
 
     def __init__(self, db: Path, iface: str, router: str, urls: Sequence[str], replicas: int | None = None,
-                 wall: Callable[[], float] = time.time, batch: int = BATCH) -> None:
+                 wall: Callable[[], float] = time.time, batch: int = BATCH,
+                 late: Callable[[], int] | None = None) -> None:
+        """``late`` counts the packet loop's polls that fell behind (the agent's
+        ``polls_late``): when it grew during a batch, the exporter pauses
+        :data:`YIELD_PAUSE` s before the next, so draining a backlog gives the CPU
+        (and the GIL) back to the loop instead of competing with it."""
+        self._late = late
+        self._late_seen = late() if late is not None else 0
         self.db = db
         self.iface = iface
         self.router = router
@@ -379,6 +391,17 @@ class Exporter:
             self._streak = 0
             self._set(last_error="")
 
+    def _loop_behind(self) -> bool:
+        """Did the packet loop fall behind since the last look? (counted in ``paused``)"""
+        if self._late is None:
+            return False
+        n = self._late()
+        behind, self._late_seen = n > self._late_seen, n
+        if behind:
+            with self._lock:
+                self._stats.paused += 1
+        return behind
+
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()
 
@@ -428,6 +451,8 @@ class Exporter:
                     backoff = min(2 * backoff, BACKOFF_MAX)
                     continue
                 backoff = BACKOFF_MIN
+                if self._loop_behind():
+                    await self._sleep(YIELD_PAUSE)
                 if shipped < self.batch:
                     if self._stopping():
                         break  # the outbox is empty: done
