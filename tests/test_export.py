@@ -342,6 +342,23 @@ def test_stop_ships_what_waits_then_leaves_the_rest(tmp_path: Path) -> None:
     assert got["messages"] == 20_000
 
 
+def test_exporter_yields_to_a_late_packet_loop(tmp_path: Path) -> None:
+    """When the agent's loop fell behind during a batch (its late-poll count grew),
+    the exporter pauses before the next batch; everything still goes."""
+    import itertools
+
+    polls_late = itertools.count()  # a loop that is late every time it is asked
+    with JetStream.start(1, tmp_path / "js") as js, History(tmp_path / "s") as h:
+        h.add([stall(i) for i in range(3000)])
+        ex = Exporter(h.path, "eth0", "r", js.urls, late=lambda: next(polls_late)).start()
+        try:
+            wait_for("the backlog to drain", lambda: drained(ex, h.path))
+            st = ex.stats()
+        finally:
+            ex.stop()
+    assert st["exported_stalls"] == 3000 and st["paused"] >= 2, st
+
+
 # -- fault tolerance -----------------------------------------------------------------
 
 #: the broker outage of the issue (docs/export.md): the test stays under a minute
