@@ -150,6 +150,8 @@ def bench_throughput(tmp: Path, n: int, repeat: int) -> dict[str, Any]:
             "runs": {k: [round(n / t) for t in v] for k, v in times.items()}}
 
 
+#: the machine's 1-minute load average when the bench started (other work shares the CPUs)
+LOAD_AT_START = os.getloadavg()[0]
 #: the sequential js.publish baseline runs once (it is slow and only a reference)
 QUICK_SEQ = False
 
@@ -214,7 +216,8 @@ def report(tp: dict[str, Any], ag: list[dict[str, Any]], args: argparse.Namespac
     lines = [
         SECTION, "",
         f"`{CMD}`{' --quick' if args.quick else ''} ({platform.node()}, {os.cpu_count()} CPUs shared "
-        f"with other work, nats-server {_server_version()}, {time.strftime('%Y-%m-%d')}).", "",
+        f"with other work, load average {LOAD_AT_START:.1f} at the start, nats-server {_server_version()}, "
+        f"{time.strftime('%Y-%m-%d')}).", "",
     ]
     if tp:
         lines += _throughput_lines(tp, args)
