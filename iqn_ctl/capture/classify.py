@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from iqn_ctl.engine.flowkey import flow_label
+from iqn_ctl.engine.flowkey import FlowKey
 from iqn_ctl.engine.params import CandidateFilter
 
 I64 = npt.NDArray[np.int64]
@@ -84,6 +84,10 @@ class Candidates:
     linktypes: list[int] = field(default_factory=list)
     #: which input frame each candidate is (index into the frames classified)
     frame_index: I64 = field(default_factory=lambda: np.empty(0, np.int64))
+    #: each candidate's length as the size band measures it (the frame bytes the kernel counts)
+    sizes: I64 = field(default_factory=lambda: np.empty(0, np.int64))
+    #: each flow's 5-tuple, parallel to ``labels``
+    keys: list[FlowKey] = field(default_factory=list)
 
 
 
@@ -186,9 +190,10 @@ def classify(
     timed = ~np.isnan(times)
     untimed = int(times.size - timed.sum())
     index = np.concatenate([k4, k6])[timed]
+    sizes = np.concatenate([size[i4][c4], size[i6][c6]])[timed]
     keys, times = keys[timed], times[timed]
     order = np.argsort(times, kind="stable")
-    keys, times, index = keys[order], times[order], index[order]
+    keys, times, index, sizes = keys[order], times[order], index[order], sizes[order]
     if times.size:
         void = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel()
         uniq, first, inverse = np.unique(void, return_index=True, return_inverse=True)
@@ -197,15 +202,20 @@ def classify(
         rank[np.argsort(first, kind="stable")] = np.arange(uniq.size)
         flow_ids = rank[inverse.ravel()]
         labels: list[tuple[str, str]] = [("", "")] * uniq.size
+        fkeys: list[FlowKey] = [FlowKey("", 0, "", 0, 4)] * uniq.size
         for u in range(uniq.size):
-            labels[int(rank[u])] = _label(keys[int(first[u])])
+            fk = _flowkey(keys[int(first[u])])
+            fkeys[int(rank[u])] = fk
+            labels[int(rank[u])] = (fk.label, fk.client)
     else:
-        flow_ids, labels = np.empty(0, np.int64), []
+        flow_ids, labels, fkeys = np.empty(0, np.int64), [], []
     return Candidates(
         frame_index=index.astype(np.int64),
         flow_ids=flow_ids.astype(np.int64),
         times=times,
         labels=labels,
+        keys=fkeys,
+        sizes=np.asarray(sizes, np.int64),
         packets=total,
         candidates=int(times.size),
         undecodable=int(undecodable),
@@ -267,12 +277,12 @@ def _link(
     return valid, et, l3
 
 
-def _label(row: npt.NDArray[np.uint8]) -> tuple[str, str]:
-    """The flow label of a key row, and its client address."""
+def _flowkey(row: npt.NDArray[np.uint8]) -> FlowKey:
+    """The 5-tuple of a key row (server to client)."""
     raw = row.tobytes()
     sport, dport = struct.unpack("!HH", raw[33:37])
     if raw[0] == 4:
         src, dst = str(ipaddress.IPv4Address(raw[1:5])), str(ipaddress.IPv4Address(raw[17:21]))
     else:
         src, dst = str(ipaddress.IPv6Address(raw[1:17])), str(ipaddress.IPv6Address(raw[17:33]))
-    return flow_label(src, sport, dst, dport), dst
+    return FlowKey(src, sport, dst, dport, int(raw[0]))

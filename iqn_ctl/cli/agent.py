@@ -18,13 +18,26 @@ from typing import Any
 import typer
 
 from iqn_ctl.engine import params as P
-from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from iqn_ctl.engine.watch import DEFAULT_SLOT
 from iqn_ctl.live.api import DEFAULT_RUN_DIR, NoAgent, agent_sockets, request, sock_path
 from iqn_ctl.live.history import DEFAULT_STATE_DIR, History
 from iqn_ctl.live.settings import DEFAULT_RING_PAGES, DEFAULT_XDP_MODE
 
-from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, app, fmt_time, friendly
+from .common import (
+    OptBulkRatio,
+    OptEstimator,
+    OptJson,
+    OptKey,
+    OptMax,
+    OptMin,
+    OptN,
+    OptP,
+    OptPort,
+    UserError,
+    app,
+    fmt_time,
+    friendly,
+)
 
 OptRunDir = typer.Option(
     DEFAULT_RUN_DIR, "--run-dir", envvar="IQN_RUN_DIR", hidden=True,
@@ -57,7 +70,7 @@ def attach(
         DEFAULT_XDP_MODE, "--xdp-mode", help="auto (native, else generic), native or skb"
     ),
     daemon: bool = typer.Option(False, "--daemon", help="run in the background (pid file in the run dir)"),
-    key: str = typer.Option("5tuple", "--key", help="5tuple: a flow per connection; client: per client"),
+    key: str = OptKey,
     max_flows: int = typer.Option(
         P.DEFAULT_MAX_FLOWS, "--max-flows", help="flows tracked at once (least recent dropped)"
     ),
@@ -71,18 +84,12 @@ def attach(
         False, "--redact", help="log client addresses as keyed hashes (anon-...), not in the clear"
     ),
     force: bool = typer.Option(False, "--force", help="replace another XDP program already on IFACE"),
-    estimator: str = typer.Option(
-        DEFAULT_ESTIMATOR, "--estimator", help=f"one of: {', '.join(sorted(ESTIMATORS))}"
-    ),
+    estimator: str = OptEstimator,
     ring_pages: int = typer.Option(
         DEFAULT_RING_PAGES, "--ring-pages", "--perf-pages",
         help="ring buffer size, 4 KiB pages shared by all CPUs (a power of two; --perf-pages: old name)",
     ),
-    bulk_ratio: float = typer.Option(
-        2.0, "--bulk-ratio",
-        help="discard a stall whose flow carried more than this many full-size packets' worth of "
-             "other traffic per candidate during it (a video flow, not a signal); 0 keeps every stall",
-    ),
+    bulk_ratio: float = OptBulkRatio,
     source_rate: float = typer.Option(
         P.DEFAULT_SOURCE_RATE, "--source-rate",
         help="new flows per second (and per burst) one server address may open; more are refused "

@@ -11,10 +11,14 @@ import typer
 
 from iqn_ctl.clikit import fmt_time, friendly_for, make_app
 from iqn_ctl.engine import params as P
+from iqn_ctl.engine.discard import DEFAULT_BULK_RATIO
+from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from iqn_ctl.engine.flowkey import KEY_MODES
 from iqn_ctl.errors import UserError
 
 __all__ = [
-    "OptJson", "OptMax", "OptMin", "OptN", "OptP", "OptPort", "UserError", "app", "fmt_time", "friendly",
+    "DEFAULT_BULK_RATIO", "OptBulkRatio", "OptEstimator", "OptJson", "OptKey", "OptMax", "OptMin", "OptN",
+    "OptP", "OptPort", "UserError", "app", "check_estimator", "fmt_time", "friendly",
 ]
 
 app = make_app(
@@ -30,5 +34,23 @@ OptMin = typer.Option(P.DEFAULT_MIN_SIZE, "--min-size", help="smallest candidate
 OptMax = typer.Option(P.DEFAULT_MAX_SIZE, "--max-size", help="largest candidate Ethernet frame, bytes")
 OptPort = typer.Option(P.DEFAULT_PORT, "--port", help="server UDP port of candidates")
 OptJson = typer.Option(False, "--json", help="machine-readable output")
+# what the live agent and a capture replay do with the engine's stalls: defined
+# once, so `replay` with the agent's flags records what the agent recorded
+OptEstimator = typer.Option(
+    DEFAULT_ESTIMATOR, "--estimator", help=f"one of: {', '.join(sorted(ESTIMATORS))}"
+)
+OptKey = typer.Option(
+    "5tuple", "--key", help=f"{' or '.join(KEY_MODES)}: a flow per connection, or one per client"
+)
+OptBulkRatio = typer.Option(
+    DEFAULT_BULK_RATIO, "--bulk-ratio",
+    help="discard a stall whose flow carried more than this many full-size packets' worth of "
+         "other traffic per candidate during it (a video flow, not a signal); 0 keeps every stall",
+)
+
+
+def check_estimator(name: str) -> None:
+    if name not in ESTIMATORS:
+        raise UserError(f"unknown --estimator {name!r}; choose one of {', '.join(sorted(ESTIMATORS))}")
 
 _fmt_time = fmt_time

@@ -13,11 +13,27 @@ from pathlib import Path
 import typer
 
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from iqn_ctl.engine.flowkey import KEY_MODES
 from iqn_ctl.engine.params import CandidateFilter, SignalParams
 from iqn_ctl.evaluate.scoring import SIGNIFICANT, TOLERANCE, Score
 from iqn_ctl.evaluate.traces import Stall
 
-from .common import OptJson, OptMax, OptMin, OptN, OptP, OptPort, UserError, app, fmt_time, friendly
+from .common import (
+    OptBulkRatio,
+    OptEstimator,
+    OptJson,
+    OptKey,
+    OptMax,
+    OptMin,
+    OptN,
+    OptP,
+    OptPort,
+    UserError,
+    app,
+    check_estimator,
+    fmt_time,
+    friendly,
+)
 
 
 @app.command()
@@ -29,17 +45,22 @@ def replay(
     min_size: int = OptMin,
     max_size: int = OptMax,
     port: int = OptPort,
-    estimator: str = typer.Option(
-        DEFAULT_ESTIMATOR, "--estimator", help=f"one of: {', '.join(sorted(ESTIMATORS))}"
-    ),
+    estimator: str = OptEstimator,
+    key: str = OptKey,
+    bulk_ratio: float = OptBulkRatio,
     as_json: bool = OptJson,
 ) -> None:
-    """Offline inference on a capture or a paper timestamp file."""
-    from iqn_ctl.evaluate.replay import replay_capture, replay_timestamps
+    """Offline inference on a capture or a paper timestamp file; with the live
+    agent's options (--key, --bulk-ratio, estimator, p, n, sizes, port) a
+    capture gives the stalls the agent recorded from the same traffic."""
+    from iqn_ctl.evaluate.replay import replay_capture_full, replay_timestamps
     from iqn_ctl.evaluate.traces import looks_like_timestamps, stall_to_json
 
-    if estimator not in ESTIMATORS:
-        raise UserError(f"unknown --estimator {estimator!r}; choose one of {', '.join(sorted(ESTIMATORS))}")
+    check_estimator(estimator)
+    if key not in KEY_MODES:
+        raise UserError(f"--key must be one of {', '.join(KEY_MODES)}, got {key!r}")
+    if not 0 <= bulk_ratio < 1e6:
+        raise UserError(f"--bulk-ratio must be >= 0, got {bulk_ratio}")
     params = SignalParams(p, n)
     filt = CandidateFilter(port, min_size, max_size)
     if not source.exists():
@@ -58,7 +79,11 @@ def replay(
     if looks_like_timestamps(source):
         stalls = replay_timestamps(source, params, estimator, warn=warn)
     else:
-        stalls = replay_capture(source, params, estimator, filt, warn=warn, report=report)
+        got = replay_capture_full(source, params, estimator, filt, warn=warn, report=report,
+                                  key_mode=key, bulk_ratio=bulk_ratio)
+        stalls = got.stalls
+        if got.discarded:
+            report(f"{len(got.discarded)} stall(s) discarded as bulk traffic (--bulk-ratio {bulk_ratio:g})")
     if as_json:
         for st in stalls:
             typer.echo(stall_to_json(st))

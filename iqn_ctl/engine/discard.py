@@ -30,8 +30,8 @@ Two choices are deliberate:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
-from typing import NamedTuple, TypeVar
+from collections.abc import Callable, Hashable, Mapping
+from typing import Generic, NamedTuple, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -62,6 +62,9 @@ def _other(d: Counters, max_size: int) -> tuple[int, int, int]:
     cands = max(d.candidates, 1)
     return cands, d.packets - cands, d.bytes - cands * max_size
 
+
+#: --bulk-ratio's default, for the live agent and replay alike
+DEFAULT_BULK_RATIO = 2.0
 
 #: what the bulk check of a recorded stall found (the record's ``bulk_check``)
 CHECK_OK = "ok"  # every connection that may have carried the signal was compared
@@ -132,3 +135,42 @@ def bulk_check(
     what = "bulk flow" if len(judged) == 1 else f"bulk flows ({len(judged)} connections)"
     return CHECK_OK, (f"{what}: {others} other packets ({other_bytes} bytes) beside "
                       f"{cands} candidates during it (--bulk-ratio {bulk_ratio:g})")
+
+
+#: a look-up of counters: each given connection's, None where there is no entry
+CounterLookup = Callable[[list[K]], Mapping[K, Counters | None]]
+
+
+class BulkJudge(Generic[K]):
+    """``--bulk-ratio`` over a stall's life, for the live agent and replay alike.
+
+    At a stall's start the counters of the connections that carried its flow's
+    candidates so far are noted; at its end they are looked up again (those
+    noted, plus any the flow gained), and :func:`bulk_check` compares the two.
+    The caller says where counters come from: the kernel's map (live), or
+    counters rebuilt from a capture at the instants the live agent would have
+    read them (:mod:`iqn_ctl.evaluate.replay`). Keeping the bookkeeping here is
+    what makes a replay with the same options record the same stalls.
+    """
+
+    def __init__(self, bulk_ratio: float, max_size: int) -> None:
+        self.bulk_ratio = bulk_ratio
+        self.max_size = max_size
+        self._base: dict[Hashable, Mapping[K, Counters | None]] = {}
+
+    def started(self, flow: Hashable, conns: list[K], lookup: CounterLookup[K] | None) -> None:
+        """A stall of ``flow`` started; ``conns`` are its connections known now."""
+        if self.bulk_ratio > 0 and lookup is not None:
+            self._base[flow] = lookup(conns)
+
+    def ended(self, flow: Hashable, conns: list[K], lookup: CounterLookup[K] | None) -> tuple[str, str]:
+        """(check, reason) for the stall of ``flow`` that just ended
+        (:func:`bulk_check`); ``CHECK_OFF`` with the rule disabled or no counters.
+        The connections noted at the start are looked up again even if the
+        caller forgot them since, so an evicted one shows as unknown, not gone."""
+        base = self._base.pop(flow, None)
+        if self.bulk_ratio <= 0 or lookup is None:
+            return CHECK_OFF, ""
+        base = base or {}
+        now = lookup(list(dict.fromkeys([*base, *conns])))
+        return bulk_check(base, now, self.max_size, self.bulk_ratio)

@@ -16,7 +16,7 @@ if it had arrived at the watermark and counted in ``late``.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +51,12 @@ class StallEnded:
     candidates: int
     #: True when the input ended with the stall still open (replay only)
     truncated: bool = False
+    #: when the stall-end condition first held (time-driven estimators; None
+    #: otherwise): a clock-driven caller (the live agent) notices the end then,
+    #: while a batch feed learns it only from the next arrival (``detected_at``).
+    #: Replay reads its counters at min(detected_at, quiet) to see what the
+    #: live agent saw (iqn_ctl.engine.discard.BulkJudge)
+    quiet: float | None = field(default=None, compare=False)
 
     @property
     def duration(self) -> float:
@@ -203,7 +209,7 @@ class StallTracker:
         self.stalls += 1
         self.stall_start = None
         self.last_duration = end - start
-        return StallEnded(self.flow, start, end, detected, self._seg_count, truncated)
+        return StallEnded(self.flow, start, end, detected, self._seg_count, truncated, quiet)
 
     def _process(self, block: FloatArray) -> list[Event]:
         """Run the state machine over sorted arrivals that follow everything seen."""

@@ -519,7 +519,7 @@ class VectorFlowTable:
         self._stalls[s] += 1
         self._stall_start[s] = np.nan
         self._last_dur[s] = end - start
-        return StallEnded(self._key[s], start, end, detected, seg.count, truncated)
+        return StallEnded(self._key[s], start, end, detected, seg.count, truncated, quiet)
 
     def _close(self, slots: IntArray) -> list[Event]:
         """StallTracker.close for ``slots``, events slot by slot in that order."""

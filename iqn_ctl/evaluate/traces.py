@@ -13,7 +13,7 @@ import math
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -35,6 +35,10 @@ class Stall:
     end: float
     flow: str = "trace"
     client: str = "trace"
+    #: candidates the engine attributed to an inferred stall (None: not known)
+    candidates: int | None = field(default=None, compare=False)
+    #: what the --bulk-ratio check of an inferred stall found (iqn_ctl.engine.discard), None: not run
+    bulk_check: str | None = field(default=None, compare=False)
 
     @property
     def duration(self) -> float:
@@ -203,6 +207,10 @@ def stall_to_json(st: Stall, **extra: object) -> str:
         "end": st.end,
         "duration": st.duration,
     }
+    if st.candidates is not None:
+        rec["candidates"] = st.candidates
+    if st.bulk_check is not None:
+        rec["bulk_check"] = st.bulk_check
     rec.update(extra)
     return json.dumps(rec)
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from iqn_ctl.engine.discard import CHECK_OFF, Counters, bulk_check
+from iqn_ctl.engine.discard import DEFAULT_BULK_RATIO, BulkJudge, Counters
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_SOURCE_RATE, CandidateFilter, SignalParams
 from iqn_ctl.engine.tracker import Event, StallEnded, StallStarted
@@ -246,7 +246,7 @@ class AgentConfig:
     #: --ring-pages (old name --perf-pages): the BPF ring buffer, 4 KiB pages shared by all CPUs
     ring_pages: int = DEFAULT_RING_PAGES
     #: see Agent._bulk(): 0 disables the check
-    bulk_ratio: float = 2.0
+    bulk_ratio: float = DEFAULT_BULK_RATIO
     #: new flows per second (and per burst) one server address may open; 0: no limit
     source_rate: float = DEFAULT_SOURCE_RATE
     #: --slot: seconds per watched-time record (iqn_ctl.live.sessions)
@@ -328,8 +328,8 @@ class Agent:
         self.stalls_started = 0
         self.stalls_ended = 0
         self.stalls_discarded = 0
-        #: kernel counters of each of a flow's connections when its stall started
-        self._stall_base: dict[Hashable, dict[bytes, Counters | None]] = {}
+        #: --bulk-ratio: the kernel counters of each stall's connections at its start and end
+        self._judge: BulkJudge[bytes] = BulkJudge(cfg.bulk_ratio, cfg.filt.max_size)
         #: the start (epoch) each open stall was written with: its end replaces that row
         self._open: dict[Hashable, float] = {}
         self._state = threading.Lock()
@@ -558,8 +558,7 @@ class Agent:
             info = self.flows.info(e.flow)
             label, client = self._shown(info.label, info.client)  # as the log names them
             if isinstance(e, StallStarted):
-                if self.cfg.bulk_ratio and self.dp is not None:
-                    self._stall_base[e.flow] = self.dp.flow_counters(self.flows.raws(e.flow))
+                self._judge.started(e.flow, self.flows.raws(e.flow), self._counter_lookup())
                 self.stalls_started += 1
                 if self.sessions is not None:
                     self.sessions.stall_started(e.flow, info.client, info.server, e.start + off)
@@ -602,21 +601,15 @@ class Agent:
         if self.history is not None:
             self.history.flush()  # failures are held, counted and retried, never stop inference
 
+    def _counter_lookup(self) -> Callable[[list[bytes]], dict[bytes, Counters | None]] | None:
+        return self.dp.flow_counters if self.dp is not None else None
+
     def _bulk(self, e: StallEnded) -> tuple[str, str]:
         """(what the check could tell, why this stall is bulk traffic rather
-        than a signal or ""): :func:`~iqn_ctl.engine.discard.bulk_check` on the
+        than a signal or ""): :class:`~iqn_ctl.engine.discard.BulkJudge` on the
         kernel counters of the stall's connections (several with --key client)
-        at its start and end. The connections known at the start are looked up
-        again even if the key cache forgot them since, so an evicted one shows
-        as unknown, not as gone; "unknown" goes into the stall's record.
-        """
-        base = self._stall_base.pop(e.flow, None)
-        if self.dp is None or not self.cfg.bulk_ratio:
-            return CHECK_OFF, ""
-        if base is None:
-            base = {}
-        now = self.dp.flow_counters(dict.fromkeys([*base, *self.flows.raws(e.flow)]))
-        return bulk_check(base, now, self.cfg.filt.max_size, self.cfg.bulk_ratio)
+        at its start and end; "unknown" goes into the stall's record."""
+        return self._judge.ended(e.flow, self.flows.raws(e.flow), self._counter_lookup())
 
     # -- API --
 

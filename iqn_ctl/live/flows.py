@@ -25,27 +25,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR
-from iqn_ctl.engine.flowkey import FlowKey
+from iqn_ctl.engine.flowkey import KEY_MODES, FlowInfo, FlowKey, flow_of
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_SOURCE_RATE, SignalParams
 from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event
 from iqn_ctl.engine.vector import FlowColumns, VectorFlowTable
 from iqn_ctl.live.layout import decode_key
 from iqn_ctl.live.settings import AgentError
 
-KEY_MODES = ("5tuple", "client")
+__all__ = ["KEY_MODES", "FlowInfo", "FlowsSnapshot", "LiveFlows", "SourceLimit"]
 #: raw keys remembered per flow (--key client: a client's connections, newest kept)
 RAWS_PER_FLOW = 64
 #: source buckets kept before the full ones (equivalent to none) are dropped
 MAX_SOURCES = 4096
-
-
-@dataclass(slots=True)
-class FlowInfo:
-    """How a flow is named to people: the flow label, its client and server."""
-
-    label: str
-    client: str
-    server: str
 
 
 class SourceLimit:
@@ -132,13 +123,7 @@ class LiveFlows:
             return fid
         if len(self._fid) >= 4 * self.max_flows:
             self._fid.clear()  # bounded cache; refilled from the live flows on demand
-        k = self._decode(raw)
-        if self.key_mode == "client":
-            fid = k.client
-            info = FlowInfo(k.client, k.client, k.server)
-        else:
-            fid = k
-            info = FlowInfo(k.label, k.client, k.server)
+        fid, info = flow_of(self._decode(raw), self.key_mode)
         self._fid[raw] = fid
         old = self._info.get(fid)
         if old is None or old.server != info.server:
@@ -242,8 +227,7 @@ class FlowsSnapshot:
         fid = self.fids.get(raw)
         if fid is not None:
             return fid
-        k = self.decode(raw)  # not cached: the loop owns the caches
-        return k.client if self.key_mode == "client" else k
+        return flow_of(self.decode(raw), self.key_mode)[0]  # not cached: the loop owns the caches
 
     def rows(
         self, stats: Iterable[tuple[bytes, dict[str, int]]] = (), offset: float = 0.0,
