@@ -1,4 +1,4 @@
-"""The ``iqn-lab`` command line: up, down, status, rate, exec.
+"""The ``iqn-lab`` command line: up, down, status, rate, jitter, exec.
 
 Expected failures (not root, bad rate, lab not up) end as one
 ``iqn-lab: error: ...`` line and exit status 2, never a traceback.
@@ -107,6 +107,39 @@ def rate(
     lab.stop_schedule()
     lab.set_rate(bits)
     typer.echo(f"lab {prefix}: bottleneck {value}")
+
+
+@app.command()
+@friendly
+def jitter(
+    delay: str = typer.Argument(..., help="constant part of the delay, seconds, or 'off'"),
+    spread: float = typer.Option(0.0, "--jitter", help="jitter, seconds (the paper's path: about 1)"),
+    dist: str = typer.Option(
+        "uniform", "--dist", help="constant, uniform (delay + U(0, jitter)), normal (sd jitter) or "
+                                  "exponential (mean jitter)",
+    ),
+    prefix: str = OptPrefix,
+) -> None:
+    """Delay the OTT's packets to the router (the server-to-client path) with jitter; 'off' stops it."""
+    from . import jitter as J
+
+    if delay.strip().lower() == "off":
+        _root()
+        lab = Lab(prefix)
+        typer.echo(f"lab {prefix}: " + ("jitter off" if J.stop_bg(lab.state) else "no jitter was on"))
+        return
+    try:
+        seconds = float(delay)
+    except ValueError:
+        raise LabError(f"bad delay {delay!r}: seconds (e.g. 0.05) or off") from None
+    spec = J.Jitter(seconds, spread, dist)
+    _root()
+    lab = Lab(prefix)
+    lab.need_ns("ott")
+    pid = J.start(lab.names.ott_if, spec, lab.ott_ns, lab.state)
+    typer.echo(f"lab {prefix}: {dist} jitter on {lab.names.ott_if} "
+               f"(delay {seconds:g} s, jitter {spread:g} s; "
+               f"delay line pid {pid}, log {lab.state / 'jitter.log'})")
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

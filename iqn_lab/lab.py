@@ -115,6 +115,10 @@ class Lab:
         self._need_ns(role)
         return subprocess.Popen(self.argv(role, argv), **kwargs)
 
+    def need_ns(self, role: str) -> None:
+        """Fail with one line unless the lab's ``role`` namespace exists (the lab is up)."""
+        self._need_ns(role)
+
     def _need_ns(self, role: str) -> None:
         if not netns.exists(self.ns(role)):
             raise LabError(f"lab {self.prefix!r} is not up (no namespace {self.ns(role)}): run iqn-lab up")

@@ -269,3 +269,32 @@ def test_ott_answers_bad_requests_with_errors_not_crashes(lab: Any, browser: Any
     )
     assert codes == [404, 400, 405, 404, 404, 200]
     assert lab.health().daemons["ott"] is not None
+
+
+def test_jitter_delays_the_server_to_client_path(lab: Any) -> None:
+    """`iqn-lab jitter` puts the delay line on the OTT's egress: every answer
+    to the client leaves at least the configured delay late (a lower bound the
+    delay line guarantees, whatever the load); `off` takes it away again.
+    The distribution itself is measured in tests/test_lab_jitter.py."""
+    from iqn_lab import topology as T
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "iqn_lab.cli", "jitter", *args, "--prefix", lab.prefix],
+                              capture_output=True, text=True, timeout=180)  # fmt: skip
+
+    def filters() -> str:
+        return lab.exec("ott", ["tc", "filter", "show", "dev", f"{lab.prefix}-o0", "egress"],
+                        capture_output=True, text=True).stdout  # fmt: skip
+
+    on = cli("0.3", "--dist", "constant")
+    assert on.returncode == 0, on.stderr
+    try:
+        assert "iqn_jitter" in filters()
+        ping = lab.exec("client", ["ping", "-n", "-c", "4", "-i", "0.2", "-W", "10", T.OTT_WWW],
+                        capture_output=True, text=True, timeout=60)  # fmt: skip
+        rtts = [float(x.split("time=")[1].split()[0]) for x in ping.stdout.splitlines() if "time=" in x]
+        assert len(rtts) == 4 and min(rtts) >= 300.0, ping.stdout
+    finally:
+        off = cli("off")
+    assert off.returncode == 0 and "jitter off" in off.stdout, off.stderr
+    assert "iqn_jitter" not in filters()
