@@ -18,6 +18,7 @@ from typing import TypeVar
 import typer
 
 from iqn_ctl.errors import IqnError
+from iqn_ctl.extras import missing_extra
 
 F = TypeVar("F", bound=Callable[..., object])
 USER_ERROR_EXIT = 2
@@ -62,6 +63,11 @@ def friendly_for(prog: str, permission_hint: str | None = None) -> Callable[[F],
                 return fn(*args, **kwargs)
             except IqnError as e:
                 raise fail(prog, str(e)) from None
+            except ModuleNotFoundError as e:
+                known = missing_extra(e)  # an optional module of an install role
+                if known is None:
+                    raise
+                raise fail(prog, str(known)) from None
             except PermissionError as e:
                 if permission_hint is None:
                     raise

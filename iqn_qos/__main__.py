@@ -1,5 +1,5 @@
 """``python -m iqn_qos`` runs the ``iqn-qos`` command line."""
 
-from .cli import main
+from .launch import main
 
 main()

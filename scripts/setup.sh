@@ -60,7 +60,7 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   echo "setup: installing the project and its Python dependencies into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev,bench,qos]'
+  .venv/bin/python -m pip install -q -e '.[all]'
   touch "$stamp"
 fi
 echo "setup: ready (.venv/bin/iqn-ctl)"

@@ -45,9 +45,9 @@ import pytest
 from conftest import need
 from test_agent_live import LEAD, burst_times, cli, need_xdp, poll_until, settled, stop, wait_ready
 
+from iqn_ctl.live.api import request, sock_path
 from iqn_lab.testbed import IQN_CTL
 from iqn_lab.testbed import Testbed as Lab
-from iqn_ctl.live.api import request, sock_path
 
 #: largest difference allowed between a live stall edge and the replayed one (see the docstring)
 CLOCK_TOL = 0.005

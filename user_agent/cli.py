@@ -203,7 +203,19 @@ def truth(
     say(f"{rec.stalls} stalls recorded")
 
 
+#: what the end-user agent needs beyond the base install: the 'user' role
+USER_MODULES = ("selenium", "pyautogui", "mss", "PIL")
+
+
 def main() -> None:
+    import importlib.util
+    import sys
+
+    for m in USER_MODULES:  # one line naming the extra, not a traceback from deep inside
+        if importlib.util.find_spec(m) is None:
+            print(f"iqn-agent: error: {m} is missing: install the 'user' role: pip install 'iqn[user]' "
+                  "(or bash scripts/setup.sh)", file=sys.stderr)
+            raise SystemExit(2)
     app(prog_name="iqn-agent")
 
 

@@ -115,6 +115,9 @@ def attach(
     run_dir: Path = OptRunDir,
 ) -> None:
     """Load the XDP program on IFACE and infer stalls live until SIGINT/SIGTERM."""
+    from iqn_ctl.extras import require
+
+    require("iqn-ctl attach", "pyroute2", "prometheus_client")  # the router role
     from iqn_ctl.engine.params import CandidateFilter, SignalParams
     from iqn_ctl.live.agent import AgentConfig, check_iface, need_root, serve
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from iqn_ctl.errors import IqnError
+from iqn_ctl.extras import hint
 
 Direction = Literal["ingress", "egress"]
 #: the clsact qdisc's two pseudo-parents (TC_H_CLSACT with TC_H_MIN_INGRESS / _EGRESS)
@@ -54,7 +55,7 @@ def _ipr() -> Any:
     try:
         from pyroute2 import IPRoute
     except ImportError:  # pragma: no cover - a dependency of the project
-        raise TcError("pyroute2 is missing: run `bash scripts/setup.sh`") from None
+        raise TcError(hint("pyroute2") or "pyroute2 is missing") from None
     return IPRoute()
 
 
