@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from iqn_ctl.extras import hint
 from iqn_ctl.live.history import ensure_outbox
 from iqn_ctl.live.settings import AgentError
 
@@ -143,7 +144,7 @@ def start_exporter(db: Path, iface: str, urls: Sequence[str], router_id: str | N
     try:
         import nats  # noqa: F401
     except ImportError:
-        raise AgentError("--export needs the nats-py package (pip install nats-py)") from None
+        raise AgentError(f"--export: {hint('nats')}") from None
     return Exporter(db, iface, router_id or default_router_id(), [check_export_url(u) for u in urls],
                     replicas, late=late).start()
 
