@@ -114,7 +114,9 @@ def test_numbers_only_install_runs_the_offline_tools_as_nobody() -> None:
         assert len((out / "sweep.csv").read_text().splitlines()) == 1 + 2 * 2
 
         # a role that is not installed: one line naming the extra, exit 2
-        at = nobody("attach", "lo")
+        # (state and run dirs nobody may read: the defaults, /var/lib/iqn and /run/iqn, may
+        # exist, root's and private, and typer refuses an unreadable path before the command runs)
+        at = nobody("attach", "lo", "--state-dir", str(out / "state"), "--run-dir", str(out / "run"))
         assert at.returncode == 2, at.stderr
         assert at.stderr.strip() == (
             "iqn-ctl: error: iqn-ctl attach: pyroute2 is missing: install the 'router' role: "
