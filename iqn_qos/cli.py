@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -140,12 +141,22 @@ def predict(
     client: str = typer.Option(None, "--client", help="client address (needs --topology)"),
     server: str = typer.Option(None, "--server", help="server address (needs --topology)"),
     topology: Path = OptTopo,
-    store: Path = typer.Option(..., "--store", help="DuckDB file written by 'iqn-qos infer --store'"),
+    store: Path = typer.Option(None, "--store", help="DuckDB file written by 'iqn-qos infer --store'"),
+    service: str = typer.Option(None, "--service", help="ask a running 'iqn-qos serve' (its URL) instead"),
     recent: int = typer.Option(4, "--slots", help="use the latest K slots"),
     half_life: float = typer.Option(1.0, "--half-life", help="weight halves every this many slots back"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
     """Expected bad-unit rate on a path, from the latest slots (recent slots weigh more)."""
+    if (store is None) == (service is None):
+        raise QosError("give either --store FILE or --service URL")
+    if service is not None:
+        if path is None and (client is None or server is None):
+            raise QosError("give --path A,B,C or --client ADDR --server ADDR")
+        q = {"path": path} if path is not None else {"client": client, "server": server}
+        fc = service_get(service, "/api/predict", {**q, "slots": recent, "half_life": half_life})
+        _print_forecast(fc, as_json)
+        return
     topo = _topology(topology)
     if path is not None:
         if client is not None or server is not None:
@@ -174,24 +185,48 @@ def predict(
     if not history:
         raise QosError(f"{store}: no estimates stored yet")
     fc = predict_path(comps, history, half_life=half_life)
+    _print_forecast(
+        {"path": list(fc.path), "p": fc.p, "lo": fc.lo, "hi": fc.hi, "slots": fc.slots,
+         "unknown": list(fc.unknown)},
+        as_json,
+    )
+
+
+def _print_forecast(fc: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "path": list(fc.path),
-                    "p": fc.p,
-                    "lo": fc.lo,
-                    "hi": fc.hi,
-                    "slots": fc.slots,
-                    "unknown": list(fc.unknown),
-                }
-            )
-        )
+        typer.echo(json.dumps(fc))
         return
     typer.echo(
-        f"{','.join(fc.path)}: p = {fc.p:.5f} [{fc.lo:.5f}, {fc.hi:.5f}] from {fc.slots} slot(s)"
-        + (f"; no estimate for {','.join(fc.unknown)}" if fc.unknown else "")
+        f"{','.join(fc['path'])}: p = {fc['p']:.5f} [{fc['lo']:.5f}, {fc['hi']:.5f}]"
+        f" from {fc['slots']} slot(s)"
+        + (f"; no estimate for {','.join(fc['unknown'])}" if fc["unknown"] else "")
     )
+
+
+def service_get(base: str, path: str, query: dict[str, object] | None = None) -> Any:
+    """GET a JSON endpoint of a running ``iqn-qos serve``; its errors are one line."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if not base.startswith(("http://", "https://")):
+        base = "http://" + base
+    url = base.rstrip("/") + path
+    if query:
+        url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            msg = e.reason
+        raise QosError(f"{base}: {msg}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise QosError(f"--service {base}: cannot reach the service ({getattr(e, 'reason', e)})") from None
+    except ValueError:
+        raise QosError(f"--service {base}: not an iqn-qos service (no JSON at {path})") from None
 
 
 @app.command()
@@ -244,6 +279,59 @@ def from_agent(
         out.write_text(text, encoding="utf-8")
     except OSError as e:
         raise QosError(f"{out}: {e.strerror}") from None
+
+
+@app.command()
+@friendly
+def serve(
+    nats: list[str] = typer.Option(..., "--nats", help="NATS server URL (repeat for a cluster's seeds)"),
+    topology: Path = typer.Option(..., "--topology", help="topology file (YAML, JSON or GraphML)"),
+    store: Path = typer.Option(..., "--store", help="DuckDB file for lines, records and estimates"),
+    durable: str = typer.Option("iqn-qos", "--durable", help="name of the durable JetStream consumer"),
+    slot: float = typer.Option(900.0, "--slot", help="slot length, seconds"),
+    grace: float = typer.Option(10.0, "--grace", help="a slot closes this many seconds after its end"),
+    listen: str = typer.Option("127.0.0.1:9480", "--listen", help="HTTP address: web page, /metrics, API"),
+    threshold: float = OptThr,
+    l1: float = OptL1,
+    batch: int = typer.Option(5000, "--batch", help="messages per pull request"),
+) -> None:
+    """The live QoS service: consume the routers' export (NATS JetStream), store, infer, serve."""
+    import re
+
+    from .serve import ServeConfig, main, parse_listen
+
+    _check(slot, threshold, l1)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", durable):
+        raise QosError(f"--durable must match [A-Za-z0-9_-]{{1,64}}, got {durable!r}")
+    if not 1 <= batch <= 100_000:
+        raise QosError(f"--batch must be in 1..100000, got {batch}")
+    host, port = parse_listen(listen)
+    main(ServeConfig(nats=nats, topology=topology, store=store, durable=durable, slot_s=slot, grace_s=grace,
+                     host=host, port=port, batch=batch, threshold=threshold, l1=l1))
+
+
+@app.command()
+@friendly
+def components(
+    service: str = typer.Option(..., "--service", help="URL of a running 'iqn-qos serve'"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per component"),
+    top: int = typer.Option(0, "--top", help="only the worst K (0: all)"),
+) -> None:
+    """The running service's components, worst first (latest slot), with their latest estimate."""
+    got = service_get(service, "/api/components")
+    comps = got.get("components", [])[: top or None]
+    if as_json:
+        for c in comps:
+            typer.echo(json.dumps({k: c[k] for k in ("slot", "component", "kind", "p", "lo", "hi", "lines",
+                                                      "faulty")}))
+        return
+    last = got.get("last_slot")
+    typer.echo(f"latest slot inferred: {_when(last) + ' UTC' if last is not None else 'none yet'}; "
+               f"{len(got.get('components', []))} components")
+    typer.echo(f"  {'component':<32} {'kind':<16} {'p':>9} {'lo':>9} {'hi':>9} {'lines':>6}  faulty")
+    for c in comps:
+        typer.echo(f"  {c['name']:<32} {c['kind']:<16} {c['p']:9.5f} {c['lo']:9.5f} {c['hi']:9.5f} "
+                   f"{c['lines']:6d}  {'FAULTY' if c['faulty'] else ''}")
 
 
 from . import cli_synth  # noqa: E402  (QOS-B: the synth command)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import QosError
+from .ingest import session_line
 from .lines import MediaLine
 from .topology import Topology
 
@@ -73,19 +74,11 @@ def read_sessions(
         if not isinstance(v, int) or v > RECORD_VERSION:
             raise QosError(f"{where}: record version {v!r} is newer than this iqn-qos reads "
                            f"({RECORD_VERSION}); upgrade iqn-qos")
-        if not all(isinstance(x, int | float) for x in (slot, watched, stalled)) or not (
-            0 <= stalled <= watched
-        ):
-            raise QosError(f"{where}: bad watched/stalled seconds ({watched!r}, {stalled!r})")
-        n = round(watched)
-        if n < 1:
-            continue  # under half a second watched: no whole unit to report
-        m = n - min(round(stalled), n)
-        path_ids: tuple[str, ...] = ()
-        if topology is not None:
-            try:
-                path_ids = topology.resolve(str(client), str(server))
-            except QosError as e:
-                raise QosError(f"{where}: {e}") from None
-        yield MediaLine(float(slot), path_ids, n, m, str(client), str(server),
-                        router if router is not None else str(rtr), "iqn")
+        try:
+            line = session_line(router if router is not None else str(rtr), str(client), str(server),
+                                slot, watched, stalled, topology)
+        except QosError as e:
+            raise QosError(f"{where}: {e}") from None
+        if line is not None:
+            yield line
+

@@ -8,12 +8,15 @@ its lines changed (count and unit sums) or the parameters differ.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
 from .errors import QosError
+from .ingest import Decoded
 from .lines import MediaLine
 from .mle import Estimate, infer_slot, slot_of
 
@@ -27,7 +30,28 @@ CREATE TABLE IF NOT EXISTS slots (
 CREATE TABLE IF NOT EXISTS estimates (
   slot DOUBLE NOT NULL, slot_s DOUBLE NOT NULL, component VARCHAR[] NOT NULL, p DOUBLE NOT NULL,
   lo DOUBLE NOT NULL, hi DOUBLE NOT NULL, lines BIGINT NOT NULL, faulty BOOLEAN NOT NULL);
+ALTER TABLE lines ADD COLUMN IF NOT EXISTS id VARCHAR;
+CREATE TABLE IF NOT EXISTS records (
+  id VARCHAR PRIMARY KEY, type VARCHAR NOT NULL, router VARCHAR NOT NULL, stored_at DOUBLE NOT NULL);
+CREATE TABLE IF NOT EXISTS stalls (
+  id VARCHAR NOT NULL, router VARCHAR, interface VARCHAR, client VARCHAR, server VARCHAR, start DOUBLE,
+  "end" DOUBLE, duration_s DOUBLE, candidates BIGINT, state VARCHAR, detected_at DOUBLE);
+CREATE TABLE IF NOT EXISTS rejected (
+  id VARCHAR NOT NULL, type VARCHAR, router VARCHAR, reason VARCHAR NOT NULL, raw BLOB, rejected_at DOUBLE NOT NULL);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """What one stored batch added: new media lines, stall rows, rejected messages; how many
+    sessions had nothing watched (``empty``) and how many messages were already stored."""
+
+    lines: list[MediaLine]
+    stalls: int
+    rejected: list[Decoded]
+    empty: int
+    duplicates: int
+    types: dict[str, int]  # new usable messages per type
 
 
 class Store:
@@ -63,11 +87,88 @@ class Store:
             [ln.kind for ln in lines],
         )
         self.con.execute(
-            "INSERT INTO lines SELECT unnest($1::DOUBLE[]), unnest($2::VARCHAR[][]), unnest($3::BIGINT[]),"
-            " unnest($4::BIGINT[]), unnest($5::VARCHAR[]), unnest($6::VARCHAR[]), unnest($7::VARCHAR[]),"
-            " unnest($8::VARCHAR[])",
+            "INSERT INTO lines (t, path, n, m, client, server, router, kind) SELECT unnest($1::DOUBLE[]),"
+            " unnest($2::VARCHAR[][]), unnest($3::BIGINT[]), unnest($4::BIGINT[]), unnest($5::VARCHAR[]),"
+            " unnest($6::VARCHAR[]), unnest($7::VARCHAR[]), unnest($8::VARCHAR[])",
             list(cols),
         )
+
+    def ingest(self, batch: Sequence[Decoded], raw: Sequence[bytes], now: float) -> Ingested:
+        """Store a batch of decoded export messages in one transaction, idempotent on their ids.
+
+        A message whose id is already in ``records`` (a re-delivery, a re-send after the
+        broker's duplicate window) stores nothing again; a rejected one is kept in
+        ``rejected`` with its reason and raw bytes (``raw[i]`` belongs to ``batch[i]``).
+        Returns what was new, so the caller acknowledges only after this returned."""
+        first: dict[str, int] = {}
+        for i, d in enumerate(batch):
+            first.setdefault(d.id, i)
+        uniq = [batch[i] for i in first.values()]
+        self.con.execute("BEGIN")
+        try:
+            got = self.con.execute(
+                "INSERT OR IGNORE INTO records SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]),"
+                " unnest($3::VARCHAR[]), $4 RETURNING id",
+                [[d.id for d in uniq], [d.type for d in uniq], [d.router for d in uniq], now],
+            ).fetchall()
+            new = {r[0] for r in got}
+            fresh = [d for d in uniq if d.id in new]
+            lines = [d for d in fresh if d.line is not None]
+            if lines:
+                self._insert_lines(lines)
+            stalls = [d for d in fresh if d.stall is not None]
+            if stalls:
+                self._insert_stalls(stalls)
+            bad = [first[d.id] for d in fresh if d.error is not None]
+            if bad:
+                self.con.execute(
+                    "INSERT INTO rejected SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]),"
+                    " unnest($3::VARCHAR[]), unnest($4::VARCHAR[]), unnest($5::BLOB[]), $6",
+                    [[batch[i].id for i in bad], [batch[i].type for i in bad], [batch[i].router for i in bad],
+                     [batch[i].error for i in bad], [bytes(raw[i]) for i in bad], now],
+                )
+            self.con.execute("COMMIT")
+        except duckdb.Error as e:
+            self.con.execute("ROLLBACK")
+            raise QosError(f"{self.path}: cannot store a batch ({e})") from None
+        return Ingested(
+            lines=[d.line for d in lines if d.line is not None],
+            stalls=len(stalls),
+            rejected=[batch[i] for i in bad],
+            empty=sum(1 for d in fresh if d.line is None and d.stall is None and d.error is None),
+            duplicates=len(batch) - len(fresh),
+            types=dict(Counter(d.type for d in fresh if d.error is None)),
+        )
+
+    def _insert_lines(self, rows: Sequence[Decoded]) -> None:
+        ls = [d.line for d in rows if d.line is not None]
+        self.con.execute(
+            "INSERT INTO lines (t, path, n, m, client, server, router, kind, id) SELECT unnest($1::DOUBLE[]),"
+            " unnest($2::VARCHAR[][]), unnest($3::BIGINT[]), unnest($4::BIGINT[]), unnest($5::VARCHAR[]),"
+            " unnest($6::VARCHAR[]), unnest($7::VARCHAR[]), unnest($8::VARCHAR[]), unnest($9::VARCHAR[])",
+            [[ln.t for ln in ls], [list(ln.path) for ln in ls], [ln.n for ln in ls], [ln.m for ln in ls],
+             [ln.client for ln in ls], [ln.server for ln in ls], [ln.router for ln in ls],
+             [ln.kind for ln in ls], [d.id for d in rows]],
+        )
+
+    def _insert_stalls(self, rows: Sequence[Decoded]) -> None:
+        st = [d.stall for d in rows if d.stall is not None]
+        self.con.execute(
+            "INSERT INTO stalls SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]), unnest($3::VARCHAR[]),"
+            " unnest($4::VARCHAR[]), unnest($5::VARCHAR[]), unnest($6::DOUBLE[]), unnest($7::DOUBLE[]),"
+            " unnest($8::DOUBLE[]), unnest($9::BIGINT[]), unnest($10::VARCHAR[]), unnest($11::DOUBLE[])",
+            [[d.id for d in rows], [s.router for s in st], [s.interface for s in st], [s.client for s in st],
+             [s.server for s in st], [s.start for s in st], [s.end for s in st], [s.duration_s for s in st],
+             [s.candidates for s in st], [s.state for s in st], [s.detected_at for s in st]],
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table, for the service's status and the tests."""
+        out = {}
+        for table in ("records", "lines", "stalls", "rejected", "estimates"):
+            r = self.con.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608 (fixed names)
+            out[table] = int(r[0]) if r else 0
+        return out
 
     def slot_starts(self, slot_s: float) -> list[float]:
         rows = self.con.execute(

@@ -1,0 +1,212 @@
+"""The live service's logic without I/O: export messages in, rows to store and
+slots to infer out (``iqn-qos serve`` wraps it in a NATS loop and an HTTP server).
+
+Messages follow the export schema v1 (docs/contracts.md, "Export messages"):
+a ``session`` message is one watched-time record of an ISP agent and becomes a
+media line through :func:`session_line`, the very function ``iqn-qos
+from-agent`` uses on the agent's SQLite rows; a ``stall`` message is
+kept for display.  A message that cannot be used (bad JSON, a newer schema
+version, an address the topology cannot place) is *rejected*: kept with its
+reason so nothing is silently lost, and acknowledged so it is not re-delivered
+forever.
+
+When is a slot inferred?  A slot ``[s, s + slot_s)`` is *closed* once the
+service's wall clock passes ``s + slot_s + grace`` (the agent writes a slot's
+rows 2 s after its end and the export adds its own delay; ``grace`` covers
+both).  Every slot that gained lines since its last inference is *dirty*; a
+closed dirty slot is inferred at the next :meth:`SlotPlanner.due`.  So a slot is
+inferred once when it closes, again if late records (a backlog drained after a
+broker outage, a re-delivery) add lines to it, and on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .errors import QosError
+from .lines import MediaLine
+from .mle import slot_of
+from .topology import Topology
+
+#: the newest export schema version this service reads
+SCHEMA_VERSION = 1
+#: resolved paths kept per (client, server) pair before the cache starts over
+PATH_CACHE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class StallRow:
+    """One finished stall of an agent, kept for display (not used by the estimator)."""
+
+    router: str
+    interface: str
+    client: str
+    server: str
+    start: float
+    end: float
+    duration_s: float
+    candidates: int
+    state: str
+    detected_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One message, decoded: ``line`` for a session with a watched second, ``stall`` for a
+    stall, neither for a session with nothing watched; ``error`` when rejected."""
+
+    id: str
+    type: str
+    router: str
+    line: MediaLine | None = None
+    stall: StallRow | None = None
+    error: str | None = None
+    at: float | None = None  # when the router recorded it (epoch s), for the delay metric
+
+
+def _str(obj: dict[str, object], key: str) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str) or not v:
+        raise QosError(f"{key!r} must be a non-empty string, got {v!r}")
+    return v
+
+
+def _num(obj: dict[str, object], key: str) -> float:
+    v = obj.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise QosError(f"{key!r} must be a number, got {v!r}")
+    return float(v)
+
+
+def session_line(
+    router: str, client: str, server: str, slot: object, watched_s: object, stalled_s: object,
+    topology: Topology | None = None,
+) -> MediaLine | None:
+    """The media line of one watched-time record (a ``sessions`` row, or a schema-v1 session
+    message of the live export: ``iqn-qos serve``); None when under half a second was watched.
+
+    The one mapping from the agent's record to a line, shared by ``from-agent`` and ``serve``:
+    a unit is one second of playback, a bad unit a stalled second, so ``n = round(watched_s)``,
+    ``m = n - round(stalled_s)``, ``t`` the slot's start, the path resolved (server to client)
+    through ``topology`` when one is given.  Bad values raise :class:`QosError`."""
+    nums = (slot, watched_s, stalled_s)
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in nums):
+        raise QosError(f"bad slot/watched/stalled seconds ({slot!r}, {watched_s!r}, {stalled_s!r})")
+    assert isinstance(slot, int | float) and isinstance(watched_s, int | float)
+    assert isinstance(stalled_s, int | float)
+    if not 0 <= stalled_s <= watched_s:
+        raise QosError(f"bad watched/stalled seconds ({watched_s!r}, {stalled_s!r})")
+    n = round(watched_s)
+    if n < 1:
+        return None  # under half a second watched: no whole unit to report
+    m = n - min(round(stalled_s), n)
+    path_ids: tuple[str, ...] = ()
+    if topology is not None:
+        path_ids = topology.resolve(client, server)
+    return MediaLine(float(slot), path_ids, n, m, client, server, router, "iqn")
+
+
+class Decoder:
+    """Schema-v1 messages to :class:`Decoded`, paths resolved through ``topology`` (cached
+    per client and server address: a router's clients come back every slot)."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self._paths: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def _resolve(self, client: str, server: str) -> tuple[str, ...]:
+        key = (client, server)
+        got = self._paths.get(key)
+        if got is None:
+            got = self.topology.resolve(client, server)
+            if len(self._paths) >= PATH_CACHE:
+                self._paths.clear()
+            self._paths[key] = got
+        return got
+
+    def decode(self, data: bytes, fallback_id: str = "") -> Decoded:
+        """One message; never raises: a bad one comes back with ``error`` set (and its
+        ``id``, or ``fallback_id`` (the broker's sequence) when it has none)."""
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            return Decoded(fallback_id, "?", "", error=f"not JSON ({e})")
+        if not isinstance(obj, dict):
+            return Decoded(fallback_id, "?", "", error="not a JSON object")
+        mid = obj.get("id")
+        mid = mid if isinstance(mid, str) and mid else fallback_id
+        typ = obj.get("type")
+        typ = typ if isinstance(typ, str) else "?"
+        rtr = obj.get("router")
+        rtr = rtr if isinstance(rtr, str) else ""
+        try:
+            v = obj.get("v")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise QosError(f"'v' must be the schema version, got {v!r}")
+            if v > SCHEMA_VERSION:
+                raise QosError(f"schema version {v} is newer than this iqn-qos reads ({SCHEMA_VERSION})")
+            if mid == fallback_id:
+                raise QosError("no 'id'")
+            if typ == "session":
+                client, server = _str(obj, "client.address"), _str(obj, "server.address")
+                router = _str(obj, "router")
+                line = session_line(router, client, server, obj.get("iqn.slot"), obj.get("iqn.watched_s"),
+                                    obj.get("iqn.stalled_s"))
+                if line is not None:
+                    line = MediaLine(line.t, self._resolve(client, server), line.n, line.m, client, server,
+                                     router, line.kind)
+                at = obj.get("iqn.recorded_at")
+                return Decoded(mid, typ, router, line=line,
+                               at=float(at) if isinstance(at, int | float) else None)
+            if typ == "stall":
+                state = obj.get("iqn.state")
+                cand = obj.get("iqn.candidates")
+                stall = StallRow(
+                    _str(obj, "router"), str(obj.get("interface") or ""), _str(obj, "client.address"),
+                    _str(obj, "server.address"), _num(obj, "iqn.start"), _num(obj, "iqn.end"),
+                    _num(obj, "iqn.duration_s"), cand if isinstance(cand, int) else 0,
+                    state if isinstance(state, str) else "", _num(obj, "iqn.detected_at"))
+                return Decoded(mid, typ, stall.router, stall=stall, at=stall.detected_at)
+            raise QosError(f"unknown message type {typ!r}")
+        except QosError as e:
+            return Decoded(mid, typ, rtr, error=str(e))
+
+
+@dataclass
+class SlotPlanner:
+    """Which slots to infer, and when (see the module's docstring)."""
+
+    slot_s: float
+    grace_s: float
+    dirty: set[float] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not self.slot_s > 0:
+            raise QosError(f"--slot must be positive, got {self.slot_s}")
+        if self.grace_s < 0:
+            raise QosError(f"--grace must be >= 0, got {self.grace_s}")
+
+    def slot_of(self, t: float) -> float:
+        return slot_of(t, self.slot_s)
+
+    def added(self, lines: Iterable[MediaLine]) -> None:
+        """New lines were stored: their slots need (re-)inference once closed."""
+        self.dirty.update(slot_of(ln.t, self.slot_s) for ln in lines)
+
+    def closed(self, slot: float, now: float) -> bool:
+        return now >= slot + self.slot_s + self.grace_s
+
+    def due(self, now: float) -> list[float]:
+        """The dirty slots that are closed at ``now``, oldest first; they stop being dirty."""
+        out = sorted(s for s in self.dirty if self.closed(s, now))
+        self.dirty.difference_update(out)
+        return out
+
+    def next_due(self, now: float) -> float | None:
+        """Seconds until the next dirty slot closes (None: nothing dirty)."""
+        if not self.dirty:
+            return None
+        return max(0.0, min(s + self.slot_s + self.grace_s for s in self.dirty) - now)

@@ -1,0 +1,339 @@
+"""``iqn-qos serve``: the live QoS service, fed by the routers' export over NATS JetStream.
+
+A durable pull consumer on stream ``IQN`` (subjects ``iqn.sessions.*`` and
+``iqn.stalls.*``) fetches batches; each batch is decoded (:mod:`iqn_qos.ingest`),
+stored in one DuckDB transaction idempotent on the message ids
+(:meth:`Store.ingest`), and only then acknowledged (ack policy *all*: acking a
+batch's last message acknowledges the batch).  A crash before the ack means the
+broker re-delivers, and the ids make the second delivery a no-op: every record
+is stored once.  Closed slots that gained lines are inferred after each batch
+(:class:`~iqn_qos.ingest.SlotPlanner`), and on demand (``POST /api/infer``).
+
+Why the pull loop is hand-made: nats-py's ``fetch()`` hands over messages one
+``await`` (and one timer) at a time, which capped ingestion at ~27,000
+messages/s here; a pull request on our own inbox subscription, whose callback
+only appends to a list, reaches ~100,000/s (bench/bench_qos_serve.py).  The
+request is JetStream's documented ``$JS.API.CONSUMER.MSG.NEXT`` API; its end
+is a status message (408 expired, 404 nothing, 409 a consumer change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import QosError
+from .ingest import Decoded, Decoder, SlotPlanner
+from .mle import Estimate
+from .store import Ingested, Store
+from .topology import Topology, load_topology
+from .view import Counters, View
+from .web import Web
+
+log = logging.getLogger("iqn_qos.serve")
+
+STREAM = "IQN"
+SUBJECTS = ("iqn.stalls.*", "iqn.sessions.*")
+#: slots kept in memory for the page, /metrics and predict
+KEEP_SLOTS = 96
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    nats: Sequence[str]
+    topology: Path
+    store: Path
+    durable: str = "iqn-qos"
+    slot_s: float = 900.0
+    grace_s: float = 10.0
+    host: str = "127.0.0.1"
+    port: int = 9480
+    batch: int = 5000
+    expires_s: float = 1.0
+    threshold: float = 0.01
+    l1: float = 1e-4
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``PORT`` (on 127.0.0.1); IPv6 as ``[::1]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        p = int(port)
+    except ValueError:
+        raise QosError(f"--listen: expected HOST:PORT, got {text!r}") from None
+    if not 0 <= p <= 65535:
+        raise QosError(f"--listen: port out of range: {p}")
+    return host, p
+
+
+def _ack_meta(reply: str) -> tuple[int, int, int]:
+    """(stream sequence, publish time ns, pending) from a JetStream ack subject
+    (``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the
+    longer form with domain and account hash)."""
+    t = reply.split(".")
+    if len(t) == 9:
+        return int(t[5]), int(t[7]), int(t[8])
+    return int(t[8]), int(t[10]), int(t[11])
+
+
+class Service:
+    """The store, the decoder, the planner and the view, driven by :meth:`run`'s loop
+    (or by a test or benchmark calling :meth:`handle` and :meth:`tick` directly)."""
+
+    def __init__(self, cfg: ServeConfig, topology: Topology | None = None,
+                 on_stored: Callable[[Sequence[Decoded], float], None] | None = None) -> None:
+        self.cfg = cfg
+        self.topology = topology if topology is not None else load_topology(cfg.topology)
+        self.decoder = Decoder(self.topology)
+        self.planner = SlotPlanner(cfg.slot_s, cfg.grace_s)
+        self.store = Store(cfg.store)
+        self.counters = Counters()
+        self.on_stored = on_stored
+        self._history: dict[float, list[Estimate]] = {}
+        self._version = 0
+        for start, ests in self.store.latest(KEEP_SLOTS):
+            self._history[start] = ests
+        # slots whose stored lines changed since their estimate (a crash between store and
+        # inference) are inferred again once closed
+        for start in self.store.slot_starts(cfg.slot_s)[-KEEP_SLOTS:]:
+            if self.store.cached(start, cfg.slot_s, cfg.threshold, cfg.l1) is None:
+                self.planner.dirty.add(start)
+        if self._history:
+            self.counters.last_slot = max(self._history)
+        self.view = self._make_view()
+
+    def _make_view(self) -> View:
+        self._version += 1
+        hist = sorted(self._history.items())[-KEEP_SLOTS:]
+        return View(self._version, self.cfg.slot_s, self.cfg.threshold, hist, dict(self.topology.kinds),
+                    self.counters.copy())
+
+    def handle(self, datas: Sequence[bytes], ids: Sequence[str], now: float) -> Ingested:
+        """Decode and store one batch (``ids[i]`` names message i when it carries no id)."""
+        batch = [self.decoder.decode(d, ids[i]) for i, d in enumerate(datas)]
+        got = self.store.ingest(batch, datas, now)
+        c = self.counters
+        for typ, n in got.types.items():
+            c.records[typ] = c.records.get(typ, 0) + n
+        c.lines += len(got.lines)
+        c.empty += got.empty
+        c.duplicates += got.duplicates
+        c.rejected += len(got.rejected)
+        c.batches += 1
+        for d in got.rejected:
+            log.warning("rejected message %s: %s", d.id, d.error)
+        self.planner.added(got.lines)
+        at = np.array([d.at for d in batch if d.at is not None], float)
+        if at.size:
+            c.observe_delays(now - at)
+        if self.on_stored is not None:
+            self.on_stored(batch, now)
+        return got
+
+    def tick(self, now: float, force: bool = False) -> int:
+        """Infer the slots that are due (every dirty slot when ``force``); returns how many."""
+        due = sorted(self.planner.dirty) if force else self.planner.due(now)
+        if force:
+            self.planner.dirty.clear()
+        for start in due:
+            t0 = time.monotonic()
+            try:
+                ests = self.store.infer(start, self.cfg.slot_s, threshold=self.cfg.threshold, l1=self.cfg.l1)
+            except QosError as e:
+                log.warning("slot %.0f: %s", start, e)
+                continue
+            self._history[start] = ests
+            self.counters.inferences += 1
+            self.counters.last_slot = max(self.counters.last_slot or start, start)
+            worst = ests[0] if ests else None
+            log.info("slot %.0f inferred in %.2f s: %d components%s", start, time.monotonic() - t0, len(ests),
+                     f", worst {worst.component} p={worst.p:.4f}" if worst else "")
+        return len(due)
+
+    def publish_view(self) -> None:
+        self.view = self._make_view()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+async def _connect(cfg: ServeConfig) -> Any:
+    import nats
+
+    async def _err(e: Exception) -> None:
+        log.warning("nats: %s", e)
+
+    try:
+        return await nats.connect(servers=list(cfg.nats), connect_timeout=5, max_reconnect_attempts=-1,
+                                  reconnect_time_wait=0.5, error_cb=_err, allow_reconnect=True,
+                                  pending_size=1 << 28)
+    except Exception as e:  # nats-py raises several kinds when no server answers
+        raise QosError(f"--nats {','.join(cfg.nats)}: cannot connect ({e or type(e).__name__})") from None
+
+
+async def _ensure(js: Any, cfg: ServeConfig) -> None:
+    """Stream IQN (created if missing, as the export does) and our durable consumer."""
+    import nats.errors
+    import nats.js.errors
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            try:
+                await js.stream_info(STREAM)
+            except nats.js.errors.NotFoundError:
+                with contextlib.suppress(nats.js.errors.BadRequestError):
+                    await js.add_stream(name=STREAM, subjects=list(SUBJECTS))
+            try:
+                await js.consumer_info(STREAM, cfg.durable)
+            except nats.js.errors.NotFoundError:
+                await js.add_consumer(STREAM, ConsumerConfig(
+                    durable_name=cfg.durable, ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.ALL,
+                    filter_subjects=list(SUBJECTS), ack_wait=30, max_ack_pending=max(4 * cfg.batch, 20000),
+                    max_waiting=64))
+            return
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
+                nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+            if time.monotonic() > deadline:
+                raise QosError("JetStream did not answer for 60 s (no stream leader?)") from None
+            await asyncio.sleep(0.5)
+
+
+class _Batch:
+    """Messages of one pull request, collected by the subscription's callback."""
+
+    def __init__(self, want: int) -> None:
+        self.want = want
+        self.msgs: list[Any] = []
+        self.done = asyncio.Event()
+
+    async def cb(self, msg: Any) -> None:
+        if not msg.data and msg.headers and "Status" in msg.headers:
+            self.done.set()  # 408 expired, 404 no messages, 409 consumer changed, 100 heartbeat
+            return
+        self.msgs.append(msg)
+        if len(self.msgs) >= self.want:
+            self.done.set()
+
+
+async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = None,
+              stop: asyncio.Event | None = None, service: Service | None = None) -> None:
+    """Consume, store, infer and serve until ``stop`` is set (or SIGTERM/SIGINT)."""
+    svc = service if service is not None else Service(cfg)
+    loop = asyncio.get_running_loop()
+    stop = stop if stop is not None else asyncio.Event()
+    me = asyncio.current_task()
+
+    def on_signal() -> None:
+        # cancel whatever is awaited (a broker that does not answer, a pull): a batch stored
+        # but not yet acknowledged is re-delivered later and stored once (its ids)
+        stop.set()
+        if me is not None:
+            me.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(sig, on_signal)
+    forced: list[concurrent.futures.Future[int]] = []
+
+    def infer_now() -> int:
+        fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+        loop.call_soon_threadsafe(forced.append, fut)
+        try:
+            return fut.result(timeout=120)
+        except concurrent.futures.TimeoutError:
+            raise QosError("the service is busy; try again") from None
+
+    web = Web(lambda: svc.view, svc.topology, infer_now)
+    host, port = web.start(cfg.host, cfg.port)
+    nc = None
+    try:
+        nc = await _connect(cfg)
+        js = nc.jetstream()
+        await _ensure(js, cfg)
+        log.info("serving http://%s:%d/ ; consuming stream %s as %s from %s", host, port, STREAM, cfg.durable,
+                 ",".join(cfg.nats))
+        if ready is not None:
+            ready(host, port)
+        batch = _Batch(cfg.batch)
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=batch.cb, pending_msgs_limit=4 * cfg.batch + 1000,
+                           pending_bytes_limit=1 << 28)
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{cfg.durable}"
+        request = json.dumps({"batch": cfg.batch, "expires": int(cfg.expires_s * 1e9)}).encode()
+        last_info = 0.0
+        while not stop.is_set():
+            batch.msgs, batch.want = [], cfg.batch
+            batch.done.clear()
+            try:
+                await nc.publish(subject, request, reply=inbox)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(batch.done.wait(), cfg.expires_s + 2.0)
+            except Exception as e:  # disconnected: nats-py reconnects by itself
+                log.warning("pull request failed: %s", e)
+                await asyncio.sleep(0.5)
+            msgs, batch.msgs = batch.msgs, []
+            now = time.time()
+            if msgs:
+                datas = [m.data for m in msgs]
+                ids = [f"{STREAM}/seq/{_ack_meta(m.reply)[0]}" for m in msgs]
+                svc.handle(datas, ids, now)  # raises QosError on a store failure: nothing acked
+                try:
+                    await nc.publish(msgs[-1].reply, b"+ACK")  # ack policy all: the whole batch
+                except Exception as e:
+                    log.warning("ack failed (the batch will be re-delivered, stored once): %s", e)
+                svc.counters.lag = _ack_meta(msgs[-1].reply)[2]
+            elif time.monotonic() - last_info > 5:
+                last_info = time.monotonic()
+                with contextlib.suppress(Exception):
+                    info = await js.consumer_info(STREAM, cfg.durable)
+                    svc.counters.lag = int(info.num_pending or 0)
+            futs, forced[:] = list(forced), []
+            n = svc.tick(time.time(), force=bool(futs))
+            svc.publish_view()
+            for f in futs:
+                f.set_result(n)
+    finally:
+        for f in forced:
+            f.set_exception(QosError("the service is stopping"))
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        web.close()
+        if service is None:
+            svc.close()
+
+
+def main(cfg: ServeConfig) -> None:
+    """Run the service in the foreground (the CLI's entry point)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s iqn-qos serve: %(message)s",
+                        stream=sys.stderr)
+    svc = Service(cfg)  # opens the topology and the store first: their errors are one line
+
+    def ready(host: str, port: int) -> None:
+        print(f"iqn-qos serve: listening on http://{host}:{port}/", flush=True)
+
+    try:
+        asyncio.run(run(cfg, ready=ready, service=svc))
+    except asyncio.CancelledError:
+        log.info("stopped")
+    finally:
+        svc.close()
+
+
