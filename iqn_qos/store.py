@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS stalls (
   id VARCHAR NOT NULL, router VARCHAR, interface VARCHAR, client VARCHAR, server VARCHAR, start DOUBLE,
   "end" DOUBLE, duration_s DOUBLE, candidates BIGINT, state VARCHAR, detected_at DOUBLE);
 CREATE TABLE IF NOT EXISTS rejected (
-  id VARCHAR NOT NULL, type VARCHAR, router VARCHAR, reason VARCHAR NOT NULL, raw BLOB, rejected_at DOUBLE NOT NULL);
+  id VARCHAR NOT NULL, type VARCHAR, router VARCHAR, reason VARCHAR NOT NULL, raw BLOB,
+  rejected_at DOUBLE NOT NULL);
 """
 
 

@@ -35,6 +35,7 @@ class Counters:
     batches: int = 0
     inferences: int = 0
     lag: int = 0  # messages the durable consumer has not delivered yet
+    ack_pending: int = 0  # delivered, not acknowledged (re-delivered after the ack wait)
     last_slot: float | None = None  # start of the latest slot inferred
     delay_counts: np.ndarray = field(default_factory=lambda: np.zeros(len(DELAY_BUCKETS) + 1, np.int64))
     delay_sum: float = 0.0
@@ -48,8 +49,8 @@ class Counters:
 
     def copy(self) -> Counters:
         return Counters(dict(self.records), self.lines, self.empty, self.duplicates, self.rejected,
-                        self.batches, self.inferences, self.lag, self.last_slot, self.delay_counts.copy(),
-                        self.delay_sum)
+                        self.batches, self.inferences, self.lag, self.ack_pending, self.last_slot,
+                        self.delay_counts.copy(), self.delay_sum)
 
 
 @dataclass(frozen=True)
@@ -100,5 +101,5 @@ class View:
             "components": self.components(),
             "ingest": {"records": dict(self.counters.records), "lines": self.counters.lines,
                        "duplicates": self.counters.duplicates, "rejected": self.counters.rejected,
-                       "lag": self.counters.lag},
+                       "lag": self.counters.lag, "ack_pending": self.counters.ack_pending},
         }

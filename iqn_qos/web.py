@@ -80,6 +80,9 @@ class _ViewCollector(Collector):
         yield GaugeMetricFamily("iqn_qos_consumer_lag_messages",
                                 "messages of the stream the durable consumer has not delivered yet",
                                 value=float(c.lag))
+        yield GaugeMetricFamily("iqn_qos_consumer_ack_pending_messages",
+                                "messages delivered to the service and not yet acknowledged",
+                                value=float(c.ack_pending))
         if c.last_slot is not None:
             yield GaugeMetricFamily("iqn_qos_last_slot_inferred_timestamp_seconds",
                                     "start (epoch) of the latest slot inferred", value=float(c.last_slot))

@@ -1,0 +1,322 @@
+"""``iqn-qos serve`` against a real nats-server: schema-v1 messages published with
+nats-py (as an agent's export does) become media lines in DuckDB once each, the
+injected faulty component comes out on top (JSON API, ``iqn-qos components``,
+``/metrics``, the web page in a real headless Chromium), and a service killed
+with SIGKILL mid-ingest resumes from its durable consumer with every record
+stored exactly once.  The sans-I/O parts (decoding, the slot planner, the
+store's idempotent batch) are tested directly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+import pytest
+from conftest import need
+from qos_feed import publish, scenario, session, stall
+
+from iqn_lab.jetstream import JetStream, free_port
+from iqn_qos.errors import QosError
+from iqn_qos.from_agent import read_sessions
+from iqn_qos.ingest import Decoder, SlotPlanner, session_line
+from iqn_qos.lines import MediaLine
+from iqn_qos.store import Store
+from iqn_qos.topology import load_topology
+
+IQN_QOS = str(Path(sys.executable).with_name("iqn-qos"))
+DEADLINE = 60.0  # seconds to wait for anything the service must do; generous on a loaded box
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting {timeout:g} s for {what}")
+        time.sleep(0.2)
+    return got
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[str]
+    url: str
+    log: Path
+
+    def api(self) -> dict[str, Any]:
+        return dict(get_json(self.url + "/api/components"))
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+
+def start_service(urls: list[str], topo: Path, store: Path, log: Path, *extra: str,
+                  prefix: tuple[str, ...] = ()) -> Served:
+    """``iqn-qos serve`` as a subprocess; returns once it prints where it listens."""
+    port = free_port()
+    argv = [*prefix, IQN_QOS, "serve", *[a for u in urls for a in ("--nats", u)], "--topology", str(topo),
+            "--store", str(store), "--listen", f"127.0.0.1:{port}", *extra]
+    with log.open("a") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the service prints this line once consuming and serving
+    if "listening on" not in line:
+        proc.kill()
+        pytest.fail(f"iqn-qos serve did not start: {line!r}; log: {log.read_text()[-800:]}")
+    m = re.search(r"http://[^/\s]+:(\d+)/", line)
+    assert m is not None
+    return Served(proc, f"http://127.0.0.1:{m.group(1)}", log)
+
+
+# -- sans-I/O -----------------------------------------------------------------------------
+
+
+TOPO = {"components": [{"id": "srv", "kind": "server"}, {"id": "core", "kind": "router"},
+                       {"id": "net-a", "kind": "subnet"}],
+        "edges": [["srv", "core"], ["core", "net-a"]],
+        "attach": [{"prefix": "10.1.0.0/16", "node": "net-a"}, {"prefix": "192.0.2.1/32", "node": "srv"}]}
+
+
+@pytest.fixture
+def topo_file(tmp_path: Path) -> Path:
+    p = tmp_path / "topo.json"
+    p.write_text(json.dumps(TOPO))
+    return p
+
+
+def test_session_message_makes_the_same_line_as_from_agent(topo_file: Path, tmp_path: Path) -> None:
+    """One mapping: a sessions row read by ``from-agent`` and the same record as an export
+    message decoded by the service give the same media line."""
+    import sqlite3
+
+    db = tmp_path / "stalls.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY, v INTEGER, router TEXT, iface TEXT,"
+                " client TEXT, server TEXT, slot REAL, slot_s REAL, watched_s REAL, stalled_s REAL,"
+                " recorded_at REAL)")
+    con.execute("INSERT INTO sessions VALUES (1, 1, 'r0', 'eth0', '10.1.2.3', '192.0.2.1', 1800, 900,"
+                " 612.4, 37.6, 2702)")
+    con.commit()
+    con.close()
+    topo = load_topology(topo_file)
+    (row_line,) = read_sessions(db, None, topo)
+    msg = session("r0", 1, "10.1.2.3", "192.0.2.1", 1800.0, 900.0, 612.4, 37.6)
+    d = Decoder(topo).decode(json.dumps(msg).encode())
+    assert d.error is None and d.id == "r0/h0/session/1"
+    assert d.line == row_line == MediaLine(1800.0, ("srv", "core", "net-a"), 612, 574, "10.1.2.3",
+                                           "192.0.2.1", "r0", "iqn")
+
+
+def test_bad_messages_are_rejected_with_a_reason(topo_file: Path) -> None:
+    dec = Decoder(load_topology(topo_file))
+    good = session("r0", 1, "10.1.2.3", "192.0.2.1", 0.0, 900.0, 10.0, 1.0)
+    cases = {
+        b"{not json": "not JSON",
+        b"[1, 2]": "not a JSON object",
+        json.dumps({**good, "v": 2}).encode(): "newer than this iqn-qos reads",
+        json.dumps({**good, "iqn.stalled_s": 11.0}).encode(): "bad watched/stalled",
+        json.dumps({**good, "client.address": "172.31.0.1"}).encode(): "attaches to no component",
+        json.dumps({**good, "type": "gossip"}).encode(): "unknown message type",
+        json.dumps({k: v for k, v in good.items() if k != "id"}).encode(): "no 'id'",
+    }
+    for raw, why in cases.items():
+        d = dec.decode(raw, "IQN/seq/7")
+        assert d.error is not None and why in d.error, (raw, d)
+        assert d.id in ("IQN/seq/7", good["id"])
+    quiet = dec.decode(json.dumps({**good, "iqn.watched_s": 0.4, "iqn.stalled_s": 0.0}).encode())
+    assert quiet.error is None and quiet.line is None  # under half a second watched: no line
+    st = dec.decode(json.dumps(stall("r0", 3, "10.1.2.3", "192.0.2.1", 100.0, 102.5)).encode())
+    assert st.error is None and st.stall is not None and st.stall.duration_s == 2.5
+
+
+def test_slot_planner_infers_closed_dirty_slots_once() -> None:
+    pl = SlotPlanner(slot_s=60, grace_s=5)
+    ln = [MediaLine(t, ("a",), 10, 9) for t in (0.0, 30.0, 61.0)]
+    pl.added(ln)
+    assert pl.due(64.9) == []  # slot 0 ends at 60, closes at 65
+    assert pl.due(65.0) == [0.0]
+    assert pl.due(66.0) == []  # inferred: no longer dirty
+    assert pl.next_due(66.0) == pytest.approx(59.0)  # slot 60 closes at 125
+    pl.added([MediaLine(10.0, ("a",), 5, 5)])  # a late line re-opens slot 0
+    assert pl.due(200.0) == [0.0, 60.0]
+    with pytest.raises(QosError):
+        SlotPlanner(slot_s=0, grace_s=1)
+
+
+def test_store_ingest_is_idempotent_on_ids(topo_file: Path) -> None:
+    dec = Decoder(load_topology(topo_file))
+    msgs = [json.dumps(session("r0", i, "10.1.2.3", "192.0.2.1", 0.0, 900.0, 100.0, 3.0)).encode()
+            for i in range(5)]
+    raw = [*msgs, msgs[1], b"oops"]  # a duplicate inside the batch and a bad message
+    with Store(":memory:") as st:
+        got = st.ingest([dec.decode(r, f"IQN/seq/{i}") for i, r in enumerate(raw)], raw, 1.0)
+        assert (len(got.lines), len(got.rejected), got.duplicates, got.types) == (5, 1, 1, {"session": 5})
+        again = st.ingest([dec.decode(r, f"IQN/seq/{i}") for i, r in enumerate(raw)], raw, 2.0)
+        assert (len(again.lines), len(again.rejected), again.duplicates) == (0, 0, 7)
+        assert st.counts()["records"] == 6 and st.counts()["lines"] == 5 and st.counts()["rejected"] == 1
+
+
+def test_session_line_rejects_nonsense() -> None:
+    with pytest.raises(QosError, match="bad watched/stalled"):
+        session_line("r", "10.1.2.3", "192.0.2.1", 0.0, 5.0, 6.0)
+    with pytest.raises(QosError, match="bad slot"):
+        session_line("r", "10.1.2.3", "192.0.2.1", float("nan"), 5.0, 1.0)
+
+
+# -- the live service ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One broker, a relay-bug scenario (two relays at 5 %) published with nats-py, one service."""
+    base = tmp_path_factory.mktemp("serve")
+    topo, msgs, injected = scenario(base, "relay-bug", slots=2, lines_per_slot=1500)
+    assert len(injected) == 2
+    c0, s0 = msgs[0]["client.address"], msgs[0]["server.address"]
+    extra: list[Any] = [stall("r0", i, c0, s0, 1700006500.0 + i, 1700006502.0 + i) for i in range(3)]
+    extra.append(b'{"v": 1, "type": "session"')  # truncated JSON: rejected, kept, acknowledged
+    with JetStream.start(1, base / "js") as js:
+        svc = start_service(js.urls, topo, base / "qos.duckdb", base / "serve.log")
+        try:
+            asyncio.run(publish(js.urls, [*msgs, *extra]))
+            asyncio.run(publish(js.urls, msgs[:500]))  # re-sent within the dedup window: not stored twice
+            api = wait_for(lambda: (a := svc.api())["ingest"]["records"]["session"] >= len(msgs)
+                           and len(a["slots"]) == 2 and a, "every session stored and both slots inferred")
+            yield {"svc": svc, "msgs": msgs, "injected": injected, "api": api, "topo": topo, "base": base}
+        finally:
+            svc.stop()
+
+
+def test_service_ranks_the_injected_faults_first(served: dict[str, Any]) -> None:
+    api, injected = served["api"], served["injected"]
+    top = [c["name"] for c in api["components"][:2]]
+    assert set(top) == injected, api["components"][:4]
+    assert all(c["faulty"] for c in api["components"][:2])
+    assert not any(c["faulty"] for c in api["components"][2:]), [c["name"] for c in api["components"] if
+                                                                 c["faulty"]]
+    assert api["ingest"]["records"] == {"session": len(served["msgs"]), "stall": 3}
+    assert api["ingest"]["rejected"] == 1
+    # the command line against the running service
+    out = subprocess.run([IQN_QOS, "components", "--service", served["svc"].url, "--json", "--top", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert {json.loads(x)["component"] for x in out.stdout.splitlines()} == injected
+
+
+def test_predict_against_the_service(served: dict[str, Any]) -> None:
+    bad = next(iter(sorted(served["injected"])))
+    m = next(m for m in served["msgs"] if bad in load_topology(served["topo"]).resolve(
+        m["client.address"], m["server.address"]))
+    out = subprocess.run([IQN_QOS, "predict", "--service", served["svc"].url, "--client", m["client.address"],
+                          "--server", m["server.address"], "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    fc = json.loads(out.stdout)
+    assert bad in fc["path"] and fc["p"] > 0.03, fc
+    miss = subprocess.run([IQN_QOS, "predict", "--service", served["svc"].url, "--path", "no-such-thing"],
+                          capture_output=True, text=True, timeout=60)
+    assert miss.returncode == 2 and "unknown component 'no-such-thing'" in miss.stderr
+
+
+def test_metrics_name_the_faulty_component(served: dict[str, Any]) -> None:
+    with urllib.request.urlopen(served["svc"].url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for bad in served["injected"]:
+        pat = r'^iqn_qos_component_faulty\{component="' + re.escape(bad) + r'",kind="relay-server"\} (\S+)$'
+        m = re.search(pat, text, re.M)
+        assert m is not None and float(m.group(1)) == 1.0, bad
+    n = len(served["msgs"])
+    assert re.search(r'^iqn_qos_ingest_records_total\{type="session"\} ' + f"{n}" + r"\.0$", text, re.M)
+    assert re.search(r"^iqn_qos_ingest_rejected_total 1\.0$", text, re.M)
+    assert re.search(r"^iqn_qos_last_slot_inferred_timestamp_seconds ", text, re.M)
+    promtool = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    need(promtool.returncode != 127, "needs promtool (Debian's prometheus)")
+    assert promtool.returncode == 0, promtool.stdout + promtool.stderr
+
+
+def test_web_page_in_chromium_shows_the_fault_on_top(served: dict[str, Any]) -> None:
+    """The page, loaded by a real headless Chromium: its table's first rows are the injected
+    components, and the heat map image loaded."""
+    need(Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists(),
+         "needs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    from user_agent.browser import CHROMEDRIVER, chromium_options
+
+    driver = webdriver.Chrome(service=DriverService(CHROMEDRIVER),
+                              options=chromium_options(["--headless=new", "--disable-gpu"]))
+    try:
+        driver.get(served["svc"].url + "/")
+        rows = wait_for(lambda: driver.execute_script(
+            "return Array.from(document.querySelectorAll('#components tbody tr'))"
+            ".map(r => [r.dataset.component, r.className])") or None, "the components table to fill")
+        assert {r[0] for r in rows[:2]} == served["injected"], rows[:4]
+        assert all(r[1] == "faulty" for r in rows[:2])
+        wait_for(lambda: driver.execute_script(
+            "const i = document.getElementById('heat'); return i.complete && i.naturalWidth > 100"),
+            "the heat map to load")
+    finally:
+        driver.quit()
+
+
+def test_service_resumes_after_sigkill_and_stores_each_record_once(tmp_path: Path) -> None:
+    """SIGKILL the service while it ingests, start it again on the same store and durable
+    consumer: every record is stored exactly once (counted by id)."""
+    topo, msgs, _ = scenario(tmp_path, "healthy", slots=3, lines_per_slot=8000, components=400, seed=5)
+    store = tmp_path / "qos.duckdb"
+    with JetStream.start(1, tmp_path / "js") as js:
+        asyncio.run(publish(js.urls, msgs))  # the backlog waits in the stream
+        svc = start_service(js.urls, topo, store, tmp_path / "serve.log", "--batch", "500")
+        mid = wait_for(lambda: 0 < (n := svc.api()["ingest"]["records"]["session"]) < len(msgs) and n,
+                       "ingestion to be under way", timeout=120)
+        assert svc.stop(signal.SIGKILL) == -signal.SIGKILL
+        svc2 = start_service(js.urls, topo, store, tmp_path / "serve.log", "--batch", "500")
+        try:
+            # the restarted service counts only what it stored itself (the rest of the stream):
+            # wait until the consumer has nothing left and the count stands still
+            # (the batch the killed service had in hand is re-delivered after the ack wait, 10 s)
+            wait_for(lambda: (a := svc2.api()["ingest"])["lag"] == 0 and a["ack_pending"] == 0
+                     and a["records"]["session"] > 0, "the rest of the stream to be acknowledged",
+                     timeout=120)
+            last = [-1]
+
+            def settled() -> bool:
+                n = svc2.api()["ingest"]["records"]["session"]
+                done, last[0] = n == last[0], n
+                time.sleep(1.0)
+                return done
+
+            wait_for(settled, "the stored count to settle")
+        finally:
+            assert svc2.stop() == 0
+    con = duckdb.connect(str(store), read_only=True)
+    ids = {m["id"] for m in msgs}
+    rec = con.execute("SELECT count(*), count(DISTINCT id) FROM records").fetchone()
+    lines = con.execute("SELECT count(*), count(DISTINCT id) FROM lines").fetchone()
+    stored = {r[0] for r in con.execute("SELECT id FROM lines").fetchall()}
+    con.close()
+    assert rec == (len(ids), len(ids))
+    assert lines == (len(ids), len(ids))
+    assert stored == ids
+    assert mid < len(msgs)
+    assert os.path.getsize(tmp_path / "serve.log") > 0
