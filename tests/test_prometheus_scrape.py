@@ -87,11 +87,12 @@ def test_prometheus_scrapes_the_agent_and_the_qos_service(tmp_path: Path) -> Non
             procs.append(svc.proc)
             try:
                 wait_ready(sock_path(tmp_path / "run", lab.cli_if), agent)
+                feed = str(tmp_path / "msgs.json")
                 code = (f"import asyncio, json, sys; sys.path.insert(0, {str(HERE)!r}); "
                         "from qos_feed import publish; "
-                        f"asyncio.run(publish({js.urls!r}, json.load(open({str(tmp_path / 'msgs.json')!r}))))")
-                pub = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", code], capture_output=True, text=True,
-                                     timeout=120)
+                        f"asyncio.run(publish({js.urls!r}, json.load(open({feed!r}))))")
+                pub = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", code], capture_output=True,
+                                     text=True, timeout=120)
                 assert pub.returncode == 0, pub.stderr[-2000:]
                 qos_port = int(svc.url.rsplit(":", 1)[1])
                 conf = tmp_path / "prometheus.yml"
@@ -114,7 +115,8 @@ def test_prometheus_scrapes_the_agent_and_the_qos_service(tmp_path: Path) -> Non
                 # the agent's kernel-side counter and the service's ingest counter and estimates,
                 # each read back through Prometheus
                 q_agent = f'iqn_packets_total{{iface="{lab.cli_if}"}}'
-                got = wait_until(lambda: prom_query(ns, prom_port, q_agent), "Prometheus to have scraped the agent")
+                got = wait_until(lambda: prom_query(ns, prom_port, q_agent),
+                                 "Prometheus to have scraped the agent")
                 assert got[0]["metric"]["job"] == "iqn-agent"
                 rec = wait_until(lambda: [r for r in prom_query(ns, prom_port, 'iqn_qos_ingest_records_total'
                                                                 '{type="session"}')
