@@ -33,7 +33,7 @@ from .topology import Topology
 
 #: the newest export schema version this service reads
 SCHEMA_VERSION = 1
-#: resolved paths kept per (client, server) pair before the cache starts over
+#: addresses placed on nodes kept before the cache starts over
 PATH_CACHE = 100_000
 
 
@@ -115,15 +115,25 @@ class Decoder:
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
-        self._paths: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._nodes: dict[str, str] = {}  # address -> node
+        self._paths: dict[tuple[str, str], tuple[str, ...]] = {}  # (client node, server node) -> path
+
+    def _node(self, addr: str) -> str:
+        got = self._nodes.get(addr)
+        if got is None:
+            got = self.topology.node_of(addr)
+            if len(self._nodes) >= PATH_CACHE:
+                self._nodes.clear()
+            self._nodes[addr] = got
+        return got
 
     def _resolve(self, client: str, server: str) -> tuple[str, ...]:
-        key = (client, server)
+        """The path between the two addresses' nodes (BFS once per node pair: many clients
+        share a subnet)."""
+        key = (self._node(client), self._node(server))
         got = self._paths.get(key)
         if got is None:
             got = self.topology.resolve(client, server)
-            if len(self._paths) >= PATH_CACHE:
-                self._paths.clear()
             self._paths[key] = got
         return got
 

@@ -54,6 +54,8 @@ KEEP_SLOTS = 96
 #: a batch delivered but not acknowledged (the service died before storing it) is
 #: re-delivered after this long; storing a batch takes well under a second
 ACK_WAIT_S = 10.0
+#: while a backlog drains, closed slots are inferred at most this often
+DRAIN_TICK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -283,7 +285,7 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                            pending_bytes_limit=1 << 28)
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{cfg.durable}"
         request = json.dumps({"batch": cfg.batch, "expires": int(cfg.expires_s * 1e9)}).encode()
-        last_info = 0.0
+        last_info = last_tick = 0.0
         while not stop.is_set():
             batch.msgs, batch.want = [], cfg.batch
             batch.done.clear()
@@ -313,7 +315,12 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                     svc.counters.lag = int(info.num_pending or 0)
                     svc.counters.ack_pending = int(info.num_ack_pending or 0)
             futs, forced[:] = list(forced), []
-            n = svc.tick(time.time(), force=bool(futs))
+            # draining a backlog (a full batch came back) defers inference to every
+            # DRAIN_TICK_S: each batch would otherwise re-infer the slot it touched
+            n = 0
+            if futs or len(msgs) < cfg.batch or time.monotonic() - last_tick > DRAIN_TICK_S:
+                n = svc.tick(time.time(), force=bool(futs))
+                last_tick = time.monotonic()
             svc.publish_view()
             for f in futs:
                 f.set_result(n)

@@ -45,6 +45,10 @@ from .errors import QosError
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+#: BFS trees (one per server node) kept before the cache starts over
+TREE_CACHE = 1024
+
+
 def edge_id(a: str, b: str) -> str:
     """Default id of the directed edge a -> b."""
     return f"{a}>{b}"
@@ -57,6 +61,10 @@ class Topology:
     kinds: dict[str, str] = field(default_factory=dict)  # component id -> kind ("edge" for edges)
     adj: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)  # node -> [(next, edge id)]
     attach: list[tuple[Net, str]] = field(default_factory=list)  # longest prefix first
+    _index: tuple[int, dict[int, list[tuple[int, dict[int, str]]]]] | None = field(
+        default=None, repr=False, compare=False)  # built from ``attach`` on first use
+    _trees: dict[str, dict[str, tuple[str, str | None] | None]] = field(
+        default_factory=dict, repr=False, compare=False)  # server node -> its BFS tree
 
     @property
     def components(self) -> set[str]:
@@ -76,6 +84,7 @@ class Topology:
         if eid is not None and eid not in self.kinds:
             self.kinds[eid] = "edge"
         self.adj[a].append((b, eid))
+        self._trees.clear()
 
     def add_prefix(self, prefix: str, node: str) -> None:
         if node not in self.adj:
@@ -88,13 +97,22 @@ class Topology:
         self.attach.sort(key=lambda a: -a[0].prefixlen)
 
     def node_of(self, addr: str) -> str:
-        """The node an address attaches to (longest matching prefix)."""
+        """The node an address attaches to (longest matching prefix).
+
+        One dict lookup per prefix length present (longest first), not a scan of every
+        prefix: the live service places every session's two addresses, and an
+        enterprise has thousands of prefixes."""
         try:
             ip = ipaddress.ip_address(addr)
         except ValueError:
             raise QosError(f"bad address {addr!r}") from None
-        for net, node in self.attach:
-            if ip.version == net.version and ip in net:
+        if self._index is None or self._index[0] != len(self.attach):
+            self._index = (len(self.attach), _prefix_index(self.attach))
+        bits = 32 if ip.version == 4 else 128
+        val = int(ip)
+        for plen, table in self._index[1].get(ip.version, ()):
+            node = table.get(val >> (bits - plen))
+            if node is not None:
                 return node
         raise QosError(f"address {addr} attaches to no component (no prefix matches)")
 
@@ -104,14 +122,20 @@ class Topology:
         Video (and IQN's stalls) flow from the server to the viewer, so a degraded
         segment is the server-to-client direction of a link (BFS, fewest hops)."""
         src, dst = self.node_of(server), self.node_of(client)
-        prev: dict[str, tuple[str, str | None] | None] = {src: None}
-        queue = deque([src])
-        while queue and dst not in prev:
-            u = queue.popleft()
-            for v, eid in self.adj[u]:
-                if v not in prev:
-                    prev[v] = (u, eid)
-                    queue.append(v)
+        prev = self._trees.get(src)
+        if prev is None:
+            # one BFS tree per server node, kept: a service resolves many clients per server
+            prev = {src: None}
+            queue = deque([src])
+            while queue:
+                u = queue.popleft()
+                for v, eid in self.adj[u]:
+                    if v not in prev:
+                        prev[v] = (u, eid)
+                        queue.append(v)
+            if len(self._trees) >= TREE_CACHE:
+                self._trees.clear()
+            self._trees[src] = prev
         if dst not in prev:
             raise QosError(f"no directed path from server {server} ({src}) to client {client} ({dst})")
         out = [dst]
@@ -121,6 +145,17 @@ class Topology:
             out += [eid, u] if eid is not None else [u]
             step = prev[u]
         return tuple(reversed(out))
+
+
+def _prefix_index(attach: list[tuple[Net, str]]) -> dict[int, list[tuple[int, dict[int, str]]]]:
+    """IP version -> [(prefix length, {network bits: node})], longest prefix first; the
+    first-attached node wins on an exact duplicate prefix, as the scan did."""
+    by: dict[int, dict[int, dict[int, str]]] = {}
+    for net, node in attach:
+        bits = net.max_prefixlen
+        table = by.setdefault(net.version, {}).setdefault(net.prefixlen, {})
+        table.setdefault(int(net.network_address) >> (bits - net.prefixlen), node)
+    return {v: sorted(t.items(), key=lambda kv: -kv[0]) for v, t in by.items()}
 
 
 def _parse_edge(e: Any) -> tuple[str, str, str | None]:

@@ -1,0 +1,286 @@
+"""The live QoS service's ingestion: export messages -> JetStream -> ``iqn-qos serve``'s
+consumer -> DuckDB, against baselines measured in the same run on the same messages.
+
+* **Ingest**: N schema-v1 session messages (addresses from ``iqn_qos.synth``'s
+  enterprise, so every one resolves to a real path) wait in stream ``IQN`` of a
+  real nats-server; the service's loop (:func:`iqn_qos.serve.run`, in this
+  process, with a fresh durable consumer) drains them: pull, decode, resolve,
+  store in DuckDB idempotently, acknowledge each message.  Rate = N / time until
+  the last record is stored.  Baselines: (a) a bare consumer that pulls the same
+  way and only acknowledges (what the broker and nats-py cost); (b) a bare
+  DuckDB bulk insert of the same, already decoded, lines (what the store
+  costs).  Target >= 100,000 records/s.
+* **End-to-end delay**: a publisher process sends messages at a steady rate
+  (each stamped with its publish time in ``iqn.recorded_at``); the running service
+  notes when each is stored.  p50/p99/max of stored - published; target p99 <= 1 s.
+
+    .venv/bin/python bench/bench_qos_serve.py [--n 200000] [--rate 2000] [--seconds 15] [--no-write]
+
+Prints markdown tables and replaces the "## QoS service ingest" section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import _results  # noqa: E402
+
+from iqn_lab.jetstream import JetStream  # noqa: E402
+from iqn_qos.ingest import Decoded, Decoder  # noqa: E402
+from iqn_qos.serve import STREAM, ServeConfig, Service, run  # noqa: E402
+from iqn_qos.store import Store  # noqa: E402
+from iqn_qos.topology import load_topology  # noqa: E402
+
+SECTION = "## QoS service ingest"
+RATE_TARGET = 100_000
+P99_TARGET_S = 1.0
+
+
+def make_msgs(workdir: Path, n: int) -> tuple[Path, list[bytes]]:
+    from qos_feed import scenario
+
+    slots = max(1, n // 5000)  # the paper's ~5,000 lines per slot
+    topo, msgs, _ = scenario(workdir, "relay-bug", slots=slots, lines_per_slot=-(-n // slots),
+                             components=4000, routers=8)
+    return topo, [json.dumps(m).encode() for m in msgs[:n]]
+
+
+async def publish_raw(url: str, datas: Sequence[bytes], ids: Sequence[str]) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(name=STREAM, subjects=["iqn.stalls.*", "iqn.sessions.*"])
+    futs = []
+    for d, i in zip(datas, ids, strict=True):
+        futs.append(await js.publish_async(f"iqn.sessions.{i.split('/')[0]}", d, headers={"Nats-Msg-Id": i},
+                                           wait_stall=5.0))
+        if len(futs) >= 4000:
+            await asyncio.gather(*futs)
+            futs = []
+    await asyncio.gather(*futs)
+    await nc.close()
+
+
+async def bare_consumer(url: str, n: int, batch: int) -> float:
+    """Pull and acknowledge only (the same hand-made pull as the service): seconds for n."""
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    nc = await nats.connect(url, pending_size=1 << 28)
+    js = nc.jetstream()
+    await js.add_consumer(STREAM, ConsumerConfig(durable_name="bare", ack_policy=AckPolicy.EXPLICIT,
+                                                 max_ack_pending=4 * batch))
+    got: list[Any] = []
+    done = asyncio.Event()
+
+    async def cb(m: Any) -> None:
+        if not m.data and m.headers and "Status" in m.headers:
+            done.set()
+            return
+        got.append(m)
+        if len(got) >= batch:
+            done.set()
+
+    inbox = nc.new_inbox()
+    await nc.subscribe(inbox, cb=cb, pending_msgs_limit=4 * batch + 1000, pending_bytes_limit=1 << 28)
+    req = json.dumps({"batch": batch, "expires": int(1e9)}).encode()
+    total = 0
+    t0 = time.perf_counter()
+    while total < n:
+        got.clear()
+        done.clear()
+        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.bare", req, reply=inbox)
+        await asyncio.wait_for(done.wait(), 10)
+        msgs = list(got)
+        for m in msgs:
+            json.loads(m.data)  # parse like the service does: the decode's floor
+            await nc.publish(m.reply, b"+ACK")
+        total += len(msgs)
+    dt = time.perf_counter() - t0
+    await nc.close()
+    return dt
+
+
+def bare_duckdb(decoded: list[Decoded], raw: list[bytes], path: Path, batch: int) -> float:
+    """The same decoded rows into a fresh store, batch by batch, with no broker: seconds."""
+    with Store(path) as st:
+        t0 = time.perf_counter()
+        for k in range(0, len(decoded), batch):
+            st.ingest(decoded[k:k + batch], raw[k:k + batch], time.time())
+        return time.perf_counter() - t0
+
+
+def service_drain(cfg: ServeConfig, n: int) -> tuple[float, int]:
+    """The service's loop over a backlog of n messages: seconds until n are stored, lines stored."""
+    state = {"stored": 0, "t_end": 0.0}
+
+    def on_stored(batch: Sequence[Decoded], now: float) -> None:
+        state["stored"] += len(batch)
+        if state["stored"] >= n:
+            state["t_end"] = time.perf_counter()
+
+    svc = Service(cfg, on_stored=on_stored)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            while state["stored"] < n:
+                await asyncio.sleep(0.05)
+            stop.set()
+
+        asyncio.get_running_loop().create_task(watch())
+        await run(cfg, stop=stop, service=svc)
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    lines = svc.store.counts()["lines"]
+    svc.close()
+    return state["t_end"] - t0, lines
+
+
+def _publisher(url: str, datas: list[bytes], rate: float, q: Any) -> None:
+    """Child process: publish at ``rate`` per second, each stamped with its send time."""
+    import nats
+
+    async def go() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        t0 = time.time()
+        futs = []
+        for i, d in enumerate(datas):
+            due = t0 + i / rate
+            if (w := due - time.time()) > 0:
+                await asyncio.sleep(w)
+            obj = json.loads(d)
+            obj["id"] = "e2e/" + obj["id"]
+            obj["iqn.recorded_at"] = time.time()
+            futs.append(await js.publish_async("iqn.sessions.e2e", json.dumps(obj).encode(),
+                                               headers={"Nats-Msg-Id": obj["id"]}))
+            if len(futs) >= 500:
+                await asyncio.gather(*futs)
+                futs = []
+        await asyncio.gather(*futs)
+        await nc.close()
+
+    asyncio.run(go())
+    q.put("done")
+
+
+def e2e_delay(cfg: ServeConfig, datas: list[bytes], rate: float) -> np.ndarray:
+    """Delays (s) from publish to stored for every message, service running throughout."""
+    delays: list[float] = []
+
+    def on_stored(batch: Sequence[Decoded], now: float) -> None:
+        t = time.time()
+        delays.extend(t - d.at for d in batch if d.at is not None and d.id.startswith("e2e/"))
+
+    svc = Service(cfg, on_stored=on_stored)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            p = ctx.Process(target=_publisher, args=(cfg.nats[0], datas, rate, q))
+            await asyncio.sleep(1.0)  # the consumer is up and caught up
+            p.start()
+            while len(delays) < len(datas):
+                await asyncio.sleep(0.1)
+            p.join(30)
+            stop.set()
+
+        asyncio.get_running_loop().create_task(watch())
+        await run(cfg, stop=stop, service=svc)
+
+    asyncio.run(main())
+    svc.close()
+    return np.array(delays)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--batch", type=int, default=5000)
+    ap.add_argument("--rate", type=float, default=2000.0, help="e2e: messages per second")
+    ap.add_argument("--seconds", type=float, default=15.0, help="e2e: how long to publish")
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-qos-serve-") as tmp:
+        work = Path(tmp)
+        t = time.perf_counter()
+        topo, datas = make_msgs(work, a.n)
+        ids = [json.loads(d)["id"] for d in datas]
+        print(f"{len(datas)} messages ({sum(map(len, datas)) / len(datas):.0f} B each) in "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
+        dec = Decoder(load_topology(topo))
+        t = time.perf_counter()
+        decoded = [dec.decode(d) for d in datas]
+        t_decode = time.perf_counter() - t
+        t_duck = bare_duckdb(decoded, datas, work / "bare.duckdb", a.batch)
+        print(f"decode alone {len(datas) / t_decode:,.0f}/s; bare DuckDB {len(datas) / t_duck:,.0f}/s",
+              flush=True)
+        with JetStream.start(1, work / "js") as js:
+            t = time.perf_counter()
+            asyncio.run(publish_raw(js.urls[0], datas, ids))
+            print(f"published {len(datas)} in {time.perf_counter() - t:.1f} s", flush=True)
+            t_bare = asyncio.run(bare_consumer(js.urls[0], len(datas), a.batch))
+            print(f"bare consumer {len(datas) / t_bare:,.0f}/s", flush=True)
+            cfg = ServeConfig(nats=js.urls, topology=topo, store=work / "qos.duckdb", durable="bench",
+                              port=0, batch=a.batch)
+            t_svc, lines = service_drain(cfg, len(datas))
+            print(f"service {len(datas) / t_svc:,.0f}/s ({lines} lines)", flush=True)
+            n_e2e = int(a.rate * a.seconds)
+            cfg2 = ServeConfig(nats=js.urls, topology=topo, store=work / "qos.duckdb", durable="bench",
+                               port=0, batch=a.batch)
+            d = e2e_delay(cfg2, datas[:n_e2e], a.rate)
+    p50, p99, mx = (float(np.percentile(d, 50)), float(np.percentile(d, 99)), float(d.max()))
+    print(f"e2e: {d.size} messages, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {mx * 1000:.0f} ms")
+    n = len(datas)
+    r_svc = n / t_svc
+    rows = [
+        ("**`iqn-qos serve` consumer** (pull, decode, resolve, DuckDB, ack each)", t_svc, r_svc),
+        ("baseline (a): bare consumer, pull + JSON parse + ack only", t_bare, n / t_bare),
+        ("baseline (b): bare DuckDB insert of the decoded rows (no broker)", t_duck, n / t_duck),
+        ("the decode alone (JSON, validation, path from the topology)", t_decode, n / t_decode),
+    ]
+    cpu = os.cpu_count()
+    body = [SECTION, "",
+            "`.venv/bin/python bench/bench_qos_serve.py` (`bench/bench_qos_serve.py`): one nats-server "
+            f"(`iqn_lab.jetstream`), {n:,} schema-v1 session messages already in stream `IQN` (a backlog: "
+            f"the service drains it), batch {a.batch}, {cpu} cores shared with the other helpers' work.", "",
+            "| path | seconds | records/s | vs service |", "|---|---:|---:|---:|"]
+    for name, t_, r in rows:
+        body.append(f"| {name} | {t_:.2f} | {r:,.0f} | {r / r_svc:.2f}x |")
+    verdict = "met" if r_svc >= RATE_TARGET else "NOT met"
+    body += ["", f"Target >= {RATE_TARGET:,} records/s: **{verdict}** ({r_svc:,.0f}/s).", "",
+             f"End to end, publish -> line in the store (a publisher process at {a.rate:,.0f} messages/s for "
+             f"{a.seconds:g} s, the service running): {d.size:,} messages, p50 {p50 * 1000:.0f} ms, "
+             f"**p99 {p99 * 1000:.0f} ms**, max {mx * 1000:.0f} ms "
+             f"(target p99 <= {P99_TARGET_S * 1000:.0f} ms: {'met' if p99 <= P99_TARGET_S else 'NOT met'})."]
+    text = "\n".join(body) + "\n"
+    print("\n" + text)
+    if not a.no_write:
+        _results.write_section(SECTION, text)
+
+
+if __name__ == "__main__":
+    main()
