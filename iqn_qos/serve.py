@@ -54,7 +54,8 @@ KEEP_SLOTS = 96
 #: a batch delivered but not acknowledged (the service died before storing it) is
 #: re-delivered after this long; storing a batch takes well under a second
 ACK_WAIT_S = 10.0
-#: while a backlog drains, closed slots are inferred at most this often
+#: closed dirty slots are inferred at most this often (s), and while a backlog drains
+TICK_S = 2.0
 DRAIN_TICK_S = 5.0
 
 
@@ -315,10 +316,12 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                     svc.counters.lag = int(info.num_pending or 0)
                     svc.counters.ack_pending = int(info.num_ack_pending or 0)
             futs, forced[:] = list(forced), []
-            # draining a backlog (a full batch came back) defers inference to every
-            # DRAIN_TICK_S: each batch would otherwise re-infer the slot it touched
+            # inference rounds at most every TICK_S (DRAIN_TICK_S while a backlog drains:
+            # a full batch came back): each batch would otherwise re-infer the slot it touched
+            # and hold up the storing of the next ones
             n = 0
-            if futs or len(msgs) < cfg.batch or time.monotonic() - last_tick > DRAIN_TICK_S:
+            since = time.monotonic() - last_tick
+            if futs or since > (DRAIN_TICK_S if len(msgs) >= cfg.batch else TICK_S):
                 n = svc.tick(time.time(), force=bool(futs))
                 last_tick = time.monotonic()
             svc.publish_view()
