@@ -14,7 +14,7 @@ consumer -> DuckDB, against baselines measured in the same run on the same messa
   (each stamped with its publish time in ``iqn.recorded_at``); the running service
   notes when each is stored.  p50/p99/max of stored - published; target p99 <= 1 s.
 
-    .venv/bin/python bench/bench_qos_serve.py [--n 200000] [--rate 2000] [--seconds 15] [--no-write]
+    .venv/bin/python bench/bench_qos_serve.py [--n 100000] [--rate 1000] [--seconds 15] [--no-write]
 
 Prints markdown tables and replaces the "## QoS service ingest" section of bench/RESULTS.md.
 """
@@ -218,9 +218,9 @@ def e2e_delay(cfg: ServeConfig, datas: list[bytes], rate: float) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=5000)
-    ap.add_argument("--rate", type=float, default=2000.0, help="e2e: messages per second")
+    ap.add_argument("--rate", type=float, default=1000.0, help="e2e: messages per second")
     ap.add_argument("--seconds", type=float, default=15.0, help="e2e: how long to publish")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()

@@ -54,6 +54,8 @@ KEEP_SLOTS = 96
 #: a batch delivered but not acknowledged (the service died before storing it) is
 #: re-delivered after this long; storing a batch takes well under a second
 ACK_WAIT_S = 10.0
+#: when idle, the consumer's lag and ack-pending counts are refreshed this often (s)
+INFO_S = 0.5
 #: closed dirty slots are inferred at most this often (s), and while a backlog drains
 TICK_S = 2.0
 DRAIN_TICK_S = 5.0
@@ -70,7 +72,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 9480
     batch: int = 5000
-    expires_s: float = 1.0
+    expires_s: float = 0.25  # a pull waits this long for a full batch: the delay when caught up
     threshold: float = 0.01
     l1: float = 1e-4
 
@@ -280,6 +282,16 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                  ",".join(cfg.nats))
         if ready is not None:
             ready(host, port)
+
+        async def refresh_info() -> None:
+            """Lag and ack-pending from the consumer's own numbers (at start, and when idle:
+            a batch's last message only tells the lag)."""
+            with contextlib.suppress(Exception):
+                info = await js.consumer_info(STREAM, cfg.durable)
+                svc.counters.lag = int(info.num_pending or 0)
+                svc.counters.ack_pending = int(info.num_ack_pending or 0)
+
+        await refresh_info()
         batch = _Batch(cfg.batch)
         inbox = nc.new_inbox()
         await nc.subscribe(inbox, cb=batch.cb, pending_msgs_limit=4 * cfg.batch + 1000,
@@ -309,12 +321,9 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                 except Exception as e:
                     log.warning("ack failed (the batch will be re-delivered, stored once): %s", e)
                 svc.counters.lag = _ack_meta(msgs[-1].reply)[2]
-            elif time.monotonic() - last_info > 2:
+            elif time.monotonic() - last_info > INFO_S:
                 last_info = time.monotonic()
-                with contextlib.suppress(Exception):
-                    info = await js.consumer_info(STREAM, cfg.durable)
-                    svc.counters.lag = int(info.num_pending or 0)
-                    svc.counters.ack_pending = int(info.num_ack_pending or 0)
+                await refresh_info()
             futs, forced[:] = list(forced), []
             # inference rounds at most every TICK_S (DRAIN_TICK_S while a backlog drains:
             # a full batch came back): each batch would otherwise re-infer the slot it touched
