@@ -320,3 +320,33 @@ def test_service_resumes_after_sigkill_and_stores_each_record_once(tmp_path: Pat
     assert stored == ids
     assert mid < len(msgs)
     assert os.path.getsize(tmp_path / "serve.log") > 0
+
+
+def test_on_demand_inference_endpoint(served: dict[str, Any]) -> None:
+    req = urllib.request.Request(served["svc"].url + "/api/infer", method="POST", data=b"")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        got = json.loads(r.read())
+    assert isinstance(got["inferred"], int) and got["inferred"] >= 0  # slots with new lines, if any
+    assert got["last_slot"] == max(served["api"]["slots"])
+
+
+def test_bad_serve_flags_are_one_line_errors(topo_file: Path, tmp_path: Path) -> None:
+    cases = [
+        (["--durable", "a.b"], "--durable must match"),
+        (["--listen", "localhost:http"], "--listen: expected HOST:PORT"),
+        (["--slot", "0"], "--slot must be positive"),
+        (["--batch", "0"], "--batch must be in"),
+    ]
+    for extra, why in cases:
+        r = subprocess.run([IQN_QOS, "serve", "--nats", "nats://127.0.0.1:1", "--topology", str(topo_file),
+                            "--store", str(tmp_path / "q.duckdb"), *extra], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("iqn-qos: error: ") and why in r.stderr, (extra, r)
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([IQN_QOS, "serve", "--nats", "nats://127.0.0.1:1", "--topology",
+                        str(tmp_path / "none.yaml"), "--store", str(tmp_path / "q.duckdb")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "none.yaml" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([IQN_QOS, "components", "--service", f"http://127.0.0.1:{free_port()}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot reach the service" in r.stderr
