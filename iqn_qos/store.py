@@ -55,6 +55,9 @@ class Ingested:
     types: dict[str, int]  # new usable messages per type
 
 
+_SEP = "\x1f"  # ASCII unit separator: joins a path's ids on their way into DuckDB
+
+
 class Store:
     """A DuckDB file (``:memory:`` for none) holding lines and per-slot estimates."""
 
@@ -142,14 +145,27 @@ class Store:
         )
 
     def _insert_lines(self, rows: Sequence[Decoded]) -> None:
+        """Paths travel as one string each, split in SQL: handing DuckDB a list of lists
+        cost twice the whole insert (bench/bench_qos_serve.py); ids holding the separator
+        (never in practice) take the list-of-lists way."""
         ls = [d.line for d in rows if d.line is not None]
+        cols = [[ln.t for ln in ls], [ln.n for ln in ls], [ln.m for ln in ls], [ln.client for ln in ls],
+                [ln.server for ln in ls], [ln.router for ln in ls], [ln.kind for ln in ls],
+                [d.id for d in rows]]
+        comps = {c for ln in ls for c in ln.path}
+        if any(_SEP in c for c in comps):
+            paths: list[object] = [list(ln.path) for ln in ls]
+            split, ptype = "p", "VARCHAR[][]"
+        else:
+            paths = [_SEP.join(ln.path) for ln in ls]
+            split, ptype = "string_split(p, chr(31))", "VARCHAR[]"
         self.con.execute(
-            "INSERT INTO lines (t, path, n, m, client, server, router, kind, id) SELECT unnest($1::DOUBLE[]),"
-            " unnest($2::VARCHAR[][]), unnest($3::BIGINT[]), unnest($4::BIGINT[]), unnest($5::VARCHAR[]),"
-            " unnest($6::VARCHAR[]), unnest($7::VARCHAR[]), unnest($8::VARCHAR[]), unnest($9::VARCHAR[])",
-            [[ln.t for ln in ls], [list(ln.path) for ln in ls], [ln.n for ln in ls], [ln.m for ln in ls],
-             [ln.client for ln in ls], [ln.server for ln in ls], [ln.router for ln in ls],
-             [ln.kind for ln in ls], [d.id for d in rows]],
+            f"INSERT INTO lines (t, path, n, m, client, server, router, kind, id) SELECT t, {split}, n, m,"
+            " client, server, router, kind, id FROM (SELECT unnest($1::DOUBLE[]) AS t,"
+            f" unnest($2::{ptype}) AS p, unnest($3::BIGINT[]) AS n, unnest($4::BIGINT[]) AS m,"
+            " unnest($5::VARCHAR[]) AS client, unnest($6::VARCHAR[]) AS server,"
+            " unnest($7::VARCHAR[]) AS router, unnest($8::VARCHAR[]) AS kind, unnest($9::VARCHAR[]) AS id)",
+            [cols[0], paths, *cols[1:]],
         )
 
     def _insert_stalls(self, rows: Sequence[Decoded]) -> None:

@@ -175,6 +175,18 @@ def test_store_ingest_is_idempotent_on_ids(topo_file: Path) -> None:
         assert st.counts()["records"] == 6 and st.counts()["lines"] == 5 and st.counts()["rejected"] == 1
 
 
+def test_store_keeps_paths_exactly() -> None:
+    """Paths go into DuckDB joined by a separator and split there; an id holding the
+    separator itself takes the other way: both come back as they went in."""
+    from iqn_qos.ingest import Decoded
+
+    for path in (("srv", "a>b", "net-a"), ("odd\x1fid", "net-a")):
+        line = MediaLine(0.0, path, 10, 9, "10.1.2.3", "192.0.2.1", "r0", "iqn")
+        with Store(":memory:") as st:
+            st.ingest([Decoded("r0/h/session/1", "session", "r0", line=line)], [b"{}"], 1.0)
+            assert st.lines_in(0.0, 900.0) == [line]
+
+
 def test_session_line_rejects_nonsense() -> None:
     with pytest.raises(QosError, match="bad watched/stalled"):
         session_line("r", "10.1.2.3", "192.0.2.1", 0.0, 5.0, 6.0)
