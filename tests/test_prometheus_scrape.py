@@ -77,11 +77,13 @@ def test_prometheus_scrapes_the_agent_and_the_qos_service(tmp_path: Path) -> Non
     with Lab() as lab:
         ns = lab.cli_ns
         agent_port, prom_port = random.randrange(20000, 40000), random.randrange(40000, 60000)
-        agent = subprocess.Popen(
-            lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp_path / "state"),
-                          "--metrics-port", str(agent_port)), env=env, stderr=subprocess.PIPE, text=True)
-        procs.append(agent)
         with JetStream.start(1, tmp_path / "js", netns=ns) as js:
+            # the agent exports to the same broker: its export metrics are linted too
+            agent = subprocess.Popen(
+                lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp_path / "state"),
+                              "--metrics-port", str(agent_port), "--export", js.urls[0]),
+                env=env, stderr=subprocess.PIPE, text=True)
+            procs.append(agent)
             svc = start_service(js.urls, topo, tmp_path / "qos.duckdb", tmp_path / "serve.log",
                                 prefix=("ip", "netns", "exec", ns))
             procs.append(svc.proc)
@@ -132,6 +134,7 @@ def test_prometheus_scrapes_the_agent_and_the_qos_service(tmp_path: Path) -> Non
                 for url in (f"http://127.0.0.1:{agent_port}/metrics", f"http://127.0.0.1:{qos_port}/metrics"):
                     text = http_get(ns, url)
                     assert "# TYPE" in text, url
+                    assert ("iqn_export_connected" in text) == (str(agent_port) in url), url
                     res = promtool_check(text)
                     assert res.returncode == 0, f"{url}: {res.stdout}{res.stderr}"
             finally:
