@@ -20,6 +20,7 @@ APT_PACKAGES=(
   python3-tk xvfb xauth chromium chromium-driver xdotool ffmpeg  # user agent: pyautogui, headful Chromium, test clip
   openvpn openssl vagrant vagrant-libvirt shellcheck  # lab: tunnel, certificate checks, VM pair validation
   systemd                                        # tests: systemd-analyze verify / systemd-escape on the unit
+  prometheus                                     # tests: a real Prometheus scrapes the agent and iqn-qos serve; promtool
 )
 
 missing=()
