@@ -34,6 +34,16 @@ from aioquic.h3.events import DataReceived, H3Event, Headers, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ProtocolNegotiated, QuicEvent
 
+def big_rcvbuf(sock: Any, size: int = 4 << 20) -> None:
+    """A large receive buffer: SO_RCVBUFFORCE as root (past net.core.rmem_max), else SO_RCVBUF."""
+    import socket
+
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, 33, size)  # SO_RCVBUFFORCE
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
 STATIC = Path(__file__).resolve().parent / "static"
 ETH_IP_UDP = 14 + 20 + 8  # bytes around a QUIC datagram in an IPv4 Ethernet frame
 VIDEO_FRAME = 1292  # YouTube's full-size video packets, Ethernet frame bytes
@@ -249,6 +259,10 @@ async def run(args: argparse.Namespace) -> None:
         await serve(args.www_addr, args.port, configuration=cfg, create_protocol=protocol),
         await serve(args.media_addr, args.port, configuration=cfg, create_protocol=protocol),
     ]
+    for s in servers:  # many viewers share these two sockets: room for their bursts (see big_rcvbuf)
+        sock = s._transport.get_extra_info("socket") if s._transport is not None else None
+        if sock is not None:
+            big_rcvbuf(sock)
     if args.ready:
         Path(args.ready).write_text("ready\n")
     stop = asyncio.Event()
