@@ -1,0 +1,210 @@
+"""``iqn-lab demo --localise``: a fault on one component, real stalls at many players, and
+the QoS service naming the component.
+
+1. the lab (:class:`~iqn_lab.localise.lab.LocaliseLab`): namespaces, two OTT servers,
+   JetStream, the ISP agent (XDP) on both access routers with ``--slot``, and, when this
+   checkout has the live pipeline (``iqn-ctl attach --export`` and ``iqn-qos serve``),
+   agents exporting to JetStream and the QoS service consuming it;
+2. the fault: an htb bottleneck on ``sub-a``'s access link (``--fault access``) or on
+   ``srv-1``'s uplink (``--fault server``), in place before the first player starts;
+3. the players (:mod:`iqn_lab.player`), one process per subnet, started two seconds
+   before a slot boundary and stopped half a second before the end of the K-th slot;
+4. per slot, the service's estimates: from the running service (``GET /api/components``
+   after the slot closes, then its store), or without the live pipeline, from the agents'
+   histories (``iqn-qos from-agent`` + ``iqn-qos infer``: the same records, read from disk);
+5. ``results/<run>/``: ``report.json``, ``report.txt``, ``heatmap.png``, the media lines,
+   the players' logs, the agents' and servers' logs. The lab is always torn down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from iqn_lab import procs
+from iqn_lab.errors import LabError
+from iqn_lab.player import read_log
+
+from . import report as R
+from .lab import CLIP, LocaliseLab
+
+Say = Callable[[str], None]
+#: agents write a slot's records 2 s after it ends; then export and ingest
+CLOSE_WAIT = 6.0
+#: the players start this long before the first reported slot (startup stalls fall before it)
+LEAD = 2.0
+#: bottleneck as a share of what the players behind the faulty component ask for
+SQUEEZE = 0.6
+
+
+@dataclass(frozen=True)
+class LocaliseConfig:
+    out: Path
+    prefix: str = "iqnloc"
+    fault: str = "access"
+    slot: float = 30.0
+    slots: int = 4
+    players: int = 10  # per subnet
+    rate: int | None = None  # bit/s; None: SQUEEZE x the demand behind the component
+    nats_nodes: int = 1
+    p: float = 0.2
+    n: int = 4
+    keep: bool = False
+
+
+def default_rate(cfg: LocaliseConfig) -> int:
+    behind = cfg.players if cfg.fault == "access" else 3 * math.ceil(cfg.players / 2)
+    return int(SQUEEZE * behind * CLIP.kbit * 1000)
+
+
+def _qos(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "iqn_qos", *args], capture_output=True, text=True)
+
+
+def _estimates_offline(lab: LocaliseLab, info: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Media lines from both agents' histories, then ``iqn-qos infer --json``."""
+    texts = []
+    for a in info["agents"].values():
+        r = _qos("from-agent", a["state_dir"], "--router", a["router"], "--topology", info["qos_topology"])
+        if r.returncode == 0:
+            texts.append(r.stdout)
+    (out / "lines.jsonl").write_text("".join(texts))
+    if not any(t.strip() for t in texts):
+        return []
+    r = _qos("infer", str(out / "lines.jsonl"), "--slot", str(info["slot"]), "--json")
+    if r.returncode != 0:
+        raise LabError(f"iqn-qos infer failed: {r.stderr.strip()}")
+    return [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+
+
+def _estimates_live(lab: LocaliseLab, info: dict[str, Any], seen: dict[float, list[dict[str, Any]]]) -> None:
+    """The latest slot's estimates from the running service (its components table holds, for
+    the components of the latest slot, that slot's p, interval and flag)."""
+    doc = lab.service_get(info["service"]["url"], "/api/components")
+    if not doc or doc.get("last_slot") is None:
+        return
+    last = float(doc["last_slot"])
+    seen[last] = [{"slot": last, "component": c["component"], "p": c["p"], "lo": c["lo"], "hi": c["hi"],
+                   "lines": c.get("lines"), "faulty": c.get("faulty", False)}
+                  for c in doc.get("components", []) if float(c.get("slot", -1)) == last]
+
+
+def _store_estimates(info: dict[str, Any], store: Path) -> list[dict[str, Any]]:
+    r = _qos("infer", "--store", str(store), "--slot", str(info["slot"]), "--json")
+    if r.returncode != 0:
+        return []
+    return [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def run_localise(cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
+    if cfg.fault not in ("access", "server"):
+        raise LabError(f"--fault must be access or server, got {cfg.fault!r}")
+    if cfg.slots < 2 or not cfg.slot >= 5:
+        raise LabError("--slots must be at least 2 and --slot at least 5 seconds")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    lab = LocaliseLab(cfg.prefix)
+    try:
+        return _run(lab, cfg, say)
+    finally:
+        _save_logs(lab, cfg.out)
+        if not cfg.keep:
+            removed = lab.down()
+            say(f"lab {cfg.prefix} torn down ({len(removed)} items)")
+
+
+def _save_logs(lab: LocaliseLab, out: Path) -> None:
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    if lab.state.is_dir():
+        for f in lab.state.glob("*.log"):
+            shutil.copy(f, logs / f.name)
+        for f in lab.state.glob("requests-*.jsonl"):
+            shutil.copy(f, logs / f.name)
+
+
+def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
+    info = lab.up(slot=cfg.slot, nats_nodes=cfg.nats_nodes, p=cfg.p, n=cfg.n, say=say)
+    live = info["service"] is not None
+    rate = cfg.rate or default_rate(cfg)
+    fault = lab.inject(cfg.fault, rate)
+    say(f"fault: {fault['component']} ({cfg.fault}): htb {rate / 1e6:g} Mbit/s on {fault['iface']} "
+        f"in {fault['namespace']}")
+    first = math.ceil((time.time() + LEAD + 1.0) / cfg.slot) * cfg.slot
+    time.sleep(max(0.0, first - LEAD - time.time()))
+    duration = LEAD + cfg.slots * cfg.slot - 0.5
+    player_dir = cfg.out / "players"
+    pids = lab.start_players(cfg.players, duration, player_dir, stagger=1.5)
+    say(f"{3 * cfg.players} players started; slots of {cfg.slot:g} s from {first:.0f}, {cfg.slots} of them "
+        f"({'live: agents -> JetStream -> iqn-qos serve' if live else 'agents histories -> iqn-qos infer'})")
+    seen: dict[float, list[dict[str, Any]]] = {}
+    cpu = {pid: 0.0 for pid in pids}
+    for k in range(cfg.slots):
+        close = first + (k + 1) * cfg.slot + CLOSE_WAIT
+        while time.time() < close:
+            for pid in pids:
+                c = _cpu_seconds(pid)
+                if not math.isnan(c):
+                    cpu[pid] = c
+            time.sleep(min(1.0, max(0.0, close - time.time())))
+        if live:
+            _estimates_live(lab, info, seen)
+            ests = seen.get(first + k * cfg.slot, [])
+        else:
+            ests = [e for e in _estimates_offline(lab, info, cfg.out) if float(e["slot"]) == first + k * cfg.slot]
+        ests.sort(key=lambda e: -float(e["p"]))
+        top = ", ".join(f"{R.name(e['component'])} {e['p']:.3f}" for e in ests[:3]) or "no estimate yet"
+        say(f"slot {k + 1}/{cfg.slots} ({first + k * cfg.slot:.0f}): {top}")
+    for pid in pids:  # the players end on their own at the end of the last slot
+        deadline = time.monotonic() + 30
+        while procs.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    if live:
+        lab.stop_service()
+        store = cfg.out / "qos.duckdb"
+        shutil.copy(info["service"]["store"], store)
+        polled = set(seen)
+        for e in _store_estimates(info, store):  # slots the polls missed
+            if float(e["slot"]) not in polled:
+                seen.setdefault(float(e["slot"]), []).append(e)
+        estimates = [e for ests in seen.values() for e in ests]
+        heat = _qos("heatmap", "--store", str(store), "--slot", str(cfg.slot), "--out", str(cfg.out / "heatmap.png"))
+    else:
+        estimates = _estimates_offline(lab, info, cfg.out)
+        heat = _qos("heatmap", str(cfg.out / "lines.jsonl"), "--slot", str(cfg.slot), "--out",
+                    str(cfg.out / "heatmap.png"))
+    logs = {p.stem: read_log(p) for p in sorted(player_dir.glob("*.jsonl"))}
+    slots = R.per_slot(estimates, first, cfg.slots, cfg.slot)
+    comps = [c["id"] for c in lab.plan.qos_topology()["components"]]
+    rep = R.build(fault["component"], cfg.slot, slots, logs, lab.plan.component_of, comps)
+    wall = duration
+    rep.update({
+        "fault_kind": cfg.fault, "fault_iface": fault["iface"], "rate_bit": rate,
+        "players": len(logs), "pipeline": "live" if live else "offline (agents' histories)",
+        "nats_nodes": cfg.nats_nodes, "p": cfg.p, "n": cfg.n, "first_slot": first,
+        "heatmap": "heatmap.png" if heat.returncode == 0 else None,
+        "players_cpu_s": round(sum(cpu.values()), 2), "players_cpu_share": round(sum(cpu.values()) / wall, 3),
+        "players_stalls": sum(1 for ev in logs.values() for e in ev if e.get("event") == "stall"
+                              and not e.get("startup")),
+    })
+    (cfg.out / "report.json").write_text(json.dumps(rep, indent=1))
+    text = R.summary(rep)
+    (cfg.out / "report.txt").write_text(text + "\n")
+    say(text)
+    return rep
