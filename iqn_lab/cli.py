@@ -41,8 +41,18 @@ def up(
         None, "--schedule", help="rate steps SECONDS:RATE,... e.g. 0:none,20:300kbit,40:none"
     ),
     repeat: float = typer.Option(0.0, "--repeat", help="restart the schedule every this many seconds"),
+    topology: str = typer.Option(
+        "basic", "--topology", help="basic (client - OpenVPN - router - OTT) or localise (docs/lab.md)"
+    ),
+    slot: float = typer.Option(30.0, "--slot", help="localise: the agents' watched-time slot, seconds"),
+    nats_nodes: int = typer.Option(1, "--nats-nodes", help="localise: JetStream nodes, 1 or 3 (a cluster)"),
 ) -> None:
     """Build the lab (idempotent: if it is up, only the bottleneck changes)."""
+    if topology == "localise":
+        _up_localise(prefix, slot, nats_nodes)
+        return
+    if topology != "basic":
+        raise LabError(f"--topology must be basic or localise, got {topology!r}")
     bits = parse_rate(rate)
     lab = Lab(prefix)
     _root()
@@ -57,12 +67,29 @@ def up(
     typer.echo(f"  player       {lab.player_url} (from the client namespace; see iqn-lab status --json)")
 
 
+def _up_localise(prefix: str, slot: float, nats_nodes: int) -> None:
+    from .localise.lab import LocaliseLab
+
+    _root()
+    t0 = time.monotonic()
+    info = LocaliseLab(prefix).up(slot=slot, nats_nodes=nats_nodes, say=lambda m: typer.echo(f"  {m}"))
+    typer.echo(f"localisation lab {prefix} up in {time.monotonic() - t0:.1f} s")
+    typer.echo(f"  QoS topology {info['qos_topology']}")
+    for rid, a in info["agents"].items():
+        typer.echo(f"  ISP agent    {rid}: {a['iface']} in {a['ns']} (state {a['state_dir']})")
+    if info["service"]:
+        typer.echo(f"  QoS service  {info['service']['url']} (in {info['namespaces']['ops']})")
+    typer.echo(f"  players      iqn-lab demo --localise, or python -m iqn_lab.player in {prefix}-suba/b/c")
+
+
 @app.command()
 @friendly
 def down(prefix: str = OptPrefix) -> None:
     """Remove the lab: processes, namespaces, interfaces, state (also after a crash)."""
+    from .localise.lab import LocaliseLab
+
     _root()
-    removed = Lab(prefix).down()
+    removed = Lab(prefix).down() + LocaliseLab(prefix).down()
     typer.echo(f"lab {prefix}: removed {len(removed)} item(s)" if removed else f"lab {prefix}: nothing to do")
 
 

@@ -183,7 +183,8 @@ class H3Client(QuicConnectionProtocol):
             self.closed = True
             for fut, _, _ in self._pending.values():
                 if not fut.done():
-                    fut.set_exception(PlayerError(f"connection closed: {event.reason_phrase or event.error_code}"))
+                    why = event.reason_phrase or event.error_code
+                    fut.set_exception(PlayerError(f"connection closed: {why}"))
             self._pending.clear()
             return
         for ev in self._h3.handle_event(event):
@@ -198,7 +199,7 @@ class H3Client(QuicConnectionProtocol):
             elif isinstance(ev, DataReceived):
                 body += ev.data
             if getattr(ev, "stream_ended", False):
-                del self._pending[ev.stream_id]
+                del self._pending[getattr(ev, "stream_id", -1)]
                 if not fut.done():
                     fut.set_result((status[0] if status else 0, bytes(body)))
 
@@ -252,7 +253,8 @@ async def h3_connect(addr: str, port: int, host: str, source: str | None, cafile
     except OSError as e:
         sock.close()
         raise PlayerError(f"cannot bind to source address {source}: {e.strerror}") from None
-    _, proto = await loop.create_datagram_endpoint(lambda: H3Client(QuicConnection(configuration=cfg)), sock=sock)
+    _, proto = await loop.create_datagram_endpoint(
+        lambda: H3Client(QuicConnection(configuration=cfg)), sock=sock)
     client: H3Client = proto  # type: ignore[assignment]
     client.connect((addr, port))
     try:
@@ -444,7 +446,8 @@ async def run_players(specs: Iterable[PlayerSpec], settings: Settings, duration:
     tasks = [asyncio.create_task(one(i, s)) for i, s in enumerate(specs)]
     waiter = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait([waiter, asyncio.gather(*tasks)], return_when=asyncio.FIRST_COMPLETED)
+        everyone: asyncio.Future[Any] = asyncio.gather(*tasks)
+        await asyncio.wait([waiter, everyone], return_when=asyncio.FIRST_COMPLETED)
     finally:
         for t in tasks:
             t.cancel()

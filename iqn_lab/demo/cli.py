@@ -26,8 +26,24 @@ def demo(
     starve_rate: str = typer.Option("100kbit", "--starve-rate", help="media path rate during a squeeze"),
     release: float = typer.Option(5.0, "--release", help="seconds unshaped between squeezes"),
     seed: int = typer.Option(1, "--seed", help="order of the stall lengths"),
+    localise: bool = typer.Option(
+        False, "--localise", help="the localisation demo: a fault, many signal players, the QoS service"
+    ),
+    fault: str = typer.Option("access", "--fault", help="localise: access (sub-a's link) or server (srv-1)"),
+    slot: float = typer.Option(30.0, "--slot", help="localise: slot length, seconds"),
+    slots: int = typer.Option(4, "--slots", help="localise: slots to run (at least 2)"),
+    players: int = typer.Option(10, "--players", help="localise: signal players per subnet (3 subnets)"),
+    rate: str | None = typer.Option(
+        None, "--rate", help="localise: the fault's bottleneck (default: 0.6 x the video behind it)"
+    ),
+    nats_nodes: int = typer.Option(1, "--nats-nodes", help="localise: JetStream nodes, 1 or 3"),
+    keep: bool = typer.Option(False, "--keep", help="localise: leave the lab up at the end (iqn-lab down)"),
 ) -> None:
-    """Lab, ISP agent (XDP), headful Chromium, end-user agent, stalls on a timetable; report at the end."""
+    """Lab, ISP agent (XDP), headful Chromium, end-user agent, stalls on a timetable; report at the end.
+    With --localise: a fault on one component, many signal players, the QoS service's ranking."""
+    if localise:
+        _localise(prefix, out, p, n, fault, slot, slots, players, rate, nats_nodes, keep)
+        return
     from iqn_lab.demo.report import ReportError
     from iqn_lab.demo.run import DemoConfig, check, run_demo
     from iqn_lab.xvfb import XvfbError
@@ -49,3 +65,20 @@ def demo(
         run_demo(cfg, say=lambda msg: typer.echo(msg))
     except (XvfbError, ReportError, AgentError, ValueError) as e:
         raise LabError(str(e)) from None
+
+
+def _localise(prefix: str, out: Path | None, p: float, n: int, fault: str, slot: float, slots: int,
+              players: int, rate: str | None, nats_nodes: int, keep: bool) -> None:
+    from iqn_lab.localise.demo import LocaliseConfig, run_localise
+    from iqn_lab.shaping import parse_rate
+
+    if os.geteuid() != 0:
+        raise LabError("the demo needs root (namespaces, XDP, tc): run with sudo")
+    if fault not in ("access", "server"):
+        raise LabError(f"--fault must be access or server, got {fault!r}")
+    bits = parse_rate(rate) if rate is not None else None
+    prefix = "iqnloc" if prefix == "iqndemo" else prefix
+    out = out or Path("results") / time.strftime(f"localise-{fault}-%Y%m%dT%H%M%SZ", time.gmtime())
+    cfg = LocaliseConfig(out=out.resolve(), prefix=prefix, fault=fault, slot=slot, slots=slots,
+                         players=players, rate=bits, nats_nodes=nats_nodes, p=p, n=n, keep=keep)
+    run_localise(cfg, say=lambda msg: typer.echo(msg))

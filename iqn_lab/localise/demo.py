@@ -167,7 +167,8 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
             _estimates_live(lab, info, seen)
             ests = seen.get(first + k * cfg.slot, [])
         else:
-            ests = [e for e in _estimates_offline(lab, info, cfg.out) if float(e["slot"]) == first + k * cfg.slot]
+            ests = [e for e in _estimates_offline(lab, info, cfg.out)
+                    if float(e["slot"]) == first + k * cfg.slot]
         ests.sort(key=lambda e: -float(e["p"]))
         top = ", ".join(f"{R.name(e['component'])} {e['p']:.3f}" for e in ests[:3]) or "no estimate yet"
         say(f"slot {k + 1}/{cfg.slots} ({first + k * cfg.slot:.0f}): {top}")
@@ -184,7 +185,8 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
             if float(e["slot"]) not in polled:
                 seen.setdefault(float(e["slot"]), []).append(e)
         estimates = [e for ests in seen.values() for e in ests]
-        heat = _qos("heatmap", "--store", str(store), "--slot", str(cfg.slot), "--out", str(cfg.out / "heatmap.png"))
+        heat = _qos("heatmap", "--store", str(store), "--slot", str(cfg.slot), "--out",
+                    str(cfg.out / "heatmap.png"))
     else:
         estimates = _estimates_offline(lab, info, cfg.out)
         heat = _qos("heatmap", str(cfg.out / "lines.jsonl"), "--slot", str(cfg.slot), "--out",

@@ -40,8 +40,9 @@ def members(component: Any) -> list[str]:
     return [component] if isinstance(component, str) else list(component)
 
 
-def actual_fractions(logs: Mapping[str, Sequence[Mapping[str, Any]]], path_of: Callable[[str, str], list[str]],
-                     slot: float, slot_s: float) -> dict[str, dict[str, float]]:
+def actual_fractions(logs: Mapping[str, Sequence[Mapping[str, Any]]],
+                     path_of: Callable[[str, str], list[str]], slot: float,
+                     slot_s: float) -> dict[str, dict[str, float]]:
     """Per component: ``watched_s``, ``stalled_s`` and ``fraction`` of the players behind it
     in ``[slot, slot + slot_s)``."""
     acc: dict[str, list[float]] = {}
@@ -73,11 +74,11 @@ def build(fault: str, slot_s: float, slots: Mapping[float, list[dict[str, Any]]]
           components: Iterable[str]) -> dict[str, Any]:
     """The report's core: ``fault``, ``slots`` (ranking, flagged, estimates, actual), the injected
     component against its players' stall fraction, the healthy components, and the target."""
-    rows, injected = [], []
+    rows: list[dict[str, Any]] = []
+    injected: list[dict[str, Any]] = []
     healthy: dict[str, list[float | None]] = {c: [] for c in components if c != fault}
     for start, ests in sorted(slots.items()):
         actual = actual_fractions(logs, path_of, start, slot_s)
-        by_name = {name(e["component"]): e for e in ests}
         rows.append({
             "slot": start,
             "ranking": [name(e["component"]) for e in ests],
@@ -99,8 +100,8 @@ def build(fault: str, slot_s: float, slots: Mapping[float, list[dict[str, Any]]]
             e = next((x for x in ests if c in members(x["component"])), None)
             healthy[c].append(None if e is None else e["p"])
     after_first = rows[1:]
-    first_ok = all(r["ranking"] and fault in r["ranking"][0].split("+") for r in after_first)
-    wrong = sorted({f for r in rows for f in r["flagged"] if fault not in f.split("+")})
+    first_ok = all(bool(r["ranking"]) and fault in str(r["ranking"][0]).split("+") for r in after_first)
+    wrong = sorted({str(f) for r in rows for f in r["flagged"] if fault not in str(f).split("+")})
     return {
         "fault": fault,
         "slot_s": slot_s,
@@ -117,7 +118,8 @@ def build(fault: str, slot_s: float, slots: Mapping[float, list[dict[str, Any]]]
 
 def summary(report: Mapping[str, Any]) -> str:
     """The report as a few lines of text."""
-    out = [f"fault: {report['fault']} ({report.get('fault_kind', '?')}, {report.get('rate_bit', '?')} bit/s), "
+    out = [f"fault: {report['fault']} ({report.get('fault_kind', '?')}, "
+           f"{report.get('rate_bit', '?')} bit/s), "
            f"{report.get('players', '?')} players, slots of {report['slot_s']:g} s, "
            f"pipeline {report.get('pipeline', '?')}"]
     out.append(f"  {'slot':>12} {'rank':>4} {'estimate':>9} {'actual':>7}  ranking (worst first) / flagged")

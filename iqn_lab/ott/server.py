@@ -34,6 +34,7 @@ from aioquic.h3.events import DataReceived, H3Event, Headers, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ProtocolNegotiated, QuicEvent
 
+
 def big_rcvbuf(sock: Any, size: int = 4 << 20) -> None:
     """A large receive buffer: SO_RCVBUFFORCE as root (past net.core.rmem_max), else SO_RCVBUF."""
     import socket
