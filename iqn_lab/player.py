@@ -152,7 +152,11 @@ class Signaller:
     def next_look(self, t: float) -> float:
         """The first grid instant strictly after ``t``."""
         k = math.floor((t - self.phase) / self.p) + 1
-        return self.phase + k * self.p
+        nxt = self.phase + k * self.p
+        while nxt <= t + 1e-9:  # t on the grid, give or take a rounding error: the next one
+            k += 1
+            nxt = self.phase + k * self.p
+        return nxt
 
     def look(self, stalled: bool) -> int:
         """Toggles to send now."""

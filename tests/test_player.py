@@ -75,7 +75,7 @@ def test_a_throttled_download_stalls_exactly_when_the_buffer_runs_dry(fetch_s: f
 
 
 def test_no_stall_is_reported_while_media_is_buffered() -> None:
-    m = BufferModel(0.0, startup=2.0, resume=2.0)
+    m = BufferModel(0.0, startup=2.0, resume=1.0)
     m.add(0.5, 1.0)
     assert m.stalled  # one second is not enough to start
     m.add(0.7, 1.0)
@@ -84,9 +84,9 @@ def test_no_stall_is_reported_while_media_is_buffered() -> None:
     assert not m.stalled  # 0.01 s left
     m.advance(2.71)
     assert m.stalled and m.stall_start == pytest.approx(2.7)
-    m.add(3.0, 1.0)
-    assert m.stalled  # 1 s buffered, resume needs 2
-    m.add(3.5, 1.0)
+    m.add(2.9, 0.5)
+    assert m.stalled  # 0.5 s buffered, resume needs 1
+    m.add(3.5, 0.5)
     assert not m.stalled and m.stalls[-1] == (pytest.approx(2.7), 3.5, False)
 
 
@@ -94,12 +94,14 @@ def test_no_stall_is_reported_while_media_is_buffered() -> None:
 def test_a_stalled_player_sends_n_toggles_every_p(p: float, n: int) -> None:
     """Looks every p on a grid; n toggles per look that finds the player stalled."""
     m, _ = stream(1.0, 1.4, 120.0)
+    spans = [(a, b) for a, b, _ in m.stalls] + ([(m.stall_start, 120.0)] if m.stall_start is not None else [])
     sig = Signaller(p, n, phase=0.037)
-    t, looks_stalled = sig.phase, 0
+    t, looks, looks_stalled = sig.phase, 0, 0
     while t < 120.0:
-        m.advance(t)
-        looks_stalled += bool(sig.look(m.stalled))
+        looks += 1
+        looks_stalled += bool(sig.look(any(a <= t < b for a, b in spans)))
         t = sig.next_look(t)
+    assert looks == pytest.approx((120.0 - 0.037) / p, abs=1)
     stalled = m.stalled_s(120.0)
     assert sig.toggles == n * looks_stalled
     # n/p toggles per stall-second, give or take one look per stall (grid phase)
@@ -121,3 +123,14 @@ def test_settings_are_checked() -> None:
         check_settings(Settings(n=3), 10)
     with pytest.raises(ValueError, match="--p"):
         check_settings(Settings(p=0.0), 10)
+
+
+@pytest.mark.parametrize(("p", "phase"), [(0.2, 0.0), (0.1, 0.037), (0.3, 1796179560.25)])
+def test_the_next_look_is_always_later(p: float, phase: float) -> None:
+    """A look exactly on the grid (give or take rounding) is followed by the next one, never by
+    itself: the player would spin and signal twice in one look."""
+    sig = Signaller(p, 4, phase=phase)
+    for k in range(2000):
+        t = phase + k * p
+        nxt = sig.next_look(t)
+        assert t < nxt <= t + p + 1e-6
