@@ -40,6 +40,8 @@ from .lab import CLIP, LocaliseLab
 Say = Callable[[str], None]
 #: agents write a slot's records 2 s after it ends; then export and ingest
 CLOSE_WAIT = 6.0
+#: how long to wait, after CLOSE_WAIT, for the live service to show a slot
+LIVE_WAIT = 30.0
 #: the players start this long before the first reported slot (startup stalls fall before it)
 LEAD = 2.0
 #: bottleneck as a share of what the players behind the faulty component ask for
@@ -163,9 +165,12 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
                 if not math.isnan(c):
                     cpu[pid] = c
             time.sleep(min(1.0, max(0.0, close - time.time())))
-        if live:
-            _estimates_live(lab, info, seen)
-            ests = seen.get(first + k * cfg.slot, [])
+        if live:  # the service closes a slot GRACE s after its end, then infers: wait for it
+            deadline = time.time() + LIVE_WAIT
+            while first + k * cfg.slot not in seen and time.time() < deadline:
+                _estimates_live(lab, info, seen)
+                time.sleep(1.0)
+            ests = list(seen.get(first + k * cfg.slot, []))
         else:
             ests = [e for e in _estimates_offline(lab, info, cfg.out)
                     if float(e["slot"]) == first + k * cfg.slot]

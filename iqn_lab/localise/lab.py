@@ -40,6 +40,9 @@ CLIP = MediaSpec(seconds=60, kbit=500, width=426, height=240, fps=25)
 AGENT_TIMEOUT = 120.0
 READY_TIMEOUT = 30.0
 UNLIMITED = 10_000_000_000  # bit/s: no limit on a veth
+#: the service closes a slot this long after its end: the agents write a slot's records 2 s
+#: after it, and the export ships them within a second or two
+SERVICE_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,8 @@ class LocaliseLab:
         port = 18000 + os.getpid() % 20000  # inside the ops namespace: nothing else listens there
         listen = f"{OPS_ADDR}:{port}"
         argv = [sys.executable, "-m", "iqn_qos", "serve", "--topology", str(topo),
-                "--store", str(self.state / "qos.duckdb"), "--slot", str(slot), "--listen", listen]
+                "--store", str(self.state / "qos.duckdb"), "--slot", str(slot), "--listen", listen,
+                "--grace", str(SERVICE_GRACE)]
         for url in urls:
             argv += ["--nats", url]
         procs.spawn(self.state, "qos", argv, ns=self.ns("ops"))
