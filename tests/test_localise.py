@@ -94,8 +94,8 @@ def test_cli_up_and_down_and_a_failed_up_leave_nothing(prefix: str) -> None:
         LocaliseLab(prefix).up(slot=10.0, p=0.0)
     assert not _left(prefix)
     # the command line: up, then down
-    up = subprocess.run([sys.executable, "-m", "iqn_lab.cli", "up", "--topology", "localise", "--prefix", prefix,
-                         "--slot", "10"], capture_output=True, text=True, timeout=240)
+    up = subprocess.run([sys.executable, "-m", "iqn_lab.cli", "up", "--topology", "localise", "--prefix",
+                         prefix, "--slot", "10"], capture_output=True, text=True, timeout=240)
     assert up.returncode == 0, up.stderr
     assert "localisation lab" in up.stdout and len(_left(prefix)) == 9
     r = subprocess.run(["ip", "netns", "exec", f"{prefix}-subc", "ping", "-c1", "-W3", "198.19.1.3"],

@@ -256,10 +256,9 @@ async def run(args: argparse.Namespace) -> None:
     site = Site(args.www_host, args.media_host, Path(args.media_dir), log)
     protocol = type("BoundOttProtocol", (OttProtocol,), {"site": site})
     cfg = configuration(Path(args.cert), Path(args.key), keylog)
-    servers = [
-        await serve(args.www_addr, args.port, configuration=cfg, create_protocol=protocol),
-        await serve(args.media_addr, args.port, configuration=cfg, create_protocol=protocol),
-    ]
+    addrs = {"www": [args.www_addr], "media": [args.media_addr], "both": [args.www_addr, args.media_addr]}
+    servers = [await serve(a, args.port, configuration=cfg, create_protocol=protocol)
+               for a in addrs[args.hosts]]
     for s in servers:  # many viewers share these two sockets: room for their bursts (see big_rcvbuf)
         sock = s._transport.get_extra_info("socket") if s._transport is not None else None
         if sock is not None:
@@ -288,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log", help="request log, JSON lines (default stdout)")
     ap.add_argument("--keylog", help="TLS secrets for Wireshark")
     ap.add_argument("--ready", help="file written once both hosts listen")
+    ap.add_argument("--hosts", choices=("both", "www", "media"), default="both",
+                    help="serve both hosts, or only one (two processes: a busy media host cannot delay "
+                         "the page host's answers)")
     asyncio.run(run(ap.parse_args(argv)))
 
 
