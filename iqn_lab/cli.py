@@ -100,6 +100,20 @@ def status(
 ) -> None:
     """Show whether the lab is up, its daemons, tunnel and bottleneck."""
     _root()
+    from .localise.lab import LocaliseLab
+
+    loc = LocaliseLab(prefix)
+    if loc.exists():
+        lst = loc.status()
+        if as_json:
+            typer.echo(json.dumps(lst))
+            return
+        typer.echo(f"localisation lab {prefix}: {'up' if lst['up'] else 'DEGRADED (iqn-lab down, then up)'}")
+        for d, pid in lst.get("daemons", {}).items():
+            typer.echo(f"  {d:<16} {'pid ' + str(pid) if pid else 'NOT RUNNING'}")
+        fault = lst.get("fault")
+        typer.echo(f"  fault            {fault['component'] + ' on ' + fault['iface'] if fault else 'none'}")
+        return
     st = Lab(prefix).status()
     if as_json:
         typer.echo(json.dumps(st))

@@ -98,6 +98,11 @@ def test_cli_up_and_down_and_a_failed_up_leave_nothing(prefix: str) -> None:
                          prefix, "--slot", "10"], capture_output=True, text=True, timeout=240)
     assert up.returncode == 0, up.stderr
     assert "localisation lab" in up.stdout and len(_left(prefix)) == 9
+    st = subprocess.run([sys.executable, "-m", "iqn_lab.cli", "status", "--prefix", prefix, "--json"],
+                        capture_output=True, text=True, timeout=60)
+    status = json.loads(st.stdout)
+    assert status["up"] and status["topology"] == "localise" and all(status["daemons"][d] for d in (
+        "ott-srv1-www", "ott-srv1-media", "ott-srv2-www", "ott-srv2-media", "agent-rtr1", "agent-rtr2"))
     r = subprocess.run(["ip", "netns", "exec", f"{prefix}-subc", "ping", "-c1", "-W3", "198.19.1.3"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
