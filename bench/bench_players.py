@@ -64,6 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--players", type=int, default=30)
     ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--keep", help="copy the players' logs and the request log here")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (a network namespace)")
@@ -83,6 +84,8 @@ def main() -> None:
             while not (tmp / "ready").exists():
                 time.sleep(0.1)
             rows = [run(ns, tmp, server.pid, n, a.duration) for n in (1, a.players)]
+            if a.keep:
+                subprocess.run(["cp", "-r", str(tmp), a.keep])
         finally:
             if server is not None:
                 server.terminate()
