@@ -47,6 +47,9 @@ def test_impossible_sizes_and_flags(env: dict[str, str]) -> None:
               "--min-size 1300 is larger than --max-size 1200")
     one_error(run("attach", "lo", "--max-size", "70000", env=env), "sizes must lie in 0..65535")
     one_error(run("attach", "lo", "--key", "server", env=env), "--key must be one of 5tuple, client")
+    one_error(run("attach", "lo", "--hook", "bpf", env=env), "--hook must be one of auto, xdp, tc")
+    one_error(run("attach", "lo", "--hook", "xdp", "--direction", "egress", env=env),
+              "--direction egress needs the TC hook")
     one_error(run("attach", "lo", "--estimator", "magic", env=env), "unknown --estimator 'magic'")
     one_error(run("attach", "lo", "--xdp-mode", "hw", env=env), "--xdp-mode must be one of")
 
@@ -110,10 +113,11 @@ def xdp_lab() -> Iterator[Lab]:
 
 
 def test_foreign_xdp_program_is_refused(xdp_lab: Lab, env: dict[str, str]) -> None:
-    """Someone else's XDP program stays put unless --force."""
+    """Someone else's XDP program stays put unless --force (with --hook xdp; the
+    default, auto, attaches at TC beside it: tests/test_hooks_live.py)."""
     lab = xdp_lab
     lab.attach_foreign_xdp("other_prog")
-    one_error(run("attach", lab.cli_if, ns=lab.cli_ns, env=env),
+    one_error(run("attach", lab.cli_if, "--hook", "xdp", ns=lab.cli_ns, env=env),
               f"{lab.cli_if} already carries another XDP program 'other_prog'")
     assert lab.xdp_on_client() == "other_prog"
     r = run("detach", lab.cli_if, ns=lab.cli_ns, env=env)  # not ours: detach leaves it alone

@@ -93,10 +93,11 @@ class Candidates:
 
 def classify_frames(
     frames: Sequence[bytes], times: Sequence[float], filt: CandidateFilter,
-    origlens: Sequence[int] | None = None,
+    origlens: Sequence[int] | None = None, linktype: int = LINKTYPE_ETHERNET,
 ) -> Candidates:  # fmt: skip
     """Classify whole frames (a live capture, a test's list): the convenience
-    form of :func:`classify`. ``origlens`` defaults to each frame's length."""
+    form of :func:`classify`. ``origlens`` defaults to each frame's length;
+    ``linktype`` says what the frames start with (raw IP: a layer-3 device's)."""
     n = len(frames)
     hdr = np.zeros((n, HDR), np.uint8)
     for i, f in enumerate(frames):
@@ -104,7 +105,7 @@ def classify_frames(
         hdr[i, : len(head)] = np.frombuffer(head, np.uint8)
     caplen = np.fromiter((len(f) for f in frames), np.int64, n)
     org = caplen if origlens is None else np.asarray(origlens, np.int64)
-    return classify(hdr, caplen, org, np.asarray(times, np.float64), filt)
+    return classify(hdr, caplen, org, np.asarray(times, np.float64), filt, linktype=linktype)
 
 
 def classify(

@@ -21,7 +21,7 @@ from iqn_ctl.engine import params as P
 from iqn_ctl.engine.watch import DEFAULT_SLOT
 from iqn_ctl.live.api import DEFAULT_RUN_DIR, NoAgent, agent_sockets, request, sock_path
 from iqn_ctl.live.history import DEFAULT_STATE_DIR, History
-from iqn_ctl.live.settings import DEFAULT_RING_PAGES, DEFAULT_XDP_MODE
+from iqn_ctl.live.settings import DEFAULT_DIRECTION, DEFAULT_HOOK, DEFAULT_RING_PAGES, DEFAULT_XDP_MODE
 
 from .common import (
     OptBulkRatio,
@@ -112,9 +112,18 @@ def attach(
         None, "--export-replicas",
         help="replicas of the IQN stream if the agent creates it (default: 3 with 3+ --export seeds, else 1)",
     ),
+    hook: str = typer.Option(
+        DEFAULT_HOOK, "--hook",
+        help="auto: XDP, or a TC (clsact) classifier after another XDP program already on IFACE "
+             "(nothing replaced) or where XDP cannot attach; xdp; tc",
+    ),
+    direction: str = typer.Option(
+        DEFAULT_DIRECTION, "--direction",
+        help="ingress, or egress (TC only: traffic leaving IFACE, e.g. server-to-client on a tunnel server)",
+    ),
     run_dir: Path = OptRunDir,
 ) -> None:
-    """Load the XDP program on IFACE and infer stalls live until SIGINT/SIGTERM."""
+    """Load the classifier on IFACE (XDP or TC) and infer stalls live until SIGINT/SIGTERM."""
     from iqn_ctl.extras import require
 
     require("iqn-ctl attach", "pyroute2", "prometheus_client")  # the router role
@@ -127,6 +136,7 @@ def attach(
         state_dir=state_dir, run_dir=run_dir, metrics_port=metrics_port, metrics_addr=metrics_addr,
         ring_pages=ring_pages, bulk_ratio=bulk_ratio, redact=redact, source_rate=source_rate,
         slot=slot, export=tuple(export or ()), router_id=router_id, export_replicas=export_replicas,
+        hook=hook, direction=direction,
     )
     cfg.validate()
     need_root("attach")
@@ -161,8 +171,8 @@ def _daemonize(cfg: Any) -> None:
         with os.fdopen(r, "rb") as f:
             msg = f.read().decode(errors="replace").strip()
         if msg.startswith("ok "):
-            _, pid, mode = msg.split()
-            typer.echo(f"agent on {cfg.iface} running in the background (pid {pid}, XDP {mode}); "
+            _, pid, where = msg.split(maxsplit=2)  # where: "XDP native", "XDP skb", "TC ingress"
+            typer.echo(f"agent on {cfg.iface} running in the background (pid {pid}, {where}); "
                        f"log: {log_path}")
             return
         raise UserError(msg or f"the agent on {cfg.iface} died while starting; see {log_path}")
@@ -181,7 +191,7 @@ def _daemonize(cfg: Any) -> None:
         _setup_logging(logfile)
 
         def ready(agent: Any) -> None:
-            os.write(w, f"ok {os.getpid()} {agent.mode}\n".encode())
+            os.write(w, f"ok {os.getpid()} {agent.dp.describe()}\n".encode())
             os.close(w)
 
         serve(cfg, on_ready=ready)
@@ -203,7 +213,8 @@ def detach(
     iface: str = typer.Argument(..., help="interface the agent is attached to"),
     run_dir: Path = OptRunDir,
 ) -> None:
-    """Stop the agent on IFACE and remove the XDP program, also after the agent was killed."""
+    """Stop the agent on IFACE and remove IQN's XDP program or TC classifier, also after the agent was
+    killed (foreign programs and classifiers stay)."""
     from iqn_ctl.live.agent import detach as do_detach
 
     typer.echo(f"{iface}: {do_detach(iface, run_dir)}")
@@ -332,10 +343,17 @@ def _export_line(ex: dict[str, Any] | None) -> None:
                + (f" (last error: {ex['last_error']})" if ex["last_error"] else ""))
 
 
+def _hook(st: dict[str, Any]) -> str:
+    """"xdp/native", "xdp/skb", "tc/ingress", "tc/egress"; "+l3" on a layer-3 device."""
+    hook = st.get("hook", "xdp")
+    where = st.get("direction", "ingress") if hook == "tc" else st.get("xdp_mode", "")
+    return f"{hook}/{where}" + ("+l3" if st.get("link") == "l3" else "")
+
+
 @app.command()
 @friendly
 def status(as_json: bool = OptJson, run_dir: Path = OptRunDir) -> None:
-    """Running agents: interface, XDP mode, packets, candidates, lost events, flows."""
+    """Running agents: interface, hook (XDP mode or TC direction), packets, candidates, lost events, flows."""
     rows: list[dict[str, Any]] = []
     for name, path in agent_sockets(run_dir):
         try:
@@ -352,13 +370,13 @@ def status(as_json: bool = OptJson, run_dir: Path = OptRunDir) -> None:
         typer.echo("no IQN agents running")
         return
     wi = max(5, *(len(st["iface"]) for st in rows))
-    typer.echo(f"{'iface':<{wi}} {'pid':>7} {'xdp':<6} {'packets':>12} {'candidates':>11} {'lost':>8} "
+    typer.echo(f"{'iface':<{wi}} {'pid':>7} {'hook':<13} {'packets':>12} {'candidates':>11} {'lost':>8} "
                f"{'flows':>7} {'in stall':>8} {'stalls':>7} {'uptime':>10}")
     for st in rows:
         if not st["running"]:
             typer.echo(f"{st['iface']:<{wi}} {st['error']}")
             continue
-        typer.echo(f"{st['iface']:<{wi}} {st['pid']:>7} {st['xdp_mode']:<6} {st['packets']:>12} "
+        typer.echo(f"{st['iface']:<{wi}} {st['pid']:>7} {_hook(st):<13} {st['packets']:>12} "
                    f"{st['candidates']:>11} {st['lost']:>8} {st['flows']:>7} {st['flows_in_stall']:>8} "
                    f"{st['stalls_ended']:>7} {_uptime(st['uptime']):>10}")
         _export_line(st.get("export"))

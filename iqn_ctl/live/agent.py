@@ -57,7 +57,15 @@ from iqn_ctl.live.export import check_export
 from iqn_ctl.live.flows import KEY_MODES, LiveFlows
 from iqn_ctl.live.history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
 from iqn_ctl.live.sessions import Sessions
-from iqn_ctl.live.settings import DEFAULT_RING_PAGES, DEFAULT_XDP_MODE, AgentError, dataplane_problem
+from iqn_ctl.live.settings import (
+    DEFAULT_DIRECTION,
+    DEFAULT_HOOK,
+    DEFAULT_RING_PAGES,
+    DEFAULT_XDP_MODE,
+    AgentError,
+    dataplane_problem,
+    hook_problem,
+)
 
 if TYPE_CHECKING:
     from iqn_ctl.live.datapath import Datapath
@@ -255,6 +263,9 @@ class AgentConfig:
     export: tuple[str, ...] = ()
     router_id: str | None = None
     export_replicas: int | None = None
+    #: --hook auto|xdp|tc and --direction ingress|egress (TC only): where the classifier runs
+    hook: str = DEFAULT_HOOK
+    direction: str = DEFAULT_DIRECTION
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -263,7 +274,8 @@ class AgentConfig:
             )
         if self.key_mode not in KEY_MODES:
             raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {self.key_mode!r}")
-        problem = dataplane_problem(self.xdp_mode, self.max_flows, self.ring_pages)
+        problem = dataplane_problem(self.xdp_mode, self.max_flows, self.ring_pages) or hook_problem(
+            self.hook, self.direction)
         if problem:
             raise AgentError(problem)
         if not 0 <= self.bulk_ratio < 1e6:
@@ -369,7 +381,7 @@ class Agent:
         return self.mode
 
     def _start(self) -> None:
-        from iqn_ctl.live.datapath import PROG_NAME, Datapath, remove_xdp, xdp_program_on
+        from iqn_ctl.live.datapath import PROG_NAME, Datapath, remove_tc, remove_xdp, xdp_program_on
 
         cfg = self.cfg
         ensure_private_dir(cfg.state_dir, "state dir")  # the history and the daemon's log live here
@@ -386,9 +398,11 @@ class Agent:
             remove_xdp(cfg.iface)
             log.warning("%s: removed a stale IQN program (id %d) left by an agent that died",
                         cfg.iface, present[0])
+        if remove_tc(cfg.iface):
+            log.warning("%s: removed a stale IQN TC classifier left by an agent that died", cfg.iface)
         self.dp = Datapath(
             cfg.iface, cfg.filt, max_flows=cfg.max_flows, xdp_mode=cfg.xdp_mode, force=cfg.force,
-            ring_pages=cfg.ring_pages, wakeup_events=cfg.params.n,
+            ring_pages=cfg.ring_pages, wakeup_events=cfg.params.n, hook=cfg.hook, direction=cfg.direction,
         )
         self.mode = self.dp.attach()
         self.started_at = self._wall()
@@ -397,7 +411,7 @@ class Agent:
         if cfg.metrics_port is not None:
             from iqn_ctl.live.metrics import AgentMetrics
 
-            self.metrics = AgentMetrics(cfg.iface, self.scrape, self.export_stats)
+            self.metrics = AgentMetrics(cfg.iface, self.scrape, self.export_stats, self.hook_info())
             try:
                 self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
             except OSError as e:
@@ -406,8 +420,9 @@ class Agent:
                 ) from None
         p, f = cfg.params, cfg.filt
         log.info(
-            "%s: attached (XDP %s); p=%g n=%d sizes %d..%d port %d key %s estimator %s; history %s%s",
-            cfg.iface, self.mode, p.p, p.n, f.min_size, f.max_size, f.port, cfg.key_mode, cfg.estimator,
+            "%s: attached (%s, %s device); p=%g n=%d sizes %d..%d port %d key %s estimator %s; history %s%s",
+            cfg.iface, self.dp.describe(), self.dp.device.link, p.p, p.n, f.min_size, f.max_size, f.port,
+            cfg.key_mode, cfg.estimator,
             self.history.path, f"; metrics on {cfg.metrics_addr}:{cfg.metrics_port}" if self.metrics else "",
         )
 
@@ -454,6 +469,23 @@ class Agent:
     def export_stats(self) -> dict[str, Any] | None:
         """The exporter's state (``status``' ``export``, the metrics), None without --export."""
         return self.exporter.stats() if self.exporter is not None else None
+
+    def hook_info(self) -> dict[str, str]:
+        """Where the classifier runs, for status and the metrics: hook ("xdp"/"tc"),
+        XDP mode ("native"/"skb"; "" on TC), direction, link ("ethernet"/"l3": the
+        first parser) and the device type's name and ARPHRD number."""
+        dp = self.dp
+        if dp is None or dp.hook is None:
+            return {}
+        return {"hook": dp.hook, "xdp_mode": (dp.mode or "") if dp.hook == "xdp" else "",
+                "direction": dp.direction, "link": dp.device.link, "dev_type": dp.device.name,
+                "arphrd": str(dp.device.arphrd)}
+
+    def _hook_status(self) -> dict[str, Any]:
+        info: dict[str, Any] = dict(self.hook_info())
+        if "arphrd" in info:
+            info["arphrd"] = int(info["arphrd"])
+        return info
 
     # -- event loop --
 
@@ -655,6 +687,7 @@ class Agent:
             "iface": cfg.iface,
             "pid": os.getpid(),
             "xdp_mode": self.mode,
+            **self._hook_status(),
             **snap,
             "flows": eng["flows"],
             "stalls_started": self.stalls_started,
@@ -814,10 +847,12 @@ def detach(iface: str, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -
     except OSError:
         exists = False
     if exists:
-        from iqn_ctl.live.datapath import remove_xdp
+        from iqn_ctl.live.datapath import remove_tc, remove_xdp
 
         if remove_xdp(iface):
             done.append("removed the IQN XDP program" + ("" if pid else " (agent was not running)"))
+        if remove_tc(iface):
+            done.append("removed the IQN TC classifier" + ("" if pid else " (agent was not running)"))
     for path in (sock_path(run_dir, iface), pid_path(run_dir, iface)):
         if lock.holder() is None:
             try:

@@ -69,9 +69,15 @@ class TestRunner:
         self._attr = ctypes.create_string_buffer(_ATTR_SIZE)
 
     def run(self, frame: bytes, repeat: int = 1) -> tuple[int, int]:
-        """Run the program on ``frame`` ``repeat`` times; returns (XDP verdict,
-        mean duration per run in ns as the kernel measured it). The kernel
-        refuses frames shorter than an Ethernet header (EINVAL): XDP never sees those."""
+        """Run the program on ``frame`` ``repeat`` times; returns (its verdict,
+        mean duration per run in ns as the kernel measured it).
+
+        XDP programs get the frame as ``data``. SCHED_CLS (TC) programs get an
+        skb the kernel builds from it on loopback: ``skb->data`` is the frame's
+        first byte whatever it is (so a raw IP packet tests an L3 classifier
+        too), ``skb->len`` its length, linear, no VLAN tag offloaded. The
+        kernel refuses frames shorter than an Ethernet header (EINVAL) for
+        both: XDP never sees those, and no IP packet is that short."""
         attr = self._attr
         ctypes.memset(attr, 0, _ATTR_SIZE)
         buf = ctypes.create_string_buffer(frame, len(frame)) if frame else None

@@ -32,12 +32,23 @@ import numpy.typing as npt
 from iqn_ctl.engine.discard import Counters
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_N, CandidateFilter
 from iqn_ctl.errors import IqnError
-from iqn_ctl.live import bpf_testrun, layout
+from iqn_ctl.live import bpf_testrun, layout, tc
+from iqn_ctl.live.devtype import DeviceType, DeviceTypeError, device_type
 from iqn_ctl.live.layout import COUNTERS, EVENT_DTYPE, FlowKeyC, FlowStatsC
 from iqn_ctl.live.ringbuf import RingReader
-from iqn_ctl.live.settings import DEFAULT_RING_PAGES, DEFAULT_XDP_MODE, dataplane_problem
+from iqn_ctl.live.settings import (
+    DEFAULT_DIRECTION,
+    DEFAULT_RING_PAGES,
+    DEFAULT_XDP_MODE,
+    dataplane_problem,
+    hook_problem,
+)
 
 PROG_NAME = "iqn_xdp"
+#: the TC entry of the same program (its name starts with tc.NAME_PREFIX, so detach finds it)
+TC_PROG_NAME = "iqn_tc"
+#: TC priorities tried for IQN's classifier, lowest (first to run) first
+TC_PRIO_TRIES = 16
 SRC = Path(__file__).resolve().parent / "bpf" / "iqn_xdp.c"
 #: bytes a record takes in the ring: 8-byte header + struct cand_event, 8-aligned
 RECORD_BYTES = (8 + EVENT_DTYPE.itemsize + 7) & ~7
@@ -178,8 +189,17 @@ def _compile_error(iface: str, text: str) -> DatapathError:
     return DatapathError(f"compiling {SRC.name} for {iface} failed: {summary}")
 
 
+def remove_tc(iface: str) -> bool:
+    """Remove IQN's TC classifiers from ``iface`` (both directions; foreign
+    filters stay); True if one was there. Needs no running agent."""
+    try:
+        return bool(tc.detach(iface))
+    except tc.TcError as e:
+        raise DatapathError(str(e)) from None
+
+
 class Datapath:
-    """IQN's XDP program on one interface: compile, attach, poll, detach."""
+    """IQN's classifier on one interface: compile, attach (XDP or TC), poll, detach."""
 
     def __init__(
         self,
@@ -191,19 +211,30 @@ class Datapath:
         ring_pages: int = DEFAULT_RING_PAGES,
         wakeup_events: int = DEFAULT_N,
         perf_pages: int | None = None,
+        hook: str = "xdp",
+        direction: str = DEFAULT_DIRECTION,
     ) -> None:
         """``ring_pages``: the ring buffer's size in 4 KiB pages, shared by all
         CPUs (``perf_pages`` is its old name, still accepted). The reader is
-        woken once ``wakeup_events`` records wait (the signal's n)."""
+        woken once ``wakeup_events`` records wait (the signal's n).
+
+        ``hook``: "xdp" (refuses a foreign XDP program unless ``force``), "tc"
+        (a clsact classifier at ``direction``), or "auto": XDP unless another
+        XDP program holds the interface or XDP cannot attach, then TC. The
+        device type (Ethernet or layer 3) picks the first parser."""
         if perf_pages is not None:
             ring_pages = perf_pages
-        problem = dataplane_problem(xdp_mode, max_flows, ring_pages)
+        problem = dataplane_problem(xdp_mode, max_flows, ring_pages) or hook_problem(hook, direction)
         if problem:
             raise DatapathError(problem)
         if wakeup_events < 1:
             raise DatapathError(f"wakeup_events must be at least 1, got {wakeup_events}")
         _require_root()
         _ifindex(iface)
+        try:
+            self.device: DeviceType = device_type(iface)
+        except DeviceTypeError as e:
+            raise DatapathError(f"{iface}: {e}") from None
         if not SRC.is_file():
             raise DatapathError(f"the XDP program source is missing ({SRC}): reinstall IQN (pip install .)")
         self.iface = iface
@@ -212,7 +243,11 @@ class Datapath:
         self.force = force
         self.wakeup_events = wakeup_events
         self.ring_pages = ring_pages
-        self.mode: str | None = None  # "native"/"skb" once attached
+        self.hook_wanted = hook
+        self.direction = direction if hook != "xdp" else "ingress"
+        self.mode: str | None = None  # "native"/"skb" (XDP) or "tc" once attached
+        self.hook: str | None = None  # "xdp" or "tc" once attached
+        self.tc_prio: int | None = None  # the TC filter priority used
         self._closed = False
         try:
             from bcc import BPF
@@ -228,6 +263,7 @@ class Datapath:
             f"-DIQN_MAX_FLOWS={max_flows}",
             f"-DIQN_RING_PAGES={ring_pages}",
             f"-DIQN_WAKEUP_BYTES={min(wakeup_events * RECORD_BYTES, ring_pages * PAGE)}",
+            f"-DIQN_L3={int(self.device.l3)}",
             "-w",
         ]
         err = ""
@@ -235,11 +271,13 @@ class Datapath:
             try:
                 self._bpf = BPF(src_file=str(SRC).encode(), cflags=cflags)
                 self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+                self._tc_fn = self._bpf.load_func(TC_PROG_NAME.encode(), BPF.SCHED_CLS)
             except Exception as e:  # bcc raises bare Exception for compile/load failures
                 err = str(e) or type(e).__name__
         if err:
             raise _compile_error(iface, "\n".join(out) + "\n" + err)
         self._prog_id = bpf_testrun.prog_id_by_fd(self._fn.fd)
+        self._tc_prog_id = bpf_testrun.prog_id_by_fd(self._tc_fn.fd)
         self._counters = self._bpf[b"counters"]
         self._flows = self._bpf[b"flows"]
         for bcc_type, ours in ((self._flows.Key, FlowKeyC), (self._flows.Leaf, FlowStatsC)):
@@ -267,10 +305,69 @@ class Datapath:
     def prog_id(self) -> int:
         return self._prog_id
 
+    @property
+    def tc_prog_fd(self) -> int:
+        """The TC entry (SCHED_CLS) of the same program: same maps, same classifier."""
+        return int(self._tc_fn.fd)
+
+    @property
+    def tc_prog_id(self) -> int:
+        return self._tc_prog_id
+
+    def describe(self) -> str:
+        """The hook in use, for people: "XDP native", "XDP skb", "TC ingress"."""
+        if self.hook == "tc":
+            return f"TC {self.direction}"
+        return f"XDP {self.mode}" if self.mode else "not attached"
+
     def attach(self) -> str:
-        """Attach to the interface; returns "native" or "skb" (generic), whichever was used."""
+        """Attach to the interface; returns "native" or "skb" (generic XDP),
+        or "tc" for the TC hook, whichever was used (:attr:`hook` says which)."""
         if self._closed:
             raise DatapathError("data plane already closed")
+        if self.hook_wanted == "tc" or self.direction == "egress":
+            return self._attach_tc()
+        try:
+            return self._attach_xdp()
+        except DatapathError as e:
+            # auto: a foreign XDP program (never replaced without force) or an
+            # interface XDP cannot attach to; TC ingress runs after XDP
+            if self.hook_wanted != "auto":
+                raise
+            log.warning("%s; attaching at TC %s instead", e, self.direction)
+            return self._attach_tc()
+
+    def _attach_tc(self) -> str:
+        """Attach the TC entry first on the hook (priority 1, else the first
+        free one): it returns "no verdict", so every classifier after it runs
+        as before, while a foreign one before it that returns TC_ACT_OK would
+        end the chain and hide packets from IQN (warned)."""
+        d = self.direction
+        foreign = [f for f in self._tc_filters() if not f.ours]
+        last = ""
+        for prio in range(1, TC_PRIO_TRIES + 1):
+            if any(f.prio == prio for f in foreign):
+                continue
+            try:
+                tc.attach(self.iface, self.tc_prog_fd, TC_PROG_NAME, d, prio=prio)  # type: ignore[arg-type]
+            except tc.TcError as e:  # a non-BPF filter at this priority: try the next
+                last = str(e)
+                continue
+            before = [f.name for f in foreign if f.prio < prio]
+            if before:
+                log.warning("%s: TC %s classifier(s) %s run before IQN's; one that returns TC_ACT_OK "
+                            "hides packets from IQN", self.iface, d, ", ".join(before))
+            self.hook, self.mode, self.tc_prio = "tc", "tc", prio
+            return "tc"
+        raise DatapathError(last or f"no free TC priority on {self.iface} {d} for IQN's classifier")
+
+    def _tc_filters(self) -> list[tc.TcFilter]:
+        try:
+            return tc.filters(self.iface, self.direction)  # type: ignore[arg-type]
+        except tc.TcError as e:
+            raise DatapathError(str(e)) from None
+
+    def _attach_xdp(self) -> str:
         for mode, pid, name in _attached(self.iface):
             if pid == self._prog_id:
                 continue
@@ -300,7 +397,7 @@ class Datapath:
                             "which costs more per packet", self.iface, last,
                         )
                     continue
-            self.mode = want
+            self.mode, self.hook = want, "xdp"
             return want
         raise DatapathError(f"cannot attach XDP to {self.iface} in {self.xdp_mode} mode: {last}")
 
@@ -385,6 +482,13 @@ class Datapath:
         """Remove our program from the interface (only ours); idempotent."""
         if self.mode is None:
             return
+        if self.hook == "tc":
+            try:
+                tc.detach(self.iface, (self.direction,))  # type: ignore[arg-type]
+            except tc.TcError as e:
+                raise DatapathError(str(e)) from None
+            self.mode = self.hook = None
+            return
         try:
             progs = _attached(self.iface)
         except DatapathError:  # interface gone: nothing left to detach
@@ -392,7 +496,7 @@ class Datapath:
         for mode, pid, _name in progs:
             if pid == self._prog_id:
                 _detach_mode(self.iface, mode)
-        self.mode = None
+        self.mode = self.hook = None
 
     def close(self) -> None:
         """Detach and release the program, maps and the ring buffer."""

@@ -59,14 +59,24 @@ def export_metrics(iface: str, st: dict[str, Any] | None) -> Iterator[Metric]:
 
 
 class _AgentCollector(Collector):
-    def __init__(self, iface: str, snapshot: Snapshot, export: ExportSnapshot | None = None) -> None:
+    def __init__(self, iface: str, snapshot: Snapshot, export: ExportSnapshot | None = None,
+                 info: dict[str, str] | None = None) -> None:
         self.iface = iface
         self.snapshot = snapshot
         self.export = export
+        self.info = dict(info or {})
 
     def collect(self) -> Iterator[Metric]:
         if self.export is not None:
             yield from export_metrics(self.iface, self.export())
+        if self.info:
+            names = sorted(self.info)
+            dp = GaugeMetricFamily("iqn_dataplane_info",
+                                   "where the classifier runs: hook (xdp/tc), XDP mode, direction, "
+                                   "link (ethernet/l3) and device type; always 1",
+                                   labels=["iface", *names])
+            dp.add_metric([self.iface, *(self.info[k] for k in names)], 1.0)
+            yield dp
         s = self.snapshot()
         for name, key, doc in (
             ("iqn_packets", "packets", "packets the XDP program saw"),
@@ -102,10 +112,12 @@ class AgentMetrics:
     """The metrics of one agent; ``stall_started`` / ``stall_ended`` are called
     from the event loop, the rest is read at scrape time."""
 
-    def __init__(self, iface: str, snapshot: Snapshot, export: ExportSnapshot | None = None) -> None:
+    def __init__(self, iface: str, snapshot: Snapshot, export: ExportSnapshot | None = None,
+                 info: dict[str, str] | None = None) -> None:
+        """``info``: labels of ``iqn_dataplane_info`` (the agent's hook_info())."""
         self.iface = iface
         self.registry = CollectorRegistry()
-        self.registry.register(_AgentCollector(iface, snapshot, export))
+        self.registry.register(_AgentCollector(iface, snapshot, export, info))
         self._started = Counter(
             "iqn_stalls_started", "stalls inferred to have started", ["iface"], registry=self.registry
         ).labels(iface)

@@ -10,6 +10,13 @@ from iqn_ctl.errors import IqnError
 
 XDP_MODES = ("auto", "native", "skb")
 DEFAULT_XDP_MODE = "auto"
+#: --hook: where the classifier runs. auto: XDP unless another XDP program holds
+#: the interface (or XDP cannot attach there), then a TC (clsact) classifier
+HOOKS = ("auto", "xdp", "tc")
+DEFAULT_HOOK = "auto"
+#: --direction: the TC hook can see either direction; XDP sees ingress only
+DIRECTIONS = ("ingress", "egress")
+DEFAULT_DIRECTION = "ingress"
 #: the BPF ring buffer shared by all CPUs, in 4 KiB pages; 64 bytes a record,
 #: so 4096 pages (16 MiB) hold 262k records: a quarter second of 1 M
 #: candidates/s while the agent is descheduled
@@ -36,4 +43,15 @@ def dataplane_problem(xdp_mode: str, max_flows: int, ring_pages: int) -> str | N
         return f"--max-flows must be in 1..{MAX_FLOWS_LIMIT}, got {max_flows}"
     if ring_pages < 1 or ring_pages & (ring_pages - 1) or ring_pages > MAX_RING_PAGES:
         return f"--ring-pages must be a power of two up to {MAX_RING_PAGES}, got {ring_pages}"
+    return None
+
+
+def hook_problem(hook: str, direction: str) -> str | None:
+    """Why this --hook/--direction pair cannot work (one line naming the flag), or None."""
+    if hook not in HOOKS:
+        return f"--hook must be one of {', '.join(HOOKS)}, got {hook!r}"
+    if direction not in DIRECTIONS:
+        return f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}"
+    if hook == "xdp" and direction == "egress":
+        return "--direction egress needs the TC hook (XDP sees ingress only): use --hook tc or auto"
     return None

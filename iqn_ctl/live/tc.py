@@ -103,7 +103,8 @@ def attach(iface: str, fd: int, name: str | bytes, direction: Direction,
     """Attach the loaded SCHED_CLS program ``fd`` (named ``name``) at ``direction``.
 
     The program runs in direct-action mode: its return code is the verdict
-    (IQN's programs always return TC_ACT_OK, 0). Any filter of ours already at
+    (IQN's classifier returns TC_ACT_UNSPEC, -1: the next filter runs as if it
+    were not there; TC_ACT_OK would end the chain). Any filter of ours already at
     ``prio`` is replaced, so a restarted agent does not stack copies.
     """
     name = name.decode() if isinstance(name, bytes) else name

@@ -2,7 +2,7 @@
  * answers to the viewer's autoplay toggles) on a router interface.
  *
  * A candidate is a UDP datagram from IQN_PORT whose Ethernet frame length
- * (data_end - data) lies in [IQN_MIN_SIZE, IQN_MAX_SIZE]. For each one the
+ * (iqn_band_len) lies in [IQN_MIN_SIZE, IQN_MAX_SIZE]. For each one the
  * program bumps per-flow counters in an LRU hash and writes a record
  * {flow key, bpf_ktime_get_ns(), frame length} to a BPF ring buffer read by
  * user space, where the stall inference runs. It always returns XDP_PASS: IQN observes, it never drops or
@@ -12,8 +12,14 @@
  * and every helper checks its own bounds before reading, so the verifier can
  * prove every access and malformed frames simply stop the parse.
  *
+ * Two entry points share one classifier (iqn_packet): iqn_xdp at the XDP hook
+ * and iqn_tc, a TC (clsact) classifier for interfaces whose XDP hook is taken
+ * by another program, or where XDP is not available. Each entry only says
+ * where the frame is and how long it was on the wire (iqn_band_len); the
+ * parse and every decision are the same code.
+ *
  * Compile-time constants (-D from iqn_ctl.live.datapath): IQN_PORT, IQN_MIN_SIZE,
- * IQN_MAX_SIZE, IQN_MAX_FLOWS, IQN_RING_PAGES, IQN_WAKEUP_BYTES. Each has a
+ * IQN_MAX_SIZE, IQN_MAX_FLOWS, IQN_RING_PAGES, IQN_WAKEUP_BYTES, IQN_L3. Each has a
  * default below, so the file also compiles with bcc on its own.
  */
 #include <uapi/linux/bpf.h>
@@ -22,6 +28,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/udp.h>
+#include <linux/pkt_cls.h>
 
 #ifndef IQN_PORT
 #define IQN_PORT 443
@@ -42,6 +49,12 @@
 /* wake the reader once this many bytes of records wait (n records of 64 bytes) */
 #ifndef IQN_WAKEUP_BYTES
 #define IQN_WAKEUP_BYTES (4 * 64)
+#endif
+/* 1: the device is layer 3 (tun, WireGuard, PPP, GRE/IPIP: ARPHRD_NONE, _PPP,
+ * _RAWIP, _TUNNEL...): its frames start at the IP header. 0: Ethernet. The
+ * loader reads the device type and sets it; it chooses the first parser only. */
+#ifndef IQN_L3
+#define IQN_L3 0
 #endif
 
 #define IQN_ETH_P_8021Q 0x8100
@@ -150,6 +163,45 @@ static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end)
     return proto;
 }
 
+/* A layer-3 device's frame: the IP header comes first and its version nibble
+ * says which (as a raw-IP capture's link type does). Returns the ethertype an
+ * Ethernet header would have carried, so the rest of the parse is shared. */
+static __always_inline int parse_l3start(struct hdr_cursor *nh, void *data_end)
+{
+    __u8 *first = nh->pos;
+    if ((void *)(first + 1) > data_end)
+        return PARSE_BAD;
+    switch (*first >> 4) {
+    case 4:
+        return bpf_htons(ETH_P_IP);
+    case 6:
+        return bpf_htons(ETH_P_IPV6);
+    }
+    return 0;  /* not IP: ignored, as a non-IP ethertype is */
+}
+
+#if IQN_L3
+#define parse_first parse_l3start
+#else
+#define parse_first parse_ethhdr
+#endif
+
+/* The length the size band compares, computed here and nowhere else. The band
+ * is defined on the Ethernet frame as it crossed the wire (headers and VLAN
+ * tags included, no FCS): on an Ethernet device that is the frame's length;
+ * a layer-3 device's frame is the IP packet, which counts as the IP length
+ * plus the 14 bytes of an Ethernet header (the rule replay uses for raw-IP and
+ * cooked captures, iqn_ctl/capture/classify.py:_band_size). ``wire_len`` is
+ * what the entry point measured: the whole frame, tags included. */
+static __always_inline __u32 iqn_band_len(__u32 wire_len)
+{
+#if IQN_L3
+    return wire_len + ETH_HLEN;
+#else
+    return wire_len;
+#endif
+}
+
 /* IPv4 header including options (IHL). Returns the L4 protocol, 0 for a
  * fragment (never a candidate: only the first carries the UDP header, and its
  * length says nothing about the datagram), or PARSE_BAD. */
@@ -197,10 +249,11 @@ static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end,
     return 0;
 }
 
-int iqn_xdp(struct xdp_md *ctx)
+/* The per-packet work of both hooks: [data, data_end) is the frame from its
+ * first header (Ethernet, or IP on a layer-3 device), ``wire_len`` its length
+ * on the wire (see iqn_band_len). Never changes the packet. */
+static __always_inline void iqn_packet(void *data, void *data_end, __u32 wire_len)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
     struct hdr_cursor nh = { .pos = data };
     struct iphdr *iph = NULL;
     struct ipv6hdr *ip6h = NULL;
@@ -209,7 +262,7 @@ int iqn_xdp(struct xdp_md *ctx)
 
     count(CNT_PACKETS);
 
-    int eth_type = parse_ethhdr(&nh, data_end);
+    int eth_type = parse_first(&nh, data_end);
     if (eth_type == bpf_htons(ETH_P_IP)) {
         l4 = parse_iphdr(&nh, data_end, &iph);
     } else if (eth_type == bpf_htons(ETH_P_IPV6)) {
@@ -224,14 +277,14 @@ int iqn_xdp(struct xdp_md *ctx)
         goto out;
     }
     if (udph->source != bpf_htons(IQN_PORT))
-        return XDP_PASS;
+        return;
 
     /* A server-to-client datagram from the signalling port: track the flow.
      * Only candidates need a precise timestamp (the inference runs on them);
      * last_seen of the bulk of the flow's packets makes do with the coarse
      * clock (same CLOCK_MONOTONIC base, one tick behind at most), which costs
      * a fraction of bpf_ktime_get_ns() on virtualised routers. */
-    __u32 len = (__u32)(data_end - data);
+    __u32 len = iqn_band_len(wire_len);
     int cand = len >= IQN_MIN_SIZE && len <= IQN_MAX_SIZE;
     __u64 now = cand ? bpf_ktime_get_ns() : bpf_ktime_get_coarse_ns();
     struct flow_key key = {};
@@ -279,10 +332,61 @@ counted:
         if (events.ringbuf_output(&ev, sizeof(ev), 0) < 0)
             count(CNT_LOST);
     }
-    return XDP_PASS;
+    return;
 
 out:
     if (l4 == PARSE_BAD)
         count(CNT_PARSE_ERRORS);
+}
+
+/* XDP: the frame is linear (the program is not frags-aware, so XDP hands it
+ * whole) and starts at the first header; VLAN tags are in the data. */
+int iqn_xdp(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+
+    iqn_packet(data, data_end, (__u32)(data_end - data));
     return XDP_PASS;
+}
+
+/* Header bytes the parse may need: Ethernet + 2 tags + IPv4 with options + UDP */
+#define IQN_HDR_MAX (ETH_HLEN + 8 + 60 + 8)
+/* The shortest headers a candidate has: Ethernet (none on a layer-3 device),
+ * IPv4, UDP. Drivers put at least the headers they parsed in the linear part
+ * (eth_get_headlen); one that leaves less (only the Ethernet header, say) gets
+ * the headers pulled. */
+#define IQN_HDR_MIN ((IQN_L3 ? 0 : ETH_HLEN) + 20 + 8)
+
+/* TC (clsact ingress or egress, direct action). Two differences from XDP, so
+ * that the same frame gets the same length and the same parse on both hooks:
+ * - skb->len counts the whole packet; data_end - data only its linear part
+ *   (a datagram sent with sendfile/splice arrives with its payload in page
+ *   frags). A non-linear skb whose linear part is shorter than IQN_HDR_MIN is
+ *   pulled (bpf_skb_pull_data, up to IQN_HDR_MAX bytes; it may copy, so only
+ *   then); the length stays skb->len.
+ * - VLAN offload: on most drivers (veth too) the outer tag is not in the data
+ *   but in skb->vlan_tci (vlan_present), so skb->len is 4 bytes short of the
+ *   frame that crossed the wire; it is added back. The parse then sees the
+ *   inner ethertype directly, as it would after the tag.
+ * The verdict is always TC_ACT_UNSPEC, "no verdict": the next classifier on
+ * the hook runs as if IQN were not there, and with none left the packet goes
+ * on. (TC_ACT_OK would end the chain: every classifier after IQN's would stop
+ * seeing packets; and one before it that returns TC_ACT_OK hides them from
+ * IQN, which is why the loader puts IQN's first.) */
+int iqn_tc(struct __sk_buff *skb)
+{
+    __u32 wire_len = skb->len;
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+
+    if (data_end - data < IQN_HDR_MIN && skb->len > (__u32)(data_end - data)) {
+        bpf_skb_pull_data(skb, skb->len < IQN_HDR_MAX ? skb->len : IQN_HDR_MAX);
+        data = (void *)(long)skb->data;
+        data_end = (void *)(long)skb->data_end;
+    }
+    if (!IQN_L3 && skb->vlan_present)
+        wire_len += 4;  /* the offloaded tag: struct vlan_hdr */
+    iqn_packet(data, data_end, wire_len);
+    return TC_ACT_UNSPEC;
 }
