@@ -190,10 +190,11 @@ def _compile_error(iface: str, text: str) -> DatapathError:
 
 
 def remove_tc(iface: str) -> bool:
-    """Remove IQN's TC classifiers from ``iface`` (both directions; foreign
-    filters stay); True if one was there. Needs no running agent."""
+    """Remove the data plane's TC classifier (``iqn_tc``) from ``iface``, both
+    directions; foreign filters and other IQN ones (the lab's ``iqn_jitter``)
+    stay. True if one was there. Needs no running agent."""
     try:
-        return bool(tc.detach(iface))
+        return bool(tc.detach(iface, names=(TC_PROG_NAME,)))
     except tc.TcError as e:
         raise DatapathError(str(e)) from None
 
@@ -343,7 +344,7 @@ class Datapath:
         as before, while a foreign one before it that returns TC_ACT_OK would
         end the chain and hide packets from IQN (warned)."""
         d = self.direction
-        foreign = [f for f in self._tc_filters() if not f.ours]
+        foreign = [f for f in self._tc_filters() if f.name != TC_PROG_NAME]  # iqn_jitter too
         last = ""
         for prio in range(1, TC_PRIO_TRIES + 1):
             if any(f.prio == prio for f in foreign):
@@ -484,7 +485,7 @@ class Datapath:
             return
         if self.hook == "tc":
             try:
-                tc.detach(self.iface, (self.direction,))  # type: ignore[arg-type]
+                tc.detach(self.iface, (self.direction,), names=(TC_PROG_NAME,))  # type: ignore[arg-type]
             except tc.TcError as e:
                 raise DatapathError(str(e)) from None
             self.mode = self.hook = None

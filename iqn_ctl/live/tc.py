@@ -134,10 +134,12 @@ def _delete(idx: int, f: TcFilter) -> None:
                 raise TcError(f"cannot remove {f.name} from {f.direction}: {e}") from None
 
 
-def detach(iface: str, directions: tuple[Direction, ...] = ("ingress", "egress")) -> list[TcFilter]:
-    """Remove every IQN classifier from ``iface``; the clsact qdisc goes too if
-    nothing else is left on it. Returns what was removed (empty if nothing).
-    A vanished interface has nothing to remove."""
+def detach(iface: str, directions: tuple[Direction, ...] = ("ingress", "egress"),
+           names: tuple[str, ...] | None = None) -> list[TcFilter]:
+    """Remove every IQN classifier from ``iface`` (only those named in ``names``
+    when given: the agent's, not the lab's ``iqn_jitter``); the clsact qdisc
+    goes too if nothing else is left on it. Returns what was removed (empty if
+    nothing). A vanished interface has nothing to remove."""
     try:
         idx = _index(iface)
     except TcError:
@@ -145,7 +147,7 @@ def detach(iface: str, directions: tuple[Direction, ...] = ("ingress", "egress")
     removed = []
     for d in directions:
         for f in filters(iface, d):
-            if f.ours:
+            if f.ours and (names is None or f.name in names):
                 _delete(idx, f)
                 removed.append(f)
     if removed and not any(filters(iface, d) for d in ("ingress", "egress")):
