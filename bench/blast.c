@@ -1,11 +1,33 @@
-/* Rate-controlled AF_PACKET sender for bench/bench_agent.py: sends prebuilt
- * Ethernet frames round-robin at a fixed packet rate with sendmmsg, so one
- * core can offer the agent several hundred thousand candidates per second
- * (pktgen is a kernel module CI's kernel does not ship).
+/* Rate-controlled AF_PACKET sender for the live benchmarks: sends Ethernet
+ * frames with sendmmsg, so one core can offer the agent several hundred
+ * thousand packets per second (pktgen is a kernel module CI's kernel does not
+ * ship).
  *
- * usage: blast IFACE RATE SECONDS FRAMEFILE
- *   FRAMEFILE: repeated [u16 little-endian length][frame bytes]
- * prints: sent=<packets> secs=<elapsed>
+ * Frame-file mode (bench/bench_agent.py, bench/bench_forward.py):
+ *   blast IFACE RATE SECONDS FRAMEFILE
+ *   FRAMEFILE: repeated [u16 little-endian length][frame bytes], sent round-robin
+ *   prints: sent=<packets> secs=<elapsed>
+ *
+ * Many-flow mode (bench/bench_scale.py): M flows from one server (UDP source
+ * port 443) to distinct client addresses and ports; S of them stall, each
+ * stalling flow sending a burst of n candidate frames every p seconds while
+ * its stall lasts, and every flow outside its stall sending "video" frames
+ * (outside the candidate size band) at vpps packets/s:
+ *   blast -m IFACE SECONDS key=value...
+ *   keys: src_mac dst_mac (aa:bb:..), src (server IPv4), dst (first client IPv4),
+ *         flows=M stall=S ports=K (client ports per address, from port 10000)
+ *         n=4 p=0.2 gap_us=0 (within a burst) size=1250 (candidate frame bytes)
+ *         vsize=1350 vpps=0 (video frames per second per flow)
+ *         stall_at=0 spread=0 (stall i starts at stall_at + U(0, spread) s)
+ *         stall_for=-1 (s; -1: until the end) seed=1 log=PATH
+ *   flow i: client address dst + i / K, port 10000 + i % K; flows 0..S-1 stall.
+ *   A burst is sent if it starts inside its flow's stall; each flow's bursts
+ *   start at a random phase in [0, p).
+ *   prints: sent=<packets> candidates=<n> bursts=<n> video=<n> secs=<elapsed>
+ *           late_max_ms=<worst lateness of a packet against its schedule>
+ *   log (optional): one line per stalling flow that sent a burst:
+ *     flow first nth last bursts   (CLOCK_REALTIME s: first candidate of the
+ *     stall, n-th candidate of its first burst, last candidate of the stall)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -17,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <math.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -29,7 +52,7 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-int main(int argc, char **argv) {
+static int frame_mode(int argc, char **argv) {
     if (argc != 5) { fprintf(stderr, "usage: blast IFACE RATE SECONDS FRAMEFILE\n"); return 2; }
     double rate = atof(argv[2]), secs = atof(argv[3]);
     FILE *f = fopen(argv[4], "rb");
@@ -83,4 +106,246 @@ int main(int argc, char **argv) {
     }
     printf("sent=%ld secs=%.6f\n", sent, now() - t0);
     return 0;
+}
+
+/* ---- many-flow mode ------------------------------------------------------ */
+
+struct flow {
+    double phase;        /* burst phase in [0, p) */
+    double vphase;       /* video phase in [0, 1/vpps) */
+    double s, e;         /* stall window [s, e) (relative seconds); s = e = INF: never stalls */
+    double first, nth, last;
+    long bursts;
+};
+
+struct cursor {          /* walks flows in phase order, period after period */
+    int *order;          /* flow indices sorted by phase */
+    int count, idx;
+    long k;              /* period number */
+    double period, off;  /* off: j * gap for burst packet j */
+    int j;               /* -1: video */
+    double next;         /* time of the current item */
+};
+
+static struct flow *F;
+static double P, GAP, VP, SECS;
+static int N;
+
+static double item_time(struct cursor *c) {
+    int f = c->order[c->idx];
+    double ph = c->j < 0 ? F[f].vphase : F[f].phase;
+    return c->k * c->period + ph + c->off;
+}
+
+static void cur_advance(struct cursor *c) {
+    if (++c->idx == c->count) { c->idx = 0; c->k++; }
+    c->next = item_time(c);
+}
+
+static int by_phase(const void *a, const void *b) {
+    double x = F[*(const int *)a].phase, y = F[*(const int *)b].phase;
+    return (x > y) - (x < y);
+}
+static int by_vphase(const void *a, const void *b) {
+    double x = F[*(const int *)a].vphase, y = F[*(const int *)b].vphase;
+    return (x > y) - (x < y);
+}
+
+static int parse_mac(const char *s, unsigned char *m) {
+    return sscanf(s, "%hhx:%hhx:%hhx:%hhx:%hhx:%hhx", &m[0], &m[1], &m[2], &m[3], &m[4], &m[5]) == 6;
+}
+
+static uint64_t rng_state;
+static double urand(void) {  /* xorshift64*, [0, 1) */
+    rng_state ^= rng_state >> 12; rng_state ^= rng_state << 25; rng_state ^= rng_state >> 27;
+    return (double)((rng_state * 2685821657736338717ULL) >> 11) / 9007199254740992.0;
+}
+
+#define HDR 42  /* Ethernet + IPv4 + UDP */
+#define MBATCH 64
+
+static void build_hdr(unsigned char *h, const unsigned char *smac, const unsigned char *dmac,
+                      uint32_t src, uint32_t dst, uint16_t dport, int frame_len) {
+    memcpy(h, dmac, 6); memcpy(h + 6, smac, 6);
+    h[12] = 0x08; h[13] = 0x00;
+    unsigned char *ip = h + 14;
+    int ip_len = frame_len - 14;
+    ip[0] = 0x45; ip[1] = 0; ip[2] = ip_len >> 8; ip[3] = ip_len & 0xff;
+    ip[4] = ip[5] = 0; ip[6] = 0x40; ip[7] = 0;  /* DF */
+    ip[8] = 64; ip[9] = 17; ip[10] = ip[11] = 0;
+    memcpy(ip + 12, &src, 4); memcpy(ip + 16, &dst, 4);
+    uint32_t sum = 0;
+    for (int i = 0; i < 20; i += 2) sum += (ip[i] << 8) | ip[i + 1];
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    sum = ~sum & 0xffff;
+    ip[10] = sum >> 8; ip[11] = sum & 0xff;
+    unsigned char *udp = ip + 20;
+    int ulen = ip_len - 20;
+    udp[0] = 443 >> 8; udp[1] = 443 & 0xff; udp[2] = dport >> 8; udp[3] = dport & 0xff;
+    udp[4] = ulen >> 8; udp[5] = ulen & 0xff; udp[6] = udp[7] = 0;  /* no UDP checksum (IPv4) */
+}
+
+static int many_mode(int argc, char **argv) {
+    if (argc < 4) { fprintf(stderr, "usage: blast -m IFACE SECONDS key=value...\n"); return 2; }
+    const char *iface = argv[2];
+    SECS = atof(argv[3]);
+    unsigned char smac[6] = {2, 0, 0, 0, 0, 1}, dmac[6] = {2, 0, 0, 0, 0, 2};
+    struct in_addr src = {0}, dst = {0};
+    int M = 1000, S = -1, K = 50000, size = 1250, vsize = 1350;
+    double vpps = 0, stall_at = 0, spread = 0, stall_for = -1;
+    const char *logpath = NULL;
+    N = 4; P = 0.2; GAP = 0;
+    rng_state = 1;
+    inet_pton(AF_INET, "198.18.0.1", &src);
+    inet_pton(AF_INET, "198.19.0.0", &dst);
+    for (int a = 4; a < argc; a++) {
+        char *eq = strchr(argv[a], '=');
+        if (!eq) { fprintf(stderr, "blast: expected key=value, got %s\n", argv[a]); return 2; }
+        *eq = 0;
+        const char *k = argv[a], *v = eq + 1;
+        int ok = 1;
+        if (!strcmp(k, "src_mac")) ok = parse_mac(v, smac);
+        else if (!strcmp(k, "dst_mac")) ok = parse_mac(v, dmac);
+        else if (!strcmp(k, "src")) ok = inet_pton(AF_INET, v, &src) == 1;
+        else if (!strcmp(k, "dst")) ok = inet_pton(AF_INET, v, &dst) == 1;
+        else if (!strcmp(k, "flows")) M = atoi(v);
+        else if (!strcmp(k, "stall")) S = atoi(v);
+        else if (!strcmp(k, "ports")) K = atoi(v);
+        else if (!strcmp(k, "n")) N = atoi(v);
+        else if (!strcmp(k, "p")) P = atof(v);
+        else if (!strcmp(k, "gap_us")) GAP = atof(v) / 1e6;
+        else if (!strcmp(k, "size")) size = atoi(v);
+        else if (!strcmp(k, "vsize")) vsize = atoi(v);
+        else if (!strcmp(k, "vpps")) vpps = atof(v);
+        else if (!strcmp(k, "stall_at")) stall_at = atof(v);
+        else if (!strcmp(k, "spread")) spread = atof(v);
+        else if (!strcmp(k, "stall_for")) stall_for = atof(v);
+        else if (!strcmp(k, "seed")) rng_state = strtoull(v, NULL, 10) * 0x9E3779B97F4A7C15ULL + 1;
+        else if (!strcmp(k, "log")) logpath = v;
+        else { fprintf(stderr, "blast: unknown key %s\n", k); return 2; }
+        if (!ok) { fprintf(stderr, "blast: bad value for %s: %s\n", k, v); return 2; }
+    }
+    if (S < 0) S = M;
+    if (M < 1 || S > M || K < 1 || K > 55535 || N < 1 || P <= 0 || size < 60 || size > 1514 ||
+        vsize < 60 || vsize > 1514 || vpps < 0 || SECS <= 0) {
+        fprintf(stderr, "blast: bad parameters\n"); return 2;
+    }
+    F = calloc(M, sizeof *F);
+    for (int i = 0; i < M; i++) {
+        F[i].phase = urand() * P;
+        F[i].vphase = vpps > 0 ? urand() / vpps : 0;
+        if (i < S) {
+            F[i].s = stall_at + urand() * spread;
+            F[i].e = stall_for < 0 ? INFINITY : F[i].s + stall_for;
+        } else {
+            F[i].s = F[i].e = INFINITY;
+        }
+        F[i].first = F[i].nth = F[i].last = 0;
+    }
+    VP = vpps > 0 ? 1.0 / vpps : 0;
+    int nc = (S > 0 ? N : 0) + (vpps > 0 ? 1 : 0);
+    struct cursor cur[nc > 0 ? nc : 1];
+    int *border = malloc(sizeof(int) * (S > 0 ? S : 1)), *vorder = malloc(sizeof(int) * M);
+    for (int i = 0; i < S; i++) border[i] = i;
+    for (int i = 0; i < M; i++) vorder[i] = i;
+    qsort(border, S, sizeof(int), by_phase);
+    qsort(vorder, M, sizeof(int), by_vphase);
+    int c = 0;
+    for (int j = 0; S > 0 && j < N; j++, c++)
+        cur[c] = (struct cursor){border, S, 0, 0, P, j * GAP, j, 0};
+    if (vpps > 0) cur[c++] = (struct cursor){vorder, M, 0, 0, VP, 0, -1, 0};
+    for (int i = 0; i < nc; i++) cur[i].next = item_time(&cur[i]);
+
+    int s = socket(AF_PACKET, SOCK_RAW, 0);
+    if (s < 0) { perror("socket"); return 2; }
+    struct sockaddr_ll sll = {0};
+    sll.sll_family = AF_PACKET;
+    sll.sll_ifindex = if_nametoindex(iface);
+    if (!sll.sll_ifindex || bind(s, (struct sockaddr *)&sll, sizeof sll) < 0) { perror("bind"); return 2; }
+    int one = 1;
+    setsockopt(s, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one);
+
+    static unsigned char payload[1514];
+    static unsigned char hdrs[MBATCH][HDR];
+    struct mmsghdr msgs[MBATCH];
+    struct iovec iov[MBATCH][2];
+    uint32_t dbase = ntohl(dst.s_addr);
+    long sent = 0, cands = 0, bursts = 0, video = 0;
+    double late_max = 0;
+    struct timespec rt;
+    clock_gettime(CLOCK_REALTIME, &rt);
+    double t0 = now(), rt0 = rt.tv_sec + rt.tv_nsec / 1e9;
+    int done = 0;
+    while (!done) {
+        double t = now() - t0;
+        int b = 0;
+        double soonest = INFINITY;
+        while (b < MBATCH) {
+            int mi = -1;
+            double mt = INFINITY;
+            for (int i = 0; i < nc; i++)
+                if (cur[i].next < mt) { mt = cur[i].next; mi = i; }
+            if (mi < 0 || mt >= SECS) { if (b == 0) done = 1; break; }
+            if (mt > t) { soonest = mt; break; }
+            struct cursor *cu = &cur[mi];
+            int f = cu->order[cu->idx];
+            int len;
+            if (cu->j >= 0) {  /* burst packet j of the burst that starts at mt - j * gap */
+                double tb = mt - cu->off;
+                if (tb < F[f].s || tb >= F[f].e) { cur_advance(cu); continue; }
+                len = size;
+                if (cu->j == 0) {
+                    if (!F[f].bursts) F[f].first = rt0 + t;
+                    F[f].bursts++;
+                    bursts++;
+                }
+                if (cu->j == N - 1 && F[f].bursts == 1) F[f].nth = rt0 + t;
+                F[f].last = rt0 + t;
+                cands++;
+            } else {
+                if (mt >= F[f].s && mt < F[f].e) { cur_advance(cu); continue; }
+                len = vsize;
+                video++;
+            }
+            if (t - mt > late_max) late_max = t - mt;
+            build_hdr(hdrs[b], smac, dmac, src.s_addr, htonl(dbase + (uint32_t)(f / K)),
+                      (uint16_t)(10000 + f % K), len);
+            iov[b][0].iov_base = hdrs[b]; iov[b][0].iov_len = HDR;
+            iov[b][1].iov_base = payload; iov[b][1].iov_len = len - HDR;
+            memset(&msgs[b].msg_hdr, 0, sizeof msgs[b].msg_hdr);
+            msgs[b].msg_hdr.msg_iov = iov[b];
+            msgs[b].msg_hdr.msg_iovlen = 2;
+            b++;
+            cur_advance(cu);
+        }
+        if (b == 0) {
+            if (done) break;
+            double d = soonest - (now() - t0);
+            if (d > 0.0002) { struct timespec ts = {0, (long)((d - 0.0001) * 1e9)}; nanosleep(&ts, NULL); }
+            continue;
+        }
+        int off = 0;
+        while (off < b) {
+            int r = sendmmsg(s, msgs + off, b - off, 0);
+            if (r < 0) { perror("sendmmsg"); return 1; }
+            off += r;
+        }
+        sent += b;
+    }
+    printf("sent=%ld candidates=%ld bursts=%ld video=%ld secs=%.6f late_max_ms=%.3f\n",
+           sent, cands, bursts, video, now() - t0, late_max * 1e3);
+    if (logpath) {
+        FILE *lf = fopen(logpath, "w");
+        if (!lf) { perror(logpath); return 1; }
+        for (int i = 0; i < S; i++)
+            if (F[i].bursts)
+                fprintf(lf, "%d %.6f %.6f %.6f %ld\n", i, F[i].first, F[i].nth, F[i].last, F[i].bursts);
+        fclose(lf);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "-m")) return many_mode(argc, argv);
+    return frame_mode(argc, argv);
 }
