@@ -21,7 +21,13 @@ from iqn_ctl.engine import params as P
 from iqn_ctl.engine.watch import DEFAULT_SLOT
 from iqn_ctl.live.api import DEFAULT_RUN_DIR, NoAgent, agent_sockets, request, sock_path
 from iqn_ctl.live.history import DEFAULT_STATE_DIR, History
-from iqn_ctl.live.settings import DEFAULT_DIRECTION, DEFAULT_HOOK, DEFAULT_RING_PAGES, DEFAULT_XDP_MODE
+from iqn_ctl.live.settings import (
+    DEFAULT_BACKLOG,
+    DEFAULT_DIRECTION,
+    DEFAULT_HOOK,
+    DEFAULT_RING_PAGES,
+    DEFAULT_XDP_MODE,
+)
 
 from .common import (
     OptBulkRatio,
@@ -121,6 +127,11 @@ def attach(
         DEFAULT_DIRECTION, "--direction",
         help="ingress, or egress (TC only: traffic leaving IFACE, e.g. server-to-client on a tunnel server)",
     ),
+    backlog: int = typer.Option(
+        DEFAULT_BACKLOG, "--backlog",
+        help="candidate records the agent holds when it falls behind; past this the oldest are "
+             "dropped and counted (status 'shed'), so the newest data is kept",
+    ),
     run_dir: Path = OptRunDir,
 ) -> None:
     """Load the classifier on IFACE (XDP or TC) and infer stalls live until SIGINT/SIGTERM."""
@@ -137,6 +148,7 @@ def attach(
         ring_pages=ring_pages, bulk_ratio=bulk_ratio, redact=redact, source_rate=source_rate,
         slot=slot, export=tuple(export or ()), router_id=router_id, export_replicas=export_replicas,
         hook=hook, direction=direction,
+        backlog=backlog,
     )
     cfg.validate()
     need_root("attach")

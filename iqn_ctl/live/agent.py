@@ -58,10 +58,12 @@ from iqn_ctl.live.flows import KEY_MODES, LiveFlows
 from iqn_ctl.live.history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
 from iqn_ctl.live.sessions import Sessions
 from iqn_ctl.live.settings import (
+    DEFAULT_BACKLOG,
     DEFAULT_DIRECTION,
     DEFAULT_HOOK,
     DEFAULT_RING_PAGES,
     DEFAULT_XDP_MODE,
+    MAX_BACKLOG,
     AgentError,
     dataplane_problem,
     hook_problem,
@@ -101,6 +103,19 @@ FLOWS_REUSE = 0.5
 #: and counts as ``late``. Holding nothing back saves 5 ms of detection latency
 #: and the tracker's per-arrival Python path (half the agent's CPU per event).
 LIVE_REORDER = 0.0
+#: Overload (issue 19): the ring is drained into the agent's backlog every
+#: round, and at most CHUNK of its oldest records are fed to the engine per
+#: round, so the kernel ring keeps being emptied while a large backlog is
+#: worked off (a full ring drops the *newest* records, in the kernel). Past
+#: ``--backlog`` records the oldest waiting ones are dropped and counted
+#: (``shed``): when the agent cannot keep up it keeps the newest data.
+CHUNK = 32_768
+#: ``load`` is ``shedding`` for this long after records were last shed (s)
+SHED_HOLD = 1.0
+#: while behind, the stall history is committed at most this often (s), in
+#: batches, instead of once per poll round: one fsync per round would slow the
+#: loop exactly when it can least afford it
+HISTORY_BATCH = 0.25
 
 
 # -- one agent per interface: the pid file is the lock ----------------------------
@@ -266,6 +281,8 @@ class AgentConfig:
     #: --hook auto|xdp|tc and --direction ingress|egress (TC only): where the classifier runs
     hook: str = DEFAULT_HOOK
     direction: str = DEFAULT_DIRECTION
+    #: --backlog: candidate records the agent holds when behind; past it the oldest are shed
+    backlog: int = DEFAULT_BACKLOG
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -282,6 +299,8 @@ class AgentConfig:
             raise AgentError(f"--bulk-ratio must be >= 0, got {self.bulk_ratio}")
         if not 0 <= self.source_rate < 1e9:
             raise AgentError(f"--source-rate must be a number >= 0, got {self.source_rate}")
+        if isinstance(self.backlog, bool) or not 1 <= self.backlog <= MAX_BACKLOG:
+            raise AgentError(f"--backlog must be in 1..{MAX_BACKLOG} records, got {self.backlog}")
         if not 0 < self.slot <= 86400:
             raise AgentError(f"--slot must be in (0, 86400] seconds, got {self.slot}")
         if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:
@@ -352,6 +371,14 @@ class Agent:
         self.lag = 0.0
         self.lag_max = 0.0
         self.polls_late = 0
+        #: records drained from the ring and not yet fed (oldest first), the most
+        #: ever held, records shed (dropped oldest first past --backlog) and when last
+        self._backlog: list[tuple[bytes, float, int]] = []
+        self.backlog_max = 0
+        self.shed = 0
+        self._shed_at = -math.inf
+        #: when the stall history was last committed (monotonic)
+        self._flushed_at = -math.inf
         #: the loop's waits for ``_state`` longer than API_WAIT_NOTED, and the longest (s)
         self.api_waits = 0
         self.api_wait_max = 0.0
@@ -504,13 +531,17 @@ class Agent:
                 next_counters = now + COUNTER_PERIOD
                 snap = dp.counters()
                 timeout = 0
-            evs = dp.poll_monotonic(timeout)
+            if self._backlog:
+                timeout = 0  # work waits: only drain what the ring holds
+            evs = self._take(dp.poll_monotonic(timeout))
             now = time.monotonic()
             with self._state:
                 self._note_wait(time.monotonic() - now)
                 size = len(self.flows.table)
                 out = self.flows.ingest(evs) if evs else []
-                out.extend(self.flows.advance(now))
+                # while records wait in the backlog the engine's clock is the oldest of
+                # them: advancing to now would end stalls whose candidates are waiting
+                out.extend(self.flows.advance(min(now, self._backlog[0][1]) if self._backlog else now))
                 # the engine says when it next has something to do (held arrivals to
                 # release, a stall to end): wake up then, so a stall shows within a few ms
                 due = self.flows.table.next_deadline()
@@ -524,8 +555,13 @@ class Agent:
                 self._read_counters(snap)
                 if self.sessions is not None:
                     self.sessions.tick(dp, now, self.wall_offset())
-                if self.history is not None and self.history.pending:
-                    self.history.flush()  # retry what a full or failing disk refused
+                self._flush_history()  # batches held while behind; retries what a failing disk refused
+        while self._backlog:  # what was drained is fed before the ends at close
+            evs = self._take([])
+            with self._state:
+                out = self.flows.ingest(evs)
+            if out:
+                self._on_events(out)
         with self._state:
             out = self.flows.close()
         if out:
@@ -535,6 +571,53 @@ class Agent:
         snap = dp.counters()
         dp.poll_monotonic(0)
         self._read_counters(snap)
+
+    def _take(self, evs: list[tuple[bytes, float, int]]) -> list[tuple[bytes, float, int]]:
+        """Add a drained batch to the backlog, shed its oldest records past
+        ``--backlog`` (counted, logged once per episode) and return the oldest
+        :data:`CHUNK` to feed now. Shedding drops raw candidates, never an
+        engine event: every stall the engine ends is still recorded."""
+        q = self._backlog
+        if not q:
+            q = evs
+        elif evs:
+            q.extend(evs)
+        over = len(q) - self.cfg.backlog
+        if over > 0:
+            del q[:over]
+            if time.monotonic() - self._shed_at > SHED_HOLD:
+                log.warning("%s: the agent is overloaded: dropping the oldest %d candidate records "
+                            "(backlog %d, --backlog); newest kept", self.cfg.iface, over, len(q))
+            self.shed += over
+            self._shed_at = time.monotonic()
+        self.backlog_max = max(self.backlog_max, len(q))
+        chunk = min(CHUNK, self.cfg.backlog)
+        if len(q) <= chunk:
+            self._backlog = []
+            return q
+        self._backlog = q[chunk:]
+        return q[:chunk]
+
+    def load(self) -> str:
+        """``shedding`` (records dropped in the last SHED_HOLD s), ``behind``
+        (the last lag over the budget) or ``ok``."""
+        if time.monotonic() - self._shed_at < SHED_HOLD:
+            return "shedding"
+        return "behind" if self.lag > LAG_BUDGET else "ok"
+
+    def _flush_history(self) -> None:
+        """Commit the staged history writes: every round while the agent keeps
+        up, in batches of at most one commit per :data:`HISTORY_BATCH` s while
+        it is behind (nothing is dropped: they wait in memory, bounded by
+        ``History``, ended stalls last)."""
+        h = self.history
+        if h is None or not h.pending:
+            return
+        now = time.monotonic()
+        if (self._backlog or self.lag > LAG_BUDGET) and now - self._flushed_at < HISTORY_BATCH:
+            return
+        h.flush()  # failures are held, counted and retried, never stop inference
+        self._flushed_at = now
 
     def _note_wait(self, waited: float) -> None:
         """Count the loop's waits for the API or metrics thread to let go of
@@ -630,8 +713,7 @@ class Agent:
                     iface, label, client, _iso(e.start + off), _iso(e.end + off), e.duration, e.candidates,
                     why + ("" if check != "unknown" else " (bulk check unknown: kernel counters evicted)"),
                 )
-        if self.history is not None:
-            self.history.flush()  # failures are held, counted and retried, never stop inference
+        self._flush_history()
 
     def _counter_lookup(self) -> Callable[[list[bytes]], dict[bytes, Counters | None]] | None:
         return self.dp.flow_counters if self.dp is not None else None
@@ -655,6 +737,8 @@ class Agent:
         c["history_dropped"] = h.dropped if h else 0
         c["lag_us"] = round(1e6 * self.lag)
         c["polls_late"] = self.polls_late
+        c["shed"] = self.shed
+        c["backlog"] = len(self._backlog)
         return c
 
     def engine_counters(self) -> dict[str, int]:
@@ -697,7 +781,9 @@ class Agent:
             "late": eng["late"],
             "lag_ms": round(1000 * self.lag, 3),
             "lag_max_ms": round(1000 * self.lag_max, 3),
-            "load": "behind" if self.lag > LAG_BUDGET else "ok",
+            "load": self.load(),
+            "backlog_max": self.backlog_max,
+            "backlog_limit": cfg.backlog,
             "api_waits": self.api_waits,
             "api_wait_max_ms": round(1000 * self.api_wait_max, 3),
             "evicted": eng["evicted"],

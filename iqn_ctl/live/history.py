@@ -182,6 +182,8 @@ class History:
         self._since_prune = 0
         #: writes not yet on disk, oldest first: (kind, record, start of the open row)
         self._pending: deque[tuple[str, StallRecord, float]] = deque()
+        #: how many of them are ``start`` writes (the first to go when too many are held)
+        self._starts = 0
         #: failed attempts to write, and writes dropped because too many were held
         self.failures = 0
         self.dropped = 0
@@ -300,16 +302,33 @@ class History:
         ``opened``: the epoch start it was written with, ``rec.start`` if None) with
         ``rec``, or writes it alone if that row never made it to disk; ``drop``
         deletes the open row (a discarded stall). At most :data:`MAX_PENDING` are
-        held: past it the oldest go, counted in ``dropped``."""
+        held: past it the oldest ``start`` goes first (its stall's end, when it
+        comes, is written as a whole row anyway), an end only when no start is
+        left; each counted in ``dropped``."""
         if kind not in ("start", "end", "drop"):
             raise ValueError(f"unknown history write {kind!r}")
         if len(self._pending) >= MAX_PENDING:
-            self._pending.popleft()
-            self.dropped += 1
-            if self.dropped == 1:
-                log.error("stall history %s: more than %d records held; dropping the oldest",
-                          self.path, MAX_PENDING)
+            self._drop_one()
         self._pending.append((kind, rec, rec.start if opened is None else opened))
+        if kind == "start":
+            self._starts += 1
+
+    def _drop_one(self) -> None:
+        """Make room for one write: an ended stall is the record the history
+        exists for, an open row only says a stall is going on (issue 19)."""
+        q = self._pending
+        if self._starts:
+            for i, op in enumerate(q):
+                if op[0] == "start":
+                    del q[i]
+                    self._starts -= 1
+                    break
+        else:
+            q.popleft()
+        self.dropped += 1
+        if self.dropped == 1:
+            log.error("stall history %s: more than %d records held; dropping the oldest "
+                      "(open rows before ended stalls)", self.path, MAX_PENDING)
 
     @property
     def pending(self) -> int:
@@ -344,6 +363,7 @@ class History:
             self.last_error = str(e)
             return False
         self._pending.clear()
+        self._starts = 0
         if self._streak:
             log.warning("stall history %s writable again: wrote %d held record(s) after %d failed "
                         "attempt(s)", self.path, len(ops), self._streak)

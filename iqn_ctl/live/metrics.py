@@ -89,6 +89,8 @@ class _AgentCollector(Collector):
              "stall history writes dropped because too many were held in memory"),
             ("iqn_polls_late", "polls_late",
              "polls whose oldest candidate waited more than 50 ms to be handled (the agent fell behind)"),
+            ("iqn_shed_events", "shed",
+             "candidate records the agent dropped, oldest first, because more than --backlog waited"),
         ):
             c = CounterMetricFamily(name, doc, labels=["iface"])
             c.add_metric([self.iface], float(s.get(key, 0)))
@@ -97,6 +99,7 @@ class _AgentCollector(Collector):
             ("iqn_flows", "flows", "flows tracked by the agent"),
             ("iqn_flows_in_stall", "flows_in_stall", "flows currently in a stall"),
             ("iqn_history_pending", "history_pending", "history writes held in memory, not yet on disk"),
+            ("iqn_backlog", "backlog", "candidate records drained from the ring, not yet fed to the engine"),
         ):
             g = GaugeMetricFamily(name, doc, labels=["iface"])
             g.add_metric([self.iface], float(s.get(key, 0)))

@@ -26,6 +26,10 @@ DEFAULT_PERF_PAGES = DEFAULT_RING_PAGES
 #: 1 GiB: the kernel caps a ring buffer below 4 GiB; this is far more than enough
 MAX_RING_PAGES = 1 << 18
 MAX_PERF_PAGES = MAX_RING_PAGES
+#: --backlog: candidate records the agent holds when it falls behind (oldest shed
+#: past it); as many as the default ring, about 50 MB of Python tuples at most
+DEFAULT_BACKLOG = 1 << 18
+MAX_BACKLOG = 1 << 26
 #: the kernel's LRU flow table; the engine's flow table has the same bound
 MAX_FLOWS_LIMIT = 1 << 24
 
