@@ -171,9 +171,11 @@ def test_history_gives_up_open_rows_before_ended_stalls(tmp_path: Path) -> None:
                            1.8e9 + i + 2.5, state=state)
 
     with History(tmp_path) as h:
-        for i in range(MAX_PENDING - 5):  # stalls going on
+        for i in range(MAX_PENDING, MAX_PENDING + 5):  # stalls end (the oldest writes held)
+            h.stage("end", rec(i, "ended"))
+        for i in range(MAX_PENDING - 5):  # then many start
             h.stage("start", rec(i, "open"))
-        for i in range(MAX_PENDING, MAX_PENDING + 15):  # then others end: 10 too many held
+        for i in range(MAX_PENDING + 5, MAX_PENDING + 15):  # and more end: 10 writes too many
             h.stage("end", rec(i, "ended"))
         assert (h.pending, h.dropped) == (MAX_PENDING, 10)
         assert h.flush()
