@@ -6,6 +6,7 @@
  * Frame-file mode (bench/bench_agent.py, bench/bench_forward.py):
  *   blast IFACE RATE SECONDS FRAMEFILE
  *   FRAMEFILE: repeated [u16 little-endian length][frame bytes], sent round-robin
+ *   RATE 0: as fast as the socket takes them, for SECONDS
  *   prints: sent=<packets> secs=<elapsed>
  *
  * Many-flow mode (bench/bench_scale.py): M flows from one server (UDP source
@@ -14,7 +15,8 @@
  * its stall lasts, and every flow outside its stall sending "video" frames
  * (outside the candidate size band) at vpps packets/s:
  *   blast -m IFACE SECONDS key=value...
- *   keys: src_mac dst_mac (aa:bb:..), src (server IPv4), dst (first client IPv4),
+ *   keys: src_mac dst_mac (aa:bb:..), src (first server IPv4), servers=1 (flow i
+ *         comes from server address src + i % servers), dst (first client IPv4),
  *         flows=M stall=S ports=K (client ports per address, from port 10000)
  *         n=4 p=0.2 gap_us=0 (within a burst) size=1250 (candidate frame bytes)
  *         vsize=1350 vpps=0 (video frames per second per flow)
@@ -81,9 +83,15 @@ static int frame_mode(int argc, char **argv) {
     long sent = 0, target_total = (long)(rate * secs);
     int next = 0;
     double t0 = now();
-    while (sent < target_total) {
-        double due = t0 + sent / rate;  /* when packet number `sent` is due */
+    int unlimited = rate <= 0;
+    if (unlimited) target_total = -1;
+    while (unlimited || sent < target_total) {
         double t = now();
+        if (unlimited) {
+            if (t - t0 >= secs) break;
+            rate = 1e12;  /* every packet is due */
+        }
+        double due = t0 + sent / rate;  /* when packet number `sent` is due */
         if (t < due) {
             double d = due - t;
             if (d > 0.0002) { struct timespec ts = {0, (long)((d - 0.0001) * 1e9)}; nanosleep(&ts, NULL); }
@@ -91,7 +99,7 @@ static int frame_mode(int argc, char **argv) {
         }
         long owed = (long)((t - t0) * rate) - sent + 1;
         int b = owed < BATCH ? (int)owed : BATCH;
-        if (b > target_total - sent) b = (int)(target_total - sent);
+        if (!unlimited && b > target_total - sent) b = (int)(target_total - sent);
         for (int i = 0; i < b; i++) {
             iov[i].iov_base = frames[next];
             iov[i].iov_len = lens[next];
@@ -191,7 +199,7 @@ static int many_mode(int argc, char **argv) {
     SECS = atof(argv[3]);
     unsigned char smac[6] = {2, 0, 0, 0, 0, 1}, dmac[6] = {2, 0, 0, 0, 0, 2};
     struct in_addr src = {0}, dst = {0};
-    int M = 1000, S = -1, K = 50000, size = 1250, vsize = 1350;
+    int M = 1000, S = -1, K = 50000, size = 1250, vsize = 1350, servers = 1;
     double vpps = 0, stall_at = 0, spread = 0, stall_for = -1;
     const char *logpath = NULL;
     N = 4; P = 0.2; GAP = 0;
@@ -209,6 +217,7 @@ static int many_mode(int argc, char **argv) {
         else if (!strcmp(k, "src")) ok = inet_pton(AF_INET, v, &src) == 1;
         else if (!strcmp(k, "dst")) ok = inet_pton(AF_INET, v, &dst) == 1;
         else if (!strcmp(k, "flows")) M = atoi(v);
+        else if (!strcmp(k, "servers")) servers = atoi(v);
         else if (!strcmp(k, "stall")) S = atoi(v);
         else if (!strcmp(k, "ports")) K = atoi(v);
         else if (!strcmp(k, "n")) N = atoi(v);
@@ -226,7 +235,7 @@ static int many_mode(int argc, char **argv) {
         if (!ok) { fprintf(stderr, "blast: bad value for %s: %s\n", k, v); return 2; }
     }
     if (S < 0) S = M;
-    if (M < 1 || S > M || K < 1 || K > 55535 || N < 1 || P <= 0 || size < 60 || size > 1514 ||
+    if (M < 1 || S > M || servers < 1 || K < 1 || K > 55535 || N < 1 || P <= 0 || size < 60 || size > 1514 ||
         vsize < 60 || vsize > 1514 || vpps < 0 || SECS <= 0) {
         fprintf(stderr, "blast: bad parameters\n"); return 2;
     }
@@ -269,7 +278,7 @@ static int many_mode(int argc, char **argv) {
     static unsigned char hdrs[MBATCH][HDR];
     struct mmsghdr msgs[MBATCH];
     struct iovec iov[MBATCH][2];
-    uint32_t dbase = ntohl(dst.s_addr);
+    uint32_t dbase = ntohl(dst.s_addr), sbase = ntohl(src.s_addr);
     long sent = 0, cands = 0, bursts = 0, video = 0;
     double late_max = 0;
     struct timespec rt;
@@ -308,7 +317,7 @@ static int many_mode(int argc, char **argv) {
                 video++;
             }
             if (t - mt > late_max) late_max = t - mt;
-            build_hdr(hdrs[b], smac, dmac, src.s_addr, htonl(dbase + (uint32_t)(f / K)),
+            build_hdr(hdrs[b], smac, dmac, htonl(sbase + (uint32_t)(f % servers)), htonl(dbase + (uint32_t)(f / K)),
                       (uint16_t)(10000 + f % K), len);
             iov[b][0].iov_base = hdrs[b]; iov[b][0].iov_len = HDR;
             iov[b][1].iov_base = payload; iov[b][1].iov_len = len - HDR;
