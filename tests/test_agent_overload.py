@@ -184,3 +184,24 @@ def test_history_gives_up_open_rows_before_ended_stalls(tmp_path: Path) -> None:
     assert {r.flow for r in rows if r.state == "ended"} == {f"f:{i}" for i in late}
     # the 10 oldest open rows were given up, the rest written
     assert sorted(int(r.flow[2:]) for r in rows if r.state == "open") == list(range(10, MAX_PENDING - 5))
+
+
+def test_one_round_ending_more_stalls_than_the_history_holds(tmp_path: Path) -> None:
+    """An outage ends more stalls in one poll round than History holds in
+    memory (MAX_PENDING), while the agent is behind (commits batched): the round
+    commits every HISTORY_BATCH_ROWS writes, so no ended stall is given up and
+    no open row is left behind. Fed through the agent's own event handler."""
+    from iqn_ctl.engine.tracker import StallEnded, StallStarted
+    from iqn_ctl.live.agent import Agent, AgentConfig
+
+    agent = Agent(AgentConfig("lo0", state_dir=tmp_path, run_dir=tmp_path / "run"))
+    agent.history = History(tmp_path)
+    agent.lag = 1.0  # behind: the history is committed in batches
+    count, t = MAX_PENDING + 2000, 1000.0
+    agent._on_events([StallStarted(f"f{i}", t + i / 1e3, t + 0.8) for i in range(count)])
+    agent._on_events([StallEnded(f"f{i}", t + i / 1e3, t + 3.0, t + 3.8, 12) for i in range(count)])
+    agent.history.flush(force=True)
+    rows = agent.history.query()
+    assert agent.history.dropped == 0
+    assert len(rows) == count and {r.state for r in rows} == {"ended"}
+    agent.history.close()

@@ -116,6 +116,10 @@ SHED_HOLD = 1.0
 #: batches, instead of once per poll round: one fsync per round would slow the
 #: loop exactly when it can least afford it
 HISTORY_BATCH = 0.25
+#: ...and one round's writes are committed every this many: in an outage one
+#: round can end more stalls than the history holds in memory (MAX_PENDING),
+#: and an ended stall must never be given up for want of a commit
+HISTORY_BATCH_ROWS = 4096
 
 
 # -- one agent per interface: the pid file is the lock ----------------------------
@@ -669,7 +673,11 @@ class Agent:
         of one poll round's writes go in one transaction (:meth:`History.flush`)."""
         iface = self.cfg.iface
         off = self.wall_offset()
+        h = self.history
         for e in events:
+            if h is not None and h.pending >= HISTORY_BATCH_ROWS:
+                h.flush()  # a failing disk: held, retried no sooner than History.RETRY_EVERY
+                self._flushed_at = time.monotonic()
             info = self.flows.info(e.flow)
             label, client = self._shown(info.label, info.client)  # as the log names them
             if isinstance(e, StallStarted):
