@@ -313,6 +313,7 @@ def steady(exe: str, tmp: Path, flows: int, secs: float) -> dict[str, Any]:
         "err": err,
         "lag_max_ms": st["lag_max_ms"],
         "late_ms": said["late_max_ms"],
+        "hist_dropped": st["history_dropped"],
         "rss_max": max((r["rss"] for r in samp.rows), default=float("nan")),
         "load": load_avg(),
     }
@@ -388,6 +389,7 @@ def outage(exe: str, tmp: Path, short: bool) -> dict[str, Any]:
         "in_stall_max": max(r["in_stall"] for r in s),
         "cpu": (s[-1]["cpu"] - s[0]["cpu"]) / (s[-1]["t"] - s[0]["t"]),
         "late_ms": said["late_max_ms"],
+        "hist_dropped": st["history_dropped"],
         "samples": [
             (round(r["t"], 1), round(r["lag_ms"], 1), int(r["in_stall"]), round(r["rss"])) for r in s
         ],
@@ -460,8 +462,9 @@ def report(
             "",
             "| stalling flows | bursts/s offered | candidates/s offered | handled / offered | shed | lost "
             "| flows in stall (most seen) | one stall per flow | agent cores | agent µs/record "
-            "| latency p50 / p99 / max ms | p99 x single flow | start error p99 ms | load avg |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| latency p50 / p99 / max ms | p99 x single flow | start error p99 ms | sender late max ms "
+            "| load avg |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in st:
             lat = r["lat"]
@@ -470,7 +473,7 @@ def report(
                 f"{r['events'] / r['cands']:.3f} | {r['shed']:,} | {r['lost']:,} | {r['in_stall_max']:,} | "
                 f"{r['one_stall_each']:,}/{r['flows']:,} | {r['cpu_run']:.2f} | {r['us_per_rec']:.2f} | "
                 f"{pct(lat, 50):.1f} / {pct(lat, 99):.1f} / {max(lat, default=float('nan')):.1f} | "
-                f"{pct(lat, 99) / b99:.1f}x | {pct(r['err'], 99):.2f} | {r['load']} |"
+                f"{pct(lat, 99) / b99:.1f}x | {pct(r['err'], 99):.2f} | {r['late_ms']:,.0f} | {r['load']} |"
             )
         ok = [r for r in st if r["lost"] == 0 and r["shed"] == 0 and r["events"] == r["cands"]]
         okl = [r for r in ok if pct(r["lat"], 99) <= 50]
@@ -507,13 +510,14 @@ def report(
             "| stalls sent | recorded | exactly once | missing | extra | left open "
             "| start error p99 / max ms | duration error p99 ms | handled / offered candidates | shed "
             "| lost | lag max / p99 "
-            "of samples ms | flows in stall (most seen) | agent CPU (cores) | agent RSS min-max MiB |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "of samples ms | flows in stall (most seen) | agent CPU (cores) | agent RSS min-max MiB "
+            "| history writes dropped | sender late max ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| {o['sent_stalls']:,} | {o['recorded']:,} | {o['once']:,} | {o['missing']} | "
             f"{o['extra']} | {o['open']} | {o['err_p99']:.2f} / {o['err_max']:.2f} | {o['derr_p99']:.1f} | "
             f"{o['events'] / o['cands']:.3f} | {o['shed']:,} | {o['lost']:,} | "
             f"{o['lag_max_ms']:.1f} / {o['lag_p99']:.1f} | {o['in_stall_max']:,} | {o['cpu']:.2f} | "
-            f"{o['rss'][0]:.0f}-{o['rss'][1]:.0f} |",
+            f"{o['rss'][0]:.0f}-{o['rss'][1]:.0f} | {o['hist_dropped']} | {o['late_ms']:,.0f} |",
             "",
             f"Every stall recorded exactly once with its start within 50 ms: "
             f"**{'yes' if o['once'] == o['sent_stalls'] and o['err_max'] <= 50 else 'NO'}**.",
