@@ -381,6 +381,8 @@ class Agent:
         self.backlog_max = 0
         self.shed = 0
         self._shed_at = -math.inf
+        #: the last round found the ring empty and nothing waiting: caught up, whatever the last lag
+        self._caught_up = True
         #: when the stall history was last committed (monotonic)
         self._flushed_at = -math.inf
         #: the loop's waits for ``_state`` longer than API_WAIT_NOTED, and the longest (s)
@@ -538,6 +540,7 @@ class Agent:
             if self._backlog:
                 timeout = 0  # work waits: only drain what the ring holds
             evs = self._take(dp.poll_monotonic(timeout))
+            self._caught_up = not evs and not self._backlog
             now = time.monotonic()
             with self._state:
                 self._note_wait(time.monotonic() - now)
@@ -604,10 +607,10 @@ class Agent:
 
     def load(self) -> str:
         """``shedding`` (records dropped in the last SHED_HOLD s), ``behind``
-        (the last lag over the budget) or ``ok``."""
+        (the last lag over the budget, and the ring not found empty since) or ``ok``."""
         if time.monotonic() - self._shed_at < SHED_HOLD:
             return "shedding"
-        return "behind" if self.lag > LAG_BUDGET else "ok"
+        return "behind" if self.lag > LAG_BUDGET and not self._caught_up else "ok"
 
     def _flush_history(self) -> None:
         """Commit the staged history writes: every round while the agent keeps
