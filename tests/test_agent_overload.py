@@ -55,6 +55,9 @@ def cpu_quota(pid: int, fraction: float) -> Iterator[None]:
             (d / "cpu.cfs_quota_us").write_text(str(int(fraction * 100000)))
     group = root / f"iqn-overload-{os.getpid()}-{random.randrange(1 << 30):x}"
     group.mkdir()
+    if not any((group / f).exists() for f in ("cpu.max", "cpu.cfs_quota_us")):
+        group.rmdir()
+        need(False, f"the cgroup CPU controller is not enabled for children of {root}")
     try:
         limit(group)
         (group / "cgroup.procs").write_text(str(pid))
