@@ -109,7 +109,7 @@ LIVE_REORDER = 0.0
 #: worked off (a full ring drops the *newest* records, in the kernel). Past
 #: ``--backlog`` records the oldest waiting ones are dropped and counted
 #: (``shed``): when the agent cannot keep up it keeps the newest data.
-CHUNK = 32_768
+CHUNK = 8192
 #: ``load`` is ``shedding`` for this long after records were last shed (s)
 SHED_HOLD = 1.0
 #: while behind, the stall history is committed at most this often (s), in
