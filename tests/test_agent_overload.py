@@ -212,3 +212,20 @@ def test_one_round_ending_more_stalls_than_the_history_holds(tmp_path: Path) -> 
     assert agent.history.dropped == 0
     assert len(rows) == count and {r.state for r in rows} == {"ended"}
     agent.history.close()
+
+
+def test_backlog_keeps_the_newest_records_and_counts_the_rest(tmp_path: Path) -> None:
+    """The agent's backlog (Agent._take): past --backlog the oldest records go,
+    counted in ``shed``; what is fed is oldest-first among those kept, at most
+    CHUNK a round, and nothing is lost between rounds."""
+    from iqn_ctl.live.agent import CHUNK, Agent, AgentConfig
+
+    agent = Agent(AgentConfig("lo0", state_dir=tmp_path, run_dir=tmp_path / "run", backlog=CHUNK + 100))
+    recs = [(b"k%d" % (i % 7), 100.0 + i / 1e4, 1250) for i in range(CHUNK + 500)]
+    fed = agent._take(list(recs))
+    assert agent.shed == 400 and agent.load() == "shedding"
+    assert fed == recs[400:400 + CHUNK]  # the oldest of the newest CHUNK + 100
+    assert agent._backlog == recs[400 + CHUNK:] and agent.snapshot()["backlog"] == 100
+    more = [(b"k1", 200.0 + i, 1250) for i in range(3)]
+    assert agent._take(list(more)) == recs[400 + CHUNK:] + more and agent._backlog == []
+    assert agent.shed == 400 and agent.backlog_max == CHUNK + 100
