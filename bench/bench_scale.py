@@ -510,7 +510,8 @@ def report(
             f"at t = {o['at']:g} s {o['stalling']:,} of them (80 %) stall within 2 s and recover "
             f"{o['dur']:g} s later"
             + (" (shortened with --short from 30 s)" if args.short else "")
-            + f"; {o['secs']:.0f} s of traffic, {o['cands']:,} candidates and {o['video']:,} video frames. "
+            + f"; {o['secs']:.0f} s of traffic, {o['cands']:,.0f} candidates and {o['video']:,.0f} "
+            "video frames. "
             "Start (duration) error = recorded start (duration) minus what a lone StallTracker with the "
             "agent's estimator infers from the flow's send schedule (the single-flow case). Load average "
             "at the end: " + o["load"] + ".",
