@@ -133,7 +133,7 @@ def test_starved_agent_sheds_oldest_says_so_and_records_every_ended_stall(tmp_pa
                                timeout=DEADLINE * 2)
             done.set()
             watcher.join()
-            # caught up: no longer behind, though the last lag measured was over the budget
+            # caught up: no longer behind (the last lag measured may still be over the budget)
             calm = poll_until(lambda: dict(request(sock, "status", timeout=20.0)),
                               lambda s: s["load"] == "ok")
 
@@ -153,7 +153,7 @@ def test_starved_agent_sheds_oldest_says_so_and_records_every_ended_stall(tmp_pa
     # it said so: lag over the budget, late polls, shedding, a backlog at its bound
     assert final["candidates"] == sent, final
     assert any(s["load"] == "shedding" for s in seen), [s["load"] for s in seen]
-    assert calm["load"] == "ok" and calm["lag_ms"] > 50, calm
+    assert calm["load"] == "ok", calm
     assert final["shed"] > 0 and final["polls_late"] > 0 and final["lag_max_ms"] > 50, final
     assert final["backlog_max"] == BACKLOG == final["backlog_limit"], final
     assert shed_metric == final["shed"] and backlog_metric == 0
