@@ -101,10 +101,11 @@ def test_many_flow_mode_sends_what_it_says(tmp_path: Path) -> None:
         assert len(ct) == N * int(bursts), (i, len(ct), bursts)
         # blast's log names the right frames. Causal, not timed: blast reads the clock just before
         # the sendmmsg that carries a frame, and the frame is stamped on the veth during that call;
-        # a burst's frames are GAP apart, so each goes in a call of its own.
+        # a burst's frames are GAP apart, so each goes in a call of its own unless the sender ran
+        # late and sent the previous one in the same call (then they arrive together)
         for logged_t, k in ((first, 0), (nth, N - 1), (last, len(ct) - 1)):
             assert logged_t <= ct[k] + 1e-6, (i, k, logged_t, ct[k])
-            assert k == 0 or ct[k - 1] < logged_t, (i, k, logged_t, ct[k - 1])
+            assert k == 0 or ct[k - 1] < logged_t or ct[k] - ct[k - 1] < GAP / 2, (i, k, logged_t, ct[k - 1])
         # no video between the stall's first and last candidate (frames are captured in send order)
         idx = [j for j, (_, s) in enumerate(pkts) if s == SIZE]
         assert all(s == SIZE for _, s in pkts[idx[0]:idx[-1] + 1]), i
