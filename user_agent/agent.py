@@ -1,4 +1,7 @@
-"""The end-user agent's loop: every p seconds locate, grab, judge, signal, log.
+"""The end-user agent's loop: every look locate, grab, judge, signal, log.
+
+A look comes every p (protocol ``tick``) or every p/4 (``edges``, the
+default; see :mod:`user_agent.protocol`).
 
 :func:`run_agent` is the whole agent minus the browser and the command line,
 so other programs (the end-to-end demo) can run it on a Selenium driver they
@@ -9,7 +12,7 @@ started with their own Chromium options::
                       log=open("Detected_clicks_0.2.txt", "w"),
                       truth=TruthRecorder(open("Real_stalls.txt", "w")))
 
-Grabs are scheduled on a fixed grid (t0 + k p) so the signal period does not
+Grabs are scheduled on a fixed grid (t0 + k look) so the signal period does not
 drift with the time each step takes; a step that overruns skips the grid
 points it missed rather than bursting to catch up.
 
@@ -32,7 +35,16 @@ from .detector import DetectorConfig, Kind, StallDetector, Verdict
 from .errors import AgentError
 from .layout import Layout
 from .locate import Locator
-from .protocol import DEFAULT_N, DEFAULT_P, check_n, check_p
+from .protocol import (
+    DEFAULT_N,
+    DEFAULT_P,
+    DEFAULT_PROTOCOL,
+    EdgeEncoder,
+    check_n,
+    check_p,
+    check_protocol,
+    look_interval,
+)
 from .signaler import Burst, Signaler
 from .truth import TruthRecorder
 from .xinput import InputWatcher, RecordedInput
@@ -44,6 +56,7 @@ LOCATE_FAILURES = 5  # consecutive failed page queries before we give up on the 
 class RunStats:
     frames: int = 0
     signals: int = 0
+    toggles: int = 0
     grab_failures: int = 0  # frames lost after all retries
     grab_retries: int = 0  # failed attempts that a retry recovered
     no_layout: int = 0
@@ -70,10 +83,14 @@ def run_agent(
     detector: StallDetector | None = None,
     duration: float | None = None,
     on_verdict: Callable[[Verdict, Burst | None], None] | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> RunStats:
     """Run until ``stop`` is set (or ``duration`` seconds pass); return counters."""
     check_p(p)
     check_n(n)
+    check_protocol(protocol)
+    look = look_interval(p, protocol)
+    encoder = EdgeEncoder(p, n, look) if protocol == "edges" else None
     own_grabber = grabber is None
     grabber = grabber or make_grabber("mss")
     signaler = signaler or Signaler(n)
@@ -107,6 +124,8 @@ def run_agent(
                 detector.reset()
                 layout = None
                 verdict = Verdict(t, Kind.NONE, stats.last_why)
+                if encoder is not None:
+                    encoder.step(t, False)  # nowhere to click: the stall's settlement is lost
             else:
                 if located.layout != layout:
                     # Unless this is the first look: the player moved, or it came back
@@ -126,9 +145,12 @@ def run_agent(
                     stats.grab_failures += 1
                     detector.reset()
                     verdict = Verdict(t, Kind.NONE, str(e))
-                if verdict.stall:
+                toggles = n if verdict.stall else 0
+                if encoder is not None:
+                    toggles = encoder.step(t, verdict.stall)
+                if toggles:
                     try:
-                        burst = signaler.signal(layout.switch)
+                        burst = signaler.signal(layout.switch, toggles)
                     except Exception as e:  # an X error mid-burst: log it as no signal, go on
                         stats.signal_failures += 1
                         stats.last_why = f"signal failed: {e}"
@@ -136,6 +158,7 @@ def run_agent(
                         if inputs is not None:
                             inputs.own_burst(burst.began, burst.end)
                         stats.signals += 1
+                        stats.toggles += len(burst.clicks)
                         stats.max_click_gap = max(stats.max_click_gap, burst.max_gap)
                         stats.restore_failures += not burst.restored
             stats.frames += 1
@@ -150,9 +173,9 @@ def run_agent(
             now = time.monotonic()
             if t_end is not None and now >= t_end:
                 break
-            next_tick += p
+            next_tick += look
             if next_tick < now:
-                next_tick += ((now - next_tick) // p + 1) * p
+                next_tick += ((now - next_tick) // look + 1) * look
             if stop.wait(next_tick - now):
                 break
     finally:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import typer
 
 from .errors import AgentError
-from .protocol import DEFAULT_N, DEFAULT_P
+from .protocol import DEFAULT_N, DEFAULT_P, DEFAULT_PROTOCOL
 
 app = typer.Typer(
     name="iqn-agent",
@@ -97,18 +97,24 @@ def run(
     chrome_arg: list[str] = typer.Option([], "--chrome-arg", help="extra Chromium flag (repeatable)"),
     duration: float | None = typer.Option(None, "--duration", help="stop after this many seconds"),
     grabber: str = typer.Option("mss", "--grabber", help="screen grabber: mss or pillow"),
+    protocol: str = typer.Option(
+        DEFAULT_PROTOCOL, "--protocol",
+        help="signal protocol: edges (look every p/4, the toggle count carries the stall's duration) "
+        "or tick (the paper's: look every p, n toggles per look in a stall)",
+    ),
 ) -> None:
     """Watch the player and signal stalls until Ctrl-C (or --duration)."""
     from .agent import run_agent
     from .capture import make_grabber
     from .layout import load_calibration
     from .locate import FixedLocator, Locator, SeleniumLocator
-    from .protocol import check_n, check_p
+    from .protocol import check_n, check_p, check_protocol, look_interval
     from .signaler import Signaler
     from .truth import TruthRecorder
 
     check_n(n)
     check_p(p)
+    check_protocol(protocol)
     if sum(x is not None for x in (url, calibration, attach)) != 1:
         raise AgentError("give exactly one of --url, --calibration or --attach")
     if calibration is not None and truth is not None:
@@ -131,7 +137,8 @@ def run(
         grab = stack.enter_context(contextlib.closing(make_grabber(grabber)))
         stop = stack.enter_context(stop_on_signals())
         _timer(stop, duration)
-        say(f"watching the player every {p:g} s; a stall sends {n} toggles (Ctrl-C stops)")
+        say(f"watching the player every {look_interval(p, protocol):g} s; a stall sends {n} toggles "
+            f"per {p:g} s (protocol {protocol}; Ctrl-C stops)")
         stats = run_agent(
             locator,
             stop,
@@ -141,10 +148,11 @@ def run(
             truth=TruthRecorder(truth_f) if truth_f else None,
             grabber=grab,
             signaler=sig,
+            protocol=protocol,
         )
     filtered = ", ".join(f"{k} {v}" for k, v in sorted(stats.filtered.items())) or "none"
     say(
-        f"{stats.frames} grabs, {stats.signals} signals, filtered: {filtered}, "
+        f"{stats.frames} grabs, {stats.signals} signals ({stats.toggles} toggles), filtered: {filtered}, "
         f"grabs lost: {stats.grab_failures} (retried {stats.grab_retries}), "
         f"no player in view: {stats.no_layout}"
     )

@@ -1,18 +1,45 @@
-"""The signal this agent sends, defined once for the agent: n toggles of the
-autoplay switch every p seconds while the video stalls.
+"""The signal this agent sends, defined once for the agent: toggles of the
+autoplay switch, n per p seconds of stall, in bursts of an even size.
+
+Two protocols (docs/user-agent.md, "Signal protocols"):
+
+- ``tick`` (the paper's): look every p; one burst of n per look that sees the
+  stall. The stall's edges are known to within one look (up to +-p on its
+  duration).
+- ``edges`` (default): look every p/``LOOKS_PER_P``; the *count* of toggles
+  encodes the stall's duration to within +-p/n, and the ISP's count estimator
+  decodes it as ``D = (C/n + COUNT_OFFSET) p`` - the formula it already applies
+  to the paper's signals, so neither side needs to know which protocol the
+  other speaks. Counting, not timing: the path's jitter moves toggles in time
+  but does not change their number.
 
 The ISP side has its own definitions (``iqn_ctl.engine.params``): the two
 packages share a protocol (docs/contracts.md), not code, so the user agent
-installs and runs without the ISP side.
+installs and runs without the ISP side; a test checks the shared constants agree.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from .errors import AgentError
 
-DEFAULT_P = 0.2  # seconds between screen grabs, and between signals during a stall
+DEFAULT_P = 0.2  # seconds between signals during a stall (and between looks, protocol tick)
 DEFAULT_N = 4  # toggles per signal
 P_MIN, P_MAX = 0.02, 60.0
+#: the ISP's count decoder: a stall of C toggles lasted (C/n + COUNT_OFFSET) p
+#: (iqn_ctl.engine.params.COUNT_OFFSET: same value, checked by a test)
+COUNT_OFFSET = 0.5
+#: protocol edges: looks at the player per signalling interval p
+LOOKS_PER_P = 4
+#: protocol edges: looks between the stall's true start and its first STALL
+#: verdict, beyond the half look of sampling phase. The detector compares two
+#: grabs, so the first grab showing the spinner still differs from the playing
+#: frame before it; the verdict comes one look later (measured in the demo).
+DETECT_LAG_LOOKS = 1.0
+PROTOCOLS = ("edges", "tick")
+DEFAULT_PROTOCOL = "edges"
 
 
 def check_p(p: float) -> float:
@@ -27,3 +54,81 @@ def check_n(n: int) -> int:
             f"--n must be an even number of toggles (>= 2) so the autoplay switch ends as it was, got {n}"
         )
     return n
+
+
+def check_protocol(name: str) -> str:
+    if name not in PROTOCOLS:
+        raise AgentError(f"unknown --protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    return name
+
+
+def look_interval(p: float, protocol: str) -> float:
+    """Seconds between looks at the player."""
+    return p / LOOKS_PER_P if protocol == "edges" else p
+
+
+def toggles_for(duration: float, p: float, n: int) -> int:
+    """The toggle count that encodes a stall of ``duration`` s: the even number
+    C nearest to (duration/p - COUNT_OFFSET) n, so the decoder's
+    (C/n + COUNT_OFFSET) p lands within p/n of the duration. 0 for a stall too
+    short to encode (shorter than about (COUNT_OFFSET + 1/n) p)."""
+    q = 2 * p / n  # one pair of toggles per q seconds
+    return 2 * max(0, math.floor((duration - COUNT_OFFSET * p) / q + 0.5))
+
+
+def decode(count: int, p: float, n: int) -> float:
+    """What the ISP's count estimator makes of ``count`` toggles (for tests and docs)."""
+    return (count / n + COUNT_OFFSET) * p
+
+
+@dataclass(slots=True)
+class EdgeEncoder:
+    """Protocol ``edges``, sans-I/O: one verdict per look in, toggles to send out.
+
+    While the stall lasts, toggles accrue at n per p from its estimated start
+    (the first STALL verdict less the detection lag) and go out in bursts of n
+    as soon as n are owed: the first burst about (1 + COUNT_OFFSET - 1/n) p
+    after the start, then one every p, so the ISP sees n arrivals per w_start
+    as before. When the stall ends (the first look without it), the rest owed
+    goes out at once: a final burst of 0..n-2 toggles that carries the
+    fraction of the last interval. Every burst is even, and the total is
+    :func:`toggles_for` (the estimated duration): about n/p per stall-second,
+    never more.
+    """
+
+    p: float = DEFAULT_P
+    n: int = DEFAULT_N
+    look: float = DEFAULT_P / LOOKS_PER_P
+    lag_looks: float = DETECT_LAG_LOOKS
+    #: estimated start of the open stall (None: no stall)
+    began: float | None = None
+    sent: int = 0
+
+    def _elapsed(self, t: float) -> float:
+        assert self.began is not None
+        return t - self.began
+
+    def step(self, t: float, stall: bool) -> int:
+        """The verdict of the look at ``t``; returns how many toggles to send now."""
+        if stall:
+            if self.began is None:
+                # first verdict comes lag + half a look (sampling phase) after the start
+                self.began = t - (self.lag_looks + 0.5) * self.look
+                self.sent = 0
+            owed = toggles_for(self._elapsed(t), self.p, self.n) - self.sent
+            burst = owed - owed % self.n if owed >= self.n else 0
+        elif self.began is not None:
+            # the stall ended between the previous look and this one: on average half a look ago
+            owed = toggles_for(self._elapsed(t - 0.5 * self.look), self.p, self.n) - self.sent
+            # a stall too short for a first burst stays unsignalled: fewer than n
+            # toggles alone never make the ISP see a stall
+            burst = max(owed, 0) if self.sent else 0
+            self.began = None
+        else:
+            burst = 0
+        self.sent += burst
+        return burst
+
+    def close(self, t: float) -> int:
+        """The agent stops at ``t`` with a stall open: settle it as if it ended now."""
+        return self.step(t, False) if self.began is not None else 0

@@ -102,8 +102,9 @@ class Signaler:
         self.mode = mode
         self._gui = gui if gui is not None else load_pyautogui()
 
-    def signal(self, switch: Point) -> Burst:
-        """Click the switch n times and put the pointer back."""
+    def signal(self, switch: Point, toggles: int | None = None) -> Burst:
+        """Click the switch n times (or ``toggles``, an even number) and put the pointer back."""
+        count = self.n if toggles is None else check_n(toggles)
         gui = self._gui
         x0, y0 = gui.position()
         began = time.time()
@@ -115,14 +116,14 @@ class Signaler:
 
             d = x11._display
             fake_input(d, X.MotionNotify, x=switch.x, y=switch.y)
-            for _ in range(self.n):
+            for _ in range(count):
                 fake_input(d, X.ButtonPress, 1)
                 fake_input(d, X.ButtonRelease, 1)
                 clicks.append(time.time())
             fake_input(d, X.MotionNotify, x=x0, y=y0)
             d.sync()
         else:
-            for _ in range(self.n):
+            for _ in range(count):
                 gui.click(switch.x, switch.y)
                 clicks.append(time.time())
             gui.moveTo(x0, y0)

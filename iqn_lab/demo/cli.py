@@ -38,6 +38,7 @@ def demo(
     ),
     nats_nodes: int = typer.Option(1, "--nats-nodes", help="localise: JetStream nodes, 1 or 3"),
     keep: bool = typer.Option(False, "--keep", help="localise: leave the lab up at the end (iqn-lab down)"),
+    protocol: str = typer.Option("edges", "--protocol", help="user agent signal protocol: edges or tick"),
 ) -> None:
     """Lab, ISP agent (XDP), headful Chromium, end-user agent, stalls on a timetable; report at the end.
     With --localise: a fault on one component, many signal players, the QoS service's ranking."""
@@ -55,7 +56,7 @@ def demo(
         raise LabError("--stalls must be at least 1 and --release positive")
     out = out or Path("results") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
     cfg = DemoConfig(out=out.resolve(), prefix=prefix, stalls=stalls, p=p, n=n, starve_rate=starve_rate,
-                     seed=seed, release=release)  # fmt: skip
+                     seed=seed, release=release, protocol=protocol)  # fmt: skip
     try:
         check(cfg)
         try:

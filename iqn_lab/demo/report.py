@@ -95,6 +95,13 @@ def _matched(real: Sequence[Stall], other: Sequence[Stall]) -> dict[Stall, Stall
     return {pair.real: pair.inferred for pair in score(list(real), list(other)).pairs}
 
 
+def mean_error(real: Sequence[Stall], other: Sequence[Stall]) -> float:
+    """Mean signed duration error (other minus real, s) over matched pairs: the
+    bias the MAE hides; the detection lag of the user agent shows up here."""
+    errs = [pair.error for pair in score(list(real), list(other)).pairs]
+    return sum(errs) / len(errs) if errs else math.nan
+
+
 def recall_of_signalled(
     real: Sequence[Stall], signalled: Sequence[Stall], inferred: Sequence[Stall]
 ) -> float:

@@ -44,6 +44,7 @@ from iqn_lab.demo.report import (
     build_report,
     detected_clicks_name,
     evaluate,
+    mean_error,
     signalled_stalls,
     stall_table,
     write_stalls,
@@ -68,6 +69,7 @@ class DemoConfig:
     stalls: int = 24
     p: float = P.DEFAULT_P
     n: int = P.DEFAULT_N
+    protocol: str = "edges"  # the end-user agent's signal protocol (user_agent.protocol)
     starve_rate: str = "100kbit"
     video_kbit: int = 1200
     seed: int = 1
@@ -214,7 +216,7 @@ def _start_user_agent(driver: Any, cfg: DemoConfig, out: Path, side: UserSide, s
     def body() -> None:
         try:
             side.stats = run_agent(locator, stop, p=cfg.p, n=cfg.n, log=log, truth=side.truth,
-                                   on_verdict=on_verdict)  # fmt: skip
+                                   on_verdict=on_verdict, protocol=cfg.protocol)  # fmt: skip
         except BaseException as e:  # reported by the main thread
             side.error = e
 
@@ -240,8 +242,9 @@ def _progress(say: Say, t: float, pl: Plan, side: UserSide, isp: IspAgent) -> No
 
 def check(cfg: DemoConfig) -> Plan:
     """Refuse bad settings before anything is built; the timetable they give."""
-    from user_agent.protocol import check_n, check_p
+    from user_agent.protocol import check_n, check_p, check_protocol
 
+    check_protocol(cfg.protocol)
     check_n(cfg.n)  # the same checks the user agent makes, but before the lab is up
     check_p(cfg.p)
     Names(cfg.prefix)
@@ -341,6 +344,12 @@ def _finish(cfg: DemoConfig, pl: Plan, side: UserSide, stats: Any, rows: list[di
         "wall_s": round(wall, 1),
         "p": cfg.p,
         "n": cfg.n,
+        "protocol": cfg.protocol,
+        "toggles": len(side.clicks),
+        # signalling cost: toggles per second of actual stall (the tick protocol's is about n/p)
+        "toggles_per_stall_s": _nan_none(len(side.clicks) / sum(r.duration for r in real) if real else math.nan),  # noqa: E501
+        "bias_ms": _nan_none(mean_error(real, inferred) * 1000),
+        "user_bias_ms": _nan_none(mean_error(real, signalled) * 1000),
         "schedule": pl.spec(),
         "starve_rate": cfg.starve_rate,
         "target_stall_s": pl.targets,
