@@ -98,11 +98,16 @@ def run_agent(
     if own_inputs:
         inputs = InputWatcher(RecordedInput())
     detector = detector or StallDetector(DetectorConfig())
+    # protocol edges: one detector per phase of the look grid, each fed grabs p
+    # apart as in protocol tick; a look's verdict is its phase's
+    phases = [detector] + [StallDetector(detector.cfg) for _ in range(round(p / look) - 1)]
+    look_no = 0
     stats = RunStats()
     layout: Layout | None = None
     locate_failures = 0
     t_end = None if duration is None else time.monotonic() + duration
-    next_tick = time.monotonic()
+    t_grid = time.monotonic()
+    next_tick = t_grid
     try:
         while not stop.is_set():
             burst: Burst | None = None
@@ -121,7 +126,8 @@ def run_agent(
             if located is None or located.layout is None:
                 stats.no_layout += 1
                 stats.last_why = located.why if located else "page query failed"
-                detector.reset()
+                for d in phases:
+                    d.reset()
                 layout = None
                 verdict = Verdict(t, Kind.NONE, stats.last_why)
                 if encoder is not None:
@@ -131,23 +137,28 @@ def run_agent(
                     # Unless this is the first look: the player moved, or it came back
                     # into view (fullscreen left, scrolled back), maybe still moving.
                     if stats.frames:
-                        detector.note_geometry(t)
+                        for d in phases:
+                            d.note_geometry(t)
                     layout = located.layout
                 if inputs is not None:
                     t_in = inputs.check(layout.player)
                     if t_in is not None:
-                        detector.note_input(t_in)
+                        for d in phases:
+                            d.note_input(t_in)
+                det = phases[look_no % len(phases)]
                 try:
                     grid, retried = grab_with_retries(grabber, layout.player)
                     stats.grab_retries += retried
-                    verdict = detector.frame(t, grid)
+                    verdict = det.frame(t, grid)
                 except GrabError as e:
                     stats.grab_failures += 1
-                    detector.reset()
+                    det.reset()
                     verdict = Verdict(t, Kind.NONE, str(e))
                 toggles = n if verdict.stall else 0
                 if encoder is not None:
-                    toggles = encoder.step(t, verdict.stall)
+                    # no reference grab yet in this phase, or a still picture: not conclusive
+                    hold = verdict.kind in (Kind.STILL, Kind.NONE)
+                    toggles = encoder.step(t, verdict.stall, hold)
                 if toggles:
                     try:
                         burst = signaler.signal(layout.switch, toggles)
@@ -173,9 +184,10 @@ def run_agent(
             now = time.monotonic()
             if t_end is not None and now >= t_end:
                 break
-            next_tick += look
-            if next_tick < now:
-                next_tick += ((now - next_tick) // look + 1) * look
+            look_no += 1
+            if t_grid + look_no * look < now:
+                look_no += int((now - t_grid - look_no * look) // look) + 1
+            next_tick = t_grid + look_no * look
             if stop.wait(next_tick - now):
                 break
     finally:

@@ -32,12 +32,13 @@ P_MIN, P_MAX = 0.02, 60.0
 #: (iqn_ctl.engine.params.COUNT_OFFSET: same value, checked by a test)
 COUNT_OFFSET = 0.5
 #: protocol edges: looks at the player per signalling interval p
-LOOKS_PER_P = 4
-#: protocol edges: looks between the stall's true start and its first STALL
-#: verdict, beyond the half look of sampling phase. The detector compares two
-#: grabs, so the first grab showing the spinner still differs from the playing
-#: frame before it; the verdict comes one look later (measured in the demo).
-DETECT_LAG_LOOKS = 1.0
+LOOKS_PER_P = 5
+#: protocol edges: seconds (in units of p) between the stall's true start and
+#: its first STALL verdict, beyond the half look of sampling phase. Each look
+#: is compared with the grab one p before it (the spinner must have moved, and
+#: a page under load redraws less often than every p/4), so the first verdict
+#: comes once that reference grab shows the frozen picture too: p after the start.
+DETECT_LAG_P = 1.0
 PROTOCOLS = ("edges", "tick")
 DEFAULT_PROTOCOL = "edges"
 
@@ -99,27 +100,42 @@ class EdgeEncoder:
     p: float = DEFAULT_P
     n: int = DEFAULT_N
     look: float = DEFAULT_P / LOOKS_PER_P
-    lag_looks: float = DETECT_LAG_LOOKS
+    lag_p: float = DETECT_LAG_P
     #: estimated start of the open stall (None: no stall)
     began: float | None = None
     sent: int = 0
+    #: first look of a run of inconclusive verdicts inside the open stall
+    held: float | None = None
 
     def _elapsed(self, t: float) -> float:
         assert self.began is not None
         return t - self.began
 
-    def step(self, t: float, stall: bool) -> int:
-        """The verdict of the look at ``t``; returns how many toggles to send now."""
+    def step(self, t: float, stall: bool, hold: bool = False) -> int:
+        """The verdict of the look at ``t``; returns how many toggles to send now.
+
+        ``hold``: the look is inconclusive (a still picture: the page may just
+        not have redrawn the spinner); an open stall stays open through such
+        looks for up to p, and if they last longer it ended at the first one.
+        """
         if stall:
+            self.held = None
             if self.began is None:
                 # first verdict comes lag + half a look (sampling phase) after the start
-                self.began = t - (self.lag_looks + 0.5) * self.look
+                self.began = t - self.lag_p * self.p - 0.5 * self.look
                 self.sent = 0
             owed = toggles_for(self._elapsed(t), self.p, self.n) - self.sent
             burst = owed - owed % self.n if owed >= self.n else 0
+        elif self.began is not None and hold and (self.held is None or t - self.held < self.p):
+            if self.held is None:
+                self.held = t
+            burst = 0
         elif self.began is not None:
-            # the stall ended between the previous look and this one: on average half a look ago
-            owed = toggles_for(self._elapsed(t - 0.5 * self.look), self.p, self.n) - self.sent
+            # the stall ended between the look before ``t`` (or before the held run)
+            # and this one: on average half a look earlier
+            t_end = t if self.held is None else self.held
+            self.held = None
+            owed = toggles_for(self._elapsed(t_end - 0.5 * self.look), self.p, self.n) - self.sent
             # a stall too short for a first burst stays unsignalled: fewer than n
             # toggles alone never make the ISP see a stall
             burst = max(owed, 0) if self.sent else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from iqn_ctl.engine.params import SignalParams
+from iqn_ctl.engine.params import COUNT_OFFSET, SignalParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,12 @@ class CountEstimator:
     that shows it). Counting is immune to path jitter, which only moves packets in
     time; a lost or spurious candidate moves the estimate by p/n only.
 
+    The end-user agent's protocol ``edges`` (docs/user-agent.md) makes this
+    exact: it times the stall itself, every p/4, and sends the toggle count C
+    this formula turns back into that duration within p/n (a final burst of
+    0..n-2 toggles carries the fraction of the last interval). So one decoder
+    serves both protocols, and neither side has to know which the other speaks.
+
     The start is the first arrival of the triggering window (the first burst);
     the end is start + duration, but never after the moment the end condition
     held, so consecutive stalls never overlap and the estimate is final as soon
@@ -93,7 +99,7 @@ class CountEstimator:
 
     def finish(self, seg: Segment, params: SignalParams) -> tuple[float, float]:
         start = self.start(seg.first, seg.trigger, params)
-        duration = (seg.count / params.n + 0.5) * params.p
+        duration = (seg.count / params.n + COUNT_OFFSET) * params.p
         cap = seg.quiet_at if seg.quiet_at is not None else seg.last + params.w_end
         return start, min(start + duration, cap)
 

@@ -25,6 +25,14 @@ MAX_N = 1000
 #: new flows one server address may open per second (and in one burst) before its
 #: further new flows are refused: one source cannot flood the flow table (0: no limit)
 DEFAULT_SOURCE_RATE = 1000.0
+#: the count decoder: a stall signalled by C candidates lasted (C/n + COUNT_OFFSET) p.
+#: The end-user agent's protocol ``edges`` sends exactly the count this decodes to
+#: within p/n (user_agent.protocol.COUNT_OFFSET: same value, checked by a test);
+#: for the paper's protocol it is the half look of screenshot phase.
+COUNT_OFFSET = 0.5
+#: protocol ``edges``: the end-user agent looks at the player this many times per p
+#: (a model parameter of engine.synth; user_agent.protocol.LOOKS_PER_P)
+EDGES_LOOKS_PER_P = 5
 
 
 class ParamError(IqnError, ValueError):
