@@ -200,15 +200,19 @@ def test_scripts_reach_every_transition() -> None:
 
 
 @pytest.mark.parametrize("est", ["count", "paper"])
-@given(seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.integers(0, 5000), max_size=30))
+@given(seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.integers(0, 5000), max_size=30),
+       protocol=st.sampled_from(["tick", "edges"]))
 @settings(max_examples=40, deadline=None)
-def test_any_batch_split_gives_each_flow_its_single_flow_stalls(est: str, seed: int, cuts: list[int]) -> None:
-    """Interleaved synthetic sessions of many flows, cut into arbitrary polls:
-    every flow gets the stalls a lone StallTracker finds on its whole trace."""
+def test_any_batch_split_gives_each_flow_its_single_flow_stalls(
+    est: str, seed: int, cuts: list[int], protocol: str
+) -> None:
+    """Interleaved synthetic sessions of many flows (either signal protocol of
+    the end-user agent), cut into arbitrary polls: every flow gets the stalls a
+    lone StallTracker finds on its whole trace."""
     prm = SignalParams(0.2, 4)
     rng = np.random.default_rng(seed)
     traces = {i: signal_times(random_stalls(4, rng, t0=T0 + rng.uniform(0, 5)),
-                              SignalModel(prm, jitter=0.002), rng) for i in range(8)}
+                              SignalModel(prm, jitter=0.002, protocol=protocol), rng) for i in range(8)}
     ids = np.concatenate([np.full(t.size, i) for i, t in traces.items()])
     ts = np.concatenate(list(traces.values()))
     order = np.argsort(ts, kind="stable")

@@ -151,10 +151,12 @@ def test_bad_table_arguments() -> None:
     assign=st.lists(st.integers(0, 3), min_size=1, max_size=400),
     seed=st.integers(0, 2**16),
     est=st.sampled_from(["count", "paper"]),
+    protocol=st.sampled_from(["tick", "edges"]),
 )
-def test_feed_many_equals_per_flow_feeding(assign: list[int], seed: int, est: str) -> None:
+def test_feed_many_equals_per_flow_feeding(assign: list[int], seed: int, est: str, protocol: str) -> None:
     rng = np.random.default_rng(seed)
-    times = signal_times(random_stalls(10, rng, max_gap=6.0), SignalModel(PRM, jitter=0.1), rng)
+    model = SignalModel(PRM, jitter=0.1, protocol=protocol)
+    times = signal_times(random_stalls(10, rng, max_gap=6.0), model, rng)
     if times.size == 0:
         return
     flows = [f"f{assign[i % len(assign)]}" for i in range(times.size)]

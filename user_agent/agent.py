@@ -109,19 +109,23 @@ def run_agent(
     t_grid = time.monotonic()
     next_tick = t_grid
     try:
+        located = None
         while not stop.is_set():
             burst: Burst | None = None
-            try:
-                located = locator.locate()
-                locate_failures = 0
-            except Exception as e:  # the browser went away or hung up
-                locate_failures += 1
-                if locate_failures >= LOCATE_FAILURES:
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                    raise AgentError(f"lost the browser: {first}") from None
-                located = None
-            if located is not None and truth is not None:
-                truth.feed(located.truth)
+            # the page is asked once per p (every look of phase 0): a Selenium
+            # query costs far more than a grab; in between, the layout holds
+            if look_no % len(phases) == 0 or located is None or located.layout is None:
+                try:
+                    located = locator.locate()
+                    locate_failures = 0
+                except Exception as e:  # the browser went away or hung up
+                    locate_failures += 1
+                    if locate_failures >= LOCATE_FAILURES:
+                        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        raise AgentError(f"lost the browser: {first}") from None
+                    located = None
+                if located is not None and truth is not None:
+                    truth.feed(located.truth)
             t = time.time()
             if located is None or located.layout is None:
                 stats.no_layout += 1

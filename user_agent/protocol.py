@@ -39,6 +39,10 @@ LOOKS_PER_P = 5
 #: a page under load redraws less often than every p/4), so the first verdict
 #: comes once that reference grab shows the frozen picture too: p after the start.
 DETECT_LAG_P = 1.0
+#: protocol edges: an open stall stays open through inconclusive (still) looks
+#: for this long (in p): a page under load may not redraw the spinner for a
+#: few hundred ms. Below the ISP's stall-end window (4 p).
+HOLD_P = 3.0
 PROTOCOLS = ("edges", "tick")
 DEFAULT_PROTOCOL = "edges"
 
@@ -116,7 +120,8 @@ class EdgeEncoder:
 
         ``hold``: the look is inconclusive (a still picture: the page may just
         not have redrawn the spinner); an open stall stays open through such
-        looks for up to p, and if they last longer it ended at the first one.
+        looks for up to ``HOLD_P`` p, and if they last longer it ended at the
+        first one (then up to that long was paid for too much).
         """
         if stall:
             self.held = None
@@ -126,10 +131,12 @@ class EdgeEncoder:
                 self.sent = 0
             owed = toggles_for(self._elapsed(t), self.p, self.n) - self.sent
             burst = owed - owed % self.n if owed >= self.n else 0
-        elif self.began is not None and hold and (self.held is None or t - self.held < self.p):
+        elif self.began is not None and hold and (self.held is None or t - self.held < HOLD_P * self.p):
+            # probably still stalled: keep paying, so the ISP's window stays filled
             if self.held is None:
                 self.held = t
-            burst = 0
+            owed = toggles_for(self._elapsed(t), self.p, self.n) - self.sent
+            burst = owed - owed % self.n if owed >= self.n else 0
         elif self.began is not None:
             # the stall ended between the look before ``t`` (or before the held run)
             # and this one: on average half a look earlier
@@ -138,7 +145,7 @@ class EdgeEncoder:
             owed = toggles_for(self._elapsed(t_end - 0.5 * self.look), self.p, self.n) - self.sent
             # a stall too short for a first burst stays unsignalled: fewer than n
             # toggles alone never make the ISP see a stall
-            burst = max(owed, 0) if self.sent else 0
+            burst = max(owed, 0) if self.sent else 0  # owed < 0: paid ahead during a hold
             self.began = None
         else:
             burst = 0

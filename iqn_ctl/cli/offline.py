@@ -293,6 +293,9 @@ def synth(
     loss: float | None = typer.Option(None, "--loss", help="candidate packet loss probability"),
     reorder: float | None = typer.Option(None, "--reorder", help="probability a packet is held back up to p"),
     offset: float | None = typer.Option(None, "--offset", help="router clock minus agent clock, s"),
+    protocol: str | None = typer.Option(
+        None, "--protocol", help="end-user agent signal protocol: tick (default, the paper's) or edges"
+    ),
     seed: int | None = typer.Option(None, "--seed", help="random seed (default 0)"),
     pcap: bool = typer.Option(False, "--pcap", help="also write candidates.pcap"),
     as_json: bool = OptJson,
@@ -312,6 +315,7 @@ def synth(
         "loss": loss,
         "reorder": reorder,
         "offset": offset,
+        "protocol": protocol,
         "seed": seed,
         "durations": _floats(durations, "--durations") if durations is not None else None,
     }
@@ -343,6 +347,7 @@ def sweep(
     losses: str = typer.Option("0,0.1", "--loss", help="values of the loss probability"),
     stalls: int = typer.Option(40, "--stalls", help="stalls per grid point"),
     seed: int = typer.Option(0, "--seed", help="random seed (same stalls at every grid point)"),
+    protocols: str = typer.Option("tick", "--protocol", help="end-user agent signal protocols: tick, edges"),
     as_json: bool = OptJson,
 ) -> None:
     """Grid over p, n, jitter and loss through synth, replay and evaluate; both estimators."""
@@ -357,7 +362,12 @@ def sweep(
     }
     if stalls < 1:
         raise UserError(f"--stalls must be at least 1, got {stalls}")
-    rows = run_sweep(grid, SynthSpec(stalls=stalls, seed=seed))
+    from iqn_ctl.engine.synth import PROTOCOLS
+
+    protos = [x.strip() for x in protocols.split(",") if x.strip()]
+    if not protos or any(x not in PROTOCOLS for x in protos):
+        raise UserError(f"--protocol takes {' and/or '.join(PROTOCOLS)}, comma-separated; got {protocols!r}")
+    rows = run_sweep(grid, SynthSpec(stalls=stalls, seed=seed), protocols=protos)
     write_rows(out, rows, SWEEP_FIELDS)
     if plot is not None:
         plot_sweep(rows, plot)

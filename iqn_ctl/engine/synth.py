@@ -113,7 +113,7 @@ def _bursts(
     for start, end in stalls:
         phase = rng.uniform(0, look)
         k = int(np.ceil((end - start - phase) / look)) + 2
-        looks = start + phase + look * np.arange(max(k, 0))
+        looks = np.asarray(start + phase + look * np.arange(max(k, 0)), dtype=np.float64)
         if model.period_jitter:
             looks = np.sort(looks + rng.normal(0, model.period_jitter, looks.size))
         stall = (looks - model.params.p > start) & (looks < end)

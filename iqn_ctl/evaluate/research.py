@@ -23,7 +23,7 @@ import numpy as np
 
 from iqn_ctl.engine.estimators import ESTIMATORS
 from iqn_ctl.engine.params import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, SignalParams
-from iqn_ctl.engine.synth import SignalModel, random_stalls, signal_shots, signal_times
+from iqn_ctl.engine.synth import PROTOCOLS, SignalModel, random_stalls, signal_shots, signal_times
 from iqn_ctl.errors import IqnError
 from iqn_ctl.evaluate.replay import infer_times
 from iqn_ctl.evaluate.scoring import Score, score
@@ -159,6 +159,8 @@ class SynthSpec:
     #: router clock minus agent clock, seconds (shifts the candidates only)
     offset: float = 0.0
     first_miss: float = 0.5
+    #: the end-user agent's signal protocol: tick (the paper's) or edges
+    protocol: str = "tick"
     seed: int = 0
     t0: float = 1.7e9
 
@@ -167,6 +169,8 @@ class SynthSpec:
             raise ResearchError(
                 f"jitter_dist must be one of {', '.join(JITTER_DISTS)}, not {self.jitter_dist!r}"
             )
+        if self.protocol not in PROTOCOLS:
+            raise ResearchError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
         for name in ("loss", "reorder", "first_miss"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
@@ -189,6 +193,7 @@ class SynthSpec:
             loss=self.loss,
             reorder=self.reorder,
             first_miss=self.first_miss,
+            protocol=self.protocol,
         )
 
 
@@ -273,20 +278,26 @@ def write_synth(spec: SynthSpec, out: Path, pcap: bool = False) -> dict[str, obj
 # sweep ---------------------------------------------------------------------------
 
 SWEEP_AXES = ("p", "n", "jitter", "loss")
-SWEEP_FIELDS = (*SWEEP_AXES, "estimator", "significant", "matched", "false_positives", "mae_ms", "rmse_ms")
+SWEEP_FIELDS = (
+    *SWEEP_AXES, "protocol", "estimator", "significant", "matched", "false_positives", "mae_ms", "rmse_ms"
+)
 
 
 def sweep(
     grid: Mapping[str, Sequence[float]],
     base: SynthSpec,
     estimators: Sequence[str] = tuple(sorted(ESTIMATORS)),
+    protocols: Sequence[str] = ("tick",),
 ) -> list[dict[str, object]]:
-    """Every combination of the grid's p, n, jitter and loss: the same stalls
-    (seeded by ``base.seed``) through synth, the engine (replay) and the
-    paper's scoring (evaluate), once per estimator. One row each."""
+    """Every combination of the grid's p, n, jitter and loss, and of the end-user
+    agent's signal protocols: the same stalls (seeded by ``base.seed``) through
+    synth, the engine (replay) and the paper's scoring (evaluate), once per
+    estimator. One row each."""
     rows: list[dict[str, object]] = []
-    for p, n, jit, loss in itertools.product(*(grid[a] for a in SWEEP_AXES)):
-        spec = replace(base, p=float(p), n=int(n), jitter=float(jit), loss=float(loss))
+    for proto, (p, n, jit, loss) in itertools.product(
+        protocols, itertools.product(*(grid[a] for a in SWEEP_AXES))
+    ):
+        spec = replace(base, p=float(p), n=int(n), jitter=float(jit), loss=float(loss), protocol=str(proto))
         spec.check()
         rng = np.random.default_rng(spec.seed)
         stalls = synth_stalls(spec, rng)
@@ -301,8 +312,9 @@ def sweep(
                     "n": spec.n,
                     "jitter": spec.jitter,
                     "loss": spec.loss,
+                    "protocol": spec.protocol,
                     "estimator": est,
-                    **{k: d[k] for k in SWEEP_FIELDS[5:]},
+                    **{k: d[k] for k in SWEEP_FIELDS[6:]},
                 }
             )
     return rows
@@ -322,7 +334,12 @@ def plot_sweep(rows: Sequence[dict[str, object]], path: Path) -> None:
     fig = Figure(figsize=(12, 3.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(SWEEP_AXES), sharey=True)
-    ests = sorted({str(r["estimator"]) for r in rows})
+    def line(r: Mapping[str, object]) -> str:
+        # one line per estimator, per protocol too when several were swept
+        return str(r["estimator"]) if len(protos) == 1 else f"{r.get('protocol')}/{r['estimator']}"
+
+    protos = {r.get("protocol") for r in rows}
+    ests = sorted({line(r) for r in rows})
     for ax, axis in zip(axes, SWEEP_AXES, strict=True):
         xs = sorted({_num(r[axis]) for r in rows})
         for est in ests:
@@ -331,7 +348,7 @@ def plot_sweep(rows: Sequence[dict[str, object]], path: Path) -> None:
                 v = [
                     _num(r["mae_ms"])
                     for r in rows
-                    if r["estimator"] == est and _num(r[axis]) == x and r["mae_ms"] is not None
+                    if line(r) == est and _num(r[axis]) == x and r["mae_ms"] is not None
                 ]
                 ys.append(sum(v) / len(v) if v else math.nan)
             ax.plot(xs, ys, marker="o", label=est)
