@@ -197,9 +197,11 @@ def main() -> None:
                   "--paper-loop", str(lay.player.left), str(lay.player.top)]),
                 ("iqn-agent, calibrated, Pillow grabber",
                  agent + ["--calibration", str(tmp / "cal.json"), "--grabber", "pillow"]),
-                ("iqn-agent, calibrated, mss grabber (default)",
+                ("iqn-agent, calibrated, mss grabber, protocol tick (the paper's: 5 grabs/s)",
+                 agent + ["--calibration", str(tmp / "cal.json"), "--grabber", "mss", "--protocol", "tick"]),
+                ("iqn-agent, calibrated, mss grabber (default), protocol edges (25 grabs/s)",
                  agent + ["--calibration", str(tmp / "cal.json"), "--grabber", "mss"]),
-                ("iqn-agent, Selenium-located every grab (--attach), mss",
+                ("iqn-agent, Selenium-located once per p (--attach), mss, protocol edges",
                  agent + ["--attach", f"127.0.0.1:{port}"]),
             ]
             rows = []
