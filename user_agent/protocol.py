@@ -41,8 +41,8 @@ LOOKS_PER_P = 5
 DETECT_LAG_P = 1.0
 #: protocol edges: an open stall stays open through inconclusive (still) looks
 #: for this long (in p): a page under load may not redraw the spinner for a
-#: few hundred ms. Below the ISP's stall-end window (4 p).
-HOLD_P = 3.0
+#: few hundred ms. Plus the p between bursts, below the ISP's stall-end window (4 p).
+HOLD_P = 2.5
 PROTOCOLS = ("edges", "tick")
 DEFAULT_PROTOCOL = "edges"
 
@@ -120,8 +120,8 @@ class EdgeEncoder:
 
         ``hold``: the look is inconclusive (a still picture: the page may just
         not have redrawn the spinner); an open stall stays open through such
-        looks for up to ``HOLD_P`` p, and if they last longer it ended at the
-        first one (then up to that long was paid for too much).
+        looks for up to ``HOLD_P`` p (sending nothing meanwhile), and if they
+        last longer, or playback is seen, it ended at the first of them.
         """
         if stall:
             self.held = None
@@ -132,11 +132,13 @@ class EdgeEncoder:
             owed = toggles_for(self._elapsed(t), self.p, self.n) - self.sent
             burst = owed - owed % self.n if owed >= self.n else 0
         elif self.began is not None and hold and (self.held is None or t - self.held < HOLD_P * self.p):
-            # probably still stalled: keep paying, so the ISP's window stays filled
+            # maybe still stalled, maybe over: pay nothing until we know (a stall
+            # that goes on pays the backlog in its next burst; one that ended
+            # at ``held`` is not overpaid). HOLD_P + p stays inside the ISP's
+            # stall-end window, so the pause does not end the stall there.
             if self.held is None:
                 self.held = t
-            owed = toggles_for(self._elapsed(t), self.p, self.n) - self.sent
-            burst = owed - owed % self.n if owed >= self.n else 0
+            burst = 0
         elif self.began is not None:
             # the stall ended between the look before ``t`` (or before the held run)
             # and this one: on average half a look earlier
@@ -145,7 +147,7 @@ class EdgeEncoder:
             owed = toggles_for(self._elapsed(t_end - 0.5 * self.look), self.p, self.n) - self.sent
             # a stall too short for a first burst stays unsignalled: fewer than n
             # toggles alone never make the ISP see a stall
-            burst = max(owed, 0) if self.sent else 0  # owed < 0: paid ahead during a hold
+            burst = max(owed, 0) if self.sent else 0
             self.began = None
         else:
             burst = 0
