@@ -232,3 +232,31 @@ def test_no_signal_for_rebuffering_right_after_a_seek() -> None:
     total, reasons = agent_toggles(before + after)
     assert total == 0
     assert "seek" in reasons and "stall" not in reasons
+
+
+# -- the research sweep compares the protocols on the same stalls ---------------
+
+
+def test_sweep_compares_protocols_on_the_same_stalls() -> None:
+    """Counting keeps its edge under the paper's ~1 s jitter: on the same
+    stalls, protocol edges through the count estimator is no worse than the
+    paper protocol, clean or jittered."""
+    from iqn_ctl.evaluate.research import SynthSpec, sweep
+
+    grid = {"p": [0.2], "n": [4], "jitter": [0.0, 1.0], "loss": [0.0]}
+    rows = sweep(grid, SynthSpec(stalls=80, seed=3), estimators=("count",), protocols=("tick", "edges"))
+    mae = {(r["protocol"], r["jitter"]): float(r["mae_ms"]) for r in rows}  # type: ignore[arg-type]
+    assert set(mae) == {("tick", 0.0), ("tick", 1.0), ("edges", 0.0), ("edges", 1.0)}
+    assert all(int(r["matched"]) >= 76 for r in rows)  # type: ignore[call-overload]
+    assert mae[("edges", 0.0)] < 0.5 * mae[("tick", 0.0)]
+    assert mae[("edges", 1.0)] <= mae[("tick", 1.0)]
+
+
+def test_sweep_refuses_an_unknown_protocol() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "iqn_ctl", "sweep", "--protocol", "morse", "--stalls", "2"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.startswith("iqn-ctl: error: --protocol") and r.stderr.count("\n") == 1, r.stderr
