@@ -37,6 +37,7 @@ from user_agent.calibrate import record_positions
 from user_agent.detector import DetectorConfig, Kind, Verdict
 from user_agent.layout import Layout, Point, Rect, load_calibration
 from user_agent.locate import FixedLocator, Located, SeleniumLocator
+from user_agent.protocol import LOOKS_PER_P, decode
 from user_agent.signaler import Burst, Signaler
 from user_agent.truth import TruthRecorder
 from user_agent.xinput import (
@@ -309,7 +310,7 @@ def test_signal_toggles_switch_n_times_and_restores_everything(
 
 
 def test_agent_signals_only_while_the_page_stalls(driver: Any, page: PageServer, tmp_path: Path) -> None:
-    """The whole loop on the real page: playing, a 2 s stall, playing again. The
+    """Protocol tick (the paper's), the whole loop on the real page: playing, a 2 s stall, playing again. The
     test waits for each phase and checks against the times the page (stall start
     s0 and end s1) and the agent (each grab's verdict) observed."""
     p = 0.2
@@ -318,7 +319,8 @@ def test_agent_signals_only_while_the_page_stalls(driver: Any, page: PageServer,
     reset_page(driver)
     ok0 = player_state(driver)["autoplayOk"]
     with open(log_path, "w") as log, open(truth_path, "w") as truth:
-        with AgentRun(driver, p=p, record_truth=True, log=log, truth=TruthRecorder(truth)) as run:
+        with AgentRun(driver, p=p, record_truth=True, log=log, truth=TruthRecorder(truth),
+                      protocol="tick") as run:  # fmt: skip
             run.wait(lambda: run.count(Kind.PLAYING) >= 3, "the agent to see playback")
             driver.execute_script("window.iqnTest.stall(2000)")
             ((s0, s1),) = run.wait(lambda: closed_stalls(driver), "the page's stall to end")
@@ -354,6 +356,34 @@ def test_agent_signals_only_while_the_page_stalls(driver: Any, page: PageServer,
     assert len(posts) == 4 * len(sent) == len(player_state(driver)["clicks"])
     assert min(t for t, _ in posts) > sent[0]
     assert stats.grab_failures == 0
+
+
+def test_protocol_edges_signals_the_stalls_duration_in_its_count(driver: Any, page: PageServer) -> None:
+    """Protocol edges (the default), the whole loop on the real page: a 2 s
+    stall; every burst even, none before the page stalled nor after the agent
+    saw playback again, every toggle answered, and the count decodes to the
+    page's own stall duration within the encoding (p/n) plus a few looks."""
+    p, n = 0.2, 4
+    page.take_posts()
+    reset_page(driver)
+    ok0 = player_state(driver)["autoplayOk"]
+    with AgentRun(driver, p=p) as run:
+        run.wait(lambda: run.count(Kind.PLAYING) >= 10, "the agent to see playback")
+        driver.execute_script("window.iqnTest.stall(2000)")
+        ((s0, s1),) = run.wait(lambda: closed_stalls(driver), "the page's stall to end")
+        run.wait(lambda: run.count(Kind.PLAYING, after=s1) >= 10, "the agent to see playback again")
+    bursts = run.bursts()
+    sizes = [len(b.clicks) for b in bursts]
+    assert sizes and all(k % 2 == 0 for k in sizes), sizes
+    assert sizes[0] == n and bursts[0].start > s0
+    resumed = next(v.t for v in run.verdicts() if v.t > s1 and v.kind is Kind.PLAYING)
+    assert all(b.start <= resumed + 0.1 for b in bursts), "signal after the agent saw playback again"
+    total = sum(sizes)
+    assert run.stats is not None and run.stats.toggles == total
+    posts = switch_clicks_answered(driver, page, ok0 + total)
+    assert len(posts) == total
+    look = p / LOOKS_PER_P
+    assert abs(decode(total, p, n) - (s1 - s0)) <= p / n + 3 * look, (total, s1 - s0)
 
 
 def test_pointer_over_player_suppresses_signals(driver: Any, page: PageServer, gui: Any) -> None:

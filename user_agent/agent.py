@@ -102,6 +102,7 @@ def run_agent(
     # apart as in protocol tick; a look's verdict is its phase's
     phases = [detector] + [StallDetector(detector.cfg) for _ in range(round(p / look) - 1)]
     look_no = 0
+    phase_seen = [float("-inf")] * len(phases)
     stats = RunStats()
     layout: Layout | None = None
     locate_failures = 0
@@ -149,7 +150,14 @@ def run_agent(
                     if t_in is not None:
                         for d in phases:
                             d.note_input(t_in)
-                det = phases[look_no % len(phases)]
+                phase = look_no % len(phases)
+                det = phases[phase]
+                if encoder is not None and t - phase_seen[phase] > 1.5 * p:
+                    # this phase's last grab is stale (the loop fell behind and
+                    # skipped it): comparing with it would take frames from before
+                    # a stall for playback; start the phase afresh (an inconclusive look)
+                    det.reset()
+                phase_seen[phase] = t
                 try:
                     grid, retried = grab_with_retries(grabber, layout.player)
                     stats.grab_retries += retried

@@ -110,6 +110,9 @@ class EdgeEncoder:
     sent: int = 0
     #: first look of a run of inconclusive verdicts inside the open stall
     held: float | None = None
+    #: estimated end of the previous stall: a new one never begins before it
+    #: (its toggles would pay for the same seconds twice)
+    ended: float = float("-inf")
 
     def _elapsed(self, t: float) -> float:
         assert self.began is not None
@@ -127,7 +130,7 @@ class EdgeEncoder:
             self.held = None
             if self.began is None:
                 # first verdict comes lag + half a look (sampling phase) after the start
-                self.began = t - self.lag_p * self.p - 0.5 * self.look
+                self.began = max(t - self.lag_p * self.p - 0.5 * self.look, self.ended)
                 self.sent = 0
             owed = toggles_for(self._elapsed(t), self.p, self.n) - self.sent
             burst = owed - owed % self.n if owed >= self.n else 0
@@ -144,7 +147,8 @@ class EdgeEncoder:
             # and this one: on average half a look earlier
             t_end = t if self.held is None else self.held
             self.held = None
-            owed = toggles_for(self._elapsed(t_end - 0.5 * self.look), self.p, self.n) - self.sent
+            self.ended = t_end - 0.5 * self.look
+            owed = toggles_for(self._elapsed(self.ended), self.p, self.n) - self.sent
             # a stall too short for a first burst stays unsignalled: fewer than n
             # toggles alone never make the ISP see a stall
             burst = max(owed, 0) if self.sent else 0

@@ -79,15 +79,17 @@ def edges_bursts(looks: npt.NDArray[np.float64], stall: npt.NDArray[np.bool_], m
     times: list[float] = []
     sizes: list[int] = []
     began: float | None = None
+    ended = -math.inf  # a new stall never begins before the previous one's end
     sent = 0
     for t, st in zip(looks.tolist(), stall.tolist(), strict=True):
         if st:
             if began is None:
-                began, sent = t - par.p - 0.5 * look, 0
+                began, sent = max(t - par.p - 0.5 * look, ended), 0
             owed = edges_toggles(t - began, par) - sent
             k = owed - owed % par.n if owed >= par.n else 0
         elif began is not None:
-            owed = edges_toggles(t - 0.5 * look - began, par) - sent
+            ended = t - 0.5 * look
+            owed = edges_toggles(ended - began, par) - sent
             k = max(owed, 0) if sent else 0
             began = None
         else:
