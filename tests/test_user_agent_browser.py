@@ -614,7 +614,7 @@ def test_seek_rebuffer_is_held_back_then_signalled(driver: Any, page: PageServer
     driver.execute_script("window.iqnTest.seekRebufferMs = 3000")
     bar = (lay.player.left + lay.player.width * 3 // 4, lay.player.top + lay.player.height - 27)
     try:
-        with AgentRun(driver) as run:
+        with AgentRun(driver, protocol="tick") as run:  # counts n per signalling grab
             run.wait(lambda: run.count(Kind.PLAYING) >= 3, "the agent to see playback")
             gui.moveTo(*PARK)
             t_click = time.time()
@@ -676,7 +676,7 @@ def test_player_fullscreen_hides_the_switch_and_nothing_is_clicked(driver: Any, 
     ok0 = player_state(driver)["autoplayOk"]
     driver.execute_script("window.iqnTest.stall(0)")  # until resume()
     try:
-        with AgentRun(driver) as run:
+        with AgentRun(driver, protocol="tick") as run:  # counts n per signalling grab
             run.wait(lambda: len(run.bursts()) >= 2, "signals from the windowed player")
             t0 = time.time()
             enter_player_fullscreen(driver)
@@ -714,7 +714,7 @@ def test_browser_fullscreen_moves_the_player_and_the_agent_follows(driver: Any, 
     start_state = driver.execute_script(SWITCH_STATE)
     driver.execute_script("window.iqnTest.stall(0)")
     try:
-        with AgentRun(driver) as run:
+        with AgentRun(driver, protocol="tick") as run:  # counts n per signalling grab
             run.wait(lambda: len(run.bursts()) >= 2, "signals from the windowed browser")
             t0 = time.time()
             driver.fullscreen_window()
@@ -789,7 +789,8 @@ def test_cli_run_with_calibration_for_a_user_started_browser(
     driver.execute_script("window.iqnTest.stall(0)")  # stalled all along
     try:
         err, lines = run_cli_until(
-            ["run", "--calibration", str(tmp_path / "cal.json")], tmp_path / "Detected_clicks_0.2.txt",
+            ["run", "--calibration", str(tmp_path / "cal.json"), "--protocol", "tick"],
+            tmp_path / "Detected_clicks_0.2.txt",
             lambda ls: sum(k == "S" for k, _ in ls) >= 3, "three signals in the log",
         )
     finally:

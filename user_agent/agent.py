@@ -152,11 +152,10 @@ def run_agent(
                             d.note_input(t_in)
                 phase = look_no % len(phases)
                 det = phases[phase]
-                if encoder is not None and t - phase_seen[phase] > 1.5 * p:
-                    # this phase's last grab is stale (the loop fell behind and
-                    # skipped it): comparing with it would take frames from before
-                    # a stall for playback; start the phase afresh (an inconclusive look)
-                    det.reset()
+                # this phase's last grab may be stale (the loop fell behind and
+                # skipped looks): a change since then may predate a stall, so
+                # "playing" from it is inconclusive; "stall" still holds
+                stale = t - phase_seen[phase] > 1.5 * p
                 phase_seen[phase] = t
                 try:
                     grid, retried = grab_with_retries(grabber, layout.player)
@@ -169,7 +168,7 @@ def run_agent(
                 toggles = n if verdict.stall else 0
                 if encoder is not None:
                     # no reference grab yet in this phase, or a still picture: not conclusive
-                    hold = verdict.kind in (Kind.STILL, Kind.NONE)
+                    hold = verdict.kind in (Kind.STILL, Kind.NONE) or (stale and verdict.kind is Kind.PLAYING)
                     toggles = encoder.step(t, verdict.stall, hold)
                 if toggles:
                     try:
