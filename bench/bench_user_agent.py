@@ -260,7 +260,8 @@ def main() -> None:
     lines += [
         "",
         f"Chromedriver's CPU is listed apart: it is the agent's child only in the `--attach` row "
-        f"(a page query per grab); in a calibrated run there is no Selenium at all. Server arrivals "
+        f"(a page query per grab with protocol tick, once per p with edges); in a calibrated run there is no "
+        f"Selenium at all. Server arrivals "
         f"go over HTTP/1.1 connections here (the lab uses HTTP/3). "
         f"{time.monotonic() - started:.0f} s in all.",
         "",
