@@ -99,7 +99,7 @@ def run(
     grabber: str = typer.Option("mss", "--grabber", help="screen grabber: mss or pillow"),
     protocol: str = typer.Option(
         DEFAULT_PROTOCOL, "--protocol",
-        help="signal protocol: edges (look every p/4, the toggle count carries the stall's duration) "
+        help="signal protocol: edges (look every p/5, the toggle count carries the stall's duration) "
         "or tick (the paper's: look every p, n toggles per look in a stall)",
     ),
 ) -> None:
