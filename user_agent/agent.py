@@ -1,6 +1,6 @@
 """The end-user agent's loop: every look locate, grab, judge, signal, log.
 
-A look comes every p (protocol ``tick``) or every p/4 (``edges``, the
+A look comes every p (protocol ``tick``) or every p/5 (``edges``, the
 default; see :mod:`user_agent.protocol`).
 
 :func:`run_agent` is the whole agent minus the browser and the command line,

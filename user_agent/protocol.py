@@ -36,7 +36,7 @@ LOOKS_PER_P = 5
 #: protocol edges: seconds (in units of p) between the stall's true start and
 #: its first STALL verdict, beyond the half look of sampling phase. Each look
 #: is compared with the grab one p before it (the spinner must have moved, and
-#: a page under load redraws less often than every p/4), so the first verdict
+#: a page under load redraws less often than every p/5), so the first verdict
 #: comes once that reference grab shows the frozen picture too: p after the start.
 DETECT_LAG_P = 1.0
 #: protocol edges: an open stall stays open through inconclusive (still) looks
