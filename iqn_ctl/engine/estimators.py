@@ -78,7 +78,7 @@ class CountEstimator:
     time; a lost or spurious candidate moves the estimate by p/n only.
 
     The end-user agent's protocol ``edges`` (docs/user-agent.md) makes this
-    exact: it times the stall itself, every p/4, and sends the toggle count C
+    exact: it times the stall itself, every p/5, and sends the toggle count C
     this formula turns back into that duration within p/n (a final burst of
     0..n-2 toggles carries the fraction of the last interval). So one decoder
     serves both protocols, and neither side has to know which the other speaks.
