@@ -1,27 +1,61 @@
 #!/usr/bin/env bash
-# Install everything IQN needs on a fresh Debian/Ubuntu box (run as root):
+# Install what IQN needs on a fresh Debian/Ubuntu box (run as root):
 # Debian packages, kernel headers for bcc, and a venv in .venv with the project.
+#   bash scripts/setup.sh [--role router|user|lab|all]   (default: all, the development and CI box)
+#   bash scripts/setup.sh --role router --print-packages  (the role's apt packages and pip extra; no root)
+# A role installs only its own Debian packages and the matching pip extra (pyproject.toml).
 # Idempotent: a second run installs nothing that is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+role=all
+print_only=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --role) role="${2:-}"; shift 2 || { echo "setup: --role needs a value" >&2; exit 2; } ;;
+    --role=*) role="${1#--role=}"; shift ;;
+    --print-packages) print_only=1; shift ;;
+    *) echo "setup: unknown argument $1 (use --role router|user|lab|all, --print-packages)" >&2; exit 2 ;;
+  esac
+done
+
+# Debian packages per role; each line says who needs it.
+BASE=(python3 python3-venv python3-pip python3-dev iproute2 procps)  # the venv (system Python, for bcc)
+ROUTER=(
+  python3-bpfcc bpfcc-tools bpftool              # XDP data plane (bcc from Debian, never PyPI's "bcc")
+  systemd                                        # the unit (packaging/systemd), systemd-escape
+)
+USER_PKGS=(
+  python3-tk xvfb xauth chromium chromium-driver xdotool ffmpeg  # user agent: pyautogui, headful Chromium, test clip
+)
+LAB=(
+  nftables iputils-ping psmisc tcpdump           # namespaces, NAT, lab tooling, captures
+  openvpn openssl                                # lab: tunnel, certificate checks
+)
+DEV=(
+  tshark make gcc                                # bench: pyshark baseline
+  vagrant vagrant-libvirt shellcheck             # lab: VM pair validation
+  prometheus                                     # tests: promtool, a real Prometheus scraping the agent and iqn-qos serve
+)
+
+case "$role" in
+  router) APT_PACKAGES=("${BASE[@]}" "${ROUTER[@]}"); extra=router ;;
+  user) APT_PACKAGES=("${BASE[@]}" "${USER_PKGS[@]}"); extra=user ;;
+  lab) APT_PACKAGES=("${BASE[@]}" "${ROUTER[@]}" "${USER_PKGS[@]}" "${LAB[@]}"); extra=lab ;;
+  all) APT_PACKAGES=("${BASE[@]}" "${ROUTER[@]}" "${USER_PKGS[@]}" "${LAB[@]}" "${DEV[@]}"); extra=all ;;
+  *) echo "setup: unknown role '$role' (router|user|lab|all)" >&2; exit 2 ;;
+esac
+
+if [ "$print_only" -eq 1 ]; then
+  echo "apt: ${APT_PACKAGES[*]}"
+  echo "pip: .[$extra]"
+  exit 0
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup: run as root (sudo $0)" >&2
   exit 1
 fi
-
-# One list for the whole project; each line says who needs it.
-APT_PACKAGES=(
-  python3 python3-venv python3-pip python3-dev   # the venv (system Python, for bcc)
-  python3-bpfcc bpfcc-tools bpftool              # XDP data plane (bcc from Debian, never PyPI's "bcc")
-  iproute2 nftables iputils-ping procps psmisc   # namespaces, NAT, lab tooling
-  tshark tcpdump                                 # bench: pyshark baseline; replay tests: real captures
-  make gcc
-  python3-tk xvfb xauth chromium chromium-driver xdotool ffmpeg  # user agent: pyautogui, headful Chromium, test clip
-  openvpn openssl vagrant vagrant-libvirt shellcheck  # lab: tunnel, certificate checks, VM pair validation
-  systemd                                        # tests: systemd-analyze verify / systemd-escape on the unit
-  prometheus                                     # tests: a real Prometheus scrapes the agent and iqn-qos serve; promtool
-)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -38,7 +72,7 @@ fi
 # bcc compiles against /lib/modules/$(uname -r)/build. Kernels without their own
 # headers get Debian's generic ones, linked in; only when the build dir is missing.
 kdir="/lib/modules/$(uname -r)"
-if [ ! -e "$kdir/build/include" ]; then
+if [ "$role" != user ] && [ ! -e "$kdir/build/include" ]; then
   echo "setup: no kernel headers at $kdir/build; using Debian's linux-headers-amd64"
   if ! ls -d /usr/src/linux-headers-*-amd64 >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q linux-headers-amd64
@@ -52,16 +86,16 @@ if [ ! -e "$kdir/build/include" ]; then
 fi
 
 # The venv sees Debian's bcc through --system-site-packages.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || { [ "$role" != user ] && ! .venv/bin/python -c 'import bcc' 2>/dev/null; }; then
   echo "setup: creating .venv (with system site packages, for bcc)"
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$extra-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   echo "setup: installing the project and its Python dependencies into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[all]'
+  .venv/bin/python -m pip install -q -e ".[$extra]"
   touch "$stamp"
 fi
 echo "setup: ready (.venv/bin/iqn-ctl)"
