@@ -523,7 +523,8 @@ def test_agent_exports_its_real_stalls_and_sessions(tmp_path: Path) -> None:
                 b["iqn.state"]) == (r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10])
         assert (b["client.port"], b["server.port"], b["interface"], b["router"]) == (
             40070, 443, lab.cli_if, "edge-a")
-        assert 1.0 < b["iqn.duration_s"] < 30.0
+        # the third stall is cut by the agent's stop, whenever the test's poll saw it start
+        assert (0.0 if r[8] else 1.0) < b["iqn.duration_s"] < 30.0, (r, b)
     for r in srows:
         b = msgs[f"edge-a/{uuid}/session/{r[0]}"]
         assert set(b) == SESSION_FIELDS
