@@ -10,6 +10,15 @@ program. Nothing touches the root namespace; addresses come from
 
 Run as a script (inside the server namespace) it is the sender:
 ``python -m iqn_lab.testbed send SPEC.json`` prints the actual send times as JSON.
+
+The sender is QUIC-shaped: right before each server datagram, the *client*
+sends a small request datagram back on the same 5-tuple (client port -> 443),
+as a viewer's toggle request precedes its 200 OK, so the agent's forgery guard
+(pairing, which sees the client's side leave the agent's interface) accepts
+the answers. The requests go out of a raw socket opened inside the client
+namespace (setns), on the same schedule in the same process, so the timing of
+the answers is what it was; a flow with ``"request": false`` sends none (a
+forger: an off-path sender cannot make the client talk).
 """
 
 from __future__ import annotations
@@ -152,7 +161,8 @@ class Testbed:
 
     def send(self, spec: dict[str, Any], **kw: Any) -> subprocess.Popen[str]:
         """Start the sender in the server namespace; its stdout is the JSON of send times."""
-        spec = {"dev": self.srv_if, "src_mac": self.srv_mac, "dst_mac": self.cli_mac, **spec}
+        spec = {"dev": self.srv_if, "src_mac": self.srv_mac, "dst_mac": self.cli_mac,
+                "cli_ns": self.cli_ns, "cli_dev": self.cli_if, **spec}
         return subprocess.Popen(
             ["ip", "netns", "exec", self.srv_ns, PY, str(Path(__file__).resolve()), "send",
              json.dumps(spec)],
@@ -169,15 +179,61 @@ def payload_len(frame_len: int, family: int, vlan: bool) -> int:
 
 def _getcpu() -> int:
     """The CPU this thread runs on (glibc's sched_getcpu; Python 3.11's os lacks it)."""
+    return int(_libc().sched_getcpu())
+
+
+_LIBC: Any = None
+CLONE_NEWNET = 0x40000000
+#: UDP payload of a client's request datagram (a small QUIC packet: an HTTP/3 request or an ACK)
+REQUEST_PAYLOAD = 40
+
+
+def _libc() -> Any:
     import ctypes
 
     global _LIBC
     if _LIBC is None:
-        _LIBC = ctypes.CDLL(None)
-    return int(_LIBC.sched_getcpu())
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
 
 
-_LIBC: Any = None
+def _setns(fd: int) -> None:
+    import ctypes
+
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def client_socket(ns: str, dev: str) -> socket.socket:
+    """A raw packet socket on ``dev`` inside network namespace ``ns``, opened
+    from this process (a socket keeps the namespace it was made in): frames
+    sent on it leave the client's interface, through its TC egress hook, as
+    the client's own datagrams do. Python 3.11's os has no setns: libc's."""
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        _setns(there)
+        try:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+            s.bind((dev, 0))
+        finally:
+            _setns(here)
+    finally:
+        os.close(here)
+        os.close(there)
+    return s
+
+
+def request_frame(f: dict[str, Any], spec: dict[str, Any]) -> bytes:
+    """The client's request on flow ``f``: client port -> server port, the
+    flow's VLAN tag if it has one, MACs of the veth pair."""
+    from iqn_ctl.capture.frames import udp_frame
+
+    cli_mac, srv_mac = (bytes.fromhex(spec[k].replace(":", "")) for k in ("dst_mac", "src_mac"))
+    return udp_frame(f["dst"], f["src"], int(f["dport"]), int(f.get("sport", 443)),
+                     payload=bytes(REQUEST_PAYLOAD), vlans=(int(f["vlan"]),) if f.get("vlan") else (),
+                     src_mac=cli_mac, dst_mac=srv_mac)
 
 
 def _sleep_until(t: float) -> None:
@@ -195,10 +251,20 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
     under ``ip netns exec`` cannot eat the head start). "cpus": packet i of the flow is sent
     from CPU cpus[i % len] (its XDP and perf event then run on that CPU). Returns the actual
     send time of every packet per flow name, the start "t0" (0 without "lead") and the CPU
-    each packet was sent from."""
+    each packet was sent from. "request" (default true): the client sends a request
+    datagram right before each of the flow's packets (see the module doc); it needs
+    "cli_ns" and "cli_dev" in the spec (Testbed.send adds them)."""
     socks: dict[tuple[str, int, int], socket.socket] = {}  # (src, family, sport)
     plan: list[tuple[float, str, socket.socket, bytes, Any]] = []
+    client: socket.socket | None = None
+    requests: dict[str, bytes | None] = {}
     for f in spec["flows"]:
+        if f.get("request", True) and "cli_ns" in spec:
+            if client is None:
+                client = client_socket(spec["cli_ns"], spec["cli_dev"])
+            requests[f["name"]] = request_frame(f, spec)
+        else:
+            requests[f["name"]] = None
         fam = 6 if ":" in f["src"] else 4
         if f.get("vlan"):
             from iqn_ctl.capture.frames import udp_frame
@@ -234,6 +300,9 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
         if want:
             os.sched_setaffinity(0, {want[len(sent[name]) % len(want)]})
         _sleep_until(t0 + t)
+        req = requests[name]
+        if req is not None and client is not None:
+            client.send(req)  # leaves the client's interface before the answer is sent
         if dst is None:
             s.send(data)
         else:

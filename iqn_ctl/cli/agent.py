@@ -132,6 +132,21 @@ def attach(
         help="candidate records the agent holds when it falls behind; past this the oldest are "
              "dropped and counted (status 'shed'), so the newest data is kept",
     ),
+    pairing: str = typer.Option(
+        "on", "--pairing",
+        help="on: a candidate counts only if its client sent a packet to the server port shortly "
+             "before (seen leaving IFACE by a TC egress program), so off-path senders cannot forge "
+             "stalls; off: for one-directional taps (a mirror port)",
+    ),
+    pair_window: float = typer.Option(
+        P.DEFAULT_PAIR_WINDOW, "--pair-window",
+        help="seconds after a client packet its flow may carry candidates",
+    ),
+    cap: float | None = typer.Option(
+        None, "--cap",
+        help="signal bursts per second one client address may send to the agent (n candidates each); "
+             "more are counted ('capped'), not emitted; default 10/p; 0: no cap",
+    ),
     run_dir: Path = OptRunDir,
 ) -> None:
     """Load the classifier on IFACE (XDP or TC) and infer stalls live until SIGINT/SIGTERM."""
@@ -141,6 +156,8 @@ def attach(
     from iqn_ctl.engine.params import CandidateFilter, SignalParams
     from iqn_ctl.live.agent import AgentConfig, check_iface, need_root, serve
 
+    if pairing not in ("on", "off"):
+        raise UserError(f"--pairing must be on or off, got {pairing!r}")
     cfg = AgentConfig(
         iface=iface, params=SignalParams(p, n), filt=CandidateFilter(port, min_size, max_size),
         estimator=estimator, key_mode=key, max_flows=max_flows, xdp_mode=xdp_mode, force=force,
@@ -149,6 +166,7 @@ def attach(
         slot=slot, export=tuple(export or ()), router_id=router_id, export_replicas=export_replicas,
         hook=hook, direction=direction,
         backlog=backlog,
+        pairing=pairing == "on", pair_window=pair_window, cap=cap,
     )
     cfg.validate()
     need_root("attach")
@@ -392,6 +410,10 @@ def status(as_json: bool = OptJson, run_dir: Path = OptRunDir) -> None:
                    f"{st['candidates']:>11} {st['lost']:>8} {st['flows']:>7} {st['flows_in_stall']:>8} "
                    f"{st['stalls_ended']:>7} {_uptime(st['uptime']):>10}")
         _export_line(st.get("export"))
+        if "pairing" in st:
+            cap = f"cap {st['cap']:g} bursts/s per client" if st.get("cap") else "no cap"
+            typer.echo(f"  forgery guard: pairing {st['pairing']}, {cap}; unpaired {st.get('unpaired', 0)}, "
+                       f"capped {st.get('capped', 0)}, client packets {st.get('client_packets', 0)}")
         if st["lost"]:
             typer.echo(f"  warning: {st['lost']} candidate events lost on {st['iface']}: "
                        "the agent could not keep up; stalls may be missed", err=True)

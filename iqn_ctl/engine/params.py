@@ -86,3 +86,29 @@ class CandidateFilter:
             raise ParamError(
                 f"--min-size {self.min_size} is larger than --max-size {self.max_size}"
             )
+
+
+# -- the data plane's forgery guard (docs/dataplane.md, "Forged signals") --------------
+
+#: a candidate counts only if its flow's client sent a datagram to the server port
+#: within this many seconds: an RTT, the server's answer time and the path's
+#: jitter (the paper sees about 1 s) fit with room to spare
+DEFAULT_PAIR_WINDOW = 2.0
+#: the longest --pair-window accepted: longer only widens an attacker's chance
+MAX_PAIR_WINDOW = 60.0
+#: signal bursts per second one client address may send, in viewers' worth:
+#: a household behind one address (or a NAT) watches a few videos at once
+CAP_VIEWERS = 10
+
+
+def pair_credits(n: int) -> int:
+    """Candidates a flow may bank ahead of its client's packets: a few bursts' worth,
+    so a client that coalesces its requests into fewer datagrams still gets its
+    answers through."""
+    return 4 * n
+
+
+def default_cap(p: float) -> float:
+    """Default per-client cap on signal bursts per second: :data:`CAP_VIEWERS`
+    viewers each signalling once every p."""
+    return CAP_VIEWERS / p

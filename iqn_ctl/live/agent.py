@@ -38,7 +38,15 @@ from typing import TYPE_CHECKING, Any
 
 from iqn_ctl.engine.discard import DEFAULT_BULK_RATIO, BulkJudge, Counters
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_SOURCE_RATE, CandidateFilter, SignalParams
+from iqn_ctl.engine.params import (
+    DEFAULT_MAX_FLOWS,
+    DEFAULT_PAIR_WINDOW,
+    DEFAULT_SOURCE_RATE,
+    CandidateFilter,
+    SignalParams,
+    default_cap,
+    pair_credits,
+)
 from iqn_ctl.engine.tracker import Event, StallEnded, StallStarted
 from iqn_ctl.engine.watch import DEFAULT_SLOT
 from iqn_ctl.live import caps
@@ -66,7 +74,9 @@ from iqn_ctl.live.settings import (
     DEFAULT_XDP_MODE,
     MAX_BACKLOG,
     AgentError,
+    Guard,
     dataplane_problem,
+    guard_problem,
     hook_problem,
 )
 
@@ -288,6 +298,16 @@ class AgentConfig:
     direction: str = DEFAULT_DIRECTION
     #: --backlog: candidate records the agent holds when behind; past it the oldest are shed
     backlog: int = DEFAULT_BACKLOG
+    #: the forgery guard (docs/dataplane.md, "Forged signals"): --pairing, --pair-window,
+    #: --cap (signal bursts/s per client; None: default_cap(p); 0: no cap)
+    pairing: bool = True
+    pair_window: float = DEFAULT_PAIR_WINDOW
+    cap: float | None = None
+
+    def guard(self) -> Guard:
+        """The data plane's forgery guard as configured."""
+        cap = default_cap(self.params.p) if self.cap is None else self.cap
+        return Guard(self.pairing, self.pair_window, pair_credits(self.params.n), cap)
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -308,6 +328,10 @@ class AgentConfig:
             raise AgentError(f"--backlog must be in 1..{MAX_BACKLOG} records, got {self.backlog}")
         if not 0 < self.slot <= 86400:
             raise AgentError(f"--slot must be in (0, 86400] seconds, got {self.slot}")
+        g = self.guard()
+        problem = guard_problem(g.window, g.cap, g.credits)
+        if problem:
+            raise AgentError(problem)
         if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:
             raise AgentError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
         check_export(self.export, self.router_id, self.export_replicas)
@@ -371,8 +395,10 @@ class Agent:
         #: the start (epoch) each open stall was written with: its end replaces that row
         self._open: dict[Hashable, float] = {}
         self._state = threading.Lock()
-        self._counters: dict[str, int] = {"packets": 0, "candidates": 0, "parse_errors": 0, "lost": 0}
+        self._counters: dict[str, int] = {"packets": 0, "candidates": 0, "parse_errors": 0, "lost": 0,
+                                          "unpaired": 0, "capped": 0, "client_packets": 0}
         self._lost_logged = 0
+        self._unpaired_warned = False
         #: how far behind the loop is: last and largest time from a poll's oldest
         #: candidate to its events being handled (s), and polls over LAG_BUDGET
         self.lag = 0.0
@@ -417,7 +443,14 @@ class Agent:
         return self.mode
 
     def _start(self) -> None:
-        from iqn_ctl.live.datapath import PROG_NAME, Datapath, remove_tc, remove_xdp, xdp_program_on
+        from iqn_ctl.live.datapath import (
+            PROG_NAME,
+            Datapath,
+            remove_egress,
+            remove_tc,
+            remove_xdp,
+            xdp_program_on,
+        )
 
         cfg = self.cfg
         ensure_private_dir(cfg.state_dir, "state dir")  # the history and the daemon's log live here
@@ -436,9 +469,12 @@ class Agent:
                         cfg.iface, present[0])
         if remove_tc(cfg.iface):
             log.warning("%s: removed a stale IQN TC classifier left by an agent that died", cfg.iface)
+        if remove_egress(cfg.iface):  # the same dead agent's pairing classifier
+            log.warning("%s: removed a stale IQN pairing classifier left by an agent that died", cfg.iface)
         self.dp = Datapath(
             cfg.iface, cfg.filt, max_flows=cfg.max_flows, xdp_mode=cfg.xdp_mode, force=cfg.force,
             ring_pages=cfg.ring_pages, wakeup_events=cfg.params.n, hook=cfg.hook, direction=cfg.direction,
+            guard=cfg.guard(),
         )
         self.mode = self.dp.attach()
         self.started_at = self._wall()
@@ -454,13 +490,16 @@ class Agent:
                 raise AgentError(
                     f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {e.strerror or e}"
                 ) from None
-        p, f = cfg.params, cfg.filt
+        p, f, g = cfg.params, cfg.filt, cfg.guard()
         log.info(
             "%s: attached (%s, %s device); p=%g n=%d sizes %d..%d port %d key %s estimator %s; history %s%s",
             cfg.iface, self.dp.describe(), self.dp.device.link, p.p, p.n, f.min_size, f.max_size, f.port,
             cfg.key_mode, cfg.estimator,
             self.history.path, f"; metrics on {cfg.metrics_addr}:{cfg.metrics_port}" if self.metrics else "",
         )
+        log.info("%s: forgery guard: pairing %s%s, cap %s", cfg.iface, "on" if g.pairing else "off",
+                 f" (window {g.window:g} s, TC {self.dp.pair_direction})" if g.pairing else "",
+                 f"{g.cap:g} bursts/s per client" if g.cap else "off")
 
     def shutdown(self) -> None:
         """Remove the XDP program, socket, metrics server and pid file; idempotent."""
@@ -659,6 +698,20 @@ class Agent:
                 self.cfg.iface, lost - self._lost_logged, lost,
             )
             self._lost_logged = lost
+        self._warn_one_way(c)
+
+    def _warn_one_way(self, c: dict[str, int]) -> None:
+        """Pairing on an interface that never sees the client's side (a mirror
+        port, asymmetric routing) keeps every candidate back: say so once,
+        with the fix, rather than silently infer nothing."""
+        if (self.cfg.pairing and not self._unpaired_warned and c.get("client_packets", 0) == 0
+                and c.get("unpaired", 0) >= 4 * self.cfg.params.n):
+            log.warning(
+                "%s: %d candidates unpaired and no client-to-server packets to port %d seen leaving "
+                "%s: if this interface carries only the server-to-client direction (a mirror port), "
+                "attach with --pairing off",
+                self.cfg.iface, c["unpaired"], self.cfg.filt.port, self.cfg.iface)
+            self._unpaired_warned = True
 
     def _shown(self, label: str, client: str) -> tuple[str, str]:
         """A flow's label and client as log lines show them (hashed with --redact)."""
@@ -804,6 +857,9 @@ class Agent:
             "refused": eng["refused"],
             "refused_events": eng["refused_events"],
             "source_rate": cfg.source_rate,
+            "pairing": "on" if cfg.pairing else "off",
+            "pair_window": cfg.pair_window,
+            "cap": cfg.guard().cap,
             "expired": eng["expired"],
             "started_at": self.started_at,
             "uptime": time.monotonic() - self._started_mono,
@@ -947,12 +1003,14 @@ def detach(iface: str, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -
     except OSError:
         exists = False
     if exists:
-        from iqn_ctl.live.datapath import remove_tc, remove_xdp
+        from iqn_ctl.live.datapath import remove_egress, remove_tc, remove_xdp
 
         if remove_xdp(iface):
             done.append("removed the IQN XDP program" + ("" if pid else " (agent was not running)"))
         if remove_tc(iface):
             done.append("removed the IQN TC classifier" + ("" if pid else " (agent was not running)"))
+        if remove_egress(iface):
+            done.append("removed the IQN pairing classifier" + ("" if pid else " (agent was not running)"))
     for path in (sock_path(run_dir, iface), pid_path(run_dir, iface)):
         if lock.holder() is None:
             try:

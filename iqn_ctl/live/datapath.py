@@ -40,14 +40,23 @@ from iqn_ctl.live.settings import (
     DEFAULT_DIRECTION,
     DEFAULT_RING_PAGES,
     DEFAULT_XDP_MODE,
+    Guard,
     dataplane_problem,
+    guard_problem,
     hook_problem,
 )
 
 PROG_NAME = "iqn_xdp"
 #: the TC entry of the same program (its name starts with tc.NAME_PREFIX, so detach finds it)
 TC_PROG_NAME = "iqn_tc"
-#: TC priorities tried for IQN's classifier, lowest (first to run) first
+#: the forgery guard's TC classifier (pair_note), attached at the direction
+#: opposite to the candidates' hook: egress for XDP/TC ingress, ingress for
+#: --direction egress. Its own name, so neither classifier replaces or removes
+#: the other (nor the lab's iqn_jitter); its priority comes from the same search
+EGRESS_PROG = "iqn_tc_egress"
+#: every TC classifier the data plane attaches (what crash clean-up removes)
+TC_NAMES = (TC_PROG_NAME, EGRESS_PROG)
+#: TC priorities tried for IQN's classifiers, lowest (first to run) first
 TC_PRIO_TRIES = 16
 SRC = Path(__file__).resolve().parent / "bpf" / "iqn_xdp.c"
 #: bytes a record takes in the ring: 8-byte header + struct cand_event, 8-aligned
@@ -168,6 +177,16 @@ def remove_xdp(iface: str) -> bool:
     return removed
 
 
+def remove_egress(iface: str) -> bool:
+    """Remove the forgery guard's pairing classifier(s) left on ``iface``, either
+    direction (an agent killed with SIGKILL leaves its filter attached); True if
+    one was there. Foreign filters stay, and so do IQN's other classifiers."""
+    try:
+        return bool(tc.detach(iface, names=(EGRESS_PROG,)))
+    except tc.TcError as e:
+        raise DatapathError(str(e)) from None
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -215,6 +234,7 @@ class Datapath:
         perf_pages: int | None = None,
         hook: str = "xdp",
         direction: str = DEFAULT_DIRECTION,
+        guard: Guard | None = None,
     ) -> None:
         """``ring_pages``: the ring buffer's size in 4 KiB pages, shared by all
         CPUs (``perf_pages`` is its old name, still accepted). The reader is
@@ -223,10 +243,16 @@ class Datapath:
         ``hook``: "xdp" (refuses a foreign XDP program unless ``force``), "tc"
         (a clsact classifier at ``direction``), or "auto": XDP unless another
         XDP program holds the interface or XDP cannot attach, then TC. The
-        device type (Ethernet or layer 3) picks the first parser."""
+        device type (Ethernet or layer 3) picks the first parser.
+
+        ``guard``: the forgery guard (pairing with the client's packets, the
+        per-client cap), compiled in; None checks nothing (every candidate is
+        emitted), which is what tests of the classifier alone want."""
         if perf_pages is not None:
             ring_pages = perf_pages
         problem = dataplane_problem(xdp_mode, max_flows, ring_pages) or hook_problem(hook, direction)
+        if guard is not None:
+            problem = problem or guard_problem(guard.window, guard.cap, guard.credits)
         if problem:
             raise DatapathError(problem)
         if wakeup_events < 1:
@@ -250,6 +276,8 @@ class Datapath:
         self.mode: str | None = None  # "native"/"skb" (XDP) or "tc" once attached
         self.hook: str | None = None  # "xdp" or "tc" once attached
         self.tc_prio: int | None = None  # the TC filter priority used
+        self.guard = guard if guard is not None else Guard(pairing=False, cap=0.0)
+        self.pair_prio: int | None = None  # the pairing classifier's TC priority once attached
         self._closed = False
         try:
             from bcc import BPF
@@ -266,6 +294,7 @@ class Datapath:
             f"-DIQN_RING_PAGES={ring_pages}",
             f"-DIQN_WAKEUP_BYTES={min(wakeup_events * RECORD_BYTES, ring_pages * PAGE)}",
             f"-DIQN_L3={int(self.device.l3)}",
+            *self.guard.cflags(wakeup_events),
             "-w",
         ]
         err = ""
@@ -274,6 +303,8 @@ class Datapath:
                 self._bpf = BPF(src_file=str(SRC).encode(), cflags=cflags)
                 self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.XDP)
                 self._tc_fn = self._bpf.load_func(TC_PROG_NAME.encode(), BPF.SCHED_CLS)
+                self._egress_fn = (self._bpf.load_func(EGRESS_PROG.encode(), BPF.SCHED_CLS)
+                                   if self.guard.pairing else None)
             except Exception as e:  # bcc raises bare Exception for compile/load failures
                 err = str(e) or type(e).__name__
         if err:
@@ -322,6 +353,36 @@ class Datapath:
             return f"TC {self.direction}"
         return f"XDP {self.mode}" if self.mode else "not attached"
 
+    @property
+    def egress_fd(self) -> int | None:
+        """The pairing classifier's program fd (None without pairing)."""
+        return None if self._egress_fn is None else int(self._egress_fn.fd)
+
+    @property
+    def pair_direction(self) -> str:
+        """Where the client's datagrams to the server pass: the direction
+        opposite to the candidates' (egress for XDP and TC ingress)."""
+        return "ingress" if self.direction == "egress" else "egress"
+
+    def _attach_egress(self) -> None:
+        """Pairing: the client's datagrams cross this interface the other way,
+        so a TC classifier there sees them (clsact, via tc.py), at a priority
+        found by the same search as the ingress classifier's."""
+        if self._egress_fn is None:
+            return
+        try:
+            prio = self._attach_cls(int(self._egress_fn.fd), EGRESS_PROG, self.pair_direction)
+        except DatapathError as e:
+            raise DatapathError(f"{e} (pairing needs it; --pairing off skips it)") from None
+        self.pair_prio = prio
+
+    def _remove_egress(self) -> None:
+        if self.pair_prio is None:
+            return
+        with contextlib.suppress(tc.TcError):  # the interface is gone: nothing left
+            tc.detach(self.iface, (self.pair_direction,), names=(EGRESS_PROG,))  # type: ignore[arg-type]
+        self.pair_prio = None
+
     def attach(self) -> str:
         """Attach to the interface; returns "native" or "skb" (generic XDP),
         or "tc" for the TC hook, whichever was used (:attr:`hook` says which)."""
@@ -341,31 +402,43 @@ class Datapath:
 
     def _attach_tc(self) -> str:
         """Attach the TC entry first on the hook (priority 1, else the first
-        free one): it returns "no verdict", so every classifier after it runs
-        as before, while a foreign one before it that returns TC_ACT_OK would
-        end the chain and hide packets from IQN (warned)."""
-        d = self.direction
-        foreign = [f for f in self._tc_filters() if f.name != TC_PROG_NAME]  # iqn_jitter too
+        free one), then the pairing classifier on the other direction."""
+        prio = self._attach_cls(self.tc_prog_fd, TC_PROG_NAME, self.direction)
+        self.hook, self.mode, self.tc_prio = "tc", "tc", prio
+        try:
+            self._attach_egress()
+        except DatapathError:
+            self.detach()
+            raise
+        return "tc"
+
+    def _attach_cls(self, fd: int, name: str, d: str) -> int:
+        """Attach classifier ``name`` first on hook ``d`` (priority 1, else the
+        first free one); returns the priority. It returns "no verdict", so
+        every classifier after it runs as before, while a foreign one before
+        it that returns TC_ACT_OK would end the chain and hide packets from
+        IQN (warned). Other classifiers (IQN's other one, the lab's iqn_jitter)
+        keep their priorities: nothing is replaced."""
+        foreign = [f for f in self._tc_filters(d) if f.name != name]  # iqn_jitter too
         last = ""
         for prio in range(1, TC_PRIO_TRIES + 1):
             if any(f.prio == prio for f in foreign):
                 continue
             try:
-                tc.attach(self.iface, self.tc_prog_fd, TC_PROG_NAME, d, prio=prio)  # type: ignore[arg-type]
+                tc.attach(self.iface, fd, name, d, prio=prio)  # type: ignore[arg-type]
             except tc.TcError as e:  # a non-BPF filter at this priority: try the next
                 last = str(e)
                 continue
             before = [f.name for f in foreign if f.prio < prio]
             if before:
-                log.warning("%s: TC %s classifier(s) %s run before IQN's; one that returns TC_ACT_OK "
-                            "hides packets from IQN", self.iface, d, ", ".join(before))
-            self.hook, self.mode, self.tc_prio = "tc", "tc", prio
-            return "tc"
-        raise DatapathError(last or f"no free TC priority on {self.iface} {d} for IQN's classifier")
+                log.warning("%s: TC %s classifier(s) %s run before IQN's %s; one that returns "
+                            "TC_ACT_OK hides packets from it", self.iface, d, ", ".join(before), name)
+            return prio
+        raise DatapathError(last or f"no free TC priority on {self.iface} {d} for IQN's {name}")
 
-    def _tc_filters(self) -> list[tc.TcFilter]:
+    def _tc_filters(self, d: str) -> list[tc.TcFilter]:
         try:
-            return tc.filters(self.iface, self.direction)  # type: ignore[arg-type]
+            return tc.filters(self.iface, d)  # type: ignore[arg-type]
         except tc.TcError as e:
             raise DatapathError(str(e)) from None
 
@@ -400,6 +473,11 @@ class Datapath:
                         )
                     continue
             self.mode, self.hook = want, "xdp"
+            try:
+                self._attach_egress()
+            except DatapathError:
+                self.detach()
+                raise
             return want
         raise DatapathError(f"cannot attach XDP to {self.iface} in {self.xdp_mode} mode: {last}")
 
@@ -485,6 +563,7 @@ class Datapath:
         if self.mode is None:
             return
         if self.hook == "tc":
+            self._remove_egress()
             try:
                 tc.detach(self.iface, (self.direction,), names=(TC_PROG_NAME,))  # type: ignore[arg-type]
             except tc.TcError as e:
@@ -498,6 +577,7 @@ class Datapath:
         for mode, pid, _name in progs:
             if pid == self._prog_id:
                 _detach_mode(self.iface, mode)
+        self._remove_egress()
         self.mode = self.hook = None
 
     def close(self) -> None:

@@ -64,7 +64,9 @@ EVENT_SIZE = ctypes.sizeof(CandEventC)
 EVENT_DTYPE = np.dtype({"names": ["key", "ts_ns", "len"],
                         "formats": [f"V{KEY_SIZE}", "<u8", "<u4"],
                         "offsets": [0, EVENT_TS_OFFSET, EVENT_LEN_OFFSET], "itemsize": EVENT_SIZE})
-COUNTERS = ("packets", "candidates", "parse_errors", "lost")  # enum iqn_counter order
+#: enum iqn_counter order; "unpaired"/"capped": candidates the forgery guard kept back,
+#: "client_packets": client-to-server datagrams its egress program saw
+COUNTERS = ("packets", "candidates", "parse_errors", "lost", "unpaired", "capped", "client_packets")
 
 
 def _shape(cls: type[ctypes.Structure]) -> list[tuple[str, int, int]]:

@@ -6,6 +6,10 @@ Light on purpose (no bcc import), so the CLI and the agent can use it.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+from iqn_ctl.engine.params import DEFAULT_PAIR_WINDOW, MAX_PAIR_WINDOW
 from iqn_ctl.errors import IqnError
 
 XDP_MODES = ("auto", "native", "skb")
@@ -58,4 +62,45 @@ def hook_problem(hook: str, direction: str) -> str | None:
         return f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}"
     if hook == "xdp" and direction == "egress":
         return "--direction egress needs the TC hook (XDP sees ingress only): use --hook tc or auto"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """The data plane's forgery guard (``iqn_xdp.c``: pair_check, client_cap).
+
+    ``pairing``: a candidate needs a client packet on its flow within
+    ``window`` seconds (seen by the TC egress program), spending one of at most
+    ``credits`` banked; off for one-directional taps. ``cap``: signal bursts
+    per second per client address (n candidates each) after pairing, 0 for
+    no cap. ``Datapath`` without a guard checks nothing (the library's
+    mechanism); the agent always passes one (its policy, on by default)."""
+
+    pairing: bool = True
+    window: float = DEFAULT_PAIR_WINDOW
+    credits: int = 16
+    cap: float = 0.0
+
+    def cflags(self, n: int) -> list[str]:
+        """The -D constants of iqn_xdp.c for a signal of ``n`` candidates."""
+        per_s = self.cap * n
+        cap_ns = round(1e9 / per_s) if per_s > 0 else 0
+        depth = max(n, math.ceil(per_s))
+        return [
+            f"-DIQN_PAIRING={int(self.pairing)}",
+            f"-DIQN_PAIR_WINDOW_NS={round(self.window * 1e9)}ULL",
+            f"-DIQN_PAIR_CREDITS={self.credits}",
+            f"-DIQN_CAP_NS={cap_ns}ULL",
+            f"-DIQN_CAP_DEPTH={depth}",
+        ]
+
+
+def guard_problem(window: float, cap: float, credits: int = 16) -> str | None:
+    """Why these guard settings cannot work (naming the flag), or None."""
+    if not 0 < window <= MAX_PAIR_WINDOW:
+        return f"--pair-window must be in (0, {MAX_PAIR_WINDOW:g}] seconds, got {window}"
+    if not 0 <= cap < 1e7:
+        return f"--cap must be a number of bursts per second >= 0 (0: no cap), got {cap}"
+    if not 1 <= credits <= 1 << 20:
+        return f"pair credits must be in 1..{1 << 20}, got {credits}"
     return None

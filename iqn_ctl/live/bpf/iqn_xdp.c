@@ -19,8 +19,18 @@
  * parse and every decision are the same code.
  *
  * Compile-time constants (-D from iqn_ctl.live.datapath): IQN_PORT, IQN_MIN_SIZE,
- * IQN_MAX_SIZE, IQN_MAX_FLOWS, IQN_RING_PAGES, IQN_WAKEUP_BYTES, IQN_L3. Each has a
- * default below, so the file also compiles with bcc on its own.
+ * IQN_MAX_SIZE, IQN_MAX_FLOWS, IQN_RING_PAGES, IQN_WAKEUP_BYTES, IQN_L3, and the
+ * forgery guard's IQN_PAIRING, IQN_PAIR_WINDOW_NS, IQN_PAIR_CREDITS,
+ * IQN_CAP_NS, IQN_CAP_DEPTH. Each has a default below, so the file also
+ * compiles with bcc on its own.
+ *
+ * The forgery guard (docs/dataplane.md, "Forged signals"): a second entry,
+ * iqn_tc_egress, runs as a TC classifier at the same interface's egress and
+ * notes every client-to-server datagram to IQN_PORT (pair_note); a candidate
+ * is emitted only if its flow's client sent one within the pairing window
+ * and a credit is left (pair_check), and only while its client's token
+ * bucket allows (client_cap). The guard sits in iqn_packet's candidate
+ * branch, so both the XDP and the TC ingress entries are guarded.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -55,6 +65,31 @@
  * loader reads the device type and sets it; it chooses the first parser only. */
 #ifndef IQN_L3
 #define IQN_L3 0
+#endif
+
+/* Forgery guard. IQN_PAIRING 1: a candidate needs a recent client packet on
+ * its flow (0 for one-directional taps: no egress program, nothing checked). */
+#ifndef IQN_PAIRING
+#define IQN_PAIRING 1
+#endif
+/* how long after the client's last packet to the server port its flow may
+ * carry candidates: an RTT plus the server's answer time plus path jitter
+ * (the paper measures ~1 s), with room to spare */
+#ifndef IQN_PAIR_WINDOW_NS
+#define IQN_PAIR_WINDOW_NS 2000000000ULL
+#endif
+/* credits a flow can bank (one per client packet, one spent per candidate):
+ * a flow carries at most this many more candidates than its client sent packets */
+#ifndef IQN_PAIR_CREDITS
+#define IQN_PAIR_CREDITS 16
+#endif
+/* per-client token bucket on accepted candidates: one token every IQN_CAP_NS
+ * (0: no cap), at most IQN_CAP_DEPTH banked */
+#ifndef IQN_CAP_NS
+#define IQN_CAP_NS 5000000ULL
+#endif
+#ifndef IQN_CAP_DEPTH
+#define IQN_CAP_DEPTH 200
 #endif
 
 #define IQN_ETH_P_8021Q 0x8100
@@ -103,12 +138,33 @@ enum iqn_counter {
     CNT_CANDIDATES = 1,
     CNT_PARSE_ERRORS = 2,
     CNT_LOST = 3,      /* candidates the ring had no room for */
-    CNT_MAX = 4,
+    CNT_UNPAIRED = 4,  /* candidates with no recent client packet (or credit) on their flow */
+    CNT_CAPPED = 5,    /* paired candidates over their client's token bucket */
+    CNT_CLIENT = 6,    /* client-to-server datagrams to IQN_PORT seen at egress */
+    CNT_MAX = 7,
+};
+
+/* What the egress program knows of a flow's client (flow key oriented
+ * server -> client, as the XDP side builds it). */
+struct pair_state {
+    __u64 last_ns;    /* CLOCK_MONOTONIC (coarse) of the client's last datagram to IQN_PORT */
+    __s64 credits;    /* client datagrams not yet matched by a candidate, capped */
+};
+
+struct client_key {
+    __u8 addr[16];
+    __u8 family;
+    __u8 pad[3];
 };
 
 BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows, IQN_MAX_FLOWS);
 BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
 BPF_RINGBUF_OUTPUT(events, IQN_RING_PAGES);
+/* the guard's tables take one entry when their check is compiled out */
+#define IQN_PAIR_FLOWS (IQN_PAIRING ? IQN_MAX_FLOWS : 1)
+#define IQN_CAP_CLIENTS (IQN_CAP_NS ? IQN_MAX_FLOWS : 1)
+BPF_TABLE("lru_hash", struct flow_key, struct pair_state, pairs, IQN_PAIR_FLOWS);
+BPF_TABLE("lru_hash", struct client_key, __u64, client_tat, IQN_CAP_CLIENTS);
 
 struct hdr_cursor {
     void *pos;
@@ -249,6 +305,67 @@ static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end,
     return 0;
 }
 
+/* Forgery guard, XDP side: may this candidate's flow carry a candidate now?
+ * Yes if its client sent a datagram to the server port within the pairing
+ * window and a credit is left (spent here). An off-path sender must guess
+ * the client's ephemeral port and time, and even then gets no more
+ * candidates through than the client sent packets. */
+static __always_inline int pair_check(struct flow_key *key, __u64 now)
+{
+#if IQN_PAIRING
+    struct pair_state *ps = pairs.lookup(key);
+    if (!ps)
+        return 0;
+    __u64 last = ps->last_ns;
+    if (now > last && now - last > IQN_PAIR_WINDOW_NS)
+        return 0;
+    /* racing CPUs may take the last credit together: then it goes below
+     * zero and the next client packets pay it back */
+    if (ps->credits <= 0)
+        return 0;
+    __sync_fetch_and_add(&ps->credits, -1);
+#endif
+    return 1;
+}
+
+/* Per-client flood cap on accepted candidates: a token bucket kept as a
+ * theoretical arrival time (GCRA), one u64 per client address. Unpaired
+ * candidates never get here, so a forged flood cannot spend a real viewer's
+ * tokens. Concurrent CPUs may both pass on the last token: the cap is a
+ * bound on load, not an exact count. */
+static __always_inline int client_cap(struct flow_key *key, __u64 now)
+{
+#if IQN_CAP_NS
+    struct client_key ck = {};
+    __builtin_memcpy(ck.addr, key->daddr, 16);
+    ck.family = key->family;
+    __u64 *tat = client_tat.lookup(&ck);
+    if (!tat) {
+        __u64 next = now + IQN_CAP_NS;
+        client_tat.update(&ck, &next);
+        return 1;
+    }
+    __u64 t = *tat > now ? *tat : now;
+    if (t - now > (__u64)(IQN_CAP_DEPTH - 1) * IQN_CAP_NS)
+        return 0;
+    *tat = t + IQN_CAP_NS;
+#endif
+    return 1;
+}
+
+/* The one call site of the guard, in the candidate branch: 1 to emit. */
+static __always_inline int admit_candidate(struct flow_key *key, __u64 now)
+{
+    if (!pair_check(key, now)) {
+        count(CNT_UNPAIRED);
+        return 0;
+    }
+    if (!client_cap(key, now)) {
+        count(CNT_CAPPED);
+        return 0;
+    }
+    return 1;
+}
 /* The per-packet work of both hooks: [data, data_end) is the frame from its
  * first header (Ethernet, or IP on a layer-3 device), ``wire_len`` its length
  * on the wire (see iqn_band_len). Never changes the packet. */
@@ -323,6 +440,8 @@ counted:
 
     if (cand) {
         count(CNT_CANDIDATES);
+        if (!admit_candidate(&key, now))
+            return;
         struct cand_event ev = {};
         ev.key = key;
         ev.ts_ns = now;
@@ -388,5 +507,71 @@ int iqn_tc(struct __sk_buff *skb)
     if (!IQN_L3 && skb->vlan_present)
         wire_len += 4;  /* the offloaded tag: struct vlan_hdr */
     iqn_packet(data, data_end, wire_len);
+    return TC_ACT_UNSPEC;
+}
+
+/* Forgery guard, egress side: a TC classifier at the egress of the same
+ * interface sees the client's datagrams to the server (the reverse direction
+ * of the candidates). Each one refreshes its flow's pairing time and banks a
+ * credit. Keyed as the XDP side keys the flow (server -> client), so both
+ * find one entry. Always TC_ACT_UNSPEC, as iqn_tc: IQN observes, never drops,
+ * and never ends the classifier chain. */
+static __always_inline void pair_note(struct flow_key *key, __u64 now)
+{
+    struct pair_state *ps = pairs.lookup(key);
+    if (!ps) {
+        struct pair_state fresh = { .last_ns = now, .credits = 1 };
+        if (pairs.insert(key, &fresh) == 0)
+            return;
+        ps = pairs.lookup(key);
+        if (!ps)
+            return;
+    }
+    if (now > ps->last_ns && now - ps->last_ns > IQN_PAIR_WINDOW_NS)
+        ps->credits = 1;  /* stale credits expire with the window */
+    else if (ps->credits < IQN_PAIR_CREDITS)
+        __sync_fetch_and_add(&ps->credits, 1);
+    ps->last_ns = now;
+}
+
+int iqn_tc_egress(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct hdr_cursor nh = { .pos = data };
+    struct iphdr *iph = NULL;
+    struct ipv6hdr *ip6h = NULL;
+    struct udphdr *udph;
+    int l4;
+
+    /* the same first parser as the candidate side (IQN_L3) */
+    int eth_type = parse_first(&nh, data_end);
+    if (eth_type == bpf_htons(ETH_P_IP))
+        l4 = parse_iphdr(&nh, data_end, &iph);
+    else if (eth_type == bpf_htons(ETH_P_IPV6))
+        l4 = parse_ip6hdr(&nh, data_end, &ip6h);
+    else
+        return TC_ACT_UNSPEC;
+    if (l4 != IPPROTO_UDP || parse_udphdr(&nh, data_end, &udph) == PARSE_BAD)
+        return TC_ACT_UNSPEC;
+    if (udph->dest != bpf_htons(IQN_PORT))
+        return TC_ACT_UNSPEC;
+
+    count(CNT_CLIENT);
+    /* the flow as the XDP side keys it: server -> client */
+    struct flow_key key = {};
+    key.sport = udph->dest;
+    key.dport = udph->source;
+    key.proto = IPPROTO_UDP;
+    if (iph) {
+        key.family = 4;
+        __builtin_memcpy(key.saddr, &iph->daddr, 4);
+        __builtin_memcpy(key.daddr, &iph->saddr, 4);
+    } else if (ip6h) {
+        key.family = 6;
+        __builtin_memcpy(key.saddr, &ip6h->daddr, 16);
+        __builtin_memcpy(key.daddr, &ip6h->saddr, 16);
+    }
+    pair_note(&key, bpf_ktime_get_coarse_ns());
     return TC_ACT_UNSPEC;
 }
