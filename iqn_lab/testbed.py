@@ -131,6 +131,15 @@ class Testbed:
         ents = xdp.get("attached") or [xdp]
         return str(ents[0].get("prog", {}).get("name", "?"))
 
+    def egress_classifiers(self) -> list[str]:
+        """Names of the BPF classifiers at the client-side veth's TC egress (the
+        forgery guard's ``iqn_tc_egress`` while an agent pairs)."""
+        r = sh("ip", "netns", "exec", self.cli_ns, "tc", "-j", "filter", "show", "dev", self.cli_if,
+               "egress", check=False)
+        rows = json.loads(r.stdout or "[]") if r.returncode == 0 else []
+        return [str(x["options"]["bpf_name"]) for x in rows
+                if x.get("kind") == "bpf" and "bpf_name" in x.get("options", {})]
+
     def attach_foreign_xdp(self, name: str = "other_prog") -> None:
         """Put someone else's (non-IQN) XDP program on the client-side veth, in
         generic mode, the way another tool on the router would."""
@@ -245,18 +254,21 @@ def _sleep_until(t: float) -> None:
 
 
 def send(spec: dict[str, Any]) -> dict[str, Any]:
-    """Spec: {"flows": [{"name", "src", "dst", "dport", "frame", "vlan", "cpus", "times": [...]} |
+    """Spec: {"flows": [{"name", "src", "dst", "dport", "frame", "vlan", "raw", "request", "cpus",
+    "times": [...]} |
     {"name", ..., "bulk_pps", "from", "to"}], "lead"}; times are epoch seconds, or, with
     "lead", offsets from a start ``lead`` s after the sender is ready (so interpreter start-up
     under ``ip netns exec`` cannot eat the head start). "cpus": packet i of the flow is sent
     from CPU cpus[i % len] (its XDP and perf event then run on that CPU). Returns the actual
     send time of every packet per flow name, the start "t0" (0 without "lead") and the CPU
-    each packet was sent from. "request" (default true): the client sends a request
+    each packet was sent from. "raw": send built frames from any source address (a spoofer;
+    "times" only). "request" (default true): the client sends a request
     datagram right before each of the flow's packets (see the module doc); it needs
     "cli_ns" and "cli_dev" in the spec (Testbed.send adds them)."""
     socks: dict[tuple[str, int, int], socket.socket] = {}  # (src, family, sport)
     plan: list[tuple[float, str, socket.socket, bytes, Any]] = []
     client: socket.socket | None = None
+    raw: socket.socket | None = None  # frames built here: VLAN tags, spoofed ("raw") sources
     requests: dict[str, bytes | None] = {}
     for f in spec["flows"]:
         if f.get("request", True) and "cli_ns" in spec:
@@ -266,14 +278,16 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             requests[f["name"]] = None
         fam = 6 if ":" in f["src"] else 4
-        if f.get("vlan"):
+        if f.get("vlan") or f.get("raw"):
             from iqn_ctl.capture.frames import udp_frame
 
-            raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-            raw.bind((spec["dev"], 0))
+            if raw is None:
+                raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+                raw.bind((spec["dev"], 0))
             src_mac, dst_mac = (bytes.fromhex(spec[k].replace(":", "")) for k in ("src_mac", "dst_mac"))
             frame = udp_frame(f["src"], f["dst"], f.get("sport", 443), int(f["dport"]), int(f["frame"]),
-                              vlans=(int(f["vlan"]),), src_mac=src_mac, dst_mac=dst_mac)
+                              vlans=(int(f["vlan"]),) if f.get("vlan") else (), src_mac=src_mac,
+                              dst_mac=dst_mac)
             plan.extend((t, f["name"], raw, frame, None) for t in f["times"])
             continue
         key = (f["src"], fam, int(f.get("sport", 443)))

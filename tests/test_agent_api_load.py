@@ -89,7 +89,10 @@ def test_status_and_flows_under_a_flood_answer_without_holding_up_the_loop(tmp_p
     env = dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
     with Lab() as lab:
         agent = subprocess.Popen(
-            lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp_path / "s"), "--source-rate", "0"),
+            # the flood's one-packet flows have no client side: only an agent without the
+            # forgery guard (--pairing off, as on a mirror port) lets them into the table
+            lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp_path / "s"), "--source-rate", "0",
+                          "--pairing", "off", "--cap", "0"),
             env=env, stderr=subprocess.PIPE, text=True)
         hammer: Hammer | None = None
         try:

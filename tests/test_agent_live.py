@@ -393,6 +393,9 @@ def test_status_counts_and_no_lost_events(live: dict[str, Any]) -> None:
     assert st["candidates"] == cands and st["events"] == cands
     assert st["lost"] == 0
     assert (st["stalls_started"], st["stalls_ended"], st["flows_in_stall"]) == (4, 4, 0)
+    # the forgery guard (default on) paired every candidate with the client's request before it
+    assert (st["pairing"], st["unpaired"], st["capped"]) == ("on", 0, 0), st
+    assert st["client_packets"] >= cands, st
 
 
 def test_metrics(live: dict[str, Any]) -> None:
@@ -425,9 +428,11 @@ def test_crash_detach_reattach_daemon(live: dict[str, Any]) -> None:
     lab, env, base = live["lab1"], live["env"], live["base"]
     run = base / "run"
     a1: subprocess.Popen[str] = live["a1"]
+    assert lab.egress_classifiers() == ["iqn_tc_egress"]  # the forgery guard's pairing
     a1.kill()
     a1.wait(10)
     assert lab.xdp_on_client() == "iqn_xdp"
+    assert lab.egress_classifiers() == ["iqn_tc_egress"]  # a SIGKILLed agent leaves it too
     assert sock_path(run, lab.cli_if).exists() and (run / f"{lab.cli_if}.pid").exists()
     st = [x for x in json.loads(cli(lab, env, "status", "--json").stdout) if x["iface"] == lab.cli_if]
     assert st == [{"iface": lab.cli_if, "running": False, "error": st[0]["error"]}]
@@ -435,7 +440,8 @@ def test_crash_detach_reattach_daemon(live: dict[str, Any]) -> None:
     d = cli(lab, env, "detach", lab.cli_if)
     assert d.returncode == 0, d.stderr
     assert "removed the IQN XDP program" in d.stdout
-    assert lab.xdp_on_client() is None
+    assert "removed the IQN egress classifier" in d.stdout
+    assert lab.xdp_on_client() is None and lab.egress_classifiers() == []
     assert not sock_path(run, lab.cli_if).exists() and not (run / f"{lab.cli_if}.pid").exists()
 
     s1 = str(base / "s1")
@@ -443,7 +449,7 @@ def test_crash_detach_reattach_daemon(live: dict[str, Any]) -> None:
     try:
         assert a.returncode == 0, a.stderr
         assert "running in the background" in a.stdout
-        assert lab.xdp_on_client() == "iqn_xdp"
+        assert lab.xdp_on_client() == "iqn_xdp" and lab.egress_classifiers() == ["iqn_tc_egress"]
         (st,) = [x for x in json.loads(cli(lab, env, "status", "--json").stdout) if x["iface"] == lab.cli_if]
         assert st["running"] and st["pid"] == int((run / f"{lab.cli_if}.pid").read_text())
         again = cli(lab, env, "attach", lab.cli_if, "--state-dir", s1)
@@ -456,7 +462,7 @@ def test_crash_detach_reattach_daemon(live: dict[str, Any]) -> None:
     finally:
         d = cli(lab, env, "detach", lab.cli_if)
     assert d.returncode == 0 and "stopped agent pid" in d.stdout, d.stdout + d.stderr
-    assert lab.xdp_on_client() is None
+    assert lab.xdp_on_client() is None and lab.egress_classifiers() == []
     assert not sock_path(run, lab.cli_if).exists()
     log = (base / "s1" / f"{lab.cli_if}.log").read_text()
     assert "SIGTERM received, detaching" in log and "detached" in log
@@ -468,8 +474,10 @@ def test_lost_events_are_counted_and_logged(tmp_path: Path) -> None:
     need_xdp()
     env = dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
     with Lab() as lab:
+        # --cap 0: the burst is one client's 600 paired candidates, which the per-client
+        # cap would keep back before the ring could overflow
         agent = subprocess.Popen(lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp_path / "s"),
-                                               "--perf-pages", "1"),
+                                               "--perf-pages", "1", "--cap", "0"),
                                  env=env, stderr=subprocess.PIPE, text=True)
         try:
             sock = sock_path(tmp_path / "run", lab.cli_if)

@@ -265,8 +265,10 @@ def test_live_flood_mid_stall_keeps_the_stall_and_records_unknown_bulk_check(tmp
     model = SignalModel(params=SignalParams(LIVE_P))
     with Lab() as lab:
         agent = subprocess.Popen(
+            # the flood has no client side: it reaches the engine only without the forgery
+            # guard (--pairing off, a mirror port), which is what this test is about
             lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(state), "--p", str(LIVE_P),
-                          "--max-flows", str(LIVE_MAX_FLOWS)),
+                          "--max-flows", str(LIVE_MAX_FLOWS), "--pairing", "off", "--cap", "0"),
             env=env, stderr=subprocess.PIPE, text=True)
         snd: subprocess.Popen[str] | None = None
         try:

@@ -132,7 +132,7 @@ def test_agent_with_too_small_ring_counts_lost_in_status_and_metrics(tmp_path: P
     port = 20000 + os.getpid() % 30000
     with Lab() as lab:
         agent = subprocess.Popen(lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp_path / "s"),
-                                               "--ring-pages", "1", "--n", "5",
+                                               "--ring-pages", "1", "--n", "5", "--cap", "0",
                                                "--metrics-port", str(port)),
                                  env=env, stderr=subprocess.PIPE, text=True)
         try:
