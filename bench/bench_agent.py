@@ -357,8 +357,10 @@ def main() -> None:
         tmp = Path(td)
         exe = build_blast(tmp)
         env = dict(os.environ, IQN_RUN_DIR=str(tmp / "run"))
+        # blast.c's candidates have no client side: --pairing off (a mirror port's agent) and
+        # no per-client cap let them all into user space, whose capacity is measured here
         agent = subprocess.Popen(lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp / "state"),
-                                               "--xdp-mode", args.xdp_mode),
+                                               "--xdp-mode", args.xdp_mode, "--pairing", "off", "--cap", "0"),
                                  env=env, stderr=subprocess.DEVNULL)
         try:
             sock = sock_path(tmp / "run", lab.cli_if)

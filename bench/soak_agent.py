@@ -681,7 +681,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     st = dict(request(sock, "status"))
                 except ApiError:
                     continue
-                drained = st["events"] + st["lost"] >= st["candidates"]
+                # candidates the forgery guard kept back never reach the ring
+                kept = st.get("unpaired", 0) + st.get("capped", 0)
+                drained = st["events"] + st["lost"] + kept >= st["candidates"]
                 if drained and time.time() > real[-1].end + 2 * params.w_end:
                     break
                 time.sleep(0.2)
