@@ -52,6 +52,9 @@ def test_impossible_sizes_and_flags(env: dict[str, str]) -> None:
               "--direction egress needs the TC hook")
     one_error(run("attach", "lo", "--estimator", "magic", env=env), "unknown --estimator 'magic'")
     one_error(run("attach", "lo", "--xdp-mode", "hw", env=env), "--xdp-mode must be one of")
+    one_error(run("attach", "lo", "--pairing", "maybe", env=env), "--pairing must be on or off, got 'maybe'")
+    one_error(run("attach", "lo", "--pair-window", "0", env=env), "--pair-window must be in (0, 60]")
+    one_error(run("attach", "lo", "--cap", "-1", env=env), "--cap must be a number of bursts per second >= 0")
 
 
 def test_not_root(env: dict[str, str]) -> None:
