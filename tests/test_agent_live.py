@@ -405,6 +405,10 @@ def test_metrics(live: dict[str, Any]) -> None:
     assert f'iqn_lost_events_total{{iface="{iface}"}} 0.0' in body
     assert f'iqn_stall_duration_seconds_count{{iface="{iface}"}} 4.0' in body
     assert f'iqn_flows{{iface="{iface}"}} 4.0' in body
+    assert f'iqn_unpaired_candidates_total{{iface="{iface}"}} 0.0' in body  # the guard's counters
+    assert f'iqn_capped_candidates_total{{iface="{iface}"}} 0.0' in body
+    client = [ln for ln in body.splitlines() if ln.startswith("iqn_client_packets_total")]
+    assert len(client) == 1 and float(client[0].split()[-1]) > 0, client
 
 
 def test_client_key_with_paper_estimator(live: dict[str, Any]) -> None:
