@@ -159,8 +159,10 @@ QUICK_SEQ = False
 def _agent(lab: Lab, tmp: Path, tag: str, extra: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
     tag = tag.replace(" ", "-")
     env = dict(os.environ, IQN_RUN_DIR=str(tmp / f"run-{tag}"))
+    # blast.c's candidates have no client side: --pairing off and no cap let them into user space
     agent = subprocess.Popen(lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp / f"state-{tag}"),
-                                           *extra), env=env, stderr=subprocess.DEVNULL)
+                                           "--pairing", "off", "--cap", "0", *extra),
+                             env=env, stderr=subprocess.DEVNULL)
     sock = sock_path(tmp / f"run-{tag}", lab.cli_if)
     for _ in range(1200):
         try:
