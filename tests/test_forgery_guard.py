@@ -126,8 +126,12 @@ def test_forged_signals_record_nothing_with_pairing_and_everything_without(tmp_p
             rec_off = [json.loads(x) for x in cli(off_lab, env_off, "stalls", "--json", "--state-dir",
                                                   str(off_tmp / "s")).stdout.splitlines()]
             shown = cli(on_lab, env_on, "status").stdout
+            # pairing attaches the egress classifier; --pairing off attaches none
+            hooks = (on_lab.egress_classifiers(), off_lab.egress_classifiers())
         finally:
             log_on, log_off = stop(a_on), stop(a_off)
+        left = on_lab.egress_classifiers()  # an agent stopped by SIGTERM removes its classifier
+    assert hooks == (["iqn_tc_egress"], []) and left == [], (hooks, left)
     forged_on = sum(len(v) for k, v in sent_on.items() if k.startswith("forged") or k == "flood")
     real, paired = sent_on["real"], sent_on["paired"]
     # pairing: the viewer has its one real stall, inferred as from the real signal alone ...
