@@ -32,6 +32,7 @@ from iqn_ctl.engine.params import CandidateFilter, SignalParams
 from iqn_ctl.engine.synth import SignalModel, signal_times
 from iqn_ctl.engine.tracker import StallEnded, StallTracker
 from iqn_ctl.live.api import request, sock_path
+from iqn_lab.testbed import PY
 from iqn_lab.testbed import Testbed as Lab
 
 PRM = SignalParams()
@@ -84,6 +85,16 @@ def reference(times: list[float]) -> tuple[float, float]:
     return e.start, e.end
 
 
+#: another IQN tool's egress classifier (as the lab's delay line attaches one): it must
+#: survive the agent's attach and detach, which find their own filter by name
+OTHER_IQN_EGRESS = """
+from bcc import BPF
+from iqn_ctl.live import tc
+b = BPF(text=b"int iqn_other(struct __sk_buff *s) {{ return 0; }}")
+tc.attach({iface!r}, b.load_func(b"iqn_other", BPF.SCHED_CLS).fd, "iqn_other", "egress")
+"""
+
+
 def run_agent(lab: Lab, tmp: Path, extra: tuple[str, ...]) -> tuple[subprocess.Popen[str], dict[str, str]]:
     env = dict(os.environ, IQN_RUN_DIR=str(tmp / "run"))
     agent = subprocess.Popen(lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp / "s"), *extra),
@@ -103,6 +114,9 @@ def test_forged_signals_record_nothing_with_pairing_and_everything_without(tmp_p
     need_xdp()
     with Lab() as on_lab, Lab() as off_lab:
         on_tmp, off_tmp = tmp_path / "on", tmp_path / "off"
+        subprocess.run(["ip", "netns", "exec", on_lab.cli_ns, PY, "-c",
+                        OTHER_IQN_EGRESS.format(iface=on_lab.cli_if)], check=True, capture_output=True,
+                       timeout=120)
         a_on, env_on = run_agent(on_lab, on_tmp, ("--cap", str(CAP)))
         a_off, env_off = run_agent(off_lab, off_tmp, ("--pairing", "off", "--cap", "0"))
         try:
@@ -131,7 +145,7 @@ def test_forged_signals_record_nothing_with_pairing_and_everything_without(tmp_p
         finally:
             log_on, log_off = stop(a_on), stop(a_off)
         left = on_lab.egress_classifiers()  # an agent stopped by SIGTERM removes its classifier
-    assert hooks == (["iqn_tc_egress"], []) and left == [], (hooks, left)
+    assert hooks == (["iqn_tc_egress", "iqn_other"], []) and left == ["iqn_other"], (hooks, left)
     forged_on = sum(len(v) for k, v in sent_on.items() if k.startswith("forged") or k == "flood")
     real, paired = sent_on["real"], sent_on["paired"]
     # pairing: the viewer has its one real stall, inferred as from the real signal alone ...
