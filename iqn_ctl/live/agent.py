@@ -1010,7 +1010,7 @@ def detach(iface: str, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -
         if remove_tc(iface):
             done.append("removed the IQN TC classifier" + ("" if pid else " (agent was not running)"))
         if remove_egress(iface):
-            done.append("removed the IQN pairing classifier" + ("" if pid else " (agent was not running)"))
+            done.append("removed the IQN egress classifier" + ("" if pid else " (agent was not running)"))
     for path in (sock_path(run_dir, iface), pid_path(run_dir, iface)):
         if lock.holder() is None:
             try:
