@@ -10,7 +10,11 @@ tunnel; three agents record it at once:
   does.
 
 Each stall must match the signal actually sent as closely as the Ethernet
-agent's does. (TC ingress on a layer-3 device is held to the classifier by
+agent's does. The agents run with the forgery guard's pairing on (the
+default): while the signal runs, the client keeps sending datagrams to the
+server on the flow (as a QUIC client's requests and ACKs do), which each agent's
+pairing classifier sees in the other direction (the Ethernet and client-tun
+agents: TC egress; the router-tun agent, which watches egress: TC ingress). (TC ingress on a layer-3 device is held to the classifier by
 tests/test_hook_classify.py.)"""
 
 from __future__ import annotations
@@ -47,6 +51,20 @@ print("ready", flush=True)
 s.settimeout(60)
 _, peer = s.recvfrom(2048)
 print(f"{{peer[0]}} {{peer[1]}}", flush=True)
+"""
+
+# The client's side of the flow while the signal runs (requests/ACKs): what
+# the agents' pairing needs; a datagram every 20 ms, for at most a minute.
+TALK = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+end = time.monotonic() + 60
+s.sendto(b"req", (sys.argv[3], 443))
+print("ready", flush=True)
+while time.monotonic() < end:
+    time.sleep(0.02)
+    s.sendto(b"req", (sys.argv[3], 443))
 """
 
 
@@ -99,7 +117,14 @@ def _signal(lab: Any, client: str, seed: int) -> dict[str, Any]:
     plan = burst_times(0.0, seed)
     spec = {"lead": LEAD, "flows": [{"name": "x", "src": SERVER, "dst": peer[0], "dport": peer[1],
                                       "frame": 1250, "times": plan}]}
-    r = lab.exec("ott", [PY, SENDER, "send", json.dumps(spec)], capture_output=True, text=True, timeout=60)
+    talker = lab.popen("client", [PY, "-c", TALK, client, str(CLIENT_PORT), SERVER],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert talker.stdout.readline().strip() == "ready", talker.stderr.read()
+        r = lab.exec("ott", [PY, SENDER, "send", json.dumps(spec)], capture_output=True, text=True,
+                     timeout=60)
+    finally:
+        stop(talker)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     return {"sent": got["sent"]["x"], "plan": plan, "t0": got["t0"], "peer": peer}
@@ -152,6 +177,9 @@ def test_agents_on_tun_devices_over_openvpn(tunnel_lab: Any, tmp_path: Path) -> 
                                 settled(len(sig["sent"]))) for k in agents}
         seen = {k: (st["packets"], st["candidates"], st["stalls_ended"]) for k, st in settle.items()}
         assert all(c == len(sig["sent"]) for _, c, _ in seen.values()), seen
+        # every agent paired the signal with the client's datagrams, seen the other way
+        for k, st in settle.items():
+            assert st["pairing"] == "on" and st["unpaired"] == 0 and st["client_packets"] > 0, (k, st)
         res = {k: _stall(sock_path(run, iface[k]), tmp_path / iface[k], sig) for k in agents}
         hooks = {k: (r["status"]["hook"], r["status"]["xdp_mode"], r["status"]["direction"],
                      r["status"]["link"]) for k, r in res.items()}
