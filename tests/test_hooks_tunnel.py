@@ -14,7 +14,8 @@ agent's does. The agents run with the forgery guard's pairing on (the
 default): while the signal runs, the client keeps sending datagrams to the
 server on the flow (as a QUIC client's requests and ACKs do), which each agent's
 pairing classifier sees in the other direction (the Ethernet and client-tun
-agents: TC egress; the router-tun agent, which watches egress: TC ingress). (TC ingress on a layer-3 device is held to the classifier by
+agents: TC egress; the router-tun agent, which watches egress: TC ingress).
+(TC ingress on a layer-3 device is held to the classifier by
 tests/test_hook_classify.py.)"""
 
 from __future__ import annotations
