@@ -107,7 +107,10 @@ class Agent:
                 "taskset",
                 "-c",
                 AGENT_CPU,
-                *lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(self.state), *extra),
+                # blast.c sends no client side: the forgery guard would keep every
+                # candidate from user space, which is what this bench loads
+                *lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(self.state),
+                               "--pairing", "off", "--cap", "0", *extra),
             ],
             env=env,
             stderr=self._log,

@@ -101,7 +101,10 @@ def test_starved_agent_sheds_oldest_says_so_and_records_every_ended_stall(tmp_pa
         err = (tmp_path / "agent.log").open("w+")
         agent = subprocess.Popen(
             lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(state), "--ring-pages", "64",
-                          "--backlog", str(BACKLOG), "--bulk-ratio", "0", "--metrics-port", str(port)),
+                          "--backlog", str(BACKLOG), "--bulk-ratio", "0", "--metrics-port", str(port),
+                          # blast.c floods candidates with no client side: only with the
+                          # forgery guard off do they reach (and overload) user space
+                          "--pairing", "off", "--cap", "0"),
             env=env, stderr=err, text=True)
         sock = sock_path(tmp_path / "run", lab.cli_if)
         seen: list[dict[str, Any]] = []
