@@ -134,10 +134,18 @@ class Service:
         return View(self._version, self.cfg.slot_s, self.cfg.threshold, hist, dict(self.topology.kinds),
                     self.counters.copy())
 
-    def handle(self, datas: Sequence[bytes], ids: Sequence[str], now: float) -> Ingested:
-        """Decode and store one batch (``ids[i]`` names message i when it carries no id)."""
+    def store_batch(self, datas: Sequence[bytes], ids: Sequence[str],
+                    now: float) -> tuple[list[Decoded], Ingested]:
+        """Decode and store one batch (``ids[i]`` names message i when it carries no id); runs
+        on the store thread (:func:`run`), touches nothing but the decoder and the store."""
         batch = [self.decoder.decode(d, ids[i]) for i, d in enumerate(datas)]
         got = self.store.ingest(batch, datas, now)
+        if self.on_stored is not None:
+            self.on_stored(batch, time.time())
+        return batch, got
+
+    def account(self, batch: Sequence[Decoded], got: Ingested, now: float) -> None:
+        """Count a stored batch and mark its slots dirty (on the loop: the counters' owner)."""
         c = self.counters
         for typ, n in got.types.items():
             c.records[typ] = c.records.get(typ, 0) + n
@@ -152,28 +160,50 @@ class Service:
         at = np.array([d.at for d in batch if d.at is not None], float)
         if at.size:
             c.observe_delays(now - at)
-        if self.on_stored is not None:
-            self.on_stored(batch, now)
+
+    def handle(self, datas: Sequence[bytes], ids: Sequence[str], now: float) -> Ingested:
+        """:meth:`store_batch` and :meth:`account` in one call (no threads)."""
+        batch, got = self.store_batch(datas, ids, now)
+        self.account(batch, got, now)
         return got
 
-    def tick(self, now: float, force: bool = False) -> int:
-        """Infer the slots that are due (every dirty slot when ``force``); returns how many."""
+    def due(self, now: float, force: bool = False) -> list[float]:
+        """The slots to infer now (every dirty one when ``force``); they stop being dirty."""
         due = sorted(self.planner.dirty) if force else self.planner.due(now)
         if force:
             self.planner.dirty.clear()
+        return due
+
+    def infer_slots(self, due: Sequence[float],
+                    store: Store | None = None) -> list[tuple[float, list[Estimate]]]:
+        """Estimates of ``due`` (runs on the inference thread with its own ``store`` cursor:
+        each slot is read from one snapshot, so storing goes on meanwhile)."""
+        st = store if store is not None else self.store
+        out = []
         for start in due:
             t0 = time.monotonic()
             try:
-                ests = self.store.infer(start, self.cfg.slot_s, threshold=self.cfg.threshold, l1=self.cfg.l1)
+                ests = st.infer(start, self.cfg.slot_s, threshold=self.cfg.threshold, l1=self.cfg.l1)
             except QosError as e:
                 log.warning("slot %.0f: %s", start, e)
                 continue
-            self._history[start] = ests
-            self.counters.inferences += 1
-            self.counters.last_slot = max(self.counters.last_slot or start, start)
+            out.append((start, ests))
             worst = ests[0] if ests else None
             log.info("slot %.0f inferred in %.2f s: %d components%s", start, time.monotonic() - t0, len(ests),
                      f", worst {worst.component} p={worst.p:.4f}" if worst else "")
+        return out
+
+    def apply(self, inferred: Sequence[tuple[float, list[Estimate]]]) -> None:
+        """Keep inferred estimates for the view (on the loop)."""
+        for start, ests in inferred:
+            self._history[start] = ests
+            self.counters.inferences += 1
+            self.counters.last_slot = max(self.counters.last_slot or start, start)
+
+    def tick(self, now: float, force: bool = False) -> int:
+        """Infer the slots that are due, here and now; returns how many."""
+        due = self.due(now, force)
+        self.apply(self.infer_slots(due))
         return len(due)
 
     def publish_view(self) -> None:
@@ -273,6 +303,14 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
 
     web = Web(lambda: svc.view, svc.topology, infer_now)
     host, port = web.start(cfg.host, cfg.port)
+    # one thread stores (decode + DuckDB, which releases the GIL while it writes) while the
+    # loop pulls the next batch; another infers on its own cursor, so a slot's inference
+    # (seconds for a large slot) never holds up storing: late records used to wait for it
+    store_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-store")
+    infer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-infer")
+    reader = svc.store.cursor()
+    storing: asyncio.Future[None] | None = None
+    inferring: asyncio.Future[list[tuple[float, list[Estimate]]]] | None = None
     nc = None
     try:
         nc = await _connect(cfg)
@@ -290,6 +328,38 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                 info = await js.consumer_info(STREAM, cfg.durable)
                 svc.counters.lag = int(info.num_pending or 0)
                 svc.counters.ack_pending = int(info.num_ack_pending or 0)
+
+        async def store_then_ack(msgs: list[Any], now: float) -> None:
+            """Store a batch on the store thread, then (only then) acknowledge each message."""
+            datas = [m.data for m in msgs]
+            ids = [f"{STREAM}/seq/{_ack_meta(m.reply)[0]}" for m in msgs]
+            # raises QosError on a store failure: nothing acked, the loop stops
+            batch, got = await loop.run_in_executor(store_pool, svc.store_batch, datas, ids, now)
+            svc.account(batch, got, now)
+            try:
+                for m in msgs:  # explicit, each (see the module's docstring); nats-py buffers them
+                    await nc.publish(m.reply, b"+ACK")
+            except Exception as e:
+                log.warning("ack failed (the batch will be re-delivered, stored once): %s", e)
+            svc.counters.lag = _ack_meta(msgs[-1].reply)[2]
+            svc.publish_view()
+
+        def inferred(fut: asyncio.Future[list[tuple[float, list[Estimate]]]], due: list[float],
+                     waiting: list[Any]) -> None:
+            n = 0
+            if not fut.cancelled() and fut.exception() is None:
+                got = fut.result()
+                svc.apply(got)
+                n = len(got)
+                svc.publish_view()
+            elif not fut.cancelled():
+                log.warning("inference failed (its slots stay dirty): %s", fut.exception())
+                svc.planner.dirty.update(due)
+            for f in waiting:
+                if fut.cancelled() or fut.exception() is None:
+                    f.set_result(n)
+                else:
+                    f.set_exception(QosError(f"inference failed: {fut.exception()}"))
 
         await refresh_info()
         batch = _Batch(cfg.batch)
@@ -310,35 +380,39 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                 log.warning("pull request failed: %s", e)
                 await asyncio.sleep(0.5)
             msgs, batch.msgs = batch.msgs, []
-            now = time.time()
+            if storing is not None and (msgs or storing.done()):
+                await storing  # one batch in the store at a time (re-raises its failure)
+                storing = None
             if msgs:
-                datas = [m.data for m in msgs]
-                ids = [f"{STREAM}/seq/{_ack_meta(m.reply)[0]}" for m in msgs]
-                svc.handle(datas, ids, now)  # raises QosError on a store failure: nothing acked
-                try:
-                    for m in msgs:  # explicit, one by one: see the module's docstring
-                        await nc.publish(m.reply, b"+ACK")
-                except Exception as e:
-                    log.warning("ack failed (the batch will be re-delivered, stored once): %s", e)
-                svc.counters.lag = _ack_meta(msgs[-1].reply)[2]
-            elif time.monotonic() - last_info > INFO_S:
+                storing = asyncio.ensure_future(store_then_ack(msgs, time.time()))
+            elif storing is None and time.monotonic() - last_info > INFO_S:
                 last_info = time.monotonic()
                 await refresh_info()
-            futs, forced[:] = list(forced), []
-            # inference rounds at most every TICK_S (DRAIN_TICK_S while a backlog drains:
-            # a full batch came back): each batch would otherwise re-infer the slot it touched
-            # and hold up the storing of the next ones
-            n = 0
-            since = time.monotonic() - last_tick
-            if futs or since > (DRAIN_TICK_S if len(msgs) >= cfg.batch else TICK_S):
-                n = svc.tick(time.time(), force=bool(futs))
-                last_tick = time.monotonic()
-            svc.publish_view()
-            for f in futs:
-                f.set_result(n)
+                svc.publish_view()
+            # inference rounds at most every TICK_S (DRAIN_TICK_S while a backlog drains: a full
+            # batch came back), one at a time, on the inference thread
+            if inferring is None or inferring.done():
+                futs, forced[:] = list(forced), []
+                since = time.monotonic() - last_tick
+                if futs or since > (DRAIN_TICK_S if len(msgs) >= cfg.batch else TICK_S):
+                    last_tick = time.monotonic()
+                    due = svc.due(time.time(), force=bool(futs))
+                    if due:
+                        inferring = loop.run_in_executor(infer_pool, svc.infer_slots, due, reader)
+                        inferring.add_done_callback(lambda f, d=due, w=futs: inferred(f, d, w))  # type: ignore[misc]
+                    else:
+                        for f in futs:
+                            f.set_result(0)
+        if storing is not None:
+            await storing
     finally:
         for f in forced:
             f.set_exception(QosError("the service is stopping"))
+        if storing is not None and not storing.done():
+            storing.cancel()
+        store_pool.shutdown(wait=True)  # a write in progress ends before the store closes
+        infer_pool.shutdown(wait=True)
+        reader.close()
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()

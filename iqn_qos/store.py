@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 
 from .errors import QosError
 from .ingest import Decoded
@@ -72,6 +73,13 @@ class Store:
     def close(self) -> None:
         self.con.close()
 
+    def cursor(self) -> Store:
+        """Another connection to the same database, for another thread (a DuckDB connection
+        is not shared between threads; ``iqn-qos serve`` infers on its own while it stores)."""
+        other = Store.__new__(Store)
+        other.path, other.con = self.path, self.con.cursor()
+        return other
+
     def __enter__(self) -> Store:
         return self
 
@@ -108,15 +116,24 @@ class Store:
         for i, d in enumerate(batch):
             first.setdefault(d.id, i)
         uniq = [batch[i] for i in first.values()]
-        self.con.execute("BEGIN")
+        con = self.con
+        con.execute("BEGIN")
         try:
-            got = self.con.execute(
-                "INSERT OR IGNORE INTO records SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]),"
-                " unnest($3::VARCHAR[]), $4 RETURNING id",
-                [[d.id for d in uniq], [d.type for d in uniq], [d.router for d in uniq], now],
-            ).fetchall()
+            # the batch's columns reach DuckDB as numpy arrays it scans directly: passing Python
+            # lists as statement parameters converted every value (7x slower; the store was the
+            # service's slowest stage: bench/bench_qos_serve.py)
+            con.register("_in_records", {
+                "id": np.array([d.id for d in uniq], object),
+                "type": np.array([d.type for d in uniq], object),
+                "router": np.array([d.router for d in uniq], object)})
+            try:
+                got = con.execute(
+                    "INSERT OR IGNORE INTO records SELECT id, type, router, $1 FROM _in_records RETURNING id",
+                    [now]).fetchall()
+            finally:
+                con.unregister("_in_records")
             new = {r[0] for r in got}
-            fresh = [d for d in uniq if d.id in new]
+            fresh = uniq if len(new) == len(uniq) else [d for d in uniq if d.id in new]
             lines = [d for d in fresh if d.line is not None]
             if lines:
                 self._insert_lines(lines)
@@ -125,15 +142,15 @@ class Store:
                 self._insert_stalls(stalls)
             bad = [first[d.id] for d in fresh if d.error is not None]
             if bad:
-                self.con.execute(
+                con.execute(
                     "INSERT INTO rejected SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]),"
                     " unnest($3::VARCHAR[]), unnest($4::VARCHAR[]), unnest($5::BLOB[]), $6",
                     [[batch[i].id for i in bad], [batch[i].type for i in bad], [batch[i].router for i in bad],
                      [batch[i].error for i in bad], [bytes(raw[i]) for i in bad], now],
                 )
-            self.con.execute("COMMIT")
+            con.execute("COMMIT")
         except duckdb.Error as e:
-            self.con.execute("ROLLBACK")
+            con.execute("ROLLBACK")
             raise QosError(f"{self.path}: cannot store a batch ({e})") from None
         return Ingested(
             lines=[d.line for d in lines if d.line is not None],
@@ -149,24 +166,33 @@ class Store:
         cost twice the whole insert (bench/bench_qos_serve.py); ids holding the separator
         (never in practice) take the list-of-lists way."""
         ls = [d.line for d in rows if d.line is not None]
-        cols = [[ln.t for ln in ls], [ln.n for ln in ls], [ln.m for ln in ls], [ln.client for ln in ls],
-                [ln.server for ln in ls], [ln.router for ln in ls], [ln.kind for ln in ls],
-                [d.id for d in rows]]
         comps = {c for ln in ls for c in ln.path}
         if any(_SEP in c for c in comps):
-            paths: list[object] = [list(ln.path) for ln in ls]
-            split, ptype = "p", "VARCHAR[][]"
-        else:
-            paths = [_SEP.join(ln.path) for ln in ls]
-            split, ptype = "string_split(p, chr(31))", "VARCHAR[]"
-        self.con.execute(
-            f"INSERT INTO lines (t, path, n, m, client, server, router, kind, id) SELECT t, {split}, n, m,"
-            " client, server, router, kind, id FROM (SELECT unnest($1::DOUBLE[]) AS t,"
-            f" unnest($2::{ptype}) AS p, unnest($3::BIGINT[]) AS n, unnest($4::BIGINT[]) AS m,"
-            " unnest($5::VARCHAR[]) AS client, unnest($6::VARCHAR[]) AS server,"
-            " unnest($7::VARCHAR[]) AS router, unnest($8::VARCHAR[]) AS kind, unnest($9::VARCHAR[]) AS id)",
-            [cols[0], paths, *cols[1:]],
-        )
+            self.con.execute(
+                "INSERT INTO lines (t, path, n, m, client, server, router, kind, id) SELECT"
+                " unnest($1::DOUBLE[]), unnest($2::VARCHAR[][]), unnest($3::BIGINT[]), unnest($4::BIGINT[]),"
+                " unnest($5::VARCHAR[]),"
+                " unnest($6::VARCHAR[]), unnest($7::VARCHAR[]), unnest($8::VARCHAR[]), unnest($9::VARCHAR[])",
+                [[ln.t for ln in ls], [list(ln.path) for ln in ls], [ln.n for ln in ls], [ln.m for ln in ls],
+                 [ln.client for ln in ls], [ln.server for ln in ls], [ln.router for ln in ls],
+                 [ln.kind for ln in ls], [d.id for d in rows]],
+            )
+            return
+        self.con.register("_in_lines", {
+            "t": np.array([ln.t for ln in ls], np.float64),
+            "p": np.array([_SEP.join(ln.path) for ln in ls], object),
+            "n": np.array([ln.n for ln in ls], np.int64), "m": np.array([ln.m for ln in ls], np.int64),
+            "client": np.array([ln.client for ln in ls], object),
+            "server": np.array([ln.server for ln in ls], object),
+            "router": np.array([ln.router for ln in ls], object),
+            "kind": np.array([ln.kind for ln in ls], object),
+            "id": np.array([d.id for d in rows], object)})
+        try:
+            self.con.execute(
+                "INSERT INTO lines (t, path, n, m, client, server, router, kind, id) SELECT t,"
+                " string_split(p, chr(31)), n, m, client, server, router, kind, id FROM _in_lines")
+        finally:
+            self.con.unregister("_in_lines")
 
     def _insert_stalls(self, rows: Sequence[Decoded]) -> None:
         st = [d.stall for d in rows if d.stall is not None]
@@ -230,8 +256,16 @@ class Store:
         ]
 
     def put(self, slot: float, slot_s: float, threshold: float, l1: float, ests: Sequence[Estimate]) -> None:
-        stats = self._stats(slot, slot_s)
         self.con.execute("BEGIN")
+        try:
+            self._put(slot, slot_s, threshold, l1, ests, self._stats(slot, slot_s))
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def _put(self, slot: float, slot_s: float, threshold: float, l1: float, ests: Sequence[Estimate],
+             stats: tuple[int, int, int]) -> None:
         self.con.execute("DELETE FROM estimates WHERE slot = $1 AND slot_s = $2", [slot, slot_s])
         self.con.execute("DELETE FROM slots WHERE slot = $1 AND slot_s = $2", [slot, slot_s])
         self.con.execute(
@@ -253,18 +287,25 @@ class Store:
                     [e.faulty for e in ests],
                 ],
             )
-        self.con.execute("COMMIT")
 
     def infer(
         self, slot: float, slot_s: float, *, threshold: float = 0.01, l1: float = 0.0
     ) -> list[Estimate]:
         """The slot's estimates: from the store when fresh, else computed from its lines and stored."""
-        got = self.cached(slot, slot_s, threshold, l1)
-        if got is not None:
-            return got
-        ests = infer_slot(self.lines_in(slot, slot_s), threshold=threshold, l1=l1)
-        self.put(slot, slot_s, threshold, l1, ests)
-        return ests
+        # one transaction: the lines inferred and the counts the estimates are stamped with come
+        # from the same snapshot, so lines stored meanwhile (by the ingest thread) leave the slot
+        # stale, not wrongly fresh
+        self.con.execute("BEGIN")
+        try:
+            got = self.cached(slot, slot_s, threshold, l1)
+            if got is None:
+                got = infer_slot(self.lines_in(slot, slot_s), threshold=threshold, l1=l1)
+                self._put(slot, slot_s, threshold, l1, got, self._stats(slot, slot_s))
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        return got
 
     def latest(self, k: int) -> list[tuple[float, list[Estimate]]]:
         """The ``k`` latest slots with stored estimates (newest first), for ``predict``."""

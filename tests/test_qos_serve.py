@@ -360,3 +360,62 @@ def test_bad_serve_flags_are_one_line_errors(topo_file: Path, tmp_path: Path) ->
     r = subprocess.run([IQN_QOS, "components", "--service", f"http://127.0.0.1:{free_port()}"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "cannot reach the service" in r.stderr
+
+
+def test_a_slow_inference_does_not_hold_up_storing(tmp_path: Path) -> None:
+    """Records arriving while a slot is being inferred (late records for a closed slot) are
+    stored and acknowledged meanwhile: inference runs on its own thread, on a snapshot.  The
+    inference here waits for the test's go, so storing that needed it would never finish."""
+    import threading
+
+    from iqn_qos.serve import ServeConfig, Service, run
+
+    topo, msgs, _ = scenario(tmp_path, "relay-bug", slots=1, lines_per_slot=600, components=200, seed=7)
+    first, late = msgs[:300], msgs[300:]
+    started, release = threading.Event(), threading.Event()
+    stored: set[str] = set()
+
+    class HeldInference(Service):
+        def infer_slots(self, due: Any, store: Any = None) -> Any:
+            started.set()
+            release.wait(2 * DEADLINE)
+            return super().infer_slots(due, store)
+
+    cfg = ServeConfig(nats=[], topology=topo, store=tmp_path / "qos.duckdb", port=0, batch=100)
+    with JetStream.start(1, tmp_path / "js") as js:
+        cfg = ServeConfig(**{**cfg.__dict__, "nats": js.urls})
+        svc = HeldInference(cfg, on_stored=lambda batch, now: stored.update(d.id for d in batch))
+        box: dict[str, Any] = {}
+
+        def serve() -> None:
+            async def main() -> None:
+                box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+                await run(cfg, stop=box["stop"], service=svc)
+            try:
+                asyncio.run(main())
+            except BaseException as e:  # reported by the assertions below
+                box["error"] = e
+
+        th = threading.Thread(target=serve, daemon=True)
+        try:
+            asyncio.run(publish(js.urls, first))
+            th.start()
+            wait_for(started.is_set, "the closed slot's inference to start")
+            asyncio.run(publish(js.urls, late))  # late records for the slot being inferred
+            wait_for(lambda: stored >= {m["id"] for m in msgs}, "the late records to be stored while the "
+                     "inference is held")
+            assert not release.is_set() and svc.counters.inferences == 0
+            release.set()
+            # the late lines dirtied the slot again: it is inferred again, and its stored
+            # estimates are fresh for every line
+            wait_for(lambda: svc.counters.inferences >= 2 and not svc.planner.dirty, "the slot re-inferred")
+        finally:
+            release.set()
+            if "loop" in box:
+                box["loop"].call_soon_threadsafe(box["stop"].set)
+            th.join(DEADLINE)
+        assert "error" not in box, box.get("error")
+        slot = svc.store.slot_starts(cfg.slot_s)[0]
+        assert svc.store.cached(slot, cfg.slot_s, cfg.threshold, cfg.l1) is not None  # fresh for all lines
+        assert svc.store.counts()["lines"] == len(msgs)
+        svc.close()
