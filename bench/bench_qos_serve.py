@@ -275,7 +275,8 @@ def main() -> None:
     n = len(datas)
     r_svc = n / t_svc
     rows = [
-        ("**`iqn-qos serve` consumer** (pull, decode, resolve, DuckDB, ack each)", t_svc, r_svc),
+        ("**`iqn-qos serve` consumer** (pull; decode, resolve, DuckDB on the store thread; ack each)",
+         t_svc, r_svc),
         ("baseline (a): bare consumer, pull + JSON parse + ack only", t_bare, n / t_bare),
         ("baseline (b): bare DuckDB insert of the decoded rows (no broker)", t_duck, n / t_duck),
         ("the decode alone (JSON, validation, path from the topology)", t_decode, n / t_decode),
@@ -295,7 +296,8 @@ def main() -> None:
              "| records | messages | p50 ms | p99 ms | max ms | target p99 <= 1,000 ms |",
              "|---|---:|---:|---:|---:|---|"]
     for late, label in ((False, "of the slot being filled (arrive inside the grace, as an agent's do)"),
-                        (True, "all late: for slots already inferred (each re-infers its slot every 2 s)")):
+                        (True, "all late: for slots already inferred (each re-infers its slot every 2 s,"
+                               " on the inference thread)")):
         k, p50, p99, mx = res[late]
         body.append(f"| {label} | {k:,} | {p50 * 1000:.0f} | {p99 * 1000:.0f} | {mx * 1000:.0f} | "
                     f"{'met' if p99 <= P99_TARGET_S else 'NOT met'} |")

@@ -3,14 +3,16 @@
 A durable pull consumer on stream ``IQN`` (subjects ``iqn.sessions.*`` and
 ``iqn.stalls.*``) fetches batches; each batch is decoded (:mod:`iqn_qos.ingest`),
 stored in one DuckDB transaction idempotent on the message ids
-(:meth:`Store.ingest`), and only then acknowledged, each message explicitly.  A
+(:meth:`Store.ingest`, on the store thread while the loop pulls the next batch), and
+only then acknowledged, each message explicitly.  A
 crash before the ack means the broker re-delivers (after the ack wait), and the
 ids make a second delivery a no-op: every record is stored once.  (Not ack
 policy *all*, cheaper as it is: after a restart, acking the new service's first
 batch would also acknowledge the batch the killed one had in hand and never
 stored: the restart test lost exactly that batch with it.)  Closed slots that
-gained lines are inferred after each batch (:class:`~iqn_qos.ingest.SlotPlanner`),
-and on demand (``POST /api/infer``).
+gained lines are inferred in rounds (:class:`~iqn_qos.ingest.SlotPlanner`), and on
+demand (``POST /api/infer``), on an inference thread with its own DuckDB connection:
+storing never waits for an inference (late records used to wait seconds for one).
 
 Why the pull loop is hand-made: nats-py's ``fetch()`` hands over messages one
 ``await`` (and one timer) at a time, which capped ingestion at ~27,000

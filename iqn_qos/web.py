@@ -2,9 +2,10 @@
 
 Handlers run on the HTTP server's threads and read only the current
 :class:`~iqn_qos.view.View` (swapped in whole by the NATS loop), never the
-store, so a slow scrape or page cannot stall ingestion and DuckDB is used from
-one thread.  ``POST /api/infer`` (on demand) is the one request that asks the
-loop to act, through the ``infer_now`` callable it was given.
+store, so a slow scrape or page cannot stall ingestion and DuckDB is used only
+by the service's store and inference threads (each with its own connection).
+``POST /api/infer`` (on demand) is the one request that asks the loop to act,
+through the ``infer_now`` callable it was given.
 
 Metric names follow Prometheus' conventions (``iqn_qos_`` prefix, base units,
 ``_total`` counters); the per-component families carry only the labels
