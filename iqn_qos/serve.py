@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import multiprocessing
 import signal
 import sys
 import time
@@ -41,7 +42,7 @@ import numpy as np
 
 from .errors import QosError
 from .ingest import Decoded, Decoder, SlotPlanner
-from .mle import Estimate
+from .mle import Estimate, infer_slot
 from .store import Ingested, Store
 from .topology import Topology, load_topology
 from .view import Counters, View
@@ -176,16 +177,24 @@ class Service:
             self.planner.dirty.clear()
         return due
 
-    def infer_slots(self, due: Sequence[float],
-                    store: Store | None = None) -> list[tuple[float, list[Estimate]]]:
+    def infer_slots(self, due: Sequence[float], store: Store | None = None,
+                    solver: concurrent.futures.Executor | None = None) -> list[tuple[float, list[Estimate]]]:
         """Estimates of ``due`` (runs on the inference thread with its own ``store`` cursor:
-        each slot is read from one snapshot, so storing goes on meanwhile)."""
+        each slot is read from one snapshot, so storing goes on meanwhile; the MLE itself runs
+        in the ``solver`` process, so it does not hold this process' GIL for seconds)."""
         st = store if store is not None else self.store
+
+        def solve(lines: Sequence[Any], **kw: Any) -> list[Estimate]:
+            if solver is None:
+                return infer_slot(lines, **kw)
+            return solver.submit(infer_slot, list(lines), **kw).result()
+
         out = []
         for start in due:
             t0 = time.monotonic()
             try:
-                ests = st.infer(start, self.cfg.slot_s, threshold=self.cfg.threshold, l1=self.cfg.l1)
+                ests = st.infer(start, self.cfg.slot_s, threshold=self.cfg.threshold, l1=self.cfg.l1,
+                                solve=solve)
             except QosError as e:
                 log.warning("slot %.0f: %s", start, e)
                 continue
@@ -311,6 +320,10 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
     store_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-store")
     infer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-infer")
     reader = svc.store.cursor()
+    # the MLE is Python and numpy: in a thread it would hold the GIL the loop and the store
+    # thread need (a slot of 5,000 lines is seconds of CPU on a busy box); a spawned process
+    # (not forked: this one has threads and DuckDB open) computes it from the lines it is given
+    solver = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     storing: asyncio.Future[None] | None = None
     inferring: asyncio.Future[list[tuple[float, list[Estimate]]]] | None = None
     nc = None
@@ -400,7 +413,7 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                     last_tick = time.monotonic()
                     due = svc.due(time.time(), force=bool(futs))
                     if due:
-                        inferring = loop.run_in_executor(infer_pool, svc.infer_slots, due, reader)
+                        inferring = loop.run_in_executor(infer_pool, svc.infer_slots, due, reader, solver)
                         inferring.add_done_callback(lambda f, d=due, w=futs: inferred(f, d, w))  # type: ignore[misc]
                     else:
                         for f in futs:
@@ -414,6 +427,7 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
             storing.cancel()
         store_pool.shutdown(wait=True)  # a write in progress ends before the store closes
         infer_pool.shutdown(wait=True)
+        solver.shutdown(wait=True)
         reader.close()
         if nc is not None:
             with contextlib.suppress(Exception):

@@ -9,7 +9,7 @@ its lines changed (count and unit sums) or the parameters differ.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,9 +289,11 @@ class Store:
             )
 
     def infer(
-        self, slot: float, slot_s: float, *, threshold: float = 0.01, l1: float = 0.0
+        self, slot: float, slot_s: float, *, threshold: float = 0.01, l1: float = 0.0,
+        solve: Callable[..., list[Estimate]] = infer_slot,
     ) -> list[Estimate]:
-        """The slot's estimates: from the store when fresh, else computed from its lines and stored."""
+        """The slot's estimates: from the store when fresh, else computed from its lines (by
+        ``solve``, :func:`infer_slot`'s signature: the service runs it in another process) and stored."""
         # one transaction: the lines inferred and the counts the estimates are stamped with come
         # from the same snapshot, so lines stored meanwhile (by the ingest thread) leave the slot
         # stale, not wrongly fresh
@@ -299,7 +301,7 @@ class Store:
         try:
             got = self.cached(slot, slot_s, threshold, l1)
             if got is None:
-                got = infer_slot(self.lines_in(slot, slot_s), threshold=threshold, l1=l1)
+                got = solve(self.lines_in(slot, slot_s), threshold=threshold, l1=l1)
                 self._put(slot, slot_s, threshold, l1, got, self._stats(slot, slot_s))
             self.con.execute("COMMIT")
         except BaseException:

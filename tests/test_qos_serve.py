@@ -376,10 +376,10 @@ def test_a_slow_inference_does_not_hold_up_storing(tmp_path: Path) -> None:
     stored: set[str] = set()
 
     class HeldInference(Service):
-        def infer_slots(self, due: Any, store: Any = None) -> Any:
+        def infer_slots(self, due: Any, *args: Any) -> Any:
             started.set()
             release.wait(2 * DEADLINE)
-            return super().infer_slots(due, store)
+            return super().infer_slots(due, *args)
 
     cfg = ServeConfig(nats=[], topology=topo, store=tmp_path / "qos.duckdb", port=0, batch=100)
     with JetStream.start(1, tmp_path / "js") as js:
