@@ -13,11 +13,12 @@ in a stall is the least recent one of them closed, with its evidence so far
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
+from iqn_ctl.engine.bursts import Bursts
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, make_estimator
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, SignalParams
 from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallTracker
@@ -135,6 +136,13 @@ class FlowTable:
             events.extend(self.feed(f, t[idx]))
         events.sort(key=lambda e: e.detected_at)
         return events
+
+    def feed_bursts(self, keys: Sequence[Hashable], bursts: Bursts) -> list[Event]:
+        """Burst records (:mod:`iqn_ctl.engine.bursts`) of many flows, burst
+        ``i`` of flow ``keys[bursts.flow[i]]``: the same as :meth:`feed_many` on
+        the candidates they carry."""
+        bid, _ = bursts.candidates()
+        return self.feed_many([keys[f] for f in bursts.flow[bid].tolist()], bursts.seconds())
 
     def advance(self, now: float) -> list[Event]:
         """The clock reached ``now``: end stalls whose end window has passed and

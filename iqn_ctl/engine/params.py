@@ -33,6 +33,15 @@ COUNT_OFFSET = 0.5
 #: protocol ``edges``: the end-user agent looks at the player this many times per p
 #: (a model parameter of engine.synth; user_agent.protocol.LOOKS_PER_P)
 EDGES_LOOKS_PER_P = 5
+#: Signal shaping in the data plane (docs/dataplane.md, "Bursts"): consecutive
+#: candidates of one flow at most this far apart (s) belong to one burst, and
+#: the kernel writes one ring-buffer record per burst. A burst's toggles leave
+#: the player a few ms apart; a larger gap would only hold a short burst back
+#: longer before user space sees it (the stall-visible latency).
+BURST_GAP = 0.004
+#: the most candidates one burst record carries (a burst holds min(n, this)):
+#: the record keeps each one's time, so the engine sees every arrival exactly
+BURST_MAX = 12
 
 
 class ParamError(IqnError, ValueError):

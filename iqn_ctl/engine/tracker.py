@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from iqn_ctl.engine.bursts import Bursts
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, Segment, make_estimator
 from iqn_ctl.engine.params import SignalParams
 
@@ -135,6 +136,12 @@ class StallTracker:
             return self._process(ready)
         self._pending = np.concatenate((self._pending, arr)) if self._pending.size else arr.copy()
         return self._release(self._max_seen - self.reorder)
+
+    def feed_bursts(self, bursts: Bursts) -> list[Event]:
+        """This flow's burst records (:mod:`iqn_ctl.engine.bursts`): the same as
+        :meth:`feed` on the candidates they carry, in nanoseconds as the kernel
+        stamps them."""
+        return self.feed(bursts.seconds())
 
     def advance(self, now: float) -> list[Event]:
         """The clock reached ``now`` with no new arrival: release held arrivals and

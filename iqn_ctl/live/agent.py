@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from iqn_ctl.engine.bursts import burst_cap
 from iqn_ctl.engine.discard import DEFAULT_BULK_RATIO, BulkJudge, Counters
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from iqn_ctl.engine.params import (
+    BURST_MAX,
     DEFAULT_MAX_FLOWS,
     DEFAULT_PAIR_WINDOW,
     DEFAULT_SOURCE_RATE,
@@ -62,6 +64,8 @@ from iqn_ctl.live.api import (
     pid_path,
     sock_path,
 )
+from iqn_ctl.live.backlog import Backlog
+from iqn_ctl.live.bursttable import BurstBatch, empty_batch
 from iqn_ctl.live.export import check_export
 from iqn_ctl.live.flows import KEY_MODES, LiveFlows
 from iqn_ctl.live.history import DEFAULT_MAX_ROWS, DEFAULT_STATE_DIR, History, StallRecord
@@ -396,7 +400,7 @@ class Agent:
         self._open: dict[Hashable, float] = {}
         self._state = threading.Lock()
         self._counters: dict[str, int] = {"packets": 0, "candidates": 0, "parse_errors": 0, "lost": 0,
-                                          "unpaired": 0, "capped": 0, "client_packets": 0}
+                                          "unpaired": 0, "capped": 0, "client_packets": 0, "bursts": 0}
         self._lost_logged = 0
         self._unpaired_warned = False
         #: how far behind the loop is: last and largest time from a poll's oldest
@@ -406,7 +410,7 @@ class Agent:
         self.polls_late = 0
         #: records drained from the ring and not yet fed (oldest first), the most
         #: ever held, records shed (dropped oldest first past --backlog) and when last
-        self._backlog: list[tuple[bytes, float, int]] = []
+        self._backlog = Backlog(cfg.backlog)
         self.backlog_max = 0
         self.shed = 0
         self._shed_at = -math.inf
@@ -473,7 +477,7 @@ class Agent:
             log.warning("%s: removed a stale IQN pairing classifier left by an agent that died", cfg.iface)
         self.dp = Datapath(
             cfg.iface, cfg.filt, max_flows=cfg.max_flows, xdp_mode=cfg.xdp_mode, force=cfg.force,
-            ring_pages=cfg.ring_pages, wakeup_events=cfg.params.n, hook=cfg.hook, direction=cfg.direction,
+            ring_pages=cfg.ring_pages, n=cfg.params.n, hook=cfg.hook, direction=cfg.direction,
             guard=cfg.guard(),
         )
         self.mode = self.dp.attach()
@@ -581,24 +585,25 @@ class Agent:
                 timeout = 0
             if self._backlog:
                 timeout = 0  # work waits: only drain what the ring holds
-            evs = self._take(dp.poll_monotonic(timeout))
-            self._caught_up = not evs and not self._backlog
+            evs = self._take(dp.poll_bursts(timeout))
+            self._caught_up = not len(evs) and not self._backlog
             now = time.monotonic()
             with self._state:
                 self._note_wait(time.monotonic() - now)
                 size = len(self.flows.table)
-                out = self.flows.ingest(evs) if evs else []
+                out = self.flows.ingest_bursts(evs) if len(evs) else []
                 # while records wait in the backlog the engine's clock is the oldest of
                 # them: advancing to now would end stalls whose candidates are waiting
-                out.extend(self.flows.advance(min(now, self._backlog[0][1]) if self._backlog else now))
+                waiting = self._backlog.oldest()
+                out.extend(self.flows.advance(now if waiting is None else min(now, waiting)))
                 # the engine says when it next has something to do (held arrivals to
                 # release, a stall to end): wake up then, so a stall shows within a few ms
                 due = self.flows.table.next_deadline()
-                if evs or out or size != len(self.flows.table):
+                if len(evs) or out or size != len(self.flows.table):
                     self._version += 1
             if out:
                 self._on_events(out)
-            if evs and self.flows.oldest is not None:
+            if len(evs) and self.flows.oldest is not None:
                 self._note_lag(time.monotonic() - self.flows.oldest)
             if snap is not None:
                 self._read_counters(snap)
@@ -606,9 +611,9 @@ class Agent:
                     self.sessions.tick(dp, now, self.wall_offset())
                 self._flush_history()  # batches held while behind; retries what a failing disk refused
         while self._backlog:  # what was drained is fed before the ends at close
-            evs = self._take([])
+            evs = self._take(empty_batch(BURST_MAX))
             with self._state:
-                out = self.flows.ingest(evs)
+                out = self.flows.ingest_bursts(evs)
             if out:
                 self._on_events(out)
         with self._state:
@@ -618,34 +623,26 @@ class Agent:
         if self.sessions is not None:
             self.sessions.finish(dp, time.monotonic(), self.wall_offset())
         snap = dp.counters()
-        dp.poll_monotonic(0)
+        dp.poll_bursts(0)
         self._read_counters(snap)
 
-    def _take(self, evs: list[tuple[bytes, float, int]]) -> list[tuple[bytes, float, int]]:
-        """Add a drained batch to the backlog, shed its oldest records past
+    def _take(self, batch: BurstBatch) -> BurstBatch:
+        """Add a drained batch to the backlog, shed its oldest candidates past
         ``--backlog`` (counted, logged once per episode) and return the oldest
-        :data:`CHUNK` to feed now. Shedding drops raw candidates, never an
-        engine event: every stall the engine ends is still recorded."""
+        records, at most :data:`CHUNK` candidates, to feed now. Shedding drops
+        raw candidates, never an engine event: every stall the engine ends is
+        still recorded."""
         q = self._backlog
-        if not q:
-            q = evs
-        elif evs:
-            q.extend(evs)
-        over = len(q) - self.cfg.backlog
+        over = q.push(batch)
         if over > 0:
-            del q[:over]
             if time.monotonic() - self._shed_at > SHED_HOLD:
                 log.warning("%s: the agent is overloaded: dropping the oldest %d candidate records "
                             "(backlog %d, --backlog); newest kept", self.cfg.iface, over, len(q))
             self.shed += over
             self._shed_at = time.monotonic()
-        self.backlog_max = max(self.backlog_max, len(q))
-        chunk = min(CHUNK, self.cfg.backlog)
-        if len(q) <= chunk:
-            self._backlog = []
-            return q
-        self._backlog = q[chunk:]
-        return q[:chunk]
+        self.backlog_max = max(self.backlog_max, q.held_max)
+        got = q.take(min(CHUNK, self.cfg.backlog))
+        return batch if got is None else got
 
     def load(self) -> str:
         """``shedding`` (records dropped in the last SHED_HOLD s), ``behind``
@@ -872,8 +869,10 @@ class Agent:
             "port": cfg.filt.port,
             "max_flows": cfg.max_flows,
             "ring_pages": cfg.ring_pages,
-            # records waiting in the ring that wake the agent: the signal's n (--n)
-            "wakeup_records": self.dp.wakeup_events if self.dp is not None else cfg.params.n,
+            # burst records waiting in the ring that wake the agent
+            "wakeup_records": self.dp.wakeup_events if self.dp is not None else 0,
+            # candidates per burst in the kernel: the signal's n (--n), at most BURST_MAX
+            "burst_n": self.dp.burst_n if self.dp is not None else burst_cap(cfg.params.n),
             "state_dir": str(cfg.state_dir),
             "metrics_port": cfg.metrics_port,
             "export": self.export_stats(),
@@ -903,7 +902,9 @@ class Agent:
             return cached[3]
         with self._state:
             version, snap = self._version, self.flows.snapshot()
-        stats = self.dp.flow_stats() if kernel and self.dp is not None else ()
+            raws = [r for f in snap.cols.keys if f is not None for r in self.flows.raws(f)] if kernel else []
+        # the kernel's volume of the tracked flows' connections: one read of a mapped array
+        stats = self.dp.flow_stats(raws) if kernel and self.dp is not None else ()
         raw = RawJson(json.dumps(snap.rows(stats, off, stalling=stalling, limit=limit)).encode())
         self._flows_cache = (key, now, version, raw)
         return raw

@@ -1,13 +1,16 @@
-"""Load iqn_ctl/live/bpf/iqn_xdp.c on a router interface and hand its candidate events to
+"""Load iqn_ctl/live/bpf/iqn_xdp.c on a router interface and hand its burst records to
 the agent.
 
 The kernel program does the per-packet work; this module only compiles it
-with the operator's filter (-D constants, so the fast path has no map look-up
-for its configuration), attaches it without trampling someone else's XDP
-program, and drains the program's BPF ring buffer in batches straight from its
-memory map (:mod:`iqn_ctl.live.ringbuf`: no Python call per record). Times stay
-on the kernel's monotonic clock (:meth:`Datapath.poll_monotonic`) for the
-inference.
+with the operator's filter and the signal's n (-D constants, so the fast path
+has no map look-up for its configuration), attaches it without trampling
+someone else's XDP program, and drains the program's BPF ring buffer in
+batches straight from its memory map (:mod:`iqn_ctl.live.ringbuf`: no Python
+call per record), plus the short bursts still open in the kernel's mapped
+burst table (:mod:`iqn_ctl.live.bursttable`). Per-flow and per-client volume
+is read from mapped arrays too (:meth:`Datapath.flow_counters`,
+:meth:`Datapath.client_volume`). Times stay on the kernel's monotonic clock
+(:meth:`Datapath.poll_bursts`) for the inference.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import operator
+import mmap
 import os
 import socket
 import subprocess
@@ -29,12 +32,27 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from iqn_ctl.engine.bursts import GAP_NS, burst_cap
 from iqn_ctl.engine.discard import Counters
-from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_N, CandidateFilter
+from iqn_ctl.engine.params import BURST_MAX, DEFAULT_MAX_FLOWS, DEFAULT_N, CandidateFilter
 from iqn_ctl.errors import IqnError
 from iqn_ctl.live import bpf_testrun, caps, layout, tc
+from iqn_ctl.live.bursttable import BurstBatch, BurstTaker, empty_batch
 from iqn_ctl.live.devtype import DeviceType, DeviceTypeError, device_type
-from iqn_ctl.live.layout import COUNTERS, EVENT_DTYPE, FlowKeyC, FlowStatsC
+from iqn_ctl.live.layout import (
+    BURST_DTYPE,
+    CLIENT_VOL_DTYPE,
+    COUNTERS,
+    VOL_DTYPE,
+    BurstC,
+    ClientVolC,
+    VolC,
+    client_hashes,
+    client_key,
+    flow_hashes,
+    server_name,
+    slot_tag,
+)
 from iqn_ctl.live.ringbuf import RingReader
 from iqn_ctl.live.settings import (
     DEFAULT_DIRECTION,
@@ -59,9 +77,16 @@ TC_NAMES = (TC_PROG_NAME, EGRESS_PROG)
 #: TC priorities tried for IQN's classifiers, lowest (first to run) first
 TC_PRIO_TRIES = 16
 SRC = Path(__file__).resolve().parent / "bpf" / "iqn_xdp.c"
-#: bytes a record takes in the ring: 8-byte header + struct cand_event, 8-aligned
-RECORD_BYTES = (8 + EVENT_DTYPE.itemsize + 7) & ~7
+#: bytes a record takes in the ring: 8-byte header + struct burst, 8-aligned
+RECORD_BYTES = (8 + BURST_DTYPE.itemsize + 7) & ~7
 PAGE = 4096
+#: open-burst slots per CPU in the kernel's table (docs/dataplane.md)
+BURST_SLOTS = 1024
+#: slots of the per-flow and per-client volume arrays
+VOL_SLOTS = 65536
+#: the reader is woken once this many burst records wait; fewer are read at
+#: the agent's poll timeout (3 ms), which bounds the stall-visible latency
+DEFAULT_WAKEUP_RECORDS = 16
 
 # XDP attach flags (linux/if_link.h) and the modes `ip -j link` reports
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -71,8 +96,23 @@ _MODE_FLAGS = {1: XDP_FLAGS_DRV_MODE, 2: XDP_FLAGS_SKB_MODE, 3: XDP_FLAGS_HW_MOD
 _IP_MODE = {1: "xdpdrv", 2: "xdpgeneric", 3: "xdpoffload"}  # `ip link set dev X <mode> off`
 
 log = logging.getLogger(__name__)
-_by_time = operator.itemgetter(1)
-Batch = tuple[list[bytes], "npt.NDArray[np.uint64]", "npt.NDArray[np.uint32]"]
+Batch = tuple[list[bytes], "npt.NDArray[np.int64]"]
+
+
+def possible_cpus() -> int:
+    """The kernel's possible CPUs (the per-CPU slices the program needs)."""
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+        return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+def _map_array(fd: int, rows: int, dtype: np.dtype) -> tuple[mmap.mmap, npt.NDArray[np.void]]:
+    """A BPF_F_MMAPABLE array map's values as a read-only numpy view."""
+    size = (rows * dtype.itemsize + PAGE - 1) // PAGE * PAGE
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ, offset=0)
+    return m, np.frombuffer(m, dtype, count=rows)
 
 
 class DatapathError(IqnError):
@@ -230,24 +270,33 @@ class Datapath:
         xdp_mode: str = DEFAULT_XDP_MODE,
         force: bool = False,
         ring_pages: int = DEFAULT_RING_PAGES,
-        wakeup_events: int = DEFAULT_N,
+        wakeup_events: int = DEFAULT_WAKEUP_RECORDS,
         perf_pages: int | None = None,
         hook: str = "xdp",
         direction: str = DEFAULT_DIRECTION,
         guard: Guard | None = None,
+        n: int = DEFAULT_N,
+        burst_slots: int = BURST_SLOTS,
+        vol_slots: int = VOL_SLOTS,
     ) -> None:
         """``ring_pages``: the ring buffer's size in 4 KiB pages, shared by all
         CPUs (``perf_pages`` is its old name, still accepted). The reader is
-        woken once ``wakeup_events`` records wait (the signal's n).
+        woken once ``wakeup_events`` burst records wait. ``n``: the signal's n
+        (--n), the most candidates of a burst (at most BURST_MAX).
+        ``burst_slots`` (per CPU) and ``vol_slots``: table sizes, powers of two.
+        ``max_flows`` sizes the forgery guard's pairing and cap tables (the
+        engine's table is bounded by the agent).
 
         ``hook``: "xdp" (refuses a foreign XDP program unless ``force``), "tc"
         (a clsact classifier at ``direction``), or "auto": XDP unless another
         XDP program holds the interface or XDP cannot attach, then TC. The
-        device type (Ethernet or layer 3) picks the first parser.
+        device type (Ethernet or layer 3) picks the first parser. Both hooks
+        run the same classifier and write the same burst records.
 
         ``guard``: the forgery guard (pairing with the client's packets, the
-        per-client cap), compiled in; None checks nothing (every candidate is
-        emitted), which is what tests of the classifier alone want."""
+        per-client cap), compiled in; a candidate it does not admit never
+        enters a burst. None checks nothing (every candidate is grouped),
+        which is what tests of the classifier alone want."""
         if perf_pages is not None:
             ring_pages = perf_pages
         problem = dataplane_problem(xdp_mode, max_flows, ring_pages) or hook_problem(hook, direction)
@@ -257,6 +306,9 @@ class Datapath:
             raise DatapathError(problem)
         if wakeup_events < 1:
             raise DatapathError(f"wakeup_events must be at least 1, got {wakeup_events}")
+        for name, v in (("burst_slots", burst_slots), ("vol_slots", vol_slots)):
+            if v < 1 or v & (v - 1):
+                raise DatapathError(f"{name} must be a power of two, got {v}")
         _require_root()
         _ifindex(iface)
         try:
@@ -278,6 +330,10 @@ class Datapath:
         self.tc_prio: int | None = None  # the TC filter priority used
         self.guard = guard if guard is not None else Guard(pairing=False, cap=0.0)
         self.pair_prio: int | None = None  # the pairing classifier's TC priority once attached
+        self.burst_n = burst_cap(n)
+        self.burst_slots = burst_slots
+        self.vol_slots = vol_slots
+        self.ncpu = possible_cpus()
         self._closed = False
         try:
             from bcc import BPF
@@ -290,11 +346,17 @@ class Datapath:
             f"-DIQN_PORT={filt.port}",
             f"-DIQN_MIN_SIZE={filt.min_size}",
             f"-DIQN_MAX_SIZE={filt.max_size}",
-            f"-DIQN_MAX_FLOWS={max_flows}",
             f"-DIQN_RING_PAGES={ring_pages}",
             f"-DIQN_WAKEUP_BYTES={min(wakeup_events * RECORD_BYTES, ring_pages * PAGE)}",
+            f"-DIQN_MAX_FLOWS={max_flows}",
             f"-DIQN_L3={int(self.device.l3)}",
-            *self.guard.cflags(wakeup_events),
+            *self.guard.cflags(n),
+            f"-DIQN_BURST_N={self.burst_n}",
+            f"-DIQN_BURST_GAP_NS={GAP_NS}",
+            f"-DIQN_BURST_MAX={BURST_MAX}",
+            f"-DIQN_BURST_SLOTS={burst_slots}",
+            f"-DIQN_VOL_SLOTS={vol_slots}",
+            f"-DIQN_NCPU={self.ncpu}",
             "-w",
         ]
         err = ""
@@ -312,23 +374,30 @@ class Datapath:
         self._prog_id = bpf_testrun.prog_id_by_fd(self._fn.fd)
         self._tc_prog_id = bpf_testrun.prog_id_by_fd(self._tc_fn.fd)
         self._counters = self._bpf[b"counters"]
-        self._flows = self._bpf[b"flows"]
-        for bcc_type, ours in ((self._flows.Key, FlowKeyC), (self._flows.Leaf, FlowStatsC)):
-            problem = layout.check(bcc_type, ours)
+        maps = {name: self._bpf[name.encode()] for name in ("bursts", "vol_flow", "vol_client")}
+        for name, ours in (("bursts", BurstC), ("vol_flow", VolC), ("vol_client", ClientVolC)):
+            problem = layout.check(maps[name].Leaf, ours)
             if problem:
                 self._bpf.cleanup()
                 raise DatapathError(f"{SRC.name}: {problem}")
-        # The kernel wakes the reader only when `wakeup_events` records wait
-        # (iqn_xdp.c): a wake-up per record would cost the kernel far more than
-        # the record. The default, the signal's n, wakes it once per burst,
-        # which is when the inference can act anyway; whatever waits below the
-        # threshold is read at the poll timeout, and the timestamps are the
-        # kernel's, so lateness does not skew the inference.
+        # The kernel wakes the reader only when `wakeup_events` burst records
+        # wait (iqn_xdp.c): a wake-up per record would cost the kernel far more
+        # than the record. Whatever waits below the threshold is read at the
+        # poll timeout, and the timestamps are the kernel's, so lateness does
+        # not skew the inference.
         try:
-            self._ring = RingReader(self._bpf[b"events"].map_fd, ring_pages * PAGE, EVENT_DTYPE)
+            self._ring = RingReader(self._bpf[b"events"].map_fd, ring_pages * PAGE, BURST_DTYPE)
+            self._maps = []
+            m, burst_tab = _map_array(maps["bursts"].map_fd, self.ncpu * burst_slots, BURST_DTYPE)
+            self._maps.append(m)
+            m, self._vol = _map_array(maps["vol_flow"].map_fd, vol_slots, VOL_DTYPE)
+            self._maps.append(m)
+            m, self._cvol = _map_array(maps["vol_client"].map_fd, vol_slots, CLIENT_VOL_DTYPE)
+            self._maps.append(m)
         except (OSError, ValueError) as e:
             self._bpf.cleanup()
-            raise DatapathError(f"cannot map the ring buffer of {SRC.name}: {e}") from None
+            raise DatapathError(f"cannot map the ring buffer or tables of {SRC.name}: {e}") from None
+        self._taker = BurstTaker(burst_tab, GAP_NS)
 
     @property
     def prog_fd(self) -> int:
@@ -481,81 +550,107 @@ class Datapath:
             return want
         raise DatapathError(f"cannot attach XDP to {self.iface} in {self.xdp_mode} mode: {last}")
 
-    def poll_batch(self, timeout_ms: int) -> Batch:
-        """Candidate records since the last poll, as columns sorted by time:
-        (raw key bytes, CLOCK_MONOTONIC ns as the kernel stamped them, frame
-        length). Returns after ``timeout_ms`` at the latest, earlier once
-        ``wakeup_events`` records wait. One numpy pass per batch, no Python
-        work per record beyond the key's bytes object."""
+    def poll_bursts(self, timeout_ms: int, sweep: bool = True) -> BurstBatch:
+        """Burst records since the last poll: the ring's, then (``sweep``) the
+        short bursts still open in the kernel's table whose gap has passed
+        (:mod:`iqn_ctl.live.bursttable`), each candidate once. Returns after
+        ``timeout_ms`` at the latest, earlier once ``wakeup_events`` records
+        wait. Times are CLOCK_MONOTONIC ns as the kernel stamped them. Numpy
+        passes per batch, no Python work per record beyond the key's bytes."""
         if self._closed:
-            return [], np.empty(0, np.uint64), np.empty(0, np.uint32)
+            return empty_batch(BURST_MAX)
         self._ring.wait(timeout_ms)
         recs = self._ring.read()
-        ts = recs["ts_ns"]
-        if len(ts) > 1 and bool((ts[1:] < ts[:-1]).any()):
-            # records are in reservation order; CPUs stamp a little before they reserve
-            recs = recs[np.argsort(ts, kind="stable")]
-            ts = recs["ts_ns"]
-        return recs["key"].tolist(), ts, recs["len"]
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if sweep else None
+        return self._taker.take(recs, now)
 
-    def poll_monotonic(self, timeout_ms: int) -> list[tuple[bytes, float, int]]:
-        """:meth:`poll_batch` as (raw key bytes, CLOCK_MONOTONIC seconds,
-        frame length) tuples, sorted by time.
+    def poll_batch(self, timeout_ms: int) -> Batch:
+        """:meth:`poll_bursts` as one row per candidate, sorted by time: (raw
+        key bytes, CLOCK_MONOTONIC ns)."""
+        return self.poll_bursts(timeout_ms).times_ns()
+
+    def poll_monotonic(self, timeout_ms: int) -> list[tuple[bytes, float]]:
+        """:meth:`poll_batch` as (raw key bytes, CLOCK_MONOTONIC seconds) tuples.
 
         The agent infers on this clock: the wall clock may be stepped (NTP, an
         operator), and a step inside a stall would move arrivals against each
         other and against the engine's watermark; the monotonic clock never
         jumps. Wall time is for output only."""
-        keys, ts, lens = self.poll_batch(timeout_ms)
+        keys, ts = self.poll_batch(timeout_ms)
         if not keys:
             return []
-        return list(zip(keys, (ts / 1e9).tolist(), lens.tolist(), strict=True))
+        return list(zip(keys, (ts / 1e9).tolist(), strict=True))
 
-    def poll(self, timeout_ms: int) -> list[tuple[bytes, float, int]]:
+    def poll(self, timeout_ms: int) -> list[tuple[bytes, float]]:
         """:meth:`poll_monotonic` with wall-clock epoch seconds (one offset per
         poll): for tools that print times; the agent uses the monotonic form."""
         out = self.poll_monotonic(timeout_ms)
         if not out:
             return out
         offset = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
-        return [(k, t + offset, n) for k, t, n in out]
+        return [(k, t + offset) for k, t in out]
 
     def _check_open(self) -> None:
         if self._closed:
             raise DatapathError(f"the data plane on {self.iface} is closed")
 
     def counters(self) -> dict[str, int]:
-        """Global counters summed over CPUs; ``lost`` counts the candidates the
-        kernel found no room for in the ring (counted where it happens)."""
+        """Global counters summed over CPUs; ``lost`` counts the candidates in
+        burst records the kernel found no room for in the ring (counted where
+        it happens), ``bursts`` the records written."""
         self._check_open()
         table = self._counters
         return {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(COUNTERS)}
 
-    def flow_stats(self) -> list[tuple[bytes, dict[str, int]]]:
-        """Every flow in the kernel's LRU table: raw key -> its counters."""
+    def flow_counters(self, raws: Iterable[bytes]) -> dict[bytes, Counters | None]:
+        """Each given flow's volume counters, None when its slot is not its
+        own (never claimed by one of its candidates, or claimed by another
+        flow's since): the bulk rule must tell "unknown" from "zero". One
+        vectorised read of the mapped array, no system call."""
         self._check_open()
-        out = []
-        for k, v in self._flows.items():
-            out.append((
-                bytes(k),
-                {"packets": int(v.packets), "candidates": int(v.candidates),
-                 "bytes": int(v.bytes), "last_seen_ns": int(v.last_seen_ns)},
-            ))
+        raws = list(raws)
+        if not raws:
+            return {}
+        slot, tag = slot_tag(flow_hashes(raws), self.vol_slots)
+        rows = self._vol[slot]
+        out: dict[bytes, Counters | None] = {}
+        for raw, r in zip(raws, rows.tolist(), strict=True):
+            packets, cands, nbytes, got_tag, _pad = r
+            out[raw] = Counters(packets, cands, nbytes) if got_tag == tag[len(out)] else None
         return out
 
-    def flow_counters(self, raws: Iterable[bytes]) -> dict[bytes, Counters | None]:
-        """Each given flow's kernel counters, None for a flow the LRU has
-        dropped (or never had): the bulk rule must tell "gone" from "zero"."""
+    def flow_stats(self, raws: Iterable[bytes] = ()) -> list[tuple[bytes, dict[str, int]]]:
+        """:meth:`flow_counters` of the given flows as dicts, for the flow view
+        (flows whose counters are unknown are left out)."""
+        return [(raw, c._asdict()) for raw, c in self.flow_counters(raws).items() if c is not None]
+
+    def client_volume(self, clients: Iterable[str], claim: bool = True) -> dict[str, tuple[int, str] | None]:
+        """Each client's bytes of UDP from the signalling port since its slot
+        became its own, and the server of its last non-candidate datagram (""
+        if none); None when the slot is not its own. With ``claim`` such a
+        slot is claimed for the client (one map update: the kernel counts the
+        client from then on), so a known client is counted even before its
+        next candidate. For the watched-time sampler (:mod:`iqn_ctl.live.sessions`)."""
         self._check_open()
-        out: dict[bytes, Counters | None] = {}
-        key_t = self._flows.Key
-        for raw in raws:
-            try:
-                v = self._flows[key_t.from_buffer_copy(raw)]
-            except KeyError:
-                out[raw] = None
+        names = list(clients)
+        if not names:
+            return {}
+        raws = [client_key(c) for c in names]
+        slot, tag = slot_tag(client_hashes(raws), self.vol_slots)
+        rows = self._cvol[slot]
+        out: dict[str, tuple[int, str] | None] = {}
+        for i, (c, raw) in enumerate(zip(names, raws, strict=True)):
+            r = rows[i]
+            if int(r["tag"]) != int(tag[i]):
+                out[c] = None
+                if claim:
+                    table = self._bpf[b"vol_client"]
+                    leaf = table.Leaf()
+                    leaf.tag = int(tag[i])
+                    table[table.Key(int(slot[i]))] = leaf
                 continue
-            out[raw] = Counters(int(v.packets), int(v.candidates), int(v.bytes))
+            srv = bytes(r["server"])
+            out[c] = (int(r["bytes"]), server_name(srv, raw[36]) if any(srv) else "")
         return out
 
     def detach(self) -> None:
@@ -589,6 +684,10 @@ class Datapath:
         finally:
             self._closed = True
             self._ring.close()
+            del self._vol, self._cvol, self._taker
+            for m in self._maps:
+                with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it later
+                    m.close()
             self._bpf.cleanup()
 
     def __enter__(self) -> Datapath:

@@ -1,5 +1,5 @@
-"""The live flow view, sans-I/O: the data plane's candidate events (raw
-kernel key, time, length) -> the engine's
+"""The live flow view, sans-I/O: the data plane's burst records (raw kernel
+key, first time, each candidate's offset) -> the engine's
 :class:`~iqn_ctl.engine.vector.VectorFlowTable` (``FlowTable``'s semantics,
 costed per poll: one vectorised pass over all of a poll's arrivals), with the names
 (flow label, client, server) the flow view and the history need.
@@ -24,11 +24,15 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from iqn_ctl.engine.bursts import Bursts
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR
 from iqn_ctl.engine.flowkey import KEY_MODES, FlowInfo, FlowKey, flow_of
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_SOURCE_RATE, SignalParams
 from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event
 from iqn_ctl.engine.vector import FlowColumns, VectorFlowTable
+from iqn_ctl.live.bursttable import BurstBatch
 from iqn_ctl.live.layout import decode_key
 from iqn_ctl.live.settings import AgentError
 
@@ -155,15 +159,52 @@ class LiveFlows:
             return got
         return FlowInfo(str(fid), str(fid), "")
 
-    def ingest(self, events: Sequence[tuple[bytes, float, int]]) -> list[Event]:
-        """Feed one poll's events to the engine in one call (one vectorised pass
-        over every flow's arrivals); events in order of detection time."""
+    def ingest_bursts(self, batch: BurstBatch) -> list[Event]:
+        """Feed one poll's burst records to the engine in one call (one
+        vectorised pass over every flow's arrivals): the Python work is one
+        step per record (its raw key to its flow), none per candidate."""
+        if not len(batch):
+            return []
+        self.events_in += batch.candidates
+        firsts = batch.first.tolist()
+        self.oldest = min(firsts) / 1e9
+        table = self.table
+        groups: dict[Hashable, int] = {}
+        flow = np.empty(len(batch), np.int64)
+        counts = batch.count.tolist()
+        for i, raw in enumerate(batch.keys):
+            fid = self._fid.get(raw)
+            if fid is None:
+                fid = self.flow_id(raw)
+            g = groups.get(fid)
+            if g is None:
+                if fid in table or self.limit.admit(self.info(fid).server, firsts[i] / 1e9):
+                    g = len(groups)
+                else:
+                    g = -1
+                    self.refused += 1
+                groups[fid] = g
+            if g < 0:
+                self.refused_events += counts[i]
+            flow[i] = g
+        keys = [fid for fid, g in groups.items() if g >= 0]
+        b = batch.bursts(flow)
+        if (flow < 0).any():
+            keep = flow >= 0
+            b = Bursts(b.flow[keep], b.first[keep], b.count[keep], b.off[keep])
+        return table.feed_bursts(keys, b)
+
+    def ingest(self, events: Sequence[tuple[bytes, float] | tuple[bytes, float, int]]) -> list[Event]:
+        """Feed one poll's candidates (raw key, time[, length]) to the engine in
+        one call (one vectorised pass over every flow's arrivals); events in
+        order of detection time. The agent feeds burst records
+        (:meth:`ingest_bursts`); this is the per-candidate form."""
         if not events:
             return []
         self.events_in += len(events)
         by_raw: dict[bytes, list[float]] = {}
         oldest = events[0][1]
-        for raw, t, _length in events:
+        for raw, t, *_ in events:
             if t < oldest:
                 oldest = t
             g = by_raw.get(raw)

@@ -4,15 +4,15 @@ per-flow counters and written to the ``sessions`` table of the agent's history.
 The accounting itself is sans-I/O (:mod:`iqn_ctl.engine.watch`); this module
 feeds it and stores what it closes:
 
-* Which client received how much, when: the XDP program counts, per 5-tuple,
-  every UDP packet from the signalling port (443: QUIC, so the page *and* the
-  video connections of an HTTP/3 player). Reading the whole LRU table costs
-  time proportional to its size, so it is scanned only every
-  ``max(SAMPLE_EVERY, cost / SCAN_SHARE)`` seconds (at most 2 % of the loop's
-  time, also when new clients keep appearing) to learn the keys of *known*
-  clients; in between, once a second, only those keys are looked up. A key
-  first found by a scan counts as active in the sample where the kernel last
-  saw a packet of it.
+* Which client received how much, when: the XDP program counts, per client
+  address, every UDP packet from the signalling port (443: QUIC, so the page
+  *and* the video connections of an HTTP/3 player) in a slot of a plain array
+  the client owns (``vol_client``, docs/dataplane.md), with the source of its
+  last non-candidate datagram: the media server. Once a second the known
+  clients' slots are read from the mapped array (no system call); a known
+  client whose slot is not its own claims it, and counts from the next sample.
+  The bytes of a sample go to the server the slot names (the one whose
+  datagram came last), or to the server the client signalled through.
 * What is written: one row per client and slot (:class:`WatchRecord`), when the
   slot is over (plus :data:`GRACE`, so a stall that ended just before the edge
   is in) and, for the slot going on, when the agent stops. Rows that cannot be
@@ -33,22 +33,17 @@ import socket
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Protocol
 
-from iqn_ctl.engine.discard import Counters
-from iqn_ctl.engine.flowkey import FlowKey
 from iqn_ctl.engine.watch import DEFAULT_SLOT, RECORD_VERSION, WatchAccounting, WatchRecord
 from iqn_ctl.live.history import HistoryError
-from iqn_ctl.live.layout import decode_key
 
 log = logging.getLogger("iqn.sessions")
 
 #: seconds between samples of the known clients' counters
 SAMPLE_EVERY = 1.0
-#: a full scan of the kernel's flow table may take at most this share of the time
-SCAN_SHARE = 0.02
 #: a slot is closed this long after its end: stalls ending at the edge are known by then
 #: (the stall-end window is 4 p = 0.8 s by default)
 GRACE = 2.0
@@ -57,8 +52,6 @@ MAX_HELD = 10_000
 #: newest rows kept (~100 bytes each: ~100 MB at most)
 MAX_SESSION_ROWS = 1_000_000
 _PRUNE_EVERY = 1024
-#: kernel keys of known clients remembered
-MAX_KEYS = 262_144
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -78,12 +71,12 @@ CREATE INDEX IF NOT EXISTS sessions_slot ON sessions (slot);
 """
 
 
-class FlowCounters(Protocol):
+class ClientVolume(Protocol):
     """What the sampler needs of :class:`~iqn_ctl.live.datapath.Datapath`."""
 
-    def flow_stats(self) -> list[tuple[bytes, dict[str, int]]]: ...
-
-    def flow_counters(self, raws: Iterable[bytes]) -> dict[bytes, Counters | None]: ...
+    def client_volume(
+        self, clients: Iterable[str], claim: bool = True
+    ) -> dict[str, tuple[int, str] | None]: ...
 
 
 class SessionStore:
@@ -168,23 +161,22 @@ class Sessions:
     """The agent's watched-time accounting: kernel counters in, records out."""
 
     def __init__(self, iface: str, db: Path, slot_s: float = DEFAULT_SLOT, router: str | None = None,
-                 decode: Callable[[bytes], FlowKey] = decode_key, since: float | None = None) -> None:
+                 since: float | None = None) -> None:
         self.acc = WatchAccounting(slot_s, router if router is not None else socket.gethostname(), iface)
         self.store = SessionStore(db)
         start = time.time() if since is None else since
         for client in self.store.known_clients(iface):
             self.acc.know(client, start)
-        self._decode = decode
-        #: raw kernel key -> (client, server), for keys of known clients
-        self._names: dict[bytes, tuple[str, str] | None] = {}
-        #: raw key of a known client -> (client, server, bytes at the last sample)
-        self._keys: dict[bytes, tuple[str, str, int]] = {}
+        #: known client -> its byte counter at the last sample
+        self._bytes: dict[str, int] = {}
+        #: client -> the server it last signalled through (bytes with no server named go there)
+        self._signal: dict[str, str] = {}
         self._last: float | None = None
         self._due = 0.0
-        self._scan_due = 0.0
 
     # stall events, epoch seconds (the agent adds its wall-clock offset)
     def stall_started(self, flow: Hashable, client: str, server: str, start: float) -> None:
+        self._signal[client] = server
         self.acc.stall_started(flow, client, server, start)
 
     def stall_ended(self, flow: Hashable, client: str, server: str, start: float, end: float,
@@ -195,20 +187,7 @@ class Sessions:
         # time (74 % of a core in the soak, against the 2 % budget).
         self.acc.stall_ended(flow, client, server, start, end, kept, detected)
 
-    def _name(self, raw: bytes) -> tuple[str, str] | None:
-        if raw in self._names:
-            return self._names[raw]
-        if len(self._names) >= MAX_KEYS:
-            self._names.clear()
-        try:
-            k = self._decode(raw)
-            got: tuple[str, str] | None = (k.client, k.server)
-        except ValueError:
-            got = None
-        self._names[raw] = got
-        return got
-
-    def tick(self, dp: FlowCounters, now: float, off: float) -> None:
+    def tick(self, dp: ClientVolume, now: float, off: float) -> None:
         """Sample if due (``now`` monotonic, ``off`` = wall minus monotonic), close
         the slots that are over and write their records."""
         if now < self._due:
@@ -218,7 +197,7 @@ class Sessions:
         if self.store.pending:
             self.store.flush()
 
-    def finish(self, dp: FlowCounters | None, now: float, off: float) -> None:
+    def finish(self, dp: ClientVolume | None, now: float, off: float) -> None:
         """The agent stops: a last sample, then every slot closes (the current one early)."""
         if dp is not None:
             self._sample(dp, now, off)
@@ -230,50 +209,26 @@ class Sessions:
     def close(self) -> None:
         self.store.close()
 
-    def _sample(self, dp: FlowCounters, now: float, off: float) -> None:
+    def _sample(self, dp: ClientVolume, now: float, off: float) -> None:
         t0 = now if self._last is None else self._last
         received: dict[tuple[str, str], float] = {}
-        if not self.acc.clients:
-            self._keys.clear()
-        elif now >= self._scan_due:
-            began = time.perf_counter()
-            seen: set[bytes] = set()
-            for raw, st in dp.flow_stats():
-                names = self._name(raw)
-                if names is None or not self.acc.known(names[0]):
+        clients = self.acc.clients
+        if not clients:
+            self._bytes.clear()
+        else:
+            for client, got in dp.client_volume(sorted(clients)).items():
+                if got is None:  # not its slot (yet): claimed now, counted from the next sample
+                    self._bytes.pop(client, None)
                     continue
-                seen.add(raw)
-                fresh = st.get("last_seen_ns", 0) / 1e9 > t0
-                self._count(raw, names, int(st.get("bytes", 0)), fresh, received)
-            for raw in [r for r in self._keys if r not in seen]:
-                del self._keys[raw]  # evicted from the kernel's table
-            cost = time.perf_counter() - began
-            self._scan_due = now + max(SAMPLE_EVERY, cost / SCAN_SHARE)
-        elif self._keys:
-            for raw, c in dp.flow_counters(list(self._keys)).items():
-                got = self._keys.get(raw)
-                if got is None:
-                    continue
-                if c is None:
-                    del self._keys[raw]
-                    continue
-                self._count(raw, (got[0], got[1]), c.bytes, True, received)
+                nbytes, server = got
+                old = self._bytes.get(client)
+                self._bytes[client] = nbytes
+                if old is None or nbytes <= old:
+                    continue  # first sight: a baseline (earlier bytes cannot be placed in time)
+                names = (client, server or self._signal.get(client, ""))
+                received[names] = received.get(names, 0.0) + (nbytes - old)
+            if len(self._bytes) > len(clients):
+                self._bytes = {c: b for c, b in self._bytes.items() if c in clients}
         self.acc.sample(t0 + off, now + off, received)
         self._last = now
         self._due = now + SAMPLE_EVERY
-
-    def _count(self, raw: bytes, names: tuple[str, str], nbytes: int, fresh: bool,
-               received: dict[tuple[str, str], float]) -> None:
-        """Bytes of one key since the last sample into ``received``. A key seen for the
-        first time (or restarted by the kernel) counts whole only if it was ``fresh``
-        (a packet in this sample); its earlier bytes cannot be placed in time."""
-        old = self._keys.get(raw)
-        if old is None or nbytes < old[2]:
-            delta = nbytes if fresh else 0
-        else:
-            delta = nbytes - old[2]
-        if old is None and len(self._keys) >= MAX_KEYS:
-            del self._keys[next(iter(self._keys))]
-        self._keys[raw] = (names[0], names[1], nbytes)
-        if delta > 0:
-            received[names] = received.get(names, 0.0) + delta

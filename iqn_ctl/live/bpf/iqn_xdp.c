@@ -2,11 +2,17 @@
  * answers to the viewer's autoplay toggles) on a router interface.
  *
  * A candidate is a UDP datagram from IQN_PORT whose Ethernet frame length
- * (iqn_band_len) lies in [IQN_MIN_SIZE, IQN_MAX_SIZE]. For each one the
- * program bumps per-flow counters in an LRU hash and writes a record
- * {flow key, bpf_ktime_get_ns(), frame length} to a BPF ring buffer read by
- * user space, where the stall inference runs. It always returns XDP_PASS: IQN observes, it never drops or
- * rewrites traffic.
+ * (iqn_band_len) lies in [IQN_MIN_SIZE, IQN_MAX_SIZE]. Candidates the
+ * forgery guard admits are grouped into bursts in the kernel (burst_add: up
+ * to IQN_BURST_N of one flow, each at most IQN_BURST_GAP_NS after the
+ * previous one) and each burst is written as one record {flow key, first and
+ * last time, count, every candidate's offset} to a BPF ring buffer read by
+ * user space, where the stall inference runs. A burst that stays short is
+ * read by user space from the memory-mapped burst table once its gap has
+ * passed (docs/dataplane.md). Every UDP datagram from IQN_PORT is also
+ * counted in two plain arrays indexed by a hash of its flow and of its
+ * client (vol_add): no hash-map access on the non-candidate path. It always
+ * returns XDP_PASS: IQN observes, it never drops or rewrites traffic.
  *
  * Parsing follows xdp-tutorial's parsing_helpers.h: a cursor walks the headers
  * and every helper checks its own bounds before reading, so the verifier can
@@ -16,21 +22,24 @@
  * and iqn_tc, a TC (clsact) classifier for interfaces whose XDP hook is taken
  * by another program, or where XDP is not available. Each entry only says
  * where the frame is and how long it was on the wire (iqn_band_len); the
- * parse and every decision are the same code.
+ * parse and every decision are the same code, so both hooks write the same
+ * burst records.
  *
  * Compile-time constants (-D from iqn_ctl.live.datapath): IQN_PORT, IQN_MIN_SIZE,
- * IQN_MAX_SIZE, IQN_MAX_FLOWS, IQN_RING_PAGES, IQN_WAKEUP_BYTES, IQN_L3, and the
- * forgery guard's IQN_PAIRING, IQN_PAIR_WINDOW_NS, IQN_PAIR_CREDITS,
- * IQN_CAP_NS, IQN_CAP_DEPTH. Each has a default below, so the file also
- * compiles with bcc on its own.
+ * IQN_MAX_SIZE, IQN_MAX_FLOWS, IQN_RING_PAGES, IQN_WAKEUP_BYTES, IQN_L3,
+ * IQN_BURST_N, IQN_BURST_GAP_NS, IQN_BURST_MAX, IQN_BURST_SLOTS,
+ * IQN_VOL_SLOTS, IQN_NCPU, and the forgery guard's IQN_PAIRING,
+ * IQN_PAIR_WINDOW_NS, IQN_PAIR_CREDITS, IQN_CAP_NS, IQN_CAP_DEPTH. Each has a
+ * default below, so the file also compiles with bcc on its own.
  *
  * The forgery guard (docs/dataplane.md, "Forged signals"): a second entry,
  * iqn_tc_egress, runs as a TC classifier at the same interface's egress and
  * notes every client-to-server datagram to IQN_PORT (pair_note); a candidate
- * is emitted only if its flow's client sent one within the pairing window
+ * is admitted only if its flow's client sent one within the pairing window
  * and a credit is left (pair_check), and only while its client's token
  * bucket allows (client_cap). The guard sits in iqn_packet's candidate
- * branch, so both the XDP and the TC ingress entries are guarded.
+ * branch, before burst_add, so both the XDP and the TC ingress entries are
+ * guarded and a candidate it does not admit never enters a burst.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -56,15 +65,40 @@
 #ifndef IQN_RING_PAGES
 #define IQN_RING_PAGES 4096
 #endif
-/* wake the reader once this many bytes of records wait (n records of 64 bytes) */
+/* wake the reader once this many bytes of records wait (burst records of 128 bytes) */
 #ifndef IQN_WAKEUP_BYTES
-#define IQN_WAKEUP_BYTES (4 * 64)
+#define IQN_WAKEUP_BYTES (16 * 128)
 #endif
 /* 1: the device is layer 3 (tun, WireGuard, PPP, GRE/IPIP: ARPHRD_NONE, _PPP,
  * _RAWIP, _TUNNEL...): its frames start at the IP header. 0: Ethernet. The
  * loader reads the device type and sets it; it chooses the first parser only. */
 #ifndef IQN_L3
 #define IQN_L3 0
+#endif
+
+/* a burst closes at this many candidates (the signal's n, --n) */
+#ifndef IQN_BURST_N
+#define IQN_BURST_N 4
+#endif
+/* ... or when the flow's next candidate comes later than this (engine/params.py BURST_GAP) */
+#ifndef IQN_BURST_GAP_NS
+#define IQN_BURST_GAP_NS 4000000
+#endif
+/* candidate times a burst record holds (engine/params.py BURST_MAX; fixes the record's layout) */
+#ifndef IQN_BURST_MAX
+#define IQN_BURST_MAX 12
+#endif
+/* open-burst slots per CPU (a power of two) */
+#ifndef IQN_BURST_SLOTS
+#define IQN_BURST_SLOTS 1024
+#endif
+/* volume counter slots, for flows and for clients (a power of two) */
+#ifndef IQN_VOL_SLOTS
+#define IQN_VOL_SLOTS 65536
+#endif
+/* CPUs the per-CPU slices are made for (the kernel's possible CPUs) */
+#ifndef IQN_NCPU
+#define IQN_NCPU 64
 #endif
 
 /* Forgery guard. IQN_PAIRING 1: a candidate needs a recent client packet on
@@ -117,31 +151,57 @@ struct flow_key {
     __u8 pad[2];
 };
 
-struct flow_stats {
-    __u64 packets;     /* UDP packets from IQN_PORT in this flow, any size */
+/* Volume of the UDP datagrams from IQN_PORT of one flow (vol_flow) or to one
+ * client (vol_client), in the slot its hash picks (layout.py VolC, ClientVolC).
+ * A slot belongs to the flow (client) whose admitted candidate last claimed it: `tag`
+ * is the rest of that hash, and packets of others hashing there are not
+ * counted. So a flow's counters are exact from its first candidate on, until
+ * another flow's candidate takes the slot; user space then sees a different
+ * tag and treats the counters as unknown, as it did for an LRU eviction. */
+struct vol {
+    __u64 packets;
     __u64 candidates;
-    __u64 bytes;       /* frame bytes of those packets */
-    __u64 last_seen_ns;  /* CLOCK_MONOTONIC; coarse (one tick) unless the last packet was a candidate */
+    __u64 bytes;
+    __u32 tag;         /* 0: never claimed */
+    __u32 pad;
 };
 
-/* Ring buffer record (64 bytes with the ring's 8-byte header): the key comes
- * first so user space can slice it off as is. */
-struct cand_event {
-    struct flow_key key;
-    __u64 ts_ns;
-    __u32 len;
+struct client_vol {
+    __u64 packets;
+    __u64 candidates;
+    __u64 bytes;
+    __u32 tag;
     __u32 pad;
+    __u8 server[16];   /* source of the client's last non-candidate datagram */
+};
+
+/* An open burst in its slot, and the ring record it becomes (layout.py
+ * BurstC): 120 bytes, 128 with the ring's 8-byte header. The key comes first
+ * so user space can slice it off as is. `lock` is odd while the kernel writes
+ * the slot (a sequence lock for the user-space reader of the mapped table);
+ * `gen` numbers the bursts of a slot, so a burst user space already read
+ * from the table is recognised when its record arrives. */
+struct burst {
+    struct flow_key key;
+    __u64 first_ns;    /* CLOCK_MONOTONIC of the first candidate */
+    __u64 last_ns;     /* ... of the last */
+    __u32 count;       /* candidates; 0: the slot holds no open burst */
+    __u32 slot;        /* index in `bursts` */
+    __u32 gen;
+    __u32 lock;
+    __u32 off[IQN_BURST_MAX];  /* candidate i at first_ns + off[i] */
 };
 
 enum iqn_counter {
     CNT_PACKETS = 0,
     CNT_CANDIDATES = 1,
     CNT_PARSE_ERRORS = 2,
-    CNT_LOST = 3,      /* candidates the ring had no room for */
+    CNT_LOST = 3,      /* candidates in burst records the ring had no room for */
     CNT_UNPAIRED = 4,  /* candidates with no recent client packet (or credit) on their flow */
     CNT_CAPPED = 5,    /* paired candidates over their client's token bucket */
     CNT_CLIENT = 6,    /* client-to-server datagrams to IQN_PORT seen at egress */
-    CNT_MAX = 7,
+    CNT_BURSTS = 7,    /* burst records written to the ring */
+    CNT_MAX = 8,
 };
 
 /* What the egress program knows of a flow's client (flow key oriented
@@ -157,9 +217,18 @@ struct client_key {
     __u8 pad[3];
 };
 
-BPF_TABLE("lru_hash", struct flow_key, struct flow_stats, flows, IQN_MAX_FLOWS);
 BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
 BPF_RINGBUF_OUTPUT(events, IQN_RING_PAGES);
+/* Plain arrays, no hash maps (the guard's below are only reached by candidates): the verifier inlines every look-up, and user
+ * space reads them through a memory map, without a system call. The burst
+ * table is sliced per CPU (index cpu * IQN_BURST_SLOTS + hash), so each
+ * slot has one writer. The volume arrays are shared: a flow's packets come
+ * in on one CPU (RSS), and plain adds of two CPUs racing on one slot would
+ * only lose a count. */
+BPF_F_TABLE("array", __u32, struct burst, bursts, IQN_NCPU * IQN_BURST_SLOTS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct vol, vol_flow, IQN_VOL_SLOTS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct client_vol, vol_client, IQN_VOL_SLOTS, BPF_F_MMAPABLE);
+
 /* the guard's tables take one entry when their check is compiled out */
 #define IQN_PAIR_FLOWS (IQN_PAIRING ? IQN_MAX_FLOWS : 1)
 #define IQN_CAP_CLIENTS (IQN_CAP_NS ? IQN_MAX_FLOWS : 1)
@@ -175,6 +244,13 @@ static __always_inline void count(__u32 idx)
     __u64 *c = counters.lookup(&idx);
     if (c)
         *c += 1;  /* per-CPU slot: no atomics needed */
+}
+
+static __always_inline void count_n(__u32 idx, __u64 n)
+{
+    __u64 *c = counters.lookup(&idx);
+    if (c)
+        *c += n;
 }
 
 /* Batched wake-ups. A wake-up per record costs the kernel far more than the
@@ -305,6 +381,143 @@ static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end,
     return 0;
 }
 
+/* ---- flow hashes: the slot of a flow (or client) in the arrays below ----
+ * Computed from the header fields as if from struct flow_key's five 64-bit
+ * little-endian words w0..w4 (saddr, daddr, then ports/family/proto), so
+ * user space gets the same slot from a raw key (layout.py flow_hash). */
+static __always_inline __u64 iqn_mix(__u64 x)
+{
+    x ^= x >> 29;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 32;
+    return x;
+}
+
+/* low bits: the slot; high 32 bits (| 1, never 0): the tag */
+static __always_inline __u64 flow_hash(__u64 s, __u64 d, __u64 w4)
+{
+    return iqn_mix((s * 0x9e3779b97f4a7c15ULL) ^ d ^ w4);
+}
+
+static __always_inline __u64 client_hash(__u64 d)
+{
+    return iqn_mix(d ^ 0x5851f42d4c957f2dULL);
+}
+
+/* ---- non-candidate accounting: per-flow and per-client volume ----
+ * Two inlined array look-ups, a tag compare and plain adds: what the
+ * bulk-flow filter (vol_flow) and the watched-time sampler (vol_client)
+ * need, with no hash-map access, for every UDP datagram from IQN_PORT.
+ * `claim`: a candidate the guard admitted, which may take the slot. */
+static __always_inline void vol_add(__u64 fh, __u64 ch, __u32 len, int cand, int claim,
+                                    __u64 s0, __u64 s1)
+{
+    __u32 i = (__u32)fh & (IQN_VOL_SLOTS - 1);
+    __u32 tag = (__u32)(fh >> 32) | 1;
+    struct vol *v = vol_flow.lookup(&i);
+    if (v) {
+        if (v->tag == tag) {
+            v->packets += 1;
+            v->candidates += cand;
+            v->bytes += len;
+        } else if (claim) {  /* an admitted candidate claims the slot for its flow */
+            v->tag = tag;
+            v->packets = 1;
+            v->candidates = 1;
+            v->bytes = len;
+        }
+    }
+    i = (__u32)ch & (IQN_VOL_SLOTS - 1);
+    tag = (__u32)(ch >> 32) | 1;
+    struct client_vol *c = vol_client.lookup(&i);
+    if (c) {
+        if (c->tag == tag) {
+            c->packets += 1;
+            c->candidates += cand;
+            c->bytes += len;
+            if (!cand) {
+                __u64 *srv = (__u64 *)c->server;
+                srv[0] = s0;
+                srv[1] = s1;
+            }
+        } else if (claim) {
+            c->tag = tag;
+            c->packets = 1;
+            c->candidates = 1;
+            c->bytes = len;
+        }
+    }
+}
+
+/* ---- signal shaping: candidates -> burst records ---- */
+
+/* Compiler barrier: the stores on either side reach memory in program order
+ * (x86 keeps stores in order), which the table's reader relies on. */
+#define iqn_barrier() asm volatile("" ::: "memory")
+
+static __always_inline int key_eq(const struct flow_key *a, const struct flow_key *b)
+{
+    const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
+/* Write the slot's burst to the ring and close it. A full ring drops the
+ * record: its candidates are counted lost here, where it happens. */
+static __always_inline void burst_emit(struct burst *b)
+{
+    __u32 c = b->count;
+    if (events.ringbuf_output(b, sizeof(*b), 0) < 0)
+        count_n(CNT_LOST, c);
+    else
+        count(CNT_BURSTS);
+    b->count = 0;
+}
+
+/* One candidate of flow `key` at `now`, in this CPU's slot for the flow. It
+ * extends the open burst there if that is the same flow's, has room and
+ * ended at most IQN_BURST_GAP_NS ago; otherwise that burst is written out and
+ * a new one starts. A burst of IQN_BURST_N goes out at once. A burst left
+ * short stays in its slot until the flow's next candidate or another flow's
+ * takes the slot; user space reads it from the mapped table meanwhile, once
+ * its gap has passed (datapath.py, Datapath.poll_bursts). */
+static __always_inline void burst_add(const struct flow_key *key, __u64 now, __u32 cpu, __u64 fh)
+{
+    __u32 idx = cpu * IQN_BURST_SLOTS + ((__u32)fh & (IQN_BURST_SLOTS - 1));
+    struct burst *b = bursts.lookup(&idx);
+    if (!b)
+        return;
+    __u32 c = b->count;
+    if (c) {
+        if (c < IQN_BURST_N && c < IQN_BURST_MAX && now - b->last_ns <= IQN_BURST_GAP_NS &&
+            key_eq(&b->key, key)) {
+            b->lock += 1;
+            iqn_barrier();
+            b->off[c] = (__u32)(now - b->first_ns);
+            b->last_ns = now;
+            b->count = c + 1;
+            iqn_barrier();
+            b->lock += 1;
+            if (c + 1 >= IQN_BURST_N)
+                burst_emit(b);
+            return;
+        }
+        burst_emit(b);
+    }
+    b->lock += 1;
+    iqn_barrier();
+    b->key = *key;
+    b->first_ns = now;
+    b->last_ns = now;
+    b->off[0] = 0;
+    b->slot = idx;
+    b->gen += 1;
+    b->count = 1;
+    iqn_barrier();
+    b->lock += 1;
+    if (IQN_BURST_N <= 1)
+        burst_emit(b);
+}
+
 /* Forgery guard, XDP side: may this candidate's flow carry a candidate now?
  * Yes if its client sent a datagram to the server port within the pairing
  * window and a credit is left (spent here). An off-path sender must guess
@@ -366,6 +579,7 @@ static __always_inline int admit_candidate(struct flow_key *key, __u64 now)
     }
     return 1;
 }
+
 /* The per-packet work of both hooks: [data, data_end) is the frame from its
  * first header (Ethernet, or IP on a layer-3 device), ``wire_len`` its length
  * on the wire (see iqn_band_len). Never changes the packet. */
@@ -396,61 +610,60 @@ static __always_inline void iqn_packet(void *data, void *data_end, __u32 wire_le
     if (udph->source != bpf_htons(IQN_PORT))
         return;
 
-    /* A server-to-client datagram from the signalling port: track the flow.
-     * Only candidates need a precise timestamp (the inference runs on them);
-     * last_seen of the bulk of the flow's packets makes do with the coarse
-     * clock (same CLOCK_MONOTONIC base, one tick behind at most), which costs
-     * a fraction of bpf_ktime_get_ns() on virtualised routers. */
+    /* A server-to-client datagram from the signalling port: count its
+     * volume, and group it into a burst if it is a candidate the guard
+     * admits. The slot hashes take the addresses as the key's 64-bit words
+     * (an IPv4 address fills the low half of the first, as in struct
+     * flow_key). */
     __u32 len = iqn_band_len(wire_len);
     int cand = len >= IQN_MIN_SIZE && len <= IQN_MAX_SIZE;
-    __u64 now = cand ? bpf_ktime_get_ns() : bpf_ktime_get_coarse_ns();
-    struct flow_key key = {};
+    __u64 s0, s1 = 0, d, w4;
+    __u8 family;
+    if (iph) {
+        family = 4;
+        s0 = iph->saddr;
+        d = iph->daddr;
+    } else if (ip6h) {
+        family = 6;
+        const __u64 *sa = (const __u64 *)&ip6h->saddr, *da = (const __u64 *)&ip6h->daddr;
+        s0 = sa[0];
+        s1 = sa[1];
+        d = da[0] ^ da[1];
+    } else {
+        return;
+    }
+    w4 = (__u64)udph->source | (__u64)udph->dest << 16 | (__u64)family << 32 | (__u64)IPPROTO_UDP << 40;
+    __u64 fh = flow_hash(s0 ^ s1, d, w4);
+    if (!cand) {
+        vol_add(fh, client_hash(d), len, 0, 0, s0, s1);
+        return;
+    }
+
+    count(CNT_CANDIDATES);
+    struct flow_key key __attribute__((aligned(8))) = {};
     key.sport = udph->source;
     key.dport = udph->dest;
     key.proto = IPPROTO_UDP;
+    key.family = family;
     if (iph) {
-        key.family = 4;
         __builtin_memcpy(key.saddr, &iph->saddr, 4);
         __builtin_memcpy(key.daddr, &iph->daddr, 4);
     } else if (ip6h) {
-        key.family = 6;
         __builtin_memcpy(key.saddr, &ip6h->saddr, 16);
         __builtin_memcpy(key.daddr, &ip6h->daddr, 16);
     }
-
-    struct flow_stats *st = flows.lookup(&key);
-    if (!st) {
-        struct flow_stats fresh = {
-            .packets = 1, .candidates = cand, .bytes = len, .last_seen_ns = now,
-        };
-        /* NOEXIST: if another CPU created the flow meanwhile, add to its entry */
-        if (flows.insert(&key, &fresh) == 0)
-            goto counted;
-        st = flows.lookup(&key);
-    }
-    if (st) {
-        __sync_fetch_and_add(&st->packets, 1);
-        __sync_fetch_and_add(&st->bytes, len);
-        if (cand)
-            __sync_fetch_and_add(&st->candidates, 1);
-        if (now > st->last_seen_ns)
-            st->last_seen_ns = now;
-    }
-counted:
-
-    if (cand) {
-        count(CNT_CANDIDATES);
-        if (!admit_candidate(&key, now))
-            return;
-        struct cand_event ev = {};
-        ev.key = key;
-        ev.ts_ns = now;
-        ev.len = len;
-        /* a full ring drops the record: counted here, where it happens, so
-         * user space never has to infer the loss */
-        if (events.ringbuf_output(&ev, sizeof(ev), 0) < 0)
-            count(CNT_LOST);
-    }
+    __u64 now = bpf_ktime_get_ns();
+    /* the guard first: a candidate it keeps back is counted as volume but
+     * claims no slot (a forged flood cannot evict a viewer's counters) and
+     * never enters a burst */
+    int admitted = admit_candidate(&key, now);
+    vol_add(fh, client_hash(d), len, 1, admitted, s0, s1);
+    if (!admitted)
+        return;
+    __u32 cpu = bpf_get_smp_processor_id();
+    if (cpu >= IQN_NCPU)
+        return;  /* cannot happen: IQN_NCPU is the kernel's possible CPUs */
+    burst_add(&key, now, cpu, fh);
     return;
 
 out:

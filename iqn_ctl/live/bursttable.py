@@ -1,0 +1,183 @@
+"""Burst records from the data plane: the ring buffer's closed bursts plus the
+short ones still open in the kernel's memory-mapped burst table.
+
+Why read the table: the kernel writes a burst to the ring when it is full (n
+candidates) or when its slot is needed again (the flow's next candidate after
+the gap, or another flow's candidate). A burst left short - the last toggles
+of a signal, a burst a lost packet cut - would otherwise wait for the flow's
+next candidate, maybe 0.2 s or forever, and the stall it completes would show
+that late. So at every poll user space also takes, from the mapped table, the
+open bursts whose gap has passed (plus :data:`MARGIN`). It never writes the
+table: the kernel stays the only writer, and the same burst arriving later as
+a ring record is recognised by its (slot, generation) and only candidates not
+taken yet are passed on. Each candidate is passed on exactly once.
+
+Torn reads: the kernel makes a slot's ``lock`` odd while it writes the slot
+(iqn_xdp.c, ``burst_add``); a row is taken only if its lock was even and the
+same before and after copying it. Like the ring reader, this relies on x86's
+ordering of loads and of stores.
+
+The arrays here are numpy views; nothing runs in Python per record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from iqn_ctl.engine.bursts import Bursts
+
+#: a burst's gap must have passed by this much more before the table is read
+#: for it: the kernel stamps a candidate a little before it writes the slot
+MARGIN_NS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class BurstBatch:
+    """Burst records of one poll, as columns: raw key bytes, first time (ns),
+    candidate count, and each candidate's offset from the first (ns)."""
+
+    keys: list[bytes]
+    first: npt.NDArray[np.int64]
+    count: npt.NDArray[np.int64]
+    off: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def candidates(self) -> int:
+        return int(self.count.sum())
+
+    def bursts(self, flow: npt.NDArray[np.int64]) -> Bursts:
+        """The engine's :class:`~iqn_ctl.engine.bursts.Bursts`, burst ``i`` of flow ``flow[i]``."""
+        return Bursts(flow, self.first, self.count, self.off)
+
+    def select(self, idx: npt.NDArray[np.int64] | slice) -> BurstBatch:
+        """The records ``idx`` (indices or a slice), as a new batch."""
+        keys = self.keys[idx] if isinstance(idx, slice) else [self.keys[i] for i in idx.tolist()]
+        return BurstBatch(keys, self.first[idx], self.count[idx], self.off[idx])
+
+    def drop_head(self, k: int) -> BurstBatch:
+        """The batch without its first ``k`` candidates in record order: whole
+        records first, then the oldest candidates of the next one (its first
+        time moves to the first candidate kept), so exactly ``k`` go."""
+        if k <= 0:
+            return self
+        cum = np.cumsum(self.count)
+        whole = int(np.searchsorted(cum, k, side="right"))
+        rest = self.select(slice(whole, None))
+        cut = k - (int(cum[whole - 1]) if whole else 0)
+        if cut <= 0 or not len(rest):
+            return rest
+        first, count, off = rest.first.copy(), rest.count.copy(), rest.off.copy()
+        width = off.shape[1]
+        base = int(off[0, cut])
+        row = off[0, cut:] - base
+        off[0] = 0
+        off[0, : width - cut] = row
+        off[0, count[0] - cut:] = 0
+        first[0] += base
+        count[0] -= cut
+        return BurstBatch(rest.keys, first, count, off)
+
+    def times_ns(self) -> tuple[list[bytes], npt.NDArray[np.int64]]:
+        """Every candidate as (raw key, ns), sorted by time."""
+        bid, t = self.bursts(np.zeros(len(self.keys), np.int64)).candidates()
+        o = np.argsort(t, kind="stable")
+        keys = self.keys
+        return [keys[i] for i in bid[o].tolist()], t[o]
+
+
+def empty_batch(width: int) -> BurstBatch:
+    e = np.empty(0, np.int64)
+    return BurstBatch([], e, e, np.zeros((0, width), np.int64))
+
+
+def concat(batches: list[BurstBatch]) -> BurstBatch:
+    """One batch of the given ones' records, in order."""
+    if len(batches) == 1:
+        return batches[0]
+    keys: list[bytes] = []
+    for b in batches:
+        keys.extend(b.keys)
+    return BurstBatch(keys, np.concatenate([b.first for b in batches]),
+                      np.concatenate([b.count for b in batches]),
+                      np.concatenate([b.off for b in batches]))
+
+
+class BurstTaker:
+    """Turns ring records and open table slots into a :class:`BurstBatch`,
+    passing each candidate on once. ``table`` is the kernel's burst table (a
+    structured view of ``struct burst``, one row per slot)."""
+
+    def __init__(self, table: npt.NDArray[np.void], gap_ns: int) -> None:
+        self.table = table
+        self.gap_ns = gap_ns
+        rows = table.shape[0]
+        #: per slot: the generation of the burst last taken from the table, and how many of its candidates
+        self.taken_gen = np.zeros(rows, np.uint32)
+        self.taken_cnt = np.zeros(rows, np.int64)
+        self.swept = 0  # bursts (or their tails) taken from the table
+
+    def _skip(self, recs: npt.NDArray[np.void]) -> npt.NDArray[np.int64]:
+        slot = recs["slot"].astype(np.int64)
+        ok = slot < self.taken_gen.size
+        slot = np.where(ok, slot, 0)
+        same = ok & (self.taken_gen[slot] == recs["gen"])
+        return np.where(same, self.taken_cnt[slot], 0)
+
+    def sweep(self, now_ns: int) -> npt.NDArray[np.void]:
+        """Open bursts whose gap passed before ``now_ns`` and that hold
+        candidates not taken yet, copied consistently; marks them taken."""
+        t = self.table
+        cnt = t["count"]
+        horizon = np.uint64(max(now_ns - self.gap_ns - MARGIN_NS, 0))
+        due = np.flatnonzero((cnt > 0) & (t["last_ns"] < horizon))
+        if not due.size:
+            return t[:0].copy()
+        fresh = ~((self.taken_gen[due] == t["gen"][due]) & (self.taken_cnt[due] >= cnt[due]))
+        due = due[fresh]
+        if not due.size:
+            return t[:0].copy()
+        lock0 = t["lock"][due].copy()
+        rows = t[due]  # a copy
+        lock1 = t["lock"][due]
+        ok = (lock0 == lock1) & (lock0 % 2 == 0) & (rows["lock"] == lock0) & (rows["count"] > 0)
+        rows = rows[ok]
+        return rows
+
+    def take(self, recs: npt.NDArray[np.void], now_ns: int | None) -> BurstBatch:
+        """The ring's records of this poll, then (``now_ns`` given) the table's
+        due open bursts; candidates already passed on are left out."""
+        width = self.table.dtype["off"].shape[0]
+        parts = []
+        if recs.size:
+            parts.append((recs, self._skip(recs)))
+        if now_ns is not None:
+            rows = self.sweep(now_ns)
+            if rows.size:
+                skip = self._skip(rows)
+                slot = rows["slot"].astype(np.int64)
+                self.taken_gen[slot] = rows["gen"]
+                self.taken_cnt[slot] = rows["count"]
+                self.swept += int(rows.size)
+                parts.append((rows, skip))
+        if not parts:
+            return empty_batch(width)
+        allr = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        skip = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        count = allr["count"].astype(np.int64) - skip
+        keep = count > 0
+        allr, skip, count = allr[keep], skip[keep], count[keep]
+        off = allr["off"].astype(np.int64)
+        first = allr["first_ns"].astype(np.int64)
+        if skip.any():
+            idx = np.minimum(skip[:, None] + np.arange(width), width - 1)
+            base = off[np.arange(off.shape[0]), skip]
+            off = np.take_along_axis(off, idx, axis=1) - base[:, None]
+            first = first + base
+        off[np.arange(width)[None, :] >= count[:, None]] = 0
+        return BurstBatch(allr["key"].tolist(), first, count, off)
