@@ -51,12 +51,14 @@ def burst_cap(n: int) -> int:
 class Bursts:
     """Burst records as columns: burst ``i`` belongs to flow ``flow[i]`` (an
     index the caller defines), starts at ``first[i]`` ns and holds
-    ``count[i]`` candidates at ``first[i] + off[i, :count[i]]`` (``off[i, 0]`` is 0)."""
+    ``count[i]`` candidates at ``first[i] + off[i, :count[i]]`` (``off[i, 0]`` is 0).
+    Times are ns after ``origin`` seconds (0: the kernel's clock itself)."""
 
     flow: I64
     first: I64
     count: I64
     off: I64
+    origin: float = 0.0
 
     def __len__(self) -> int:
         return int(self.count.size)
@@ -77,7 +79,12 @@ class Bursts:
     def seconds(self) -> F64:
         """Every candidate's time in seconds, burst by burst: the same float the
         live path makes of a kernel time (``ns / 1e9``)."""
-        return self.candidates()[1] / 1e9  # type: ignore[no-any-return]
+        t = self.candidates()[1] / 1e9
+        return t + self.origin if self.origin else t  # type: ignore[no-any-return]
+
+    def select(self, keep: npt.NDArray[np.bool_] | I64) -> Bursts:
+        """The bursts ``keep`` picks (a mask or indices), in that order."""
+        return Bursts(self.flow[keep], self.first[keep], self.count[keep], self.off[keep], self.origin)
 
 
 def _empty(cap: int) -> Bursts:
@@ -115,8 +122,18 @@ def group(flow: npt.ArrayLike, t_ns: npt.ArrayLike, n: int, gap_ns: int = GAP_NS
     rid = np.cumsum(run) - 1
     new = (np.arange(t.size) - starts[rid]) % cap == 0
     b = _build(f, t, new, cap)
-    o = np.lexsort((b.flow, b.first))
-    return Bursts(b.flow[o], b.first[o], b.count[o], b.off[o])
+    return b.select(np.lexsort((b.flow, b.first)))
+
+
+def group_seconds(flow: npt.ArrayLike, t: npt.ArrayLike, n: int, gap_ns: int = GAP_NS) -> Bursts:
+    """:func:`group` for times in seconds (a capture's): they become integer ns
+    after a whole-second origin, as the kernel would stamp them."""
+    ts = np.asarray(t, np.float64).ravel()
+    if not ts.size:
+        return group(flow, np.empty(0, np.int64), n, gap_ns)
+    origin = float(np.floor(ts.min()))
+    b = group(flow, np.round((ts - origin) * 1e9).astype(np.int64), n, gap_ns)
+    return Bursts(b.flow, b.first, b.count, b.off, origin)
 
 
 def group_slots(

@@ -247,13 +247,14 @@ class VectorFlowTable:
         only Python step is one per distinct flow."""
         if not len(bursts):
             return []
-        bid, t_ns = bursts.candidates()
+        bid, _ = bursts.candidates()
         ids = bursts.flow[bid]
         uniq, first, inv = np.unique(ids, return_index=True, return_inverse=True)
         rank = np.argsort(first, kind="stable")
         group_of = np.empty(rank.size, np.int64)
         group_of[rank] = np.arange(rank.size)
-        return self._feed_groups([keys[f] for f in uniq[rank].tolist()], group_of[inv.ravel()], t_ns / 1e9)
+        flows = [keys[f] for f in uniq[rank].tolist()]
+        return self._feed_groups(flows, group_of[inv.ravel()], bursts.seconds())
 
     def feed_groups(self, keys: Sequence[Hashable], times: Sequence[Sequence[float]]) -> list[Event]:
         """Arrivals already grouped by flow: distinct ``keys`` in order of first

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iqn_ctl.engine.bursts import group_seconds
 from iqn_ctl.engine.discard import BulkJudge, CounterLookup, Counters
 from iqn_ctl.engine.flowkey import KEY_MODES, flow_of
 from iqn_ctl.engine.flowtable import FlowTable
@@ -63,7 +64,11 @@ def _flow_events(
     max_flows: int = DEFAULT_MAX_FLOWS,
 ) -> list[Event]:
     """Every flow's arrivals to its tracker as one batch, so a capture with a
-    million candidates costs a handful of numpy calls per flow. The table is
+    million candidates costs a handful of numpy calls per flow. The candidates
+    become burst records with the twin of the kernel's grouping
+    (:func:`~iqn_ctl.engine.bursts.group_seconds`, on integer ns as the kernel
+    stamps), and the engine takes those records as the live agent's does: one
+    engine for both. The table is
     bounded like the live agent's (``max_flows``, least recent closed first):
     a flow is fed all its arrivals at once, so the one closed to make room is
     already complete and closing it early changes nothing - but a capture of a
@@ -71,13 +76,14 @@ def _flow_events(
     events come in their order."""
     table = FlowTable(params, estimator, max_flows=max(min(flows, max_flows), 1))
     events: list[Event] = []
-    order = np.argsort(flow_ids, kind="stable")
-    ids = flow_ids[order]
-    ts = times[order]
+    bursts = group_seconds(flow_ids, times, params.n)
+    order = np.argsort(bursts.flow, kind="stable")
+    ids = bursts.flow[order]
+    keys = list(range(flows))
     bounds = np.flatnonzero(np.diff(ids)) + 1
-    for chunk_ids, chunk_ts in zip(np.split(ids, bounds), np.split(ts, bounds), strict=True):
-        if chunk_ids.size:
-            events.extend(table.feed(int(chunk_ids[0]), chunk_ts))
+    for chunk in np.split(order, bounds):
+        if chunk.size:
+            events.extend(table.feed_bursts(keys, bursts.select(chunk)))
     events.extend(table.close())
     return events
 

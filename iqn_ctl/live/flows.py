@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from iqn_ctl.engine.bursts import Bursts
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR
 from iqn_ctl.engine.flowkey import KEY_MODES, FlowInfo, FlowKey, flow_of
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_SOURCE_RATE, SignalParams
@@ -191,7 +190,7 @@ class LiveFlows:
         b = batch.bursts(flow)
         if (flow < 0).any():
             keep = flow >= 0
-            b = Bursts(b.flow[keep], b.first[keep], b.count[keep], b.off[keep])
+            b = b.select(keep)
         return table.feed_bursts(keys, b)
 
     def ingest(self, events: Sequence[tuple[bytes, float] | tuple[bytes, float, int]]) -> list[Event]:

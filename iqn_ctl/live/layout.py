@@ -98,7 +98,7 @@ def _dtype(cls: type[ctypes.Structure], key_as_bytes: bool = False) -> np.dtype:
         if name == "key" and key_as_bytes:
             formats.append(f"V{KEY_SIZE}")
         elif issubclass(ctype, ctypes.Array):
-            formats.append((np.dtype(ctype._type_), ctype._length_))  # type: ignore[attr-defined]  # type: ignore[call-overload]
+            formats.append((np.dtype(ctype._type_), ctype._length_))  # type: ignore[attr-defined,call-overload]
         else:
             formats.append(np.dtype(ctype))
     return np.dtype({"names": names, "formats": formats, "offsets": offsets,

@@ -1,0 +1,187 @@
+"""Burst records in, the same stalls out: feeding the engine the data plane's
+burst records gives the same events at the same times as feeding the
+candidates they came from, in every estimator and flow table; the Python
+twin of the kernel's grouping (engine/bursts.py) agrees with itself (vectorised
+and slot by slot); and the user-space burst taker passes every candidate on
+exactly once whether it comes from the ring or from the mapped table.
+
+The kernel's grouping itself is held to the twin in tests/test_burst_kernel.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iqn_ctl.engine.bursts import GAP_NS, burst_cap, group, group_seconds, group_slots
+from iqn_ctl.engine.estimators import ESTIMATORS
+from iqn_ctl.engine.flowtable import FlowTable
+from iqn_ctl.engine.params import BURST_MAX, SignalParams
+from iqn_ctl.engine.tracker import StallTracker
+from iqn_ctl.engine.vector import VectorFlowTable
+from iqn_ctl.live.bursttable import BurstTaker
+from iqn_ctl.live.layout import BURST_DTYPE
+
+MS = 1_000_000
+T0 = 5_000_000_000_000  # a CLOCK_MONOTONIC-like origin (ns)
+
+
+@st.composite
+def signals(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
+    """Candidates of up to 4 flows: bursts of 1..6 candidates, a few ms or
+    exactly the gap apart inside, bursts 0.05..1.2 s apart: signals, cut
+    bursts, stalls that end and restart. (flow, t_ns, n)."""
+    n = draw(st.integers(1, 6))
+    flows, times = [], []
+    for f in range(draw(st.integers(1, 4))):
+        t = T0 + draw(st.integers(0, 400)) * MS
+        for _ in range(draw(st.integers(1, 14))):
+            for _ in range(draw(st.integers(1, 6))):
+                flows.append(f)
+                times.append(t)
+                t += draw(st.sampled_from([0, 1, 137_000, MS, 3 * MS, GAP_NS, GAP_NS + 1, 6 * MS]))
+            t += draw(st.integers(50, 1200)) * MS
+    return np.array(flows, np.int64), np.array(times, np.int64), n
+
+
+def _polls(f: np.ndarray, t: np.ndarray, n: int, k: int):
+    """The input as ``k`` polls: (raw flows, raw times in s, bursts) each, a
+    burst never split between polls, as the agent reads them."""
+    b = group(f, t, n)
+    for chunk in np.array_split(np.arange(len(b)), k):
+        if not chunk.size:
+            continue
+        bb = b.select(chunk)
+        bid, tt = bb.candidates()
+        ff = bb.flow[bid]
+        o = np.lexsort((ff, tt))
+        yield ff[o], tt[o] / 1e9, bb
+
+
+@settings(max_examples=150, deadline=None)
+@given(signals(), st.integers(1, 4), st.sampled_from(sorted(ESTIMATORS)), st.sampled_from([0.0, 0.005]))
+def test_tables_fed_bursts_equal_tables_fed_candidates(
+    sig: tuple[np.ndarray, np.ndarray, int], k: int, est: str, reorder: float
+) -> None:
+    f, t, n = sig
+    prm = SignalParams(0.2, n)
+    keys = [f"flow{i}" for i in range(4)]
+    for make in (VectorFlowTable, FlowTable):
+        raw, bur = make(prm, est, reorder=reorder), make(prm, est, reorder=reorder)
+        got_raw, got_bur = [], []
+        for ff, tt, bb in _polls(f, t, n, k):
+            got_raw += raw.feed_many([keys[i] for i in ff.tolist()], tt)
+            got_bur += bur.feed_bursts(keys, bb)
+            now = float(tt.max()) + 0.003
+            got_raw += raw.advance(now)
+            got_bur += bur.advance(now)
+        got_raw += raw.close()
+        got_bur += bur.close()
+        assert got_bur == got_raw, make.__name__
+        assert sum(v.candidates for v in bur) == t.size
+
+
+@settings(max_examples=100, deadline=None)
+@given(signals(), st.sampled_from(sorted(ESTIMATORS)))
+def test_tracker_fed_bursts_equals_tracker_fed_candidates(sig: tuple[np.ndarray, np.ndarray, int], est: str) -> None:
+    f, t, n = sig
+    one = f == 0
+    prm = SignalParams(0.2, n)
+    a, b = StallTracker(prm, est), StallTracker(prm, est)
+    assert b.feed_bursts(group(f[one], t[one], n)) + b.close() == a.feed(np.sort(t[one]) / 1e9) + a.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(signals())
+def test_grouping_rule_and_the_slot_twin_agree(sig: tuple[np.ndarray, np.ndarray, int]) -> None:
+    """Every candidate in exactly one burst; a burst holds at most min(n,
+    BURST_MAX) of one flow, each within the gap of the one before, and the
+    next candidate of its flow is either beyond the gap or the burst is full.
+    With a slot of its own per flow, the kernel-order twin builds the same."""
+    f, t, n = sig
+    b = group(f, t, n)
+    cap = burst_cap(n)
+    assert int(b.count.sum()) == t.size and (b.count >= 1).all() and (b.count <= cap).all()
+    bid, tt = b.candidates()
+    assert sorted(zip(b.flow[bid].tolist(), tt.tolist(), strict=True)) == sorted(
+        zip(f.tolist(), t.tolist(), strict=True))
+    for i in range(len(b)):
+        c = int(b.count[i])
+        assert (np.diff(b.off[i, :c]) <= GAP_NS).all() and (np.diff(b.off[i, :c]) >= 0).all()
+    # a burst that is not full ends because its flow's next candidate came after the gap
+    order = np.lexsort((b.first, b.flow))
+    for x, y in zip(order[:-1], order[1:], strict=True):
+        if b.flow[x] == b.flow[y] and b.count[x] < cap:
+            assert b.first[y] - b.last[x] > GAP_NS
+    o = np.lexsort((t, f))  # a flow's candidates in time order, flows one after another
+    twin, slots = group_slots(f[o].tolist(), t[o].tolist(), f[o].tolist(), n)
+    assert sorted(zip(twin.flow.tolist(), twin.first.tolist(), twin.count.tolist(), strict=True)) == sorted(
+        zip(b.flow.tolist(), b.first.tolist(), b.count.tolist(), strict=True))
+    assert len(slots) == len(twin)
+
+
+def test_a_colliding_flow_closes_the_open_burst_of_its_slot() -> None:
+    b, slots = group_slots([0, 0, 1, 0, 0], [0, 10, 20, 30, 40], [7, 7, 7, 7, 7], 4)
+    assert b.count.tolist() == [2, 1, 2] and b.flow.tolist() == [0, 1, 0] and slots == [7, 7, 7]
+
+
+def test_capture_times_in_seconds_become_kernel_like_ns() -> None:
+    t = np.array([1.7e9 + 0.1, 1.7e9 + 0.1015, 1.7e9 + 0.9])
+    b = group_seconds(np.zeros(3, np.int64), t, 4)
+    assert b.count.tolist() == [2, 1] and b.origin == np.floor(t.min())
+    assert np.allclose(b.seconds(), t, rtol=0, atol=1e-6)
+
+
+# -- the user-space taker: ring records and open slots, each candidate once ---------
+
+
+def _table(rows: int) -> np.ndarray:
+    return np.zeros(rows, BURST_DTYPE)
+
+
+def _put(tab: np.ndarray, slot: int, gen: int, first: int, offs: list[int]) -> None:
+    r = tab[slot]
+    r["key"] = bytes([slot]) * 40
+    r["first_ns"], r["last_ns"], r["count"] = first, first + offs[-1], len(offs)
+    r["slot"], r["gen"], r["lock"] = slot, gen, 2 * gen
+    o = np.zeros(BURST_MAX, np.uint32)
+    o[: len(offs)] = offs
+    r["off"] = o
+
+
+def _times(batch) -> list[int]:
+    return sorted(batch.times_ns()[1].tolist())
+
+
+def test_taker_sweeps_a_short_burst_once_and_only_the_new_tail_of_its_record() -> None:
+    tab = _table(4)
+    tk = BurstTaker(tab, GAP_NS)
+    _put(tab, 2, 1, 1_000 * MS, [0, MS])
+    # gap not over yet: nothing taken
+    assert len(tk.take(tab[:0].copy(), 1_000 * MS + 2 * MS)) == 0
+    got = tk.take(tab[:0].copy(), 1_000 * MS + GAP_NS + 3 * MS)
+    assert _times(got) == [1_000 * MS, 1_001 * MS]
+    # swept again: nothing new
+    assert len(tk.take(tab[:0].copy(), 2_000 * MS)) == 0
+    # the kernel extends the same burst after all (a stamp that raced the sweep) and emits it
+    _put(tab, 2, 1, 1_000 * MS, [0, MS, 2 * MS])
+    rec = tab[2:3].copy()
+    tab[2]["count"] = 0
+    got = tk.take(rec, 2_000 * MS)
+    assert _times(got) == [1_002 * MS]
+    # the slot's next burst (gen 2) arrives whole through the ring
+    _put(tab, 2, 2, 3_000 * MS, [0, 1, 2, 3])
+    rec = tab[2:3].copy()
+    tab[2]["count"] = 0
+    assert _times(tk.take(rec, 3_000 * MS)) == [3_000 * MS + i for i in range(4)]
+
+
+def test_taker_skips_a_slot_the_kernel_is_writing() -> None:
+    tab = _table(2)
+    tk = BurstTaker(tab, GAP_NS)
+    _put(tab, 1, 1, 10 * MS, [0])
+    tab[1]["lock"] += 1  # odd: mid-write
+    assert len(tk.take(tab[:0].copy(), 10_000 * MS)) == 0
+    tab[1]["lock"] += 1
+    assert _times(tk.take(tab[:0].copy(), 10_000 * MS)) == [10 * MS]
