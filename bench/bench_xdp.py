@@ -3,9 +3,16 @@ BPF_PROG_TEST_RUN, against an empty XDP_PASS program loaded the same way in
 the same run (the baseline, so the ratios hold on any machine).
 
 Target: a router pays for IQN mostly on traffic that is *not* a candidate, so
-the non-candidate paths should cost at most 1.5x the empty program, and a
-candidate at most 100 ns with a live reader: a thread blocked on the ring
-buffer, woken by the kernel and draining it, as the agent does.
+UDP from port 443 outside the size band should cost at most 1.5x the empty
+program, any other traffic at most 1.3x, and a candidate at most 100 ns over
+the empty program with a live reader: a thread blocked on the ring buffer,
+woken by the kernel and draining it (and sweeping the open-burst table), as
+the agent does. Candidates go to the ring as burst records of n.
+
+A second table simulates what the per-flow volume array misses (no kernel
+needed): the share of stalls whose bulk check ends "unknown" because another
+flow's candidate claimed the stalling flow's slot, and the share falsely
+discarded (another flow's traffic counted as the stalling flow's).
 
     sudo .venv/bin/python bench/bench_xdp.py [--repeat 2000000] [--rounds 15] [--no-write]
 
@@ -41,9 +48,10 @@ if TYPE_CHECKING:
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## XDP data plane"
 EMPTY_SRC = b"int empty_xdp(struct xdp_md *ctx) { return XDP_PASS; }"
-TARGET = 1.5
+TARGET = 1.5  # UDP from port 443 outside the band
+OTHER_TARGET = 1.3  # everything else
 CAND_TARGET_NS = 100.0
-RING_PAGES = 4096  # 16 MiB shared: 262143 records of 64 bytes, four calls of candidates
+RING_PAGES = 4096  # 16 MiB shared: 131071 burst records of 128 bytes
 S, C = "198.18.0.1", "198.18.0.2"
 
 
@@ -61,15 +69,17 @@ V6S, V6C = "2001:db8::1", "2001:db8::2"
 
 
 def frames(filt: CandidateFilter) -> list[tuple[str, bytes, str]]:
-    """(label, frame, kind): kind "candidate", "tracked" (UDP from the IQN port,
-    counted per flow) or "other" (everything else: the 1.5x target's subject)."""
+    """(label, frame, kind): kind "candidate", "tracked" (UDP from the IQN port
+    outside the band: the 1.5x target's subject) or "other" (everything else: 1.3x)."""
     mid = (filt.min_size + filt.max_size) // 2
     out_of_band = filt.max_size + 100
     return [
-        ("candidate (UDP :443, 1234 B, ring buffer record)", udp_frame(S, C, filt.port, 51234, frame_len=mid),
-         "candidate"),
-        ("UDP :443 outside the size band (flow counted)",
+        ("candidate (UDP :443, 1234 B, one burst record per n)",
+         udp_frame(S, C, filt.port, 51234, frame_len=mid), "candidate"),
+        ("UDP :443 outside the band, flow that sent a candidate (counted)",
          udp_frame(S, C, filt.port, 51234, frame_len=out_of_band), "tracked"),
+        ("UDP :443 outside the band, flow that never sent one (not counted)",
+         udp_frame(S, C, filt.port, 51299, frame_len=out_of_band), "tracked"),
         ("UDP from another port (1234 B)", udp_frame(S, C, 4433, 51234, frame_len=mid), "other"),
         ("UDP from another port, 2 VLAN tags",
          udp_frame(S, C, 4433, 51234, frame_len=mid, vlans=(1, 2)), "other"),
@@ -111,7 +121,7 @@ def main() -> None:
         raise SystemExit("bench: error: needs root (BPF_PROG_TEST_RUN): run with sudo")
     if min(args.repeat, args.cand_repeat, args.rounds) < 1:
         raise SystemExit("bench: error: --repeat, --cand-repeat and --rounds must be positive")
-    room = RING_PAGES * 4096 // 64
+    room = (RING_PAGES * 4096 // 128) * 4  # burst records of n = 4 candidates
     if args.cand_repeat > room:
         raise SystemExit(f"bench: error: --cand-repeat above {room} overflows the ring buffer")
 
@@ -133,7 +143,7 @@ def main() -> None:
     for r in readers:
         r.start()
     rows = frames(filt)
-    wake1 = f"candidate, reader woken per record (default: per {dp.wakeup_events})"
+    wake1 = f"candidate, reader woken per burst record (default: per {dp.wakeup_events})"
     rows.insert(1, (wake1, rows[0][1], "candidate"))
     base: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     cost: dict[str, list[float]] = {label: [] for label, _, _ in rows}
@@ -155,17 +165,18 @@ def main() -> None:
         empty_bpf.cleanup()
     elapsed = time.monotonic() - t0
 
-    head = "| frame | empty XDP_PASS ns/pkt | iqn_xdp ns/pkt | ratio to empty | target <= 1.5x |"
+    head = "| frame | empty XDP_PASS ns/pkt | iqn_xdp ns/pkt | ratio to empty | target |"
     lines = [head, "|---|---:|---:|---:|---|"]
-    worst = 0.0
+    worst = worst_tracked = 0.0
     for label, _, kind in rows:
         b, c = statistics.median(base[label]), statistics.median(cost[label])
         ratio = c / b if b else float("inf")
-        verdict = "met" if ratio <= TARGET else "MISSED"
         if kind == "other":
             worst = max(worst, ratio)
+            verdict = f"{'met' if ratio <= OTHER_TARGET else 'MISSED'} (<= {OTHER_TARGET}x)"
         elif kind == "tracked":
-            verdict += " (per-flow accounting)"
+            worst_tracked = max(worst_tracked, ratio)
+            verdict = f"{'met' if ratio <= TARGET else 'MISSED'} (<= {TARGET}x)"
         else:
             verdict = f"{'met' if c - b <= CAND_TARGET_NS else 'MISSED'} (+{c - b:.0f} ns; target <= 100 ns)"
         lines.append(f"| {label} | {b:.2f} | {c:.2f} | {ratio:.2f}x | {verdict} |")
@@ -175,15 +186,51 @@ def main() -> None:
         f"Median of {args.rounds} BPF_PROG_TEST_RUN calls x {args.repeat} runs per frame "
         f"({args.cand_repeat} for the candidate), CPU time of the calling thread; "
         f"kernel {platform.release()}, {cpu}, {os.cpu_count()} CPUs; {elapsed:.1f} s; "
-        f"ring records lost: {lost}. Worst ratio for traffic not from the IQN port: {worst:.2f}x "
-        f"({'target met' if worst <= TARGET else 'TARGET MISSED'})."
+        f"ring records lost: {lost}. Worst ratio for UDP :443 outside the band: {worst_tracked:.2f}x "
+        f"({'target met' if worst_tracked <= TARGET else 'TARGET MISSED'}), for other traffic: {worst:.2f}x "
+        f"({'target met' if worst <= OTHER_TARGET else 'TARGET MISSED'})."
     )
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + misses()
     print(table)
     print()
     print(summary)
     if not args.no_write:
         write_section(table, summary, args)
+
+
+def misses(seed: int = 7) -> str:
+    """What the per-flow volume array misses, by simulation with the kernel's
+    hash and claim rule (layout.flow_hashes, iqn_xdp.c vol_add): a stalling
+    flow claims its slot with its first candidate; during its stall, ``f``
+    other flows send candidates (each claims its own slot) and bulk traffic.
+    The check of the stall is "unknown" when one of them claimed its slot,
+    and a false discard needs another flow's traffic counted in it (same slot
+    and same 31-bit tag)."""
+    import numpy as np
+
+    from iqn_ctl.live.layout import flow_hashes, slot_tag
+
+    rng = np.random.default_rng(seed)
+    out = ["| table slots | other flows sending candidates during a stall | stalls checked | "
+           "check unknown (kept) | false discards |", "|---:|---:|---:|---:|---:|"]
+    trials = 2000
+    for slots in (65536, 262144):
+        for f in (1000, 10000, 50000):
+            unknown = false = 0
+            for _ in range(trials // 100):
+                keys = [rng.bytes(40) for _ in range(f + 100)]
+                sl, tag = slot_tag(flow_hashes(keys), slots)
+                stall_slots, stall_tags = sl[:100], tag[:100]
+                others = set(sl[100:].tolist())
+                other_pairs = set(zip(sl[100:].tolist(), tag[100:].tolist(), strict=True))
+                for s_, t_ in zip(stall_slots.tolist(), stall_tags.tolist(), strict=True):
+                    if (s_, t_) in other_pairs:
+                        false += 1
+                    elif s_ in others:
+                        unknown += 1
+            out.append(f"| {slots} | {f} | {trials} | {100 * unknown / trials:.1f} % | {false} |")
+    return ("What the per-flow volume array misses (simulated with the kernel's hash and claim rule, "
+            "random flow keys):\n\n" + "\n".join(out))
 
 
 def write_section(table: str, summary: str, args: argparse.Namespace) -> None:
@@ -195,6 +242,7 @@ def write_section(table: str, summary: str, args: argparse.Namespace) -> None:
         "Per-packet cost of `iqn_ctl/live/bpf/iqn_xdp.c` against an empty `XDP_PASS` program, "
         "both loaded with bcc "
         "run in the kernel by BPF_PROG_TEST_RUN in the same run and timed by the calling thread's CPU time "
+        "(docs/dataplane.md explains the paths) "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Re-run: `{cmd}`\n\n"
         f"{table}\n\n{summary}\n"
     )

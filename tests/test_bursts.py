@@ -84,7 +84,9 @@ def test_tables_fed_bursts_equal_tables_fed_candidates(
 
 @settings(max_examples=100, deadline=None)
 @given(signals(), st.sampled_from(sorted(ESTIMATORS)))
-def test_tracker_fed_bursts_equals_tracker_fed_candidates(sig: tuple[np.ndarray, np.ndarray, int], est: str) -> None:
+def test_tracker_fed_bursts_equals_tracker_fed_candidates(
+    sig: tuple[np.ndarray, np.ndarray, int], est: str
+) -> None:
     f, t, n = sig
     one = f == 0
     prm = SignalParams(0.2, n)

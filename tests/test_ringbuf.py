@@ -1,5 +1,6 @@
 """The data plane's BPF ring buffer: loss is counted in the kernel, exactly and
-never silently, and the reader is woken in batches of n records.
+never silently (in candidates, a burst record carrying n of them), and the
+reader is woken in batches of burst records.
 
 Direct tests load the real program with :class:`Datapath` and drive it with
 BPF_PROG_TEST_RUN; the agent test runs ``iqn-ctl attach`` on a real veth with a
@@ -26,15 +27,16 @@ from iqn_lab.testbed import Testbed as Lab
 
 FILT = CandidateFilter()
 CAND = udp_frame("198.18.0.1", "198.18.0.2", FILT.port, 51234, frame_len=1200)
-#: a one-page ring (4096 bytes) holds this many 64-byte records: the kernel
-#: refuses a reservation once unread data would exceed size - 1 bytes
-ONE_PAGE_RECORDS = (4096 - 1) // 64
+#: a one-page ring (4096 bytes) holds this many 128-byte burst records: the
+#: kernel refuses a reservation once unread data would exceed size - 1 bytes
+ONE_PAGE_RECORDS = (4096 - 1) // 128
+N = 4  # candidates per burst record (the default --n)
 
 
 def test_full_ring_counts_every_lost_record_in_the_kernel() -> None:
-    """No reader, a one-page ring, a burst: the ring keeps the first 63
-    records and the kernel counts each of the others as lost at once, with
-    no later event needed to reveal it."""
+    """No reader, a one-page ring, 1000 candidates (250 burst records): the
+    ring keeps the first 31 records and the kernel counts the candidates of
+    each of the others as lost at once, with no later event needed to reveal it."""
     need_xdp()
     from iqn_ctl.live.datapath import Datapath
 
@@ -44,41 +46,42 @@ def test_full_ring_counts_every_lost_record_in_the_kernel() -> None:
         runner.run(CAND, repeat=burst)
         c = dp.counters()
         assert c["candidates"] == burst
-        assert c["lost"] == burst - ONE_PAGE_RECORDS
+        assert c["lost"] == burst - N * ONE_PAGE_RECORDS
+        assert c["bursts"] == ONE_PAGE_RECORDS
         got = dp.poll(0)
-        assert len(got) == ONE_PAGE_RECORDS
-        # the ring has room again: the next candidate is delivered and nothing more is lost
-        runner.run(CAND)
-        assert len(dp.poll(0)) == 1 and dp.counters()["lost"] == burst - ONE_PAGE_RECORDS
+        assert len(got) == N * ONE_PAGE_RECORDS
+        # the ring has room again: the next burst is delivered and nothing more is lost
+        runner.run(CAND, repeat=N)
+        assert len(dp.poll(0)) == N and dp.counters()["lost"] == burst - N * ONE_PAGE_RECORDS
 
 
-def test_reader_is_woken_once_n_records_wait() -> None:
-    """wakeup_events=n: a reader asleep on the ring with a long timeout stays
-    asleep for n-1 records and wakes for the n-th, with all n."""
+def test_reader_is_woken_once_enough_records_wait() -> None:
+    """wakeup_events=k: a reader asleep on the ring with a long timeout stays
+    asleep for k-1 burst records and wakes for the k-th, with all k."""
     need_xdp()
     from iqn_ctl.live.datapath import Datapath
 
-    n = 6
-    with Datapath("lo", FILT, wakeup_events=n) as dp:
+    k = 6
+    with Datapath("lo", FILT, wakeup_events=k) as dp:
         runner = bpf_testrun.TestRunner(dp.prog_fd)
         got: list[int] = []
         woke = threading.Event()
 
         def reader() -> None:
-            keys, _ts, _lens = dp.poll_batch(60_000)
+            keys, _ts = dp.poll_batch(60_000)
             got.append(len(keys))
             woke.set()
 
         th = threading.Thread(target=reader, daemon=True)
         th.start()
         time.sleep(0.2)  # let it fall asleep on the empty ring
-        runner.run(CAND, repeat=n - 1)
-        assert not woke.wait(1.0), f"woken by {got} records, before the n-th"
+        runner.run(CAND, repeat=N * (k - 1))
+        assert not woke.wait(1.0), f"woken by {got} candidates, before the k-th record"
         t0 = time.monotonic()
-        runner.run(CAND)
-        assert woke.wait(30.0), "not woken by the n-th record"
+        runner.run(CAND, repeat=N)
+        assert woke.wait(30.0), "not woken by the k-th record"
         th.join(5)
-        assert got == [n]
+        assert got == [N * k]
         assert time.monotonic() - t0 < 30.0
 
 
@@ -101,7 +104,7 @@ def test_reader_draining_while_the_kernel_writes_loses_nothing() -> None:
 
         def reader() -> None:
             while not done.is_set() or dp.counters()["candidates"] > sum(map(len, got)):
-                _keys, ts, _lens = dp.poll_batch(3)
+                _keys, ts = dp.poll_batch(3)
                 if len(ts):
                     got.append(ts)
                 if done.is_set() and not len(ts):
@@ -125,7 +128,7 @@ def test_agent_with_too_small_ring_counts_lost_in_status_and_metrics(tmp_path: P
     """A stopped agent with a one-page ring (--ring-pages 1) and a burst of 600
     candidates: every candidate is delivered or counted lost, status, the
     `status` table and the metrics show the same loss, the log says so; and
-    --n reaches the data plane as its wake-up threshold."""
+    --n reaches the data plane as the burst size."""
     need_xdp()
     need_root()
     env = dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
@@ -139,12 +142,12 @@ def test_agent_with_too_small_ring_counts_lost_in_status_and_metrics(tmp_path: P
             sock = sock_path(tmp_path / "run", lab.cli_if)
             wait_ready(sock, agent)
             st = request(sock, "status")
-            assert (st["ring_pages"], st["wakeup_records"], st["n"]) == (1, 5, 5)
+            assert (st["ring_pages"], st["burst_n"], st["n"]) == (1, 5, 5)
             burst_while_stopped(lab, agent, 600)
             st = poll_until(lambda: request(sock, "status"),
                             lambda st: st["candidates"] == 600 and st["events"] + st["lost"] >= 600)
             assert st["candidates"] == 600
-            assert st["lost"] >= 600 - ONE_PAGE_RECORDS, st  # the ring held at most one page
+            assert st["lost"] >= 600 - 5 * ONE_PAGE_RECORDS, st  # the ring held at most one page
             assert st["events"] + st["lost"] == 600, (st["events"], st["lost"])
             shown = cli(lab, env, "status")
             assert f" {st['lost']} " in shown.stdout

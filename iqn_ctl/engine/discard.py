@@ -43,12 +43,16 @@ class Counters(NamedTuple):
     packets: int
     candidates: int
     bytes: int
+    #: the kernel slot's claim count: counters of different epochs (the flow
+    #: lost its slot to another and won it back, restarting them) do not compare
+    epoch: int = 0
 
 
 def delta(start: Counters | None, end: Counters | None) -> Counters | None:
     """What one flow carried between two snapshots; None when the counters
-    cannot tell (an entry missing, or a counter that went down)."""
-    if start is None or end is None:
+    cannot tell (an entry missing, a counter that went down, or counters
+    restarted in between: another epoch)."""
+    if start is None or end is None or start.epoch != end.epoch:
         return None
     d = Counters(end.packets - start.packets, end.candidates - start.candidates, end.bytes - start.bytes)
     return None if min(d) < 0 else d

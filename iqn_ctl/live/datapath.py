@@ -615,19 +615,22 @@ class Datapath:
         rows = self._vol[slot]
         out: dict[bytes, Counters | None] = {}
         for raw, r in zip(raws, rows.tolist(), strict=True):
-            packets, cands, nbytes, got_tag, _pad = r
-            out[raw] = Counters(packets, cands, nbytes) if got_tag == tag[len(out)] else None
+            packets, cands, nbytes, got_tag, claims = r
+            out[raw] = Counters(packets, cands, nbytes, claims) if got_tag == tag[len(out)] else None
         return out
 
     def flow_stats(self, raws: Iterable[bytes] = ()) -> list[tuple[bytes, dict[str, int]]]:
         """:meth:`flow_counters` of the given flows as dicts, for the flow view
         (flows whose counters are unknown are left out)."""
-        return [(raw, c._asdict()) for raw, c in self.flow_counters(raws).items() if c is not None]
+        return [(raw, {"packets": c.packets, "candidates": c.candidates, "bytes": c.bytes})
+                for raw, c in self.flow_counters(raws).items() if c is not None]
 
-    def client_volume(self, clients: Iterable[str], claim: bool = True) -> dict[str, tuple[int, str] | None]:
-        """Each client's bytes of UDP from the signalling port since its slot
-        became its own, and the server of its last non-candidate datagram (""
-        if none); None when the slot is not its own. With ``claim`` such a
+    def client_volume(
+        self, clients: Iterable[str], claim: bool = True
+    ) -> dict[str, tuple[int, int, str] | None]:
+        """Each client's (bytes of UDP from the signalling port since its slot
+        became its own, the slot's claim count, the server of its last
+        non-candidate datagram or ""); None when the slot is not its own. With ``claim`` such a
         slot is claimed for the client (one map update: the kernel counts the
         client from then on), so a known client is counted even before its
         next candidate. For the watched-time sampler (:mod:`iqn_ctl.live.sessions`)."""
@@ -638,7 +641,7 @@ class Datapath:
         raws = [client_key(c) for c in names]
         slot, tag = slot_tag(client_hashes(raws), self.vol_slots)
         rows = self._cvol[slot]
-        out: dict[str, tuple[int, str] | None] = {}
+        out: dict[str, tuple[int, int, str] | None] = {}
         for i, (c, raw) in enumerate(zip(names, raws, strict=True)):
             r = rows[i]
             if int(r["tag"]) != int(tag[i]):
@@ -650,7 +653,7 @@ class Datapath:
                     table[table.Key(int(slot[i]))] = leaf
                 continue
             srv = bytes(r["server"])
-            out[c] = (int(r["bytes"]), server_name(srv, raw[36]) if any(srv) else "")
+            out[c] = (int(r["bytes"]), int(r["claims"]), server_name(srv, raw[36]) if any(srv) else "")
         return out
 
     def detach(self) -> None:

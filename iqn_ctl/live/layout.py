@@ -50,7 +50,7 @@ class VolC(ctypes.Structure):
         ("candidates", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
         ("tag", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("claims", ctypes.c_uint32),
     ]
 
 
@@ -63,7 +63,7 @@ class ClientVolC(ctypes.Structure):
         ("candidates", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
         ("tag", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("claims", ctypes.c_uint32),
         ("server", ctypes.c_uint8 * 16),
     ]
 

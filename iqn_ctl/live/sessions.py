@@ -76,7 +76,7 @@ class ClientVolume(Protocol):
 
     def client_volume(
         self, clients: Iterable[str], claim: bool = True
-    ) -> dict[str, tuple[int, str] | None]: ...
+    ) -> dict[str, tuple[int, int, str] | None]: ...
 
 
 class SessionStore:
@@ -167,8 +167,8 @@ class Sessions:
         start = time.time() if since is None else since
         for client in self.store.known_clients(iface):
             self.acc.know(client, start)
-        #: known client -> its byte counter at the last sample
-        self._bytes: dict[str, int] = {}
+        #: known client -> its (byte counter, slot claim count) at the last sample
+        self._bytes: dict[str, tuple[int, int]] = {}
         #: client -> the server it last signalled through (bytes with no server named go there)
         self._signal: dict[str, str] = {}
         self._last: float | None = None
@@ -220,13 +220,13 @@ class Sessions:
                 if got is None:  # not its slot (yet): claimed now, counted from the next sample
                     self._bytes.pop(client, None)
                     continue
-                nbytes, server = got
+                nbytes, claims, server = got
                 old = self._bytes.get(client)
-                self._bytes[client] = nbytes
-                if old is None or nbytes <= old:
-                    continue  # first sight: a baseline (earlier bytes cannot be placed in time)
+                self._bytes[client] = (nbytes, claims)
+                if old is None or old[1] != claims or nbytes <= old[0]:
+                    continue  # first sight or restarted counters: a baseline (earlier bytes cannot be placed)
                 names = (client, server or self._signal.get(client, ""))
-                received[names] = received.get(names, 0.0) + (nbytes - old)
+                received[names] = received.get(names, 0.0) + (nbytes - old[0])
             if len(self._bytes) > len(clients):
                 self._bytes = {c: b for c, b in self._bytes.items() if c in clients}
         self.acc.sample(t0 + off, now + off, received)

@@ -163,7 +163,7 @@ struct vol {
     __u64 candidates;
     __u64 bytes;
     __u32 tag;         /* 0: never claimed */
-    __u32 pad;
+    __u32 claims;      /* times the slot was claimed: a flow that lost and won it back restarts */
 };
 
 struct client_vol {
@@ -171,7 +171,7 @@ struct client_vol {
     __u64 candidates;
     __u64 bytes;
     __u32 tag;
-    __u32 pad;
+    __u32 claims;
     __u8 server[16];   /* source of the client's last non-candidate datagram */
 };
 
@@ -422,6 +422,7 @@ static __always_inline void vol_add(__u64 fh, __u64 ch, __u32 len, int cand, int
             v->bytes += len;
         } else if (claim) {  /* an admitted candidate claims the slot for its flow */
             v->tag = tag;
+            v->claims += 1;
             v->packets = 1;
             v->candidates = 1;
             v->bytes = len;
@@ -442,6 +443,7 @@ static __always_inline void vol_add(__u64 fh, __u64 ch, __u32 len, int cand, int
             }
         } else if (claim) {
             c->tag = tag;
+            c->claims += 1;
             c->packets = 1;
             c->candidates = 1;
             c->bytes = len;
