@@ -106,7 +106,7 @@ def drain(dp: Datapath, stop: threading.Event) -> None:
     """The live reader: sleeps on the ring until the kernel wakes it (or 3 ms,
     the agent's poll timeout) and takes every record, as the agent's loop does."""
     while not stop.is_set():
-        dp.poll_batch(3)
+        dp.poll_bursts(3)
 
 
 def main() -> None:
