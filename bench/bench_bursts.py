@@ -125,7 +125,8 @@ def main() -> None:
     body = (f"{SECTION}\n\nThe agent's per-poll work, burst records (what the kernel now writes) against "
             f"the same candidates one tuple each (the former input), through `LiveFlows` and "
             f"`VectorFlowTable`: every flow stalled, one burst of {N} per {P} s, a poll every "
-            f"{POLL * 1000:.0f} ms; CPU time of the thread ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"{POLL * 1000:.0f} ms; CPU time of the thread "
+            f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, shared with other work). "
             f"Re-run: {cmd}\n\n{table}\n")
     print(table)
