@@ -16,6 +16,7 @@ is read from mapped arrays too (:meth:`Datapath.flow_counters`,
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import mmap
@@ -46,6 +47,7 @@ from iqn_ctl.live.layout import (
     VOL_DTYPE,
     BurstC,
     ClientVolC,
+    FlowKeyC,
     VolC,
     client_hashes,
     client_key,
@@ -375,8 +377,11 @@ class Datapath:
         self._tc_prog_id = bpf_testrun.prog_id_by_fd(self._tc_fn.fd)
         self._counters = self._bpf[b"counters"]
         maps = {name: self._bpf[name.encode()] for name in ("bursts", "vol_flow", "vol_client")}
-        for name, ours in (("bursts", BurstC), ("vol_flow", VolC), ("vol_client", ClientVolC)):
-            problem = layout.check(maps[name].Leaf, ours)
+        checks: list[tuple[Any, type[ctypes.Structure]]] = [(maps[name].Leaf, ours) for name, ours in
+                  (("bursts", BurstC), ("vol_flow", VolC), ("vol_client", ClientVolC))]
+        checks.append((dict(maps["bursts"].Leaf._fields_)["key"], FlowKeyC))
+        for theirs, ours in checks:
+            problem = layout.check(theirs, ours)
             if problem:
                 self._bpf.cleanup()
                 raise DatapathError(f"{SRC.name}: {problem}")
