@@ -47,16 +47,27 @@ def signals(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
 
 def _polls(f: np.ndarray, t: np.ndarray, n: int, k: int):
     """The input as ``k`` polls: (raw flows, raw times in s, bursts) each, a
-    burst never split between polls, as the agent reads them."""
+    burst never split between polls, as the agent reads them. The raw side is
+    the original candidates (each placed in its burst's poll), not the bursts'
+    own expansion."""
     b = group(f, t, n)
-    for chunk in np.array_split(np.arange(len(b)), k):
-        if not chunk.size:
+    poll_of = np.empty(len(b), np.int64)
+    for j, chunk in enumerate(np.array_split(np.arange(len(b)), k)):
+        poll_of[chunk] = j
+    # each original candidate's burst: the latest of its flow starting at or before it
+    bk = (b.flow << 40) | (b.first - T0)
+    order = np.argsort(bk, kind="stable")
+    ck = (f << 40) | (t - T0)
+    owner = order[np.searchsorted(bk[order], ck, side="right") - 1]
+    assert (b.flow[owner] == f).all()
+    for j in range(k):
+        sel = np.flatnonzero(poll_of == j)
+        if not sel.size:
             continue
-        bb = b.select(chunk)
-        bid, tt = bb.candidates()
-        ff = bb.flow[bid]
+        mine = poll_of[owner] == j
+        ff, tt = f[mine], t[mine]
         o = np.lexsort((ff, tt))
-        yield ff[o], tt[o] / 1e9, bb
+        yield ff[o], tt[o] / 1e9, b.select(sel)
 
 
 @settings(max_examples=150, deadline=None)
