@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_agent_live import STALL, burst_times, by_port, cli, need_xdp, poll_until, stop, wait_ready
 
-from iqn_ctl.engine.discard import Counters, bulk_reason, delta
+from iqn_ctl.engine.discard import Counters, bulk_check, bulk_reason, delta
 from iqn_ctl.live.api import request, sock_path
 from iqn_lab.testbed import Testbed as Lab
 
@@ -34,7 +34,7 @@ BASE = Counters(100, 7, 100 * 1000)
 
 
 def after(base: Counters, packets: int, cands: int, nbytes: int) -> Counters:
-    return Counters(base.packets + packets, base.candidates + cands, base.bytes + nbytes)
+    return Counters(base.packets + packets, base.candidates + cands, base.bytes + nbytes, base.epoch)
 
 
 def one(d_cand: int, other_packets: int, other_bytes: int, ratio: float = 2.0) -> str:
@@ -107,6 +107,17 @@ def test_one_connection_matches_exact_arithmetic(
 # -- counters that cannot be compared: unknown, the stall is kept -------------------
 
 HUGE = after(BASE, 10**5, 4, 10**5 * 1292)  # megabytes beside 4 candidates: bulk if known
+
+
+def test_counters_restarted_in_between_are_unknown_even_when_higher() -> None:
+    """The flow lost its kernel slot to another flow's candidate and won it back
+    (the slot's claim count, ``epoch``, moved): its counters restarted, so
+    even higher values than at the start say nothing; the stall is kept."""
+    start = Counters(10, 4, 10 * 1250, epoch=1)
+    end = Counters(10**5, 8, 10**5 * 1292, epoch=2)
+    assert delta(start, end) is None
+    assert bulk_check({"f": start}, {"f": end}, MAX, 2.0) == ("unknown", "")
+    assert bulk_check({"f": start}, {"f": end._replace(epoch=1)}, MAX, 2.0)[1] != ""
 
 
 def test_huge_is_bulk_when_known() -> None:

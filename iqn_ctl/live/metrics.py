@@ -82,6 +82,7 @@ class _AgentCollector(Collector):
             ("iqn_packets", "packets", "packets the XDP program saw"),
             ("iqn_candidates", "candidates", "candidate packets (port and size match)"),
             ("iqn_lost_events", "lost", "candidate events lost between kernel and agent"),
+            ("iqn_bursts", "bursts", "burst records the XDP program wrote to its ring buffer"),
             ("iqn_parse_errors", "parse_errors", "packets the XDP program could not parse"),
             ("iqn_unpaired_candidates", "unpaired",
              "candidates kept back: no recent client packet (or credit) on their flow (forgery guard)"),
