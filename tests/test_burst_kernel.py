@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import time
 
 import numpy as np
@@ -31,17 +32,21 @@ FILT = CandidateFilter()
 SLOTS = 4
 
 
-def _kernel_bursts(dp) -> list[tuple[bytes, int, tuple[int, ...]]]:  # type: ignore[no-untyped-def]
-    out = []
+Burst = tuple[bytes, int, tuple[int, ...]]
+
+
+def _kernel_bursts(dp) -> tuple[list[Burst], list[Burst]]:  # type: ignore[no-untyped-def]
+    """(records in the ring, bursts still open in the table)."""
+    ring, still = [], []
     batch = dp.poll_bursts(0, sweep=False)
     for i, key in enumerate(batch.keys):
         c = int(batch.count[i])
-        out.append((key, int(batch.first[i]), tuple(batch.off[i, :c].tolist())))
+        ring.append((key, int(batch.first[i]), tuple(batch.off[i, :c].tolist())))
     tab = dp._taker.table
     for r in tab[tab["count"] > 0]:
         c = int(r["count"])
-        out.append((bytes(r["key"]), int(r["first_ns"]), tuple(r["off"][:c].tolist())))
-    return out
+        still.append((bytes(r["key"]), int(r["first_ns"]), tuple(r["off"][:c].tolist())))
+    return ring, still
 
 
 @pytest.mark.parametrize("n,seed", [(4, 1), (3, 2), (1, 3), (12, 4)])
@@ -59,30 +64,34 @@ def test_kernel_grouping_equals_the_python_twin(n: int, seed: int) -> None:
     try:
         with Datapath("lo", FILT, n=n, burst_slots=SLOTS) as dp:
             runner = bpf_testrun.TestRunner(dp.prog_fd)
-            sent = 0
+            sent: list[int] = []  # the client port of each candidate, in sending order
             port = ports[0]
             for _ in range(160):
                 if rnd.random() < 0.3:
                     port = rnd.choice(ports)
                 runner.run(cands[port])
-                sent += 1
+                sent.append(port)
                 r = rnd.random()
                 if r < 0.1:
                     runner.run(other)  # volume only: never part of a burst
                 elif r < 0.35:
                     time.sleep((GAP_NS + 2_000_000) / 1e9)
-            assert dp.counters()["candidates"] == sent and dp.counters()["lost"] == 0
-            kernel = _kernel_bursts(dp)
+            assert dp.counters()["candidates"] == len(sent) and dp.counters()["lost"] == 0
+            ring, still = _kernel_bursts(dp)
     finally:
         os.sched_setaffinity(0, old)
-    assert sum(len(o) for _, _, o in kernel) == sent
-    # the twin, fed the kernel's own stamps in arrival order and the kernel's slots
+    assert all(len(o) < n for _, _, o in still), "a burst of n goes to the ring at once"
+    kernel = ring + still
+    assert sum(len(o) for _, _, o in kernel) == len(sent)
+    # the twin, fed the kernel's own stamps in arrival order (one CPU, one frame at a
+    # time: the i-th stamp is the i-th frame sent), each with the flow it was sent on
     keys = sorted({k for k, _, _ in kernel})
-    fid = {k: i for i, k in enumerate(keys)}
-    arrivals = sorted((first + o, fid[k]) for k, first, offs in kernel for o in offs)
-    times = [t for t, _ in arrivals]
+    assert {struct.unpack("!H", k[34:36])[0] for k in keys} == set(sent)
+    keys = sorted(keys, key=lambda k: struct.unpack("!H", k[34:36])[0])
+    fid = {struct.unpack("!H", k[34:36])[0]: i for i, k in enumerate(keys)}
+    times = sorted(first + o for _, first, offs in kernel for o in offs)
     assert len(set(times)) == len(times), "bpf_ktime_get_ns() stamps are distinct on one CPU"
-    flows = [f for _, f in arrivals]
+    flows = [fid[p] for p in sent]
     hashes = flow_hashes(keys)
     slot_of = (cpu * SLOTS + (hashes & np.uint64(SLOTS - 1)).astype(np.int64)).tolist()
     twin, _ = group_slots(flows, times, [slot_of[f] for f in flows], n)

@@ -275,6 +275,9 @@ def test_candidate_event_and_flow_stats(prog: Prog) -> None:
     assert after[raw]["packets"] - old["packets"] == 6
     assert after[raw]["candidates"] - old["candidates"] == 6
     assert after[raw]["bytes"] - old["bytes"] == 6 * 1234
+    # the client's slot (client_hash, the Python twin finds it) counts them too
+    cv = prog.dp.client_volume([C4], claim=False)[C4]
+    assert cv is not None and cv[0] >= 6 * 1234, cv
 
     prog.runner.run(v6(1200))
     time.sleep(0.02)
