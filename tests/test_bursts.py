@@ -198,3 +198,35 @@ def test_taker_skips_a_slot_the_kernel_is_writing() -> None:
     assert len(tk.take(tab[:0].copy(), 10_000 * MS)) == 0
     tab[1]["lock"] += 1
     assert _times(tk.take(tab[:0].copy(), 10_000 * MS)) == [10 * MS]
+
+
+def _raw(server: int, port: int) -> bytes:
+    return (bytes([198, 18, 0, server]) + bytes(12) + bytes([198, 18, 1, 2]) + bytes(12)
+            + (443).to_bytes(2, "big") + port.to_bytes(2, "big") + bytes([4, 17, 0, 0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(signals(), st.integers(1, 3), st.sampled_from([0.0, 1.0, 2.0]))
+def test_live_flows_fed_burst_records_equal_live_flows_fed_candidates(
+    sig: tuple[np.ndarray, np.ndarray, int], k: int, rate: float
+) -> None:
+    """The agent's input path: LiveFlows.ingest_bursts (raw kernel keys, the
+    per-source limit refusing some new flows) against ingest of the same
+    candidates one tuple each: same events, counters and refusals."""
+    from iqn_ctl.live.bursttable import BurstBatch
+    from iqn_ctl.live.flows import LiveFlows
+
+    f, t, n = sig
+    raws = [_raw(1 + i % 2, 40000 + i) for i in range(4)]
+    prm = SignalParams(0.2, n)
+    a = LiveFlows(prm, reorder=0.0, source_rate=rate)
+    b = LiveFlows(prm, reorder=0.0, source_rate=rate)
+    got_a, got_b = [], []
+    for ff, tt, bb in _polls(f, t, n, k):
+        got_a += a.ingest([(raws[i], x, 1250) for i, x in zip(ff.tolist(), tt.tolist(), strict=True)])
+        got_b += b.ingest_bursts(BurstBatch([raws[i] for i in bb.flow.tolist()], bb.first, bb.count, bb.off))
+        now = float(tt.max()) + 0.003
+        got_a += a.advance(now)
+        got_b += b.advance(now)
+    assert got_b + b.close() == got_a + a.close()
+    assert (b.events_in, b.refused, b.refused_events) == (a.events_in, a.refused, a.refused_events)

@@ -168,7 +168,8 @@ class LiveFlows:
         firsts = batch.first.tolist()
         self.oldest = min(firsts) / 1e9
         table = self.table
-        groups: dict[Hashable, int] = {}
+        groups: dict[Hashable, int] = {}  # flow -> its index in keys, -1: refused
+        keys: list[Hashable] = []
         flow = np.empty(len(batch), np.int64)
         counts = batch.count.tolist()
         for i, raw in enumerate(batch.keys):
@@ -178,7 +179,8 @@ class LiveFlows:
             g = groups.get(fid)
             if g is None:
                 if fid in table or self.limit.admit(self.info(fid).server, firsts[i] / 1e9):
-                    g = len(groups)
+                    g = len(keys)
+                    keys.append(fid)
                 else:
                     g = -1
                     self.refused += 1
@@ -186,7 +188,6 @@ class LiveFlows:
             if g < 0:
                 self.refused_events += counts[i]
             flow[i] = g
-        keys = [fid for fid, g in groups.items() if g >= 0]
         b = batch.bursts(flow)
         if (flow < 0).any():
             keep = flow >= 0
