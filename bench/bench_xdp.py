@@ -190,12 +190,66 @@ def main() -> None:
         f"({'target met' if worst_tracked <= TARGET else 'TARGET MISSED'}), for other traffic: {worst:.2f}x "
         f"({'target met' if worst <= OTHER_TARGET else 'TARGET MISSED'})."
     )
-    table = "\n".join(lines) + "\n\n" + misses()
+    tracked = next(f for _, f, kind in rows if kind == "tracked")
+    table = "\n".join(lines) + "\n\n" + breakdown(tracked, args.rounds, args.repeat) + "\n\n" + misses()
     print(table)
     print()
     print(summary)
     if not args.no_write:
         write_section(table, summary, args)
+
+
+#: variants of iqn_xdp.c for the cost breakdown of the UDP :443 non-candidate path:
+#: (label, text replaced, replacement); each cuts the path short at one step
+VARIANTS = [
+    ("stops after the port check", "    __u32 len = (__u32)(data_end - data);\n    int cand",
+     "    return XDP_PASS;\n    __u32 len = (__u32)(data_end - data);\n    int cand"),
+    ("... plus the flow hash, no volume arrays", "    vol_add(fh, client_hash(d), len, cand, s0, s1);", ""),
+    ("... plus vol_flow, no vol_client", "    i = (__u32)ch & (IQN_VOL_SLOTS - 1);",
+     "    return;\n    i = (__u32)ch & (IQN_VOL_SLOTS - 1);"),
+]
+
+
+def breakdown(frame: bytes, rounds: int, repeat: int) -> str:
+    """Where the UDP :443 non-candidate path's time goes: the program cut short
+    at each step, against the empty program, in one interleaved run."""
+    import tempfile
+
+    from bcc import BPF
+
+    from iqn_ctl.live.datapath import SRC, possible_cpus
+
+    text = SRC.read_text()
+    progs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, old, new in [("the whole program", "", "")] + VARIANTS:
+            if old and old not in text:
+                raise SystemExit(f"bench: iqn_xdp.c changed, the breakdown variant {label!r} needs updating")
+            src = Path(tmp) / "v.c"
+            src.write_text(text.replace(old, new) if old else text)
+            b = BPF(src_file=str(src).encode(), cflags=["-w", f"-DIQN_NCPU={possible_cpus()}"])
+            progs.append((label, b, TestRunner(b.load_func(b"iqn_xdp", BPF.XDP).fd)))
+    empty_bpf = BPF(text=EMPTY_SRC)
+    empty = TestRunner(empty_bpf.load_func(b"empty_xdp", BPF.XDP).fd)
+    got: dict[str, list[float]] = {label: [] for label, _, _ in progs}
+    base: list[float] = []
+    try:
+        for _ in range(rounds):
+            base.append(measure(empty, frame, repeat))
+            for label, _, r in progs:
+                got[label].append(measure(r, frame, repeat))
+    finally:
+        for _, b, _ in progs:
+            b.cleanup()
+        empty_bpf.cleanup()
+    e = statistics.median(base)
+    lines = ["| UDP :443 outside the band, program | ns/pkt | ratio to empty |", "|---|---:|---:|",
+             f"| empty XDP_PASS | {e:.2f} | 1.00x |"]
+    for label, _, _ in reversed(progs):
+        c = statistics.median(got[label])
+        lines.append(f"| {label} | {c:.2f} | {c / e:.2f}x |")
+    head = "Where the UDP :443 non-candidate path's time goes (the program cut short after each step):"
+    return head + "\n\n" + "\n".join(lines)
 
 
 def misses(seed: int = 7) -> str:

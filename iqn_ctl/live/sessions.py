@@ -11,6 +11,8 @@ feeds it and stores what it closes:
   last non-candidate datagram: the media server. Once a second the known
   clients' slots are read from the mapped array (no system call); a known
   client whose slot is not its own claims it, and counts from the next sample.
+  A slot seen for the first time (or claimed again since) counts whole in that
+  sample: the kernel claimed it with one of the client's candidates, recently.
   The bytes of a sample go to the server the slot names (the one whose
   datagram came last), or to the server the client signalled through.
 * What is written: one row per client and slot (:class:`WatchRecord`), when the
@@ -223,10 +225,16 @@ class Sessions:
                 nbytes, claims, server = got
                 old = self._bytes.get(client)
                 self._bytes[client] = (nbytes, claims)
-                if old is None or old[1] != claims or nbytes <= old[0]:
-                    continue  # first sight or restarted counters: a baseline (earlier bytes cannot be placed)
+                # First sight (or counters restarted by a new claim): all of it counts in this
+                # sample, as the flow-table sampler counted a key first seen with a fresh packet.
+                # The kernel claimed the slot with one of the client's candidates, and a client
+                # becomes known when its stall ends, so those bytes are recent; a slot we claimed
+                # ourselves starts at zero.
+                delta = nbytes if old is None or old[1] != claims else nbytes - old[0]
+                if delta <= 0:
+                    continue
                 names = (client, server or self._signal.get(client, ""))
-                received[names] = received.get(names, 0.0) + (nbytes - old[0])
+                received[names] = received.get(names, 0.0) + delta
             if len(self._bytes) > len(clients):
                 self._bytes = {c: b for c, b in self._bytes.items() if c in clients}
         self.acc.sample(t0 + off, now + off, received)
