@@ -245,10 +245,12 @@ def breakdown(frame: bytes, rounds: int, repeat: int) -> str:
     e = statistics.median(base)
     lines = ["| UDP :443 outside the band, program | ns/pkt | ratio to empty |", "|---|---:|---:|",
              f"| empty XDP_PASS | {e:.2f} | 1.00x |"]
-    for label, _, _ in reversed(progs):
+    for label, _, _ in progs[1:] + progs[:1]:  # step by step, then the whole program
         c = statistics.median(got[label])
         lines.append(f"| {label} | {c:.2f} | {c / e:.2f}x |")
-    head = "Where the UDP :443 non-candidate path's time goes (the program cut short after each step):"
+    head = ("Where the UDP :443 non-candidate path's time goes (the program cut short after each step; "
+            "compiled with the file's defaults and measured in a second interleaved run, so its last row "
+            "may differ from the table above by run-to-run noise):")
     return head + "\n\n" + "\n".join(lines)
 
 
