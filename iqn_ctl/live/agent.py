@@ -902,9 +902,14 @@ class Agent:
             return cached[3]
         with self._state:
             version, snap = self._version, self.flows.snapshot()
-            raws = [r for f in snap.cols.keys if f is not None for r in self.flows.raws(f)] if kernel else []
-        # the kernel's volume of the tracked flows' connections: one read of a mapped array
-        stats = self.dp.flow_stats(raws) if kernel and self.dp is not None else ()
+        stats: Any = ()
+        if kernel and self.dp is not None:
+            # raw key -> flow: the loop adds to or clears this map, so it is copied in one C
+            # call, during which the GIL lets no other thread run (keys are bytes)
+            known = list(snap.fids.items())
+            # the kernel's volume of the tracked flows' connections: one read of a mapped array
+            live = set(snap.cols.keys)
+            stats = self.dp.flow_stats([raw for raw, fid in known if fid in live])
         raw = RawJson(json.dumps(snap.rows(stats, off, stalling=stalling, limit=limit)).encode())
         self._flows_cache = (key, now, version, raw)
         return raw
