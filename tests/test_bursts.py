@@ -190,6 +190,32 @@ def test_taker_sweeps_a_short_burst_once_and_only_the_new_tail_of_its_record() -
     assert _times(tk.take(rec, 3_000 * MS)) == [3_000 * MS + i for i in range(4)]
 
 
+def test_taker_passes_a_burst_once_when_its_record_and_its_open_slot_show_in_one_poll() -> None:
+    """The kernel writes a burst's record, then zeroes the slot's count: a poll
+    that reads the record and sweeps the table in between sees the burst
+    twice (the live --key client test once counted a candidate twice)."""
+    tab = _table(2)
+    tk = BurstTaker(tab, GAP_NS)
+    _put(tab, 1, 5, 10 * MS, [0, MS])
+    rec = tab[1:2].copy()  # written to the ring; count not zeroed yet
+    assert _times(tk.take(rec, 10_000 * MS)) == [10 * MS, 11 * MS]
+    tab[1]["count"] = 0
+    assert len(tk.take(tab[:0].copy(), 20_000 * MS)) == 0
+
+
+def test_taker_remembers_a_slots_previous_burst() -> None:
+    """A record of a slot's previous burst, read after its next burst was
+    swept (a record held up behind another CPU's), is still recognised."""
+    tab = _table(2)
+    tk = BurstTaker(tab, GAP_NS)
+    _put(tab, 0, 1, 10 * MS, [0])
+    old = tab[0:1].copy()
+    assert _times(tk.take(tab[:0].copy(), 100 * MS)) == [10 * MS]  # swept
+    _put(tab, 0, 2, 200 * MS, [0])
+    assert _times(tk.take(tab[:0].copy(), 300 * MS)) == [200 * MS]  # the next one, swept
+    assert len(tk.take(old, 400 * MS)) == 0  # the first one's record, late
+
+
 def test_taker_skips_a_slot_the_kernel_is_writing() -> None:
     tab = _table(2)
     tk = BurstTaker(tab, GAP_NS)

@@ -9,8 +9,11 @@ next candidate, maybe 0.2 s or forever, and the stall it completes would show
 that late. So at every poll user space also takes, from the mapped table, the
 open bursts whose gap has passed (plus :data:`MARGIN`). It never writes the
 table: the kernel stays the only writer, and the same burst arriving later as
-a ring record is recognised by its (slot, generation) and only candidates not
-taken yet are passed on. Each candidate is passed on exactly once.
+a ring record (or still seen open in the table just after its record was
+read: the kernel zeroes the slot right after writing the record) is
+recognised by its (slot, generation), remembered for each slot's two latest
+bursts, and only candidates not passed on yet go on. Each candidate is passed
+on exactly once.
 
 Torn reads: the kernel makes a slot's ``lock`` odd while it writes the slot
 (iqn_xdp.c, ``burst_add``); a row is taken only if its lock was even and the
@@ -117,17 +120,41 @@ class BurstTaker:
         self.table = table
         self.gap_ns = gap_ns
         rows = table.shape[0]
-        #: per slot: the generation of the burst last taken from the table, and how many of its candidates
-        self.taken_gen = np.zeros(rows, np.uint32)
-        self.taken_cnt = np.zeros(rows, np.int64)
+        #: per slot, for its two latest bursts passed on (from the ring or the table):
+        #: their generations and how many of their candidates
+        self.taken_gen = np.zeros((rows, 2), np.uint32)
+        self.taken_cnt = np.zeros((rows, 2), np.int64)
         self.swept = 0  # bursts (or their tails) taken from the table
 
-    def _skip(self, recs: npt.NDArray[np.void]) -> npt.NDArray[np.int64]:
+    def _slots(self, recs: npt.NDArray[np.void]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         slot = recs["slot"].astype(np.int64)
-        ok = slot < self.taken_gen.size
-        slot = np.where(ok, slot, 0)
-        same = ok & (self.taken_gen[slot] == recs["gen"])
-        return np.where(same, self.taken_cnt[slot], 0)
+        ok = slot < self.taken_gen.shape[0]
+        return np.where(ok, slot, 0), ok
+
+    def _skip(self, recs: npt.NDArray[np.void]) -> npt.NDArray[np.int64]:
+        """Candidates of each record already passed on."""
+        slot, ok = self._slots(recs)
+        gen = recs["gen"]
+        g0, g1 = self.taken_gen[slot, 0], self.taken_gen[slot, 1]
+        return np.where(ok & (g0 == gen), self.taken_cnt[slot, 0],
+                        np.where(ok & (g1 == gen), self.taken_cnt[slot, 1], 0))
+
+    def _note(self, recs: npt.NDArray[np.void]) -> None:
+        """Remember what ``recs`` passed on (a slot's records come in generation order)."""
+        if not recs.size:
+            return
+        slot, ok = self._slots(recs)
+        # the last record of each slot in this batch (its newest burst)
+        rev = np.unique(slot[::-1], return_index=True)[1]
+        last = recs.size - 1 - rev
+        last = last[ok[last]]
+        s, gen, cnt = slot[last], recs["gen"][last], recs["count"][last].astype(np.int64)
+        newer = self.taken_gen[s, 0] != gen
+        sn = s[newer]
+        self.taken_gen[sn, 1] = self.taken_gen[sn, 0]
+        self.taken_cnt[sn, 1] = self.taken_cnt[sn, 0]
+        self.taken_gen[s, 0] = gen
+        self.taken_cnt[s, 0] = np.maximum(np.where(newer, 0, self.taken_cnt[s, 0]), cnt)
 
     def sweep(self, now_ns: int) -> npt.NDArray[np.void]:
         """Open bursts whose gap passed before ``now_ns`` and that hold
@@ -138,8 +165,10 @@ class BurstTaker:
         due = np.flatnonzero((cnt > 0) & (t["last_ns"] < horizon))
         if not due.size:
             return t[:0].copy()
-        fresh = ~((self.taken_gen[due] == t["gen"][due]) & (self.taken_cnt[due] >= cnt[due]))
-        due = due[fresh]
+        gen = t["gen"][due]
+        taken = np.where(self.taken_gen[due, 0] == gen, self.taken_cnt[due, 0],
+                         np.where(self.taken_gen[due, 1] == gen, self.taken_cnt[due, 1], 0))
+        due = due[taken < cnt[due]]
         if not due.size:
             return t[:0].copy()
         lock0 = t["lock"][due].copy()
@@ -156,13 +185,14 @@ class BurstTaker:
         parts = []
         if recs.size:
             parts.append((recs, self._skip(recs)))
+            # noted at once: the kernel zeroes a slot's count just after writing its record,
+            # so this poll's sweep may still see the same burst open in the table
+            self._note(recs)
         if now_ns is not None:
             rows = self.sweep(now_ns)
             if rows.size:
                 skip = self._skip(rows)
-                slot = rows["slot"].astype(np.int64)
-                self.taken_gen[slot] = rows["gen"]
-                self.taken_cnt[slot] = rows["count"]
+                self._note(rows)
                 self.swept += int(rows.size)
                 parts.append((rows, skip))
         if not parts:
