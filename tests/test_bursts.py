@@ -89,7 +89,15 @@ def test_tables_fed_bursts_equal_tables_fed_candidates(
             got_bur += bur.advance(now)
         got_raw += raw.close()
         got_bur += bur.close()
-        assert got_bur == got_raw, make.__name__
+        if make is FlowTable:
+            # FlowTable.advance visits its busy flows in a set's order, which depends on the
+            # insertion history: equal as multisets, in order within each flow
+            def canon(evs: list) -> list:  # type: ignore[type-arg]
+                return sorted(evs, key=lambda e: (str(e.flow), e.detected_at, type(e).__name__, e.start))
+
+            assert canon(got_bur) == canon(got_raw), make.__name__
+        else:
+            assert got_bur == got_raw, make.__name__
         assert sum(v.candidates for v in bur) == t.size
 
 
