@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from conftest import ROOT, need
 from test_agent_live import DEADLINE, need_xdp, poll_until, stop, wait_ready
 
@@ -217,18 +218,40 @@ def test_one_round_ending_more_stalls_than_the_history_holds(tmp_path: Path) -> 
     agent.history.close()
 
 
+def _flat(batch: Any) -> list[tuple[bytes, int]]:
+    """A burst batch's candidates as (raw key, ns), record by record."""
+    bid, t = batch.bursts(np.zeros(len(batch), np.int64)).candidates()
+    return [(batch.keys[b], int(x)) for b, x in zip(bid.tolist(), t.tolist(), strict=True)]
+
+
 def test_backlog_keeps_the_newest_records_and_counts_the_rest(tmp_path: Path) -> None:
-    """The agent's backlog (Agent._take): past --backlog the oldest records go,
-    counted in ``shed``; what is fed is oldest-first among those kept, at most
-    CHUNK a round, and nothing is lost between rounds."""
+    """The agent's backlog (Agent._take) of burst records: past --backlog the
+    oldest candidates go (whole records, then the head of the next one: exactly
+    the excess), counted in ``shed``; what is fed is oldest-first among those
+    kept, at most CHUNK candidates a round, and nothing is lost between rounds."""
+    from iqn_ctl.engine.params import BURST_MAX
     from iqn_ctl.live.agent import CHUNK, Agent, AgentConfig
+    from iqn_ctl.live.bursttable import BurstBatch
+
+    def batch(n: int, t0: int, seed: int) -> BurstBatch:
+        count = np.array([1 + (i + seed) % 4 for i in range(n)], np.int64)
+        off = np.zeros((n, BURST_MAX), np.int64)
+        for i, c in enumerate(count.tolist()):
+            off[i, :c] = np.arange(c) * 1_000_000
+        first = t0 + np.arange(n, dtype=np.int64) * 10_000_000
+        return BurstBatch([b"k%d" % (i % 7) for i in range(n)], first, count, off)
 
     agent = Agent(AgentConfig("lo0", state_dir=tmp_path, run_dir=tmp_path / "run", backlog=CHUNK + 100))
-    recs = [(b"k%d" % (i % 7), 100.0 + i / 1e4, 1250) for i in range(CHUNK + 500)]
-    fed = agent._take(list(recs))
-    assert agent.shed == 400 and agent.load() == "shedding"
-    assert fed == recs[400:400 + CHUNK]  # the oldest of the newest CHUNK + 100
-    assert agent._backlog == recs[400 + CHUNK:] and agent.snapshot()["backlog"] == 100
-    more = [(b"k1", 200.0 + i, 1250) for i in range(3)]
-    assert agent._take(list(more)) == recs[400 + CHUNK:] + more and agent._backlog == []
-    assert agent.shed == 400 and agent.backlog_max == CHUNK + 100
+    big = batch(3500, 100 * 10**9, 1)  # 8,750 candidates: 458 over the backlog
+    flat = _flat(big)
+    over = len(flat) - (CHUNK + 100)
+    fed = _flat(agent._take(big))
+    assert agent.shed == over and agent.load() == "shedding"
+    assert agent.backlog_max == CHUNK + 100  # exactly the bound: a record's head was cut
+    kept = flat[over:]
+    assert CHUNK - 4 < len(fed) <= CHUNK and fed == kept[:len(fed)]  # the oldest of the newest
+    assert agent.snapshot()["backlog"] == len(kept) - len(fed)
+    more = batch(3, 200 * 10**9, 0)
+    assert _flat(agent._take(more)) == kept[len(fed):] + _flat(more)
+    assert not agent._backlog and agent.snapshot()["backlog"] == 0
+    assert agent.shed == over and agent.backlog_max == CHUNK + 100

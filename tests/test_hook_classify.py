@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -73,15 +74,16 @@ def frames_for(link: str, seed: int) -> list[bytes]:
 def test_kernel_entries_decide_like_the_python_twin(progs: dict[str, Any], link: str, hook: str) -> None:
     """Every fuzzed frame is a candidate for the kernel entry iff it is one for
     the Python classifier with the link type a capture of that device has; the
-    flow labels agree in order; each record's length is the band length the
-    Python side compares (the frame, or the IP packet + 14)."""
+    flow labels of the burst records' candidates agree in order (the band
+    length itself is held to the Python side's rule at the band's edges, below)."""
     offered = frames_for(link, seed=4242)
     frames: list[bytes] = []  # what the kernel ran
     dp = progs[link]
     dp.poll(0)  # nothing left from another test
     fd = dp.prog_fd if hook == "xdp" else dp.tc_prog_fd
     runner = bpf_testrun.TestRunner(fd)
-    kernel, labels, lens = [], [], []
+    kernel: list[int] = []
+    stamped: list[tuple[bytes, float]] = []
     before = dp.counters()["candidates"]
     for i, frame in enumerate(offered):
         try:
@@ -98,20 +100,18 @@ def test_kernel_entries_decide_like_the_python_twin(progs: dict[str, Any], link:
             kernel.append(len(frames) - 1)
         before = now
         if i % 2048 == 0:
-            evs = dp.poll(0)
-            labels += [layout.decode_key(k).label for k, _, _ in evs]
-            lens += [n for _, _, n in evs]
-    evs = dp.poll(10)
-    labels += [layout.decode_key(k).label for k, _, _ in evs]
-    lens += [n for _, _, n in evs]
+            stamped += dp.poll(0)
+    time.sleep(0.02)  # short bursts still open are read once their gap has passed
+    stamped += dp.poll(10)
+    # a short burst is read after its gap has passed, maybe a poll after later candidates
+    # of other flows: the kernel's timestamps give the order the frames were run in
+    labels = [layout.decode_key(k).label for k, _ in sorted(stamped, key=lambda e: e[1])]
     assert dp.counters()["lost"] == 0
     assert len(frames) > 0.9 * len(offered) and len(kernel) > 300, "the fuzz must produce candidates"
     got = classify_frames(frames, [float(i) for i in range(len(frames))], FILT,
                           linktype=LINKTYPE_ETHERNET if link == "ethernet" else LINKTYPE_RAW)
     assert got.frame_index.tolist() == kernel
     assert [got.labels[int(f)][0] for f in got.flow_ids] == labels
-    extra = 0 if link == "ethernet" else ETH_HLEN
-    assert lens == [len(frames[i]) + extra for i in kernel]
 
 
 @pytest.mark.parametrize("link", ["ethernet", "l3"])
@@ -130,4 +130,5 @@ def test_band_edges_on_both_entries(progs: dict[str, Any], link: str) -> None:
             before = dp.counters()["candidates"]
             runner.run(frame)
             assert (dp.counters()["candidates"] - before == 1) is want, (link, fd, len(frame))
-    assert sorted(n for _, _, n in dp.poll(10)) == sorted([lo, hi] * 4)
+    time.sleep(0.02)  # the last short burst is read once its gap has passed
+    assert len(dp.poll(10)) == 2 * 4  # each in-band frame in a burst record, on both entries

@@ -147,7 +147,9 @@ def test_agent_with_too_small_ring_counts_lost_in_status_and_metrics(tmp_path: P
             st = poll_until(lambda: request(sock, "status"),
                             lambda st: st["candidates"] == 600 and st["events"] + st["lost"] >= 600)
             assert st["candidates"] == 600
-            assert st["lost"] >= 600 - 5 * ONE_PAGE_RECORDS, st  # the ring held at most one page
+            # the ring held at most one page of records, and the last burst (cut short if a
+            # sender hiccup split the bursts) may wait in the kernel's table, read from there
+            assert st["lost"] >= 600 - 5 * ONE_PAGE_RECORDS - 4, st
             assert st["events"] + st["lost"] == 600, (st["events"], st["lost"])
             shown = cli(lab, env, "status")
             assert f" {st['lost']} " in shown.stdout
