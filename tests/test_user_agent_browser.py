@@ -119,8 +119,8 @@ def grab_rgb(rect: Rect) -> np.ndarray:
     return np.frombuffer(shot.raw, np.uint8).reshape(shot.height, shot.width, 4)[..., 2::-1]
 
 
-def located(driver: Any) -> Layout:
-    loc = SeleniumLocator(driver).locate()
+def located(driver: Any, profile: str = "youtube") -> Layout:
+    loc = SeleniumLocator(driver, profile=profile).locate()
     assert loc.layout is not None, loc.why
     return loc.layout
 
@@ -172,8 +172,8 @@ def one_burst_for_the_router(times: list[float], n: int, p: float = 0.2) -> bool
 class RecordingLocator:
     """SeleniumLocator that keeps what every page query answered, and when."""
 
-    def __init__(self, driver: Any, truth: bool = False) -> None:
-        self._inner = SeleniumLocator(driver, truth=truth)
+    def __init__(self, driver: Any, truth: bool = False, profile: str = "youtube") -> None:
+        self._inner = SeleniumLocator(driver, truth=truth, profile=profile)
         self.seen: list[tuple[float, Layout | None, str]] = []
 
     def locate(self) -> Located:
@@ -192,8 +192,10 @@ class AgentRun:
     """``run_agent`` on a thread of its own while the test plays the user and the
     network; every frame's verdict and burst, and every page answer, are kept."""
 
-    def __init__(self, driver: Any, p: float = 0.2, record_truth: bool = False, **kw: Any) -> None:
-        self.locator = RecordingLocator(driver, truth=record_truth)
+    def __init__(
+        self, driver: Any, p: float = 0.2, record_truth: bool = False, profile: str = "youtube", **kw: Any
+    ) -> None:
+        self.locator = RecordingLocator(driver, truth=record_truth, profile=profile)
         self.frames: list[Frame] = []
         self.stats: RunStats | None = None
         self.error: BaseException | None = None
@@ -612,7 +614,7 @@ def test_seek_rebuffer_is_held_back_then_signalled(driver: Any, page: PageServer
     page.take_posts()
     ok0 = player_state(driver)["autoplayOk"]
     driver.execute_script("window.iqnTest.seekRebufferMs = 3000")
-    bar = (lay.player.left + lay.player.width * 3 // 4, lay.player.top + lay.player.height - 27)
+    bar = (lay.player.left + lay.player.width * 3 // 4, lay.player.top + lay.player.height - 51)
     try:
         with AgentRun(driver, protocol="tick") as run:  # counts n per signalling grab
             run.wait(lambda: run.count(Kind.PLAYING) >= 3, "the agent to see playback")
@@ -659,9 +661,9 @@ def fullscreen_change(driver: Any, entered: bool, after: float) -> float | None:
     return None
 
 
-def leave_fullscreen(driver: Any, windowed: Layout) -> None:
+def leave_fullscreen(driver: Any, windowed: Layout, profile: str = "youtube") -> None:
     driver.execute_script("if (document.fullscreenElement) document.exitFullscreen()")
-    wait_for(lambda: located(driver) == windowed, "the player back in the window")
+    wait_for(lambda: located(driver, profile) == windowed, "the player back in the window")
 
 
 def test_player_fullscreen_hides_the_switch_and_nothing_is_clicked(driver: Any, page: PageServer) -> None:
@@ -669,14 +671,15 @@ def test_player_fullscreen_hides_the_switch_and_nothing_is_clicked(driver: Any, 
     fullscreen the player covers the page, the switch included: the agent must
     neither grab nor click (a click at the switch's place would hit the picture;
     on YouTube it pauses). Back in the window it re-locates and signals again,
-    after the geometry has settled."""
-    windowed = located(driver)
+    after the geometry has settled. Profile ``lab``: its switch is below the
+    player (YouTube's, in the player's own control bar, stays usable)."""
+    windowed = located(driver, "lab")
     reset_page(driver)
     page.take_posts()
     ok0 = player_state(driver)["autoplayOk"]
     driver.execute_script("window.iqnTest.stall(0)")  # until resume()
     try:
-        with AgentRun(driver, protocol="tick") as run:  # counts n per signalling grab
+        with AgentRun(driver, protocol="tick", profile="lab") as run:  # n per signalling grab
             run.wait(lambda: len(run.bursts()) >= 2, "signals from the windowed player")
             t0 = time.time()
             enter_player_fullscreen(driver)
@@ -690,7 +693,7 @@ def test_player_fullscreen_hides_the_switch_and_nothing_is_clicked(driver: Any, 
             run.wait(lambda: len(run.bursts(after=t_out)) >= 2, "signals after fullscreen")
     finally:
         driver.execute_script("window.iqnTest.resume()")
-        leave_fullscreen(driver, windowed)
+        leave_fullscreen(driver, windowed, "lab")
     st = player_state(driver)
     assert st["playerClicks"] == [] and st["paused"] == [], "a click hit the picture"
     assert not [b for b in run.bursts(after=t_in) if b.start < t_out], "clicked while in fullscreen"

@@ -46,10 +46,15 @@ from .protocol import (
     look_interval,
 )
 from .signaler import Burst, Signaler
+from .switch import SwitchGuard
 from .truth import TruthRecorder
 from .xinput import InputWatcher, RecordedInput
 
 LOCATE_FAILURES = 5  # consecutive failed page queries before we give up on the browser
+#: seconds between moving onto a switch whose controls have faded out and the
+#: first press: the page shows its controls on that pointer move (YouTube's
+#: ``ytp-autohide``), and a press before it has done so may be lost
+REVEAL = 0.05
 
 
 @dataclass(slots=True)
@@ -63,8 +68,14 @@ class RunStats:
     kinds: Counter[str] = field(default_factory=Counter)
     filtered: Counter[str] = field(default_factory=Counter)
     max_click_gap: float = 0.0  # agent-side; with batched clicks, between queueing them (see Burst)
-    restore_failures: int = 0
+    restore_failures: int = 0  # the pointer did not get back where it was
     signal_failures: int = 0
+    #: single clicks that put the switch back after a click of a burst was lost
+    restores: int = 0
+    #: page navigations (a new video): the switch is re-located, its state re-read
+    navigations: int = 0
+    #: bursts sent while the switch's controls were hidden (revealed by the pointer move)
+    hidden_bursts: int = 0
     last_why: str = ""
 
 
@@ -109,15 +120,19 @@ def run_agent(
     t_end = None if duration is None else time.monotonic() + duration
     t_grid = time.monotonic()
     next_tick = t_grid
+    guard = SwitchGuard()
+    page_seen = ""
     try:
         located = None
         while not stop.is_set():
             burst: Burst | None = None
+            fresh = False
             # the page is asked once per p (every look of phase 0): a Selenium
             # query costs far more than a grab; in between, the layout holds
             if look_no % len(phases) == 0 or located is None or located.layout is None:
                 try:
                     located = locator.locate()
+                    fresh = True
                     locate_failures = 0
                 except Exception as e:  # the browser went away or hung up
                     locate_failures += 1
@@ -128,15 +143,29 @@ def run_agent(
                 if located is not None and truth is not None:
                     truth.feed(located.truth)
             t = time.time()
-            if located is None or located.layout is None:
-                stats.no_layout += 1
-                stats.last_why = located.why if located else "page query failed"
+            if fresh and located is not None and located.page:
+                if page_seen and located.page != page_seen:
+                    # a new video: frames of the old one mean nothing, and the
+                    # switch (re-located below) may be a new element
+                    stats.navigations += 1
+                    guard.forget()
+                    for d in phases:
+                        d.note_geometry(t)
+                page_seen = located.page
+            if located is None or located.layout is None or located.ad:
+                if located is not None and located.ad:
+                    # an ad plays: its stalls are not the video's, and the
+                    # switch may not be the video's either; signal nothing
+                    verdict = Verdict(t, Kind.FILTERED, "ad")
+                else:
+                    stats.no_layout += 1
+                    stats.last_why = located.why if located else "page query failed"
+                    verdict = Verdict(t, Kind.NONE, stats.last_why)
                 for d in phases:
                     d.reset()
                 layout = None
-                verdict = Verdict(t, Kind.NONE, stats.last_why)
                 if encoder is not None:
-                    encoder.step(t, False)  # nowhere to click: the stall's settlement is lost
+                    encoder.step(t, False)  # nowhere (or no business) to click: the settlement is lost
             else:
                 if located.layout != layout:
                     # Unless this is the first look: the player moved, or it came back
@@ -145,11 +174,26 @@ def run_agent(
                         for d in phases:
                             d.note_geometry(t)
                     layout = located.layout
+                reveal = REVEAL if located.hidden else 0.0
                 if inputs is not None:
-                    t_in = inputs.check(layout.player)
+                    t_in = inputs.check(layout.player, layout.switch)
                     if t_in is not None:
                         for d in phases:
                             d.note_input(t_in)
+                    if inputs.switch_pressed is not None:
+                        inputs.switch_pressed = None
+                        guard.user_pressed()
+                if fresh and guard.reading(t, located.state):
+                    # a click of ours was lost: the switch is off the user's state
+                    try:
+                        fix = signaler.restore(layout.switch, reveal)
+                        guard.clicked(fix.end)
+                        stats.restores += 1
+                        if inputs is not None:
+                            inputs.own_burst(fix.began, fix.end)
+                    except Exception as e:
+                        stats.signal_failures += 1
+                        stats.last_why = f"restore failed: {e}"
                 phase = look_no % len(phases)
                 det = phases[phase]
                 # this phase's last grab may be stale (the loop fell behind and
@@ -172,7 +216,7 @@ def run_agent(
                     toggles = encoder.step(t, verdict.stall, hold)
                 if toggles:
                     try:
-                        burst = signaler.signal(layout.switch, toggles)
+                        burst = signaler.signal(layout.switch, toggles, reveal)
                     except Exception as e:  # an X error mid-burst: log it as no signal, go on
                         stats.signal_failures += 1
                         stats.last_why = f"signal failed: {e}"
@@ -183,6 +227,8 @@ def run_agent(
                         stats.toggles += len(burst.clicks)
                         stats.max_click_gap = max(stats.max_click_gap, burst.max_gap)
                         stats.restore_failures += not burst.restored
+                        stats.hidden_bursts += reveal > 0
+                        guard.clicked(burst.end)
             stats.frames += 1
             stats.kinds[verdict.kind.value] += 1
             if verdict.kind is Kind.FILTERED:

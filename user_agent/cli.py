@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import typer
 
 from .errors import AgentError
+from .profiles import DEFAULT_PROFILE
 from .protocol import DEFAULT_N, DEFAULT_P, DEFAULT_PROTOCOL
 
 app = typer.Typer(
@@ -97,6 +98,10 @@ def run(
     chrome_arg: list[str] = typer.Option([], "--chrome-arg", help="extra Chromium flag (repeatable)"),
     duration: float | None = typer.Option(None, "--duration", help="stop after this many seconds"),
     grabber: str = typer.Option("mss", "--grabber", help="screen grabber: mss or pillow"),
+    profile: str = typer.Option(
+        DEFAULT_PROFILE, "--profile",
+        help="player profile: youtube, lab, or a .toml file naming the player, switch and spinner",
+    ),
     protocol: str = typer.Option(
         DEFAULT_PROTOCOL, "--protocol",
         help="signal protocol: edges (look every p/5, the toggle count carries the stall's duration) "
@@ -108,6 +113,7 @@ def run(
     from .capture import make_grabber
     from .layout import load_calibration
     from .locate import FixedLocator, Locator, SeleniumLocator
+    from .profiles import load_profile
     from .protocol import check_n, check_p, check_protocol, look_interval
     from .signaler import Signaler
     from .truth import TruthRecorder
@@ -115,6 +121,7 @@ def run(
     check_n(n)
     check_p(p)
     check_protocol(protocol)
+    prof = load_profile(profile)  # a bad profile is one line before anything starts
     if sum(x is not None for x in (url, calibration, attach)) != 1:
         raise AgentError("give exactly one of --url, --calibration or --attach")
     if calibration is not None and truth is not None:
@@ -132,7 +139,7 @@ def run(
             driver = start_chromium(url, chrome_arg, attach)
             # our browser goes with us; an attached one stays, only our chromedriver stops
             stack.callback(driver.quit if attach is None else driver.service.stop)
-            locator = SeleniumLocator(driver, truth=truth is not None)
+            locator = SeleniumLocator(driver, truth=truth is not None, profile=prof)
         sig = Signaler(n)
         grab = stack.enter_context(contextlib.closing(make_grabber(grabber)))
         stop = stack.enter_context(stop_on_signals())
@@ -154,7 +161,8 @@ def run(
     say(
         f"{stats.frames} grabs, {stats.signals} signals ({stats.toggles} toggles), filtered: {filtered}, "
         f"grabs lost: {stats.grab_failures} (retried {stats.grab_retries}), "
-        f"no player in view: {stats.no_layout}"
+        f"no player in view: {stats.no_layout}, switch restores: {stats.restores}, "
+        f"navigations: {stats.navigations}"
     )
 
 
@@ -191,11 +199,16 @@ def truth(
     chrome_arg: list[str] = typer.Option([], "--chrome-arg", help="extra Chromium flag (repeatable)"),
     duration: float | None = typer.Option(None, "--duration", help="stop after this many seconds"),
     poll: float = typer.Option(0.2, "--poll", help="seconds between collections (times are exact anyway)"),
+    profile: str = typer.Option(
+        DEFAULT_PROFILE, "--profile", help="player profile (its spinner is recorded)"
+    ),
 ) -> None:
     """Record when the page's spinner is shown and hidden (paper's Real_stalls.txt format)."""
     from .browser import start_chromium
+    from .profiles import load_profile
     from .truth import open_output, record_truth
 
+    prof = load_profile(profile)
     if (url is None) == (attach is None):
         raise AgentError("give exactly one of --url or --attach")
     if poll <= 0:
@@ -207,8 +220,23 @@ def truth(
         stop = stack.enter_context(stop_on_signals())
         _timer(stop, duration)
         say(f"recording spinner times to {out} (Ctrl-C stops)")
-        rec = record_truth(driver, f, stop, poll)
+        rec = record_truth(driver, f, stop, poll, prof.spinner)
     say(f"{rec.stalls} stalls recorded")
+
+
+@app.command()
+@friendly
+def profiles(
+    check: Path | None = typer.Option(None, "--check", help="validate this profile file and show it"),
+) -> None:
+    """List the shipped player profiles (or check a profile file)."""
+    from .profiles import SHIPPED, load_profile
+
+    for spec in [str(check)] if check is not None else list(SHIPPED):
+        prof = load_profile(spec)
+        typer.echo(f"{prof.name}: player {prof.player}; switch {prof.switch}"
+                   f"{' (in the control bar)' if prof.in_controls else ''}; spinner {prof.spinner}"
+                   f"{'; ads ' + prof.ad if prof.ad else ''} - {prof.description}")
 
 
 #: what the end-user agent needs beyond the base install: the 'user' role

@@ -44,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .grid import Grid
+from .layout import CONTROLS_STRIP
 
 
 class Kind(enum.Enum):
@@ -72,7 +73,7 @@ class Verdict:
 class DetectorConfig:
     centre: float = 0.4  # centre box, fraction of width and height
     inner: float = 0.6  # the periphery lies outside this central box...
-    controls: float = 0.15  # ...and above the bottom strip where player controls fade in
+    controls: float = CONTROLS_STRIP  # ...and above the bottom strip where player controls fade in
     threshold_floor: float = 10.0  # grey levels a cell must change by, at least
     noise_k: float = 6.0  # ...or this many noise levels, whichever is larger
     max_noise: float = 3.0  # a typical cell changing more than this is moving video

@@ -15,6 +15,10 @@ from pathlib import Path
 from .errors import AgentError
 
 MIN_PLAYER = 64  # the grid needs a few cells across
+#: the bottom strip of the player (fraction of its height) where controls fade
+#: in: the detector ignores it, and a switch in the player's own control bar
+#: (YouTube's) lies in it
+CONTROLS_STRIP = 0.15
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +53,12 @@ class Layout:
                 f"player area {self.player.width}x{self.player.height} is too small "
                 f"(at least {MIN_PLAYER}x{MIN_PLAYER} pixels)"
             )
-        if self.player.contains(self.switch.x, self.switch.y):
-            raise AgentError("the autoplay switch lies inside the player area; toggling it would be seen")
+        pl, sw = self.player, self.switch
+        if pl.contains(sw.x, sw.y) and sw.y < pl.top + pl.height * (1 - CONTROLS_STRIP):
+            raise AgentError(
+                "the autoplay switch lies inside the player area above its control bar; "
+                "toggling it would be seen"
+            )
         return self
 
 

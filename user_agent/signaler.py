@@ -102,9 +102,19 @@ class Signaler:
         self.mode = mode
         self._gui = gui if gui is not None else load_pyautogui()
 
-    def signal(self, switch: Point, toggles: int | None = None) -> Burst:
-        """Click the switch n times (or ``toggles``, an even number) and put the pointer back."""
-        count = self.n if toggles is None else check_n(toggles)
+    def signal(self, switch: Point, toggles: int | None = None, reveal: float = 0.0) -> Burst:
+        """Click the switch n times (or ``toggles``, an even number) and put the pointer back.
+
+        ``reveal``: the switch is in controls that have faded out (YouTube hides
+        them during playback): move onto it first and give the page ``reveal``
+        seconds to show them before the first press."""
+        return self._clicks(switch, self.n if toggles is None else check_n(toggles), reveal)
+
+    def restore(self, switch: Point, reveal: float = 0.0) -> Burst:
+        """One click: a click of an earlier burst was lost and the switch is off the user's state."""
+        return self._clicks(switch, 1, reveal)
+
+    def _clicks(self, switch: Point, count: int, reveal: float) -> Burst:
         gui = self._gui
         x0, y0 = gui.position()
         began = time.time()
@@ -116,6 +126,9 @@ class Signaler:
 
             d = x11._display
             fake_input(d, X.MotionNotify, x=switch.x, y=switch.y)
+            if reveal > 0:
+                d.sync()
+                time.sleep(reveal)
             for _ in range(count):
                 fake_input(d, X.ButtonPress, 1)
                 fake_input(d, X.ButtonRelease, 1)
@@ -123,6 +136,9 @@ class Signaler:
             fake_input(d, X.MotionNotify, x=x0, y=y0)
             d.sync()
         else:
+            if reveal > 0:
+                gui.moveTo(switch.x, switch.y)
+                time.sleep(reveal)
             for _ in range(count):
                 gui.click(switch.x, switch.y)
                 clicks.append(time.time())

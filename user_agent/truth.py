@@ -11,6 +11,7 @@ A spinner already showing when recording starts counts from that moment.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import IO, Any
@@ -20,7 +21,7 @@ from .errors import AgentError
 SPINNER = ".ytp-spinner"
 
 # Installs the observer once per page; returns and clears the transitions seen.
-OBSERVE_JS = """
+_OBSERVE = """
 (function () {
   let st = window.__iqnTruth;
   if (!st) {
@@ -39,7 +40,15 @@ OBSERVE_JS = """
   }
   return st.events.splice(0);
 })()
-""".strip().replace("SPINNER_SELECTOR", repr(SPINNER))
+""".strip()
+
+
+def observe_js(spinner: str = SPINNER) -> str:
+    """The observer for a profile's spinner selector (as a JSON string literal: data, not code)."""
+    return _OBSERVE.replace("SPINNER_SELECTOR", json.dumps(spinner))
+
+
+OBSERVE_JS = observe_js()
 
 
 # Forgets an earlier recording in this page (its observer and unread events).
@@ -83,12 +92,15 @@ def open_output(path: Path) -> IO[str]:
         raise AgentError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def record_truth(driver: Any, out: IO[str], stop: threading.Event, poll: float = 0.2) -> TruthRecorder:
+def record_truth(
+    driver: Any, out: IO[str], stop: threading.Event, poll: float = 0.2, spinner: str = SPINNER
+) -> TruthRecorder:
     """Record spinner ground truth from ``driver``'s page until ``stop`` is set."""
     rec = TruthRecorder(out)
     reset_truth(driver)
+    js = "return " + observe_js(spinner)
     while True:
-        rec.feed(driver.execute_script("return " + OBSERVE_JS))
+        rec.feed(driver.execute_script(js))
         if stop.wait(poll):
-            rec.feed(driver.execute_script("return " + OBSERVE_JS))
+            rec.feed(driver.execute_script(js))
             return rec

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AgentError
-from .layout import Rect
+from .layout import Point, Rect
 
 KEY_PRESS, KEY_RELEASE, BUTTON_PRESS, BUTTON_RELEASE, MOTION = 2, 3, 4, 5, 6
+SWITCH_REACH = 24  # px around the switch's centre that count as a press on it
 
 
 def open_display(name: str | None = None) -> Any:
@@ -133,6 +134,8 @@ class InputWatcher:
     # see them 50+ ms late on a busy machine (the demo under load: 71 ms)
     own_margin: float = 0.15
     _own: list[tuple[float, float]] = field(default_factory=list)
+    #: the latest user button press near the switch (``check(..., switch=)``), or None
+    switch_pressed: float | None = None
 
     def own_burst(self, start: float, end: float) -> None:
         """The signaler clicked between these wall-clock times."""
@@ -142,12 +145,18 @@ class InputWatcher:
     def _ours(self, t: float) -> bool:
         return any(s <= t <= e for s, e in self._own)
 
-    def check(self, player: Rect) -> float | None:
-        """Wall-clock time of the latest user input over the player since the last check, or None."""
+    def check(self, player: Rect, switch: Point | None = None) -> float | None:
+        """Wall-clock time of the latest user input over the player since the last check, or None.
+
+        With ``switch``, a user button press within ``SWITCH_REACH`` px of it is
+        also noted in :attr:`switch_pressed` (the user flipping autoplay)."""
         latest: float | None = None
         for ev in self.source.take():
             if self._ours(ev.t) or ev.kind == KEY_RELEASE:
                 continue
             if ev.kind == KEY_PRESS or player.contains(ev.x, ev.y):
                 latest = ev.t
+            if (switch is not None and ev.kind == BUTTON_PRESS
+                    and abs(ev.x - switch.x) <= SWITCH_REACH and abs(ev.y - switch.y) <= SWITCH_REACH):
+                self.switch_pressed = ev.t
         return latest

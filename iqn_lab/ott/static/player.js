@@ -8,10 +8,17 @@
   const AHEAD = Number(params.get("buffer") || 4); // seconds kept buffered ahead
   const KEEP_BEHIND = 10; // seconds kept behind the play head before pruning
   const CLIP = params.get("clip");
-  const video = document.querySelector("#movie_player video");
-  const spinner = document.querySelector("#movie_player .ytp-spinner");
-  const toggle = document.getElementById("autoplay-toggle");
-  const state = { stalls: [], clicks: [], segments: 0, bytes: 0, autoplayPosts: 0, autoplayOk: 0, errors: [] };
+  const AUTOHIDE = Number(params.get("autohide") ?? 3000); // ms of playback before the controls fade (0: never)
+  const player = document.getElementById("movie_player");
+  const video = player.querySelector("video");
+  const spinner = player.querySelector(".ytp-spinner");
+  // the autoplay switch, twice: in the player's control bar (YouTube's, profile
+  // "youtube") and below the player (the lab's original, profile "lab"); one state
+  const SWITCHES = '[data-tooltip-target-id="ytp-autonav-toggle-button"], #autoplay-toggle';
+  const state = {
+    stalls: [], clicks: [], segments: 0, bytes: 0, autoplayPosts: 0, autoplayOk: 0, errors: [],
+    autoplay: true, ads: [],
+  };
   window.iqnPlayer = state;
 
   // Spinner: shown exactly while the video waits; every shown interval is a stall.
@@ -32,11 +39,39 @@
   video.addEventListener("playing", hideSpinner);
   video.addEventListener("canplay", () => { if (!video.paused) hideSpinner(); });
 
+  // Controls fade out AUTOHIDE ms after the pointer last moved over the player,
+  // unless the user paused (a paused player keeps them, as YouTube's does); a
+  // pointer move over the player shows them at once; leaving it hides them soon.
+  let hideTimer = null;
+  function hideLater(ms) {
+    clearTimeout(hideTimer);
+    if (AUTOHIDE > 0) hideTimer = setTimeout(() => {
+      const userPaused = video.paused && spinner.style.display !== "block";
+      if (!userPaused) player.classList.add("ytp-autohide");
+    }, ms);
+  }
+  player.addEventListener("mousemove", () => { player.classList.remove("ytp-autohide"); hideLater(AUTOHIDE); });
+  player.addEventListener("mouseleave", () => hideLater(250));
+  video.addEventListener("playing", () => hideLater(AUTOHIDE));
+  video.addEventListener("pause", () => { clearTimeout(hideTimer); player.classList.remove("ytp-autohide"); });
+
   // Autoplay switch: each click flips it and tells the service (POST, 200 OK).
-  toggle.addEventListener("click", (ev) => {
+  function render() {
+    const on = state.autoplay ? "true" : "false";
+    for (const el of document.querySelectorAll(".ytp-autonav-toggle-button, #autoplay-toggle")) {
+      el.setAttribute("aria-checked", on);
+    }
+    for (const el of document.querySelectorAll('[data-tooltip-target-id="ytp-autonav-toggle-button"]')) {
+      const label = "Autoplay is " + (state.autoplay ? "on" : "off");
+      el.setAttribute("aria-label", label);
+      el.setAttribute("title", label);
+    }
+  }
+  document.addEventListener("click", (ev) => {
+    if (!(ev.target instanceof Element) || !ev.target.closest(SWITCHES)) return;
     state.clicks.push(performance.timeOrigin + ev.timeStamp); // epoch ms of each click
-    const on = toggle.getAttribute("aria-checked") !== "true";
-    toggle.setAttribute("aria-checked", on ? "true" : "false");
+    const on = (state.autoplay = !state.autoplay);
+    render();
     state.autoplayPosts++;
     fetch("/api/autoplay", {
       method: "POST",
@@ -45,6 +80,17 @@
     }).then((r) => { if (r.ok) state.autoplayOk++; return r.arrayBuffer(); })
       .catch((e) => state.errors.push(String(e)));
   });
+  state.render = render;
+
+  // An ad break: the player carries YouTube's ad-showing class for ms.
+  state.ad = (ms) => {
+    player.classList.add("ad-showing");
+    state.ads.push([Date.now(), null]);
+    setTimeout(() => {
+      player.classList.remove("ad-showing");
+      state.ads[state.ads.length - 1][1] = Date.now();
+    }, ms);
+  };
 
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   function ahead() {
