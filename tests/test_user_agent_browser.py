@@ -622,7 +622,9 @@ def test_seek_rebuffer_is_held_back_then_signalled(driver: Any, page: PageServer
             t_click = time.time()
             gui.click(*bar)  # pyautogui: the pointer goes to the bar, then clicks
             gui.moveTo(*PARK)
-            ((s0, s1),) = run.wait(lambda: closed_stalls(driver), "the seek's rebuffer to end")
+            stalls_seen = run.wait(lambda: closed_stalls(driver), "the seek's rebuffer to end")
+            assert len(stalls_seen) == 1, (stalls_seen, t_click, player_state(driver)["seeks"])
+            ((s0, s1),) = stalls_seen
             run.wait(lambda: run.count(Kind.PLAYING, after=s1) >= 3, "the agent to see playback again")
     finally:
         driver.execute_script("window.iqnTest.seekRebufferMs = 600")
@@ -849,3 +851,100 @@ def test_cli_run_starts_its_own_chromium(desktop: str, page: PageServer, tmp_pat
     for kind, t in lines:
         if kind == "S":
             assert any(s.start < t < s.end + 0.2 for s in real), f"signal at {t} outside any stall"
+
+
+# --- player profiles on the lab page (YouTube's player structure) ---------------------------
+
+
+def page_autoplay(driver: Any) -> bool:
+    return bool(driver.execute_script("return window.iqnPlayer.autoplay"))
+
+
+def controls_hidden(driver: Any) -> bool:
+    return bool(driver.execute_script(
+        "return document.getElementById('movie_player').classList.contains('ytp-autohide')"))  # fmt: skip
+
+
+def test_each_shipped_profile_locates_on_the_lab_page(driver: Any) -> None:
+    """``youtube`` finds the switch in the player's control bar (its bottom strip),
+    ``lab`` the one below the player; both read the one autoplay state."""
+    on = page_autoplay(driver)
+    yt = SeleniumLocator(driver, profile="youtube").locate()
+    lab = SeleniumLocator(driver, profile="lab").locate()
+    assert yt.layout is not None and lab.layout is not None, (yt.why, lab.why)
+    assert yt.layout.player == lab.layout.player
+    pl = yt.layout.player
+    assert pl.contains(yt.layout.switch.x, yt.layout.switch.y)
+    assert yt.layout.switch.y >= pl.top + pl.height * 0.85, "YouTube's switch sits in the control bar"
+    assert lab.layout.switch.y > pl.top + pl.height, "the lab's switch sits below the player"
+    assert yt.state is on and lab.state is on
+    assert not yt.ad and "player.html" in yt.page
+
+
+def test_hidden_controls_are_revealed_and_a_lost_click_is_restored(
+    driver: Any, page: PageServer, gui: Any
+) -> None:
+    """Profile ``youtube`` during playback: the control bar (and the switch) has
+    faded out and takes no clicks. The agent's move onto the switch shows it,
+    the burst lands, and the bar fades again once the pointer is back; the
+    picture is never clicked. One click of a burst is lost (the page drops it):
+    the agent reads the flipped switch and clicks once to put it back."""
+    gui.moveTo(*PARK)
+    wait_for(lambda: controls_hidden(driver), "the control bar to fade out")
+    reset_page(driver)
+    page.take_posts()
+    ok0 = player_state(driver)["autoplayOk"]
+    before = page_autoplay(driver)
+    driver.execute_script("window.iqnTest.dropClicks(1); window.iqnTest.stall(0)")
+    try:
+        with AgentRun(driver, protocol="tick") as run:
+            wait_for(lambda: player_state(driver)["dropped"], "a click to be lost")
+            run.wait(lambda: len(run.bursts()) >= 4, "bursts after the lost click")
+            driver.execute_script("window.iqnTest.resume()")
+            t_res = time.time()
+            run.wait(lambda: run.count(Kind.PLAYING, after=t_res) >= 3, "playback again")
+            wait_for(lambda: controls_hidden(driver), "the control bar to fade out again")
+    finally:
+        driver.execute_script("window.iqnTest.resume(); window.iqnTest.dropClicks(0)")
+    assert run.stats is not None
+    assert run.stats.restores == 1 and run.stats.hidden_bursts >= 1, run.stats
+    assert page_autoplay(driver) is before, "the switch did not end as the user left it"
+    st = player_state(driver)
+    assert st["playerClicks"] == [] and st["paused"] == [], "a click hit the picture"
+    clicks = 4 * run.stats.signals - 1 + run.stats.restores  # one lost, one restore
+    posts = switch_clicks_answered(driver, page, ok0 + clicks)
+    assert len(posts) == clicks == len(st["clicks"])
+
+
+def test_navigation_relocates_and_an_ad_suppresses_signals(driver: Any, page: PageServer) -> None:
+    """During one long stall: a navigation to a new video (new address, a new
+    switch element one button to the left) is counted, the agent re-locates and
+    its bursts land on the new switch; then an ad (the player's ``ad-showing``)
+    silences the agent until it ends."""
+    reset_page(driver)
+    page.take_posts()
+    ok0 = player_state(driver)["autoplayOk"]
+    before = page_autoplay(driver)
+    driver.execute_script("window.iqnTest.stall(0)")
+    try:
+        with AgentRun(driver, protocol="tick") as run:
+            run.wait(lambda: len(run.bursts()) >= 2, "signals before the navigation")
+            old = [lay for _, lay, _ in run.locator.seen if lay is not None][-1]
+            driver.execute_script("window.iqnTest.navigate()")
+            t_nav = player_state(driver)["navigations"][0][0] / 1000
+            run.wait(lambda: len(run.bursts(after=t_nav)) >= 2, "signals after the navigation")
+            driver.execute_script("window.iqnPlayer.ad(2500)")
+            ad0, ad1 = wait_for(lambda: (a := player_state(driver)["ads"]) and a[0][1] and a[0], "the ad to end")
+            run.wait(lambda: len(run.bursts(after=ad1 / 1000)) >= 2, "signals after the ad")
+    finally:
+        driver.execute_script("window.iqnTest.resume()")
+    assert run.stats is not None and run.stats.navigations == 1, run.stats
+    new = [lay for t, lay, _ in run.locator.seen if lay is not None and t > t_nav][-1]
+    assert new.player == old.player and new.switch == Point(old.switch.x - 60, old.switch.y)
+    during = [b.start for b in run.bursts() if ad0 / 1000 + 0.45 < b.start < ad1 / 1000]
+    assert during == [], "signalled during the ad"
+    assert run.stats.filtered["ad"] >= 5
+    assert page_autoplay(driver) is before
+    signals = len(run.bursts())
+    posts = switch_clicks_answered(driver, page, ok0 + 4 * signals)
+    assert len(posts) == 4 * signals == len(player_state(driver)["clicks"])

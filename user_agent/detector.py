@@ -101,6 +101,17 @@ class _Masks:
     periphery: npt.NDArray[np.bool_]
 
 
+def _median(a: npt.NDArray[np.float32]) -> float:
+    """``np.median`` of a 1-D array, without its NaN checks and copies: a third
+    of the detector's cost at 25 looks/s (the grids never hold NaN)."""
+    n = a.size
+    h = n // 2
+    if n % 2:
+        return float(np.partition(a, h)[h])
+    part = np.partition(a, (h - 1, h))
+    return float((part[h - 1] + part[h]) / 2)
+
+
 def _box(shape: tuple[int, int], frac: float) -> npt.NDArray[np.bool_]:
     rows, cols = shape
     m = np.zeros(shape, dtype=bool)
@@ -167,7 +178,7 @@ class StallDetector:
         # upper quartile (the spinner's arc sweeps far fewer than a quarter of
         # the centre cells). Zero for a frozen picture, the noise level otherwise.
         k = (3 * (dc.size - 1)) // 4
-        noise = max(float(np.median(dp)), float(np.partition(dc, k)[k]))
+        noise = max(_median(dp), float(np.partition(dc, k)[k]))
         thr = max(cfg.threshold_floor, cfg.noise_k * noise)
         p_changed = int(np.count_nonzero(dp > cfg.still_level))
         c_changed = int(np.count_nonzero(dc > thr))

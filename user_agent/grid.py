@@ -52,8 +52,12 @@ def grid_from_bgra(
     if px.size < width * height * 4:
         raise ValueError(f"grab has {px.size} bytes, expected {width * height * 4}")
     acc = np.uint16 if c <= 257 else np.uint32  # 255 * c must fit
-    band = px[: width * height * 4].reshape(height, width * 4)[: rows * c]
-    band = band.reshape(rows, c, width * 4).sum(axis=1, dtype=acc)
+    cell_rows = px[: width * height * 4].reshape(height, width * 4)[: rows * c].reshape(rows, c, width * 4)
+    # c contiguous in-place adds beat one reduction over the strided middle axis
+    # (about 12 % of the grid's cost, the agent's largest share at 25 looks/s)
+    band = cell_rows[:, 0].astype(acc)
+    for i in range(1, c):
+        band += cell_rows[:, i]
     bgr = band.reshape(rows, width, 4)[:, : cols * c, :3].astype(np.uint32)
     grey = bgr[..., 0] + 2 * bgr[..., 1] + bgr[..., 2]
     cells = grey.reshape(rows, cols, c).sum(axis=2)

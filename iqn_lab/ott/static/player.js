@@ -53,7 +53,11 @@
   player.addEventListener("mousemove", () => { player.classList.remove("ytp-autohide"); hideLater(AUTOHIDE); });
   player.addEventListener("mouseleave", () => hideLater(250));
   video.addEventListener("playing", () => hideLater(AUTOHIDE));
-  video.addEventListener("pause", () => { clearTimeout(hideTimer); player.classList.remove("ytp-autohide"); });
+  video.addEventListener("pause", () => {
+    if (spinner.style.display === "block") return; // waiting, not the user's pause
+    clearTimeout(hideTimer);
+    player.classList.remove("ytp-autohide");
+  });
 
   // Autoplay switch: each click flips it and tells the service (POST, 200 OK).
   function render() {
@@ -63,8 +67,7 @@
     }
     for (const el of document.querySelectorAll('[data-tooltip-target-id="ytp-autonav-toggle-button"]')) {
       const label = "Autoplay is " + (state.autoplay ? "on" : "off");
-      el.setAttribute("aria-label", label);
-      el.setAttribute("title", label);
+      el.setAttribute("aria-label", label); // no title: a native tooltip would cover the picture
     }
   }
   document.addEventListener("click", (ev) => {
