@@ -934,7 +934,8 @@ def test_navigation_relocates_and_an_ad_suppresses_signals(driver: Any, page: Pa
             t_nav = player_state(driver)["navigations"][0][0] / 1000
             run.wait(lambda: len(run.bursts(after=t_nav)) >= 2, "signals after the navigation")
             driver.execute_script("window.iqnPlayer.ad(2500)")
-            ad0, ad1 = wait_for(lambda: (a := player_state(driver)["ads"]) and a[0][1] and a[0], "the ad to end")
+            ads = lambda: (a := player_state(driver)["ads"]) and a[0][1] and a[0]  # noqa: E731
+            ad0, ad1 = wait_for(ads, "the ad to end")
             run.wait(lambda: len(run.bursts(after=ad1 / 1000)) >= 2, "signals after the ad")
     finally:
         driver.execute_script("window.iqnTest.resume()")

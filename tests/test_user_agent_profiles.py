@@ -50,8 +50,8 @@ def test_a_user_profile_file(tmp_path: Path) -> None:
     f.write_text('name = "mine"\n[player]\nselector = ".player"\nad = ".ad"\n'
                  '[switch]\nselector = "#auto"\nattribute = "aria-pressed"\n')  # fmt: skip
     p = load_profile(str(f))
-    assert (p.name, p.player, p.switch, p.attribute, p.on, p.ad) == ("mine", ".player", "#auto", "aria-pressed",
-                                                                     "true", ".ad")  # fmt: skip
+    got = (p.name, p.player, p.switch, p.attribute, p.on, p.ad)
+    assert got == ("mine", ".player", "#auto", "aria-pressed", "true", ".ad")
     assert not p.in_controls and p.spinner == ".ytp-spinner"
 
 
@@ -63,8 +63,10 @@ def test_a_user_profile_file(tmp_path: Path) -> None:
         ('name = "x"\n[player]\nselector = "#p"\n', "missing switch.selector"),
         ('[player]\nselector = "#p"\n[switch]\nselector = "#a"\n', "missing name"),
         ('name = "x"\n[player]\nselector = 3\n[switch]\nselector = "#a"\n', "player.selector must be"),
-        ('name = "x"\n[player]\nselector = "#p"\nsize = 1\n[switch]\nselector = "#a"\n', "unknown key player.size"),
-        ('name = "x"\ncolour = 1\n[player]\nselector = "#p"\n[switch]\nselector = "#a"\n', "unknown key colour"),
+        ('name = "x"\n[player]\nselector = "#p"\nsize = 1\n[switch]\nselector = "#a"\n',
+         "unknown key player.size"),
+        ('name = "x"\ncolour = 1\n[player]\nselector = "#p"\n[switch]\nselector = "#a"\n',
+         "unknown key colour"),
         ('name = "x"\n[player]\nselector = "#p"\n[switch]\nselector = "#a"\nin_controls = "yes"\n',
          "in_controls must be"),
         ('name = "x"\nplayer = "#p"\n[switch]\nselector = "#a"\n', "[player] must be a table"),

@@ -57,7 +57,7 @@ def grid_from_bgra(
     # (about 12 % of the grid's cost, the agent's largest share at 25 looks/s)
     band = cell_rows[:, 0].astype(acc)
     for i in range(1, c):
-        band += cell_rows[:, i]
+        np.add(band, cell_rows[:, i], out=band)
     bgr = band.reshape(rows, width, 4)[:, : cols * c, :3].astype(np.uint32)
     grey = bgr[..., 0] + 2 * bgr[..., 1] + bgr[..., 2]
     cells = grey.reshape(rows, cols, c).sum(axis=2)
