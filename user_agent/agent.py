@@ -52,9 +52,11 @@ from .xinput import InputWatcher, RecordedInput
 
 LOCATE_FAILURES = 5  # consecutive failed page queries before we give up on the browser
 #: seconds between moving onto a switch whose controls have faded out and the
-#: first press: the page shows its controls on that pointer move (YouTube's
-#: ``ytp-autohide``), and a press before it has done so may be lost
-REVEAL = 0.05
+#: first press. 0: the move and the presses go out in one batch (the page shows
+#: its controls on that move, and the press lands at the remembered position).
+#: A wait here blocks the look loop: the lab demo with 50 ms (and faded
+#: controls that took no clicks) lost looks and clicks and did far worse.
+REVEAL = 0.0
 
 
 @dataclass(slots=True)
@@ -175,6 +177,7 @@ def run_agent(
                             d.note_geometry(t)
                     layout = located.layout
                 reveal = REVEAL if located.hidden else 0.0
+                hidden = located.hidden
                 if inputs is not None:
                     t_in = inputs.check(layout.player, layout.switch)
                     if t_in is not None:
@@ -227,7 +230,7 @@ def run_agent(
                         stats.toggles += len(burst.clicks)
                         stats.max_click_gap = max(stats.max_click_gap, burst.max_gap)
                         stats.restore_failures += not burst.restored
-                        stats.hidden_bursts += reveal > 0
+                        stats.hidden_bursts += hidden
                         guard.clicked(burst.end)
             stats.frames += 1
             stats.kinds[verdict.kind.value] += 1
