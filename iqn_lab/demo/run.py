@@ -363,7 +363,8 @@ def _finish(cfg: DemoConfig, pl: Plan, side: UserSide, stats: Any, rows: list[di
             "frames": stats.frames, "signals": stats.signals, "grab_failures": stats.grab_failures,
             "no_layout": stats.no_layout, "filtered": dict(stats.filtered),
             "max_click_gap_ms": round(stats.max_click_gap * 1000, 3),
-            "restores": stats.restores, "navigations": stats.navigations, "hidden_bursts": stats.hidden_bursts,
+            "restores": stats.restores, "navigations": stats.navigations,
+            "hidden_bursts": stats.hidden_bursts,
         },
     }  # fmt: skip
     rep = build_report(out, signalled, inferred, ev_user, ev_isp, extra)
