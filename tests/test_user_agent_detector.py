@@ -232,3 +232,34 @@ def test_stall_is_seen_through_pixel_jitter(seed: int, sigma: float, phase: floa
     img = scene(seed % 50)
     frames = [noisy(with_spinner(img, phase + i * 2 * math.pi / 5), sigma, seed + i) for i in range(4)]
     assert run(frames)[1:] == [Kind.STALL] * 3
+
+
+@pytest.mark.parametrize("w, h", [(640, 360), (1280, 720), (650, 365), (300, 200)])
+def test_grab_without_the_control_strip_gives_the_detector_the_same_cells(w: int, h: int) -> None:
+    """The agent does not grab the bottom strip the detector ignores: every cell
+    the detector reads (centre and periphery) equals a full grab's."""
+    from user_agent.capture import grab_grid
+    from user_agent.detector import _masks
+    from user_agent.layout import Rect
+
+    img = np.random.default_rng(w).integers(0, 256, (h, w, 4), dtype=np.uint8)
+
+    class Screen:
+        """Pixels of ``img`` for any rectangle, as a grabber returns them."""
+
+        name = "array"
+
+        def grab(self, r: Rect) -> npt.NDArray[np.float32]:
+            part = np.ascontiguousarray(img[r.top : r.top + r.height, r.left : r.left + r.width])
+            return grid_from_bgra(part.tobytes(), r.width, r.height)
+
+        def close(self) -> None:
+            pass
+
+    full = grid_from_bgra(img.tobytes(), w, h)
+    cut, failures = grab_grid(Screen(), Rect(0, 0, w, h), DetectorConfig().controls)
+    m = _masks(full.shape, DetectorConfig())
+    read = m.centre | m.periphery
+    assert cut.shape == full.shape and failures == 0
+    assert np.array_equal(cut[read], full[read])
+    assert (~read).all(axis=1).sum() >= 1  # there is a strip to skip

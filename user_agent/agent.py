@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
-from .capture import Grabber, GrabError, grab_with_retries, make_grabber
+from .capture import Grabber, GrabError, grab_grid, make_grabber
 from .detector import DetectorConfig, Kind, StallDetector, Verdict
 from .errors import AgentError
 from .layout import Layout
@@ -205,7 +205,7 @@ def run_agent(
                 stale = t - phase_seen[phase] > 1.5 * p
                 phase_seen[phase] = t
                 try:
-                    grid, retried = grab_with_retries(grabber, layout.player)
+                    grid, retried = grab_grid(grabber, layout.player, det.cfg.controls)
                     stats.grab_retries += retried
                     verdict = det.frame(t, grid)
                 except GrabError as e:

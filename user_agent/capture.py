@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
+
 from .errors import AgentError
-from .grid import Grid, grid_from_bgra
+from .grid import Grid, cell_size, grid_from_bgra
 from .layout import Rect
 
 RETRIES = 3
@@ -94,3 +96,24 @@ def grab_with_retries(grabber: Grabber, rect: Rect, retries: int = RETRIES) -> t
             if failures > retries:
                 raise GrabError(f"screen grab failed {failures} times: {e}") from None
             time.sleep(RETRY_PAUSE)
+
+
+def grab_grid(grabber: Grabber, player: Rect, controls: float) -> tuple[Grid, int]:
+    """The player's grid without grabbing its bottom control strip.
+
+    The detector never looks at the bottom ``controls`` fraction of the grid
+    rows (the control bar fades in there), so those pixel rows are not grabbed
+    nor summed (15 % of the grab and the grid, the agent's two largest costs)
+    and come back as zero rows: the grid has the full shape, every cell the
+    detector reads is the one a full grab gives, and its masks are unchanged.
+    Returns the grid and the number of failed attempts, like
+    :func:`grab_with_retries`."""
+    c = cell_size(player.width)
+    rows = player.height // c
+    strip = round(rows * controls)
+    if strip <= 0 or rows - strip < 4:
+        return grab_with_retries(grabber, player)
+    top = Rect(player.left, player.top, player.width, player.height - strip * c)
+    grid, failures = grab_with_retries(grabber, top)
+    pad = np.zeros((rows - grid.shape[0], grid.shape[1]), dtype=np.float32)
+    return np.concatenate((grid, pad)), failures
