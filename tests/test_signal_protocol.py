@@ -34,7 +34,9 @@ def encode(
     the grab p before it both lie inside the stall (the agent's phase
     detectors). Returns burst times, burst sizes, and the look interval."""
     look = p / UA.LOOKS_PER_P
-    enc = UA.EdgeEncoder(p, n, look)
+    # this simulated detector is the ideal one (its verdict comes exactly p after
+    # the start): the encoder is told so; DETECT_LAG_P is calibrated for a real player
+    enc = UA.EdgeEncoder(p, n, look, lag_p=UA.IDEAL_LAG_P)
     times: list[float] = []
     sizes: list[int] = []
     end = start + duration
@@ -115,7 +117,7 @@ def test_the_isps_model_of_the_agent_is_the_agents_encoder(verdicts: list[bool],
     looks = T0 + look * np.arange(len(verdicts) + 1)
     flags = np.array([*verdicts, False])
     times, sizes = edges_bursts(looks, flags, SignalModel(P.SignalParams(p, n), protocol="edges"))
-    enc = UA.EdgeEncoder(p, n, look)
+    enc = UA.EdgeEncoder(p, n, look, lag_p=UA.IDEAL_LAG_P)  # engine.synth models the ideal player
     pairs = zip(looks.tolist(), flags.tolist(), strict=True)
     want = [(float(t), k) for t, v in pairs if (k := enc.step(t, v))]
     assert list(zip(times.tolist(), sizes.tolist(), strict=True)) == want
