@@ -262,3 +262,24 @@ def test_sweep_refuses_an_unknown_protocol() -> None:
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2
     assert r.stderr.startswith("iqn-ctl: error: --protocol") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_edges_times_the_edges_from_the_looks_actually_taken() -> None:
+    """A loaded box skips looks. The stall's start lies between the previous
+    look's reference grab and this look's, its end between the last look that
+    saw it and the first that did not: the encoder takes the midpoints of the
+    actual gaps, not half a nominal look (which made durations long when the
+    looks around the end were skipped)."""
+    p, n, look = 0.2, 4, 0.04
+    enc = UA.EdgeEncoder(p, n, look, lag_p=UA.IDEAL_LAG_P)
+    t = T0
+    enc.step(t, False, ref=t - p)
+    t2 = t + 3 * look  # two looks skipped: the freeze came after t - p, by t2 - p
+    enc.step(t2, True, ref=t2 - p)
+    assert enc.began == pytest.approx((t - p + t2 - p) / 2)
+    last = t2 + 40 * look
+    for k in range(1, 41):
+        enc.step(t2 + k * look, True, ref=t2 + k * look - p)
+    end_look = last + 4 * look  # three looks skipped before playback was seen
+    enc.step(end_look, False, ref=end_look - p)
+    assert enc.ended == pytest.approx((last + end_look) / 2)

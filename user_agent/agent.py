@@ -203,6 +203,9 @@ def run_agent(
                 # skipped looks): a change since then may predate a stall, so
                 # "playing" from it is inconclusive; "stall" still holds
                 stale = t - phase_seen[phase] > 1.5 * p
+                # the grab this look is compared with (its phase's previous one):
+                # p ago when the loop keeps up, longer when it skipped looks
+                ref = phase_seen[phase] if phase_seen[phase] > float("-inf") else None
                 phase_seen[phase] = t
                 try:
                     grid, retried = grab_grid(grabber, layout.player, det.cfg.controls)
@@ -216,7 +219,7 @@ def run_agent(
                 if encoder is not None:
                     # no reference grab yet in this phase, or a still picture: not conclusive
                     hold = verdict.kind in (Kind.STILL, Kind.NONE) or (stale and verdict.kind is Kind.PLAYING)
-                    toggles = encoder.step(t, verdict.stall, hold)
+                    toggles = encoder.step(t, verdict.stall, hold, ref)
                 if toggles:
                     try:
                         burst = signaler.signal(layout.switch, toggles, reveal)

@@ -119,24 +119,48 @@ class EdgeEncoder:
     #: estimated end of the previous stall: a new one never begins before it
     #: (its toggles would pay for the same seconds twice)
     ended: float = float("-inf")
+    #: the previous look, and the grab it was compared with
+    last_t: float | None = None
+    last_ref: float | None = None
+    #: the gap before the first held look
+    held_gap: float = 0.0
 
     def _elapsed(self, t: float) -> float:
         assert self.began is not None
         return t - self.began
 
-    def step(self, t: float, stall: bool, hold: bool = False) -> int:
+    def _half_gap(self, now: float, before: float | None) -> float:
+        """Half the time between two looks (or their reference grabs): the edge
+        lies between them. A look when the loop kept up: half a look; when it
+        fell behind (a loaded box skips looks), the actual gap, up to p."""
+        if before is None or now <= before:
+            return 0.5 * self.look
+        return 0.5 * min(now - before, self.p)
+
+    def step(self, t: float, stall: bool, hold: bool = False, ref: float | None = None) -> int:
         """The verdict of the look at ``t``; returns how many toggles to send now.
 
         ``hold``: the look is inconclusive (a still picture: the page may just
         not have redrawn the spinner); an open stall stays open through such
         looks for up to ``HOLD_P`` p (sending nothing meanwhile), and if they
         last longer, or playback is seen, it ended at the first of them.
+        ``ref``: when the grab this look was compared with was taken (default
+        ``t - p``, the phase detectors' spacing when the loop keeps up).
         """
+        gap = self._half_gap(t, self.last_t)
+        ref_t = t - self.p if ref is None else ref
+        ref_gap = self._half_gap(ref_t, self.last_ref)
+        self.last_t, self.last_ref = t, ref_t
+        return self._step(t, stall, hold, ref_t, gap, ref_gap)
+
+    def _step(self, t: float, stall: bool, hold: bool, ref: float, gap: float, ref_gap: float) -> int:
         if stall:
             self.held = None
             if self.began is None:
-                # first verdict comes lag + half a look (sampling phase) after the start
-                self.began = max(t - self.lag_p * self.p - 0.5 * self.look, self.ended)
+                # the picture froze after the previous look's reference grab and
+                # by this look's (midway: lag + half a look before t when the
+                # loop keeps up); lag_p > 1 or < 1 shifts it for a real player
+                self.began = max(ref - (self.lag_p - 1.0) * self.p - ref_gap, self.ended)
                 self.sent = 0
             owed = toggles_for(self._elapsed(t), self.p, self.n) - self.sent
             burst = owed - owed % self.n if owed >= self.n else 0
@@ -146,14 +170,14 @@ class EdgeEncoder:
             # at ``held`` is not overpaid). HOLD_P + p stays inside the ISP's
             # stall-end window, so the pause does not end the stall there.
             if self.held is None:
-                self.held = t
+                self.held, self.held_gap = t, gap
             burst = 0
         elif self.began is not None:
             # the stall ended between the look before ``t`` (or before the held run)
-            # and this one: on average half a look earlier
-            t_end = t if self.held is None else self.held
+            # and this one: midway (half a look earlier when the loop keeps up)
+            t_end, half = (t, gap) if self.held is None else (self.held, self.held_gap)
             self.held = None
-            self.ended = t_end - 0.5 * self.look
+            self.ended = t_end - half
             owed = toggles_for(self._elapsed(self.ended), self.p, self.n) - self.sent
             # a stall too short for a first burst stays unsignalled: fewer than n
             # toggles alone never make the ISP see a stall
