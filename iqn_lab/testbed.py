@@ -242,7 +242,7 @@ def request_frame(f: dict[str, Any], spec: dict[str, Any]) -> bytes:
     cli_mac, srv_mac = (bytes.fromhex(spec[k].replace(":", "")) for k in ("dst_mac", "src_mac"))
     return udp_frame(f["dst"], f["src"], int(f["dport"]), int(f.get("sport", 443)),
                      payload=bytes(REQUEST_PAYLOAD), vlans=(int(f["vlan"]),) if f.get("vlan") else (),
-                     src_mac=cli_mac, dst_mac=srv_mac)
+                     src_mac=cli_mac, dst_mac=srv_mac, pppoe=f.get("pppoe"))
 
 
 def _sleep_until(t: float) -> None:
@@ -262,7 +262,8 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
     from CPU cpus[i % len] (its XDP and perf event then run on that CPU). Returns the actual
     send time of every packet per flow name, the start "t0" (0 without "lead") and the CPU
     each packet was sent from. "raw": send built frames from any source address (a spoofer;
-    "times" only). "request" (default true): the client sends a request
+    "times" only). "pppoe": a session id: the flow's frames (and its requests) are PPPoE
+    session frames, built here ("frame" is the whole Ethernet frame's length). "request" (default true): the client sends a request
     datagram right before each of the flow's packets (see the module doc); it needs
     "cli_ns" and "cli_dev" in the spec (Testbed.send adds them)."""
     socks: dict[tuple[str, int, int], socket.socket] = {}  # (src, family, sport)
@@ -278,7 +279,7 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             requests[f["name"]] = None
         fam = 6 if ":" in f["src"] else 4
-        if f.get("vlan") or f.get("raw"):
+        if f.get("vlan") or f.get("raw") or f.get("pppoe") is not None:
             from iqn_ctl.capture.frames import udp_frame
 
             if raw is None:
@@ -287,7 +288,7 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
             src_mac, dst_mac = (bytes.fromhex(spec[k].replace(":", "")) for k in ("src_mac", "dst_mac"))
             frame = udp_frame(f["src"], f["dst"], f.get("sport", 443), int(f["dport"]), int(f["frame"]),
                               vlans=(int(f["vlan"]),) if f.get("vlan") else (), src_mac=src_mac,
-                              dst_mac=dst_mac)
+                              dst_mac=dst_mac, pppoe=f.get("pppoe"))
             plan.extend((t, f["name"], raw, frame, None) for t in f["times"])
             continue
         key = (f["src"], fam, int(f.get("sport", 443)))

@@ -7,7 +7,11 @@ Captures of other link types (``tcpdump -i any`` writes Linux cooked headers, a
 tun or WireGuard device raw IP, BSD loopback a 4-byte family) are classified by
 the same code once the link header is stepped over (:data:`LINK_TYPES`). The
 size band is defined on the Ethernet frame, so for them the size compared is the
-IP packet's length plus 14, computed in one place (:func:`_band_size`).
+IP packet's length plus 14, computed in one place (:func:`_band_size`). So are
+PPPoE session frames (ethertype 0x8864, PPP protocol 0x0021 IPv4 or 0x0057
+IPv6, after the VLAN tags if any): their IP packet's length is the one the
+PPPoE header gives, less the 2-byte PPP protocol (a frame shorter than that is
+undecodable).
 
 Ethernet, up to two VLAN tags (0x8100, 0x88a8), IPv4 (options via IHL;
 fragments are never candidates, since a fragment's frame length is not the
@@ -37,7 +41,7 @@ from iqn_ctl.engine.params import CandidateFilter
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
-HDR = 96  # header bytes the classifier may read: >= 28 (SLL2, 2 tags) + 60 (IPv4) + 8 (UDP)
+HDR = 104  # header bytes the classifier may read: >= 28 (SLL2, 2 tags) + 8 (PPPoE) + 60 (IPv4) + 8 (UDP)
 #: the Ethernet header the size band counts: the band is on Ethernet frame lengths
 ETH_HLEN = 14
 
@@ -58,6 +62,9 @@ LINK_TYPES: dict[int, tuple[int, int] | tuple[None, int]] = {
     **{lt: (None, 0) for lt in LINKTYPES_RAW},
     **{lt: (None, 4) for lt in LINKTYPES_NULL},
 }
+ETH_P_PPP_SES = 0x8864
+#: PPP protocol -> the ethertype of the same packet on Ethernet
+PPP_PROTOCOLS = {0x0021: 0x0800, 0x0057: 0x86DD}
 #: address families that mean IPv6 in a NULL/LOOP header (Linux, NetBSD/OpenBSD, FreeBSD, macOS)
 _AF_INET6 = (10, 24, 28, 30)
 
@@ -142,7 +149,8 @@ def classify(
         return (flat[i].astype(np.int64) << 8) | flat[i + 1]
 
     lt = np.broadcast_to(np.asarray(linktype, np.int64), (total,))
-    valid, et, l3 = _link(flat, rowbase, cap, lt, be16)
+    valid, et, l3, inner = _link(flat, rowbase, cap, lt, be16)
+    valid &= (inner < 0) | (l3 + inner <= origlen)  # a PPPoE frame shorter than its header says
     avail = cap - l3
 
     # IPv4: IHL for options; any fragment (MF set or offset > 0) is not a candidate.
@@ -168,7 +176,7 @@ def classify(
     undecodable = total - i4.size - i6.size + int(bad4.sum()) + int(bad6.sum())
     lo, hi = filt.min_size, filt.max_size
     org = origlen
-    size = _band_size(org, lt, l3)
+    size = _band_size(org, lt, l3, inner)
     c4 &= (size[i4] >= lo) & (size[i4] <= hi)
     c6 &= (size[i6] >= lo) & (size[i6] <= hi)
     k4, k6 = i4[c4], i6[c6]
@@ -224,23 +232,30 @@ def classify(
     )
 
 
-def _band_size(origlen: I64, lt: npt.NDArray[np.int64], l3: I64) -> I64:
+def _band_size(origlen: I64, lt: npt.NDArray[np.int64], l3: I64, inner: I64) -> I64:
     """The length the size band is compared with: the Ethernet frame's on the
     wire, or for any other link the IP packet's (what was on the wire past the
-    link header) plus :data:`ETH_HLEN`, as if it had crossed an Ethernet."""
-    return np.where(lt == LINKTYPE_ETHERNET, origlen, origlen - l3 + ETH_HLEN)
+    link header) plus :data:`ETH_HLEN`, as if it had crossed an Ethernet. A
+    PPPoE session frame's IP packet is as long as its PPPoE header says
+    (``inner``, -1 where there is none), plus :data:`ETH_HLEN` too: as the
+    kernel's iqn_band_len, whichever device or capture the session is seen on."""
+    plain = np.where(lt == LINKTYPE_ETHERNET, origlen, origlen - l3 + ETH_HLEN)
+    return np.where(inner >= 0, inner + ETH_HLEN, plain)
 
 
 def _link(
     flat: npt.NDArray[np.uint8], rowbase: I64, cap: I64, lt: npt.NDArray[np.int64],
     be16: Callable[[I64, I64], I64],
-) -> tuple[npt.NDArray[np.bool_], I64, I64]:  # fmt: skip
+) -> tuple[npt.NDArray[np.bool_], I64, I64, I64]:  # fmt: skip
     """Step over each frame's link header: whether it is intact, the ethertype
-    of what follows (0 when unknown) and the column where the IP packet starts.
+    of what follows (0 when unknown), the column where the IP packet starts
+    and, for a PPPoE session frame, the IP packet's length its header gives
+    (else -1).
 
-    Ethernet and Linux cooked headers carry an ethertype, maybe VLAN tags after
-    it; raw IP says its version in its first nibble; NULL/LOOP carry an address
-    family in either byte order (the writer's host order for NULL)."""
+    Ethernet and Linux cooked headers carry an ethertype, maybe VLAN tags and
+    then a PPPoE session header after it; raw IP says its version in its first
+    nibble; NULL/LOOP carry an address family in either byte order (the
+    writer's host order for NULL)."""
     total = lt.size
     every = np.arange(total, dtype=np.int64)
     et = np.zeros(total, np.int64)
@@ -275,7 +290,19 @@ def _link(
         valid[ti] = cap[ti] >= l3[ti] + 4
         et[ti] = be16(ti, l3[ti] + 2)
         l3[ti] += 4
-    return valid, et, l3
+    inner = np.full(total, -1, np.int64)
+    # PPPoE session: version/type 0x11, code 0, session, length, PPP protocol
+    si = np.flatnonzero(valid & (et == ETH_P_PPP_SES))
+    if si.size:
+        valid[si] = cap[si] >= l3[si] + 8
+        ok = valid[si]
+        at = l3[si]
+        head = (be16(si, at) == 0x1100) & (be16(si, at + 4) >= 2) & ok
+        ppp = be16(si, at + 6)
+        et[si] = np.where(head, np.select([ppp == k for k in PPP_PROTOCOLS], list(PPP_PROTOCOLS.values()), 0), 0)
+        inner[si] = np.where(head, be16(si, at + 4) - 2, -1)
+        l3[si] += 8
+    return valid, et, l3, inner
 
 
 def _flowkey(row: npt.NDArray[np.uint8]) -> FlowKey:

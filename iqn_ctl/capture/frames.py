@@ -1,5 +1,6 @@
-"""Build Ethernet frames (optional VLAN tags, IPv4 with options or IPv6, UDP)
-of an exact on-the-wire length, for tests, benchmarks and capture writers.
+"""Build Ethernet frames (optional VLAN tags, an optional PPPoE session
+header, IPv4 with options or IPv6, UDP) of an exact on-the-wire length, for
+tests, benchmarks and capture writers.
 
 Frame length here is what the paper and the data plane call size: the Ethernet
 frame without FCS, i.e. what a pcap's ``orig_len`` and XDP's
@@ -18,6 +19,11 @@ ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
+ETH_P_PPP_SES = 0x8864
+#: PPPoE session header (6 bytes) + the PPP protocol field (2)
+PPPOE_HLEN = 8
+PPP_IP = 0x0021
+PPP_IPV6 = 0x0057
 
 
 def _csum(data: bytes) -> int:
@@ -29,11 +35,18 @@ def _csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def header_len(src: str, vlans: int = 0, ip_options: bytes = b"") -> int:
+def header_len(src: str, vlans: int = 0, ip_options: bytes = b"", pppoe: bool = False) -> int:
     """Bytes of headers before the UDP payload."""
     ip = ipaddress.ip_address(src)
     l3 = 40 if ip.version == 6 else 20 + len(ip_options)
-    return ETH_HLEN + VLAN_HLEN * vlans + l3 + UDP_HLEN
+    return ETH_HLEN + VLAN_HLEN * vlans + (PPPOE_HLEN if pppoe else 0) + l3 + UDP_HLEN
+
+
+def pppoe_session(l3: bytes, session: int) -> bytes:
+    """A PPPoE session header and PPP protocol for the IP packet ``l3`` (RFC 2516:
+    version/type 0x11, code 0, payload length = protocol field + packet)."""
+    proto = PPP_IPV6 if l3[0] >> 4 == 6 else PPP_IP
+    return struct.pack("!BBHHH", 0x11, 0, session & 0xFFFF, len(l3) + 2, proto) + l3
 
 
 def udp_frame(
@@ -49,11 +62,14 @@ def udp_frame(
     dst_mac: bytes = b"\x02\x00\x00\x00\x00\x02",
     frag_offset: int = 0,
     more_fragments: bool = False,
+    pppoe: int | None = None,
 ) -> bytes:
-    """One frame; give either ``frame_len`` (payload is zero-filled to fit) or ``payload``."""
+    """One frame; give either ``frame_len`` (payload is zero-filled to fit) or ``payload``.
+    ``pppoe``: a session id, to carry the IP packet in a PPPoE session frame
+    (ethertype 0x8864, behind the VLAN tags if any)."""
     if len(ip_options) % 4:
         raise ValueError("IPv4 options must be a multiple of 4 bytes")
-    hl = header_len(src, len(vlans), ip_options)
+    hl = header_len(src, len(vlans), ip_options, pppoe is not None)
     if payload is None:
         if frame_len is None or frame_len < hl:
             raise ValueError(f"frame_len must be at least {hl} for these headers")
@@ -85,5 +101,7 @@ def udp_frame(
     for i, vid in enumerate(vlans):
         tpid = ETH_P_8021AD if (i == 0 and len(vlans) > 1) else ETH_P_8021Q
         tags += struct.pack("!HH", tpid, vid & 0x0FFF)
+    if pppoe is not None:
+        l3, ethertype = pppoe_session(l3, pppoe), ETH_P_PPP_SES
     # dst, src, then (TPID, TCI) per tag, outermost first, then the L3 ethertype
     return dst_mac + src_mac + tags + struct.pack("!H", ethertype) + l3

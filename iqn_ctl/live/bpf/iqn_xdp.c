@@ -128,6 +128,10 @@
 
 #define IQN_ETH_P_8021Q 0x8100
 #define IQN_ETH_P_8021AD 0x88A8
+/* PPPoE session stage (RFC 2516) and the two PPP protocols it may carry */
+#define IQN_ETH_P_PPP_SES 0x8864
+#define IQN_PPP_IP 0x0021
+#define IQN_PPP_IPV6 0x0057
 #define IQN_VLAN_MAX_DEPTH 2
 #define IQN_IP_MF 0x2000
 #define IQN_IP_OFFSET 0x1FFF
@@ -237,6 +241,10 @@ BPF_TABLE("lru_hash", struct client_key, __u64, client_tat, IQN_CAP_CLIENTS);
 
 struct hdr_cursor {
     void *pos;
+    /* when a PPPoE header said so (parse_pppoehdr), the IP packet's length and
+     * its offset in the frame, else 0; iqn_band_len reads them */
+    __u32 ip_len;
+    __u32 ip_off;
 };
 
 static __always_inline void count(__u32 idx)
@@ -271,8 +279,38 @@ static __always_inline long iqn_ringbuf_output(void *ring, void *data, __u64 siz
 }
 #define bpf_ringbuf_output(ring, data, size, flags) iqn_ringbuf_output(ring, data, size)
 
-/* Ethernet plus up to two VLAN tags (802.1Q / 802.1ad). Returns the inner
- * ethertype in network order, or PARSE_BAD when the frame is too short. */
+/* A PPPoE session header (RFC 2516: version/type 0x11, code 0, session id,
+ * payload length) and the 2-byte PPP protocol after it. Returns the ethertype
+ * the inner packet would have had on Ethernet (IPv4 for 0x0021, IPv6 for
+ * 0x0057), 0 for anything else (LCP, IPCP, ...: ignored, as a non-IP
+ * ethertype is), or PARSE_BAD when the frame ends inside the 8 bytes. The
+ * payload length minus the protocol's 2 bytes is the IP packet's length,
+ * noted in the cursor for the size band (iqn_band_len). A compressed 1-byte
+ * protocol field (PFC) is not read: PPPoE peers do not negotiate it in
+ * practice (pppd and the kernel's pppoe do not). */
+static __always_inline int parse_pppoehdr(struct hdr_cursor *nh, void *data_end)
+{
+    __u8 *h = nh->pos;
+    if ((void *)(h + 8) > data_end)
+        return PARSE_BAD;
+    nh->pos = h + 8;
+    if (h[0] != 0x11 || h[1] != 0)
+        return 0;
+    __u16 ppp = ((__u16)h[6] << 8) | h[7];
+    __u16 plen = ((__u16)h[4] << 8) | h[5];
+    if (plen < 2)
+        return 0;
+    nh->ip_len = plen - 2;
+    if (ppp == IQN_PPP_IP)
+        return bpf_htons(ETH_P_IP);
+    if (ppp == IQN_PPP_IPV6)
+        return bpf_htons(ETH_P_IPV6);
+    return 0;
+}
+
+/* Ethernet plus up to two VLAN tags (802.1Q / 802.1ad), then a PPPoE session
+ * header if the ethertype says so. Returns the inner ethertype in network
+ * order, or PARSE_BAD when the frame is too short. */
 static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end)
 {
     struct ethhdr *eth = nh->pos;
@@ -291,6 +329,10 @@ static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end)
             return PARSE_BAD;
         proto = vlan[1];
         nh->pos = vlan + 2;
+    }
+    if (proto == bpf_htons(IQN_ETH_P_PPP_SES)) {
+        proto = parse_pppoehdr(nh, data_end);
+        nh->ip_off = (__u32)(nh->pos - (void *)eth);
     }
     return proto;
 }
@@ -323,13 +365,25 @@ static __always_inline int parse_l3start(struct hdr_cursor *nh, void *data_end)
  * tags included, no FCS): on an Ethernet device that is the frame's length;
  * a layer-3 device's frame is the IP packet, which counts as the IP length
  * plus the 14 bytes of an Ethernet header (the rule replay uses for raw-IP and
- * cooked captures, iqn_ctl/capture/classify.py:_band_size). ``wire_len`` is
- * what the entry point measured: the whole frame, tags included. */
-static __always_inline __u32 iqn_band_len(__u32 wire_len)
+ * cooked captures, iqn_ctl/capture/classify.py:_band_size). A PPPoE session
+ * frame counts the same way, as its IP packet (the length its PPPoE header
+ * gives, parse_pppoehdr) plus 14: the band then does not depend on whether
+ * the agent sees the session on the Ethernet side or on the ppp device, nor
+ * on VLAN tags around it. ``wire_len`` is what the entry point measured: the
+ * whole frame, tags included. Returns 0 for a PPPoE frame shorter than its
+ * header says (malformed: a parse error). That check compares with wire_len,
+ * which at TC counts an offloaded VLAN tag that the data lacks: a frame up to
+ * 4 bytes short may pass there; its band length is still its header's. */
+static __always_inline __u32 iqn_band_len(struct hdr_cursor *nh, __u32 wire_len)
 {
 #if IQN_L3
     return wire_len + ETH_HLEN;
 #else
+    if (nh->ip_len) {
+        if (nh->ip_off + nh->ip_len > wire_len)
+            return 0;
+        return nh->ip_len + ETH_HLEN;
+    }
     return wire_len;
 #endif
 }
@@ -617,7 +671,11 @@ static __always_inline void iqn_packet(void *data, void *data_end, __u32 wire_le
      * admits. The slot hashes take the addresses as the key's 64-bit words
      * (an IPv4 address fills the low half of the first, as in struct
      * flow_key). */
-    __u32 len = iqn_band_len(wire_len);
+    __u32 len = iqn_band_len(&nh, wire_len);
+    if (!len) {  /* a PPPoE frame shorter than its header says */
+        l4 = PARSE_BAD;
+        goto out;
+    }
     int cand = len >= IQN_MIN_SIZE && len <= IQN_MAX_SIZE;
     __u64 s0, s1 = 0, d, w4;
     __u8 family;
@@ -684,8 +742,8 @@ int iqn_xdp(struct xdp_md *ctx)
     return XDP_PASS;
 }
 
-/* Header bytes the parse may need: Ethernet + 2 tags + IPv4 with options + UDP */
-#define IQN_HDR_MAX (ETH_HLEN + 8 + 60 + 8)
+/* Header bytes the parse may need: Ethernet + 2 tags + PPPoE + IPv4 with options + UDP */
+#define IQN_HDR_MAX (ETH_HLEN + 8 + 8 + 60 + 8)
 /* The shortest headers a candidate has: Ethernet (none on a layer-3 device),
  * IPv4, UDP. Drivers put at least the headers they parsed in the linear part
  * (eth_get_headlen); one that leaves less (only the Ethernet header, say) gets
