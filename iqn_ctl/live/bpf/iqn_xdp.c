@@ -331,8 +331,9 @@ static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end)
         nh->pos = vlan + 2;
     }
     if (proto == bpf_htons(IQN_ETH_P_PPP_SES)) {
-        proto = parse_pppoehdr(nh, data_end);
+        int inner = parse_pppoehdr(nh, data_end);
         nh->ip_off = (__u32)(nh->pos - (void *)eth);
+        return inner;
     }
     return proto;
 }
