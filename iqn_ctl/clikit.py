@@ -19,6 +19,7 @@ import typer
 
 from iqn_ctl.errors import IqnError
 from iqn_ctl.extras import missing_extra
+from iqn_ctl.version import version_line
 
 F = TypeVar("F", bound=Callable[..., object])
 USER_ERROR_EXIT = 2
@@ -26,9 +27,33 @@ USER_ERROR_EXIT = 2
 
 def make_app(name: str, help: str) -> typer.Typer:
     """A typer app with the house settings: help on no arguments, no shell
-    completion, plain tracebacks for bugs."""
-    return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
-                       pretty_exceptions_enable=False)  # fmt: skip
+    completion, plain tracebacks for bugs, and ``--version``."""
+    app = typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_enable=False)  # fmt: skip
+
+    def show_version(value: bool) -> None:
+        if value:
+            typer.echo(version_line(name))
+            raise typer.Exit()
+
+    @app.callback()
+    def _options(
+        version: bool = typer.Option(
+            False, "--version", is_eager=True, callback=show_version,
+            help="print the version (and the git commit when run from a checkout) and exit",
+        ),
+    ) -> None:
+        pass
+
+    return app
+
+
+def early_version(prog: str, argv: list[str]) -> None:
+    """``PROG --version`` before anything else is imported, for entry points that
+    first check their install role: the version answers on any install."""
+    if argv[1:] == ["--version"]:
+        print(version_line(prog))
+        raise SystemExit(0)
 
 
 def fail(prog: str, msg: str, code: int = USER_ERROR_EXIT) -> typer.Exit:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import sys
 
+from iqn_ctl.clikit import early_version
 from iqn_ctl.extras import MissingExtra, missing_extra, require
 
 
 def main() -> None:
+    early_version("iqn-lab", sys.argv)
     try:
         require("iqn-lab", "aioquic", "pyroute2", "selenium")
         from .cli import main as run

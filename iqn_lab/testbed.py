@@ -263,7 +263,8 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
     send time of every packet per flow name, the start "t0" (0 without "lead") and the CPU
     each packet was sent from. "raw": send built frames from any source address (a spoofer;
     "times" only). "pppoe": a session id: the flow's frames (and its requests) are PPPoE
-    session frames, built here ("frame" is the whole Ethernet frame's length). "request" (default true): the client sends a request
+    session frames, built here ("frame" is the whole Ethernet frame's length). "request"
+    (default true): the client sends a request
     datagram right before each of the flow's packets (see the module doc); it needs
     "cli_ns" and "cli_dev" in the spec (Testbed.send adds them)."""
     socks: dict[tuple[str, int, int], socket.socket] = {}  # (src, family, sport)

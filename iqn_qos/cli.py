@@ -31,6 +31,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from .version import version_line
+
+        typer.echo(version_line("iqn-qos"))
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_show_version,
+        help="print the version (and the git commit when run from a checkout) and exit",
+    ),
+) -> None:
+    pass
+
+
 OptSlot = typer.Option(
     900.0, "--slot", help="slot length, seconds (lines belong to the slot of their start t)"
 )
@@ -294,12 +314,19 @@ def serve(
     threshold: float = OptThr,
     l1: float = OptL1,
     batch: int = typer.Option(5000, "--batch", help="messages per pull request"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
+    log_format: str = typer.Option(
+        "text", "--log-format",
+        help="text (no time stamp when stderr is the systemd journal) or json (one object per line)",
+    ),
 ) -> None:
     """The live QoS service: consume the routers' export (NATS JetStream), store, infer, serve."""
     import re
 
+    from .logsetup import check as check_log
     from .serve import ServeConfig, main, parse_listen
 
+    check_log(log_level, log_format)
     _check(slot, threshold, l1)
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", durable):
         raise QosError(f"--durable must match [A-Za-z0-9_-]{{1,64}}, got {durable!r}")
@@ -307,7 +334,8 @@ def serve(
         raise QosError(f"--batch must be in 1..100000, got {batch}")
     host, port = parse_listen(listen)
     main(ServeConfig(nats=nats, topology=topology, store=store, durable=durable, slot_s=slot, grace_s=grace,
-                     host=host, port=port, batch=batch, threshold=threshold, l1=l1))
+                     host=host, port=port, batch=batch, threshold=threshold, l1=l1),
+         log_level=log_level, log_format=log_format)
 
 
 @app.command()

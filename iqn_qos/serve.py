@@ -31,7 +31,6 @@ import json
 import logging
 import multiprocessing
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -437,10 +436,12 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
             svc.close()
 
 
-def main(cfg: ServeConfig) -> None:
-    """Run the service in the foreground (the CLI's entry point)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s iqn-qos serve: %(message)s",
-                        stream=sys.stderr)
+def main(cfg: ServeConfig, log_level: str = "info", log_format: str = "text") -> None:
+    """Run the service in the foreground (the CLI's entry point); logs as
+    ``--log-level``/``--log-format`` say (:mod:`iqn_qos.logsetup`)."""
+    from .logsetup import configure
+
+    configure(log_level, log_format)
     svc = Service(cfg)  # opens the topology and the store first: their errors are one line
 
     def ready(host: str, port: int) -> None:

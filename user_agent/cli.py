@@ -32,6 +32,24 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from .version import version_line
+
+        typer.echo(version_line("iqn-agent"))
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_show_version,
+        help="print the version (and the git commit when run from a checkout) and exit",
+    ),
+) -> None:
+    pass
+
+
 def say(msg: str) -> None:
     typer.echo(f"iqn-agent: {msg}", err=True)
 
@@ -247,6 +265,11 @@ def main() -> None:
     import importlib.util
     import sys
 
+    if sys.argv[1:] == ["--version"]:  # on any install, before the role's modules are needed
+        from .version import version_line
+
+        print(version_line("iqn-agent"))
+        raise SystemExit(0)
     for m in USER_MODULES:  # one line naming the extra, not a traceback from deep inside
         if importlib.util.find_spec(m) is None:
             print(f"iqn-agent: error: {m} is missing: install the 'user' role: pip install 'iqn[user]' "

@@ -299,7 +299,8 @@ def _link(
         at = l3[si]
         head = (be16(si, at) == 0x1100) & (be16(si, at + 4) >= 2) & ok
         ppp = be16(si, at + 6)
-        et[si] = np.where(head, np.select([ppp == k for k in PPP_PROTOCOLS], list(PPP_PROTOCOLS.values()), 0), 0)
+        known = np.select([ppp == k for k in PPP_PROTOCOLS], list(PPP_PROTOCOLS.values()), 0)
+        et[si] = np.where(head, known, 0)
         inner[si] = np.where(head, be16(si, at + 4) - 2, -1)
         l3[si] += 8
     return valid, et, l3, inner

@@ -54,13 +54,17 @@ OptStateDir = typer.Option(
 )
 
 
-def _setup_logging(handler: logging.Handler | None = None) -> None:
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+OptLogLevel = typer.Option("info", "--log-level", help="debug, info, warning or error")
+OptLogFormat = typer.Option(
+    "text", "--log-format",
+    help="text (no time stamp when stderr is the systemd journal) or json (one object per line)",
+)
+
+
+def _setup_logging(handler: logging.Handler | None = None, level: str = "info", fmt: str = "text") -> None:
+    from iqn_ctl.logsetup import configure
+
+    configure(level, fmt, handler)
 
 
 @app.command()
@@ -148,6 +152,8 @@ def attach(
              "more are counted ('capped'), not emitted; default 10/p; 0: no cap",
     ),
     run_dir: Path = OptRunDir,
+    log_level: str = OptLogLevel,
+    log_format: str = OptLogFormat,
 ) -> None:
     """Load the classifier on IFACE (XDP or TC) and infer stalls live until SIGINT/SIGTERM."""
     from iqn_ctl.extras import require
@@ -158,6 +164,9 @@ def attach(
 
     if pairing not in ("on", "off"):
         raise UserError(f"--pairing must be on or off, got {pairing!r}")
+    from iqn_ctl.logsetup import check as check_log
+
+    check_log(log_level, log_format)
     cfg = AgentConfig(
         iface=iface, params=SignalParams(p, n), filt=CandidateFilter(port, min_size, max_size),
         estimator=estimator, key_mode=key, max_flows=max_flows, xdp_mode=xdp_mode, force=force,
@@ -172,13 +181,13 @@ def attach(
     need_root("attach")
     check_iface(iface)
     if daemon:
-        _daemonize(cfg)
+        _daemonize(cfg, log_level, log_format)
         return
-    _setup_logging()
+    _setup_logging(None, log_level, log_format)
     serve(cfg)
 
 
-def _daemonize(cfg: Any) -> None:
+def _daemonize(cfg: Any, log_level: str = "info", log_format: str = "text") -> None:
     """Fork a detached agent; this process waits until it is attached (or has
     failed) so errors still reach the terminal and the exit status."""
     from iqn_ctl.live.agent import DaemonLog, InterfaceLock, serve
@@ -218,7 +227,7 @@ def _daemonize(cfg: Any) -> None:
         os.close(devnull)
         logfile.redirect(1, 2)  # stray output follows the log across rotations
         os.chdir("/")
-        _setup_logging(logfile)
+        _setup_logging(logfile, log_level, log_format)
 
         def ready(agent: Any) -> None:
             os.write(w, f"ok {os.getpid()} {agent.dp.describe()}\n".encode())

@@ -206,6 +206,18 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
 
 
+def _fields(event: str, iface: str, flow: str, client: str, start: float, duration: float | None = None,
+            candidates: int | None = None) -> dict[str, object]:
+    """The structured fields of a stall's log line (``--log-format json``
+    prints them beside the message; docs/contracts.md)."""
+    out: dict[str, object] = {"event": event, "iface": iface, "flow": flow, "client": client, "start": start}
+    if duration is not None:
+        out["duration"] = round(duration, 3)
+    if candidates is not None:
+        out["candidates"] = candidates
+    return out
+
+
 class DaemonLog(logging.handlers.RotatingFileHandler):
     """The ``--daemon`` agent's log file: rotated by size, opened 0600 without
     following symlinks (:func:`~iqn_ctl.live.api.open_private`).
@@ -751,7 +763,8 @@ class Agent:
                 if self.metrics:
                     self.metrics.stall_started()
                 log.info("%s: stall start flow=%s client=%s start=%s", iface, label, client,
-                         _iso(e.start + off))
+                         _iso(e.start + off),
+                         extra=_fields("stall_start", iface, label, client, e.start + off))
             elif isinstance(e, StallEnded):
                 check, bulk = self._bulk(e)
                 rec = StallRecord(
@@ -766,7 +779,9 @@ class Agent:
                 if bulk:
                     self.stalls_discarded += 1
                     log.info("%s: stall discarded flow=%s client=%s start=%s duration=%.3fs: %s",
-                             iface, label, client, _iso(e.start + off), e.duration, bulk)
+                             iface, label, client, _iso(e.start + off), e.duration, bulk,
+                             extra=_fields("stall_discarded", iface, label, client, e.start + off,
+                                           e.duration))
                     continue
                 self.stalls_ended += 1
                 if self.metrics:
@@ -776,6 +791,7 @@ class Agent:
                     "%s: stall end flow=%s client=%s start=%s end=%s duration=%.3fs candidates=%d%s",
                     iface, label, client, _iso(e.start + off), _iso(e.end + off), e.duration, e.candidates,
                     why + ("" if check != "unknown" else " (bulk check unknown: kernel counters evicted)"),
+                    extra=_fields("stall_end", iface, label, client, e.start + off, e.duration, e.candidates),
                 )
         self._flush_history()
 
