@@ -64,11 +64,12 @@ def test_not_root(env: dict[str, str]) -> None:
     one_error(run("attach", "lo", env=env, user="nobody"), f"attach {caps}")
     one_error(run("detach", "lo", env=env, user="nobody"), f"detach {caps}")
     Path(env["IQN_RUN_DIR"]).mkdir(mode=0o700)
-    one_error(run("flows", env=env, user="nobody"), "the IQN API is for root (use sudo)")
-    one_error(run("status", env=env, user="nobody"), "the IQN API is for root (use sudo)")
+    one_error(run("flows", env=env, user="nobody"), "the IQN API is for root and the agent's group")
+    one_error(run("status", env=env, user="nobody"), "the IQN API is for root and the agent's group")
     with History(Path(env["IQN_STATE_DIR"])) as h:
         h.add([StallRecord("eth0", "f", "c", "s", 1.0, 2.0, 8, 2.5)])
-    one_error(run("stalls", env=env, user="nobody"), "the stall history is for root (use sudo)")
+    one_error(run("stalls", env=env, user="nobody"),
+              "the stall history is for root and the agent's group (use sudo")
 
 
 def test_no_such_interface(env: dict[str, str]) -> None:

@@ -45,12 +45,15 @@ from .common import (
     friendly,
 )
 
+# readable=False: click would refuse an unreadable directory with a usage box; the
+# commands say what is wrong themselves, in one line (not root, not in the group)
 OptRunDir = typer.Option(
-    DEFAULT_RUN_DIR, "--run-dir", envvar="IQN_RUN_DIR", hidden=True,
+    DEFAULT_RUN_DIR, "--run-dir", envvar="IQN_RUN_DIR", hidden=True, readable=False,
     help="where agents keep their sockets and pid files",
 )
 OptStateDir = typer.Option(
-    DEFAULT_STATE_DIR, "--state-dir", envvar="IQN_STATE_DIR", help="where the stall history is kept"
+    DEFAULT_STATE_DIR, "--state-dir", envvar="IQN_STATE_DIR", readable=False,
+    help="where the stall history is kept",
 )
 
 
@@ -154,6 +157,11 @@ def attach(
     run_dir: Path = OptRunDir,
     log_level: str = OptLogLevel,
     log_format: str = OptLogFormat,
+    group: str | None = typer.Option(
+        None, "--group",
+        help="group whose members may read the API socket and the stall history without root "
+             "(default: iqn, if that group exists; '' for root only)",
+    ),
 ) -> None:
     """Load the classifier on IFACE (XDP or TC) and infer stalls live until SIGINT/SIGTERM."""
     from iqn_ctl.extras import require
@@ -175,7 +183,7 @@ def attach(
         slot=slot, export=tuple(export or ()), router_id=router_id, export_replicas=export_replicas,
         hook=hook, direction=direction,
         backlog=backlog,
-        pairing=pairing == "on", pair_window=pair_window, cap=cap,
+        pairing=pairing == "on", pair_window=pair_window, cap=cap, group=group,
     )
     cfg.validate()
     need_root("attach")
@@ -333,7 +341,8 @@ def stalls(
         if present and not os.access(db_path(state_dir), os.R_OK):
             raise PermissionError
     except PermissionError:
-        msg = f"permission denied on {state_dir}: the stall history is for root (use sudo)"
+        msg = (f"permission denied on {state_dir}: the stall history is for root and the agent's group "
+               "(use sudo, or join the group: docs/deploy.md)")
         raise UserError(msg) from None
     if not present:
         if not as_json:

@@ -52,6 +52,8 @@ from iqn_ctl.engine.params import (
 from iqn_ctl.engine.tracker import Event, StallEnded, StallStarted
 from iqn_ctl.engine.watch import DEFAULT_SLOT
 from iqn_ctl.live import caps
+from iqn_ctl.live.access import resolve as resolve_access
+from iqn_ctl.live.access import share_dir, share_history
 from iqn_ctl.live.api import (
     DEFAULT_RUN_DIR,
     ApiError,
@@ -319,6 +321,9 @@ class AgentConfig:
     pairing: bool = True
     pair_window: float = DEFAULT_PAIR_WINDOW
     cap: float | None = None
+    #: --group: who may read the API socket and the history besides root (live/access.py);
+    #: None: the group ``iqn`` if it exists
+    group: str | None = None
 
     def guard(self) -> Guard:
         """The data plane's forgery guard as configured."""
@@ -469,6 +474,7 @@ class Agent:
         )
 
         cfg = self.cfg
+        self.access = resolve_access(cfg.group)
         ensure_private_dir(cfg.state_dir, "state dir")  # the history and the daemon's log live here
         self.history = History(cfg.state_dir, cfg.history_rows)
         died = self.history.mark_interrupted(cfg.iface)
@@ -495,7 +501,8 @@ class Agent:
         self.mode = self.dp.attach()
         self.started_at = self._wall()
         self._started_mono = time.monotonic()
-        self.api = ApiServer(sock_path(cfg.run_dir, cfg.iface), self._handle).start()
+        self.api = ApiServer(sock_path(cfg.run_dir, cfg.iface), self._handle, self.access).start()
+        self._share_access()
         if cfg.metrics_port is not None:
             from iqn_ctl.live.metrics import AgentMetrics
 
@@ -516,6 +523,15 @@ class Agent:
         log.info("%s: forgery guard: pairing %s%s, cap %s", cfg.iface, "on" if g.pairing else "off",
                  f" (window {g.window:g} s, TC {self.dp.pair_direction})" if g.pairing else "",
                  f"{g.cap:g} bursts/s per client" if g.cap else "off")
+
+    def _share_access(self) -> None:
+        """Open the run dir, the state dir and the history (with its WAL files,
+        there once the history is open) to the access group; the socket already is."""
+        if self.access.gid is None or self.history is None:
+            return
+        share_dir(self.cfg.run_dir, self.access)
+        share_history(self.history.path, self.access)
+        log.info("%s: API socket and stall history readable by group %s", self.cfg.iface, self.access.name)
 
     def shutdown(self) -> None:
         """Remove the XDP program, socket, metrics server and pid file; idempotent."""

@@ -1,10 +1,12 @@
 """The agent's local API: one JSON request line in, one JSON response line out,
-over a unix socket that only root can reach.
+over a unix socket that only root (and the members of the agent's access
+group, :mod:`iqn_ctl.live.access`) can reach.
 
 Why a unix socket and not TCP: the flow table names subscribers' addresses, so
 it must not be reachable from the network or by unprivileged users. The socket
-lives in a 0700 directory with mode 0600, and the server also checks the peer's
-uid (SO_PEERCRED) so a mistaken chmod does not open it up.
+lives in a 0700 directory with mode 0600 (0750 and 0660, group-owned, when an
+access group is set), and the server also checks the peer's uid and groups
+(SO_PEERCRED, SO_PEERGROUPS) so a mistaken chmod does not open it up.
 
 Why the run dir must be root's and closed to other writers: the agent (root)
 creates, truncates and unlinks files there by name. In a directory another user
@@ -21,13 +23,13 @@ import json
 import os
 import socket
 import stat
-import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from iqn_ctl.errors import IqnError
+from iqn_ctl.live.access import Access, peer_allowed, share_socket
 from iqn_ctl.live.settings import AgentError
 
 DEFAULT_RUN_DIR = Path(os.environ.get("IQN_RUN_DIR", "/run/iqn"))
@@ -77,7 +79,8 @@ def pid_path(run_dir: Path, iface: str) -> Path:
 def ensure_private_dir(path: Path, what: str, create: bool = True) -> None:
     """Create ``path`` 0700 if missing (unless ``create`` is false); refuse one we
     do not own or that group or others may write (see the module's docstring);
-    an existing one merely readable by others is tightened to 0700."""
+    an existing one others may read is tightened to 0700, or 0750 when it was
+    open to its group (the access group's dirs, :mod:`iqn_ctl.live.access`)."""
     if create:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
@@ -96,8 +99,8 @@ def ensure_private_dir(path: Path, what: str, create: bool = True) -> None:
             f"refusing {what} {path}: writable by group or others (mode {st.st_mode & 0o7777:o}); "
             f"run 'chmod 0700 {path}'"
         )
-    if st.st_mode & 0o077:
-        path.chmod(0o700)
+    if st.st_mode & 0o007:
+        path.chmod(stat.S_IMODE(st.st_mode) & 0o750)
 
 
 def ensure_run_dir(run_dir: Path) -> None:
@@ -133,19 +136,15 @@ def open_private(path: Path | str, flags: int, what: str) -> int:
     return fd
 
 
-def _peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
 class ApiServer:
     """Serves requests on a background thread; ``handler`` gets the decoded
-    request (a dict with at least ``"cmd"``) and returns a JSON-able result."""
+    request (a dict with at least ``"cmd"``) and returns a JSON-able result.
+    ``access``: the group that may connect besides root and this user."""
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, access: Access | None = None) -> None:
         self.path = path
         self.handler = handler
+        self.access = access or Access()
         ensure_run_dir(path.parent)
         if path.exists() or path.is_symlink():
             path.unlink()  # stale socket of a dead agent (the caller holds the interface lock)
@@ -155,6 +154,7 @@ class ApiServer:
             self._sock.bind(str(path))
         finally:
             os.umask(old)
+        share_socket(path, self.access)
         self._sock.listen(64)
         self._sock.settimeout(0.2)
         self._stop = threading.Event()
@@ -183,8 +183,9 @@ class ApiServer:
 
     def _one(self, conn: socket.socket) -> None:
         conn.settimeout(2.0)
-        if _peer_uid(conn) != 0 and _peer_uid(conn) != os.geteuid():
-            conn.sendall(b'{"ok": false, "error": "permission denied: the IQN API is for root only"}\n')
+        if not peer_allowed(conn, self.access):
+            msg = f"permission denied: the IQN API is for {self.access.describe()}"
+            conn.sendall(json.dumps({"ok": False, "error": msg}).encode() + b"\n")
             return
         buf = b""
         while not buf.endswith(b"\n"):
@@ -246,7 +247,8 @@ def request(path: Path, cmd: str, timeout: float = 5.0, **args: Any) -> Any:
         except ConnectionRefusedError:
             raise NoAgent(f"stale agent socket at {path} (agent not running)") from None
         except PermissionError:
-            raise ApiError(f"permission denied on {path}: the IQN API is for root (use sudo)") from None
+            raise ApiError(f"permission denied on {path}: the IQN API is for root and the agent's group "
+                           "(use sudo, or join the group: docs/deploy.md)") from None
         try:
             s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -284,5 +286,6 @@ def agent_sockets(run_dir: Path) -> list[tuple[str, Path]]:
     except FileNotFoundError:
         return []
     except PermissionError:
-        raise ApiError(f"permission denied on {run_dir}: the IQN API is for root (use sudo)") from None
+        raise ApiError(f"permission denied on {run_dir}: the IQN API is for root and the agent's group "
+                       "(use sudo, or join the group: docs/deploy.md)") from None
     return [(p.name[: -len(".sock")], p) for p in names if p.name.endswith(".sock")]

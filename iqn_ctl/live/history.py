@@ -200,12 +200,7 @@ class History:
             else:
                 if not self.path.exists():
                     raise HistoryError(f"no stall history at {self.path} (no agent ran with this state dir)")
-                # as_uri() percent-encodes the path: a raw '?' or '#' in it would end the
-                # file name early and open (or create) another file
-                self._db = sqlite3.connect(
-                    f"{self.path.absolute().as_uri()}?mode=rw", uri=True, timeout=10.0,
-                    check_same_thread=False,
-                )
+                self._db = self._open_existing()
             # before anything is written: a damaged file opens fine and then fails every write
             problem = _damage(self._db)
             if problem and not create:
@@ -226,6 +221,24 @@ class History:
             self._db.execute("SELECT 1 FROM stalls LIMIT 1").fetchall()
         except (sqlite3.Error, OSError) as e:
             raise _explain(self.path, e) from None
+
+    def _open_existing(self) -> sqlite3.Connection:
+        """A reader's connection: read-write where we may write, else read-only
+        (a member of the agent's access group, iqn_ctl/live/access.py). A
+        read-only reader uses the agent's -wal and -shm files as they are; with
+        no agent running they are gone, and a reader that cannot create them
+        reads the file as it is (immutable: nobody is writing it)."""
+        # as_uri() percent-encodes the path: a raw '?' or '#' in it would end the
+        # file name early and open (or create) another file
+        uri = self.path.absolute().as_uri()
+        if os.access(self.path, os.W_OK):
+            return sqlite3.connect(f"{uri}?mode=rw", uri=True, timeout=10.0, check_same_thread=False)
+        wal = Path(f"{self.path}-wal")
+        if not wal.exists() and not os.access(self.path.parent, os.W_OK):
+            uri += "?immutable=1"
+        else:
+            uri += "?mode=ro"
+        return sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False)
 
     def _connect(self) -> sqlite3.Connection:
         old = os.umask(0o077)
