@@ -9,6 +9,7 @@ none of these exist yet: it never touches an operator's install."""
 
 from __future__ import annotations
 
+import grp
 import pwd
 import shutil
 import subprocess
@@ -29,6 +30,14 @@ def user_exists(name: str) -> bool:
         return False
 
 
+def group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
 def dpkg(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["dpkg", *args], capture_output=True, text=True, timeout=300)
 
@@ -38,7 +47,8 @@ def test_router_deb_builds_installs_removes_and_purges(tmp_path: Path) -> None:
     need(shutil.which("dpkg-deb") is not None, "needs dpkg-deb")
     for p in (OPT, STATE, DROPIN.parent, UNIT):
         need(not p.exists(), f"{p} exists: not touching an existing install")
-    need(not user_exists("iqn"), "the iqn user exists: not touching an existing install")
+    need(not user_exists("iqn") and not group_exists("iqn"),
+         "the iqn user or group exists: not touching an existing install")
     need(dpkg("-s", "iqn-router").returncode != 0, "iqn-router is installed: not touching it")
     r = subprocess.run(["bash", str(ROOT / "packaging" / "debian" / "build.sh"), str(tmp_path)],
                        capture_output=True, text=True, timeout=900)  # fmt: skip
@@ -51,6 +61,7 @@ def test_router_deb_builds_installs_removes_and_purges(tmp_path: Path) -> None:
         inst = dpkg("-i", str(deb))
         assert inst.returncode == 0, inst.stderr
         assert UNIT.is_file() and DROPIN.is_file() and user_exists("iqn")
+        assert grp.getgrgid(pwd.getpwnam("iqn").pw_gid).gr_name == "iqn"  # the access group
         ctl = OPT / ".venv" / "bin" / "iqn-ctl"
         assert ctl.read_text().splitlines()[0] == f"#!{OPT}/.venv/bin/python"
         run = subprocess.run([str(ctl), "attach", "--help"], capture_output=True, text=True, timeout=120)
@@ -70,6 +81,7 @@ def test_router_deb_builds_installs_removes_and_purges(tmp_path: Path) -> None:
         purge = dpkg("-P", "iqn-router")
         assert purge.returncode == 0, purge.stderr
         assert not DROPIN.exists() and not STATE.exists() and not user_exists("iqn")
+        assert not group_exists("iqn")
         assert dpkg("-s", "iqn-router").returncode != 0
     finally:
         if dpkg("-s", "iqn-router").returncode == 0:

@@ -31,7 +31,7 @@ find "$venv" -name __pycache__ -prune -exec rm -rf {} +
 
 install -m 0644 "$top/packaging/systemd/iqn-ctl@.service" "$root/lib/systemd/system/"
 install -m 0644 "$here/iqn.conf" "$root/etc/systemd/system/iqn-ctl@.service.d/iqn.conf"
-install -m 0644 "$top/docs/agent.md" "$root/opt/iqn/docs/"
+install -m 0644 "$top/docs/agent.md" "$top/docs/deploy.md" "$root/opt/iqn/docs/"
 for f in postinst prerm postrm; do install -m 0755 "$here/$f" "$root/DEBIAN/"; done
 echo /etc/systemd/system/iqn-ctl@.service.d/iqn.conf > "$root/DEBIAN/conffiles"
 size=$(du -sk "$root" | cut -f1)
