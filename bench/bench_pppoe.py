@@ -1,0 +1,161 @@
+"""What parsing PPPoE session frames costs (issue 20 item 6): IQN's XDP and TC
+entries on PPPoE frames beside the same packets as plain Ethernet frames, each
+against an empty program of its type loaded the same way and run on the same
+bytes in the same run (BPF_PROG_TEST_RUN, the calling thread's CPU time; see
+bench_xdp.py for why). A live reader drains the ring while candidates run.
+
+The PPPoE header costs one bounds check and a few byte compares
+(parse_pppoehdr), so a PPPoE frame should cost within a few ns of the same
+packet on plain Ethernet, and non-candidate PPPoE traffic stay within the
+data plane's 1.5x of the empty program (bench_xdp.py's target).
+
+    sudo .venv/bin/python bench/bench_pppoe.py [--repeat 1000000] [--rounds 7] [--no-write]
+
+Prints a markdown table and replaces the "## PPPoE session frames" section of
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _results  # noqa: E402
+from bench_hooks import EMPTY_SRC, measure  # noqa: E402
+from bench_xdp import RING_PAGES, drain  # noqa: E402
+
+from iqn_ctl.capture.frames import udp_frame  # noqa: E402
+from iqn_ctl.engine.params import CandidateFilter  # noqa: E402
+from iqn_ctl.live.bpf_testrun import TestRunner  # noqa: E402
+
+SECTION = "## PPPoE session frames"
+TARGET = 1.5
+S, C = "198.18.0.1", "198.18.0.2"
+PPPOE = 8
+
+
+def rows(filt: CandidateFilter) -> list[tuple[str, bytes, bytes | None, str]]:
+    """(label, PPPoE frame, the same packet on plain Ethernet or None, kind)."""
+    mid = (filt.min_size + filt.max_size) // 2
+
+    def f(sport: int, n: int, **kw: object) -> bytes:
+        return udp_frame(S, C, sport, 51234, frame_len=n, **kw)  # type: ignore[arg-type]
+
+    lcp = bytearray(f(4433, 60, pppoe=1))
+    lcp[20:22] = b"\xc0\x21"  # PPP protocol: LCP (an echo request, say)
+    return [
+        ("candidate (UDP :443, IP 1220 B)", f(filt.port, mid + PPPOE, pppoe=1), f(filt.port, mid),
+         "candidate"),
+        ("candidate behind a VLAN tag", f(filt.port, mid + PPPOE + 4, pppoe=1, vlans=(7,)),
+         f(filt.port, mid + 4, vlans=(7,)), "candidate"),
+        ("UDP :443 outside the band", f(filt.port, filt.max_size + 100 + PPPOE, pppoe=1),
+         f(filt.port, filt.max_size + 100), "tracked"),
+        ("UDP from another port", f(4433, mid + PPPOE, pppoe=1), f(4433, mid), "other"),
+        ("PPP LCP (not IP)", bytes(lcp), None, "other"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=1_000_000)
+    ap.add_argument("--cand-repeat", type=int, default=65536)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench: error: needs root (BPF_PROG_TEST_RUN): run with sudo")
+    if min(args.repeat, args.cand_repeat, args.rounds) < 1:
+        raise SystemExit("bench: error: --repeat, --cand-repeat and --rounds must be positive")
+
+    from bcc import BPF
+
+    from iqn_ctl.live.datapath import Datapath
+
+    filt = CandidateFilter()
+    empty_bpf = BPF(text=EMPTY_SRC)
+    empty = {"xdp": TestRunner(empty_bpf.load_func(b"empty_xdp", BPF.XDP).fd),
+             "tc": TestRunner(empty_bpf.load_func(b"empty_tc", BPF.SCHED_CLS).fd)}
+    dp = Datapath("lo", filt, ring_pages=RING_PAGES)
+    iqn = {"xdp": TestRunner(dp.prog_fd), "tc": TestRunner(dp.tc_prog_fd)}
+    stop = threading.Event()
+    reader = threading.Thread(target=drain, args=(dp, stop), daemon=True)
+    reader.start()
+    table = rows(filt)
+    cells: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
+    t0 = time.monotonic()
+    try:
+        for _ in range(args.rounds):
+            for label, pppoe, plain, kind in table:
+                repeat = args.cand_repeat if kind == "candidate" else args.repeat
+                for hook in ("xdp", "tc"):
+                    for enc, frame in (("pppoe", pppoe), ("plain", plain)):
+                        if frame is None:
+                            continue
+                        b, c = cells.setdefault((label, hook, enc), ([], []))
+                        b.append(measure(empty[hook], frame, repeat, hook))
+                        c.append(measure(iqn[hook], frame, repeat, hook))
+        counters = dp.counters()
+    finally:
+        stop.set()
+        reader.join()
+        dp.close()
+        empty_bpf.cleanup()
+    elapsed = time.monotonic() - t0
+    lines = ["| frame | hook | empty ns/pkt | IQN on PPPoE ns/pkt | ratio to empty | "
+             "IQN on plain Ethernet ns/pkt | PPPoE minus plain ns | target <= 1.5x (other traffic) |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    worst = 0.0
+    for label, _, plain, kind in table:
+        for hook in ("xdp", "tc"):
+            b, c = (statistics.median(x) for x in cells[(label, hook, "pppoe")])
+            ratio = c / b
+            if plain is not None:
+                pc = statistics.median(cells[(label, hook, "plain")][1])
+                plain_s, delta = f"{pc:.2f}", f"{c - pc:+.1f}"
+            else:
+                plain_s = delta = "-"
+            if kind == "candidate":
+                verdict = "(candidate: ring record)"
+            elif kind == "tracked":
+                verdict = "(per-flow accounting, as bench_xdp.py)"
+            else:
+                worst = max(worst, ratio)
+                verdict = "met" if ratio <= TARGET else "MISSED"
+            lines.append(f"| {label} | {hook} | {b:.2f} | {c:.2f} | {ratio:.2f}x | {plain_s} | {delta} | "
+                         f"{verdict} |")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               "?")
+    summary = (f"Median of {args.rounds} calls x {args.repeat} runs ({args.cand_repeat} for candidates); "
+               f"kernel {platform.release()}, {cpu}, {os.cpu_count()} CPUs; {elapsed:.1f} s; "
+               f"ring records lost: {counters['lost']}, parse errors: {counters['parse_errors']}. "
+               f"Worst ratio for PPPoE frames not from the IQN port: {worst:.2f}x "
+               f"({'target met' if worst <= TARGET else 'TARGET MISSED'}).")
+    out = "\n".join(lines)
+    print(out)
+    print()
+    print(summary)
+    if counters["parse_errors"]:
+        raise SystemExit("bench: error: a benchmark frame was a parse error")
+    if not args.no_write:
+        cmd = "sudo .venv/bin/python bench/bench_pppoe.py"
+        if (args.repeat, args.cand_repeat, args.rounds) != (1_000_000, 65536, 7):
+            cmd += f" --repeat {args.repeat} --cand-repeat {args.cand_repeat} --rounds {args.rounds}"
+        body = (f"{SECTION}\n\n`iqn_xdp.c`'s XDP and TC entries on PPPoE session frames and on the same "
+                "packets as plain Ethernet frames, each against an empty program of its type on the same "
+                f"bytes, BPF_PROG_TEST_RUN, same run ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). "
+                f"Re-run: `{cmd}`\n\n{out}\n\n{summary}\n")
+        _results.write_section(SECTION, body)
+
+
+if __name__ == "__main__":
+    main()
