@@ -45,7 +45,7 @@ def dpkg(*args: str) -> subprocess.CompletedProcess[str]:
 def test_router_deb_builds_installs_removes_and_purges(tmp_path: Path) -> None:
     need_root()
     need(shutil.which("dpkg-deb") is not None, "needs dpkg-deb")
-    for p in (OPT, STATE, DROPIN.parent, UNIT):
+    for p in (OPT, STATE, DROPIN.parent, UNIT, Path("/usr/bin/iqn-ctl")):
         need(not p.exists(), f"{p} exists: not touching an existing install")
     need(not user_exists("iqn") and not group_exists("iqn"),
          "the iqn user or group exists: not touching an existing install")
@@ -66,6 +66,8 @@ def test_router_deb_builds_installs_removes_and_purges(tmp_path: Path) -> None:
         assert ctl.read_text().splitlines()[0] == f"#!{OPT}/.venv/bin/python"
         run = subprocess.run([str(ctl), "attach", "--help"], capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and "--metrics-port" in run.stdout, run.stderr
+        ver = subprocess.run(["/usr/bin/iqn-ctl", "--version"], capture_output=True, text=True, timeout=60)
+        assert ver.returncode == 0 and ver.stdout.startswith("iqn-ctl "), ver.stderr  # on PATH, no git
         # the router venv: no browser or lab package; Debian's bcc through the system site
         pkgs = subprocess.run([str(OPT / ".venv" / "bin" / "python"), "-c", "import bcc, pyroute2"],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -75,7 +77,7 @@ def test_router_deb_builds_installs_removes_and_purges(tmp_path: Path) -> None:
         (STATE / "stalls.sqlite").write_bytes(b"history")
         rm = dpkg("-r", "iqn-router")
         assert rm.returncode == 0, rm.stderr
-        assert not OPT.exists() and not UNIT.exists()
+        assert not OPT.exists() and not UNIT.exists() and not Path("/usr/bin/iqn-ctl").is_symlink()
         assert DROPIN.is_file() and user_exists("iqn")
         assert (STATE / "stalls.sqlite").read_bytes() == b"history"
         purge = dpkg("-P", "iqn-router")

@@ -30,6 +30,8 @@ grep -rlF "$root" "$venv" | xargs -r sed -i "s|$root||g"
 find "$venv" -name __pycache__ -prune -exec rm -rf {} +
 
 install -m 0644 "$top/packaging/systemd/iqn-ctl@.service" "$root/lib/systemd/system/"
+mkdir -p "$root/usr/bin"
+ln -s /opt/iqn/.venv/bin/iqn-ctl "$root/usr/bin/iqn-ctl"   # operators in group iqn run it as themselves
 install -m 0644 "$here/iqn.conf" "$root/etc/systemd/system/iqn-ctl@.service.d/iqn.conf"
 install -m 0644 "$top/docs/agent.md" "$top/docs/deploy.md" "$root/opt/iqn/docs/"
 for f in postinst prerm postrm; do install -m 0755 "$here/$f" "$root/DEBIAN/"; done
