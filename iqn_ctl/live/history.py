@@ -167,7 +167,8 @@ def db_path(state_dir: Path) -> Path:
 def _explain(path: Path, e: Exception) -> HistoryError:
     if isinstance(e, PermissionError) or "unable to open" in str(e) or "readonly" in str(e):
         if os.geteuid() != 0:
-            return HistoryError(f"cannot open stall history {path}: permission denied (run as root)")
+            return HistoryError(f"cannot open stall history {path}: permission denied "
+                                "(run as root or as a member of the agent's group)")
     return HistoryError(f"cannot open stall history {path}: {e}")
 
 
