@@ -6,8 +6,9 @@ bench_xdp.py for why). A live reader drains the ring while candidates run.
 
 The PPPoE header costs one bounds check and a few byte compares
 (parse_pppoehdr), so a PPPoE frame should cost within a few ns of the same
-packet on plain Ethernet, and non-candidate PPPoE traffic stay within the
-data plane's 1.5x of the empty program (bench_xdp.py's target).
+packet on plain Ethernet; the data plane's targets (bench_xdp.py) are 1.5x the
+empty program for UDP from the IQN port outside the band and 1.3x for other
+traffic.
 
     sudo .venv/bin/python bench/bench_pppoe.py [--repeat 1000000] [--rounds 7] [--no-write]
 
@@ -32,14 +33,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import _results  # noqa: E402
 from bench_hooks import EMPTY_SRC, measure  # noqa: E402
-from bench_xdp import RING_PAGES, drain  # noqa: E402
+from bench_xdp import OTHER_TARGET, RING_PAGES, TARGET, drain  # noqa: E402
 
 from iqn_ctl.capture.frames import udp_frame  # noqa: E402
 from iqn_ctl.engine.params import CandidateFilter  # noqa: E402
 from iqn_ctl.live.bpf_testrun import TestRunner  # noqa: E402
 
 SECTION = "## PPPoE session frames"
-TARGET = 1.5
 S, C = "198.18.0.1", "198.18.0.2"
 PPPOE = 8
 
@@ -112,9 +112,9 @@ def main() -> None:
         empty_bpf.cleanup()
     elapsed = time.monotonic() - t0
     lines = ["| frame | hook | empty ns/pkt | IQN on PPPoE ns/pkt | ratio to empty | "
-             "IQN on plain Ethernet ns/pkt | PPPoE minus plain ns | target <= 1.5x (other traffic) |",
+             "IQN on plain Ethernet ns/pkt | PPPoE minus plain ns | target |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
-    worst = 0.0
+    worst = worst_plain = 0.0
     for label, _, plain, kind in table:
         for hook in ("xdp", "tc"):
             b, c = (statistics.median(x) for x in cells[(label, hook, "pppoe")])
@@ -125,12 +125,14 @@ def main() -> None:
             else:
                 plain_s = delta = "-"
             if kind == "candidate":
-                verdict = "(candidate: ring record)"
-            elif kind == "tracked":
-                verdict = "(per-flow accounting, as bench_xdp.py)"
+                verdict = "(candidate: burst record)"
             else:
-                worst = max(worst, ratio)
-                verdict = "met" if ratio <= TARGET else "MISSED"
+                target = TARGET if kind == "tracked" else OTHER_TARGET
+                if kind == "other":
+                    worst = max(worst, ratio)
+                    if plain is not None:
+                        worst_plain = max(worst_plain, pc / b)
+                verdict = f"<= {target}x: {'met' if ratio <= target else 'MISSED'}"
             lines.append(f"| {label} | {hook} | {b:.2f} | {c:.2f} | {ratio:.2f}x | {plain_s} | {delta} | "
                          f"{verdict} |")
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
@@ -139,7 +141,9 @@ def main() -> None:
                f"kernel {platform.release()}, {cpu}, {os.cpu_count()} CPUs; {elapsed:.1f} s; "
                f"ring records lost: {counters['lost']}, parse errors: {counters['parse_errors']}. "
                f"Worst ratio for PPPoE frames not from the IQN port: {worst:.2f}x "
-               f"({'target met' if worst <= TARGET else 'TARGET MISSED'}).")
+               f"({'target met' if worst <= OTHER_TARGET else 'TARGET MISSED'}; the same packets on plain "
+               f"Ethernet in this run: {worst_plain:.2f}x). The UDP :443 rows' flow "
+               "also sent candidates, so its volume slot counts it.")
     out = "\n".join(lines)
     print(out)
     print()
