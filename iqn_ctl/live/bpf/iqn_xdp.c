@@ -290,20 +290,20 @@ static __always_inline long iqn_ringbuf_output(void *ring, void *data, __u64 siz
  * practice (pppd and the kernel's pppoe do not). */
 static __always_inline int parse_pppoehdr(struct hdr_cursor *nh, void *data_end)
 {
-    __u8 *h = nh->pos;
-    if ((void *)(h + 8) > data_end)
+    /* four 16-bit words: version/type + code, session id, length, PPP protocol */
+    __be16 *w = nh->pos;
+    if ((void *)(w + 4) > data_end)
         return PARSE_BAD;
-    nh->pos = h + 8;
-    if (h[0] != 0x11 || h[1] != 0)
+    nh->pos = w + 4;
+    if (w[0] != bpf_htons(0x1100))
         return 0;
-    __u16 ppp = ((__u16)h[6] << 8) | h[7];
-    __u16 plen = ((__u16)h[4] << 8) | h[5];
+    __u16 plen = bpf_ntohs(w[2]);
     if (plen < 2)
         return 0;
     nh->ip_len = plen - 2;
-    if (ppp == IQN_PPP_IP)
+    if (w[3] == bpf_htons(IQN_PPP_IP))
         return bpf_htons(ETH_P_IP);
-    if (ppp == IQN_PPP_IPV6)
+    if (w[3] == bpf_htons(IQN_PPP_IPV6))
         return bpf_htons(ETH_P_IPV6);
     return 0;
 }
