@@ -87,9 +87,12 @@ def _up_localise(prefix: str, slot: float, nats_nodes: int) -> None:
 def down(prefix: str = OptPrefix) -> None:
     """Remove the lab: processes, namespaces, interfaces, state (also after a crash)."""
     from .localise.lab import LocaliseLab
+    from .mitigation.lab import MitigationLab
 
     _root()
     removed = Lab(prefix).down() + LocaliseLab(prefix).down()
+    if MitigationLab.valid(prefix):  # the mitigation demo's lab, left by a crash of the demo
+        removed += MitigationLab(prefix).down()
     typer.echo(f"lab {prefix}: removed {len(removed)} item(s)" if removed else f"lab {prefix}: nothing to do")
 
 

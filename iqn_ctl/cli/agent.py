@@ -17,6 +17,7 @@ from typing import Any
 
 import typer
 
+from iqn_ctl.engine import boost as BOOST
 from iqn_ctl.engine import params as P
 from iqn_ctl.engine.watch import DEFAULT_SLOT
 from iqn_ctl.live.api import DEFAULT_RUN_DIR, NoAgent, agent_sockets, request, sock_path
@@ -162,6 +163,25 @@ def attach(
         help="group whose members may read the API socket and the stall history without root "
              "(default: iqn, if that group exists; '' for root only)",
     ),
+    mitigate: str | None = typer.Option(
+        None, "--mitigate", metavar="EGRESS_IFACE",
+        help="while a client stalls, put its traffic in a priority class on EGRESS_IFACE (the link "
+             "toward the viewers; the agent shapes it with an HTB at --link-rate): docs/agent.md",
+    ),
+    link_rate: str | None = typer.Option(
+        None, "--link-rate",
+        help="--mitigate: the egress link's rate, e.g. 20mbit (default: its reported speed)"),
+    boost_rate: str = typer.Option(
+        "2mbit", "--boost-rate", help="--mitigate: rate guaranteed to one boosted client"),
+    boost_max: float = typer.Option(
+        BOOST.DEFAULT_BOOST_MAX, "--boost-max", help="--mitigate: seconds of boost per episode at most"),
+    boost_share: float = typer.Option(
+        BOOST.DEFAULT_BOOST_SHARE, "--boost-share",
+        help="--mitigate: fraction of the link all boosted clients may take together"),
+    boost_gap: float = typer.Option(
+        BOOST.DEFAULT_BOOST_GAP, "--boost-gap",
+        help="--mitigate: seconds without a boost that end a client's episode (its boosts, at most "
+             "--boost-max s in all)"),
 ) -> None:
     """Load the classifier on IFACE (XDP or TC) and infer stalls live until SIGINT/SIGTERM."""
     from iqn_ctl.extras import require
@@ -184,6 +204,7 @@ def attach(
         hook=hook, direction=direction,
         backlog=backlog,
         pairing=pairing == "on", pair_window=pair_window, cap=cap, group=group,
+        mitigate=_mitigate(mitigate, link_rate, boost_rate, boost_max, boost_share, boost_gap),
     )
     cfg.validate()
     need_root("attach")
@@ -193,6 +214,26 @@ def attach(
         return
     _setup_logging(None, log_level, log_format)
     serve(cfg)
+
+
+def _mitigate(egress: str | None, link_rate: str | None, boost_rate: str, boost_max: float,
+              boost_share: float, boost_gap: float) -> Any:
+    """The --mitigate settings (None without it); a bad value is a one-line error."""
+    if egress is None:
+        if link_rate is not None:
+            raise UserError("--link-rate needs --mitigate EGRESS_IFACE")
+        return None
+    from iqn_ctl.live.mitigate import MitigateConfig, MitigateError, parse_rate
+
+    try:
+        cfg = MitigateConfig(egress, parse_rate(link_rate, "--link-rate") if link_rate else None,
+                             parse_rate(boost_rate, "--boost-rate"), boost_share, boost_max, boost_gap)
+    except MitigateError as e:
+        raise UserError(str(e)) from None
+    problem = cfg.problem()
+    if problem:
+        raise UserError(problem)
+    return cfg
 
 
 def _daemonize(cfg: Any, log_level: str = "info", log_format: str = "text") -> None:
@@ -391,6 +432,15 @@ def _export_line(ex: dict[str, Any] | None) -> None:
                + (f" (last error: {ex['last_error']})" if ex["last_error"] else ""))
 
 
+def _boost_line(b: dict[str, Any] | None) -> None:
+    """The --mitigate state under an agent's status row (nothing without --mitigate)."""
+    if not b:
+        return
+    typer.echo(f"  boost on {b['egress']}: {b['active']} active of {b['slots']} slot(s), {b['total']} total, "
+               f"{b['seconds']:.1f} s, {b['bytes']} bytes; denied {b['denied_full']} full, "
+               f"{b['denied_rate']} rate; share cap {b['share']:g} of {b['link_bps']} bit/s")
+
+
 def _hook(st: dict[str, Any]) -> str:
     """"xdp/native", "xdp/skb", "tc/ingress", "tc/egress"; "+l3" on a layer-3 device."""
     hook = st.get("hook", "xdp")
@@ -428,6 +478,7 @@ def status(as_json: bool = OptJson, run_dir: Path = OptRunDir) -> None:
                    f"{st['candidates']:>11} {st['lost']:>8} {st['flows']:>7} {st['flows_in_stall']:>8} "
                    f"{st['stalls_ended']:>7} {_uptime(st['uptime']):>10}")
         _export_line(st.get("export"))
+        _boost_line(st.get("boost"))
         if "pairing" in st:
             cap = f"cap {st['cap']:g} bursts/s per client" if st.get("cap") else "no cap"
             typer.echo(f"  forgery guard: pairing {st['pairing']}, {cap}; unpaired {st.get('unpaired', 0)}, "

@@ -90,6 +90,7 @@ if TYPE_CHECKING:
     from iqn_ctl.live.datapath import Datapath
     from iqn_ctl.live.export import Exporter
     from iqn_ctl.live.metrics import AgentMetrics
+    from iqn_ctl.live.mitigate import Booster, MitigateConfig
 
 log = logging.getLogger("iqn.agent")
 
@@ -324,6 +325,8 @@ class AgentConfig:
     #: --group: who may read the API socket and the history besides root (live/access.py);
     #: None: the group ``iqn`` if it exists
     group: str | None = None
+    #: --mitigate EGRESS and its --boost-* knobs (iqn_ctl.live.mitigate); None: no boost
+    mitigate: MitigateConfig | None = None
 
     def guard(self) -> Guard:
         """The data plane's forgery guard as configured."""
@@ -356,6 +359,9 @@ class AgentConfig:
         if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:
             raise AgentError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
         check_export(self.export, self.router_id, self.export_replicas)
+        problem = self.mitigate.problem() if self.mitigate is not None else None
+        if problem:
+            raise AgentError(problem)
 
 
 def need_root(what: str) -> None:
@@ -446,6 +452,8 @@ class Agent:
         self.sessions: Sessions | None = None
         #: --export: ships the history's finished records to JetStream (docs/export.md)
         self.exporter: Exporter | None = None
+        #: --mitigate: boosts stalling viewers at the egress (docs/agent.md, "Mitigation")
+        self.boost: Booster | None = None
 
     # -- lifecycle --
 
@@ -499,6 +507,7 @@ class Agent:
             guard=cfg.guard(),
         )
         self.mode = self.dp.attach()
+        self._start_boost()
         self.started_at = self._wall()
         self._started_mono = time.monotonic()
         self.api = ApiServer(sock_path(cfg.run_dir, cfg.iface), self._handle, self.access).start()
@@ -506,7 +515,8 @@ class Agent:
         if cfg.metrics_port is not None:
             from iqn_ctl.live.metrics import AgentMetrics
 
-            self.metrics = AgentMetrics(cfg.iface, self.scrape, self.export_stats, self.hook_info())
+            self.metrics = AgentMetrics(cfg.iface, self.scrape, self.export_stats, self.hook_info(),
+                                        boost=self.boost_stats)
             try:
                 self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
             except OSError as e:
@@ -535,6 +545,7 @@ class Agent:
 
     def shutdown(self) -> None:
         """Remove the XDP program, socket, metrics server and pid file; idempotent."""
+        self._stop_boost()
         if self.dp is not None:
             try:
                 self.dp.close()  # detaches our program and frees maps and the ring buffer
@@ -572,6 +583,36 @@ class Agent:
 
             self.exporter = start_exporter(self.history.path, cfg.iface, cfg.export, cfg.router_id,
                                            cfg.export_replicas, late=lambda: self.polls_late)
+
+    def _start_boost(self) -> None:
+        """--mitigate: remove what a dead agent on this interface left (we hold
+        its lock), then shape the egress (iqn_ctl.live.mitigate)."""
+        if self.cfg.mitigate is None:
+            return
+        from iqn_ctl.live.mitigate import Booster, MitigateError, cleanup
+
+        try:
+            for what in cleanup(self.cfg.run_dir, self.cfg.iface):
+                log.warning("%s: removed %s left by an agent that died", self.cfg.iface, what)
+            self.boost = Booster(self.cfg.mitigate, self.cfg.run_dir, self.cfg.iface,
+                                 self._redactor.client if self._redactor is not None else None)
+            self.boost.start()
+        except MitigateError as e:
+            self.boost = None
+            raise AgentError(str(e)) from None
+
+    def _stop_boost(self) -> None:
+        if self.boost is not None:
+            try:
+                self.boost.close()
+            except Exception as e:  # keep cleaning up the rest
+                log.error("%s: removing the boost failed: %s", self.cfg.iface, e)
+            self.boost = None
+
+    def boost_stats(self) -> dict[str, Any] | None:
+        """The boosts (``status``' ``boost``, the metrics), None without --mitigate."""
+        b = self.boost
+        return b.stats(time.monotonic()) if b is not None else None
 
     def export_stats(self) -> dict[str, Any] | None:
         """The exporter's state (``status``' ``export``, the metrics), None without --export."""
@@ -631,6 +672,8 @@ class Agent:
                     self._version += 1
             if out:
                 self._on_events(out)
+            if self.boost is not None:
+                self.boost.tick(now)  # a boost past --boost-max ends even while its stall goes on
             if len(evs) and self.flows.oldest is not None:
                 self._note_lag(time.monotonic() - self.flows.oldest)
             if snap is not None:
@@ -766,6 +809,8 @@ class Agent:
             label, client = self._shown(info.label, info.client)  # as the log names them
             if isinstance(e, StallStarted):
                 self._judge.started(e.flow, self.flows.raws(e.flow), self._counter_lookup())
+                if self.boost is not None:
+                    self.boost.stall_started(e.flow, info.client, time.monotonic())
                 self.stalls_started += 1
                 if self.sessions is not None:
                     self.sessions.stall_started(e.flow, info.client, info.server, e.start + off)
@@ -783,6 +828,8 @@ class Agent:
                          extra=_fields("stall_start", iface, label, client, e.start + off))
             elif isinstance(e, StallEnded):
                 check, bulk = self._bulk(e)
+                if self.boost is not None:
+                    self.boost.stall_ended(e.flow, time.monotonic())
                 rec = StallRecord(
                     iface, info.label, info.client, info.server, e.start + off, e.end + off, e.candidates,
                     e.detected_at + off, e.truncated, self.cfg.estimator, bulk_check=check,
@@ -908,6 +955,7 @@ class Agent:
             "state_dir": str(cfg.state_dir),
             "metrics_port": cfg.metrics_port,
             "export": self.export_stats(),
+            "boost": self.boost_stats(),
         }
         return s
 
@@ -1049,6 +1097,10 @@ def detach(iface: str, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -
             done.append("removed the IQN TC classifier" + ("" if pid else " (agent was not running)"))
         if remove_egress(iface):
             done.append("removed the IQN egress classifier" + ("" if pid else " (agent was not running)"))
+    if lock.holder() is None:  # --mitigate: what the state file names (a SIGKILLed agent's too)
+        from iqn_ctl.live.mitigate import cleanup
+
+        done.extend(f"removed {what}" for what in cleanup(run_dir, iface))
     for path in (sock_path(run_dir, iface), pid_path(run_dir, iface)):
         if lock.holder() is None:
             try:

@@ -58,9 +58,33 @@ def export_metrics(iface: str, st: dict[str, Any] | None) -> Iterator[Metric]:
     yield g
 
 
+def boost_metrics(iface: str, st: dict[str, Any] | None) -> Iterator[Metric]:
+    """The boosts of ``--mitigate`` (none without it): in force, given, seconds, bytes, refused."""
+    if st is None:
+        return
+    g = GaugeMetricFamily("iqn_boosts_active", "clients boosted now (--mitigate)", labels=["iface"])
+    g.add_metric([iface], float(st["active"]))
+    yield g
+    for name, key, doc in (
+        ("iqn_boosts", "total", "boosts started (a stalling client's traffic put in the priority class)"),
+        ("iqn_boost_seconds", "seconds", "seconds of boost given, all clients together"),
+        ("iqn_boost_bytes", "bytes", "bytes the priority class carried to boosted clients"),
+        ("iqn_boost_timeouts", "timeouts", "boosts ended by --boost-max while their stall went on"),
+    ):
+        c = CounterMetricFamily(name, doc, labels=["iface"])
+        c.add_metric([iface], float(st[key]))
+        yield c
+    c = CounterMetricFamily("iqn_boosts_denied", "stalls not boosted: all slots taken (full) or the "
+                            "client's episode spent its --boost-max (rate)", labels=["iface", "reason"])
+    c.add_metric([iface, "full"], float(st["denied_full"]))
+    c.add_metric([iface, "rate"], float(st["denied_rate"]))
+    yield c
+
+
 class _AgentCollector(Collector):
     def __init__(self, iface: str, snapshot: Snapshot, export: ExportSnapshot | None = None,
-                 info: dict[str, str] | None = None) -> None:
+                 info: dict[str, str] | None = None, boost: ExportSnapshot | None = None) -> None:
+        self.boost = boost
         self.iface = iface
         self.snapshot = snapshot
         self.export = export
@@ -69,6 +93,8 @@ class _AgentCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         if self.export is not None:
             yield from export_metrics(self.iface, self.export())
+        if self.boost is not None:
+            yield from boost_metrics(self.iface, self.boost())
         if self.info:
             names = sorted(self.info)
             dp = GaugeMetricFamily("iqn_dataplane_info",
@@ -123,11 +149,12 @@ class AgentMetrics:
     from the event loop, the rest is read at scrape time."""
 
     def __init__(self, iface: str, snapshot: Snapshot, export: ExportSnapshot | None = None,
-                 info: dict[str, str] | None = None) -> None:
-        """``info``: labels of ``iqn_dataplane_info`` (the agent's hook_info())."""
+                 info: dict[str, str] | None = None, boost: ExportSnapshot | None = None) -> None:
+        """``info``: labels of ``iqn_dataplane_info`` (the agent's hook_info());
+        ``boost``: the agent's boost_stats() (--mitigate)."""
         self.iface = iface
         self.registry = CollectorRegistry()
-        self.registry.register(_AgentCollector(iface, snapshot, export, info))
+        self.registry.register(_AgentCollector(iface, snapshot, export, info, boost))
         self._started = Counter(
             "iqn_stalls_started", "stalls inferred to have started", ["iface"], registry=self.registry
         ).labels(iface)

@@ -39,9 +39,21 @@ def demo(
     nats_nodes: int = typer.Option(1, "--nats-nodes", help="localise: JetStream nodes, 1 or 3"),
     keep: bool = typer.Option(False, "--keep", help="localise: leave the lab up at the end (iqn-lab down)"),
     protocol: str = typer.Option("edges", "--protocol", help="user agent signal protocol: edges or tick"),
+    mitigation: bool = typer.Option(
+        False, "--mitigation",
+        help="the mitigation experiment: viewers and bulk TCP through one bottleneck, without and with "
+             "iqn-ctl attach --mitigate (results/<run>/mitigation.json)",
+    ),
+    link: str = typer.Option("4mbit", "--link", help="mitigation: the bottleneck's rate"),
+    viewers: int = typer.Option(6, "--viewers", help="mitigation: signal players"),
+    duration: float = typer.Option(90.0, "--duration", help="mitigation: seconds per run"),
+    boost_gap: float = typer.Option(5.0, "--boost-gap", help="mitigation: the agent's --boost-gap"),
 ) -> None:
     """Lab, ISP agent (XDP), headful Chromium, end-user agent, stalls on a timetable; report at the end.
     With --localise: a fault on one component, many signal players, the QoS service's ranking."""
+    if mitigation:
+        _mitigation(prefix, out, link, viewers, duration, seed, boost_gap)
+        return
     if localise:
         _localise(prefix, out, p, n, fault, slot, slots, players, rate, nats_nodes, keep)
         return
@@ -66,6 +78,24 @@ def demo(
         run_demo(cfg, say=lambda msg: typer.echo(msg))
     except (XvfbError, ReportError, AgentError, ValueError) as e:
         raise LabError(str(e)) from None
+
+
+def _mitigation(prefix: str, out: Path | None, link: str, viewers: int, duration: float, seed: int,
+                boost_gap: float) -> None:
+    from iqn_lab.mitigation.demo import MitigationConfig, check, run_mitigation
+    from iqn_lab.shaping import parse_rate
+
+    if os.geteuid() != 0:
+        raise LabError("the demo needs root (namespaces, XDP, tc): run with sudo")
+    bits = parse_rate(link)
+    if bits is None:
+        raise LabError("--link must be a rate, e.g. 6mbit")
+    out = out or Path("results") / time.strftime("mitigation-%Y%m%dT%H%M%SZ", time.gmtime())
+    cfg = MitigationConfig(out=out.resolve(), prefix=prefix if prefix != "iqndemo" else "iqnmit",
+                           link_bps=bits, viewers=viewers, duration=duration, seed=seed,
+                           boost_gap=boost_gap)
+    check(cfg)
+    run_mitigation(cfg, say=lambda msg: typer.echo(msg))
 
 
 def _localise(prefix: str, out: Path | None, p: float, n: int, fault: str, slot: float, slots: int,
