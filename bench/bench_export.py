@@ -108,11 +108,12 @@ async def _bare(url: str, msgs: list[tuple[str, bytes, str]], mode: str) -> floa
     return took
 
 
-def _exporter(url: str, db: Path, n: int) -> float:
-    """Seconds for the exporter to ship (and mark) the ``n`` waiting records of ``db``."""
+def _exporter(url: str, db: Path, n: int, per_msg: int = 1) -> float:
+    """Seconds for the exporter to ship (and mark) the ``n`` waiting records of ``db``
+    (``per_msg`` records per message: ``--export-batch``)."""
     with sqlite3.connect(db) as con:  # every record waiting again
         con.execute("UPDATE stalls SET exported_at = NULL")
-    ex = Exporter(db, IFACE, "bench", [url])
+    ex = Exporter(db, IFACE, "bench", [url], records_per_msg=per_msg)
     t0 = time.perf_counter()
     ex.start()
     while ex.stats()["exported_stalls"] < n:
@@ -124,13 +125,25 @@ def _exporter(url: str, db: Path, n: int) -> float:
     return took
 
 
-def bench_throughput(tmp: Path, n: int, repeat: int) -> dict[str, Any]:
+def _batches(db: Path, n: int, per_msg: int) -> list[tuple[str, bytes, str]]:
+    """The exporter's own v2 batch messages of the ``n`` records (for the bare baseline)."""
+    ob = Outbox(db, IFACE, "bench")
+    ex = Exporter(db, IFACE, "bench", ["nats://127.0.0.1:1"], records_per_msg=per_msg)
+    ex._uuid = ob.uuid
+    out = [(s, p, m) for s, m, p, _ in ex._messages(ob.take(n), 1 << 20)]
+    ob.close()
+    return out
+
+
+def bench_throughput(tmp: Path, n: int, repeat: int, per_msg: int) -> dict[str, Any]:
     db = fill(tmp / "tp", n)
     ob = Outbox(db, IFACE, "bench")
     msgs = [(o.subject, o.payload, o.msg_id) for o in ob.take(n)]
     ob.close()
     assert len(msgs) == n
-    times: dict[str, list[float]] = {"exporter": [], "publish_async": [], "publish": []}
+    batched = _batches(db, n, per_msg)
+    times: dict[str, list[float]] = {"exporter": [], "publish_async": [], "publish": [], "exporter_v2": [],
+                                     "publish_async_v2": []}
     with JetStream.start(1, tmp / "js-tp") as js:
         url = js.urls[0]
         for r in range(repeat):
@@ -140,12 +153,16 @@ def bench_throughput(tmp: Path, n: int, repeat: int) -> dict[str, Any]:
                 asyncio.run(_reset(url))
                 if mode == "exporter":
                     took = _exporter(url, db, n)
+                elif mode == "exporter_v2":
+                    took = _exporter(url, db, n, per_msg)
+                elif mode == "publish_async_v2":
+                    took = asyncio.run(_bare(url, batched, "publish_async"))
                 else:
                     took = asyncio.run(_bare(url, msgs if mode != "publish" else msgs[: n // 5], mode))
                     took *= 1 if mode != "publish" else 5  # sequential: timed on a fifth, scaled
                 times[mode].append(took)
                 print(f"  {mode}: {n / took:,.0f} records/s", flush=True)
-    return {"n": n, "bytes": sum(len(p) for _, p, _ in msgs) / n,
+    return {"n": n, "bytes": sum(len(p) for _, p, _ in msgs) / n, "per_msg": per_msg, "msgs_v2": len(batched),
             **{k: n / statistics.median(v) for k, v in times.items()},
             "runs": {k: [round(n / t) for t in v] for k, v in times.items()}}
 
@@ -273,6 +290,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer records and loads")
     ap.add_argument("--records", type=int, default=None)
+    ap.add_argument("--per-msg", type=int, default=100, help="--export-batch of the batched runs")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--backlog", type=int, default=300_000)
     ap.add_argument("--secs", type=float, default=3.0)
@@ -284,7 +302,7 @@ def main() -> None:
     n = args.records or (50_000 if args.quick else 200_000)
     td = Path(tempfile.mkdtemp(prefix="iqn-bench-export-"))
     try:
-        tp = bench_throughput(td, n, args.repeat) if args.only != "agent" else {}
+        tp = bench_throughput(td, n, args.repeat, args.per_msg) if args.only != "agent" else {}
         ag: list[dict[str, Any]] = []
         if args.only != "throughput":
             if os.geteuid() != 0:

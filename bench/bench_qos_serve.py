@@ -48,6 +48,7 @@ from iqn_qos.store import Store  # noqa: E402
 from iqn_qos.topology import load_topology  # noqa: E402
 
 SECTION = "## QoS service ingest"
+CMD = ".venv/bin/python bench/bench_qos_serve.py"
 RATE_TARGET = 100_000
 P99_TARGET_S = 1.0
 WHY = (
@@ -79,16 +80,38 @@ def make_msgs(workdir: Path, n: int) -> tuple[Path, list[bytes]]:
     return topo, [json.dumps(m).encode() for m in msgs[:n]]
 
 
-async def publish_raw(url: str, datas: Sequence[bytes], ids: Sequence[str]) -> None:
+def batch_msgs(datas: Sequence[bytes], per_msg: int) -> list[tuple[str, bytes, str]]:
+    """The same records as schema-v2 batch messages of up to ``per_msg`` records of one router
+    (what ``iqn-ctl attach --export-batch`` sends): (subject, payload, Nats-Msg-Id)."""
+    by: dict[str, list[bytes]] = {}
+    for d in datas:
+        by.setdefault(json.loads(d)["router"], []).append(d)
+    out = []
+    for router, recs in by.items():
+        for k in range(0, len(recs), per_msg):
+            group = recs[k:k + per_msg]
+            bid = f"{router}/bench/session/{k}-{k + len(group) - 1}/{per_msg}"
+            body = b'{"v":2,"type":"batch","id":%s,"router":%s,"records":[%s]}' % (
+                json.dumps(bid).encode(), json.dumps(router).encode(), b",".join(group))
+            out.append((f"iqn.sessions.{router}", body, bid))
+    return out
+
+
+async def publish_raw(url: str, msgs: Sequence[tuple[str, bytes, str]]) -> None:
+    """Publish (subject, payload, id) messages into stream IQN, emptied first."""
     import nats
+    import nats.js.errors
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await js.add_stream(name=STREAM, subjects=["iqn.stalls.*", "iqn.sessions.*"])
+    try:
+        await js.stream_info(STREAM)
+        await js.purge_stream(STREAM)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(name=STREAM, subjects=["iqn.stalls.*", "iqn.sessions.*"])
     futs = []
-    for d, i in zip(datas, ids, strict=True):
-        futs.append(await js.publish_async(f"iqn.sessions.{i.split('/')[0]}", d, headers={"Nats-Msg-Id": i},
-                                           wait_stall=5.0))
+    for subj, d, i in msgs:
+        futs.append(await js.publish_async(subj, d, headers={"Nats-Msg-Id": i}, wait_stall=5.0))
         if len(futs) >= 4000:
             await asyncio.gather(*futs)
             futs = []
@@ -96,15 +119,18 @@ async def publish_raw(url: str, datas: Sequence[bytes], ids: Sequence[str]) -> N
     await nc.close()
 
 
-async def bare_consumer(url: str, n: int, batch: int) -> float:
-    """Pull and acknowledge only (the same hand-made pull as the service): seconds for n."""
+async def bare_consumer(url: str, n: int, batch: int, durable: str, records: Any = None) -> float:
+    """Pull and acknowledge only (the same hand-made pull as the service, with its byte bound),
+    parsing each message: seconds until ``n`` records (``records(parsed)`` per message; 1 by
+    default) were acknowledged."""
     import nats
+    import orjson
     from nats.js.api import AckPolicy, ConsumerConfig
 
     nc = await nats.connect(url, pending_size=1 << 28)
     js = nc.jetstream()
-    await js.add_consumer(STREAM, ConsumerConfig(durable_name="bare", ack_policy=AckPolicy.EXPLICIT,
-                                                 max_ack_pending=4 * batch))
+    await js.add_consumer(STREAM, ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+                                                 max_ack_pending=max(4 * batch, 20000)))
     got: list[Any] = []
     done = asyncio.Event()
 
@@ -118,19 +144,19 @@ async def bare_consumer(url: str, n: int, batch: int) -> float:
 
     inbox = nc.new_inbox()
     await nc.subscribe(inbox, cb=cb, pending_msgs_limit=4 * batch + 1000, pending_bytes_limit=1 << 28)
-    req = json.dumps({"batch": batch, "expires": int(1e9)}).encode()
+    req = json.dumps({"batch": batch, "expires": int(1e9), "max_bytes": ServeConfig.max_bytes}).encode()
     total = 0
     t0 = time.perf_counter()
     while total < n:
         got.clear()
         done.clear()
-        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.bare", req, reply=inbox)
+        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}", req, reply=inbox)
         await asyncio.wait_for(done.wait(), 10)
         msgs = list(got)
         for m in msgs:
-            json.loads(m.data)  # parse like the service does: the decode's floor
+            obj = orjson.loads(m.data)  # parse like the service does: the decode's floor
+            total += records(obj) if records else 1
             await nc.publish(m.reply, b"+ACK")
-        total += len(msgs)
     dt = time.perf_counter() - t0
     await nc.close()
     return dt
@@ -146,7 +172,7 @@ def bare_duckdb(decoded: list[Decoded], raw: list[bytes], path: Path, batch: int
 
 
 def service_drain(cfg: ServeConfig, n: int) -> tuple[float, int]:
-    """The service's loop over a backlog of n messages: seconds until n are stored, lines stored."""
+    """The service's loop over a backlog of n records: seconds until n are stored, lines stored."""
     state = {"stored": 0, "t_end": 0.0}
 
     def on_stored(batch: Sequence[Decoded], now: float) -> None:
@@ -204,15 +230,36 @@ def _publisher(url: str, datas: list[bytes], rate: float, q: Any, late: bool) ->
     q.put("done")
 
 
-def e2e_delay(cfg: ServeConfig, datas: list[bytes], rate: float, late: bool) -> np.ndarray:
-    """Delays (s) from publish to stored for every message, service running throughout."""
+def e2e_delay(cfg: ServeConfig, datas: list[bytes], rate: float, late: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Delays (s) from publish to stored for every message, service running throughout; and for
+    late records, from publish to shown: the first inference of its slot that started after it
+    was stored has been applied to the view (``/api/components``)."""
     delays: list[float] = []
+    stored: list[tuple[float, float, float]] = []  # (published, stored, slot) per record
+    rounds: list[tuple[float, set[float], float]] = []  # (started, slots, applied) per inference round
+    started: dict[int, tuple[float, set[float]]] = {}
 
     def on_stored(batch: Sequence[Decoded], now: float) -> None:
         t = time.time()
-        delays.extend(t - d.at for d in batch if d.at is not None and d.id.startswith(("e2e/", "late/")))
+        for d in batch:
+            if d.at is not None and d.id.startswith(("e2e/", "late/")):
+                delays.append(t - d.at)
+                if d.line is not None:
+                    stored.append((d.at, t, d.line.t // cfg.slot_s * cfg.slot_s))
 
-    svc = Service(cfg, on_stored=on_stored)
+    class Timed(Service):
+        def infer_slots(self, due: Any, *args: Any) -> Any:
+            t0 = time.time()
+            got = super().infer_slots(due, *args)
+            started[id(got)] = (t0, set(due))
+            return got
+
+        def apply(self, inferred: Any) -> None:
+            super().apply(inferred)
+            t0, slots = started.pop(id(inferred), (0.0, set()))
+            rounds.append((t0, slots, time.time()))
+
+    svc = Timed(cfg, on_stored=on_stored)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
 
@@ -226,6 +273,11 @@ def e2e_delay(cfg: ServeConfig, datas: list[bytes], rate: float, late: bool) -> 
             while len(delays) < len(datas):
                 await asyncio.sleep(0.1)
             p.join(30)
+            if late:  # until every late record's slot was inferred again after it was stored
+                t_last = max(t for _, t, _ in stored)
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and not any(t0 >= t_last for t0, _, _ in rounds):
+                    await asyncio.sleep(0.1)
             stop.set()
 
         asyncio.get_running_loop().create_task(watch())
@@ -233,13 +285,39 @@ def e2e_delay(cfg: ServeConfig, datas: list[bytes], rate: float, late: bool) -> 
 
     asyncio.run(main())
     svc.close()
-    return np.array(delays)
+    shown = []
+    for pub, st, slot in stored:
+        vis = [applied for t0, slots, applied in rounds if t0 >= st and slot in slots]
+        shown.append((min(vis) if vis else float("inf")) - pub)
+    return np.array(delays), np.array(shown)
+
+
+def phase(js: Any, work: Path, topo: Path, datas: list[bytes], per_msg: int, batch: int) -> dict[str, float]:
+    """One format (v1 when ``per_msg`` is 1, else v2 batches): publish the backlog, drain it with a
+    bare consumer, then with the service: seconds of each."""
+    tag = "v1" if per_msg == 1 else "v2"
+    ids = [json.loads(d)["id"] for d in datas]
+    msgs = ([(f"iqn.sessions.{i.split('/')[0]}", d, i) for d, i in zip(datas, ids, strict=True)]
+            if per_msg == 1 else batch_msgs(datas, per_msg))
+    t = time.perf_counter()
+    asyncio.run(publish_raw(js.urls[0], msgs))
+    print(f"{tag}: published {len(msgs):,} messages ({len(datas):,} records) in {time.perf_counter() - t:.1f} s",
+          flush=True)
+    count = None if per_msg == 1 else (lambda obj: len(obj["records"]))
+    t_bare = asyncio.run(bare_consumer(js.urls[0], len(datas), batch, f"bare-{tag}", count))
+    print(f"{tag}: bare consumer {len(datas) / t_bare:,.0f} records/s", flush=True)
+    cfg = ServeConfig(nats=js.urls, topology=topo, store=work / f"qos-{tag}.duckdb", durable=f"bench-{tag}",
+                      port=0, batch=batch)
+    t_svc, lines = service_drain(cfg, len(datas))
+    print(f"{tag}: service {len(datas) / t_svc:,.0f} records/s ({lines} lines)", flush=True)
+    return {"bare": t_bare, "svc": t_svc, "msgs": len(msgs)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
-    ap.add_argument("--batch", type=int, default=5000)
+    ap.add_argument("--batch", type=int, default=5000, help="messages per pull")
+    ap.add_argument("--per-msg", type=int, default=100, help="records per v2 batch message")
     ap.add_argument("--rate", type=float, default=1000.0, help="e2e: messages per second")
     ap.add_argument("--seconds", type=float, default=15.0, help="e2e: how long to publish")
     ap.add_argument("--no-write", action="store_true")
@@ -249,66 +327,76 @@ def main() -> None:
         work = Path(tmp)
         t = time.perf_counter()
         topo, datas = make_msgs(work, a.n)
-        ids = [json.loads(d)["id"] for d in datas]
-        print(f"{len(datas)} messages ({sum(map(len, datas)) / len(datas):.0f} B each) in "
+        print(f"{len(datas)} records ({sum(map(len, datas)) / len(datas):.0f} B each) in "
               f"{time.perf_counter() - t:.1f} s", flush=True)
-        dec = Decoder(load_topology(topo))
         t = time.perf_counter()
+        dec = Decoder(load_topology(topo))
         decoded = [dec.decode(d) for d in datas]
         t_decode = time.perf_counter() - t
-        t_duck = bare_duckdb(decoded, datas, work / "bare.duckdb", a.batch)
-        print(f"decode alone {len(datas) / t_decode:,.0f}/s; bare DuckDB {len(datas) / t_duck:,.0f}/s",
-              flush=True)
+        v2 = [p for _, p, _ in batch_msgs(datas, a.per_msg)]
+        dec = Decoder(load_topology(topo))
+        t = time.perf_counter()
+        n2 = sum(len(dec.decode_message(p)) for p in v2)
+        t_decode2 = time.perf_counter() - t
+        assert n2 == len(datas)
+        t_duck = bare_duckdb(decoded, datas, work / "bare.duckdb", 25_000)
+        print(f"decode alone v1 {len(datas) / t_decode:,.0f}/s, v2 {len(datas) / t_decode2:,.0f}/s; "
+              f"bare DuckDB {len(datas) / t_duck:,.0f}/s", flush=True)
         with JetStream.start(1, work / "js") as js:
-            t = time.perf_counter()
-            asyncio.run(publish_raw(js.urls[0], datas, ids))
-            print(f"published {len(datas)} in {time.perf_counter() - t:.1f} s", flush=True)
-            t_bare = asyncio.run(bare_consumer(js.urls[0], len(datas), a.batch))
-            print(f"bare consumer {len(datas) / t_bare:,.0f}/s", flush=True)
-            cfg = ServeConfig(nats=js.urls, topology=topo, store=work / "qos.duckdb", durable="bench",
-                              port=0, batch=a.batch)
-            t_svc, lines = service_drain(cfg, len(datas))
-            print(f"service {len(datas) / t_svc:,.0f}/s ({lines} lines)", flush=True)
+            r1 = phase(js, work, topo, datas, 1, a.batch)
+            r2 = phase(js, work, topo, datas, a.per_msg, a.batch)
             n_e2e = int(a.rate * a.seconds)
             res = {}
             for late in (False, True):
-                cfg2 = ServeConfig(nats=js.urls, topology=topo, store=work / "qos.duckdb", durable="bench",
+                cfg2 = ServeConfig(nats=js.urls, topology=topo, store=work / "qos-v2.duckdb", durable="bench-v2",
                                    port=0, batch=a.batch)
-                d = e2e_delay(cfg2, datas[:n_e2e], a.rate, late)
-                res[late] = (d.size, float(np.percentile(d, 50)), float(np.percentile(d, 99)), float(d.max()))
-                k, p50, p99, mx = res[late]
-                print(f"e2e ({'late' if late else 'current slot'}): {k} messages, p50 {p50 * 1000:.0f} ms,"
-                      f" p99 {p99 * 1000:.0f} ms, max {mx * 1000:.0f} ms", flush=True)
+                d, shown = e2e_delay(cfg2, datas[:n_e2e], a.rate, late)
+                res[late] = [(d.size, *(float(np.percentile(d, q)) for q in (50, 99)), float(d.max()))]
+                if late:
+                    res[late].append((shown.size, *(float(np.percentile(shown, q)) for q in (50, 99)),
+                                      float(shown.max())))
+                for (k, p50, p99, mx), what in zip(res[late], ("stored", "shown"), strict=False):
+                    print(f"e2e ({'late' if late else 'current slot'}, {what}): {k} records, p50 {p50 * 1000:.0f} ms,"
+                          f" p99 {p99 * 1000:.0f} ms, max {mx * 1000:.0f} ms", flush=True)
     n = len(datas)
-    r_svc = n / t_svc
+    r_svc = n / r2["svc"]
     rows = [
-        ("**`iqn-qos serve` consumer** (pull; decode, resolve, DuckDB on the store thread; ack each)",
-         t_svc, r_svc),
-        ("baseline (a): bare consumer, pull + JSON parse + ack only", t_bare, n / t_bare),
-        ("baseline (b): bare DuckDB insert of the decoded rows (no broker)", t_duck, n / t_duck),
-        ("the decode alone (JSON, validation, path from the topology)", t_decode, n / t_decode),
+        (f"**`iqn-qos serve`, schema v2** ({a.per_msg} records a message, {r2['msgs']:,} messages)",
+         r2["svc"], r_svc),
+        ("baseline (a2): bare consumer, the same v2 messages: pull + parse + ack", r2["bare"], n / r2["bare"]),
+        (f"`iqn-qos serve`, schema v1 (one record a message, {r1['msgs']:,} messages)", r1["svc"],
+         n / r1["svc"]),
+        ("baseline (a1): bare consumer, the same v1 messages: pull + parse + ack", r1["bare"], n / r1["bare"]),
+        ("baseline (b): bare DuckDB insert of the decoded rows (no broker), 25,000 a transaction", t_duck,
+         n / t_duck),
+        ("the decode alone, v1 messages (JSON, validation, path from the topology)", t_decode, n / t_decode),
+        (f"the decode alone, v2 messages of {a.per_msg}", t_decode2, n / t_decode2),
     ]
     cpu = os.cpu_count()
     body = [SECTION, "",
-            "`.venv/bin/python bench/bench_qos_serve.py` (`bench/bench_qos_serve.py`): one nats-server "
-            f"(`iqn_lab.jetstream`), {n:,} schema-v1 session messages already in stream `IQN` (a backlog: "
-            f"the service drains it), batch {a.batch}, {cpu} cores shared with the other helpers' work "
-            f"(load average {load:.1f} when the run started).", "",
-            "| path | seconds | records/s | vs service |", "|---|---:|---:|---:|"]
+            f"`{CMD}` (`bench/bench_qos_serve.py`): one nats-server "
+            f"(`iqn_lab.jetstream`), {n:,} schema-v1 session records already in stream `IQN` (a backlog: "
+            f"the service drains it), first as one message each (v1), then as v2 batch messages of "
+            f"{a.per_msg}; pulls of up to {a.batch} messages and {ServeConfig.max_bytes >> 20} MiB; "
+            f"{cpu} cores shared with the other helpers' work (load average {load:.1f} when the run started, "
+            f"{os.getloadavg()[0]:.1f} when it ended).", "",
+            "| path | seconds | records/s | vs service (v2) |", "|---|---:|---:|---:|"]
     for name, t_, r in rows:
         body.append(f"| {name} | {t_:.2f} | {r:,.0f} | {r / r_svc:.2f}x |")
     verdict = "met" if r_svc >= RATE_TARGET else "NOT met"
-    body += ["", f"Target >= {RATE_TARGET:,} records/s: **{verdict}** ({r_svc:,.0f}/s).", "", WHY, "",
-             f"End to end, publish -> line in the store: a publisher process at {a.rate:,.0f} messages/s for "
-             f"{a.seconds:g} s while the service runs, each message stamped with its send time.", "",
-             "| records | messages | p50 ms | p99 ms | max ms | target p99 <= 1,000 ms |",
-             "|---|---:|---:|---:|---:|---|"]
+    body += ["", f"Target >= {RATE_TARGET:,} records/s: **{verdict}** ({r_svc:,.0f}/s with v2 messages).", "",
+             WHY, "",
+             f"End to end: a publisher process sends v1 messages at {a.rate:,.0f} a second for "
+             f"{a.seconds:g} s while the service runs, each stamped with its send time; *stored* = its line is "
+             "in DuckDB, *shown* = the first inference of its slot that started after it was stored is in "
+             "the view `/api/components` serves.", "",
+             "| records | delay to | records | p50 ms | p99 ms | max ms | target p99 <= 1,000 ms |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for late, label in ((False, "of the slot being filled (arrive inside the grace, as an agent's do)"),
-                        (True, "all late: for slots already inferred (each re-infers its slot every 2 s,"
-                               " on the inference thread)")):
-        k, p50, p99, mx = res[late]
-        body.append(f"| {label} | {k:,} | {p50 * 1000:.0f} | {p99 * 1000:.0f} | {mx * 1000:.0f} | "
-                    f"{'met' if p99 <= P99_TARGET_S else 'NOT met'} |")
+                        (True, "late: for slots already inferred (each re-infers its slot)")):
+        for (k, p50, p99, mx), what in zip(res[late], ("stored", "shown"), strict=False):
+            body.append(f"| {label} | {what} | {k:,} | {p50 * 1000:.0f} | {p99 * 1000:.0f} | {mx * 1000:.0f} | "
+                        f"{'met' if p99 <= P99_TARGET_S else 'NOT met'} |")
     text = "\n".join(body) + "\n"
     print("\n" + text)
     if not a.no_write:

@@ -73,7 +73,8 @@ class ServeConfig:
     grace_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 9480
-    batch: int = 5000
+    batch: int = 5000  # messages per pull (at most)
+    max_bytes: int = 8 << 20  # and bytes per pull: a v2 batch message holds many records
     expires_s: float = 0.25  # a pull waits this long for a full batch: the delay when caught up
     threshold: float = 0.01
     l1: float = 1e-4
@@ -138,10 +139,17 @@ class Service:
 
     def store_batch(self, datas: Sequence[bytes], ids: Sequence[str],
                     now: float) -> tuple[list[Decoded], Ingested]:
-        """Decode and store one batch (``ids[i]`` names message i when it carries no id); runs
-        on the store thread (:func:`run`), touches nothing but the decoder and the store."""
-        batch = [self.decoder.decode(d, ids[i]) for i, d in enumerate(datas)]
-        got = self.store.ingest(batch, datas, now)
+        """Decode and store one batch of messages (``ids[i]`` names message i when it carries no
+        id; a v2 message brings many records); runs on the store thread (:func:`run`), touches
+        nothing but the decoder and the store."""
+        batch: list[Decoded] = []
+        raw: list[bytes] = []
+        decode = self.decoder.decode_message
+        for i, d in enumerate(datas):
+            recs = decode(d, ids[i])
+            batch += recs
+            raw += [d] * len(recs)
+        got = self.store.ingest(batch, raw, now)
         if self.on_stored is not None:
             self.on_stored(batch, time.time())
         return batch, got
@@ -381,7 +389,12 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
         await nc.subscribe(inbox, cb=batch.cb, pending_msgs_limit=4 * cfg.batch + 1000,
                            pending_bytes_limit=1 << 28)
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{cfg.durable}"
-        request = json.dumps({"batch": cfg.batch, "expires": int(cfg.expires_s * 1e9)}).encode()
+        # bytes bound a pull too (v2 messages carry up to 1,000 records each: 5,000 of them would be
+        # one store transaction longer than the ack wait); never under the server's largest message,
+        # which would otherwise never be delivered
+        max_bytes = max(cfg.max_bytes, 2 * int(getattr(nc, "max_payload", 0) or 0))
+        request = json.dumps({"batch": cfg.batch, "expires": int(cfg.expires_s * 1e9),
+                              "max_bytes": max_bytes}).encode()
         last_info = last_tick = 0.0
         while not stop.is_set():
             batch.msgs, batch.want = [], cfg.batch
@@ -403,12 +416,13 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                 last_info = time.monotonic()
                 await refresh_info()
                 svc.publish_view()
-            # inference rounds at most every TICK_S (DRAIN_TICK_S while a backlog drains: a full
-            # batch came back), one at a time, on the inference thread
+            # inference rounds at most every TICK_S (DRAIN_TICK_S while a backlog drains: the
+            # batch's last message says more are pending), one at a time, on the inference thread
             if inferring is None or inferring.done():
                 futs, forced[:] = list(forced), []
                 since = time.monotonic() - last_tick
-                if futs or since > (DRAIN_TICK_S if len(msgs) >= cfg.batch else TICK_S):
+                draining = bool(msgs) and _ack_meta(msgs[-1].reply)[2] > 0  # more waits in the stream
+                if futs or since > (DRAIN_TICK_S if draining else TICK_S):
                     last_tick = time.monotonic()
                     due = svc.due(time.time(), force=bool(futs))
                     if due:

@@ -110,7 +110,8 @@ class Store:
 
         A message whose id is already in ``records`` (a re-delivery, a re-send after the
         broker's duplicate window) stores nothing again; a rejected one is kept in
-        ``rejected`` with its reason and raw bytes (``raw[i]`` belongs to ``batch[i]``).
+        ``rejected`` with its reason and raw bytes (its own ``raw``, else ``raw[i]``: the
+        message ``batch[i]`` came in).
         Returns what was new, so the caller acknowledges only after this returned."""
         first: dict[str, int] = {}
         for i, d in enumerate(batch):
@@ -122,18 +123,27 @@ class Store:
             # the batch's columns reach DuckDB as numpy arrays it scans directly: passing Python
             # lists as statement parameters converted every value (7x slower; the store was the
             # service's slowest stage: bench/bench_qos_serve.py)
-            con.register("_in_records", {
-                "id": np.array([d.id for d in uniq], object),
-                "type": np.array([d.type for d in uniq], object),
-                "router": np.array([d.router for d in uniq], object)})
+            cols = {"id": np.array([d.id for d in uniq], object),
+                    "type": np.array([d.type for d in uniq], object),
+                    "router": np.array([d.router for d in uniq], object)}
+            con.register("_in_records", cols)
             try:
-                got = con.execute(
-                    "INSERT OR IGNORE INTO records SELECT id, type, router, $1 FROM _in_records RETURNING id",
-                    [now]).fetchall()
+                # the common case has no duplicate: the count of inserted rows tells it, and costs
+                # nothing; RETURNING the new ids (3x the insert's time on large batches) is paid
+                # only when the count falls short (a re-delivery), after a rollback of this try
+                r = con.execute("INSERT OR IGNORE INTO records SELECT id, type, router, $1 FROM _in_records",
+                                [now]).fetchone()
+                new: set[str] | None = None
+                if (int(r[0]) if r else 0) != len(uniq):
+                    con.execute("ROLLBACK")
+                    con.execute("BEGIN")
+                    con.register("_in_records", cols)  # a rollback drops the registration
+                    got = con.execute("INSERT OR IGNORE INTO records SELECT id, type, router, $1 FROM _in_records"
+                                      " RETURNING id", [now]).fetchall()
+                    new = {g[0] for g in got}
             finally:
                 con.unregister("_in_records")
-            new = {r[0] for r in got}
-            fresh = uniq if len(new) == len(uniq) else [d for d in uniq if d.id in new]
+            fresh = uniq if new is None else [d for d in uniq if d.id in new]
             lines = [d for d in fresh if d.line is not None]
             if lines:
                 self._insert_lines(lines)
@@ -146,7 +156,8 @@ class Store:
                     "INSERT INTO rejected SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]),"
                     " unnest($3::VARCHAR[]), unnest($4::VARCHAR[]), unnest($5::BLOB[]), $6",
                     [[batch[i].id for i in bad], [batch[i].type for i in bad], [batch[i].router for i in bad],
-                     [batch[i].error for i in bad], [bytes(raw[i]) for i in bad], now],
+                     [batch[i].error for i in bad],
+                     [batch[i].raw if batch[i].raw is not None else bytes(raw[i]) for i in bad], now],
                 )
             con.execute("COMMIT")
         except duckdb.Error as e:

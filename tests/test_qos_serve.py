@@ -132,7 +132,8 @@ def test_bad_messages_are_rejected_with_a_reason(topo_file: Path) -> None:
     cases = {
         b"{not json": "not JSON",
         b"[1, 2]": "not a JSON object",
-        json.dumps({**good, "v": 2}).encode(): "newer than this iqn-qos reads",
+        json.dumps({**good, "v": 3}).encode(): "newer than this iqn-qos reads",
+        json.dumps({**good, "v": 2}).encode(): "a schema-v2 message is a 'batch' of v1 records",
         json.dumps({**good, "iqn.stalled_s": 11.0}).encode(): "bad watched/stalled",
         json.dumps({**good, "client.address": "172.31.0.1"}).encode(): "attaches to no component",
         json.dumps({**good, "type": "gossip"}).encode(): "unknown message type",

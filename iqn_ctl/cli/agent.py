@@ -126,6 +126,11 @@ def attach(
         None, "--export-replicas",
         help="replicas of the IQN stream if the agent creates it (default: 3 with 3+ --export seeds, else 1)",
     ),
+    export_batch: int = typer.Option(
+        1, "--export-batch",
+        help="records per export message: 1 sends schema-v1 messages; 2-1000 sends schema-v2 batches "
+             "(faster; needs consumers that read v2, e.g. iqn-qos serve; docs/export.md)",
+    ),
     hook: str = typer.Option(
         DEFAULT_HOOK, "--hook",
         help="auto: XDP, or a TC (clsact) classifier after another XDP program already on IFACE "
@@ -201,7 +206,7 @@ def attach(
         state_dir=state_dir, run_dir=run_dir, metrics_port=metrics_port, metrics_addr=metrics_addr,
         ring_pages=ring_pages, bulk_ratio=bulk_ratio, redact=redact, source_rate=source_rate,
         slot=slot, export=tuple(export or ()), router_id=router_id, export_replicas=export_replicas,
-        hook=hook, direction=direction,
+        export_batch=export_batch, hook=hook, direction=direction,
         backlog=backlog,
         pairing=pairing == "on", pair_window=pair_window, cap=cap, group=group,
         mitigate=_mitigate(mitigate, link_rate, boost_rate, boost_max, boost_share, boost_gap),

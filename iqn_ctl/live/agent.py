@@ -312,6 +312,8 @@ class AgentConfig:
     export: tuple[str, ...] = ()
     router_id: str | None = None
     export_replicas: int | None = None
+    #: --export-batch: records per export message (1: schema v1; more: v2 batches)
+    export_batch: int = 1
     #: --hook auto|xdp|tc and --direction ingress|egress (TC only): where the classifier runs
     hook: str = DEFAULT_HOOK
     direction: str = DEFAULT_DIRECTION
@@ -358,7 +360,7 @@ class AgentConfig:
             raise AgentError(problem)
         if self.metrics_port is not None and not 0 < self.metrics_port <= 65535:
             raise AgentError(f"--metrics-port must be in 1..65535, got {self.metrics_port}")
-        check_export(self.export, self.router_id, self.export_replicas)
+        check_export(self.export, self.router_id, self.export_replicas, self.export_batch)
         problem = self.mitigate.problem() if self.mitigate is not None else None
         if problem:
             raise AgentError(problem)
@@ -582,7 +584,8 @@ class Agent:
             from iqn_ctl.live.export import start_exporter
 
             self.exporter = start_exporter(self.history.path, cfg.iface, cfg.export, cfg.router_id,
-                                           cfg.export_replicas, late=lambda: self.polls_late)
+                                           cfg.export_replicas, late=lambda: self.polls_late,
+                                           records_per_msg=cfg.export_batch)
 
     def _start_boost(self) -> None:
         """--mitigate: remove what a dead agent on this interface left (we hold

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -51,8 +52,13 @@ from iqn_ctl.live.settings import AgentError
 
 log = logging.getLogger("iqn.export")
 
-#: message schema version (the ``v`` field); any change of the fields bumps it
+#: message schema version of one record (the ``v`` field); any change of the fields bumps it
 SCHEMA_VERSION = 1
+#: the version of a batch message (``--export-batch`` > 1): many v1 records in one message
+BATCH_SCHEMA_VERSION = 2
+#: ``--export-batch``: records per message; 1 sends v1 messages (one record each)
+DEFAULT_RECORDS_PER_MSG = 1
+MAX_RECORDS_PER_MSG = 1000
 #: the stream the agent publishes to, created if missing
 STREAM = "IQN"
 STALL_SUBJECT = "iqn.stalls.{router}"
@@ -125,9 +131,15 @@ def check_replicas(n: int | None) -> None:
         raise AgentError(f"--export-replicas must be in 1..{MAX_REPLICAS}, got {n}")
 
 
-def check_export(urls: Sequence[str], router_id: str | None, replicas: int | None) -> None:
-    """The ``--export``, ``--router-id`` and ``--export-replicas`` flags, checked
-    before anything is attached (one error line naming the flag)."""
+def check_records_per_msg(n: int) -> None:
+    if not 1 <= n <= MAX_RECORDS_PER_MSG:
+        raise AgentError(f"--export-batch must be in 1..{MAX_RECORDS_PER_MSG}, got {n}")
+
+
+def check_export(urls: Sequence[str], router_id: str | None, replicas: int | None,
+                 records_per_msg: int = DEFAULT_RECORDS_PER_MSG) -> None:
+    """The ``--export``, ``--router-id``, ``--export-replicas`` and ``--export-batch`` flags,
+    checked before anything is attached (one error line naming the flag)."""
     for url in urls:
         check_export_url(url)
     if router_id is not None:
@@ -135,10 +147,12 @@ def check_export(urls: Sequence[str], router_id: str | None, replicas: int | Non
     check_replicas(replicas)
     if replicas is not None and not urls:
         raise AgentError("--export-replicas needs --export")
+    check_records_per_msg(records_per_msg)
 
 
 def start_exporter(db: Path, iface: str, urls: Sequence[str], router_id: str | None,
-                   replicas: int | None, late: Callable[[], int] | None = None) -> Exporter:
+                   replicas: int | None, late: Callable[[], int] | None = None,
+                   records_per_msg: int = DEFAULT_RECORDS_PER_MSG) -> Exporter:
     """The agent's exporter, started (its thread runs until :meth:`Exporter.stop`);
     ``late``: the packet loop's count of late polls (see :class:`Exporter`)."""
     try:
@@ -146,7 +160,7 @@ def start_exporter(db: Path, iface: str, urls: Sequence[str], router_id: str | N
     except ImportError:
         raise AgentError(f"--export: {hint('nats')}") from None
     return Exporter(db, iface, router_id or default_router_id(), [check_export_url(u) for u in urls],
-                    replicas, late=late).start()
+                    replicas, late=late, records_per_msg=records_per_msg).start()
 
 
 def _ports(flow: str) -> tuple[int, int]:
@@ -305,7 +319,8 @@ class Exporter:
 
     def __init__(self, db: Path, iface: str, router: str, urls: Sequence[str], replicas: int | None = None,
                  wall: Callable[[], float] = time.time, batch: int = BATCH,
-                 late: Callable[[], int] | None = None) -> None:
+                 late: Callable[[], int] | None = None,
+                 records_per_msg: int = DEFAULT_RECORDS_PER_MSG) -> None:
         """``late`` counts the packet loop's polls that fell behind (the agent's
         ``polls_late``): when it grew during a batch, the exporter pauses
         :data:`YIELD_PAUSE` s before the next, so draining a backlog gives the CPU
@@ -318,6 +333,8 @@ class Exporter:
         self.urls = list(urls)
         self.replicas = replicas if replicas is not None else default_replicas(urls)
         self.batch = batch
+        #: records per message: 1 = schema v1, more = v2 batch messages (docs/export.md)
+        self.records_per_msg = records_per_msg
         self._wall = wall
         self._stats = ExportStats(router, list(urls))
         self._lock = threading.Lock()
@@ -419,6 +436,7 @@ class Exporter:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         outbox = Outbox(self.db, self.iface, self.router)
+        self._uuid = outbox.uuid
         self._ready.set()
         log.info("%s: exporting to %s as router %s (stream %s, R%d if it is created)", self.iface,
                  ",".join(self.urls), self.router, STREAM, self.replicas)
@@ -537,9 +555,10 @@ class Exporter:
             self._count_at = now + COUNT_EVERY
             self._set(backlog=outbox.backlog())
 
-    # one batch in flight: token -> its record; acknowledgements fill _acked
+    # one batch in flight: token -> the records of its message; acknowledgements fill _acked
     _ack_prefix = ""
-    _inflight: dict[str, Outgoing]
+    _uuid = ""
+    _inflight: dict[str, list[Outgoing]]
     _acked: list[Outgoing]
     _refused: list[str]
     _done: asyncio.Event
@@ -554,14 +573,56 @@ class Exporter:
         elif b'"error"' in msg.data:
             self._refused.append(msg.data.decode(errors="replace")[:200])
         else:
-            self._acked.append(o)
+            self._acked.extend(o)
         if not self._inflight:
             self._done.set()
 
-    async def _publish(self, nc: Any, recs: list[Outgoing]) -> None:
-        """Publish ``recs``, each with a reply subject of its own under the ack inbox.
+    def _messages(self, recs: list[Outgoing], max_payload: int) -> list[tuple[str, str, bytes, list[Outgoing]]]:
+        """(subject, Nats-Msg-Id, payload, its records) of each message: one per record (schema
+        v1), or with ``records_per_msg`` > 1, v2 batches of consecutive records of one subject.
 
-        Why not ``nc.publish`` per record: it validates and encodes each header and
+        Why batches: JetStream stores, de-duplicates and acknowledges per message, and each
+        consumer pays its client's per-message costs, so several records per message is what
+        lifts both ends' rates.  A batch's id names its records exactly (first and last row,
+        and a digest of all of them), so a re-sent batch of the same records is de-duplicated
+        by JetStream, and a batch that regroups them after a failure has another id: consumers
+        are idempotent on each record's own id anyway (docs/export.md)."""
+        if self.records_per_msg <= 1:
+            return [(o.subject, o.msg_id, o.payload, [o]) for o in recs]
+        out = []
+        # a message stays under half the server's max_payload (1 MiB by default; 0: not known yet)
+        limit = max_payload // 2 if max_payload > 0 else 1 << 19
+        group: list[Outgoing] = []
+        size = 0
+
+        def close() -> None:
+            first = group[0]
+            kind = "stall" if first.table == "stalls" else "session"
+            rows = ",".join(str(o.row) for o in group).encode()
+            mid = (f"{self.router}/{self._uuid}/{kind}/{first.row}-{group[-1].row}/"
+                   f"{hashlib.blake2b(rows, digest_size=8).hexdigest()}")
+            body = b'{"v":%d,"type":"batch","id":%s,"router":%s,"records":[%s]}' % (
+                BATCH_SCHEMA_VERSION, _q(mid).encode(), _q(self.router).encode(),
+                b",".join(o.payload for o in group))
+            out.append((first.subject, mid, body, list(group)))
+            group.clear()
+
+        for o in recs:
+            if group and (o.subject != group[0].subject or len(group) >= self.records_per_msg
+                          or size + len(o.payload) > limit):
+                close()
+                size = 0
+            group.append(o)
+            size += len(o.payload) + 1
+        if group:
+            close()
+        return out
+
+    async def _publish(self, nc: Any, recs: list[Outgoing]) -> None:
+        """Publish ``recs`` (:meth:`_messages`), each message with a reply subject of its own
+        under the ack inbox.
+
+        Why not ``nc.publish`` per message: it validates and encodes each header and
         runs a coroutine per message, which is most of the exporter's time. The
         messages are written as the protocol's ``HPUB`` frames (the subjects,
         reply tokens and ids are made of characters the protocol allows:
@@ -571,19 +632,18 @@ class Exporter:
         prefix = self._ack_prefix
         send = getattr(nc, "_send_command", None)
         chunk: list[bytes] = []
-        for o in recs:
+        for subject, msg_id, payload, group in self._messages(recs, int(getattr(nc, "max_payload", 0) or 0)):
             # unique across batches: a late answer to an earlier batch never acknowledges this one
             self._seq += 1
             token = str(self._seq)
-            self._inflight[token] = o
+            self._inflight[token] = group
             if send is None:
-                await nc.publish(o.subject, o.payload, reply=prefix + token,
-                                 headers={"Nats-Msg-Id": o.msg_id})
+                await nc.publish(subject, payload, reply=prefix + token, headers={"Nats-Msg-Id": msg_id})
                 continue
-            hdr = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % o.msg_id.encode()
+            hdr = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()
             chunk.append(b"HPUB %s %s%s %d %d\r\n%s%s\r\n" % (
-                o.subject.encode(), prefix.encode(), token.encode(), len(hdr), len(hdr) + len(o.payload), hdr,
-                o.payload))
+                subject.encode(), prefix.encode(), token.encode(), len(hdr), len(hdr) + len(payload), hdr,
+                payload))
             if len(chunk) >= PUB_CHUNK:
                 await send(b"".join(chunk))
                 chunk = []
