@@ -429,6 +429,8 @@ def test_cluster_node_killed_r3_nothing_lost_nothing_doubled(tmp_path: Path) -> 
     (["--export", "nats://h:4222", "--router-id", ""], "--router-id must be"),
     (["--export", "nats://h:4222", "--export-replicas", "0"], "--export-replicas must be"),
     (["--export-replicas", "3"], "--export-replicas needs --export"),
+    (["--export", "nats://h:4222", "--export-batch", "0"], "--export-batch must be in 1..1000"),
+    (["--export", "nats://h:4222", "--export-batch", "1001"], "--export-batch must be in 1..1000"),
 ])
 def test_bad_export_flags_one_line_exit_2(cli_python: list[str], tmp_path: Path, args: list[str],
                                           says: str) -> None:
