@@ -301,7 +301,8 @@ def phase(js: Any, work: Path, topo: Path, datas: list[bytes], per_msg: int, bat
             if per_msg == 1 else batch_msgs(datas, per_msg))
     t = time.perf_counter()
     asyncio.run(publish_raw(js.urls[0], msgs))
-    print(f"{tag}: published {len(msgs):,} messages ({len(datas):,} records) in {time.perf_counter() - t:.1f} s",
+    print(f"{tag}: published {len(msgs):,} messages ({len(datas):,} records) in "
+          f"{time.perf_counter() - t:.1f} s",
           flush=True)
     count = None if per_msg == 1 else (lambda obj: len(obj["records"]))
     t_bare = asyncio.run(bare_consumer(js.urls[0], len(datas), batch, f"bare-{tag}", count))
@@ -348,25 +349,28 @@ def main() -> None:
             n_e2e = int(a.rate * a.seconds)
             res = {}
             for late in (False, True):
-                cfg2 = ServeConfig(nats=js.urls, topology=topo, store=work / "qos-v2.duckdb", durable="bench-v2",
-                                   port=0, batch=a.batch)
+                cfg2 = ServeConfig(nats=js.urls, topology=topo, store=work / "qos-v2.duckdb",
+                                   durable="bench-v2", port=0, batch=a.batch)
                 d, shown = e2e_delay(cfg2, datas[:n_e2e], a.rate, late)
                 res[late] = [(d.size, *(float(np.percentile(d, q)) for q in (50, 99)), float(d.max()))]
                 if late:
                     res[late].append((shown.size, *(float(np.percentile(shown, q)) for q in (50, 99)),
                                       float(shown.max())))
                 for (k, p50, p99, mx), what in zip(res[late], ("stored", "shown"), strict=False):
-                    print(f"e2e ({'late' if late else 'current slot'}, {what}): {k} records, p50 {p50 * 1000:.0f} ms,"
+                    print(f"e2e ({'late' if late else 'current slot'}, {what}): {k} records, "
+                          f"p50 {p50 * 1000:.0f} ms,"
                           f" p99 {p99 * 1000:.0f} ms, max {mx * 1000:.0f} ms", flush=True)
     n = len(datas)
     r_svc = n / r2["svc"]
     rows = [
         (f"**`iqn-qos serve`, schema v2** ({a.per_msg} records a message, {r2['msgs']:,} messages)",
          r2["svc"], r_svc),
-        ("baseline (a2): bare consumer, the same v2 messages: pull + parse + ack", r2["bare"], n / r2["bare"]),
+        ("baseline (a2): bare consumer, the same v2 messages: pull + parse + ack", r2["bare"],
+         n / r2["bare"]),
         (f"`iqn-qos serve`, schema v1 (one record a message, {r1['msgs']:,} messages)", r1["svc"],
          n / r1["svc"]),
-        ("baseline (a1): bare consumer, the same v1 messages: pull + parse + ack", r1["bare"], n / r1["bare"]),
+        ("baseline (a1): bare consumer, the same v1 messages: pull + parse + ack", r1["bare"],
+         n / r1["bare"]),
         ("baseline (b): bare DuckDB insert of the decoded rows (no broker), 25,000 a transaction", t_duck,
          n / t_duck),
         ("the decode alone, v1 messages (JSON, validation, path from the topology)", t_decode, n / t_decode),
@@ -387,15 +391,16 @@ def main() -> None:
     body += ["", f"Target >= {RATE_TARGET:,} records/s: **{verdict}** ({r_svc:,.0f}/s with v2 messages).", "",
              WHY, "",
              f"End to end: a publisher process sends v1 messages at {a.rate:,.0f} a second for "
-             f"{a.seconds:g} s while the service runs, each stamped with its send time; *stored* = its line is "
-             "in DuckDB, *shown* = the first inference of its slot that started after it was stored is in "
-             "the view `/api/components` serves.", "",
+             f"{a.seconds:g} s while the service runs, each stamped with its send time; *stored* = its "
+             "line is in DuckDB, *shown* = the first inference of its slot that started after it was stored "
+             "is in the view `/api/components` serves.", "",
              "| records | delay to | records | p50 ms | p99 ms | max ms | target p99 <= 1,000 ms |",
              "|---|---|---:|---:|---:|---:|---|"]
     for late, label in ((False, "of the slot being filled (arrive inside the grace, as an agent's do)"),
                         (True, "late: for slots already inferred (each re-infers its slot)")):
         for (k, p50, p99, mx), what in zip(res[late], ("stored", "shown"), strict=False):
-            body.append(f"| {label} | {what} | {k:,} | {p50 * 1000:.0f} | {p99 * 1000:.0f} | {mx * 1000:.0f} | "
+            body.append(f"| {label} | {what} | {k:,} | {p50 * 1000:.0f} | {p99 * 1000:.0f} | "
+                        f"{mx * 1000:.0f} | "
                         f"{'met' if p99 <= P99_TARGET_S else 'NOT met'} |")
     text = "\n".join(body) + "\n"
     print("\n" + text)

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import math
-from math import isfinite
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from math import isfinite
 from typing import Any
 
 from .errors import QosError
@@ -247,7 +247,8 @@ class Decoder:
                     return None
             line = MediaLine(float(slot), path, n, n - min(round(st), n), client, server, router, "iqn")
         at = obj.get("iqn.recorded_at")
-        return Decoded(mid, "session", router, line=line, at=float(at) if isinstance(at, int | float) else None)
+        return Decoded(mid, "session", router, line=line,
+                       at=float(at) if isinstance(at, int | float) else None)
 
     def _record(self, obj: dict[str, Any], fallback_id: str, inner: bool) -> Decoded:
         """One record object (schema v1); ``inner``: it came in a batch (kept as ``raw`` when bad)."""

@@ -58,9 +58,12 @@ KEEP_SLOTS = 96
 ACK_WAIT_S = 10.0
 #: when idle, the consumer's lag and ack-pending counts are refreshed this often (s)
 INFO_S = 0.5
-#: closed dirty slots are inferred at most this often (s), and while a backlog drains
+#: closed dirty slots are inferred at most this often (s), and while a backlog drains: a slot
+#: still gaining lines from the backlog would be inferred again and again, and each inference
+#: reads its lines into Python objects on the service's interpreter lock, taking it from the
+#: decode (the drain's bottleneck); so a backlog is mostly stored first, then inferred
 TICK_S = 2.0
-DRAIN_TICK_S = 5.0
+DRAIN_TICK_S = 30.0
 
 
 @dataclass(frozen=True)

@@ -138,8 +138,8 @@ class Store:
                     con.execute("ROLLBACK")
                     con.execute("BEGIN")
                     con.register("_in_records", cols)  # a rollback drops the registration
-                    got = con.execute("INSERT OR IGNORE INTO records SELECT id, type, router, $1 FROM _in_records"
-                                      " RETURNING id", [now]).fetchall()
+                    got = con.execute("INSERT OR IGNORE INTO records SELECT id, type, router, $1"
+                                      " FROM _in_records RETURNING id", [now]).fetchall()
                     new = {g[0] for g in got}
             finally:
                 con.unregister("_in_records")

@@ -65,15 +65,15 @@ class _ViewCollector(Collector):
                 fams["hi"].add_metric(val, e.hi)
                 fams["faulty"].add_metric(val, 1.0 if e.faulty else 0.0)
         yield from fams.values()
-        rec = CounterMetricFamily("iqn_qos_ingest_records", "export messages stored (new ids), by type",
+        rec = CounterMetricFamily("iqn_qos_ingest_records", "export records stored (new ids), by type",
                                   labels=["type"])
         for typ, n in sorted(c.records.items()):
             rec.add_metric([typ], float(n))
         yield rec
         for name, count, doc in (
-            ("iqn_qos_ingest_lines", c.lines, "media lines stored from session messages"),
-            ("iqn_qos_ingest_duplicates", c.duplicates, "messages already stored (re-deliveries)"),
-            ("iqn_qos_ingest_rejected", c.rejected, "messages kept in the rejected table (unusable)"),
+            ("iqn_qos_ingest_lines", c.lines, "media lines stored from session records"),
+            ("iqn_qos_ingest_duplicates", c.duplicates, "records already stored (re-deliveries, regrouped re-sends)"),
+            ("iqn_qos_ingest_rejected", c.rejected, "records kept in the rejected table (unusable)"),
             ("iqn_qos_ingest_batches", c.batches, "batches stored and acknowledged"),
             ("iqn_qos_inferences", c.inferences, "slot inferences run"),
         ):

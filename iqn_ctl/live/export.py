@@ -577,7 +577,8 @@ class Exporter:
         if not self._inflight:
             self._done.set()
 
-    def _messages(self, recs: list[Outgoing], max_payload: int) -> list[tuple[str, str, bytes, list[Outgoing]]]:
+    def _messages(self, recs: list[Outgoing],
+                  max_payload: int) -> list[tuple[str, str, bytes, list[Outgoing]]]:
         """(subject, Nats-Msg-Id, payload, its records) of each message: one per record (schema
         v1), or with ``records_per_msg`` > 1, v2 batches of consecutive records of one subject.
 
