@@ -149,6 +149,21 @@ def test_bad_messages_are_rejected_with_a_reason(topo_file: Path) -> None:
     assert st.error is None and st.stall is not None and st.stall.duration_s == 2.5
 
 
+def test_addresses_are_read_as_ipaddress_reads_them() -> None:
+    """The decoder's fast address parser (inet_pton) takes only canonical dotted quads and
+    hands everything else to ipaddress: same values, same refusals."""
+    import ipaddress
+
+    from iqn_qos.topology import _parse_ip
+
+    for a in ("10.1.2.3", "0.0.0.0", "255.255.255.255", "::1", "2001:db8::7", "::ffff:10.1.2.3"):
+        ip = ipaddress.ip_address(a)
+        assert _parse_ip(a) == (ip.version, int(ip)), a
+    for bad in ("010.1.2.3", "10.1.2", "10.1.2.256", "1", " 10.1.2.3", "10.1.2.3\x00", ""):
+        with pytest.raises(QosError, match="bad address"):
+            _parse_ip(bad)
+
+
 def test_slot_planner_infers_closed_dirty_slots_once() -> None:
     pl = SlotPlanner(slot_s=60, grace_s=5)
     ln = [MediaLine(t, ("a",), 10, 9) for t in (0.0, 30.0, 61.0)]
