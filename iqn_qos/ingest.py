@@ -79,10 +79,12 @@ class StallRow:
     detected_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decoded:
-    """One message, decoded: ``line`` for a session with a watched second, ``stall`` for a
-    stall, neither for a session with nothing watched; ``error`` when rejected."""
+    """One record, decoded: ``line`` for a session with a watched second, ``stall`` for a
+    stall, neither for a session with nothing watched; ``error`` when rejected.  Not frozen:
+    the service makes one per record, and a frozen dataclass' ``__init__`` (one
+    ``object.__setattr__`` per field) costs ~4x a plain one's."""
 
     id: str
     type: str

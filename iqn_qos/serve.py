@@ -56,6 +56,8 @@ KEEP_SLOTS = 96
 #: a batch delivered but not acknowledged (the service died before storing it) is
 #: re-delivered after this long; storing a batch takes well under a second
 ACK_WAIT_S = 10.0
+#: batches decoded, stored and not yet acknowledged at once (one decoding while one is written)
+MAX_IN_FLIGHT = 2
 #: when idle, the consumer's lag and ack-pending counts are refreshed this often (s)
 INFO_S = 0.5
 #: closed dirty slots are inferred at most this often (s), and while a backlog drains: a slot
@@ -77,7 +79,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 9480
     batch: int = 5000  # messages per pull (at most)
-    max_bytes: int = 8 << 20  # and bytes per pull: a v2 batch message holds many records
+    max_bytes: int = 4 << 20  # and bytes per pull: a v2 batch message holds many records
     expires_s: float = 0.25  # a pull waits this long for a full batch: the delay when caught up
     threshold: float = 0.01
     l1: float = 1e-4
@@ -140,11 +142,10 @@ class Service:
         return View(self._version, self.cfg.slot_s, self.cfg.threshold, hist, dict(self.topology.kinds),
                     self.counters.copy())
 
-    def store_batch(self, datas: Sequence[bytes], ids: Sequence[str],
-                    now: float) -> tuple[list[Decoded], Ingested]:
-        """Decode and store one batch of messages (``ids[i]`` names message i when it carries no
-        id; a v2 message brings many records); runs on the store thread (:func:`run`), touches
-        nothing but the decoder and the store."""
+    def decode_batch(self, datas: Sequence[bytes], ids: Sequence[str]) -> tuple[list[Decoded], list[bytes]]:
+        """The records of a batch of messages (``ids[i]`` names message i when it carries no
+        id; a v2 message brings many) and the message each came in; runs on the decode thread
+        (:func:`run`), touches nothing but the decoder."""
         batch: list[Decoded] = []
         raw: list[bytes] = []
         decode = self.decoder.decode_message
@@ -152,10 +153,21 @@ class Service:
             recs = decode(d, ids[i])
             batch += recs
             raw += [d] * len(recs)
+        return batch, raw
+
+    def store_decoded(self, batch: list[Decoded], raw: list[bytes], now: float) -> Ingested:
+        """Store decoded records in one transaction; runs on the store thread, touches nothing
+        but the store."""
         got = self.store.ingest(batch, raw, now)
         if self.on_stored is not None:
             self.on_stored(batch, time.time())
-        return batch, got
+        return got
+
+    def store_batch(self, datas: Sequence[bytes], ids: Sequence[str],
+                    now: float) -> tuple[list[Decoded], Ingested]:
+        """:meth:`decode_batch` then :meth:`store_decoded`, in the calling thread."""
+        batch, raw = self.decode_batch(datas, ids)
+        return batch, self.store_decoded(batch, raw, now)
 
     def account(self, batch: Sequence[Decoded], got: Ingested, now: float) -> None:
         """Count a stored batch and mark its slots dirty (on the loop: the counters' owner)."""
@@ -328,13 +340,17 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
     # loop pulls the next batch; another infers on its own cursor, so a slot's inference
     # (seconds for a large slot) never holds up storing: late records used to wait for it
     store_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-store")
+    # and decoding (Python: the interpreter lock) has a thread of its own, so a batch is decoded
+    # while the one before is written (DuckDB: no lock), MAX_IN_FLIGHT batches at a time; the
+    # rate is then the slower of the two stages, not their sum
+    decode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-decode")
     infer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-infer")
     reader = svc.store.cursor()
     # the MLE is Python and numpy: in a thread it would hold the GIL the loop and the store
     # thread need (a slot of 5,000 lines is seconds of CPU on a busy box); a spawned process
     # (not forked: this one has threads and DuckDB open) computes it from the lines it is given
     solver = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    storing: asyncio.Future[None] | None = None
+    storing: list[asyncio.Future[None]] = []  # batches being decoded, stored, acknowledged
     inferring: asyncio.Future[list[tuple[float, list[Estimate]]]] | None = None
     nc = None
     try:
@@ -355,11 +371,14 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                 svc.counters.ack_pending = int(info.num_ack_pending or 0)
 
         async def store_then_ack(msgs: list[Any], now: float) -> None:
-            """Store a batch on the store thread, then (only then) acknowledge each message."""
+            """Decode a batch on the decode thread, store it on the store thread, then (only then)
+            acknowledge each message.  Batches may be stored out of order: each is idempotent
+            and acknowledges only its own messages."""
             datas = [m.data for m in msgs]
             ids = [f"{STREAM}/seq/{_ack_meta(m.reply)[0]}" for m in msgs]
+            batch, raw = await loop.run_in_executor(decode_pool, svc.decode_batch, datas, ids)
             # raises QosError on a store failure: nothing acked, the loop stops
-            batch, got = await loop.run_in_executor(store_pool, svc.store_batch, datas, ids, now)
+            got = await loop.run_in_executor(store_pool, svc.store_decoded, batch, raw, now)
             svc.account(batch, got, now)
             try:
                 for m in msgs:  # explicit, each (see the module's docstring); nats-py buffers them
@@ -410,12 +429,14 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                 log.warning("pull request failed: %s", e)
                 await asyncio.sleep(0.5)
             msgs, batch.msgs = batch.msgs, []
-            if storing is not None and (msgs or storing.done()):
-                await storing  # one batch in the store at a time (re-raises its failure)
-                storing = None
+            for task in [t for t in storing if t.done()]:
+                storing.remove(task)
+                task.result()  # re-raises a store failure
             if msgs:
-                storing = asyncio.ensure_future(store_then_ack(msgs, time.time()))
-            elif storing is None and time.monotonic() - last_info > INFO_S:
+                if len(storing) >= MAX_IN_FLIGHT:
+                    await storing.pop(0)
+                storing.append(asyncio.ensure_future(store_then_ack(msgs, time.time())))
+            elif not storing and time.monotonic() - last_info > INFO_S:
                 last_info = time.monotonic()
                 await refresh_info()
                 svc.publish_view()
@@ -434,13 +455,14 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                     else:
                         for f in futs:
                             f.set_result(0)
-        if storing is not None:
-            await storing
+        while storing:
+            await storing.pop(0)
     finally:
         for f in forced:
             f.set_exception(QosError("the service is stopping"))
-        if storing is not None and not storing.done():
-            storing.cancel()
+        for task in storing:
+            task.cancel()
+        decode_pool.shutdown(wait=True)
         store_pool.shutdown(wait=True)  # a write in progress ends before the store closes
         infer_pool.shutdown(wait=True)
         solver.shutdown(wait=True)

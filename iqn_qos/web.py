@@ -72,7 +72,8 @@ class _ViewCollector(Collector):
         yield rec
         for name, count, doc in (
             ("iqn_qos_ingest_lines", c.lines, "media lines stored from session records"),
-            ("iqn_qos_ingest_duplicates", c.duplicates, "records already stored (re-deliveries, regrouped re-sends)"),
+            ("iqn_qos_ingest_duplicates", c.duplicates,
+             "records already stored (re-deliveries, regrouped re-sends)"),
             ("iqn_qos_ingest_rejected", c.rejected, "records kept in the rejected table (unusable)"),
             ("iqn_qos_ingest_batches", c.batches, "batches stored and acknowledged"),
             ("iqn_qos_inferences", c.inferences, "slot inferences run"),
