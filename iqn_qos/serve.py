@@ -1,15 +1,17 @@
 """``iqn-qos serve``: the live QoS service, fed by the routers' export over NATS JetStream.
 
 A durable pull consumer on stream ``IQN`` (subjects ``iqn.sessions.*`` and
-``iqn.stalls.*``) fetches batches; each batch is decoded (:mod:`iqn_qos.ingest`),
-stored in one DuckDB transaction idempotent on the message ids
-(:meth:`Store.ingest`, on the store thread while the loop pulls the next batch), and
-only then acknowledged, each message explicitly.  A
+``iqn.stalls.*``) fetches batches of messages, each one record (export schema v1)
+or many (a v2 batch); each batch is decoded (:mod:`iqn_qos.ingest`, on the decode
+thread), stored in one DuckDB transaction idempotent on the records' ids
+(:meth:`Store.ingest`, on the store thread, while the next batch is decoded and the
+loop pulls the one after), and only then acknowledged, each message explicitly.  A
 crash before the ack means the broker re-delivers (after the ack wait), and the
 ids make a second delivery a no-op: every record is stored once.  (Not ack
 policy *all*, cheaper as it is: after a restart, acking the new service's first
 batch would also acknowledge the batch the killed one had in hand and never
-stored: the restart test lost exactly that batch with it.)  Closed slots that
+stored: the restart test lost exactly that batch with it.  v2 messages make the
+acks few instead: one per batch of records.)  Closed slots that
 gained lines are inferred in rounds (:class:`~iqn_qos.ingest.SlotPlanner`), and on
 demand (``POST /api/infer``), on an inference thread with its own DuckDB connection:
 storing never waits for an inference (late records used to wait seconds for one).
