@@ -236,8 +236,8 @@ def e2e_delay(cfg: ServeConfig, datas: list[bytes], rate: float, late: bool) -> 
     was stored has been applied to the view (``/api/components``)."""
     delays: list[float] = []
     stored: list[tuple[float, float, float]] = []  # (published, stored, slot) per record
-    rounds: list[tuple[float, set[float], float]] = []  # (started, slots, applied) per inference round
-    started: dict[int, tuple[float, set[float]]] = {}
+    rounds: list[tuple[float, set[float], float]] = []  # (round started, slots, shown) per applied slot
+    started = [0.0]
 
     def on_stored(batch: Sequence[Decoded], now: float) -> None:
         t = time.time()
@@ -249,15 +249,12 @@ def e2e_delay(cfg: ServeConfig, datas: list[bytes], rate: float, late: bool) -> 
 
     class Timed(Service):
         def infer_slots(self, due: Any, *args: Any) -> Any:
-            t0 = time.time()
-            got = super().infer_slots(due, *args)
-            started[id(got)] = (t0, set(due))
-            return got
+            started[0] = time.time()  # rounds run one at a time; each slot is read after this
+            return super().infer_slots(due, *args)
 
         def apply(self, inferred: Any) -> None:
             super().apply(inferred)
-            t0, slots = started.pop(id(inferred), (0.0, set()))
-            rounds.append((t0, slots, time.time()))
+            rounds.append((started[0], {s for s, _ in inferred}, time.time()))
 
     svc = Timed(cfg, on_stored=on_stored)
     ctx = mp.get_context("spawn")

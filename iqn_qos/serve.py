@@ -202,10 +202,14 @@ class Service:
         return due
 
     def infer_slots(self, due: Sequence[float], store: Store | None = None,
-                    solver: concurrent.futures.Executor | None = None) -> list[tuple[float, list[Estimate]]]:
+                    solver: concurrent.futures.Executor | None = None,
+                    on_slot: Callable[[float, list[Estimate]], None] | None = None,
+                    ) -> list[tuple[float, list[Estimate]]]:
         """Estimates of ``due`` (runs on the inference thread with its own ``store`` cursor:
         each slot is read from one snapshot, so storing goes on meanwhile; the MLE itself runs
-        in the ``solver`` process, so it does not hold this process' GIL for seconds)."""
+        in the ``solver`` process, so it does not hold this process' GIL for seconds).
+        ``on_slot`` gets each slot's estimates as soon as they are there: the service shows a
+        slot then, not after the round's last one."""
         st = store if store is not None else self.store
 
         def solve(lines: Sequence[Any], **kw: Any) -> list[Estimate]:
@@ -223,6 +227,8 @@ class Service:
                 log.warning("slot %.0f: %s", start, e)
                 continue
             out.append((start, ests))
+            if on_slot is not None:
+                on_slot(start, ests)
             worst = ests[0] if ests else None
             log.info("slot %.0f inferred in %.2f s: %d components%s", start, time.monotonic() - t0, len(ests),
                      f", worst {worst.component} p={worst.p:.4f}" if worst else "")
@@ -394,10 +400,7 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                      waiting: list[Any]) -> None:
             n = 0
             if not fut.cancelled() and fut.exception() is None:
-                got = fut.result()
-                svc.apply(got)
-                n = len(got)
-                svc.publish_view()
+                n = len(fut.result())  # each slot was applied as it came (show_slot)
             elif not fut.cancelled():
                 log.warning("inference failed (its slots stay dirty): %s", fut.exception())
                 svc.planner.dirty.update(due)
@@ -406,6 +409,13 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                     f.set_result(n)
                 else:
                     f.set_exception(QosError(f"inference failed: {fut.exception()}"))
+
+        def show_slot(start: float, ests: list[Estimate]) -> None:
+            svc.apply([(start, ests)])
+            svc.publish_view()
+
+        def slot_done(start: float, ests: list[Estimate]) -> None:  # on the inference thread
+            loop.call_soon_threadsafe(show_slot, start, ests)
 
         await refresh_info()
         batch = _Batch(cfg.batch)
@@ -452,7 +462,8 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                     last_tick = time.monotonic()
                     due = svc.due(time.time(), force=bool(futs))
                     if due:
-                        inferring = loop.run_in_executor(infer_pool, svc.infer_slots, due, reader, solver)
+                        inferring = loop.run_in_executor(infer_pool, svc.infer_slots, due, reader, solver,
+                                                         slot_done)
                         inferring.add_done_callback(lambda f, d=due, w=futs: inferred(f, d, w))  # type: ignore[misc]
                     else:
                         for f in futs:
