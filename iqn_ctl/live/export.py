@@ -200,8 +200,11 @@ _STALL_JSON = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
+    """One waiting record, encoded (not frozen: one is made per record, and a frozen
+    dataclass' ``__init__`` costs ~4x a plain one's)."""
+
     table: str
     row: int
     subject: str
