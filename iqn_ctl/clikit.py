@@ -17,9 +17,9 @@ from typing import TypeVar
 
 import typer
 
+from iqn_common.version import version_line
 from iqn_ctl.errors import IqnError
 from iqn_ctl.extras import missing_extra
-from iqn_ctl.version import version_line
 
 F = TypeVar("F", bound=Callable[..., object])
 USER_ERROR_EXIT = 2

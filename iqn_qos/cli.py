@@ -35,7 +35,7 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        from .version import version_line
+        from iqn_common.version import version_line
 
         typer.echo(version_line("iqn-qos"))
         raise typer.Exit()
@@ -323,10 +323,11 @@ def serve(
     """The live QoS service: consume the routers' export (NATS JetStream), store, infer, serve."""
     import re
 
-    from .logsetup import check as check_log
+    from iqn_common.logsetup import check as check_log
+
     from .serve import ServeConfig, main, parse_listen
 
-    check_log(log_level, log_format)
+    check_log(log_level, log_format, QosError)
     _check(slot, threshold, l1)
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", durable):
         raise QosError(f"--durable must match [A-Za-z0-9_-]{{1,64}}, got {durable!r}")

@@ -15,7 +15,7 @@ QOS_MODULES = frozenset({"scipy", "duckdb", "networkx", "yaml", "nats", "nats_se
 
 def main() -> None:
     if sys.argv[1:] == ["--version"]:  # on any install, before the role's modules are needed
-        from .version import version_line
+        from iqn_common.version import version_line
 
         print(version_line("iqn-qos"))
         raise SystemExit(0)

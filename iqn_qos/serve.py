@@ -525,8 +525,8 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
 
 def main(cfg: ServeConfig, log_level: str = "info", log_format: str = "text") -> None:
     """Run the service in the foreground (the CLI's entry point); logs as
-    ``--log-level``/``--log-format`` say (:mod:`iqn_qos.logsetup`)."""
-    from .logsetup import configure
+    ``--log-level``/``--log-format`` say (:mod:`iqn_common.logsetup`)."""
+    from iqn_common.logsetup import configure
 
     configure(log_level, log_format)
     svc = Service(cfg)  # opens the topology and the store first: their errors are one line

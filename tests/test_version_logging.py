@@ -50,11 +50,10 @@ def test_version_on_every_command() -> None:
 
 
 def test_version_outside_a_checkout(tmp_path: Path) -> None:
-    from iqn_ctl import version as v
-    from iqn_qos import version as qv
+    from iqn_common import version as v
     from user_agent import version as uv
 
-    for mod in (v, qv, uv):
+    for mod in (v, uv):
         assert mod.git_commit(tmp_path) is None
     assert v.version_line("iqn-ctl").startswith(f"iqn-ctl {v.package_version()}")
 
@@ -110,7 +109,7 @@ def _log_lines(module: str, level: str, fmt: str, journal: str | None) -> list[s
     return out.splitlines()
 
 
-@pytest.mark.parametrize("module", ["iqn_ctl.logsetup", "iqn_qos.logsetup"])
+@pytest.mark.parametrize("module", ["iqn_common.logsetup"])
 def test_text_format_and_the_journal(module: str) -> None:
     """Time-stamped text, but not when stderr is the journal's stream; an
     unrelated JOURNAL_STREAM (inherited, stderr elsewhere) changes nothing;
@@ -125,7 +124,7 @@ def test_text_format_and_the_journal(module: str) -> None:
     assert journal[2] == "ERROR boom" and "ZeroDivisionError" in "\n".join(journal)
 
 
-@pytest.mark.parametrize("module", ["iqn_ctl.logsetup", "iqn_qos.logsetup"])
+@pytest.mark.parametrize("module", ["iqn_common.logsetup"])
 def test_json_format(module: str) -> None:
     """One object per line: ts, level, logger, msg, the record's extra fields,
     and exc for a traceback; the same shape from both twins."""

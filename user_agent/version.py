@@ -4,7 +4,7 @@ editable checkout all answer) and, when the code runs from a git checkout, the
 commit it was built from (``-dirty`` with local changes), so an operator
 reporting a problem can say exactly what runs.
 
-A twin of ``iqn_ctl/version.py`` (and ``iqn_qos/version.py``): the
+A twin of ``iqn_common/version.py`` (the router side's): the
 end-user agent imports nothing of the rest of the project.
 """
 

@@ -66,7 +66,7 @@ OptLogFormat = typer.Option(
 
 
 def _setup_logging(handler: logging.Handler | None = None, level: str = "info", fmt: str = "text") -> None:
-    from iqn_ctl.logsetup import configure
+    from iqn_common.logsetup import configure
 
     configure(level, fmt, handler)
 
@@ -197,9 +197,9 @@ def attach(
 
     if pairing not in ("on", "off"):
         raise UserError(f"--pairing must be on or off, got {pairing!r}")
-    from iqn_ctl.logsetup import check as check_log
+    from iqn_common.logsetup import check as check_log
 
-    check_log(log_level, log_format)
+    check_log(log_level, log_format, UserError)
     cfg = AgentConfig(
         iface=iface, params=SignalParams(p, n), filt=CandidateFilter(port, min_size, max_size),
         estimator=estimator, key_mode=key, max_flows=max_flows, xdp_mode=xdp_mode, force=force,

@@ -1,4 +1,4 @@
-"""How ``iqn-qos serve`` logs: ``--log-level`` and
+"""How the long-running commands log (``iqn-ctl attach``, ``iqn-qos serve``): ``--log-level`` and
 ``--log-format text|json``.
 
 - ``text``: ``<time> <LEVEL> <message>``, one line per record; when stderr is
@@ -12,9 +12,9 @@
   code attached to the record (``extra={"flow": ...}``) and ``exc`` for a
   traceback: for log shippers that parse lines (Loki, Elasticsearch, jq).
 
-The twin of ``iqn_ctl/logsetup.py`` (``iqn-ctl attach``): this package
-imports nothing of ``iqn_ctl``. The two must print the same shapes
-(tests/test_version_logging.py checks both).
+Both commands share this module, so they print the same shapes
+(tests/test_version_logging.py checks both). A bad flag raises the caller's own
+error class (``error=``), which its command turns into one line.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import os
 import sys
 from typing import Any
 
-from .errors import QosError as UserError
-
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FORMATS = ("text", "json")
 DEFAULT_LEVEL, DEFAULT_FORMAT = "info", "text"
@@ -35,13 +33,13 @@ DEFAULT_LEVEL, DEFAULT_FORMAT = "info", "text"
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
-def check(level: str, fmt: str) -> tuple[int, str]:
-    """The level number and format, or a one-line error naming the flag."""
+def check(level: str, fmt: str, error: type[Exception] = ValueError) -> tuple[int, str]:
+    """The level number and format, or ``error`` with one line naming the flag."""
     lv = LEVELS.get(level.lower())
     if lv is None:
-        raise UserError(f"--log-level must be one of {', '.join(LEVELS)}, got {level!r}")
+        raise error(f"--log-level must be one of {', '.join(LEVELS)}, got {level!r}")
     if fmt not in FORMATS:
-        raise UserError(f"--log-format must be text or json, got {fmt!r}")
+        raise error(f"--log-format must be text or json, got {fmt!r}")
     return lv, fmt
 
 

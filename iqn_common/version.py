@@ -1,11 +1,11 @@
-"""What ``--version`` prints for ``iqn-ctl`` and ``iqn-lab``: the installed
+"""What ``--version`` prints for ``iqn-ctl``, ``iqn-lab`` and ``iqn-qos``: the installed
 package's version (from its metadata, so a wheel, the .deb's venv and an
 editable checkout all answer) and, when the code runs from a git checkout, the
 commit it was built from (``-dirty`` with local changes), so an operator
 reporting a problem can say exactly what runs.
 
-``iqn_qos/version.py`` and ``user_agent/version.py`` are twins of this module:
-those packages import nothing of ``iqn_ctl`` (docs/architecture.md).
+``user_agent/version.py`` is its twin: the end-user agent imports nothing of
+the project (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 #: the distribution name in pyproject.toml
 DIST = "iqn"
-#: the checkout this module would be part of (``<root>/iqn_ctl/version.py``)
+#: the checkout this module would be part of (``<root>/iqn_common/version.py``)
 ROOT = Path(__file__).resolve().parents[1]
 
 
