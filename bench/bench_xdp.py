@@ -191,7 +191,9 @@ def main() -> None:
         f"({'target met' if worst <= OTHER_TARGET else 'TARGET MISSED'})."
     )
     tracked = next(f for _, f, kind in rows if kind == "tracked")
-    table = "\n".join(lines) + "\n\n" + breakdown(tracked, args.rounds, args.repeat) + "\n\n" + misses()
+    claim = next(f for _, f, kind in rows if kind == "candidate")
+    table = ("\n".join(lines) + "\n\n" + breakdown(tracked, claim, args.rounds, args.repeat) + "\n\n"
+             + misses() + "\n\n" + sampling_misses())
     print(table)
     print()
     print(summary)
@@ -200,19 +202,22 @@ def main() -> None:
 
 
 #: variants of iqn_xdp.c for the cost breakdown of the UDP :443 non-candidate path:
-#: (label, text replaced, replacement); each cuts the path short at one step
+#: (label, text replaced, replacement, extra -D flags); each cuts the path short at
+#: one step or turns the volume sampling off (IQN_VOL_SAMPLE=1: every datagram counted)
+STOP = "    __u32 len = iqn_band_len(wire_len);\n    int cand"
 VARIANTS = [
-    ("stops after the port check", "    __u32 len = (__u32)(data_end - data);\n    int cand",
-     "    return XDP_PASS;\n    __u32 len = (__u32)(data_end - data);\n    int cand"),
-    ("... plus the flow hash, no volume arrays", "    vol_add(fh, client_hash(d), len, cand, s0, s1);", ""),
-    ("... plus vol_flow, no vol_client", "    i = (__u32)ch & (IQN_VOL_SLOTS - 1);",
-     "    return;\n    i = (__u32)ch & (IQN_VOL_SLOTS - 1);"),
+    ("stops after the port check", STOP, "    return;\n" + STOP, []),
+    ("every datagram counted (no sampling), no vol_client", "    i = (__u32)ch & (IQN_VOL_SLOTS - 1);",
+     "    return;\n    i = (__u32)ch & (IQN_VOL_SLOTS - 1);", ["-DIQN_VOL_SAMPLE=1"]),
+    ("every datagram counted (no sampling): the program before sampling", "", "", ["-DIQN_VOL_SAMPLE=1"]),
 ]
 
 
-def breakdown(frame: bytes, rounds: int, repeat: int) -> str:
+def breakdown(frame: bytes, claim: bytes, rounds: int, repeat: int) -> str:
     """Where the UDP :443 non-candidate path's time goes: the program cut short
-    at each step, against the empty program, in one interleaved run."""
+    at each step, against the empty program, in one interleaved run. Each
+    variant first runs ``claim`` (a candidate of the same flow) so the flow's
+    volume slots are its own, as in the main table."""
     import tempfile
 
     from bcc import BPF
@@ -221,14 +226,17 @@ def breakdown(frame: bytes, rounds: int, repeat: int) -> str:
 
     text = SRC.read_text()
     progs = []
+    flags = ["-w", f"-DIQN_NCPU={possible_cpus()}", "-DIQN_PAIRING=0", "-DIQN_CAP_NS=0ULL"]
     with tempfile.TemporaryDirectory() as tmp:
-        for label, old, new in [("the whole program", "", "")] + VARIANTS:
+        for label, old, new, extra in VARIANTS + [("the whole program (1 in 8 counted)", "", "", [])]:
             if old and old not in text:
                 raise SystemExit(f"bench: iqn_xdp.c changed, the breakdown variant {label!r} needs updating")
             src = Path(tmp) / "v.c"
             src.write_text(text.replace(old, new) if old else text)
-            b = BPF(src_file=str(src).encode(), cflags=["-w", f"-DIQN_NCPU={possible_cpus()}"])
-            progs.append((label, b, TestRunner(b.load_func(b"iqn_xdp", BPF.XDP).fd)))
+            b = BPF(src_file=str(src).encode(), cflags=flags + extra)
+            r = TestRunner(b.load_func(b"iqn_xdp", BPF.XDP).fd)
+            r.run(claim)
+            progs.append((label, b, r))
     empty_bpf = BPF(text=EMPTY_SRC)
     empty = TestRunner(empty_bpf.load_func(b"empty_xdp", BPF.XDP).fd)
     got: dict[str, list[float]] = {label: [] for label, _, _ in progs}
@@ -245,13 +253,87 @@ def breakdown(frame: bytes, rounds: int, repeat: int) -> str:
     e = statistics.median(base)
     lines = ["| UDP :443 outside the band, program | ns/pkt | ratio to empty |", "|---|---:|---:|",
              f"| empty XDP_PASS | {e:.2f} | 1.00x |"]
-    for label, _, _ in progs[1:] + progs[:1]:  # step by step, then the whole program
+    for label, _, _ in progs:
         c = statistics.median(got[label])
         lines.append(f"| {label} | {c:.2f} | {c / e:.2f}x |")
-    head = ("Where the UDP :443 non-candidate path's time goes (the program cut short after each step; "
-            "compiled with the file's defaults and measured in a second interleaved run, so its last row "
-            "may differ from the table above by run-to-run noise):")
+    head = ("Where the UDP :443 non-candidate path's time goes (variants of the program, the flow's slots "
+            "claimed by one of its candidates first; compiled with the file's defaults and measured in a "
+            "second interleaved run, so its last row may differ from the table above by run-to-run noise):")
     return head + "\n\n" + "\n".join(lines)
+
+
+def _sampled(n: int, gap: float, k: int, rng: object) -> int:
+    """How many of a flow's ``n`` datagrams the kernel's rule samples (the
+    CPU's packet number a multiple of ``k``) when a geometric number of other
+    packets (mean ``gap``) passes between two of them, from a random phase."""
+    import numpy as np
+
+    r: np.random.Generator = rng  # type: ignore[assignment]
+    if n == 0:
+        return 0
+    steps = 1 + (r.geometric(1 / (1 + gap), n) - 1 if gap > 0 else np.zeros(n, np.int64))
+    seq = int(r.integers(k)) + np.cumsum(steps)
+    return int((seq % k == 0).sum())
+
+
+def sampling_misses(k: int = 8, seed: int = 11) -> str:
+    """What counting 1 in ``k`` non-candidate datagrams (IQN_VOL_SAMPLE) misses,
+    by simulation of the kernel's rule on the two decisions the volumes feed:
+    the bulk rule (engine/discard.py bulk_check with ``sample=k``, as the agent
+    runs it) and the watched-time threshold (engine/watch.py ACTIVE_MIN_BPS),
+    against the same decisions on exact counts."""
+    import numpy as np
+
+    from iqn_ctl.engine.discard import DEFAULT_BULK_RATIO, SAMPLE_Z, Counters, bulk_check
+    from iqn_ctl.engine.watch import ACTIVE_MIN_BPS
+
+    rng = np.random.default_rng(seed)
+    max_size, trials = 1288, 4000
+    limit = DEFAULT_BULK_RATIO * max_size  # other bytes per candidate the bulk rule allows
+    out = [f"What counting 1 in {k} non-candidate datagrams misses (simulated with the kernel's rule: the "
+           f"CPU's packet number picks them; between two of the flow's datagrams a geometric number of "
+           f"other packets, mean *gap*; {trials} trials a row). Bulk rule: a stall of 4-40 candidates whose "
+           f"flow carried other 1,350-byte datagrams, their exact bytes per candidate drawn from the range "
+           f"given (in units of the rule's limit, --bulk-ratio 2 x 1,288 B); the agent's rule wants the "
+           f"limit exceeded by {SAMPLE_Z:g} standard deviations of the estimate. Watched second: a client "
+           f"receiving Poisson datagrams at the rate given, judged against {ACTIVE_MIN_BPS:,.0f} B/s.", "",
+           "| decision | exact value | gap | real stall discarded | bulk stall kept "
+           "| watched second flipped |",
+           "|---|---|---:|---:|---:|---:|"]
+    for lo, hi in ((0.0, 0.5), (0.5, 0.9), (0.9, 1.1), (1.1, 2.0), (2.0, 100.0)):
+        for gap in (0.0, 20.0):
+            lost = kept = 0
+            for _ in range(trials):
+                cands = int(rng.integers(4, 41))
+                n = round(float(rng.uniform(lo, hi)) * limit * cands / 1350)
+                est_n = k * _sampled(n, gap, k, rng)
+                exact, est = (bulk_check({0: Counters(0, 0, 0)},
+                                         {0: Counters(cands + m, cands, cands * max_size + m * 1350)},
+                                         max_size, DEFAULT_BULK_RATIO, s)[1] != ""
+                              for m, s in ((n, 1), (est_n, k)))
+                lost += est and not exact
+                kept += exact and not est
+            out.append(f"| bulk rule | {lo:g}-{hi:g} x limit | {gap:g} | {100 * lost / trials:.2f} % | "
+                       f"{100 * kept / trials:.2f} % | |")
+    for what, size, rate in (("keep-alives, 5/s", 60, 5.0), ("trickle, 1 full datagram/s", 1350, 1.0),
+                             ("trickle, 3 full datagrams/s", 1350, 3.0),
+                             ("video 300 kbit/s", 1350, 28.0), ("video 1 Mbit/s", 1350, 93.0),
+                             ("video 5 Mbit/s", 1350, 463.0)):
+        for gap in (0.0, 20.0):
+            flips = 0
+            for _ in range(trials):
+                n = int(rng.poisson(rate))
+                est = k * _sampled(n, gap, k, rng) * size
+                flips += (n * size >= ACTIVE_MIN_BPS) != (est >= ACTIVE_MIN_BPS)
+            out.append(f"| watched second | {what} ({rate * size:,.0f} B/s) | {gap:g} | | | "
+                       f"{100 * flips / trials:.2f} % |")
+    # the pathological case: two flows strictly alternating on a CPU with nothing else
+    a = np.arange(10_000) * 2
+    b_seen = int(((a + 1) % k == 0).sum())
+    out += ["", f"Aliasing: two flows strictly alternating on one CPU with no other packet between them (a "
+            f"lab sender, never a busy link): one of them is counted {k}x, the other {b_seen} times of "
+            f"{a.size} (k even). Candidates are never sampled; slots, tags and claims are unchanged."]
+    return "\n".join(out)
 
 
 def misses(seed: int = 7) -> str:

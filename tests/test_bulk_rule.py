@@ -12,6 +12,7 @@ to a bulk connection that once sent a forged candidate.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -53,6 +54,25 @@ def test_threshold_is_inclusive_one_byte_more_discards() -> None:
     assert one(3, 6, limit + 1) == (
         f"bulk flow: 6 other packets ({limit + 1} bytes) beside 3 candidates during it (--bulk-ratio 2)"
     )
+
+
+def test_sampled_volume_must_exceed_the_limit_beyond_its_spread() -> None:
+    """With the data plane's volume sampling (1 in k counted as k), one sampled
+    full-size datagram beside 4 candidates reads as k of them: over the limit
+    for the exact rule, but within the estimate's spread, so the stall is
+    kept; a flow far over the limit on many samples is discarded as before,
+    and sample 1 is the exact rule."""
+    k = 8
+    end = after(BASE, 4 + k, 4, 4 * MAX + k * 1350)  # 4 candidates + one sample of a 1,350 B datagram
+    assert bulk_reason({"f": BASE}, {"f": end}, MAX, 2.0) != ""  # exact rule: bulk
+    assert bulk_reason({"f": BASE}, {"f": end}, MAX, 2.0, sample=k) == ""
+    assert bulk_reason({"f": BASE}, {"f": end}, MAX, 2.0, sample=1) != ""
+    video = after(BASE, 4 + 50 * k, 4, 4 * MAX + 50 * k * 1350)  # 50 samples, 50x the limit
+    assert bulk_reason({"f": BASE}, {"f": video}, MAX, 2.0, sample=k) != ""
+    # the margin: 2 sigma of sqrt((k - 1) / other packets) of the estimate
+    edge = after(BASE, 4 + 10 * k, 4, 4 * MAX + 10 * k * 1350)  # 80 packets: 59 % spread
+    assert bulk_reason({"f": BASE}, {"f": edge}, MAX, 2.0, sample=k) != ""  # 108 kB x 0.41 > 10.3 kB
+    assert bulk_reason({"f": BASE}, {"f": edge}, MAX, 10.0, sample=k) == ""  # 44 kB <= 51.5 kB
 
 
 def test_fractional_ratio_threshold() -> None:
@@ -349,9 +369,12 @@ def test_live_signal_with_heavy_other_traffic_is_discarded(live: dict[str, Any])
     assert other_bytes_between(sent["high_other"], cands[4], cands[-1]) > 2 * len(cands) * MAX
     assert by_port(d["stalls"], 40012) == []
     (line,) = [x for x in d["log"].splitlines() if "stall discarded" in x and ":40012 " in x]
-    # the reason reports what the kernel counted, which is what was sent during the stall
+    # the reason reports what the kernel counted: what was sent during the stall, as the
+    # data plane estimates it (1 in vol_sample counted, each as vol_sample): within 2 sigma
     other = int(line.split("other packets (")[1].split(" bytes")[0])
-    assert 2 * len(cands) * MAX < other <= 1292 * len(sent["high_other"])
+    k, n = d["status"]["vol_sample"], len(sent["high_other"])
+    assert k == 8
+    assert 2 * len(cands) * MAX < other <= 1292 * n * (1 + 2 * math.sqrt((k - 1) / n))
     assert counts(d["status"]) == (3, 1, 2), d["status"]
 
 

@@ -96,7 +96,7 @@ class Prog:
     def __init__(self, max_flows: int = 65536) -> None:
         from iqn_ctl.live.datapath import Datapath
 
-        self.dp = Datapath("lo", FILT, max_flows=max_flows)
+        self.dp = Datapath("lo", FILT, max_flows=max_flows, vol_sample=1)  # exact volumes
         self.runner = bpf_testrun.TestRunner(self.dp.prog_fd)
         self._cfd = self.dp._counters.map_fd
         self._ncpu = bpf_testrun.possible_cpus()
@@ -285,6 +285,49 @@ def test_candidate_event_and_flow_stats(prog: Prog) -> None:
     assert [decode_key(r).label for r, _ in ev6] == ["[2001:db8::1]:443>[2001:db8::2]:51234"]
 
 
+def test_volume_sampling_counts_one_in_k_weighted() -> None:
+    """The default data plane (vol_sample 8): of a flow's non-candidate
+    datagrams, the volume arrays count the ones at every 8th packet of the
+    CPU, each as 8 (packets and bytes), so 8m of them in a row add exactly
+    8m packets and 8m frames' bytes; candidates always count once; a flow
+    whose slot is not its own adds nothing; the packet counter stays exact."""
+    from iqn_ctl.live.datapath import Datapath
+
+    _need_bpf()
+    k, m = 8, 5000
+    cand, video, other = v4(1234), v4(1388), udp_frame(S4, C4, 443, 51299, frame_len=1388)
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})  # one call's runs on one CPU: one contiguous packet sequence
+    try:
+        with Datapath("lo", FILT) as dp:
+            assert dp.vol_sample == k
+            runner = bpf_testrun.TestRunner(dp.prog_fd)
+            raw, oraw = reference(cand).key, reference(other).key
+            assert raw is not None and oraw is not None
+            runner.run(cand)  # claims the flow's and the client's slots
+            p0 = dp.counters()["packets"]
+            c0, v0 = dp.flow_counters([raw])[raw], dp.client_volume([C4], claim=False)[C4]
+            assert c0 is not None and v0 is not None
+            runner.run(video, repeat=k * m)
+            runner.run(other, repeat=k * m)  # its flow never sent a candidate: not counted
+            c1, v1 = dp.flow_counters([raw])[raw], dp.client_volume([C4], claim=False)[C4]
+            assert c1 is not None and v1 is not None
+            assert dp.counters()["packets"] - p0 == 2 * k * m
+            assert (c1.packets - c0.packets, c1.candidates - c0.candidates) == (k * m, 0)
+            assert c1.bytes - c0.bytes == k * m * len(video)
+            assert dp.flow_counters([oraw])[oraw] is None
+            # the client's slot counts both flows' datagrams, sampled alike
+            assert v1[0] - v0[0] == 2 * k * m * len(video) and v1[1] == v0[1]
+            runner.run(cand, repeat=3)
+            c2 = dp.flow_counters([raw])[raw]
+            assert c2 is not None
+            assert (c2.packets - c1.packets, c2.candidates - c1.candidates, c2.bytes - c1.bytes) == (
+                3, 3, 3 * len(cand))
+    finally:
+        os.sched_setaffinity(0, old)
+
+
 BASES = {
     "v4": v4(1200),
     "v4 options": v4(1200, ip_options=b"\x01" * 12),
@@ -465,7 +508,7 @@ def test_veth_events_and_counters(lab: Lab, mode: str) -> None:
     from iqn_ctl.live.datapath import Datapath, xdp_program_on
     from iqn_ctl.live.layout import decode_key
 
-    with Datapath(lab.router, FILT, xdp_mode=mode) as dp:
+    with Datapath(lab.router, FILT, xdp_mode=mode, vol_sample=1) as dp:
         assert dp.attach() == mode
         assert xdp_program_on(lab.router) == (dp.prog_id, "iqn_xdp")
         inside = [LO, 1234, HI]
@@ -674,7 +717,7 @@ class FilteredProg(Prog):
         from iqn_ctl.live.datapath import Datapath
 
         self.filt = filt
-        self.dp = Datapath("lo", filt)
+        self.dp = Datapath("lo", filt, vol_sample=1)
         self.runner = bpf_testrun.TestRunner(self.dp.prog_fd)
         self._cfd = self.dp._counters.map_fd
         self._ncpu = bpf_testrun.possible_cpus()

@@ -30,6 +30,7 @@ Two choices are deliberate:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping
 from typing import Generic, NamedTuple, TypeVar
 
@@ -67,6 +68,20 @@ def _other(d: Counters, max_size: int) -> tuple[int, int, int]:
     return cands, d.packets - cands, d.bytes - cands * max_size
 
 
+#: standard deviations of the sampled estimate a bulk verdict needs to spare (bulk_check)
+SAMPLE_Z = 2.0
+
+
+def _spread(other_packets: int, sample: int) -> float:
+    """:data:`SAMPLE_Z` standard deviations of a sampled volume estimate, relative
+    to the estimate: counted 1 in ``sample`` (Bernoulli), each as ``sample``."""
+    if sample <= 1:
+        return 0.0
+    if other_packets <= 0:
+        return 1.0
+    return float(SAMPLE_Z * math.sqrt((sample - 1) / other_packets))
+
+
 #: --bulk-ratio's default, for the live agent and replay alike
 DEFAULT_BULK_RATIO = 2.0
 
@@ -81,10 +96,11 @@ def bulk_reason(
     end: Mapping[K, Counters | None],
     max_size: int,
     bulk_ratio: float,
+    sample: int = 1,
 ) -> str:
     """Why a stall is bulk traffic rather than a signal, "" to keep it
     (:func:`bulk_check`'s reason)."""
-    return bulk_check(start, end, max_size, bulk_ratio)[1]
+    return bulk_check(start, end, max_size, bulk_ratio, sample)[1]
 
 
 def bulk_check(
@@ -92,6 +108,7 @@ def bulk_check(
     end: Mapping[K, Counters | None],
     max_size: int,
     bulk_ratio: float,
+    sample: int = 1,
 ) -> tuple[str, str]:
     """(what the check could tell, why the stall is bulk or ""): ``CHECK_OFF``
     with the rule disabled, ``CHECK_UNKNOWN`` when a counter that matters
@@ -101,7 +118,17 @@ def bulk_check(
     ``start`` and ``end`` map each flow (raw kernel key) the stall may
     involve to its counters at the stall's start and end, None when the
     kernel had no entry; a flow missing from a mapping counts as None.
-    ``bulk_ratio`` 0 disables the rule. A flow carried candidates if its
+    ``bulk_ratio`` 0 disables the rule. ``sample``: the counters count 1 in
+    ``sample`` non-candidate datagrams, each as ``sample`` (the live data
+    plane's volume sampling, docs/dataplane.md "Volume"; 1: exact). Then the
+    other bytes are an estimate whose standard deviation is about
+    ``avg size x sqrt((sample - 1) x other packets)``, and a flow is bulk only
+    if its other bytes exceed the limit by :data:`SAMPLE_Z` of them: one
+    sampled full-size datagram beside a few candidates reads as ``sample`` of
+    them, which alone must not discard a real signal (a wrong discard loses a
+    real stall for good, a wrong keep records a short false one); a video
+    flow carries hundreds of datagrams and far more than the limit, and is
+    still discarded. A flow carried candidates if its
     candidate counter rose; when none rose (all of them arrived before the
     start snapshot), the flows that carried any packet during the stall are
     judged instead.
@@ -133,7 +160,7 @@ def bulk_check(
     cands = others = other_bytes = 0
     for d in judged:
         c, op, ob = _other(d, max_size)
-        if ob <= bulk_ratio * c * max_size:
+        if ob <= bulk_ratio * c * max_size or ob * (1 - _spread(op, sample)) <= bulk_ratio * c * max_size:
             return CHECK_OK, ""  # one signal-like flow is enough to keep the stall
         cands, others, other_bytes = cands + c, others + op, other_bytes + ob
     what = "bulk flow" if len(judged) == 1 else f"bulk flows ({len(judged)} connections)"
@@ -157,9 +184,11 @@ class BulkJudge(Generic[K]):
     what makes a replay with the same options record the same stalls.
     """
 
-    def __init__(self, bulk_ratio: float, max_size: int) -> None:
+    def __init__(self, bulk_ratio: float, max_size: int, sample: int = 1) -> None:
         self.bulk_ratio = bulk_ratio
         self.max_size = max_size
+        #: :func:`bulk_check`'s ``sample`` (the live agent sets it from the data plane)
+        self.sample = sample
         self._base: dict[Hashable, Mapping[K, Counters | None]] = {}
 
     def started(self, flow: Hashable, conns: list[K], lookup: CounterLookup[K] | None) -> None:
@@ -177,4 +206,4 @@ class BulkJudge(Generic[K]):
             return CHECK_OFF, ""
         base = base or {}
         now = lookup(list(dict.fromkeys([*base, *conns])))
-        return bulk_check(base, now, self.max_size, self.bulk_ratio)
+        return bulk_check(base, now, self.max_size, self.bulk_ratio, self.sample)

@@ -509,6 +509,9 @@ class Agent:
             guard=cfg.guard(),
         )
         self.mode = self.dp.attach()
+        # the kernel counts 1 in vol_sample non-candidate datagrams (each as vol_sample): the
+        # bulk rule needs its verdict to hold beyond the estimate's spread (engine/discard.py)
+        self._judge.sample = self.dp.vol_sample
         self._start_boost()
         self.started_at = self._wall()
         self._started_mono = time.monotonic()
@@ -955,6 +958,8 @@ class Agent:
             "wakeup_records": self.dp.wakeup_events if self.dp is not None else 0,
             # candidates per burst in the kernel: the signal's n (--n), at most BURST_MAX
             "burst_n": self.dp.burst_n if self.dp is not None else burst_cap(cfg.params.n),
+            # the kernel's volume arrays count 1 in this many non-candidate datagrams (each as this many)
+            "vol_sample": self.dp.vol_sample if self.dp is not None else None,
             "state_dir": str(cfg.state_dir),
             "metrics_port": cfg.metrics_port,
             "export": self.export_stats(),

@@ -86,6 +86,11 @@ PAGE = 4096
 BURST_SLOTS = 1024
 #: slots of the per-flow and per-client volume arrays
 VOL_SLOTS = 65536
+#: non-candidate datagrams from the port counted 1 in this many, each weighted
+#: by it (IQN_VOL_SAMPLE): the volume arrays are estimates, candidates exact;
+#: 1 counts every one (tests that check exact volumes)
+DEFAULT_VOL_SAMPLE = 8
+MAX_VOL_SAMPLE = 1024
 #: the reader is woken once this many burst records wait; fewer are read at
 #: the agent's poll timeout (3 ms), which bounds the stall-visible latency
 DEFAULT_WAKEUP_RECORDS = 16
@@ -280,12 +285,15 @@ class Datapath:
         n: int = DEFAULT_N,
         burst_slots: int = BURST_SLOTS,
         vol_slots: int = VOL_SLOTS,
+        vol_sample: int = DEFAULT_VOL_SAMPLE,
     ) -> None:
         """``ring_pages``: the ring buffer's size in 4 KiB pages, shared by all
         CPUs (``perf_pages`` is its old name, still accepted). The reader is
         woken once ``wakeup_events`` burst records wait. ``n``: the signal's n
         (--n), the most candidates of a burst (at most BURST_MAX).
         ``burst_slots`` (per CPU) and ``vol_slots``: table sizes, powers of two.
+        ``vol_sample``: the volume arrays count 1 in this many non-candidate
+        datagrams, each for this many (a power of two; 1: exact counts).
         ``max_flows`` sizes the forgery guard's pairing and cap tables (the
         engine's table is bounded by the agent).
 
@@ -308,7 +316,9 @@ class Datapath:
             raise DatapathError(problem)
         if wakeup_events < 1:
             raise DatapathError(f"wakeup_events must be at least 1, got {wakeup_events}")
-        for name, v in (("burst_slots", burst_slots), ("vol_slots", vol_slots)):
+        if isinstance(vol_sample, bool) or not 1 <= vol_sample <= MAX_VOL_SAMPLE:
+            raise DatapathError(f"vol_sample must be in 1..{MAX_VOL_SAMPLE}, got {vol_sample}")
+        for name, v in (("burst_slots", burst_slots), ("vol_slots", vol_slots), ("vol_sample", vol_sample)):
             if v < 1 or v & (v - 1):
                 raise DatapathError(f"{name} must be a power of two, got {v}")
         _require_root()
@@ -335,6 +345,7 @@ class Datapath:
         self.burst_n = burst_cap(n)
         self.burst_slots = burst_slots
         self.vol_slots = vol_slots
+        self.vol_sample = vol_sample
         self.ncpu = possible_cpus()
         self._closed = False
         try:
@@ -358,6 +369,7 @@ class Datapath:
             f"-DIQN_BURST_MAX={BURST_MAX}",
             f"-DIQN_BURST_SLOTS={burst_slots}",
             f"-DIQN_VOL_SLOTS={vol_slots}",
+            f"-DIQN_VOL_SAMPLE={vol_sample}",
             f"-DIQN_NCPU={self.ncpu}",
             "-w",
         ]
