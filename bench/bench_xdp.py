@@ -185,7 +185,8 @@ def main() -> None:
     summary = (
         f"Median of {args.rounds} BPF_PROG_TEST_RUN calls x {args.repeat} runs per frame "
         f"({args.cand_repeat} for the candidate), CPU time of the calling thread; "
-        f"kernel {platform.release()}, {cpu}, {os.cpu_count()} CPUs; {elapsed:.1f} s; "
+        f"kernel {platform.release()}, {cpu}, {os.cpu_count()} CPUs shared with other work (load average "
+        f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())} at the end); {elapsed:.1f} s; "
         f"ring records lost: {lost}. Worst ratio for UDP :443 outside the band: {worst_tracked:.2f}x "
         f"({'target met' if worst_tracked <= TARGET else 'TARGET MISSED'}), for other traffic: {worst:.2f}x "
         f"({'target met' if worst <= OTHER_TARGET else 'TARGET MISSED'})."

@@ -8,7 +8,7 @@ live agent's and pcap replay's alike, so it is formatted here and only here.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 def flow_label(server: str, sport: int, client: str, dport: int) -> str:
@@ -20,25 +20,13 @@ def flow_label(server: str, sport: int, client: str, dport: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class FlowKey:
-    """A flow's 5-tuple in the server-to-client direction (the candidates' direction).
-
-    Its hash is computed once: the live agent looks a flow up several times per
-    burst record (tens of thousands a second at outage scale), and the
-    dataclass's own hash rebuilds a tuple of the five fields every time."""
+    """A flow's 5-tuple in the server-to-client direction (the candidates' direction)."""
 
     server: str
     sport: int
     client: str
     dport: int
     family: int  # 4 or 6
-    _hash: int = field(default=0, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        h = hash((self.server, self.sport, self.client, self.dport, self.family))
-        object.__setattr__(self, "_hash", h)
-
-    def __hash__(self) -> int:
-        return self._hash
 
     @property
     def label(self) -> str:

@@ -140,6 +140,10 @@ HISTORY_BATCH = 0.25
 HISTORY_BATCH_ROWS = 4096
 
 
+#: the kernel counters of the given connections (raw keys), None where unknown
+CountersLookup = Callable[[list[bytes]], dict[bytes, Counters | None]]
+
+
 # -- one agent per interface: the pid file is the lock ----------------------------
 
 
@@ -807,6 +811,7 @@ class Agent:
         iface = self.cfg.iface
         off = self.wall_offset()
         h = self.history
+        lookup = self._batch_lookup(events)
         for e in events:
             if h is not None and h.pending >= HISTORY_BATCH_ROWS:
                 h.flush()  # a failing disk: held, retried no sooner than History.RETRY_EVERY
@@ -814,7 +819,7 @@ class Agent:
             info = self.flows.info(e.flow)
             label, client = self._shown(info.label, info.client)  # as the log names them
             if isinstance(e, StallStarted):
-                self._judge.started(e.flow, self.flows.raws(e.flow), self._counter_lookup())
+                self._judge.started(e.flow, self.flows.raws(e.flow), lookup)
                 if self.boost is not None:
                     self.boost.stall_started(e.flow, info.client, time.monotonic())
                 self.stalls_started += 1
@@ -833,7 +838,7 @@ class Agent:
                          _iso(e.start + off),
                          extra=_fields("stall_start", iface, label, client, e.start + off))
             elif isinstance(e, StallEnded):
-                check, bulk = self._bulk(e)
+                check, bulk = self._bulk(e, lookup)
                 if self.boost is not None:
                     self.boost.stall_ended(e.flow, time.monotonic())
                 rec = StallRecord(
@@ -867,12 +872,34 @@ class Agent:
     def _counter_lookup(self) -> Callable[[list[bytes]], dict[bytes, Counters | None]] | None:
         return self.dp.flow_counters if self.dp is not None else None
 
-    def _bulk(self, e: StallEnded) -> tuple[str, str]:
+    def _batch_lookup(self, events: list[Event]) -> CountersLookup | None:
+        """The kernel counters of every connection of this round's stall starts
+        and ends, read in one vectorised pass over the mapped array (one call
+        per stall cost ~20 us: 1 s of a core when an outage starts 50,000 stalls
+        at once); connections not gathered here (noted at a stall's start and
+        forgotten since) are read on demand. The same instant for all: the
+        round's events are handled in microseconds of each other."""
+        lookup = self._counter_lookup()
+        if lookup is None or self.cfg.bulk_ratio <= 0 or len(events) < 2:
+            return lookup
+        raws = list(dict.fromkeys(
+            r for e in events if isinstance(e, (StallStarted, StallEnded)) for r in self.flows.raws(e.flow)))
+        got = lookup(raws) if raws else {}
+
+        def cached(want: list[bytes]) -> dict[bytes, Counters | None]:
+            miss = [r for r in want if r not in got]
+            if miss:
+                got.update(lookup(miss))
+            return {r: got[r] for r in want}
+
+        return cached
+
+    def _bulk(self, e: StallEnded, lookup: CountersLookup | None = None) -> tuple[str, str]:
         """(what the check could tell, why this stall is bulk traffic rather
         than a signal or ""): :class:`~iqn_ctl.engine.discard.BulkJudge` on the
         kernel counters of the stall's connections (several with --key client)
         at its start and end; "unknown" goes into the stall's record."""
-        return self._judge.ended(e.flow, self.flows.raws(e.flow), self._counter_lookup())
+        return self._judge.ended(e.flow, self.flows.raws(e.flow), lookup or self._counter_lookup())
 
     # -- API --
 

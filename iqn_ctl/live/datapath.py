@@ -631,9 +631,10 @@ class Datapath:
         slot, tag = slot_tag(flow_hashes(raws), self.vol_slots)
         rows = self._vol[slot]
         out: dict[bytes, Counters | None] = {}
-        for raw, r in zip(raws, rows.tolist(), strict=True):
+        want = tag.tolist()
+        for i, (raw, r) in enumerate(zip(raws, rows.tolist(), strict=True)):
             packets, cands, nbytes, got_tag, claims = r
-            out[raw] = Counters(packets, cands, nbytes, claims) if got_tag == tag[len(out)] else None
+            out[raw] = Counters(packets, cands, nbytes, claims) if got_tag == want[i] else None
         return out
 
     def flow_stats(self, raws: Iterable[bytes] = ()) -> list[tuple[bytes, dict[str, int]]]:
