@@ -234,6 +234,24 @@ def test_taker_skips_a_slot_the_kernel_is_writing() -> None:
     assert _times(tk.take(tab[:0].copy(), 10_000 * MS)) == [10 * MS]
 
 
+def test_taker_takes_a_flows_open_bursts_on_other_cpus_with_its_due_one() -> None:
+    """One flow's candidates alternate between two CPUs: each CPU's slice holds
+    an open burst of it, interleaved in time. When the first one's gap has
+    passed, the other is taken in the same poll (not a poll later, when its
+    earlier candidates would reach the engine late); another flow's open
+    burst waits for its own gap."""
+    tab = _table(8)  # 2 CPUs x 4 slots
+    tk = BurstTaker(tab, GAP_NS)
+    _put(tab, 1, 1, 1_000 * MS, [0, 2 * MS])  # CPU 0: t1, t3
+    _put(tab, 5, 1, 1_001 * MS, [0, 2 * MS])  # CPU 1: t2, t4
+    tab[5]["key"] = tab[1]["key"]
+    _put(tab, 6, 1, 1_003 * MS, [0])  # another flow, as recent as t4
+    now = 1_002 * MS + GAP_NS + 1_500_000  # row 1's gap (+ margin) over, row 5's not yet
+    got = tk.take(tab[:0].copy(), now)
+    assert _times(got) == [1_000 * MS, 1_001 * MS, 1_002 * MS, 1_003 * MS]
+    assert _times(tk.take(tab[:0].copy(), 10_000 * MS)) == [1_003 * MS]  # the other flow, later
+
+
 def _raw(server: int, port: int) -> bytes:
     return (bytes([198, 18, 0, server]) + bytes(12) + bytes([198, 18, 1, 2]) + bytes(12)
             + (443).to_bytes(2, "big") + port.to_bytes(2, "big") + bytes([4, 17, 0, 0]))

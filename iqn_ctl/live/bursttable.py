@@ -94,6 +94,15 @@ class BurstBatch:
         return [keys[i] for i in bid[o].tolist()], t[o]
 
 
+def _fingerprints(keys: npt.NDArray[np.void]) -> npt.NDArray[np.uint64]:
+    """A 64-bit fingerprint of each raw 40-byte flow key (a collision only takes
+    an open burst a little early, which the taker handles)."""
+    w = np.frombuffer(keys.tobytes(), "<u8").reshape(-1, 5)
+    mul = np.array([1, 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93],
+                   np.uint64)
+    return np.bitwise_xor.reduce(w * mul, axis=1)  # type: ignore[no-any-return]
+
+
 def empty_batch(width: int) -> BurstBatch:
     e = np.empty(0, np.int64)
     return BurstBatch([], e, e, np.zeros((0, width), np.int64))
@@ -156,18 +165,32 @@ class BurstTaker:
         self.taken_gen[s, 0] = gen
         self.taken_cnt[s, 0] = np.maximum(np.where(newer, 0, self.taken_cnt[s, 0]), cnt)
 
+    def _taken(self, rows: npt.NDArray[np.int64], gen: npt.NDArray[np.uint32]) -> npt.NDArray[np.int64]:
+        """Candidates of the bursts in table rows ``rows`` (generations ``gen``) already passed on."""
+        return np.where(self.taken_gen[rows, 0] == gen, self.taken_cnt[rows, 0],  # type: ignore[no-any-return]
+                        np.where(self.taken_gen[rows, 1] == gen, self.taken_cnt[rows, 1], 0))
+
     def sweep(self, now_ns: int) -> npt.NDArray[np.void]:
         """Open bursts whose gap passed before ``now_ns`` and that hold
         candidates not taken yet, copied consistently; marks them taken."""
         t = self.table
         cnt = t["count"]
         horizon = np.uint64(max(now_ns - self.gap_ns - MARGIN_NS, 0))
-        due = np.flatnonzero((cnt > 0) & (t["last_ns"] < horizon))
+        is_open = cnt > 0
+        due = np.flatnonzero(is_open & (t["last_ns"] < horizon))
         if not due.size:
             return t[:0].copy()
-        gen = t["gen"][due]
-        taken = np.where(self.taken_gen[due, 0] == gen, self.taken_cnt[due, 0],
-                         np.where(self.taken_gen[due, 1] == gen, self.taken_cnt[due, 1], 0))
+        # A flow whose packets arrive on two CPUs has an open burst in each CPU's
+        # slice, their candidates interleaved in time: taking one now and the other
+        # a poll later would feed the engine the second's earlier candidates late.
+        # So the other open bursts of a due burst's flow are taken with it.
+        rest = np.flatnonzero(is_open)
+        if rest.size > due.size:
+            rest = np.setdiff1d(rest, due, assume_unique=True)
+            same = rest[np.isin(_fingerprints(t["key"][rest]), _fingerprints(t["key"][due]))]
+            if same.size:
+                due = np.concatenate((due, same))
+        taken = self._taken(due, t["gen"][due])
         due = due[taken < cnt[due]]
         if not due.size:
             return t[:0].copy()
