@@ -205,7 +205,7 @@ def main() -> None:
 #: variants of iqn_xdp.c for the cost breakdown of the UDP :443 non-candidate path:
 #: (label, text replaced, replacement, extra -D flags); each cuts the path short at
 #: one step or turns the volume sampling off (IQN_VOL_SAMPLE=1: every datagram counted)
-STOP = "    __u32 len = iqn_band_len(wire_len);\n    int cand"
+STOP = "    __u32 len = iqn_band_len(&nh, wire_len);\n"
 VARIANTS = [
     ("stops after the port check", STOP, "    return;\n" + STOP, []),
     ("every datagram counted (no sampling), no vol_client", "    i = (__u32)ch & (IQN_VOL_SLOTS - 1);",
