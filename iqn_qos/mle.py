@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import minimize
+from scipy.optimize import linprog, minimize
 
 from .errors import QosError
 from .lines import MediaLine
@@ -269,6 +269,56 @@ def _intervals(x: np.ndarray, prob: Problem, z: float) -> tuple[np.ndarray, np.n
     return lo, hi
 
 
+def _sparse_support(prob: Problem, s: np.ndarray, x_thr: float, without: int | None = None) -> int | None:
+    """How many groups an L1-minimal x >= 0 with A x = s (a basic solution of the linear
+    program: sparse) blames above ``x_thr``, with x_without = 0 if given; None when no such
+    x exists."""
+    k = prob.a.shape[1]
+    bounds = [(0.0, 0.0) if i == without else (0.0, None) for i in range(k)]
+    res = linprog(np.ones(k), A_eq=prob.a, b_eq=s, bounds=bounds, method="highs")
+    if res.status != 0 or res.x is None:
+        return None
+    if float(np.max(np.abs(prob.a @ res.x - s), initial=0.0)) > 1e-7 * max(1.0, float(s.max(initial=0.0))):
+        return None
+    return int(np.count_nonzero(res.x > x_thr))
+
+
+def replaceable(x: np.ndarray, prob: Problem, j: int, threshold: float, sparsest: int | None = None) -> bool:
+    """Can group ``j``'s blame be put elsewhere: is there an equally likely explanation
+    (the same fitted path sums A x, hence the same likelihood) with x_j = 0 that blames no
+    more groups above ``threshold`` than the sparsest explanation with ``j`` free
+    (``sparsest``: computed when not given)?
+
+    Why: along a flat direction the sparsity prior picks one of several explanations that
+    fit the data exactly as well. In a tree, a parent's column is the sum of its children's,
+    so when one child is badly degraded and a sibling a little (one viewer's stall), "the
+    parent a little, the bad child the rest" and "each child its own" fit the same with two
+    components each; L1 prefers the parent (it counts the shared part once), and the
+    parent's interval, conditional on that choice and narrow (it has every line of its
+    children), flagged a healthy router. A component is only flagged when the data need it:
+    no equally likely, equally sparse explanation does without it. When every child is
+    degraded alike, the parent alone (one component) is sparser than the children (several)
+    and stays flagged. Sparsity counts the groups blamed above the threshold (what a flag
+    means), so blame too small to flag anything (noise fitted on a few lines) does not make
+    an explanation look less sparse; it is judged on L1-minimal basic solutions of the linear
+    program A x = A x_hat, x >= 0 (sparse, though not always the sparsest), and on x_hat
+    itself: not finding a small enough one keeps the flag, so the check only ever removes
+    flags."""
+    x_thr = -math.log1p(-threshold)
+    s = prob.a @ x
+    if sparsest is None:
+        sparsest = _sparsest(x, prob, x_thr)
+    without = _sparse_support(prob, s, x_thr, without=j)
+    return without is not None and without <= sparsest
+
+
+def _sparsest(x: np.ndarray, prob: Problem, x_thr: float) -> int:
+    """Groups blamed above ``x_thr`` by x_hat or by the L1-minimal equally likely x, the fewer."""
+    own = int(np.count_nonzero(x > x_thr))
+    free = _sparse_support(prob, prob.a @ x, x_thr)
+    return own if free is None else min(own, free)
+
+
 def infer_slot(
     lines: Sequence[MediaLine], *, threshold: float = 0.01, l1: float = L1_DEFAULT, z: float = Z95
 ) -> list[Estimate]:
@@ -278,6 +328,11 @@ def infer_slot(
     prob = build_problem(lines)
     x = solve(prob, l1=l1)
     lo, hi = _intervals(x, prob, z)
+    need = np.flatnonzero(lo > 0)  # a lower end above 0 only where the data need the blame
+    sparsest = _sparsest(x, prob, -math.log1p(-threshold)) if need.size else 0
+    for j in need:
+        if replaceable(x, prob, int(j), threshold, sparsest):
+            lo[j] = 0.0
     p, plo, phi = (-np.expm1(-v) for v in (x, lo, hi))
     out = [
         Estimate(

@@ -25,7 +25,7 @@ def demo(
     n: int = typer.Option(P.DEFAULT_N, "--n", help="toggles per signal (even)"),
     starve_rate: str = typer.Option("100kbit", "--starve-rate", help="media path rate during a squeeze"),
     release: float = typer.Option(5.0, "--release", help="seconds unshaped between squeezes"),
-    seed: int = typer.Option(1, "--seed", help="order of the stall lengths"),
+    seed: int = typer.Option(1, "--seed", help="order of the stall lengths (localise: the players' signal phases)"),
     localise: bool = typer.Option(
         False, "--localise", help="the localisation demo: a fault, many signal players, the QoS service"
     ),
@@ -36,7 +36,10 @@ def demo(
     rate: str | None = typer.Option(
         None, "--rate", help="localise: the fault's bottleneck (default: 0.6 x the video behind it)"
     ),
-    nats_nodes: int = typer.Option(1, "--nats-nodes", help="localise: JetStream nodes, 1 or 3"),
+    nats_nodes: int = typer.Option(1, "--nats-nodes", "--cluster", help="localise: JetStream nodes, 1 or 3"),
+    kill_node: bool = typer.Option(
+        False, "--kill-node", help="localise, with --cluster 3: SIGKILL one JetStream node mid-run"
+    ),
     keep: bool = typer.Option(False, "--keep", help="localise: leave the lab up at the end (iqn-lab down)"),
     protocol: str = typer.Option("edges", "--protocol", help="user agent signal protocol: edges or tick"),
     mitigation: bool = typer.Option(
@@ -55,7 +58,7 @@ def demo(
         _mitigation(prefix, out, link, viewers, duration, seed, boost_gap)
         return
     if localise:
-        _localise(prefix, out, p, n, fault, slot, slots, players, rate, nats_nodes, keep)
+        _localise(prefix, out, p, n, fault, slot, slots, players, rate, nats_nodes, keep, seed, kill_node)
         return
     from iqn_lab.demo.report import ReportError
     from iqn_lab.demo.run import DemoConfig, check, run_demo
@@ -99,7 +102,7 @@ def _mitigation(prefix: str, out: Path | None, link: str, viewers: int, duration
 
 
 def _localise(prefix: str, out: Path | None, p: float, n: int, fault: str, slot: float, slots: int,
-              players: int, rate: str | None, nats_nodes: int, keep: bool) -> None:
+              players: int, rate: str | None, nats_nodes: int, keep: bool, seed: int, kill_node: bool) -> None:
     from iqn_lab.localise.demo import LocaliseConfig, run_localise
     from iqn_lab.shaping import parse_rate
 
@@ -111,5 +114,6 @@ def _localise(prefix: str, out: Path | None, p: float, n: int, fault: str, slot:
     prefix = "iqnloc" if prefix == "iqndemo" else prefix
     out = out or Path("results") / time.strftime(f"localise-{fault}-%Y%m%dT%H%M%SZ", time.gmtime())
     cfg = LocaliseConfig(out=out.resolve(), prefix=prefix, fault=fault, slot=slot, slots=slots,
-                         players=players, rate=bits, nats_nodes=nats_nodes, p=p, n=n, keep=keep)
+                         players=players, rate=bits, nats_nodes=nats_nodes, p=p, n=n, keep=keep,
+                         seed=seed, kill_node=kill_node)
     run_localise(cfg, say=lambda msg: typer.echo(msg))

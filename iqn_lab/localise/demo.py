@@ -61,6 +61,8 @@ class LocaliseConfig:
     p: float = 0.2
     n: int = 4
     keep: bool = False
+    seed: int = 1  # the players' signal phases
+    kill_node: bool = False  # SIGKILL one JetStream node mid-run (needs nats_nodes=3)
 
 
 def default_rate(cfg: LocaliseConfig) -> int:
@@ -115,6 +117,15 @@ def _cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def _wait_seconds(pid: int) -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU (schedstat): a player
+    process starved of CPU stalls its viewers for no network reason."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def run_localise(cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
     if cfg.fault not in ("access", "server"):
         raise LabError(f"--fault must be access or server, got {cfg.fault!r}")
@@ -152,11 +163,12 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
     time.sleep(max(0.0, first - LEAD - time.time()))
     duration = LEAD + cfg.slots * cfg.slot - 0.5
     player_dir = cfg.out / "players"
-    pids = lab.start_players(cfg.players, duration, player_dir, stagger=1.5)
+    pids = lab.start_players(cfg.players, duration, player_dir, stagger=1.5, seed=cfg.seed)
     say(f"{3 * cfg.players} players started; slots of {cfg.slot:g} s from {first:.0f}, {cfg.slots} of them "
         f"({'live: agents -> JetStream -> iqn-qos serve' if live else 'agents histories -> iqn-qos infer'})")
     seen: dict[float, list[dict[str, Any]]] = {}
     cpu = {pid: 0.0 for pid in pids}
+    waited = {pid: 0.0 for pid in pids}
     for k in range(cfg.slots):
         close = first + (k + 1) * cfg.slot + CLOSE_WAIT
         while time.time() < close:
@@ -164,6 +176,9 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
                 c = _cpu_seconds(pid)
                 if not math.isnan(c):
                     cpu[pid] = c
+                w = _wait_seconds(pid)
+                if not math.isnan(w):
+                    waited[pid] = w
             time.sleep(min(1.0, max(0.0, close - time.time())))
         if live:  # the service closes a slot GRACE s after its end, then infers: wait for it
             deadline = time.time() + LIVE_WAIT
@@ -206,7 +221,8 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
         "players": len(logs), "pipeline": "live" if live else "offline (agents' histories)",
         "nats_nodes": cfg.nats_nodes, "p": cfg.p, "n": cfg.n, "first_slot": first,
         "heatmap": "heatmap.png" if heat.returncode == 0 else None,
-        "players_cpu_s": round(sum(cpu.values()), 2), "players_cpu_share": round(sum(cpu.values()) / wall, 3),
+        "players_cpu_s": round(sum(cpu.values()), 2),
+        "players_runqueue_wait_s": [round(waited[p], 2) for p in pids], "players_cpu_share": round(sum(cpu.values()) / wall, 3),
         "players_stalls": sum(1 for ev in logs.values() for e in ev if e.get("event") == "stall"
                               and not e.get("startup")),
     })
