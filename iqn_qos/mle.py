@@ -328,7 +328,9 @@ def infer_slot(
     prob = build_problem(lines)
     x = solve(prob, l1=l1)
     lo, hi = _intervals(x, prob, z)
-    need = np.flatnonzero(lo > 0)  # a lower end above 0 only where the data need the blame
+    # a flag only where the data need the blame (the lower end of a component that could
+    # not be flagged anyway is left as it is: one linear program per candidate flag)
+    need = np.flatnonzero(-np.expm1(-lo) > threshold)
     sparsest = _sparsest(x, prob, -math.log1p(-threshold)) if need.size else 0
     for j in need:
         if replaceable(x, prob, int(j), threshold, sparsest):

@@ -34,6 +34,7 @@ from iqn_lab import procs
 from iqn_lab.errors import LabError
 from iqn_lab.player import read_log
 
+from . import audit as A
 from . import report as R
 from .lab import CLIP, LocaliseLab
 
@@ -42,6 +43,8 @@ Say = Callable[[str], None]
 CLOSE_WAIT = 6.0
 #: how long to wait, after CLOSE_WAIT, for the live service to show a slot
 LIVE_WAIT = 30.0
+#: after the last slot, how long to wait for every record to be acknowledged and stored
+DRAIN_WAIT = 60.0
 #: the players start this long before the first reported slot (startup stalls fall before it)
 LEAD = 2.0
 #: bottleneck as a share of what the players behind the faulty component ask for
@@ -131,6 +134,8 @@ def run_localise(cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
         raise LabError(f"--fault must be access or server, got {cfg.fault!r}")
     if cfg.slots < 2 or not cfg.slot >= 5:
         raise LabError("--slots must be at least 2 and --slot at least 5 seconds")
+    if cfg.kill_node and cfg.nats_nodes != 3:
+        raise LabError("--kill-node needs a JetStream cluster: --cluster 3")
     cfg.out.mkdir(parents=True, exist_ok=True)
     lab = LocaliseLab(cfg.prefix)
     try:
@@ -152,9 +157,48 @@ def _save_logs(lab: LocaliseLab, out: Path) -> None:
             shutil.copy(f, logs / f.name)
 
 
+def _kill_node(lab: LocaliseLab, info: dict[str, Any], say: Say) -> dict[str, Any]:
+    """SIGKILL the JetStream node rtr-1's agent exports through (the worst one to lose)."""
+    st = lab.agent_status("rtr1") or {}
+    connected = (st.get("export") or {}).get("connected") or ""
+    urls = list(info["nats"])
+    i = urls.index(connected) if connected in urls else 0
+    at = time.time()
+    url = lab.kill_nats(i)
+    say(f"SIGKILLed JetStream node {i} ({url}; rtr-1's agent was connected to {connected or 'none'})")
+    return {"node": i, "url": url, "at": round(at, 3), "agent_was_connected_to": connected or None}
+
+
+def _drained(lab: LocaliseLab, info: dict[str, Any], timeout: float = DRAIN_WAIT) -> dict[str, Any]:
+    """Wait until both agents have had every record acknowledged and the service has stored
+    as many records as they exported; returns what was last seen."""
+    deadline = time.time() + timeout
+    seen: dict[str, Any] = {}
+    while True:
+        sts = [lab.agent_status(r.role) or {} for r in lab.plan.routers]
+        exp = [st.get("export") or {} for st in sts]
+        sent = sum(int(e.get("exported_stalls", 0)) + int(e.get("exported_sessions", 0)) for e in exp)
+        doc = lab.service_get(info["service"]["url"], "/api/components") or {}
+        ing = doc.get("ingest") or {}
+        stored = sum(int(v) for v in (ing.get("records") or {}).values())
+        seen = {"backlog": [e.get("backlog") for e in exp], "exported": sent, "stored": stored,
+                "retries": [e.get("retries") for e in exp], "errors": [e.get("errors") for e in exp],
+                "lag": ing.get("lag"), "ack_pending": ing.get("ack_pending")}
+        if (all(e.get("backlog") == 0 for e in exp) and sent > 0 and stored >= sent
+                and not ing.get("lag") and not ing.get("ack_pending")):
+            return seen
+        if time.time() > deadline:
+            return seen
+        time.sleep(1.0)
+
+
 def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
     info = lab.up(slot=cfg.slot, nats_nodes=cfg.nats_nodes, p=cfg.p, n=cfg.n, say=say)
     live = info["service"] is not None
+    if cfg.kill_node and not live:
+        raise LabError("--kill-node needs the live pipeline (iqn-ctl attach --export and iqn-qos serve)")
+    killed: dict[str, Any] | None = None
+    kill_at = math.inf
     rate = cfg.rate or default_rate(cfg)
     fault = lab.inject(cfg.fault, rate)
     say(f"fault: {fault['component']} ({cfg.fault}): htb {rate / 1e6:g} Mbit/s on {fault['iface']} "
@@ -164,6 +208,8 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
     duration = LEAD + cfg.slots * cfg.slot - 0.5
     player_dir = cfg.out / "players"
     pids = lab.start_players(cfg.players, duration, player_dir, stagger=1.5, seed=cfg.seed)
+    if cfg.kill_node:  # mid-run: half way through the second slot
+        kill_at = first + 1.5 * cfg.slot
     say(f"{3 * cfg.players} players started; slots of {cfg.slot:g} s from {first:.0f}, {cfg.slots} of them "
         f"({'live: agents -> JetStream -> iqn-qos serve' if live else 'agents histories -> iqn-qos infer'})")
     seen: dict[float, list[dict[str, Any]]] = {}
@@ -179,6 +225,8 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
                 w = _wait_seconds(pid)
                 if not math.isnan(w):
                     waited[pid] = w
+            if killed is None and time.time() >= kill_at:
+                killed = _kill_node(lab, info, say)
             time.sleep(min(1.0, max(0.0, close - time.time())))
         if live:  # the service closes a slot GRACE s after its end, then infers: wait for it
             deadline = time.time() + LIVE_WAIT
@@ -196,10 +244,28 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
         deadline = time.monotonic() + 30
         while procs.alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
+    logs = {p.stem: read_log(p) for p in sorted(player_dir.glob("*.jsonl"))}
+    records: dict[str, Any] = {}
+    latency: dict[str, Any] = {}
     if live:
+        drained = _drained(lab, info)
         lab.stop_service()
         store = cfg.out / "qos.duckdb"
         shutil.copy(info["service"]["store"], store)
+        recs = [r for a in info["agents"].values()
+                for r in A.history_records(Path(a["state_dir"]) / "stalls.sqlite", a["iface"], a["router"])]
+        stored, line_ids = A.store_records(store)
+        records = A.audit(recs, A.stream_messages(lab.jsz() or {}), stored, line_ids)
+        records["drain"] = drained
+        latency = {"stall_end_to_stored": A.stall_latency(logs, recs, stored),
+                   "slot_end_to_session_stored": A.session_latency(recs, stored)}
+        say(f"records: {records['agents']} in the agents' histories ({records['stalls']} stalls, "
+            f"{records['sessions']} sessions), {records['stream']} in the stream, {records['stored']} "
+            f"stored; "
+            f"lost {len(records['lost'])}, doubled {records['doubled']}, unknown {len(records['unknown'])}")
+        tot = latency["stall_end_to_stored"]["total"]
+        say(f"stall end at the player -> stored by the service: p50 {tot['p50_s']} s, p99 {tot['p99_s']} s "
+            f"({tot['n']} stalls)")
         polled = set(seen)
         for e in _store_estimates(info, store):  # slots the polls missed
             if float(e["slot"]) not in polled:
@@ -211,7 +277,6 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
         estimates = _estimates_offline(lab, info, cfg.out)
         heat = _qos("heatmap", str(cfg.out / "lines.jsonl"), "--slot", str(cfg.slot), "--out",
                     str(cfg.out / "heatmap.png"))
-    logs = {p.stem: read_log(p) for p in sorted(player_dir.glob("*.jsonl"))}
     slots = R.per_slot(estimates, first, cfg.slots, cfg.slot)
     comps = [c["id"] for c in lab.plan.qos_topology()["components"]]
     rep = R.build(fault["component"], cfg.slot, slots, logs, lab.plan.component_of, comps)
@@ -219,10 +284,12 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
     rep.update({
         "fault_kind": cfg.fault, "fault_iface": fault["iface"], "rate_bit": rate,
         "players": len(logs), "pipeline": "live" if live else "offline (agents' histories)",
-        "nats_nodes": cfg.nats_nodes, "p": cfg.p, "n": cfg.n, "first_slot": first,
+        "nats_nodes": cfg.nats_nodes, "killed_node": killed, "records": records or None,
+        "latency": latency or None, "seed": cfg.seed, "p": cfg.p, "n": cfg.n, "first_slot": first,
         "heatmap": "heatmap.png" if heat.returncode == 0 else None,
         "players_cpu_s": round(sum(cpu.values()), 2),
-        "players_runqueue_wait_s": [round(waited[p], 2) for p in pids], "players_cpu_share": round(sum(cpu.values()) / wall, 3),
+        "players_runqueue_wait_s": [round(waited[p], 2) for p in pids],
+        "players_cpu_share": round(sum(cpu.values()) / wall, 3),
         "players_stalls": sum(1 for ev in logs.values() for e in ev if e.get("event") == "stall"
                               and not e.get("startup")),
     })

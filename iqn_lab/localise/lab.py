@@ -97,6 +97,8 @@ class LocaliseLab:
         self.plan = Plan(prefix)
         self.prefix = prefix
         self.state = (state_root or STATE_ROOT) / f"{prefix}-localise"
+        #: the JetStream nodes, in the process that built the lab (to kill one mid-run)
+        self.js: Any = None
 
     def ns(self, role: str) -> str:
         return self.plan.ns(role)
@@ -159,8 +161,8 @@ class LocaliseLab:
         self._wait(lambda: all((self.state / f"{d}.ready").exists() for d in daemons), "OTT servers", daemons)
         from iqn_lab.jetstream import JetStream
 
-        js = JetStream.start(nodes=nats_nodes, workdir=self.state / "nats", host=OPS_ADDR,
-                             netns=self.ns("ops"))
+        js = self.js = JetStream.start(nodes=nats_nodes, workdir=self.state / "nats", host=OPS_ADDR,
+                                       netns=self.ns("ops"))
         for i, node in enumerate(js.nodes):  # down finds them through the namespace; status by pid file
             if node.proc is not None:
                 (self.state / f"nats-{i}.pid").write_text(f"{node.proc.pid}\n")
@@ -180,6 +182,8 @@ class LocaliseLab:
         self._wait_agents(info["agents"])
         say(f"ISP agents attached (XDP) on {', '.join(r.uplink for r in self.plan.routers)}"
             + (", exporting to JetStream" if pipe.export else ""))
+        if pipe.export and pipe.serve:  # the agents' stream first: the service would make an R1 one
+            self._wait_stream(replicas=min(3, nats_nodes))
         if pipe.serve:
             info["service"] = self._start_service(js.urls, topo, slot)
             say(f"QoS service at {info['service']['url']}")
@@ -239,6 +243,49 @@ class LocaliseLab:
                     raise LabError(f"{d} exited during up: {_tail(self.state / (d + '.log'))}")
             time.sleep(0.1)
         raise LabError(f"{what} not ready after {timeout:.0f} s")
+
+    # -- JetStream ---------------------------------------------------------------------------------
+    def jsz(self) -> dict[str, Any] | None:
+        """``/jsz?streams=true&config=true`` of the first running node (None: none answers)."""
+        if self.js is None:
+            return None
+        for node in self.js.nodes:
+            if node.running:
+                raw = self.js._get(node, "/jsz?streams=true&config=true")
+                if raw:
+                    try:
+                        return dict(json.loads(raw))
+                    except ValueError:
+                        continue
+        return None
+
+    def _wait_stream(self, replicas: int) -> None:
+        """Until the agents have created stream IQN with ``replicas`` replicas (they do on
+        connecting); the service, started before it exists, would create it with one."""
+        def made() -> bool:
+            doc = self.jsz() or {}
+            return any(st.get("name") == "IQN" and st.get("config", {}).get("num_replicas") == replicas
+                       for acc in doc.get("account_details") or [] for st in acc.get("stream_detail") or [])
+
+        self._wait(made, f"stream IQN (R{replicas}) from the agents", [f"agent-{r.role}" for r in
+                                                                       self.plan.routers], AGENT_TIMEOUT)
+
+    def kill_nats(self, i: int) -> str:
+        """SIGKILL JetStream node ``i`` (no goodbye to the cluster); returns its URL."""
+        if self.js is None or not 0 <= i < len(self.js.nodes):
+            raise LabError(f"no JetStream node {i} in this process")
+        self.js.kill(i)
+        return str(self.js.nodes[i].url)
+
+    def agent_status(self, role: str) -> dict[str, Any] | None:
+        """The agent's ``status`` on router ``role`` (None: it does not answer)."""
+        from iqn_ctl.live.api import ApiError, request, sock_path
+
+        rt = self.plan.router(role)
+        try:
+            return dict(request(sock_path(self.state / f"run-{role}", rt.uplink), "status"))
+        except ApiError:
+            return None
 
     # -- the ISP agents and the QoS service --------------------------------------------------------
     def _start_agent(self, role: str, slot: float, p: float, n: int, export: list[str]) -> dict[str, Any]:
