@@ -87,6 +87,37 @@ def test_shortened_localisation_ranks_the_faulty_access_link_first(tmp_path: Pat
     assert not LocaliseLab(prefix).state.exists()
 
 
+def test_cluster_node_killed_mid_run_loses_and_doubles_no_record(tmp_path: Path, prefix: str) -> None:
+    """`iqn-lab demo --localise --cluster 3 --kill-node`, shortened (2 slots of 10 s, 9 players):
+    the JetStream node rtr-1's agent exports through is SIGKILLed half way into slot 2; the
+    service still names sub-a, and every record of both agents' histories is in the R3 stream
+    once and stored once (by id)."""
+    _prereqs()
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "iqn_lab.cli", "demo", "--localise", "--fault", "access", "--slot", "10",
+           "--slots", "2", "--players", "3", "--cluster", "3", "--kill-node", "--prefix", prefix,
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["nats_nodes"] == 3 and rep["pipeline"] == "live"
+    killed = rep["killed_node"]
+    assert killed and killed["url"] == killed["agent_was_connected_to"], killed
+    assert rep["first_slot"] + 10.0 <= killed["at"] <= rep["first_slot"] + 20.0
+    rec = rep["records"]
+    assert rec["stream_replicas"] == 3
+    assert killed["url"] not in rec["drain"]["connected"], rec["drain"]  # both agents export through others
+    assert rec["stalls"] > 0 and rec["sessions"] >= 9, rec  # 9 players, a watched-time record per slot
+    assert rec["lost"] == [] and rec["unknown"] == [] and rec["doubled"] == 0 and rec["unexported"] == 0, rec
+    assert rec["agents"] == rec["stream"] == rec["stored"] and rec["ok"], rec
+    for s in rep["slots"][1:]:
+        assert s["ranking"] and s["ranking"][0] == "sub-a", s
+    assert rep["target"]["healthy_flagged"] == [], rep["target"]
+    lat = rep["latency"]["stall_end_to_stored"]
+    assert lat["total"]["n"] > 0 and lat["total"]["p50_s"] > 0 and lat["detect"]["n"] == lat["total"]["n"]
+    assert not _left(prefix)
+
+
 def test_cli_up_and_down_and_a_failed_up_leave_nothing(prefix: str) -> None:
     _prereqs()
     # a failure half way (the agent refuses --p 0 after the namespaces, servers and broker are up)

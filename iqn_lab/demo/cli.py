@@ -25,7 +25,9 @@ def demo(
     n: int = typer.Option(P.DEFAULT_N, "--n", help="toggles per signal (even)"),
     starve_rate: str = typer.Option("100kbit", "--starve-rate", help="media path rate during a squeeze"),
     release: float = typer.Option(5.0, "--release", help="seconds unshaped between squeezes"),
-    seed: int = typer.Option(1, "--seed", help="order of the stall lengths (localise: the players' signal phases)"),
+    seed: int = typer.Option(
+        1, "--seed", help="order of the stall lengths (localise: the players' signal phases)"
+    ),
     localise: bool = typer.Option(
         False, "--localise", help="the localisation demo: a fault, many signal players, the QoS service"
     ),
@@ -102,7 +104,8 @@ def _mitigation(prefix: str, out: Path | None, link: str, viewers: int, duration
 
 
 def _localise(prefix: str, out: Path | None, p: float, n: int, fault: str, slot: float, slots: int,
-              players: int, rate: str | None, nats_nodes: int, keep: bool, seed: int, kill_node: bool) -> None:
+              players: int, rate: str | None, nats_nodes: int, keep: bool, seed: int,
+              kill_node: bool) -> None:
     from iqn_lab.localise.demo import LocaliseConfig, run_localise
     from iqn_lab.shaping import parse_rate
 

@@ -75,6 +75,15 @@ def stream_messages(jsz: Mapping[str, Any], stream: str = "IQN") -> int | None:
     return None
 
 
+def stream_replicas(jsz: Mapping[str, Any], stream: str = "IQN") -> int | None:
+    """Replicas of ``stream`` by a node's ``/jsz?streams=true&config=true`` answer."""
+    for acc in jsz.get("account_details") or []:
+        for st in acc.get("stream_detail") or []:
+            if st.get("name") == stream:
+                return int(st.get("config", {}).get("num_replicas", 0))
+    return None
+
+
 def audit(records: Sequence[Mapping[str, Any]], stream: int | None, stored: Mapping[str, float],
           lines: Mapping[str, int]) -> dict[str, Any]:
     """The agents' records against the stream and the store, by id.

@@ -183,6 +183,7 @@ def _drained(lab: LocaliseLab, info: dict[str, Any], timeout: float = DRAIN_WAIT
         stored = sum(int(v) for v in (ing.get("records") or {}).values())
         seen = {"backlog": [e.get("backlog") for e in exp], "exported": sent, "stored": stored,
                 "retries": [e.get("retries") for e in exp], "errors": [e.get("errors") for e in exp],
+                "connected": [e.get("connected") for e in exp],
                 "lag": ing.get("lag"), "ack_pending": ing.get("ack_pending")}
         if (all(e.get("backlog") == 0 for e in exp) and sent > 0 and stored >= sent
                 and not ing.get("lag") and not ing.get("ack_pending")):
@@ -257,6 +258,7 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
         stored, line_ids = A.store_records(store)
         records = A.audit(recs, A.stream_messages(lab.jsz() or {}), stored, line_ids)
         records["drain"] = drained
+        records["stream_replicas"] = A.stream_replicas(lab.jsz() or {})
         latency = {"stall_end_to_stored": A.stall_latency(logs, recs, stored),
                    "slot_end_to_session_stored": A.session_latency(recs, stored)}
         say(f"records: {records['agents']} in the agents' histories ({records['stalls']} stalls, "
