@@ -208,6 +208,7 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
     time.sleep(max(0.0, first - LEAD - time.time()))
     duration = LEAD + cfg.slots * cfg.slot - 0.5
     player_dir = cfg.out / "players"
+    drops0 = lab.udp_drops()
     pids = lab.start_players(cfg.players, duration, player_dir, stagger=1.5, seed=cfg.seed)
     if cfg.kill_node:  # mid-run: half way through the second slot
         kill_at = first + 1.5 * cfg.slot
@@ -245,6 +246,7 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
         deadline = time.monotonic() + 30
         while procs.alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
+    drops = {k: v - drops0.get(k, 0) for k, v in lab.udp_drops().items()}
     logs = {p.stem: read_log(p) for p in sorted(player_dir.glob("*.jsonl"))}
     records: dict[str, Any] = {}
     latency: dict[str, Any] = {}
@@ -290,7 +292,7 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
         "latency": latency or None, "seed": cfg.seed, "p": cfg.p, "n": cfg.n, "first_slot": first,
         "heatmap": "heatmap.png" if heat.returncode == 0 else None,
         "players_cpu_s": round(sum(cpu.values()), 2),
-        "players_runqueue_wait_s": [round(waited[p], 2) for p in pids],
+        "players_runqueue_wait_s": [round(waited[p], 2) for p in pids], "players_udp_drops": drops,
         "players_cpu_share": round(sum(cpu.values()) / wall, 3),
         "players_stalls": sum(1 for ev in logs.values() for e in ev if e.get("event") == "stall"
                               and not e.get("startup")),

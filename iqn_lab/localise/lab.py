@@ -370,6 +370,19 @@ class LocaliseLab:
                 "--seed", str(seed)], ns=self.ns(role)))  # fmt: skip
         return pids
 
+    def udp_drops(self) -> dict[str, int]:
+        """Per subnet: UDP datagrams its namespace's kernel dropped for a full receive buffer
+        (``RcvbufErrors``): a player loop that fell behind loses segments, and QUIC's recovery
+        turns them into stalls the network did not cause."""
+        out: dict[str, int] = {}
+        for sn in self.plan.subnets:
+            r = subprocess.run(["ip", "netns", "exec", self.ns(sn.role), "cat", "/proc/net/snmp"],
+                               capture_output=True, text=True)
+            rows = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("Udp:")]
+            if len(rows) >= 2 and "RcvbufErrors" in rows[0]:
+                out[sn.cid] = int(rows[1][rows[0].index("RcvbufErrors")])
+        return out
+
     # -- faults ------------------------------------------------------------------------------------
     def inject(self, fault: str, rate: int) -> dict[str, Any]:
         """An htb bottleneck of ``rate`` bit/s for the video crossing the fault's link
