@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from iqn_lab.errors import LabError
 from iqn_lab.localise.audit import audit, session_latency, stall_latency, stream_messages
+from iqn_lab.localise.demo import LocaliseConfig, run_localise
 
 
 def _recs() -> list[dict[str, Any]]:
@@ -55,3 +60,9 @@ def test_stream_messages_reads_the_monitoring_answer() -> None:
     doc = {"account_details": [{"stream_detail": [{"name": "X", "state": {"messages": 9}},
                                                   {"name": "IQN", "state": {"messages": 42}}]}]}
     assert stream_messages(doc) == 42 and stream_messages({}) is None
+
+
+def test_kill_node_needs_a_cluster(tmp_path: Path) -> None:
+    with pytest.raises(LabError, match="--kill-node needs a JetStream cluster"):
+        run_localise(LocaliseConfig(out=tmp_path / "run", kill_node=True, nats_nodes=1), say=print)
+    assert not (tmp_path / "run").exists()
