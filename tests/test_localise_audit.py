@@ -47,9 +47,12 @@ def test_stall_latency_pairs_player_stalls_with_the_agents_records() -> None:
         {"event": "stall", "start": 110.1, "end": 111.9, "startup": False},
         {"event": "stall", "start": 150.0, "end": 151.0, "startup": False},  # the agent missed this one
     ], "sub-b-00": [{"event": "start", "t": 95.0, "client": "198.18.2.10"},
-                    {"event": "stall", "start": 100.0, "end": 104.0, "startup": False}]}  # other client
-    stored = {"rtr-1/u/stall/1": 105.0, "rtr-1/u/stall/2": 113.0, "rtr-1/u/session/1": 122.5}
-    got = stall_latency(logs, _recs(), stored)
+                    {"event": "stall", "start": 130.0, "end": 131.0, "startup": False}]}
+    other = {"id": "rtr-1/u/stall/3", "type": "stall", "client": "198.18.2.99", "start": 130.1, "end": 131.2,
+             "detected_at": 131.5, "exported_at": 131.6}  # the same time, another client: no match
+    stored = {"rtr-1/u/stall/1": 105.0, "rtr-1/u/stall/2": 113.0, "rtr-1/u/stall/3": 132.0,
+              "rtr-1/u/session/1": 122.5}
+    got = stall_latency(logs, [*_recs(), other], stored)
     assert (got["player_stalls"], got["matched"], got["unmatched"]) == (4, 2, 2)
     assert got["total"]["n"] == 2 and got["total"]["max_s"] == 1.1 and got["total"]["p50_s"] == 1.0
     assert got["detect"]["max_s"] == 0.6 and got["router"]["max_s"] == 0.5
