@@ -91,7 +91,9 @@ def audit(records: Sequence[Mapping[str, Any]], stream: int | None, stored: Mapp
     ``lost``: in an agent's history, not stored; ``unknown``: stored, in no history;
     ``doubled``: stream messages beyond one per record (a duplicate that JetStream's
     de-duplication let through), plus records with more than one media line in the store.
-    ``unexported``: records the agents have not had acknowledged (none, once drained)."""
+    ``unexported``: records the agents have not had acknowledged (none, once drained).
+    One message per record: the lab's agents export schema-v1 messages (the default; with
+    batch messages the stream count would be of batches, not records)."""
     ids = [str(r["id"]) for r in records]
     uniq = set(ids)
     lost = sorted(uniq - set(stored))
