@@ -29,6 +29,7 @@ from iqn_ctl.live.settings import (
     DEFAULT_RING_PAGES,
     DEFAULT_XDP_MODE,
 )
+from iqn_ctl.live.watchdog import DEFAULT_PERIOD as DEFAULT_WATCHDOG
 
 from .common import (
     OptBulkRatio,
@@ -74,7 +75,22 @@ def _setup_logging(handler: logging.Handler | None = None, level: str = "info", 
 @app.command()
 @friendly
 def attach(
-    iface: str = typer.Argument(..., help="interface on the server-to-client path, e.g. eth0"),
+    ctx: typer.Context,
+    ifaces: list[str] | None = typer.Argument(
+        None, metavar="[IFACE]...",
+        help="interfaces on the server-to-client path, e.g. eth0 (several: one process, one /metrics); "
+             "none: every [interfaces.NAME] of --config",
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", envvar="IQN_CONFIG",
+        help="TOML config file (e.g. /etc/iqn/iqn.toml): [global] and [interfaces.NAME] sections, a key per "
+             "flag; flags override it (docs/agent.md, 'Config file')",
+    ),
+    watchdog: float = typer.Option(
+        DEFAULT_WATCHDOG, "--watchdog",
+        help="seconds between checks that IQN's program is still attached (replaced, removed, interface "
+             "gone: logged, shown, attached again); 0: off",
+    ),
     p: float = OptP,
     n: int = OptN,
     min_size: int = OptMin,
@@ -188,73 +204,63 @@ def attach(
         help="--mitigate: seconds without a boost that end a client's episode (its boosts, at most "
              "--boost-max s in all)"),
 ) -> None:
-    """Load the classifier on IFACE (XDP or TC) and infer stalls live until SIGINT/SIGTERM."""
+    """Load the classifier on each IFACE (XDP or TC) and infer stalls live until SIGINT/SIGTERM."""
     from iqn_ctl.extras import require
 
     require("iqn-ctl attach", "pyroute2", "prometheus_client")  # the router role
-    from iqn_ctl.engine.params import CandidateFilter, SignalParams
-    from iqn_ctl.live.agent import AgentConfig, check_iface, need_root, serve
+    from iqn_ctl.live.agent import check_iface, need_root
+    from iqn_ctl.live.config import KEYS, load
+    from iqn_ctl.live.supervisor import serve
 
-    if pairing not in ("on", "off"):
-        raise UserError(f"--pairing must be on or off, got {pairing!r}")
-    from iqn_common.logsetup import check as check_log
-
-    check_log(log_level, log_format, UserError)
-    cfg = AgentConfig(
-        iface=iface, params=SignalParams(p, n), filt=CandidateFilter(port, min_size, max_size),
-        estimator=estimator, key_mode=key, max_flows=max_flows, xdp_mode=xdp_mode, force=force,
-        state_dir=state_dir, run_dir=run_dir, metrics_port=metrics_port, metrics_addr=metrics_addr,
-        ring_pages=ring_pages, bulk_ratio=bulk_ratio, redact=redact, source_rate=source_rate,
-        slot=slot, export=tuple(export or ()), router_id=router_id, export_replicas=export_replicas,
-        export_batch=export_batch, hook=hook, direction=direction,
-        backlog=backlog,
-        pairing=pairing == "on", pair_window=pair_window, cap=cap, group=group,
-        mitigate=_mitigate(mitigate, link_rate, boost_rate, boost_max, boost_share, boost_gap),
-    )
-    cfg.validate()
+    values, explicit = _flag_values(ctx, KEYS)
+    shared, cfgs, proc = load(config, list(ifaces or []), values, explicit)
     need_root("attach")
-    check_iface(iface)
-    if daemon:
-        _daemonize(cfg, log_level, log_format)
+    for cfg in cfgs:
+        check_iface(cfg.iface)
+    level, fmt = proc["log-level"], proc["log-format"]
+    if proc["daemon"]:
+        _daemonize(cfgs, shared, level, fmt)
         return
-    _setup_logging(None, log_level, log_format)
-    serve(cfg)
+    _setup_logging(None, level, fmt)
+    serve(cfgs, shared)
 
 
-def _mitigate(egress: str | None, link_rate: str | None, boost_rate: str, boost_max: float,
-              boost_share: float, boost_gap: float) -> Any:
-    """The --mitigate settings (None without it); a bad value is a one-line error."""
-    if egress is None:
-        if link_rate is not None:
-            raise UserError("--link-rate needs --mitigate EGRESS_IFACE")
-        return None
-    from iqn_ctl.live.mitigate import MitigateConfig, MitigateError, parse_rate
-
-    try:
-        cfg = MitigateConfig(egress, parse_rate(link_rate, "--link-rate") if link_rate else None,
-                             parse_rate(boost_rate, "--boost-rate"), boost_share, boost_max, boost_gap)
-    except MitigateError as e:
-        raise UserError(str(e)) from None
-    problem = cfg.problem()
-    if problem:
-        raise UserError(problem)
-    return cfg
+def _flag_values(ctx: typer.Context, keys: dict[str, str]) -> tuple[dict[str, Any], set[str]]:
+    """Every config key's value as this command line has it, and the keys given
+    on it (or by environment variable): those override the config file."""
+    values: dict[str, Any] = {}
+    explicit: set[str] = set()
+    for param in ctx.command.params:
+        key = next((o[2:] for o in param.opts if o.startswith("--") and o[2:] in keys), None)
+        if key is None or param.name is None:
+            continue
+        values[key] = ctx.params[param.name]
+        source = ctx.get_parameter_source(param.name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            explicit.add(key)
+    missing = set(keys) - set(values)
+    assert not missing, f"config keys without an attach flag: {sorted(missing)}"
+    return values, explicit
 
 
-def _daemonize(cfg: Any, log_level: str = "info", log_format: str = "text") -> None:
+def _daemonize(cfgs: list[Any], shared: Any, log_level: str = "info", log_format: str = "text") -> None:
     """Fork a detached agent; this process waits until it is attached (or has
     failed) so errors still reach the terminal and the exit status."""
-    from iqn_ctl.live.agent import DaemonLog, InterfaceLock, serve
+    from iqn_ctl.live.agent import DaemonLog, InterfaceLock
     from iqn_ctl.live.api import ensure_private_dir
+    from iqn_ctl.live.supervisor import serve
 
-    holder = InterfaceLock(cfg.run_dir, cfg.iface).holder()
-    if holder is not None:
-        raise UserError(
-            f"an IQN agent is already attached to {cfg.iface} (pid {holder}); "
-            f"run 'iqn-ctl detach {cfg.iface}' first"
-        )
-    ensure_private_dir(cfg.state_dir, "state dir")
-    log_path = cfg.state_dir / f"{cfg.iface}.log"
+    for cfg in cfgs:
+        holder = InterfaceLock(cfg.run_dir, cfg.iface).holder()
+        if holder is not None:
+            raise UserError(
+                f"an IQN agent is already attached to {cfg.iface} (pid {holder}); "
+                f"run 'iqn-ctl detach {cfg.iface}' first"
+            )
+    first = cfgs[0]
+    names = ", ".join(c.iface for c in cfgs)
+    ensure_private_dir(first.state_dir, "state dir")
+    log_path = first.state_dir / f"{first.iface}.log"
     logfile = DaemonLog(log_path)  # opened here, so a refused log file is the caller's error
     r, w = os.pipe()
     sys.stdout.flush()
@@ -265,10 +271,10 @@ def _daemonize(cfg: Any, log_level: str = "info", log_format: str = "text") -> N
             msg = f.read().decode(errors="replace").strip()
         if msg.startswith("ok "):
             _, pid, where = msg.split(maxsplit=2)  # where: "XDP native", "XDP skb", "TC ingress"
-            typer.echo(f"agent on {cfg.iface} running in the background (pid {pid}, {where}); "
+            typer.echo(f"agent on {names} running in the background (pid {pid}, {where}); "
                        f"log: {log_path}")
             return
-        raise UserError(msg or f"the agent on {cfg.iface} died while starting; see {log_path}")
+        raise UserError(msg or f"the agent on {names} died while starting; see {log_path}")
     # child: new session, then a second fork so the daemon can never regain a terminal
     os.close(r)
     os.setsid()
@@ -283,14 +289,17 @@ def _daemonize(cfg: Any, log_level: str = "info", log_format: str = "text") -> N
         os.chdir("/")
         _setup_logging(logfile, log_level, log_format)
 
-        def ready(agent: Any) -> None:
-            os.write(w, f"ok {os.getpid()} {agent.dp.describe()}\n".encode())
+        def ready(sup: Any) -> None:
+            slots = list(sup.slots.values())
+            where = (slots[0].agent.dp.describe() if len(slots) == 1 else
+                     ", ".join(f"{s.iface}: {s.agent.dp.describe()}" for s in slots))
+            os.write(w, f"ok {os.getpid()} {where}\n".encode())
             os.close(w)
 
-        serve(cfg, on_ready=ready)
+        serve(cfgs, shared, on_ready=ready)
     except BaseException as e:
         msg = str(e) or type(e).__name__
-        logging.getLogger("iqn.agent").error("%s: %s", cfg.iface, msg)
+        logging.getLogger("iqn.agent").error("%s: %s", names, msg)
         try:
             os.write(w, msg.encode())
         except OSError:
@@ -308,7 +317,7 @@ def detach(
 ) -> None:
     """Stop the agent on IFACE and remove IQN's XDP program or TC classifier, also after the agent was
     killed (foreign programs and classifiers stay)."""
-    from iqn_ctl.live.agent import detach as do_detach
+    from iqn_ctl.live.supervisor import detach as do_detach
 
     typer.echo(f"{iface}: {do_detach(iface, run_dir)}")
 
@@ -327,7 +336,7 @@ def _targets(run_dir: Path, iface: str | None) -> list[tuple[str, Path]]:
 @app.command()
 @friendly
 def flows(
-    iface: str | None = typer.Option(None, "--iface", help="only this interface's agent"),
+    iface: str | None = typer.Option(None, "--interface", "--iface", help="only this interface"),
     as_json: bool = OptJson,
     run_dir: Path = OptRunDir,
     stalling: bool = typer.Option(False, "--stalling", help="only flows in a stall"),
@@ -340,7 +349,7 @@ def flows(
         opts["limit"] = limit
     for name, path in _targets(run_dir, iface):
         try:
-            got = request(path, "flows", **opts)
+            got = request(path, "flows", iface=name, **opts)  # one process may serve several
         except NoAgent:
             if iface is not None:
                 raise UserError(
@@ -374,7 +383,7 @@ def flows(
 @app.command()
 @friendly
 def stalls(
-    iface: str | None = typer.Option(None, "--iface", help="only stalls seen on this interface"),
+    iface: str | None = typer.Option(None, "--interface", "--iface", help="only stalls seen on this one"),
     since: float | None = typer.Option(None, "--since", help="only stalls ending at/after this epoch"),
     as_json: bool = OptJson,
     state_dir: Path = OptStateDir,
@@ -455,12 +464,15 @@ def _hook(st: dict[str, Any]) -> str:
 
 @app.command()
 @friendly
-def status(as_json: bool = OptJson, run_dir: Path = OptRunDir) -> None:
+def status(
+    as_json: bool = OptJson, run_dir: Path = OptRunDir,
+    iface: str | None = typer.Option(None, "--interface", "--iface", help="only this interface"),
+) -> None:
     """Running agents: interface, hook (XDP mode or TC direction), packets, candidates, lost events, flows."""
     rows: list[dict[str, Any]] = []
-    for name, path in agent_sockets(run_dir):
+    for name, path in _targets(run_dir, iface):
         try:
-            st = request(path, "status")
+            st = request(path, "status", iface=name)  # one process may serve several
             st["running"] = True
         except NoAgent:
             st = {"iface": name, "running": False,
@@ -488,6 +500,9 @@ def status(as_json: bool = OptJson, run_dir: Path = OptRunDir) -> None:
             cap = f"cap {st['cap']:g} bursts/s per client" if st.get("cap") else "no cap"
             typer.echo(f"  forgery guard: pairing {st['pairing']}, {cap}; unpaired {st.get('unpaired', 0)}, "
                        f"capped {st.get('capped', 0)}, client packets {st.get('client_packets', 0)}")
+        if st.get("attach_state") not in (None, "attached"):
+            typer.echo(f"  warning: {st['iface']} is {st['attach_state']}: {st.get('attach_note', '')}",
+                       err=True)
         if st["lost"]:
             typer.echo(f"  warning: {st['lost']} candidate events lost on {st['iface']}: "
                        "the agent could not keep up; stalls may be missed", err=True)

@@ -333,6 +333,9 @@ class AgentConfig:
     group: str | None = None
     #: --mitigate EGRESS and its --boost-* knobs (iqn_ctl.live.mitigate); None: no boost
     mitigate: MitigateConfig | None = None
+    #: serve this interface's own API socket; False under a supervisor
+    #: (iqn_ctl.live.supervisor), which serves one socket for all its interfaces
+    api: bool = True
 
     def guard(self) -> Guard:
         """The data plane's forgery guard as configured."""
@@ -519,7 +522,8 @@ class Agent:
         self._start_boost()
         self.started_at = self._wall()
         self._started_mono = time.monotonic()
-        self.api = ApiServer(sock_path(cfg.run_dir, cfg.iface), self._handle, self.access).start()
+        if cfg.api:
+            self.api = ApiServer(sock_path(cfg.run_dir, cfg.iface), self._handle, self.access).start()
         self._share_access()
         if cfg.metrics_port is not None:
             from iqn_ctl.live.metrics import AgentMetrics

@@ -219,8 +219,9 @@ class ApiServer:
         else:
             conn.sendall(json.dumps(resp).encode() + b"\n")
 
-    def close(self) -> None:
-        """Stop serving and remove the socket file; idempotent."""
+    def close(self, unlink: bool = True) -> None:
+        """Stop serving and remove the socket file (unless ``unlink`` is false: the
+        caller removes the names it still owns); idempotent."""
         self._stop.set()
         try:
             self._sock.close()
@@ -228,6 +229,8 @@ class ApiServer:
             pass
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
+        if not unlink:
+            return
         try:
             self.path.unlink()
         except FileNotFoundError:

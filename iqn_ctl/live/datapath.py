@@ -696,6 +696,22 @@ class Datapath:
         self._remove_egress()
         self.mode = self.hook = None
 
+    def reattach(self) -> str:
+        """Attach the loaded program again, after the attach watchdog
+        (:mod:`iqn_ctl.live.watchdog`) found it gone: removed, replaced by a
+        foreign XDP program, or its interface deleted and created again.
+        Whatever is left of ours goes first (never a foreign program); then
+        :meth:`attach` decides as at start: ``force`` replaces a foreign XDP
+        program, ``auto`` puts the TC classifier beside it, ``xdp`` refuses.
+        The maps and the ring stay, so the reader and the flow counters carry on."""
+        if self._closed:
+            raise DatapathError("data plane already closed")
+        with contextlib.suppress(DatapathError, tc.TcError):
+            self.detach()
+        self.mode = self.hook = None
+        self.tc_prio = self.pair_prio = None
+        return self.attach()
+
     def close(self) -> None:
         """Detach and release the program, maps and the ring buffer."""
         if self._closed:

@@ -1,0 +1,173 @@
+"""The attach watchdog: is our classifier still where the agent put it?
+
+Why: the agent reads what its program writes to the ring; if another tool
+replaces the XDP program (``ip link set dev X xdp obj ...``, bpftool, a
+firewall's loader), removes it or deletes the clsact qdisc, or the interface
+itself goes away (PPPoE redial, a bond rebuilt, a veth re-created), the agent
+keeps running and its counters flat-line: nothing says why. So every
+``--watchdog`` seconds the supervisor asks the kernel, per interface, and
+acts on the answer:
+
+==========  ===========================================  ================================
+state       what the kernel shows                        what the watchdog does
+==========  ===========================================  ================================
+attached    our program (by id) on the hook, and the     nothing
+            pairing classifier if pairing is on
+replaced    another XDP program where ours was           ``--force``: replace it again;
+                                                         ``--hook auto``: TC beside it;
+                                                         ``--hook xdp``: wait, retry
+removed     nothing of ours (or only part of it)         attach again
+gone        no interface of that name                    wait; attach again when an
+                                                         interface of that name is back
+==========  ===========================================  ================================
+
+Re-attaching reuses the loaded program (:meth:`Datapath.reattach`): its maps
+and ring stay, so the event loop never notices. An interface that comes back
+as another device type (Ethernet vs layer 3) needs the program compiled for
+it: that is logged as an error and the state stays ``gone`` until the agent
+is restarted. Every change of state is one log line and shows in ``status``
+(``attach_state``, ``attach_note``, ``reattaches``) and in the metric
+``iqn_attach_state{iface, state}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from iqn_ctl.errors import IqnError
+
+if TYPE_CHECKING:
+    from iqn_ctl.live.datapath import Datapath
+
+log = logging.getLogger("iqn.watchdog")
+
+#: default --watchdog period (s): a replaced program is noticed within this
+DEFAULT_PERIOD = 1.0
+
+ATTACHED, REPLACED, REMOVED, GONE = "attached", "replaced", "removed", "gone"
+
+
+def ifindex(iface: str) -> int | None:
+    """The interface's index now, None when no interface has that name."""
+    try:
+        return socket.if_nametoindex(iface)
+    except OSError:
+        return None
+
+
+@dataclass
+class Finding:
+    """What the kernel shows for one interface: a state and, for people, why."""
+
+    state: str
+    note: str = ""
+
+
+def inspect(dp: Datapath, index: int) -> Finding:
+    """Look at the interface ``dp`` was attached to (``index``: its ifindex then)."""
+    from iqn_ctl.live import tc
+    from iqn_ctl.live.datapath import EGRESS_PROG, TC_PROG_NAME, DatapathError, xdp_program_on
+
+    iface = dp.iface
+    now = ifindex(iface)
+    if now is None:
+        return Finding(GONE, f"{iface} no longer exists")
+    if now != index:
+        return Finding(GONE, f"{iface} was deleted and created again (ifindex {index} -> {now})")
+    try:
+        if dp.hook == "xdp":
+            xdp = xdp_program_on(iface)
+            if xdp is None:
+                return Finding(REMOVED, f"IQN's XDP program (id {dp.prog_id}) was removed from {iface}")
+            if xdp[0] != dp.prog_id:
+                return Finding(REPLACED, f"IQN's XDP program (id {dp.prog_id}) on {iface} was replaced by "
+                                         f"{xdp[1]!r} (id {xdp[0]})")
+        elif dp.hook == "tc":
+            if not any(f.name == TC_PROG_NAME for f in tc.filters(iface, dp.direction)):  # type: ignore[arg-type]
+                return Finding(REMOVED, f"IQN's TC classifier was removed from {iface} {dp.direction}")
+        else:
+            return Finding(REMOVED, f"IQN's classifier is not attached to {iface}")
+        if dp.egress_fd is not None and not any(
+            f.name == EGRESS_PROG for f in tc.filters(iface, dp.pair_direction)  # type: ignore[arg-type]
+        ):
+            return Finding(REMOVED, f"IQN's pairing classifier was removed from {iface} {dp.pair_direction}")
+    except (DatapathError, tc.TcError) as e:
+        if ifindex(iface) is None:  # it went away while we looked
+            return Finding(GONE, f"{iface} no longer exists")
+        return Finding(REMOVED, f"cannot inspect {iface}: {e}")
+    return Finding(ATTACHED)
+
+
+@dataclass
+class Watch:
+    """The watchdog's memory of one interface: its state, the ifindex the
+    program was attached to, how often it was put back, and the last note."""
+
+    dp: Datapath
+    index: int
+    state: str = ATTACHED
+    note: str = ""
+    reattaches: int = 0
+    since: float = field(default_factory=time.time)
+    #: the last re-attach failure logged (logged once per different reason, not every period)
+    _failed: str = ""
+
+    def check(self) -> str:
+        """One look and, if needed, one attempt to recover; returns the state."""
+        dp = self.dp
+        found = inspect(dp, self.index)
+        if found.state == ATTACHED:
+            self._set(ATTACHED, "")
+            return self.state
+        if found.state != self.state or found.note != self.note:
+            log.warning("%s: %s", dp.iface, found.note)
+        self._set(found.state, found.note)
+        index = ifindex(dp.iface)
+        if index is None:
+            return self.state  # wait for the interface to come back
+        try:
+            self._same_device()
+            mode = dp.reattach()
+        except IqnError as e:
+            reason = str(e)
+            if reason != self._failed:
+                log.error("%s: cannot attach again: %s (retrying every check)", dp.iface, reason)
+                self._failed = reason
+            return self.state
+        self.index = index
+        self.reattaches += 1
+        self._failed = ""
+        log.warning("%s: attached again (%s%s) after: %s", dp.iface, dp.describe(),
+                    "" if mode != "tc" or dp.hook_wanted == "tc" else ", beside the foreign XDP program",
+                    found.note)
+        self._set(ATTACHED, f"attached again ({dp.describe()}) after: {found.note}")
+        return self.state
+
+    def _same_device(self) -> None:
+        """The program was compiled for the interface's first header (Ethernet or IP)."""
+        from iqn_ctl.live.devtype import DeviceTypeError, device_type
+
+        try:
+            now = device_type(self.dp.iface)
+        except DeviceTypeError as e:
+            raise WatchError(str(e)) from None
+        if now.l3 != self.dp.device.l3:
+            raise WatchError(
+                f"{self.dp.iface} came back as a {now.name} device ({now.link}), it was "
+                f"{self.dp.device.name} ({self.dp.device.link}): restart the agent to compile the "
+                "classifier for it")
+
+    def _set(self, state: str, note: str) -> None:
+        if state != self.state:
+            self.since = time.time()
+        self.state = state
+        if note or state == ATTACHED:
+            self.note = note if note else self.note
+
+
+class WatchError(IqnError):
+    """The interface cannot take the program it was compiled for."""
