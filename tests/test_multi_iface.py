@@ -24,16 +24,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from test_agent_live import DEADLINE, LEAD, burst_times, need_xdp, poll_until, stop, wait_ready
 
 from iqn_ctl.live.api import ApiError, request, sock_path
-from iqn_lab.testbed import PY
+from iqn_lab.testbed import PY, sh
 from iqn_lab.testbed import Testbed as Lab
-from iqn_lab.testbed import sh
 
 
 def add_pair(lab: Lab, srv_if: str, cli_if: str, net: str) -> dict[str, str]:
@@ -85,8 +83,8 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             f"[global]\nmetrics-port = {port}\nstate-dir = \"{base / 'state'}\"\nwatchdog = 0.2\n"
             f"[interfaces.{lab.cli_if}]\n"
             f"[interfaces.{b['cli_dev']}]\nforce = true\n")
-        proc = subprocess.Popen(lab.agent_cmd("attach", "--config", str(cfg)), env=env, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(lab.agent_cmd("attach", "--config", str(cfg)), env=env,
+                                stderr=subprocess.PIPE, text=True)
         try:
             for dev in (lab.cli_if, b["cli_dev"]):
                 wait_ready(sock_path(run, dev), proc)
@@ -118,7 +116,8 @@ def one_stall(ag: dict[str, Any], side: dict[str, str], dport: int, seed: int) -
     before = status(ag, dev)["stalls_ended"]
     out, err = signal_on(ag, side, dport, seed).communicate(timeout=60)
     assert out, err
-    return poll_until(lambda: status(ag, dev), lambda st: st["stalls_ended"] > before and not st["flows_in_stall"])
+    return poll_until(lambda: status(ag, dev),
+                      lambda st: st["stalls_ended"] > before and not st["flows_in_stall"])
 
 
 def scrape(ag: dict[str, Any]) -> str:
@@ -142,7 +141,8 @@ def test_two_interfaces_one_process_one_metrics(agent: dict[str, Any]) -> None:
         out, err = s.communicate(timeout=60)
         assert out, err
     for dev in (a, b):
-        st = poll_until(lambda d=dev: status(ag, d), lambda st: st["stalls_ended"] >= 1 and not st["flows_in_stall"])
+        st = poll_until(lambda d=dev: status(ag, d),
+                        lambda st: st["stalls_ended"] >= 1 and not st["flows_in_stall"])
         assert st["stalls_ended"] == 1 and st["iface"] == dev, st
         assert st["attach_state"] == "attached" and st["interfaces"] == [a, b], st
     assert status(ag, a)["pid"] == status(ag, b)["pid"]  # one process
@@ -150,7 +150,8 @@ def test_two_interfaces_one_process_one_metrics(agent: dict[str, Any]) -> None:
     ended = series(text, "iqn_stalls_ended_total")
     assert ended == {f'{{iface="{a}"}}': 1.0, f'{{iface="{b}"}}': 1.0}, ended
     state = series(text, "iqn_attach_state")
-    assert state[f'{{iface="{a}",state="attached"}}'] == 1.0 and state[f'{{iface="{b}",state="attached"}}'] == 1.0
+    assert state[f'{{iface="{a}",state="attached"}}'] == state[f'{{iface="{b}",state="attached"}}'] == 1.0
+    assert state[f'{{iface="{a}",state="gone"}}'] == 0.0
     for name in ("iqn_stalls_discarded_total", "iqn_late_events_total", "iqn_evicted_flows_total",
                  "iqn_expired_flows_total", "iqn_lost_events_total"):
         assert set(series(text, name)) == {f'{{iface="{a}"}}', f'{{iface="{b}"}}'}, name
@@ -164,7 +165,8 @@ def test_two_interfaces_one_process_one_metrics(agent: dict[str, Any]) -> None:
     flows = json.loads(cli(ag, "flows", "--json").stdout)
     assert sorted({f["iface"] for f in flows}) == sorted([a, b])
     flows_b = json.loads(cli(ag, "flows", "--json", "--interface", b).stdout)
-    assert flows_b and {f["iface"] for f in flows_b} == {b} and {f["client"] for f in flows_b} == {ag["b"]["cli"]}
+    assert flows_b and {f["iface"] for f in flows_b} == {b}
+    assert {f["client"] for f in flows_b} == {ag["b"]["cli"]}
     stalls = [json.loads(x) for x in cli(ag, "stalls", "--json", "--state-dir", str(ag["state"]),
                                          "--interface", a).stdout.splitlines()]
     assert [s["iface"] for s in stalls] == [a]
