@@ -19,6 +19,7 @@ from conftest import ROOT, need, need_root
 
 UNIT = Path("/lib/systemd/system/iqn-ctl@.service")
 DROPIN = Path("/etc/systemd/system/iqn-ctl@.service.d/iqn.conf")
+CONFIG, CONFIG_UNIT = Path("/etc/iqn/iqn.toml"), Path("/lib/systemd/system/iqn-ctl.service")
 OPT, STATE = Path("/opt/iqn"), Path("/var/lib/iqn")
 
 
@@ -45,7 +46,7 @@ def dpkg(*args: str) -> subprocess.CompletedProcess[str]:
 def test_router_deb_builds_installs_removes_and_purges(tmp_path: Path) -> None:
     need_root()
     need(shutil.which("dpkg-deb") is not None, "needs dpkg-deb")
-    for p in (OPT, STATE, DROPIN.parent, UNIT, Path("/usr/bin/iqn-ctl")):
+    for p in (OPT, STATE, DROPIN.parent, UNIT, Path("/usr/bin/iqn-ctl"), CONFIG.parent, CONFIG_UNIT):
         need(not p.exists(), f"{p} exists: not touching an existing install")
     need(not user_exists("iqn") and not group_exists("iqn"),
          "the iqn user or group exists: not touching an existing install")
@@ -62,6 +63,11 @@ def test_router_deb_builds_installs_removes_and_purges(tmp_path: Path) -> None:
         assert inst.returncode == 0, inst.stderr
         assert UNIT.is_file() and DROPIN.is_file() and user_exists("iqn")
         assert grp.getgrgid(pwd.getpwnam("iqn").pw_gid).gr_name == "iqn"  # the access group
+        assert CONFIG_UNIT.is_file() and CONFIG.read_text() == (ROOT / "packaging" / "iqn.toml").read_text()
+        # the unit's command line reads the installed config (it attaches nothing: no section yet)
+        chk = subprocess.run([str(OPT / ".venv" / "bin" / "iqn-ctl"), "attach", "--config", str(CONFIG)],
+                             capture_output=True, text=True, timeout=120)
+        assert chk.returncode == 2 and "no [interfaces.NAME] section" in chk.stderr, chk.stderr
         ctl = OPT / ".venv" / "bin" / "iqn-ctl"
         assert ctl.read_text().splitlines()[0] == f"#!{OPT}/.venv/bin/python"
         run = subprocess.run([str(ctl), "attach", "--help"], capture_output=True, text=True, timeout=120)
@@ -78,12 +84,14 @@ def test_router_deb_builds_installs_removes_and_purges(tmp_path: Path) -> None:
         rm = dpkg("-r", "iqn-router")
         assert rm.returncode == 0, rm.stderr
         assert not OPT.exists() and not UNIT.exists() and not Path("/usr/bin/iqn-ctl").is_symlink()
-        assert DROPIN.is_file() and user_exists("iqn")
+        assert DROPIN.is_file() and CONFIG.is_file() and user_exists("iqn")  # conffiles stay
+        assert not CONFIG_UNIT.exists()
         assert (STATE / "stalls.sqlite").read_bytes() == b"history"
         purge = dpkg("-P", "iqn-router")
         assert purge.returncode == 0, purge.stderr
         assert not DROPIN.exists() and not STATE.exists() and not user_exists("iqn")
         assert not group_exists("iqn")
+        assert not CONFIG.parent.exists()
         assert dpkg("-s", "iqn-router").returncode != 0
     finally:
         if dpkg("-s", "iqn-router").returncode == 0:

@@ -27,6 +27,7 @@ from iqn_lab.testbed import Testbed as Lab
 from iqn_lab.testbed import sh
 
 UNIT = ROOT / "packaging" / "systemd" / "iqn-ctl@.service"
+CONFIG_UNIT = ROOT / "packaging" / "systemd" / "iqn-ctl.service"
 PREFIX = "/opt/iqn"  # where the unit expects the checkout (docs/agent.md)
 
 
@@ -87,6 +88,21 @@ def test_unit_verifies(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
 
 
+def test_config_unit_verifies_and_runs_the_shipped_config(tmp_path: Path) -> None:
+    """packaging/systemd/iqn-ctl.service: every interface of /etc/iqn/iqn.toml in one process."""
+    need(shutil.which("systemd-analyze") is not None, "needs systemd-analyze (Debian package systemd)")
+    d = tmp_path / "units"
+    d.mkdir()
+    text = CONFIG_UNIT.read_text().replace(PREFIX + "/", f"{ROOT}/")
+    (d / CONFIG_UNIT.name).write_text(text)
+    r = subprocess.run(["systemd-analyze", "verify", str(d / CONFIG_UNIT.name)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    (start,) = settings(text)["ExecStart"]
+    assert shlex.split(start)[1:] == ["attach", "--config", "/etc/iqn/iqn.toml"]
+    assert "BindsTo" not in settings(text)
+
+
 def test_unit_commands_attach_and_detach_a_dashed_interface(tmp_path: Path) -> None:
     need_xdp()
     need(shutil.which("systemd-escape") is not None, "needs systemd-escape (Debian package systemd)")
@@ -106,9 +122,12 @@ def test_unit_commands_attach_and_detach_a_dashed_interface(tmp_path: Path) -> N
         lab.cli_if = name
         instance = escape(name)  # systemctl start iqn-ctl@$(systemd-escape wan-1)
         assert instance != name
-        # the device the unit binds to is the interface's own device unit
+        # the device the unit starts with and after is the interface's own device unit; not bound
+        # to it: the agent's watchdog attaches again when the interface comes back
         device = sh("systemd-escape", "--path", "--suffix=device", f"/sys/subsystem/net/devices/{name}")
-        assert re.sub(r"%i", lambda _: instance, unit["BindsTo"][0]) == device.stdout.strip()
+        assert re.sub(r"%i", lambda _: instance, unit["WantedBy"][0]) == device.stdout.strip()
+        assert re.sub(r"%i", lambda _: instance, unit["After"][0]).split()[0] == device.stdout.strip()
+        assert "BindsTo" not in unit
 
         def ns(cmd: str) -> list[str]:
             return ["ip", "netns", "exec", lab.cli_ns, *expand(cmd, instance, env_unit)]

@@ -14,7 +14,7 @@ arch=$(dpkg --print-architecture)
 stage=$(mktemp -d /tmp/iqn-deb-XXXXXX)
 trap 'rm -rf "$stage"' EXIT
 root="$stage/iqn-router"
-mkdir -p "$root/DEBIAN" "$root/opt/iqn/docs" "$root/lib/systemd/system" "$root/etc/systemd/system/iqn-ctl@.service.d" "$out"
+mkdir -p "$root/DEBIAN" "$root/opt/iqn/docs" "$root/lib/systemd/system" "$root/etc/systemd/system/iqn-ctl@.service.d" "$root/etc/iqn" "$out"
 
 # the project from a clean copy (no .venv, no data) as a wheel, then a venv at its final path
 src="$stage/src"
@@ -30,12 +30,15 @@ grep -rlF "$root" "$venv" | xargs -r sed -i "s|$root||g"
 find "$venv" -name __pycache__ -prune -exec rm -rf {} +
 
 install -m 0644 "$top/packaging/systemd/iqn-ctl@.service" "$root/lib/systemd/system/"
+install -m 0644 "$top/packaging/systemd/iqn-ctl.service" "$root/lib/systemd/system/"
 mkdir -p "$root/usr/bin"
 ln -s /opt/iqn/.venv/bin/iqn-ctl "$root/usr/bin/iqn-ctl"   # operators in group iqn run it as themselves
 install -m 0644 "$here/iqn.conf" "$root/etc/systemd/system/iqn-ctl@.service.d/iqn.conf"
+# the one file to edit for iqn-ctl.service (every interface in one process)
+install -m 0644 "$top/packaging/iqn.toml" "$root/etc/iqn/iqn.toml"
 install -m 0644 "$top/docs/agent.md" "$top/docs/deploy.md" "$root/opt/iqn/docs/"
 for f in postinst prerm postrm; do install -m 0755 "$here/$f" "$root/DEBIAN/"; done
-echo /etc/systemd/system/iqn-ctl@.service.d/iqn.conf > "$root/DEBIAN/conffiles"
+printf '%s\n' /etc/systemd/system/iqn-ctl@.service.d/iqn.conf /etc/iqn/iqn.toml > "$root/DEBIAN/conffiles"
 size=$(du -sk "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CTRL
 Package: iqn-router
@@ -48,7 +51,8 @@ Recommends: bpftool, systemd
 Section: net
 Priority: optional
 Description: IQN in-band stall notification agent for routers
- The XDP agent (iqn-ctl attach) with its systemd unit (iqn-ctl@IFACE), run as
+ The XDP agent (iqn-ctl attach) with its systemd units (iqn-ctl: every interface
+ of /etc/iqn/iqn.toml in one process; iqn-ctl@IFACE: one interface), run as
  the iqn user with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON only.
 CTRL
 deb="$out/iqn-router_${version}_${arch}.deb"
