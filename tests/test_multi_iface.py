@@ -55,14 +55,16 @@ def xdp_name(lab: Lab, dev: str) -> str | None:
     return str(((xdp.get("attached") or [xdp])[0]).get("prog", {}).get("name", "?")) if xdp else None
 
 
-def foreign_xdp(lab: Lab, dev: str) -> None:
+def foreign_xdp(lab: Lab, dev: str, stays: bool = True) -> None:
     """Another tool's XDP program put on ``dev`` in the mode ours has (native on a
-    veth), replacing ours as ``ip link set dev X xdp obj ...`` would."""
+    veth), replacing ours as ``ip link set dev X xdp obj ...`` would (``stays``:
+    check it is there; with --force the watchdog may have replaced it already)."""
     load = ("from bcc import BPF; b = BPF(text='int other_prog(struct xdp_md *c) { return XDP_PASS; }');"
             f"BPF.attach_xdp({dev!r}, b.load_func('other_prog', BPF.XDP), 0)")
     subprocess.run(["ip", "netns", "exec", lab.cli_ns, PY, "-c", load], check=True, capture_output=True,
                    timeout=120)
-    assert xdp_name(lab, dev) == "other_prog"
+    if stays:
+        assert xdp_name(lab, dev) == "other_prog"
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +113,16 @@ def signal_on(ag: dict[str, Any], side: dict[str, str], dport: int, seed: int) -
 
 
 def one_stall(ag: dict[str, Any], side: dict[str, str], dport: int, seed: int) -> dict[str, Any]:
-    """Send one signal on ``side`` and wait until its agent ended one more stall; the last status."""
+    """Send one signal on ``side``, wait until its agent ended one more stall and
+    check it was exactly one; returns the last status."""
     dev = side["cli_dev"]
     before = status(ag, dev)["stalls_ended"]
     out, err = signal_on(ag, side, dport, seed).communicate(timeout=60)
     assert out, err
-    return poll_until(lambda: status(ag, dev),
-                      lambda st: st["stalls_ended"] > before and not st["flows_in_stall"])
+    st = poll_until(lambda: status(ag, dev),
+                    lambda st: st["stalls_ended"] > before and not st["flows_in_stall"])
+    assert st["stalls_ended"] == before + 1, (before, st)
+    return st
 
 
 def scrape(ag: dict[str, Any]) -> str:
@@ -146,6 +151,9 @@ def test_two_interfaces_one_process_one_metrics(agent: dict[str, Any]) -> None:
         assert st["stalls_ended"] == 1 and st["iface"] == dev, st
         assert st["attach_state"] == "attached" and st["interfaces"] == [a, b], st
     assert status(ag, a)["pid"] == status(ag, b)["pid"]  # one process
+    both = request(sock_path(ag["run"], b), "agents")  # every interface through either name
+    assert [x["iface"] for x in both] == [a, b]
+    assert request(sock_path(ag["run"], a), "ping")["interfaces"] == [a, b]
     text = scrape(ag)
     ended = series(text, "iqn_stalls_ended_total")
     assert ended == {f'{{iface="{a}"}}': 1.0, f'{{iface="{b}"}}': 1.0}, ended
@@ -182,16 +190,17 @@ def test_watchdog_recovers_from_a_foreign_xdp_program(agent: dict[str, Any]) -> 
     assert "replaced by 'other_prog'" in st["attach_note"], st
     assert xdp_name(lab, a) == "other_prog"  # the foreign program stays
     st = one_stall(ag, ag["a"], 40003, 3)
-    assert st["stalls_ended"] == 2 and st["hook"] == "tc", st
+    assert st["hook"] == "tc", st
     assert series(scrape(ag), "iqn_reattaches_total")[f'{{iface="{a}"}}'] >= 1
     # B has force = true in its section: the foreign program is replaced by ours again
     before = status(ag, b)["reattaches"]
-    foreign_xdp(lab, b)
+    foreign_xdp(lab, b, stays=False)
     st = poll_until(lambda: status(ag, b), lambda st: st["reattaches"] > before)
     assert st["attach_state"] == "attached" and st["hook"] == "xdp", st
+    assert "replaced by 'other_prog'" in st["attach_note"], st
     assert xdp_name(lab, b) == "iqn_xdp"
     st = one_stall(ag, ag["b"], 40004, 4)
-    assert st["stalls_ended"] == 2, st
+    assert st["hook"] == "xdp", st
 
 
 def test_watchdog_reattaches_a_recreated_interface(agent: dict[str, Any]) -> None:
@@ -208,7 +217,7 @@ def test_watchdog_reattaches_a_recreated_interface(agent: dict[str, Any]) -> Non
     st = poll_until(lambda: status(ag, b["cli_dev"]), lambda st: st["reattaches"] > before)
     assert st["attach_state"] == "attached" and xdp_name(lab, b["cli_dev"]) == "iqn_xdp", st
     st = one_stall(ag, b, 40005, 5)
-    assert st["stalls_ended"] == 3, st
+    assert st["attach_state"] == "attached", st
 
 
 def test_detach_one_interface_keeps_the_other(agent: dict[str, Any]) -> None:
@@ -227,5 +236,4 @@ def test_detach_one_interface_keeps_the_other(agent: dict[str, Any]) -> None:
     while f'iface="{b}"' in scrape(ag) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert f'iface="{b}"' not in scrape(ag)
-    st = one_stall(ag, ag["a"], 40006, 6)  # A goes on
-    assert st["stalls_ended"] == 3, st
+    one_stall(ag, ag["a"], 40006, 6)  # A goes on
