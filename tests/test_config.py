@@ -98,6 +98,8 @@ cap = 0
     # no file: the flags alone, as before
     shared, cfgs, _ = load(None, ["eth0"], vals, set())
     assert shared.metrics_port is None and cfgs[0].params.n == 4 and cfgs[0].pairing
+    with pytest.raises(ConfigError, match="interface eth0 named twice"):  # not one agent on it, silently
+        load(None, ["eth0", "eth1", "eth0"], vals, set())
 
 
 def test_the_shipped_config_parses_and_attaches_nothing_by_itself() -> None:

@@ -176,6 +176,9 @@ def resolve(path: Path | None, ifaces: list[str], values: Mapping[str, Any], exp
     """Merge defaults, the file and the flags. ``values``: every key's value as
     the command line has it (its default when not given); ``explicit``: the keys
     given on the command line (or by environment variable)."""
+    twice = sorted({i for i in ifaces if ifaces.count(i) > 1})
+    if twice:
+        raise ConfigError(f"interface {twice[0]} named twice")
     sections = read(path) if path is not None else {"global": {}}
     glob = sections.pop("global")
     if not ifaces:
