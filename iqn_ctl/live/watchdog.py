@@ -59,6 +59,37 @@ def ifindex(iface: str) -> int | None:
         return None
 
 
+def xdp_prog_ids(index: int) -> list[int]:
+    """Ids of the XDP programs on interface ``index`` (any mode), from netlink.
+
+    Why not :func:`~iqn_ctl.live.datapath.xdp_program_on` (``ip -j link``): a
+    fork of the agent every check holds the interpreter for as long as the
+    kernel copies the page tables of a process with a large flow table, and
+    the event loop waits that long every period."""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            links = ipr.get_links(index)
+    except Exception as e:  # pyroute2's NetlinkError (ENODEV: the interface just went away)
+        raise OSError(getattr(e, "code", 0), f"netlink: {e}") from None
+    xdp = links[0].get_attr("IFLA_XDP") if links else None
+    if not xdp:
+        return []
+    ids = [xdp.get_attr(k) for k in ("IFLA_XDP_PROG_ID", "IFLA_XDP_DRV_PROG_ID", "IFLA_XDP_SKB_PROG_ID",
+                                     "IFLA_XDP_HW_PROG_ID")]
+    return sorted({int(i) for i in ids if i})
+
+
+def prog_name(prog_id: int) -> str:
+    from iqn_ctl.live.bpf_testrun import prog_name_by_id
+
+    try:
+        return prog_name_by_id(prog_id)
+    except OSError:
+        return "?"
+
+
 @dataclass
 class Finding:
     """What the kernel shows for one interface: a state and, for people, why."""
@@ -70,7 +101,7 @@ class Finding:
 def inspect(dp: Datapath, index: int) -> Finding:
     """Look at the interface ``dp`` was attached to (``index``: its ifindex then)."""
     from iqn_ctl.live import tc
-    from iqn_ctl.live.datapath import EGRESS_PROG, TC_PROG_NAME, DatapathError, xdp_program_on
+    from iqn_ctl.live.datapath import EGRESS_PROG, TC_PROG_NAME, DatapathError
 
     iface = dp.iface
     now = ifindex(iface)
@@ -80,12 +111,12 @@ def inspect(dp: Datapath, index: int) -> Finding:
         return Finding(GONE, f"{iface} was deleted and created again (ifindex {index} -> {now})")
     try:
         if dp.hook == "xdp":
-            xdp = xdp_program_on(iface)
-            if xdp is None:
+            ids = xdp_prog_ids(now)
+            if not ids:
                 return Finding(REMOVED, f"IQN's XDP program (id {dp.prog_id}) was removed from {iface}")
-            if xdp[0] != dp.prog_id:
+            if dp.prog_id not in ids:
                 return Finding(REPLACED, f"IQN's XDP program (id {dp.prog_id}) on {iface} was replaced by "
-                                         f"{xdp[1]!r} (id {xdp[0]})")
+                                         f"{prog_name(ids[0])!r} (id {ids[0]})")
         elif dp.hook == "tc":
             if not any(f.name == TC_PROG_NAME for f in tc.filters(iface, dp.direction)):  # type: ignore[arg-type]
                 return Finding(REMOVED, f"IQN's TC classifier was removed from {iface} {dp.direction}")
@@ -95,7 +126,7 @@ def inspect(dp: Datapath, index: int) -> Finding:
             f.name == EGRESS_PROG for f in tc.filters(iface, dp.pair_direction)  # type: ignore[arg-type]
         ):
             return Finding(REMOVED, f"IQN's pairing classifier was removed from {iface} {dp.pair_direction}")
-    except (DatapathError, tc.TcError) as e:
+    except (DatapathError, tc.TcError, OSError) as e:
         if ifindex(iface) is None:  # it went away while we looked
             return Finding(GONE, f"{iface} no longer exists")
         return Finding(REMOVED, f"cannot inspect {iface}: {e}")
