@@ -113,7 +113,7 @@ def test_the_shipped_config_parses_and_attaches_nothing_by_itself() -> None:
         assert f"# {key} = " in text or f"\n{key} = " in text, key
     # and the commented values are the defaults (examples aside)
     vals = defaults()
-    examples = {"export", "router-id", "export-replicas", "cap"}
+    examples = {"export", "router-id", "export-replicas", "cap", "mitigate", "link-rate", "group"}
     for line in text.split("# -- one section per interface")[0].splitlines():
         body = line.removeprefix("# ").split(" #")[0]
         key = body.partition(" = ")[0]
@@ -145,6 +145,8 @@ BAD = [
     ("[global]\nestimator = \"magic\"\n[interfaces.eth0]\n",
      "[global] estimator: unknown --estimator 'magic'"),
     ("[global]\nmin-size = 1300\n[interfaces.eth0]\n", "[global] min-size: "),
+    ("[global]\nlog-level = \"loud\"\n[interfaces.eth0]\n", "[global] log-level: --log-level must be one of"),
+    ("[interfaces.eth0]\nboost-share = 2.0\nmitigate = \"eth1\"\n", "[interfaces.eth0]: --boost-share must be a fraction"),  # only with mitigate
     # two keys fine alone, wrong together: the sections are named
     ("[global]\ndirection = \"egress\"\n[interfaces.eth0]\nhook = \"xdp\"\n",
      "[global], [interfaces.eth0]: --direction egress needs the TC hook"),

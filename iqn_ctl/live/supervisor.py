@@ -163,7 +163,8 @@ class Supervisor:
             if self.hub is not None:
                 agent.metrics = AgentMetrics(cfg.iface, slot.metrics_snapshot, agent.export_stats,
                                              agent.hook_info, hub=self.hub,
-                                             attach=slot.watched_state if slot.watch is not None else None)
+                                             attach=slot.watched_state if slot.watch is not None else None,
+                                             boost=agent.boost_stats)
         self._serve_api()
         ifaces = list(self.slots)
         log.info("agent pid %d on %s%s%s", os.getpid(), ", ".join(ifaces),
