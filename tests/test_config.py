@@ -146,7 +146,8 @@ BAD = [
      "[global] estimator: unknown --estimator 'magic'"),
     ("[global]\nmin-size = 1300\n[interfaces.eth0]\n", "[global] min-size: "),
     ("[global]\nlog-level = \"loud\"\n[interfaces.eth0]\n", "[global] log-level: --log-level must be one of"),
-    ("[interfaces.eth0]\nboost-share = 2.0\nmitigate = \"eth1\"\n", "[interfaces.eth0]: --boost-share must be a fraction"),  # only with mitigate
+    ("[interfaces.eth0]\nboost-share = 2.0\nmitigate = \"eth1\"\n",  # wrong only with mitigate
+     "[interfaces.eth0]: --boost-share must be a fraction"),
     # two keys fine alone, wrong together: the sections are named
     ("[global]\ndirection = \"egress\"\n[interfaces.eth0]\nhook = \"xdp\"\n",
      "[global], [interfaces.eth0]: --direction egress needs the TC hook"),
