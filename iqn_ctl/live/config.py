@@ -56,7 +56,7 @@ KEYS: dict[str, str] = {
     "p": "float", "n": "int", "min-size": "int", "max-size": "int", "port": "int",
     "xdp-mode": "str", "key": "str", "max-flows": "int", "redact": "bool", "force": "bool",
     "estimator": "str", "ring-pages": "int", "bulk-ratio": "float", "source-rate": "float",
-    "slot": "float", "export": "strings", "router-id": "str", "export-replicas": "int",
+    "slot": "float", "export": "strings", "router-id": "str", "export-replicas": "int", "export-batch": "int",
     "hook": "str", "direction": "str", "backlog": "int", "pairing": "on-off",
     "pair-window": "float", "cap": "float",
     "mitigate": "str", "link-rate": "str", "boost-rate": "str", "boost-max": "float", "boost-share": "float",
@@ -267,7 +267,8 @@ def agent_config(iface: str, o: Mapping[str, Any], state_dir: Path, group: str |
         estimator=o["estimator"], key_mode=o["key"], max_flows=o["max-flows"], xdp_mode=o["xdp-mode"],
         force=o["force"], state_dir=state_dir, ring_pages=o["ring-pages"], bulk_ratio=o["bulk-ratio"],
         redact=o["redact"], source_rate=o["source-rate"], slot=o["slot"], export=tuple(o["export"] or ()),
-        router_id=o["router-id"], export_replicas=o["export-replicas"], hook=o["hook"],
+        router_id=o["router-id"], export_replicas=o["export-replicas"], export_batch=o["export-batch"],
+        hook=o["hook"],
         direction=o["direction"], backlog=o["backlog"], pairing=o["pairing"] == "on",
         pair_window=o["pair-window"], cap=o["cap"], group=group, mitigate=mitigate_config(o),
     )
