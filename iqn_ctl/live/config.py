@@ -278,9 +278,9 @@ def agent_config(iface: str, o: Mapping[str, Any], state_dir: Path, group: str |
 
 def shared_settings(o: Mapping[str, Any]) -> Shared:
     """The process's settings from its keys, validated."""
-    from iqn_ctl.logsetup import check as check_log
+    from iqn_common.logsetup import check as check_log
 
-    check_log(o["log-level"], o["log-format"])
+    check_log(o["log-level"], o["log-format"], ConfigError)
     sh = Shared(metrics_port=o["metrics-port"], metrics_addr=o["metrics-addr"], run_dir=Path(o["run-dir"]),
                 watchdog=o["watchdog"])
     sh.validate()
