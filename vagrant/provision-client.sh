@@ -7,11 +7,13 @@ T=/tmp/iqn/templates
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . /tmp/iqn/lib.sh
 
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q
-apt-get install -y -q --no-install-recommends openvpn iproute2 rsync \
-	xfce4 lightdm xserver-xorg dbus-x11 chromium chromium-driver python3-tk scrot
-systemctl set-default graphical.target
+IQN_DESKTOP=${IQN_DESKTOP:-1}
+
+apt_need openvpn iproute2 rsync
+if [ "$IQN_DESKTOP" = 1 ]; then
+	apt_need xfce4 lightdm xserver-xorg dbus-x11 chromium chromium-driver python3-tk scrot
+	systemctl set-default graphical.target
+fi
 
 install -d -m 0700 /etc/openvpn/client
 install -m 0600 /tmp/iqn/client.key /etc/openvpn/client/iqn-client.key
@@ -23,6 +25,11 @@ systemctl enable openvpn-client@iqn
 systemctl restart openvpn-client@iqn
 
 install_iqn
-systemctl start lightdm || true
-echo "client ready: log in to the desktop (vagrant/vagrant), open YouTube in Chromium,"
-echo "and start the end-user agent from /iqn (see README)."
+if [ "$IQN_DESKTOP" = 1 ]; then
+	systemctl start lightdm || true
+	echo "client ready: log in to the desktop (vagrant/vagrant), open YouTube in Chromium,"
+	echo "and start the end-user agent from /iqn (see README)."
+else
+	echo "client ready (headless): the signal player stands for the browser and the end-user agent:"
+	echo "  /opt/iqn/venv/bin/python -m iqn_lab.player --www ADDR --media ADDR --duration 60 --log-dir /tmp/p"
+fi

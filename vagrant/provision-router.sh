@@ -4,17 +4,23 @@
 set -euo pipefail
 : "${IQN_CLIENT_FP:?client certificate fingerprint}" "${IQN_ACCESS_IP:?router access address}"
 IQN_RATE=${IQN_RATE:-none}
+IQN_WAN_IP=${IQN_WAN_IP:-}
+IQN_AGENT=${IQN_AGENT:-0}
 T=/tmp/iqn/templates
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . /tmp/iqn/lib.sh
 
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q
-apt-get install -y -q --no-install-recommends openvpn nftables iproute2 rsync
+apt_need openvpn nftables iproute2 rsync
 
-# Interfaces: the WAN (default route, toward YouTube) and the access link to the client.
-wan=$(ip -o route show default | awk '{print $5; exit}')
-access=$(ip -o -4 addr show | awk -v ip="$IQN_ACCESS_IP" '$4 ~ "^"ip"/" {print $2; exit}')
+# Interfaces: the WAN (the NIC with IQN_WAN_IP, else the default route's, toward
+# YouTube) and the access link to the client.
+ifname_of() { ip -o -4 addr show | awk -v ip="$1" '$4 ~ "^"ip"/" {print $2; exit}'; }
+if [ -n "$IQN_WAN_IP" ]; then
+	wan=$(ifname_of "$IQN_WAN_IP")
+else
+	wan=$(ip -o route show default | awk '{print $5; exit}')
+fi
+access=$(ifname_of "$IQN_ACCESS_IP")
 if [ -z "$wan" ] || [ -z "$access" ]; then
 	echo "provision-router: cannot find WAN ($wan) or access ($access) interface" >&2
 	exit 1
@@ -47,5 +53,18 @@ install -m 0644 "$T/shaping.env" /etc/iqn/shaping.env
 /etc/iqn/shape.sh "$access" "$IQN_RATE"
 
 install_iqn
-echo "router ready: attach the ISP agent with: sudo /iqn/.venv/bin/iqn-ctl attach $wan"
+echo "$wan" >/etc/iqn/wan
+echo "$access" >/etc/iqn/access
+if [ "$IQN_AGENT" = 1 ]; then
+	# the packaged unit (packaging/systemd), as on a real router: its own user, least privilege
+	id iqn >/dev/null 2>&1 ||
+		useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin iqn
+	install -m 0644 /iqn/packaging/systemd/iqn-ctl@.service /etc/systemd/system/
+	systemctl daemon-reload
+	systemctl enable "iqn-ctl@$(systemd-escape "$wan")"
+	systemctl restart "iqn-ctl@$(systemd-escape "$wan")"
+	echo "router ready: the ISP agent runs on $wan (systemctl status iqn-ctl@$wan; sudo iqn-ctl status)"
+else
+	echo "router ready: attach the ISP agent with: sudo iqn-ctl attach $wan"
+fi
 echo "change the bottleneck with: sudo /etc/iqn/shape.sh $access 1mbit   (or none)"
