@@ -32,17 +32,21 @@ LAB=(
   nftables iputils-ping psmisc tcpdump           # namespaces, NAT, lab tooling, captures
   openvpn openssl                                # lab: tunnel, certificate checks
 )
+VMS=(
+  vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients dnsmasq-base  # the VM pair (vagrant/)
+  qemu-system-x86 qemu-utils debootstrap         # its VMs (TCG where KVM fails) and local box (make-box.sh)
+)
 DEV=(
   tshark make gcc                                # bench: pyshark baseline
-  vagrant vagrant-libvirt shellcheck             # lab: VM pair validation
+  shellcheck                                     # lab: VM pair script checks
   prometheus                                     # tests: promtool, a real Prometheus scraping the agent and iqn-qos serve
 )
 
 case "$role" in
   router) APT_PACKAGES=("${BASE[@]}" "${ROUTER[@]}"); extra=router ;;
   user) APT_PACKAGES=("${BASE[@]}" "${USER_PKGS[@]}"); extra=user ;;
-  lab) APT_PACKAGES=("${BASE[@]}" "${ROUTER[@]}" "${USER_PKGS[@]}" "${LAB[@]}"); extra=lab ;;
-  all) APT_PACKAGES=("${BASE[@]}" "${ROUTER[@]}" "${USER_PKGS[@]}" "${LAB[@]}" "${DEV[@]}"); extra=all ;;
+  lab) APT_PACKAGES=("${BASE[@]}" "${ROUTER[@]}" "${USER_PKGS[@]}" "${LAB[@]}" "${VMS[@]}"); extra=lab ;;
+  all) APT_PACKAGES=("${BASE[@]}" "${ROUTER[@]}" "${USER_PKGS[@]}" "${LAB[@]}" "${VMS[@]}" "${DEV[@]}"); extra=all ;;
   *) echo "setup: unknown role '$role' (router|user|lab|all)" >&2; exit 2 ;;
 esac
 
@@ -67,6 +71,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# The VM pair's libvirtd, and virtlogd (it keeps the VMs' console logs; without it no
+# VM starts): started here where no init system starts them (containers, CI).
+if [ "$role" = lab ] || [ "$role" = all ]; then
+  if [ -d /run/systemd/system ]; then
+    virsh -c qemu:///system uri >/dev/null 2>&1 || systemctl start libvirtd virtlogd
+  else
+    [ -S /run/libvirt/virtlogd-sock ] || { echo "setup: starting virtlogd"; virtlogd -d; }
+    if ! virsh -c qemu:///system uri >/dev/null 2>&1; then
+      echo "setup: starting libvirtd"
+      libvirtd -d
+      for _ in $(seq 50); do virsh -c qemu:///system uri >/dev/null 2>&1 && break; sleep 0.2; done
+    fi
+  fi
+  virsh -c qemu:///system uri >/dev/null || { echo "setup: libvirtd did not start" >&2; exit 1; }
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build. Kernels without their own

@@ -9,6 +9,12 @@ set -euo pipefail
 box=${1:?usage: vm-accel.sh BOX_DIR (the directory make-box.sh printed)}
 cache=${IQN_BOX_CACHE:-/var/cache/iqn}
 wait_s=${IQN_ACCEL_PROBE_S:-30}
+# measured once per box (the record is newer than the box's kernel); IQN_ACCEL_PROBE=1 measures again
+if [ "${IQN_ACCEL_PROBE:-0}" != 1 ] && [ "$cache/accel" -nt "$box/vmlinuz" ] &&
+  grep -qxE 'kvm|tcg' "$cache/accel"; then
+  cat "$cache/accel"
+  exit 0
+fi
 accel=tcg
 if [ -r /dev/kvm ] && [ -w /dev/kvm ] && command -v qemu-system-x86_64 >/dev/null; then
   log=$(mktemp)

@@ -1,13 +1,17 @@
-"""The Vagrant VM pair, as far as it can be tested without a box: the
-Vagrantfile validates (libvirt provider and generic), a broken one does not,
-the host-side certificates it makes are usable, and every provisioning script
-passes shellcheck."""
+"""The Vagrant VM pair: the Vagrantfile validates (libvirt provider and
+generic), a broken one does not, the host-side certificates it makes are
+usable, every provisioning script passes shellcheck, the local box's recipe
+carries what the roles need, the accelerator is chosen as documented, and
+(the long one) both VMs really boot from the local box and a real stall
+crosses them (iqn_lab.vmpair)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,8 @@ from tests.conftest import need
 
 ROOT = Path(__file__).resolve().parent.parent
 VAGRANT_DIR = ROOT / "vagrant"
-SCRIPTS = [*sorted(VAGRANT_DIR.glob("*.sh")), ROOT / "iqn_lab" / "templates" / "shape.sh"]
+SCRIPTS = [*sorted(VAGRANT_DIR.glob("*.sh")), ROOT / "iqn_lab" / "templates" / "shape.sh",
+           ROOT / "scripts" / "make-box.sh", ROOT / "scripts" / "vm-accel.sh"]
 
 
 def need_vagrant() -> None:
@@ -88,3 +93,86 @@ def test_vagrantfile_makes_pinned_certificates(tmp_path: Path) -> None:
         pub_k = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout"], capture_output=True)
         assert pub_c.stdout == pub_k.stdout and pub_c.stdout
     assert fingerprint(pki / "server.crt") != fingerprint(pki / "client.crt")
+
+
+# -- the local box and the accelerator ------------------------------------------------------------
+
+
+def _words(path: Path) -> set[str]:
+    return {w for line in path.read_text().splitlines() for w in line.split("#")[0].split()}
+
+
+def _apt_need(script: Path, *, desktop: bool) -> set[str]:
+    """The packages a provisioning script installs with apt_need (the desktop's only if asked)."""
+    out: set[str] = set()
+    for line in script.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("apt_need ") and (desktop or "xfce4" not in line):
+            out |= set(line.split()[1:])
+    return out
+
+
+def test_box_recipe_lists_what_the_roles_need() -> None:
+    """The local box must carry every package provisioning would otherwise download (the
+    VMs have no way out), the router's data plane as setup.sh installs it, the VM
+    kernel's headers (bcc compiles against them), and the project's Python dependencies."""
+    box = _words(VAGRANT_DIR / "box" / "packages.txt")
+    need_pkgs = _apt_need(VAGRANT_DIR / "provision-router.sh", desktop=False)
+    need_pkgs |= _apt_need(VAGRANT_DIR / "provision-client.sh", desktop=False)
+    assert {"openvpn", "nftables", "rsync"} <= need_pkgs  # the parser found the lists
+    router = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--role", "router", "--print-packages"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    apt = set(router.splitlines()[0].removeprefix("apt: ").split())
+    build_only = {"python3-pip", "python3-dev"}  # the box's venv is filled from wheels at build time
+    missing = (need_pkgs | (apt - build_only) | {"linux-image-amd64", "linux-headers-amd64", "openssh-server",
+                                                "sudo", "python3-venv"}) - box
+    assert not missing, f"vagrant/box/packages.txt lacks {sorted(missing)}"
+    reqs = {re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower().replace("_", "-")
+            for r in (VAGRANT_DIR / "box" / "requirements.txt").read_text().splitlines()
+            if r.strip() and not r.startswith("#")}  # fmt: skip
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {re.split(r"[<>=\[ ]", d, maxsplit=1)[0].lower().replace("_", "-")
+              for d in [*meta["dependencies"], *meta["optional-dependencies"]["router"], "aioquic"]}  # fmt: skip
+    assert not wanted - reqs, f"vagrant/box/requirements.txt lacks {sorted(wanted - reqs)}"
+
+
+def _show(tmp: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return validate(VAGRANT_DIR, tmp, IQN_VAGRANT_SHOW="1", **env)
+
+
+def test_vagrantfile_names_the_box_by_its_recipe(tmp_path: Path) -> None:
+    """The Vagrantfile's default box is the one make-box.sh builds for this recipe (same
+    hash), and IQN_BOX still selects a public one."""
+    need_vagrant()
+    key = subprocess.run(["bash", str(ROOT / "scripts" / "make-box.sh"), "--print-key"],
+                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert re.fullmatch(r"[0-9a-f]{12}", key)
+    r = _show(tmp_path)
+    assert r.returncode == 0 and f"box=iqn-bookworm-{key} " in r.stderr, r.stdout + r.stderr
+    r = _show(tmp_path, IQN_BOX="debian/bookworm64")
+    assert "box=debian/bookworm64 " in r.stderr
+
+
+def test_accelerator_choice(tmp_path: Path) -> None:
+    """IQN_VAGRANT_ACCEL wins; else the probe's record in the box cache; a bad value is a
+    one-line error. The probe itself says tcg when the kernel does not start under KVM."""
+    need_vagrant()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for rec in ("kvm", "tcg"):
+        (cache / "accel").write_text(rec + "\n")
+        assert f"accel={rec} " in _show(tmp_path, IQN_BOX_CACHE=str(cache)).stderr
+        other = "tcg" if rec == "kvm" else "kvm"
+        assert f"accel={other} " in _show(tmp_path, IQN_BOX_CACHE=str(cache), IQN_VAGRANT_ACCEL=other).stderr
+    bad = _show(tmp_path, IQN_VAGRANT_ACCEL="xen")
+    assert bad.returncode != 0 and 'IQN_VAGRANT_ACCEL must be kvm or tcg, not "xen"' in bad.stdout + bad.stderr
+    # a "kernel" that is not one never prints Linux's banner: the probe must answer tcg
+    need(shutil.which("qemu-system-x86_64") is not None, "needs Debian's qemu-system-x86")
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "vmlinuz").write_bytes(b"\0" * 4096)
+    (box / "initrd.img").write_bytes(b"\0" * 4096)
+    probe = subprocess.run(["bash", str(ROOT / "scripts" / "vm-accel.sh"), str(box)], capture_output=True, text=True,
+                           env=dict(os.environ, IQN_BOX_CACHE=str(cache), IQN_ACCEL_PROBE_S="10"), timeout=60)  # fmt: skip
+    assert probe.returncode == 0 and probe.stdout.strip() == "tcg", probe.stdout + probe.stderr
+    assert (cache / "accel").read_text().strip() == "tcg"
