@@ -45,7 +45,7 @@ from iqn_lab import procs
 from iqn_lab import topology as T
 from iqn_lab.certs import make_cert
 from iqn_lab.errors import LabError
-from iqn_lab.ott.media import ensure_media
+from iqn_lab.ott.media import MediaSpec, ensure_media
 
 ROOT = Path(__file__).resolve().parent.parent
 VAGRANT_DIR = ROOT / "vagrant"
@@ -56,14 +56,18 @@ SUBNET_POOL = [f"198.19.{c}" for c in range(128, 255)]
 #: the access link's and WAN's last octets (Vagrantfile), the OTT's two hosts
 ROUTER_HOST, OTT_WWW_HOST, OTT_MEDIA_HOST = 11, 2, 3
 #: how long the player plays, when the router starves it, and for how long
-PLAY_S, STARVE_AT_S, STARVE_S, STARVE_RATE = 45.0, 12.0, 12.0, "200kbit"
+PLAY_S, STARVE_AT_S, STARVE_S, STARVE_RATE = 45.0, 12.0, 12.0, "100kbit"
+#: a lighter clip than the lab's: QUIC in an emulated CPU must keep up with it when unstarved
+MEDIA = MediaSpec(kbit=400)
 #: a player stall this long must be reported; shorter ones (the startup wait) may be
 MIN_STALL_S = 1.5
 UP_TIMEOUT = 1800
 AGENT_TIMEOUT = 600
 
 
-def _run(argv: list[str], timeout: float = 600, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], timeout: float = 600, check: bool = True, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:
         tail = (r.stdout + r.stderr).strip().splitlines()[-15:]
@@ -114,12 +118,19 @@ class VmPair:
     def env(self) -> dict[str, str]:
         e = dict(os.environ)
         e.update(
-            VAGRANT_HOME=str(self.work / "vhome"), VAGRANT_DOTFILE_PATH=str(self.work / "dot"),
-            VAGRANT_CWD=str(VAGRANT_DIR), VAGRANT_DEFAULT_PROVIDER="libvirt", VAGRANT_CHECKPOINT_DISABLE="1",
-            IQN_VAGRANT_PREFIX=self.prefix, IQN_ACCESS_NET=self.access, IQN_WAN_NET=self.wan,
-            IQN_MGMT_NET=self.mgmt, IQN_STORAGE_POOL=self.pool, IQN_PKI_DIR=str(self.work / "pki"),
+            VAGRANT_HOME=str(self.work / "vhome"),
+            VAGRANT_DOTFILE_PATH=str(self.work / "dot"),
+            VAGRANT_CWD=str(VAGRANT_DIR),
+            VAGRANT_DEFAULT_PROVIDER="libvirt",
+            VAGRANT_CHECKPOINT_DISABLE="1",
+            IQN_VAGRANT_PREFIX=self.prefix,
+            IQN_ACCESS_NET=self.access,
+            IQN_WAN_NET=self.wan,
+            IQN_MGMT_NET=self.mgmt,
+            IQN_STORAGE_POOL=self.pool,
+            IQN_PKI_DIR=str(self.work / "pki"),
             IQN_AGENT="1",
-        )  # fmt: skip
+        )
         e.pop("IQN_BOX", None)
         return e
 
@@ -132,18 +143,37 @@ class VmPair:
     def vagrant(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         with (self.work / "vagrant.log").open("a") as f:
             f.write(f"\n$ vagrant {' '.join(args)}\n")
-            r = subprocess.run(["vagrant", *args], stdout=f, stderr=subprocess.STDOUT, text=True,
-                               env=self.env(), timeout=timeout)  # fmt: skip
+            r = subprocess.run(
+                ["vagrant", *args],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=self.env(),
+                timeout=timeout,
+            )
         if r.returncode != 0:
-            tail = (self.work / "vagrant.log").read_text().strip().splitlines()[-25:]
-            raise LabError(f"vagrant {' '.join(args)} failed ({r.returncode}):\n" + "\n".join(tail))
+            raise LabError(
+                f"vagrant {' '.join(args)} failed ({r.returncode}):\n" + tail(self.work / "vagrant.log", 25)
+            )
         return r
 
-    def ssh(self, host: str, cmd: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def ssh(
+        self, host: str, cmd: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` on a VM as root, over the ssh Vagrant set up (``vagrant ssh-config``):
         one Ruby start per VM, not one per command."""
         cfg = self.work / "ssh_config"
-        argv = ["ssh", "-F", str(cfg), "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", host, "sudo sh -c " + _q(cmd)]
+        argv = [
+            "ssh",
+            "-F",
+            str(cfg),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=30",
+            host,
+            "sudo sh -c " + _q(cmd),
+        ]
         return _run(argv, timeout=timeout, check=check)
 
     # -- steps -----------------------------------------------------------------------------------
@@ -154,9 +184,12 @@ class VmPair:
         self.box_dir = Path(out[-1])
         self.box_name = "iqn-bookworm-" + self.box_dir.name.removeprefix("box-")
         self.times["box_s"] = time.monotonic() - t0
-        accel = os.environ.get("IQN_VAGRANT_ACCEL") or _run(
-            ["bash", str(ROOT / "scripts" / "vm-accel.sh"), str(self.box_dir)], timeout=120
-        ).stdout.strip()  # fmt: skip
+        accel = (
+            os.environ.get("IQN_VAGRANT_ACCEL")
+            or _run(
+                ["bash", str(ROOT / "scripts" / "vm-accel.sh"), str(self.box_dir)], timeout=120
+            ).stdout.strip()
+        )
         self.accel = accel
         self.say(f"box {self.box_name} ready in {self.times['box_s']:.0f} s; accelerator {accel}")
 
@@ -168,9 +201,13 @@ class VmPair:
         _run([*VIRSH, "pool-define-as", self.pool, "dir", "--target", str(pool_dir)])
         _run([*VIRSH, "pool-start", self.pool])
         t0 = time.monotonic()
-        self.vagrant("box", "add", "--force", "--name", self.box_name, str(self.box_dir / f"{self.box_name}.box"))
-        self.say(f"vagrant up ({self.prefix}router, {self.prefix}client; access {self.access}, "
-                 f"WAN {self.wan}, management {self.mgmt})")  # fmt: skip
+        self.vagrant(
+            "box", "add", "--force", "--name", self.box_name, str(self.box_dir / f"{self.box_name}.box")
+        )
+        self.say(
+            f"vagrant up ({self.prefix}router, {self.prefix}client; access {self.access}, "
+            f"WAN {self.wan}, management {self.mgmt})"
+        )
         self.vagrant("up", timeout=UP_TIMEOUT)
         self.times["up_s"] = time.monotonic() - t0
         cfg = _run(["vagrant", "ssh-config"], env=self.env(), timeout=300).stdout
@@ -185,14 +222,17 @@ class VmPair:
         while True:
             r = self.ssh("router", "iqn-ctl status --json", check=False)
             if r.returncode == 0 and r.stdout.strip():
-                st = json.loads(r.stdout)
-                agents = st if isinstance(st, list) else st.get("agents", [st])
-                if agents:
+                rows = [a for a in json.loads(r.stdout) if a.get("running")]
+                if rows:
                     self.times["agent_s"] = time.monotonic() - t0
-                    return agents[0]  # type: ignore[no-any-return]
+                    return rows[0]  # type: ignore[no-any-return]
             if time.monotonic() > deadline:
-                j = self.ssh("router", "journalctl -u 'iqn-ctl@*' --no-pager | tail -n 20", check=False).stdout
-                raise LabError(f"the router's agent did not attach in {AGENT_TIMEOUT} s: {r.stderr.strip()}\n{j}")
+                j = self.ssh(
+                    "router", "journalctl -u 'iqn-ctl@*' --no-pager | tail -n 20", check=False
+                ).stdout
+                raise LabError(
+                    f"the router's agent did not attach in {AGENT_TIMEOUT} s: {r.stderr.strip()}\n{j}"
+                )
             time.sleep(3)
 
     def ott_up(self) -> None:
@@ -212,12 +252,34 @@ class VmPair:
         s = self.work
         make_cert(s / "ott.crt", s / "ott.key", T.WWW_HOST, (T.WWW_HOST, T.MEDIA_HOST))
         ready = s / "ott.ready"
-        procs.spawn(s, "ott", [
-            sys.executable, "-m", "iqn_lab.ott.server", "--cert", str(s / "ott.crt"), "--key", str(s / "ott.key"),
-            "--media-dir", str(ensure_media()), "--www-host", T.WWW_HOST, "--media-host", T.MEDIA_HOST,
-            "--www-addr", f"{self.wan}.{OTT_WWW_HOST}", "--media-addr", f"{self.wan}.{OTT_MEDIA_HOST}",
-            "--log", str(s / "ott-requests.jsonl"), "--ready", str(ready),
-        ], ns=ns)  # fmt: skip
+        procs.spawn(
+            s,
+            "ott",
+            [
+                sys.executable,
+                "-m",
+                "iqn_lab.ott.server",
+                "--cert",
+                str(s / "ott.crt"),
+                "--key",
+                str(s / "ott.key"),
+                "--media-dir",
+                str(ensure_media(MEDIA)),
+                "--www-host",
+                T.WWW_HOST,
+                "--media-host",
+                T.MEDIA_HOST,
+                "--www-addr",
+                f"{self.wan}.{OTT_WWW_HOST}",
+                "--media-addr",
+                f"{self.wan}.{OTT_MEDIA_HOST}",
+                "--log",
+                str(s / "ott-requests.jsonl"),
+                "--ready",
+                str(ready),
+            ],
+            ns=ns,
+        )
         deadline = time.monotonic() + 60
         while not ready.exists():
             if time.monotonic() > deadline:
@@ -233,22 +295,42 @@ class VmPair:
         player's log events and the agent's stalls."""
         access = self.ssh("router", "cat /etc/iqn/access").stdout.strip()
         starve = subprocess.Popen(
-            ["ssh", "-F", str(self.work / "ssh_config"), "-o", "BatchMode=yes", "router", "sudo sh -c " + _q(
-                f"sleep {STARVE_AT_S}; /etc/iqn/shape.sh {access} {STARVE_RATE}; "
-                f"sleep {STARVE_S}; /etc/iqn/shape.sh {access} none")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            [
+                "ssh",
+                "-F",
+                str(self.work / "ssh_config"),
+                "-o",
+                "BatchMode=yes",
+                "router",
+                "sudo sh -c "
+                + _q(
+                    f"sleep {STARVE_AT_S}; /etc/iqn/shape.sh {access} {STARVE_RATE}; "
+                    f"sleep {STARVE_S}; /etc/iqn/shape.sh {access} none"
+                ),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         t0 = time.monotonic()
-        play = self.ssh("client", (
-            "rm -rf /tmp/iqn-play && /opt/iqn/venv/bin/python -m iqn_lab.player "
-            f"--www {self.wan}.{OTT_WWW_HOST} --media {self.wan}.{OTT_MEDIA_HOST} "
-            f"--duration {PLAY_S} --log-dir /tmp/iqn-play >/tmp/iqn-play.out 2>&1; "
-            "cat /tmp/iqn-play/*.jsonl"), timeout=PLAY_S + 600, check=False)  # fmt: skip
+        play = self.ssh(
+            "client",
+            (
+                "rm -rf /tmp/iqn-play && /opt/iqn/venv/bin/python -m iqn_lab.player "
+                f"--www {self.wan}.{OTT_WWW_HOST} --media {self.wan}.{OTT_MEDIA_HOST} "
+                f"--duration {PLAY_S} --log-dir /tmp/iqn-play >/tmp/iqn-play.out 2>&1; "
+                "cat /tmp/iqn-play/*.jsonl"
+            ),
+            timeout=PLAY_S + 600,
+            check=False,
+        )
         out, _ = starve.communicate(timeout=STARVE_AT_S + STARVE_S + 300)
         self.times["signal_s"] = time.monotonic() - t0
         if play.returncode != 0 or starve.returncode != 0:
             err = self.ssh("client", "cat /tmp/iqn-play.out", check=False).stdout[-1500:]
-            raise LabError(f"the signal run failed: player {play.returncode}: {err}; shaping {starve.returncode}: {out}")
+            raise LabError(
+                f"the signal run failed: player {play.returncode}: {err}; shaping {starve.returncode}: {out}"
+            )
         events = [json.loads(line) for line in play.stdout.splitlines() if line.startswith("{")]
         # the agent ends a stall once its signals stop: give it a few p's after the last one
         time.sleep(5)
@@ -307,12 +389,26 @@ def _q(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
+def tail(path: Path, lines: int = 40) -> str:
+    """The end of a log, without Vagrant's progress bars (carriage-return redrawn lines)."""
+    text = path.read_text(errors="replace").replace("\r", "\n")
+    keep = [ln for ln in text.splitlines() if ln.strip() and "Progress:" not in ln]
+    return "\n".join(keep[-lines:])
+
+
+def tolerance(real_s: float) -> float:
+    """How far the agent's duration may be from the player's: the signal grid (one p
+    at each end) plus the VMs' scheduling under emulation, a second or a quarter."""
+    return max(1.0, 0.25 * real_s)
+
+
 def player_stalls(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e.get("event") == "stall"]
 
 
-def match(real: list[dict[str, Any]], inferred: list[dict[str, Any]], slack: float = 5.0
-          ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+def match(
+    real: list[dict[str, Any]], inferred: list[dict[str, Any]], slack: float = 5.0
+) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
     """Pair each real stall (player's log) with the inferred stall (agent's) that overlaps it
     most; the VMs' clocks may differ by a little, so intervals are widened by ``slack``."""
     pairs: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
@@ -330,6 +426,7 @@ def check(work: Path, keep: bool = False) -> dict[str, Any]:
     """The whole check; returns its report (times, the stalls, the pairs); raises
     :class:`LabError` on any failure, after destroying what it made (unless ``keep``)."""
     work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)  # QEMU runs as libvirt-qemu: it must reach the pool and the box's kernel
     pair = VmPair(work)
     report: dict[str, Any] = {"prefix": pair.prefix, "work": str(work)}
     try:
@@ -340,6 +437,11 @@ def check(work: Path, keep: bool = False) -> dict[str, Any]:
         report["agent"] = pair.wait_agent()
         pair.say(f"agent attached: {report['agent']}")
         report["client_route"] = pair.client_route()
+        report["wan_iface"] = pair.ssh("router", "cat /etc/iqn/wan").stdout.strip()
+        report["router_wan_ip"] = f"{pair.wan}.{ROUTER_HOST}"
+        report["client_tun_ip"] = pair.ssh(
+            "client", "ip -o -4 addr show dev tun0 | awk '{print $4}' | cut -d/ -f1"
+        ).stdout.strip()
         pair.ott_up()
         events, stalls = pair.signal()
         report["flows"] = pair.flows()
@@ -351,7 +453,7 @@ def check(work: Path, keep: bool = False) -> dict[str, Any]:
             {"real_s": r["end"] - r["start"], "inferred_s": s["duration"] if s else None}
             for r, s in match(real, stalls)
         ]
-        report["requests"] = _ott_sources(work / "ott-requests.jsonl")
+        report["ott_peers"], report["autoplay_posts"] = _ott_requests(work / "ott-requests.jsonl")
     finally:
         if keep:
             pair.say(f"kept: VAGRANT_CWD={VAGRANT_DIR} VAGRANT_DOTFILE_PATH={work / 'dot'} ...")
@@ -364,28 +466,30 @@ def check(work: Path, keep: bool = False) -> dict[str, Any]:
     return report
 
 
-def _ott_sources(log: Path) -> list[str]:
-    """The source addresses the OTT emulator saw (the router's WAN address, masqueraded)."""
-    seen: set[str] = set()
-    if log.exists():
-        for line in log.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            for k in ("client", "peer", "addr", "remote"):
-                v = rec.get(k)
-                if isinstance(v, str):
-                    seen.add(v.rsplit(":", 1)[0])
-                elif isinstance(v, list) and v:
-                    seen.add(str(v[0]))
-    return sorted(seen)
+def _ott_requests(log: Path) -> tuple[list[str], int]:
+    """The peer addresses the OTT emulator saw (the router's WAN address only, when the
+    client is NATed behind the tunnel) and how many autoplay POSTs it answered."""
+    peers: set[str] = set()
+    posts = 0
+    for line in log.read_text().splitlines() if log.exists() else []:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec.get("peer"), str):
+            peers.add(rec["peer"].rsplit(":", 1)[0])
+        posts += (
+            rec.get("method") == "POST" and "autoplay" in str(rec.get("path")) and rec.get("status") == 200
+        )
+    return sorted(peers), posts
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m iqn_lab.vmpair", description=__doc__.split("\n")[0])
     ap.add_argument("--work", help="directory for the run's state and logs (default: a new temporary one)")
-    ap.add_argument("--keep", action="store_true", help="leave the VMs up (destroy them with vagrant destroy -f)")
+    ap.add_argument(
+        "--keep", action="store_true", help="leave the VMs up (destroy them with vagrant destroy -f)"
+    )
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         ap.exit(2, "iqn-vmpair: error: run as root (libvirt, namespaces, debootstrap)\n")

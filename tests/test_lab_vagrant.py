@@ -7,22 +7,28 @@ crosses them (iqn_lab.vmpair)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from iqn_lab.certs import fingerprint
-from tests.conftest import need
+from tests.conftest import need, need_root
 
 ROOT = Path(__file__).resolve().parent.parent
 VAGRANT_DIR = ROOT / "vagrant"
-SCRIPTS = [*sorted(VAGRANT_DIR.glob("*.sh")), ROOT / "iqn_lab" / "templates" / "shape.sh",
-           ROOT / "scripts" / "make-box.sh", ROOT / "scripts" / "vm-accel.sh"]
+SCRIPTS = [
+    *sorted(VAGRANT_DIR.glob("*.sh")),
+    ROOT / "iqn_lab" / "templates" / "shape.sh",
+    ROOT / "scripts" / "make-box.sh",
+    ROOT / "scripts" / "vm-accel.sh",
+]
 
 
 def need_vagrant() -> None:
@@ -85,8 +91,9 @@ def test_vagrantfile_makes_pinned_certificates(tmp_path: Path) -> None:
         assert len(fp.split(":")) == 32
         check = subprocess.run(
             ["openssl", "x509", "-in", str(crt), "-noout", "-subject", "-checkend", "86400"],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+        )
         assert check.returncode == 0 and f"iqn-{name}" in check.stdout
         # the key matches the certificate
         pub_c = subprocess.run(["openssl", "x509", "-in", str(crt), "-noout", "-pubkey"], capture_output=True)
@@ -120,19 +127,30 @@ def test_box_recipe_lists_what_the_roles_need() -> None:
     need_pkgs = _apt_need(VAGRANT_DIR / "provision-router.sh", desktop=False)
     need_pkgs |= _apt_need(VAGRANT_DIR / "provision-client.sh", desktop=False)
     assert {"openvpn", "nftables", "rsync"} <= need_pkgs  # the parser found the lists
-    router = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--role", "router", "--print-packages"],
-                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    router = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup.sh"), "--role", "router", "--print-packages"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     apt = set(router.splitlines()[0].removeprefix("apt: ").split())
     build_only = {"python3-pip", "python3-dev"}  # the box's venv is filled from wheels at build time
-    missing = (need_pkgs | (apt - build_only) | {"linux-image-amd64", "linux-headers-amd64", "openssh-server",
-                                                "sudo", "python3-venv"}) - box
+    missing = (
+        need_pkgs
+        | (apt - build_only)
+        | {"linux-image-amd64", "linux-headers-amd64", "openssh-server", "sudo", "python3-venv"}
+    ) - box
     assert not missing, f"vagrant/box/packages.txt lacks {sorted(missing)}"
-    reqs = {re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower().replace("_", "-")
-            for r in (VAGRANT_DIR / "box" / "requirements.txt").read_text().splitlines()
-            if r.strip() and not r.startswith("#")}  # fmt: skip
+    reqs = {
+        re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower().replace("_", "-")
+        for r in (VAGRANT_DIR / "box" / "requirements.txt").read_text().splitlines()
+        if r.strip() and not r.startswith("#")
+    }
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {re.split(r"[<>=\[ ]", d, maxsplit=1)[0].lower().replace("_", "-")
-              for d in [*meta["dependencies"], *meta["optional-dependencies"]["router"], "aioquic"]}  # fmt: skip
+    wanted = {
+        re.split(r"[<>=\[ ]", d, maxsplit=1)[0].lower().replace("_", "-")
+        for d in [*meta["dependencies"], *meta["optional-dependencies"]["router"], "aioquic"]
+    }
     assert not wanted - reqs, f"vagrant/box/requirements.txt lacks {sorted(wanted - reqs)}"
 
 
@@ -144,8 +162,12 @@ def test_vagrantfile_names_the_box_by_its_recipe(tmp_path: Path) -> None:
     """The Vagrantfile's default box is the one make-box.sh builds for this recipe (same
     hash), and IQN_BOX still selects a public one."""
     need_vagrant()
-    key = subprocess.run(["bash", str(ROOT / "scripts" / "make-box.sh"), "--print-key"],
-                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    key = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "make-box.sh"), "--print-key"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{12}", key)
     r = _show(tmp_path)
     assert r.returncode == 0 and f"box=iqn-bookworm-{key} " in r.stderr, r.stdout + r.stderr
@@ -165,14 +187,75 @@ def test_accelerator_choice(tmp_path: Path) -> None:
         other = "tcg" if rec == "kvm" else "kvm"
         assert f"accel={other} " in _show(tmp_path, IQN_BOX_CACHE=str(cache), IQN_VAGRANT_ACCEL=other).stderr
     bad = _show(tmp_path, IQN_VAGRANT_ACCEL="xen")
-    assert bad.returncode != 0 and 'IQN_VAGRANT_ACCEL must be kvm or tcg, not "xen"' in bad.stdout + bad.stderr
+    assert (
+        bad.returncode != 0 and 'IQN_VAGRANT_ACCEL must be kvm or tcg, not "xen"' in bad.stdout + bad.stderr
+    )
     # a "kernel" that is not one never prints Linux's banner: the probe must answer tcg
     need(shutil.which("qemu-system-x86_64") is not None, "needs Debian's qemu-system-x86")
     box = tmp_path / "box"
     box.mkdir()
     (box / "vmlinuz").write_bytes(b"\0" * 4096)
     (box / "initrd.img").write_bytes(b"\0" * 4096)
-    probe = subprocess.run(["bash", str(ROOT / "scripts" / "vm-accel.sh"), str(box)], capture_output=True, text=True,
-                           env=dict(os.environ, IQN_BOX_CACHE=str(cache), IQN_ACCEL_PROBE_S="10"), timeout=60)  # fmt: skip
+    probe = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "vm-accel.sh"), str(box)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, IQN_BOX_CACHE=str(cache), IQN_ACCEL_PROBE_S="10"),
+        timeout=60,
+    )
     assert probe.returncode == 0 and probe.stdout.strip() == "tcg", probe.stdout + probe.stderr
     assert (cache / "accel").read_text().strip() == "tcg"
+
+
+# -- the VM pair, for real -------------------------------------------------------------------------
+
+
+def test_vm_pair_stall_crosses_the_tunnel(tmp_path: Path) -> None:
+    """Budget: 15 min on a quiet 2-core CI box from scratch (box build ~3 min, `vagrant up` of
+    both VMs under TCG ~6 min, signal run and destroy ~3 min); the box is cached in
+    /var/cache/iqn between runs. ``make vagrant-check`` runs the same check.
+
+    Both VMs boot from the local box (built here from Debian's packages), the router runs
+    the packaged agent unit on its WAN NIC, the client's only way to the OTT is the
+    tunnel, the headless signal player stalls for real behind the router's bottleneck,
+    ``iqn-ctl stalls --json`` on the router reports each of its stalls with the duration
+    the player measured, and ``vagrant destroy -f`` leaves nothing of the run in libvirt."""
+    need_root()
+    need_vagrant()
+    for tool in ("virsh", "qemu-system-x86_64", "debootstrap", "ssh"):
+        need(shutil.which(tool) is not None, f"needs {tool} (bash scripts/setup.sh)")
+    need(
+        subprocess.run(["virsh", "-c", "qemu:///system", "uri"], capture_output=True).returncode == 0,
+        "needs a running libvirtd (bash scripts/setup.sh starts it)",
+    )
+    from iqn_lab import vmpair
+
+    work = Path(tempfile.mkdtemp(prefix="iqn-vmpair-", dir="/var/tmp"))
+    try:
+        report = vmpair.check(work)
+    except Exception:
+        for name in ("vmpair.log", "vagrant.log"):
+            if (work / name).exists():
+                print(f"--- {name}", vmpair.tail(work / name, 60), sep="\n")
+        raise
+    finally:
+        shutil.rmtree(work / "pool", ignore_errors=True)
+    print(json.dumps({k: report[k] for k in ("times", "accel", "pairs", "agent")}, indent=1, default=str))
+
+    # the agent runs on the router's WAN NIC, in a mode the kernel accepted
+    assert report["agent"]["iface"] == report["wan_iface"]
+    assert report["agent"]["xdp_mode"] in ("native", "skb"), report["agent"]  # skb: generic XDP
+    # the client reaches the OTT only through the tunnel, and the OTT saw only the router
+    assert " dev tun0 " in report["client_route"], report["client_route"]
+    assert report["ott_peers"] == [report["router_wan_ip"]], report["ott_peers"]
+    assert report["autoplay_posts"] > 0
+    # the player really stalled behind the bottleneck, and the agent saw each stall
+    assert report["pairs"], f"the player logged no stall of {vmpair.MIN_STALL_S} s or more"
+    for p in report["pairs"]:
+        assert p["inferred_s"] is not None, (
+            f"a {p['real_s']:.1f} s stall was not reported: {report['agent_stalls']}"
+        )
+        assert abs(p["inferred_s"] - p["real_s"]) <= vmpair.tolerance(p["real_s"]), p
+    assert report["client_tun_ip"] in report["flows"]
+    # nothing of the run is left in libvirt
+    assert report["leftovers"] == {"domains": [], "networks": [], "pools": [], "volumes": []}
