@@ -3,9 +3,9 @@
 # through the router, and the end-user agent. Uses the lab's templates.
 set -euo pipefail
 : "${IQN_SERVER_FP:?server certificate fingerprint}" "${IQN_SERVER_IP:?router access address}"
-T=/tmp/iqn/templates
+T=/iqn/iqn_lab/templates
 # shellcheck source-path=SCRIPTDIR source=lib.sh
-. /tmp/iqn/lib.sh
+. /iqn/vagrant/lib.sh
 
 IQN_DESKTOP=${IQN_DESKTOP:-1}
 
@@ -16,8 +16,9 @@ if [ "$IQN_DESKTOP" = 1 ]; then
 fi
 
 install -d -m 0700 /etc/openvpn/client
-install -m 0600 /tmp/iqn/client.key /etc/openvpn/client/iqn-client.key
-install -m 0644 /tmp/iqn/client.crt /etc/openvpn/client/iqn-client.crt
+install -m 0600 /tmp/iqn-pki/client.key /etc/openvpn/client/iqn-client.key
+install -m 0644 /tmp/iqn-pki/client.crt /etc/openvpn/client/iqn-client.crt
+rm -rf /tmp/iqn-pki # the next `vagrant provision` uploads it anew (into a fresh directory)
 render "$T/openvpn-client.conf" TUN_DEV=tun0 SERVER_ADDR="$IQN_SERVER_IP" PORT=1194 \
 	CERT=/etc/openvpn/client/iqn-client.crt KEY=/etc/openvpn/client/iqn-client.key \
 	SERVER_FP="$IQN_SERVER_FP" >/etc/openvpn/client/iqn.conf

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # IQN router VM: OpenVPN server, NAT toward the Internet, the bottleneck, the ISP agent.
-# Uses the lab's templates (uploaded to /tmp/iqn/templates by the Vagrantfile).
+# Uses the lab's templates (in the synced repository, /iqn).
 set -euo pipefail
 : "${IQN_CLIENT_FP:?client certificate fingerprint}" "${IQN_ACCESS_IP:?router access address}"
 IQN_RATE=${IQN_RATE:-none}
 IQN_WAN_IP=${IQN_WAN_IP:-}
 IQN_AGENT=${IQN_AGENT:-0}
-T=/tmp/iqn/templates
+T=/iqn/iqn_lab/templates
 # shellcheck source-path=SCRIPTDIR source=lib.sh
-. /tmp/iqn/lib.sh
+. /iqn/vagrant/lib.sh
 
 apt_need openvpn nftables iproute2 rsync
 
@@ -28,8 +28,9 @@ fi
 
 # OpenVPN server, peer-fingerprint mode (no CA, no static key).
 install -d -m 0700 /etc/openvpn/server
-install -m 0600 /tmp/iqn/server.key /etc/openvpn/server/iqn-server.key
-install -m 0644 /tmp/iqn/server.crt /etc/openvpn/server/iqn-server.crt
+install -m 0600 /tmp/iqn-pki/server.key /etc/openvpn/server/iqn-server.key
+install -m 0644 /tmp/iqn-pki/server.crt /etc/openvpn/server/iqn-server.crt
+rm -rf /tmp/iqn-pki # the next `vagrant provision` uploads it anew (into a fresh directory)
 render "$T/openvpn-server.conf" TUN_NET=198.18.8.0 TUN_DEV=tun0 PORT=1194 \
 	CERT=/etc/openvpn/server/iqn-server.crt KEY=/etc/openvpn/server/iqn-server.key \
 	CLIENT_FP="$IQN_CLIENT_FP" >/etc/openvpn/server/iqn.conf
