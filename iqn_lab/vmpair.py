@@ -499,7 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     except LabError as e:
         ap.exit(1, f"iqn-vmpair: error: {e}\n(logs in {work})\n")
     print(json.dumps(report, indent=2, default=str))
-    shutil.rmtree(work / "pool", ignore_errors=True)
+    for big in ("pool", "vhome"):  # the box's copies (~1 GB each); the logs and report stay
+        shutil.rmtree(work / big, ignore_errors=True)
 
 
 if __name__ == "__main__":
