@@ -370,11 +370,14 @@ def test_live_signal_with_heavy_other_traffic_is_discarded(live: dict[str, Any])
     assert by_port(d["stalls"], 40012) == []
     (line,) = [x for x in d["log"].splitlines() if "stall discarded" in x and ":40012 " in x]
     # the reason reports what the kernel counted: what was sent during the stall, as the
-    # data plane estimates it (1 in vol_sample counted, each as vol_sample): within 2 sigma
+    # data plane estimates it (1 in vol_sample counted, each as vol_sample): within 5 sigma
+    # (2 sigma failed once in a fresh CI run, 515,432 B against a bound of 506,019 B: a
+    # two-sided 2-sigma bound is broken by chance about once in 40 runs; sampling switched
+    # off counts 8x and still breaks this one, a weight of 1 breaks the lower bound)
     other = int(line.split("other packets (")[1].split(" bytes")[0])
     k, n = d["status"]["vol_sample"], len(sent["high_other"])
     assert k == 8
-    assert 2 * len(cands) * MAX < other <= 1292 * n * (1 + 2 * math.sqrt((k - 1) / n))
+    assert 2 * len(cands) * MAX < other <= 1292 * n * (1 + 5 * math.sqrt((k - 1) / n))
     assert counts(d["status"]) == (3, 1, 2), d["status"]
 
 
