@@ -264,17 +264,19 @@ def breakdown(frame: bytes, claim: bytes, rounds: int, repeat: int) -> str:
 
 
 def _sampled(n: int, gap: float, k: int, rng: object) -> int:
-    """How many of a flow's ``n`` datagrams the kernel's rule samples (the
-    CPU's packet number a multiple of ``k``) when a geometric number of other
-    packets (mean ``gap``) passes between two of them, from a random phase."""
+    """How many of a flow's ``n`` datagrams the kernel's rule samples (a hash of
+    the CPU's packet number, layout.volume_picks) when a geometric number of other
+    packets (mean ``gap``) passes between two of them, from a random start."""
     import numpy as np
+
+    from iqn_ctl.live.layout import volume_picks
 
     r: np.random.Generator = rng  # type: ignore[assignment]
     if n == 0:
         return 0
     steps = 1 + (r.geometric(1 / (1 + gap), n) - 1 if gap > 0 else np.zeros(n, np.int64))
-    seq = int(r.integers(k)) + np.cumsum(steps)
-    return int((seq % k == 0).sum())
+    seq = int(r.integers(1 << 40)) + np.cumsum(steps)
+    return int(volume_picks(seq, k).sum())
 
 
 def sampling_misses(k: int = 8, seed: int = 11) -> str:
@@ -328,12 +330,16 @@ def sampling_misses(k: int = 8, seed: int = 11) -> str:
                 flips += (n * size >= ACTIVE_MIN_BPS) != (est >= ACTIVE_MIN_BPS)
             out.append(f"| watched second | {what} ({rate * size:,.0f} B/s) | {gap:g} | | | "
                        f"{100 * flips / trials:.2f} % |")
-    # the pathological case: two flows strictly alternating on a CPU with nothing else
-    a = np.arange(10_000) * 2
-    b_seen = int(((a + 1) % k == 0).sum())
-    out += ["", f"Aliasing: two flows strictly alternating on one CPU with no other packet between them (a "
-            f"lab sender, never a busy link): one of them is counted {k}x, the other {b_seen} times of "
-            f"{a.size} (k even). Candidates are never sampled; slots, tags and claims are unchanged."]
+    # the case a stride got wrong: two flows strictly alternating on a CPU with nothing else
+    from iqn_ctl.live.layout import volume_picks
+
+    a = np.arange(10_000, dtype=np.uint64) * np.uint64(2)
+    a_seen, b_seen = int(volume_picks(a, k).sum()), int(volume_picks(a + np.uint64(1), k).sum())
+    stride = int(((a + np.uint64(1)) % np.uint64(k) == 0).sum())
+    out += ["", f"Aliasing: two flows strictly alternating on one CPU with no other packet between them: "
+            f"of {a.size} datagrams each, the hashed pick counts {a_seen} and {b_seen} (expected "
+            f"{a.size // k}); a stride of {k} counted one of them {stride} times and the other never. "
+            f"Candidates are never sampled; slots, tags and claims are unchanged."]
     return "\n".join(out)
 
 

@@ -268,7 +268,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("bulk")
     env = dict(os.environ, IQN_RUN_DIR=str(base / "run"))
     with Lab() as a, Lab() as b, Lab() as c:
-        labs = {"default": (a, []), "ratio0": (b, ["--bulk-ratio", "0"]), "client": (c, ["--key", "client"])}
+        labs = {"default": (a, []), "ratio0": (b, ["--bulk-ratio", "0", "--vol-sample", "1"]),
+                "client": (c, ["--key", "client"])}
         procs: dict[str, subprocess.Popen[str]] = {}
         try:
             for name, (lab, extra) in labs.items():
@@ -343,6 +344,13 @@ def test_live_ratio_zero_keeps_the_stall_the_default_discards(live: dict[str, An
     tails = live["sent"]["ratio0"]["tails"]
     assert tails[0] - 0.3 <= st_["start"] <= tails[-1] and st_["candidates"] == len(tails)
     assert "stall discarded" not in r["log"]
+    # --vol-sample 1: the kernel counted every datagram of the flow since its first candidate
+    # claimed its slot (a sampled count would be about 1 in 8, each as 8)
+    assert r["status"]["vol_sample"] == 1
+    (f,) = [x for x in r["flows"] if x["flow"].endswith(":40010")]
+    video = sum(t > tails[0] for t in live["sent"]["ratio0"]["video"])
+    assert f["candidates"] == len(tails) and abs(f["packets"] - len(tails) - video) <= 1, (f, video)
+    assert f["bytes"] == 1250 * len(tails) + 1292 * (f["packets"] - len(tails))
 
 
 def other_bytes_between(sent: list[float], t0: float, t1: float) -> int:

@@ -139,6 +139,8 @@ BAD = [
     ("[global]\nexport = [1, 2]\n", "[global] export: must be a string or a list of strings"),
     ("[interfaces.eth0]\nn = 0\n", "[interfaces.eth0] n: --n must be in 1..1000, got 0"),
     ("[global]\nbacklog = 0\n[interfaces.eth0]\n", "[global] backlog: --backlog must be in"),
+    ("[interfaces.eth0]\nvol-sample = 6\n",
+     "[interfaces.eth0] vol-sample: --vol-sample must be a power of two in 1..1024, got 6"),
     ("[global]\nmetrics-port = 70000\n[interfaces.eth0]\n",
      "[global] metrics-port: --metrics-port must be in 1..65535, got 70000"),
     ("[global]\nwatchdog = -1\n[interfaces.eth0]\n", "[global] watchdog: --watchdog must be 0"),

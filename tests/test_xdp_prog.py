@@ -26,6 +26,7 @@ from conftest import ROOT, need, need_root
 from iqn_ctl.capture.frames import udp_frame
 from iqn_ctl.engine.params import CandidateFilter
 from iqn_ctl.live import bpf_testrun
+from iqn_ctl.live.layout import volume_picks
 
 XDP_PASS = 2
 FILT = CandidateFilter()  # port 443, frames 1180..1288
@@ -285,11 +286,18 @@ def test_candidate_event_and_flow_stats(prog: Prog) -> None:
     assert [decode_key(r).label for r, _ in ev6] == ["[2001:db8::1]:443>[2001:db8::2]:51234"]
 
 
+def within(got: int, n: int, k: int, z: float = 5.0) -> bool:
+    """``got`` datagrams counted as ``k`` each, of ``n`` sent, is a 1-in-``k`` sample's
+    estimate of ``n`` within ``z`` standard deviations (binomial: sd = k sqrt(n/k (1 - 1/k)))."""
+    sd = k * (n / k * (1 - 1 / k)) ** 0.5
+    return got % k == 0 and abs(got - n) <= z * sd
+
+
 def test_volume_sampling_counts_one_in_k_weighted() -> None:
     """The default data plane (vol_sample 8): of a flow's non-candidate
-    datagrams, the volume arrays count the ones at every 8th packet of the
-    CPU, each as 8 (packets and bytes), so 8m of them in a row add exactly
-    8m packets and 8m frames' bytes; candidates always count once; a flow
+    datagrams, the volume arrays count about 1 in 8 (picked by a hash of the
+    CPU's packet number), each as 8 (packets and bytes), so 8m of them add
+    about 8m packets and 8m frames' bytes; candidates always count once; a flow
     whose slot is not its own adds nothing; the packet counter stays exact."""
     from iqn_ctl.live.datapath import Datapath
 
@@ -309,21 +317,68 @@ def test_volume_sampling_counts_one_in_k_weighted() -> None:
             p0 = dp.counters()["packets"]
             c0, v0 = dp.flow_counters([raw])[raw], dp.client_volume([C4], claim=False)[C4]
             assert c0 is not None and v0 is not None
+            ncpu = bpf_testrun.possible_cpus()
+            seq0 = struct.unpack(f"={ncpu}Q", bpf_testrun.map_lookup(
+                dp._counters.map_fd, struct.pack("=I", 0), 8 * ncpu))[cpu]  # this CPU's packet number
             runner.run(video, repeat=k * m)
-            runner.run(other, repeat=k * m)  # its flow never sent a candidate: not counted
             c1, v1 = dp.flow_counters([raw])[raw], dp.client_volume([C4], claim=False)[C4]
-            assert c1 is not None and v1 is not None
+            runner.run(other, repeat=k * m)  # its flow never sent a candidate: not counted
+            v2 = dp.client_volume([C4], claim=False)[C4]
+            assert c1 is not None and v1 is not None and v2 is not None
             assert dp.counters()["packets"] - p0 == 2 * k * m
-            assert (c1.packets - c0.packets, c1.candidates - c0.candidates) == (k * m, 0)
-            assert c1.bytes - c0.bytes == k * m * len(video)
+            got = c1.packets - c0.packets
+            assert within(got, k * m, k) and c1.candidates == c0.candidates, (got, k * m)
+            # exactly the packet numbers the Python twin of the pick names
+            picked = volume_picks(np.arange(seq0, seq0 + k * m, dtype=np.uint64), k)
+            assert got == k * int(picked.sum())
+            assert c1.bytes - c0.bytes == got * len(video)  # each counted datagram as k frames
             assert dp.flow_counters([oraw])[oraw] is None
             # the client's slot counts both flows' datagrams, sampled alike
-            assert v1[0] - v0[0] == 2 * k * m * len(video) and v1[1] == v0[1]
+            assert v1[0] - v0[0] == got * len(video)
+            assert within((v2[0] - v1[0]) // len(video), k * m, k) and v2[1] == v0[1]
+            c1 = dp.flow_counters([raw])[raw]
+            assert c1 is not None
             runner.run(cand, repeat=3)
             c2 = dp.flow_counters([raw])[raw]
             assert c2 is not None
             assert (c2.packets - c1.packets, c2.candidates - c1.candidates, c2.bytes - c1.bytes) == (
                 3, 3, 3 * len(cand))
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def test_volume_sampling_does_not_alias() -> None:
+    """Two viewers' videos paced alike reach the router strictly interleaved (a, b,
+    a, b, ...): each is still counted 1 in 8 on average. The pick used to be every
+    8th packet of the CPU, which landed on the same viewer every time (one counted
+    twice, the other never: a CI run saw 7 s of a viewer's video as 3 s watched);
+    with a period-8 pattern too (a, then seven of b) a's share stays 1 in 8."""
+    from iqn_ctl.live.datapath import Datapath
+
+    _need_bpf()
+    k, m = 8, 600
+    c_a, c_b = "198.18.0.12", "198.18.0.13"
+    a, b = (udp_frame(S4, c, 443, 51299, frame_len=1388) for c in (c_a, c_b))
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        with Datapath("lo", FILT) as dp:
+            assert dp.vol_sample == k
+            runner = bpf_testrun.TestRunner(dp.prog_fd)
+            for pattern, n_a, n_b in (([a, b], k * m, k * m), ([a] + [b] * (k - 1), m, (k - 1) * m)):
+                dp.client_volume([c_a, c_b])  # claims both clients' slots (zeroed)
+                v0 = dp.client_volume([c_a, c_b], claim=False)
+                for _ in range((n_a + n_b) // len(pattern)):
+                    for frame in pattern:
+                        runner.run(frame)
+                v1 = dp.client_volume([c_a, c_b], claim=False)
+                got = {}
+                for c in (c_a, c_b):
+                    before, after = v0[c], v1[c]
+                    assert before is not None and after is not None
+                    got[c] = (after[0] - before[0]) // len(a)
+                assert within(got[c_a], n_a, k) and within(got[c_b], n_b, k), (pattern == [a, b], got)
     finally:
         os.sched_setaffinity(0, old)
 

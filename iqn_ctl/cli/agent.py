@@ -27,6 +27,7 @@ from iqn_ctl.live.settings import (
     DEFAULT_DIRECTION,
     DEFAULT_HOOK,
     DEFAULT_RING_PAGES,
+    DEFAULT_VOL_SAMPLE,
     DEFAULT_XDP_MODE,
 )
 from iqn_ctl.live.watchdog import DEFAULT_PERIOD as DEFAULT_WATCHDOG
@@ -160,6 +161,12 @@ def attach(
         DEFAULT_BACKLOG, "--backlog",
         help="candidate records the agent holds when it falls behind; past this the oldest are "
              "dropped and counted (status 'shed'), so the newest data is kept",
+    ),
+    vol_sample: int = typer.Option(
+        DEFAULT_VOL_SAMPLE, "--vol-sample",
+        help="the kernel counts the volume of 1 in this many non-candidate UDP datagrams from the "
+             "port (each as this many; a power of two): 1 counts every one, exact volumes for the "
+             "bulk rule and watched time at a little more kernel time per packet",
     ),
     pairing: str = typer.Option(
         "on", "--pairing",

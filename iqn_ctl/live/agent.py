@@ -77,8 +77,10 @@ from iqn_ctl.live.settings import (
     DEFAULT_DIRECTION,
     DEFAULT_HOOK,
     DEFAULT_RING_PAGES,
+    DEFAULT_VOL_SAMPLE,
     DEFAULT_XDP_MODE,
     MAX_BACKLOG,
+    MAX_VOL_SAMPLE,
     AgentError,
     Guard,
     dataplane_problem,
@@ -323,6 +325,8 @@ class AgentConfig:
     direction: str = DEFAULT_DIRECTION
     #: --backlog: candidate records the agent holds when behind; past it the oldest are shed
     backlog: int = DEFAULT_BACKLOG
+    #: --vol-sample: the kernel's volume arrays count 1 in this many non-candidates (1: exact)
+    vol_sample: int = DEFAULT_VOL_SAMPLE
     #: the forgery guard (docs/dataplane.md, "Forged signals"): --pairing, --pair-window,
     #: --cap (signal bursts/s per client; None: default_cap(p); 0: no cap)
     pairing: bool = True
@@ -359,6 +363,9 @@ class AgentConfig:
             raise AgentError(f"--source-rate must be a number >= 0, got {self.source_rate}")
         if isinstance(self.backlog, bool) or not 1 <= self.backlog <= MAX_BACKLOG:
             raise AgentError(f"--backlog must be in 1..{MAX_BACKLOG} records, got {self.backlog}")
+        v = self.vol_sample
+        if isinstance(v, bool) or not 1 <= v <= MAX_VOL_SAMPLE or v & (v - 1):
+            raise AgentError(f"--vol-sample must be a power of two in 1..{MAX_VOL_SAMPLE}, got {v}")
         if not 0 < self.slot <= 86400:
             raise AgentError(f"--slot must be in (0, 86400] seconds, got {self.slot}")
         g = self.guard()
@@ -513,7 +520,7 @@ class Agent:
         self.dp = Datapath(
             cfg.iface, cfg.filt, max_flows=cfg.max_flows, xdp_mode=cfg.xdp_mode, force=cfg.force,
             ring_pages=cfg.ring_pages, n=cfg.params.n, hook=cfg.hook, direction=cfg.direction,
-            guard=cfg.guard(),
+            guard=cfg.guard(), vol_sample=cfg.vol_sample,
         )
         self.mode = self.dp.attach()
         # the kernel counts 1 in vol_sample non-candidate datagrams (each as vol_sample): the

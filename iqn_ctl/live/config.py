@@ -57,7 +57,7 @@ KEYS: dict[str, str] = {
     "xdp-mode": "str", "key": "str", "max-flows": "int", "redact": "bool", "force": "bool",
     "estimator": "str", "ring-pages": "int", "bulk-ratio": "float", "source-rate": "float",
     "slot": "float", "export": "strings", "router-id": "str", "export-replicas": "int", "export-batch": "int",
-    "hook": "str", "direction": "str", "backlog": "int", "pairing": "on-off",
+    "hook": "str", "direction": "str", "backlog": "int", "vol-sample": "int", "pairing": "on-off",
     "pair-window": "float", "cap": "float",
     "mitigate": "str", "link-rate": "str", "boost-rate": "str", "boost-max": "float", "boost-share": "float",
     "boost-gap": "float",
@@ -268,8 +268,8 @@ def agent_config(iface: str, o: Mapping[str, Any], state_dir: Path, group: str |
         force=o["force"], state_dir=state_dir, ring_pages=o["ring-pages"], bulk_ratio=o["bulk-ratio"],
         redact=o["redact"], source_rate=o["source-rate"], slot=o["slot"], export=tuple(o["export"] or ()),
         router_id=o["router-id"], export_replicas=o["export-replicas"], export_batch=o["export-batch"],
-        hook=o["hook"],
-        direction=o["direction"], backlog=o["backlog"], pairing=o["pairing"] == "on",
+        hook=o["hook"], direction=o["direction"], backlog=o["backlog"], vol_sample=o["vol-sample"],
+        pairing=o["pairing"] == "on",
         pair_window=o["pair-window"], cap=o["cap"], group=group, mitigate=mitigate_config(o),
     )
     cfg.validate()

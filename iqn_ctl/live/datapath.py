@@ -59,7 +59,9 @@ from iqn_ctl.live.ringbuf import RingReader
 from iqn_ctl.live.settings import (
     DEFAULT_DIRECTION,
     DEFAULT_RING_PAGES,
+    DEFAULT_VOL_SAMPLE,
     DEFAULT_XDP_MODE,
+    MAX_VOL_SAMPLE,
     Guard,
     dataplane_problem,
     guard_problem,
@@ -86,11 +88,6 @@ PAGE = 4096
 BURST_SLOTS = 1024
 #: slots of the per-flow and per-client volume arrays
 VOL_SLOTS = 65536
-#: non-candidate datagrams from the port counted 1 in this many, each weighted
-#: by it (IQN_VOL_SAMPLE): the volume arrays are estimates, candidates exact;
-#: 1 counts every one (tests that check exact volumes)
-DEFAULT_VOL_SAMPLE = 8
-MAX_VOL_SAMPLE = 1024
 #: the reader is woken once this many burst records wait; fewer are read at
 #: the agent's poll timeout (3 ms), which bounds the stall-visible latency
 DEFAULT_WAKEUP_RECORDS = 16

@@ -178,6 +178,13 @@ def client_hashes(raws: Sequence[bytes]) -> npt.NDArray[np.uint64]:
         return _mix(w[:, 2] ^ w[:, 3] ^ _CLIENT_SALT)
 
 
+def volume_picks(seq: npt.NDArray[np.uint64], k: int) -> npt.NDArray[np.bool_]:
+    """iqn_xdp.c's volume sampling: which of the CPU's packet numbers ``seq`` a
+    non-candidate is counted at (1 in ``k``, by a hash of the number, not a stride)."""
+    with np.errstate(over="ignore"):
+        return (_mix(seq.astype(np.uint64)) >> np.uint64(40)) & np.uint64(k - 1) == 0  # type: ignore[no-any-return]
+
+
 def slot_tag(h: npt.NDArray[np.uint64], slots: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]:
     """(slot index, tag) of hashes in a table of ``slots`` entries, as the kernel takes them."""
     return ((h & np.uint64(slots - 1)).astype(np.int64),

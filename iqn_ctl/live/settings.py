@@ -34,6 +34,11 @@ MAX_PERF_PAGES = MAX_RING_PAGES
 #: past it); as many as the default ring, about 50 MB of Python tuples at most
 DEFAULT_BACKLOG = 1 << 18
 MAX_BACKLOG = 1 << 26
+#: non-candidate datagrams from the port counted 1 in this many, each weighted
+#: by it (IQN_VOL_SAMPLE, --vol-sample; a power of two): the volume arrays are
+#: estimates, candidates exact; 1 counts every one (exact volumes)
+DEFAULT_VOL_SAMPLE = 8
+MAX_VOL_SAMPLE = 1024
 #: the kernel's LRU flow table; the engine's flow table has the same bound
 MAX_FLOWS_LIMIT = 1 << 24
 
