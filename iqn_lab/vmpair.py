@@ -111,6 +111,8 @@ class VmPair:
         self.ott_ns = f"{self.prefix}ott"
         self.log = work / "vmpair.log"
         self.times: dict[str, float] = {}
+        #: what `vagrant destroy -f` left in libvirt (before destroy() removed it)
+        self.vagrant_left = Leftovers()
         self.box_dir: Path | None = None
         self.box_name = ""
 
@@ -154,7 +156,8 @@ class VmPair:
             )
         if r.returncode != 0:
             raise LabError(
-                f"vagrant {' '.join(args)} failed ({r.returncode}):\n" + tail(self.work / "vagrant.log", 25)
+                f"vagrant {' '.join(args)} failed ({r.returncode}):\n"
+                + vagrant_error(self.work / "vagrant.log")
             )
         return r
 
@@ -361,7 +364,15 @@ class VmPair:
             procs.stop([pid])
         _run(["ip", "netns", "del", self.ott_ns], check=False)
         _run(["ip", "link", "del", f"{self.prefix}ob"], check=False)
-        left = self.leftovers()
+        left = self.vagrant_left = self.leftovers()
+        # what Vagrant left after a failed `up` (a CI run kept its WAN network): the names
+        # carry this run's random prefix, so they are ours
+        for dom in left.domains:
+            _run([*VIRSH, "destroy", dom], check=False)
+            _run([*VIRSH, "undefine", dom, "--nvram"], check=False)
+        for net in left.networks:
+            _run([*VIRSH, "net-destroy", net], check=False)
+            _run([*VIRSH, "net-undefine", net], check=False)
         # the box's image, uploaded by vagrant-libvirt, is the pool's; Vagrant never removes it
         if self.pool in left.pools:
             for vol in _run([*VIRSH, "vol-list", self.pool], check=False).stdout.split("\n"):
@@ -394,6 +405,21 @@ def tail(path: Path, lines: int = 40) -> str:
     """The end of a log, without Vagrant's progress bars (carriage-return redrawn lines)."""
     text = path.read_text(errors="replace").replace("\r", "\n")
     keep = [ln for ln in text.splitlines() if ln.strip() and "Progress:" not in ln]
+    return "\n".join(keep[-lines:])
+
+
+#: a Ruby backtrace line with no message of its own ("/usr/.../x.rb:12:in `call'")
+_FRAME = re.compile(r"^\s*(from )?/\S+\.rb:\d+:in [`'][^`']*'$")
+
+
+def vagrant_error(path: Path, lines: int = 25) -> str:
+    """What the last ``vagrant`` command in the log said, without the Ruby backtrace
+    frames that bury it (a CI failure showed 25 frames and no message): Vagrant's own
+    output and the exception line (``x.rb:12:in `m': message (Class)``)."""
+    text = path.read_text(errors="replace").replace("\r", "\n")
+    last = text.rsplit("\n$ vagrant ", 1)[-1]
+    keep = [ln for ln in last.splitlines()[1:]
+            if ln.strip() and "Progress:" not in ln and not _FRAME.match(ln)]
     return "\n".join(keep[-lines:])
 
 
@@ -460,6 +486,9 @@ def check(work: Path, keep: bool = False) -> dict[str, Any]:
         else:
             left = pair.destroy()
             report["leftovers"] = left.__dict__
+            # Vagrant's own part: all but the box's pool (never Vagrant's to remove)
+            report["vagrant_left"] = {"domains": pair.vagrant_left.domains,
+                                      "networks": pair.vagrant_left.networks}
             pair.say(f"destroyed; left in libvirt: {left.__dict__}")
         report["times"] = {k: round(v, 1) for k, v in pair.times.items()}
         (work / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -183,7 +183,10 @@ def test_accelerator_choice(tmp_path: Path) -> None:
     cache.mkdir()
     for rec in ("kvm", "tcg"):
         (cache / "accel").write_text(rec + "\n")
-        assert f"accel={rec} " in _show(tmp_path, IQN_BOX_CACHE=str(cache)).stderr
+        shown = _show(tmp_path, IQN_BOX_CACHE=str(cache)).stderr
+        assert f"accel={rec} " in shown
+        # TCG boots slowly: up waits 1500 s for SSH (Vagrant's 300 s failed a loaded CI run)
+        assert f"boot_timeout={1500 if rec == 'tcg' else 300}" in shown, shown
         other = "tcg" if rec == "kvm" else "kvm"
         assert f"accel={other} " in _show(tmp_path, IQN_BOX_CACHE=str(cache), IQN_VAGRANT_ACCEL=other).stderr
     bad = _show(tmp_path, IQN_VAGRANT_ACCEL="xen")
@@ -205,6 +208,32 @@ def test_accelerator_choice(tmp_path: Path) -> None:
     )
     assert probe.returncode == 0 and probe.stdout.strip() == "tcg", probe.stdout + probe.stderr
     assert (cache / "accel").read_text().strip() == "tcg"
+
+
+def test_vagrant_error_keeps_the_message_not_the_frames(tmp_path: Path) -> None:
+    """A failed `vagrant up` is reported by what Vagrant said and the exception's own line,
+    not by the 25 backtrace frames that hid the message in a CI run."""
+    from iqn_lab.vmpair import vagrant_error
+
+    gems = "/usr/share/rubygems-integration/all/gems/vagrant-2.3.4/lib/vagrant"
+    frames = [f"{gems}/action/warden.rb:{i}:in `call'" for i in range(40)]
+    exc = f"{gems}/x.rb:9:in `wait': boom (Vagrant::Errors::VMBootTimeout)"
+    log = tmp_path / "vagrant.log"
+    log.write_text("\n".join([
+        "$ vagrant box add --force x", "==> box: Successfully added box", "",
+        "$ vagrant up", "Bringing machine 'router' up with 'libvirt' provider...",
+        "==> router: Waiting for SSH to become available...\r==> router: Progress: 40%",
+        "Timed out while waiting for the machine to boot. This means that",
+        exc,
+        *frames, "\tfrom /usr/lib/ruby/3.1.0/y.rb:3:in `run'",
+    ]) + "\n")
+    got = vagrant_error(log).splitlines()
+    assert got == [
+        "Bringing machine 'router' up with 'libvirt' provider...",
+        "==> router: Waiting for SSH to become available...",
+        "Timed out while waiting for the machine to boot. This means that",
+        exc,
+    ], got
 
 
 # -- the VM pair, for real -------------------------------------------------------------------------
@@ -265,3 +294,4 @@ def test_vm_pair_stall_crosses_the_tunnel(tmp_path: Path) -> None:
     assert report["router_wan_ip"] in report["flows"]  # the client, as the WAN sees it (NAT)
     # nothing of the run is left in libvirt
     assert report["leftovers"] == {"domains": [], "networks": [], "pools": [], "volumes": []}
+    assert report["vagrant_left"] == {"domains": [], "networks": []}  # `vagrant destroy -f` did it
