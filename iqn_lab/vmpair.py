@@ -281,6 +281,8 @@ class VmPair:
                 str(s / "ott-requests.jsonl"),
                 "--ready",
                 str(ready),
+                "--www-cc",
+                "fixed",  # the slow client's toggles arrive together: one answer per packet still
             ],
             ns=ns,
         )

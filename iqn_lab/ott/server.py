@@ -32,7 +32,10 @@ from aioquic.asyncio import QuicConnectionProtocol, serve
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, Headers, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.congestion.base import register_congestion_control
+from aioquic.quic.congestion.reno import RenoCongestionControl
 from aioquic.quic.events import ProtocolNegotiated, QuicEvent
+from aioquic.quic.packet_builder import QuicSentPacket
 
 
 def big_rcvbuf(sock: Any, size: int = 4 << 20) -> None:
@@ -242,9 +245,48 @@ class OttProtocol(QuicConnectionProtocol):
         return 200, _common_headers("video/mp4") + cors, f.read_bytes()
 
 
-def configuration(cert: Path, key: Path, keylog: TextIO | None = None) -> QuicConfiguration:
+#: the page host's answers in one packet each: datagrams a fixed window lets out at once
+FIXED_WINDOW_DATAGRAMS = 64
+
+
+class FixedWindow(RenoCongestionControl):
+    """A congestion window that never shrinks (``--www-cc fixed``), for the page host.
+
+    Why: with Reno, losses at a starved bottleneck cut the page connection's window
+    to two datagrams, and the pacer derived from it then holds back the third and
+    fourth answers of a burst; aioquic sends them later packed together, an answer
+    and a half per full-size packet, so neither is a candidate. A slow client (a VM
+    under TCG) whose toggles arrive together lost half its answers that way. The page
+    host sends little (the page, one answer per toggle), so a fixed window costs the
+    bottleneck nothing that matters, and every answer leaves as its own packet."""
+
+    def __init__(self, *, max_datagram_size: int) -> None:
+        super().__init__(max_datagram_size=max_datagram_size)
+        self.congestion_window = FIXED_WINDOW_DATAGRAMS * max_datagram_size
+
+    def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
+        self.bytes_in_flight -= packet.sent_bytes
+
+    def on_packets_lost(self, *, now: float, packets: Any) -> None:
+        for packet in packets:
+            self.bytes_in_flight -= packet.sent_bytes
+
+    def on_persistent_congestion(self) -> None:
+        pass
+
+    def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
+        pass
+
+
+register_congestion_control("iqn-fixed", FixedWindow)
+#: --www-cc choices -> aioquic's algorithm names
+WWW_CC = {"reno": "reno", "fixed": "iqn-fixed"}
+
+
+def configuration(cert: Path, key: Path, keylog: TextIO | None = None, cc: str = "reno") -> QuicConfiguration:
     cfg = QuicConfiguration(
-        is_client=False, alpn_protocols=H3_ALPN, max_datagram_size=MAX_DATAGRAM, secrets_log_file=keylog
+        is_client=False, alpn_protocols=H3_ALPN, max_datagram_size=MAX_DATAGRAM, secrets_log_file=keylog,
+        congestion_control_algorithm=WWW_CC[cc],
     )
     cfg.load_cert_chain(cert, key)
     return cfg
@@ -255,10 +297,12 @@ async def run(args: argparse.Namespace) -> None:
     keylog = open(args.keylog, "a", encoding="utf-8") if args.keylog else None
     site = Site(args.www_host, args.media_host, Path(args.media_dir), log)
     protocol = type("BoundOttProtocol", (OttProtocol,), {"site": site})
-    cfg = configuration(Path(args.cert), Path(args.key), keylog)
-    addrs = {"www": [args.www_addr], "media": [args.media_addr], "both": [args.www_addr, args.media_addr]}
-    servers = [await serve(a, args.port, configuration=cfg, create_protocol=protocol)
-               for a in addrs[args.hosts]]
+    cfgs = {"www": configuration(Path(args.cert), Path(args.key), keylog, args.www_cc),
+            "media": configuration(Path(args.cert), Path(args.key), keylog)}
+    hosts = ["www", "media"] if args.hosts == "both" else [args.hosts]
+    addr = {"www": args.www_addr, "media": args.media_addr}
+    servers = [await serve(addr[h], args.port, configuration=cfgs[h], create_protocol=protocol)
+               for h in hosts]
     for s in servers:  # many viewers share these two sockets: room for their bursts (see big_rcvbuf)
         sock = s._transport.get_extra_info("socket") if s._transport is not None else None
         if sock is not None:
@@ -290,6 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hosts", choices=("both", "www", "media"), default="both",
                     help="serve both hosts, or only one (two processes: a busy media host cannot delay "
                          "the page host's answers)")
+    ap.add_argument("--www-cc", choices=sorted(WWW_CC), default="reno",
+                    help="the page host's congestion control: reno (aioquic's), or fixed: a window "
+                         "losses never shrink, so a burst of answers always leaves one per packet "
+                         "(FixedWindow)")
     asyncio.run(run(ap.parse_args(argv)))
 
 
