@@ -223,11 +223,13 @@ def breakdown(frame: bytes, claim: bytes, rounds: int, repeat: int) -> str:
 
     from bcc import BPF
 
+    from iqn_ctl.live.bpfsrc import parser_cflags
     from iqn_ctl.live.datapath import SRC, possible_cpus
 
     text = SRC.read_text()
     progs = []
-    flags = ["-w", f"-DIQN_NCPU={possible_cpus()}", "-DIQN_PAIRING=0", "-DIQN_CAP_NS=0ULL"]
+    flags = ["-w", *parser_cflags(False), f"-DIQN_NCPU={possible_cpus()}", "-DIQN_PAIRING=0",
+             "-DIQN_CAP_NS=0ULL"]
     with tempfile.TemporaryDirectory() as tmp:
         for label, old, new, extra in VARIANTS + [("the whole program (1 in 8 counted)", "", "", [])]:
             if old and old not in text:

@@ -41,6 +41,7 @@ BOOST_MAX = 12.0
 LEAD = 1.0
 AGG, DEFAULT = "4951:10", "4951:20"
 SO_SNDBUFFORCE = 32  # asm-generic/socket.h (Python names only SO_SNDBUF)
+PPPOE = 8  # PPPoE session header + PPP protocol
 
 #: another IQN tool's egress classifier on the shaped interface: the agent's
 #: attach, crash and detach must leave it where it is
@@ -112,11 +113,18 @@ def egress_filters(lab: Lab, eg: str) -> list[str]:
                   if x.get("kind") == "bpf" and "bpf_name" in x.get("options", {}))
 
 
-def to_viewers(sock: socket.socket, dsts: list[str], count: int, size: int = 1000) -> None:
+def to_viewers(sock: socket.socket, dsts: list[str], count: int, size: int = 1000, **kw: Any) -> None:
+    """``count`` frames of ``size`` bytes to each of ``dsts``; ``kw``: udp_frame's (pppoe, vlans)."""
     for dst in dsts:
-        frame = udp_frame("198.51.100.1", dst, 443, 40000, size)
+        src = "2001:db8:100::1" if ":" in dst else "198.51.100.1"
+        frame = udp_frame(src, dst, 443, 40000, size, **kw)
         for _ in range(count):
             sock.send(frame)
+
+
+def slot_bytes(before: dict[str, int], after: dict[str, int]) -> int:
+    """Bytes the boost slot classes (minor 0x100 on) sent between two readings."""
+    return sum(after[h] - before[h] for h in after if int(h.split(":")[1], 16) >= 0x100)
 
 
 def blast(sock: socket.socket, dsts: list[str], seconds: float) -> tuple[int, float, float]:
@@ -209,8 +217,7 @@ def test_boost_on_stall_off_at_end_and_timeout_share_cap_forgery_and_crash_clean
             after_boosted = sent_bytes(lab, eg)
             to_viewers(sock, [f_addr, *others[:2]], 20)
             after_rest = sent_bytes(lab, eg)
-            slots_delta = sum(after_boosted[h] - before[h] for h in after_boosted
-                              if int(h.split(":")[1], 16) >= 0x100)
+            slots_delta = slot_bytes(before, after_boosted)
             assert slots_delta >= SLOTS * 20 * 1000
             assert after_boosted[DEFAULT] == before[DEFAULT]
             assert after_rest[DEFAULT] - after_boosted[DEFAULT] >= 3 * 20 * 1000
@@ -257,6 +264,67 @@ def test_boost_on_stall_off_at_end_and_timeout_share_cap_forgery_and_crash_clean
             assert not (run / f"{lab.cli_if}.boost").exists()
         finally:
             stop(agent)
+
+
+def test_boost_reaches_a_viewer_behind_pppoe(tmp_path: Path) -> None:
+    """Viewers behind a PPPoE access link: the agent sees their signals and
+    requests as PPPoE session frames (IPv4 plain, IPv6 behind a VLAN tag) and
+    boosts both; the boost classifier reads the same link layer as the data
+    plane (iqn_parse.h), so their PPPoE frames leaving E (IPv6 behind the tag
+    again) go through the slot classes, while PPPoE frames to an unboosted
+    viewer, and a PPPoE control frame (LCP) whose bytes where an IP header
+    would be name a boosted viewer, go through the default class."""
+    need_xdp()
+    with Lab() as lab:
+        eg = add_egress(lab)
+        run, env = tmp_path / "run", dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
+        agent = subprocess.Popen(lab.agent_cmd(
+            "attach", lab.cli_if, "--state-dir", str(tmp_path / "s"), "--mitigate", eg,
+            "--link-rate", "10mbit", "--boost-rate", "1mbit", "--boost-share", str(SHARE),
+            "--boost-gap", "0"), env=env, stderr=subprocess.PIPE, text=True)
+        sender = None
+        try:
+            wait_ready(sock_path(run, lab.cli_if), agent)
+            flows = [
+                {"name": "v4", "src": lab.srv4, "dst": lab.cli4, "dport": 40201, "frame": 1250 + PPPOE,
+                 "pppoe": 0x0201, "times": times(0.0, 8.0, 1)},
+                {"name": "v6", "src": lab.srv6, "dst": lab.cli6, "dport": 40202, "vlan": lab.vlan_id,
+                 "frame": 1250 + PPPOE + 4, "pppoe": 0x0202, "times": times(0.0, 8.0, 2)},
+            ]
+            sender = lab.send({"lead": LEAD, "flows": flows})
+            st = poll_until(lambda: request(sock_path(run, lab.cli_if), "status"),
+                            lambda s: boost(s)["active"] == 2)
+            assert sorted(boost(st)["clients"]) == sorted([lab.cli4, lab.cli6])
+            assert st["unpaired"] == 0  # the PPPoE requests paired every candidate
+
+            sock = client_socket(lab.cli_ns, eg)
+            before = sent_bytes(lab, eg)
+            to_viewers(sock, [lab.cli4], 20, pppoe=0x0201)
+            to_viewers(sock, [lab.cli6], 20, pppoe=0x0202, vlans=(lab.vlan_id,))
+            boosted = sent_bytes(lab, eg)
+            unboosted = f"{lab.cli4.rsplit('.', 1)[0]}.40"
+            to_viewers(sock, [unboosted], 20, pppoe=0x0203)
+            lcp = bytearray(udp_frame("198.51.100.1", lab.cli4, 443, 40000, 1000, pppoe=0x0201))
+            lcp[20:22] = b"\xc0\x21"  # the PPP protocol: LCP, not IPv4
+            for _ in range(20):
+                sock.send(bytes(lcp))
+            rest = sent_bytes(lab, eg)
+            sock.close()
+            assert slot_bytes(before, boosted) >= 2 * 20 * 1000
+            assert boosted[DEFAULT] == before[DEFAULT]
+            assert slot_bytes(boosted, rest) == 0
+            assert rest[DEFAULT] - boosted[DEFAULT] >= 2 * 20 * 1000
+            b = boost(request(sock_path(run, lab.cli_if), "status"))
+            assert b["bytes"] >= 2 * 20 * 1000  # counted in the boosts' map entries
+            out, err = sender.communicate(timeout=60)
+            assert sender.returncode == 0, err
+        finally:
+            if sender is not None and sender.poll() is None:
+                sender.kill()
+                sender.wait(10)
+            err = stop(agent)
+        assert agent.returncode == 0, err
+        assert root(lab, eg) == ("noqueue", "0:")
 
 
 def test_refuses_a_foreign_root_qdisc_and_cleans_up_on_stop(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from iqn_ctl.engine.discard import Counters
 from iqn_ctl.engine.params import BURST_MAX, DEFAULT_MAX_FLOWS, DEFAULT_N, CandidateFilter
 from iqn_ctl.errors import IqnError
 from iqn_ctl.live import bpf_testrun, caps, layout, tc
+from iqn_ctl.live.bpfsrc import BPF_DIR, parser_cflags
 from iqn_ctl.live.bursttable import BurstBatch, BurstTaker, empty_batch
 from iqn_ctl.live.devtype import DeviceType, DeviceTypeError, device_type
 from iqn_ctl.live.layout import (
@@ -80,7 +81,7 @@ EGRESS_PROG = "iqn_tc_egress"
 TC_NAMES = (TC_PROG_NAME, EGRESS_PROG)
 #: TC priorities tried for IQN's classifiers, lowest (first to run) first
 TC_PRIO_TRIES = 16
-SRC = Path(__file__).resolve().parent / "bpf" / "iqn_xdp.c"
+SRC = BPF_DIR / "iqn_xdp.c"
 #: bytes a record takes in the ring: 8-byte header + struct burst, 8-aligned
 RECORD_BYTES = (8 + BURST_DTYPE.itemsize + 7) & ~7
 PAGE = 4096
@@ -359,7 +360,7 @@ class Datapath:
             f"-DIQN_RING_PAGES={ring_pages}",
             f"-DIQN_WAKEUP_BYTES={min(wakeup_events * RECORD_BYTES, ring_pages * PAGE)}",
             f"-DIQN_MAX_FLOWS={max_flows}",
-            f"-DIQN_L3={int(self.device.l3)}",
+            *parser_cflags(self.device.l3),
             *self.guard.cflags(n),
             f"-DIQN_BURST_N={self.burst_n}",
             f"-DIQN_BURST_GAP_NS={GAP_NS}",

@@ -61,6 +61,7 @@ from iqn_ctl.engine.boost import (
 )
 from iqn_ctl.errors import IqnError
 from iqn_ctl.live import tc
+from iqn_ctl.live.bpfsrc import BPF_DIR, parser_cflags
 from iqn_ctl.live.devtype import DeviceTypeError, device_type
 
 log = logging.getLogger("iqn.mitigate")
@@ -71,7 +72,7 @@ HANDLE = f"{MAJOR:x}:"
 #: minor numbers of the link, the boost aggregate, the default class and the first slot
 LINK, AGGREGATE, DEFAULT, FIRST_SLOT = 0x1, 0x10, 0x20, 0x100
 PROG_NAME = "iqn_boost"
-SRC = Path(__file__).resolve().parent / "bpf" / "iqn_boost.c"
+SRC = BPF_DIR / "iqn_boost.c"
 #: one MTU: HTB's quantum for every class (no r2q warnings, equal turns within a priority)
 QUANTUM = 1514
 
@@ -305,7 +306,7 @@ class Booster:
         except DeviceTypeError as e:
             raise MitigateError(f"{eg}: {e}") from None
         cflags = [f"-DIQN_BOOST_MAJOR={MAJOR:#x}", f"-DIQN_BOOST_SLOTS={self.slots}",
-                  f"-DIQN_L3={int(l3)}", "-w"]
+                  *parser_cflags(l3), "-w"]
         try:
             self._bpf = BPF(src_file=str(SRC).encode(), cflags=cflags)
             fn = self._bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS)

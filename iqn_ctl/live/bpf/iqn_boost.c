@@ -15,11 +15,15 @@
  * the priority class. The verdict is always TC_ACT_UNSPEC: nothing is dropped
  * and the classifiers after this one still run.
  *
- * Parsing follows xdp-tutorial's style (a header cursor, one bounds-checked
- * helper per header). Compile-time constants (-D from iqn_ctl.live.mitigate):
- * IQN_BOOST_MAJOR (the HTB handle's major number), IQN_BOOST_SLOTS (map size:
- * the most clients boosted at once) and IQN_L3 (the device's frames start at
- * the IP header); each has a default below, so the file compiles on its own.
+ * The link layer is parsed by iqn_parse.h, the data plane's own parser
+ * (xdp-tutorial's style: a header cursor, one bounds-checked helper per
+ * header): Ethernet with up to two VLAN tags and a PPPoE session inside them
+ * (a viewer behind a PPPoE access link is boosted too), or on a layer-3
+ * device the IP header first. Compile-time constants (-D from
+ * iqn_ctl.live.mitigate): IQN_BOOST_MAJOR (the HTB handle's major number),
+ * IQN_BOOST_SLOTS (map size: the most clients boosted at once) and IQN_L3
+ * (the device's frames start at the IP header); each has a default (IQN_L3's
+ * in iqn_parse.h), so the file compiles on its own, given -I of this directory.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -28,20 +32,14 @@
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 
+#include "iqn_parse.h"
+
 #ifndef IQN_BOOST_MAJOR
 #define IQN_BOOST_MAJOR 0x4951
 #endif
 #ifndef IQN_BOOST_SLOTS
 #define IQN_BOOST_SLOTS 64
 #endif
-#ifndef IQN_L3
-#define IQN_L3 0
-#endif
-
-#define IQN_ETH_P_8021Q 0x8100
-#define IQN_ETH_P_8021AD 0x88A8
-#define IQN_VLAN_MAX_DEPTH 2
-#define PARSE_BAD (-1)
 
 /* A client address as the data plane's flow key holds it: 16 bytes in
  * network order, an IPv4 address in the first 4 and the rest zero. */
@@ -59,51 +57,6 @@ struct boost_val {
 };
 
 BPF_HASH(boosts, struct boost_key, struct boost_val, IQN_BOOST_SLOTS);
-
-struct hdr_cursor {
-    void *pos;
-};
-
-static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end)
-{
-    struct ethhdr *eth = nh->pos;
-    if ((void *)(eth + 1) > data_end)
-        return PARSE_BAD;
-    nh->pos = eth + 1;
-    __be16 proto = eth->h_proto;
-
-#pragma unroll
-    for (int i = 0; i < IQN_VLAN_MAX_DEPTH; i++) {
-        if (proto != bpf_htons(IQN_ETH_P_8021Q) && proto != bpf_htons(IQN_ETH_P_8021AD))
-            break;
-        __be16 *vlan = nh->pos;
-        if ((void *)(vlan + 2) > data_end)
-            return PARSE_BAD;
-        proto = vlan[1];
-        nh->pos = vlan + 2;
-    }
-    return proto;
-}
-
-static __always_inline int parse_l3start(struct hdr_cursor *nh, void *data_end)
-{
-    __u8 *first = nh->pos;
-    if ((void *)(first + 1) > data_end)
-        return PARSE_BAD;
-    switch (*first >> 4) {
-    case 4:
-        return bpf_htons(ETH_P_IP);
-    case 6:
-        return bpf_htons(ETH_P_IPV6);
-    }
-    return 0;
-}
-
-#if IQN_L3
-#define parse_first parse_l3start
-#else
-#define parse_first parse_ethhdr
-#endif
 
 /* The destination (the client) of an IPv4 packet into `key`. */
 static __always_inline int parse_ip4_dst(struct hdr_cursor *nh, void *data_end, struct boost_key *key)
