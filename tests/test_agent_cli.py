@@ -127,3 +127,55 @@ def test_foreign_xdp_program_is_refused(xdp_lab: Lab, env: dict[str, str]) -> No
     assert lab.xdp_on_client() == "other_prog"
     r = run("detach", lab.cli_if, ns=lab.cli_ns, env=env)  # not ours: detach leaves it alone
     assert r.returncode == 0 and lab.xdp_on_client() == "other_prog"
+
+
+#: run in the lab's client namespace: the library's own agent (AgentConfig.metrics_port,
+#: as bench/soak_agent.py uses it) on a port that is taken
+OWN_METRICS = """
+import sys, urllib.request
+from pathlib import Path
+from iqn_ctl.live.agent import Agent, AgentConfig, AgentError
+iface, port, tmp = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+agent = Agent(AgentConfig(iface=iface, metrics_port=port, state_dir=tmp / "s", run_dir=tmp / "run"))
+try:
+    agent.start()
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    print(next(ln for ln in page.splitlines() if ln.startswith("iqn_dataplane_info{")))
+except AgentError as e:
+    print(e)
+finally:
+    agent.shutdown()
+"""
+
+
+def test_metrics_port_taken(xdp_lab: Lab, env: dict[str, str], tmp_path: Path) -> None:
+    """A taken --metrics-port is one line naming the address, whether the
+    metrics are the process's (iqn-ctl attach: the supervisor's hub) or one
+    library agent's own; either way nothing is left attached. On a free port the
+    library agent's own /metrics has its data-plane labels."""
+    from iqn_lab.testbed import PY
+
+    lab = xdp_lab
+    hold = subprocess.Popen(["ip", "netns", "exec", lab.cli_ns, PY, "-c",
+                             "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
+                             "print(s.getsockname()[1], flush=True); time.sleep(300)"],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert hold.stdout is not None
+        port = int(hold.stdout.readline())
+        want = f"cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+        one_error(run("attach", lab.cli_if, "--metrics-port", str(port), ns=lab.cli_ns, env=env), want)
+        assert lab.xdp_on_client() is None
+        r = subprocess.run(["ip", "netns", "exec", lab.cli_ns, PY, "-c", OWN_METRICS, lab.cli_if, str(port),
+                            str(tmp_path)], capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.stdout.strip() == want, (r.stdout, r.stderr)
+        assert lab.xdp_on_client() is None
+    finally:
+        hold.kill()
+        hold.wait(10)
+    r = subprocess.run(["ip", "netns", "exec", lab.cli_ns, PY, "-c", OWN_METRICS, lab.cli_if, str(port),
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    line = r.stdout.strip()
+    assert line.startswith("iqn_dataplane_info{") and f'iface="{lab.cli_if}"' in line, (r.stdout, r.stderr)
+    assert 'hook="xdp"' in line and 'link="ethernet"' in line, line
+    assert lab.xdp_on_client() is None

@@ -91,7 +91,7 @@ from iqn_ctl.live.settings import (
 if TYPE_CHECKING:
     from iqn_ctl.live.datapath import Datapath
     from iqn_ctl.live.export import Exporter
-    from iqn_ctl.live.metrics import AgentMetrics
+    from iqn_ctl.live.metrics import AgentMetrics, MetricsHub, Snapshot
     from iqn_ctl.live.mitigate import Booster, MitigateConfig
 
 log = logging.getLogger("iqn.agent")
@@ -533,16 +533,7 @@ class Agent:
             self.api = ApiServer(sock_path(cfg.run_dir, cfg.iface), self._handle, self.access).start()
         self._share_access()
         if cfg.metrics_port is not None:
-            from iqn_ctl.live.metrics import AgentMetrics
-
-            self.metrics = AgentMetrics(cfg.iface, self.scrape, self.export_stats, self.hook_info(),
-                                        boost=self.boost_stats)
-            try:
-                self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
-            except OSError as e:
-                raise AgentError(
-                    f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {e.strerror or e}"
-                ) from None
+            self.add_metrics(self.scrape).serve(cfg.metrics_port, cfg.metrics_addr)
         p, f, g = cfg.params, cfg.filt, cfg.guard()
         log.info(
             "%s: attached (%s, %s device); p=%g n=%d sizes %d..%d port %d key %s estimator %s; history %s%s",
@@ -638,6 +629,19 @@ class Agent:
     def export_stats(self) -> dict[str, Any] | None:
         """The exporter's state (``status``' ``export``, the metrics), None without --export."""
         return self.exporter.stats() if self.exporter is not None else None
+
+    def add_metrics(self, snapshot: Snapshot, hub: MetricsHub | None = None,
+                    attach: Callable[[], str] | None = None) -> AgentMetrics:
+        """This interface's metrics, in ``hub`` (a supervisor's, shared by its
+        interfaces) or in a hub of their own (one agent: the caller serves it).
+        ``snapshot``: the counters (:meth:`scrape`, or with a watchdog's its
+        slot's); ``attach``: the watchdog's state. The data-plane labels are
+        read at scrape time, so they follow a re-attach (another hook or mode)."""
+        from iqn_ctl.live.metrics import AgentMetrics
+
+        self.metrics = AgentMetrics(self.cfg.iface, snapshot, self.export_stats, self.hook_info, hub=hub,
+                                    attach=attach, boost=self.boost_stats)
+        return self.metrics
 
     def hook_info(self) -> dict[str, str]:
         """Where the classifier runs, for status and the metrics: hook ("xdp"/"tc"),

@@ -27,6 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from iqn_ctl.live.settings import AgentError
+
 #: stall durations are 0.4 s to minutes; buckets follow the paper's range
 DURATION_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 60.0, 120.0, 300.0)
 
@@ -110,7 +112,8 @@ class _Source:
     iface: str
     snapshot: Snapshot
     export: ExportSnapshot | None
-    info: dict[str, str] | Callable[[], dict[str, str]]
+    #: the agent's hook_info, read at scrape time (None: no data-plane labels)
+    info: Callable[[], dict[str, str]] | None
     attach: Callable[[], str] | None
     #: the agent's boost_stats() (--mitigate), None without it
     boost: ExportSnapshot | None = None
@@ -180,7 +183,7 @@ class _HubCollector(Collector):
                 else:
                     families[m.name] = m
         yield from families.values()
-        infos = [(src.iface, src.info() if callable(src.info) else src.info) for src in sources]
+        infos = [(src.iface, src.info() if src.info is not None else {}) for src in sources]
         names = sorted({k for _, info in infos for k in info})
         if names:
             dp = GaugeMetricFamily("iqn_dataplane_info",
@@ -259,13 +262,18 @@ class MetricsHub:
             return sorted(self._sources.values(), key=lambda s: s.iface)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Serve /metrics on a background thread; raises OSError if the port is taken.
+        """Serve /metrics on a background thread. A port that is taken or an
+        address that is not this host's is the user's to fix: one line
+        (:class:`AgentError`), the same for one agent and for many interfaces.
 
         Loopback by default: anyone who reaches the port reads the agent's
         numbers, so exposing them is an explicit ``--metrics-addr``. The labels
         name only the interface, never a client (so ``--redact`` has nothing to hide here).
         """
-        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            raise AgentError(f"cannot serve metrics on {addr}:{port}: {e.strerror or e}") from None
 
     @property
     def port(self) -> int | None:
@@ -284,17 +292,17 @@ class AgentMetrics:
     has a hub (and server) of its own; with one it is that hub's interface."""
 
     def __init__(self, iface: str, snapshot: Snapshot, export: ExportSnapshot | None = None,
-                 info: dict[str, str] | Callable[[], dict[str, str]] | None = None,
+                 info: Callable[[], dict[str, str]] | None = None,
                  hub: MetricsHub | None = None, attach: Callable[[], str] | None = None,
                  boost: ExportSnapshot | None = None) -> None:
-        """``info``: labels of ``iqn_dataplane_info`` (the agent's hook_info(), or a
-        callable returning it now); ``attach``: the watchdog's state of the interface;
+        """``info``: returns the labels of ``iqn_dataplane_info`` now (the agent's
+        hook_info); ``attach``: the watchdog's state of the interface;
         ``boost``: the agent's boost_stats() (--mitigate)."""
         self.iface = iface
         self._own = hub is None
         self.hub = hub if hub is not None else MetricsHub()
         self.registry = self.hub.registry
-        self.hub.add(_Source(iface, snapshot, export, info if info is not None else {}, attach, boost))
+        self.hub.add(_Source(iface, snapshot, export, info, attach, boost))
         self._started = self.hub.started.labels(iface)
         self._ended = self.hub.ended.labels(iface)
         self._duration = self.hub.duration.labels(iface)

@@ -137,17 +137,12 @@ class Supervisor:
             raise
 
     def _start(self) -> None:
-        from iqn_ctl.live.metrics import AgentMetrics, MetricsHub
+        from iqn_ctl.live.metrics import MetricsHub
 
         sh = self.shared
         if sh.metrics_port is not None:
             self.hub = MetricsHub()
-            try:
-                self.hub.serve(sh.metrics_port, sh.metrics_addr)
-            except OSError as e:
-                raise AgentError(
-                    f"cannot serve metrics on {sh.metrics_addr}:{sh.metrics_port}: {e.strerror or e}"
-                ) from None
+            self.hub.serve(sh.metrics_port, sh.metrics_addr)
         for cfg in self._cfgs:
             agent = Agent(cfg, self._wall)
             slot = Slot(agent)
@@ -161,10 +156,8 @@ class Supervisor:
                 index = ifindex(cfg.iface)
                 slot.watch = Watch(agent.dp, index if index is not None else -1)
             if self.hub is not None:
-                agent.metrics = AgentMetrics(cfg.iface, slot.metrics_snapshot, agent.export_stats,
-                                             agent.hook_info, hub=self.hub,
-                                             attach=slot.watched_state if slot.watch is not None else None,
-                                             boost=agent.boost_stats)
+                agent.add_metrics(slot.metrics_snapshot, self.hub,
+                                  attach=slot.watched_state if slot.watch is not None else None)
         self._serve_api()
         ifaces = list(self.slots)
         log.info("agent pid %d on %s%s%s", os.getpid(), ", ".join(ifaces),
