@@ -19,3 +19,9 @@ def write_section(section: str, body: str, path: Path = RESULTS) -> None:
         new = old[:start] + body.rstrip("\n") + "\n" + (old[nxt:] if nxt >= 0 else "")
     path.write_text(new)
     print(f"\nwrote the '{section}' section of {path}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the machine line of a section; "?" if none."""
+    with open("/proc/cpuinfo") as f:
+        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")

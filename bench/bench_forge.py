@@ -253,8 +253,7 @@ def main() -> None:
         live.append(f"| {r['flags']} | {r['offered']:,.0f} ({r['sent']:,}) | {r['seen']:,} | "
                     f"{r['unpaired']:,} / {r['capped']:,} | {r['records']:,} | {r['false_stalls']} | "
                     f"{r['real_stall']} |")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               "?")
+    cpu = _results.cpu_model()
     body = (
         f"{SECTION}\n\n"
         f"`iqn_xdp.c`'s forgery guard ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; kernel "

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,24 +52,50 @@ def measure(runner: TestRunner, frame: bytes, repeat: int, hook: str) -> float:
     return cpu / repeat
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=1_000_000)
-    ap.add_argument("--cand-repeat", type=int, default=65536)
-    ap.add_argument("--rounds", type=int, default=7)
+#: --repeat, --cand-repeat, --rounds of this bench and bench_pppoe.py
+DEFAULTS = (1_000_000, 65536, 7)
+
+
+def bench_args(doc: str) -> argparse.Namespace:
+    """The flags of the entry benches (this one, bench_pppoe.py), checked; they need root."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=DEFAULTS[0])
+    ap.add_argument("--cand-repeat", type=int, default=DEFAULTS[1])
+    ap.add_argument("--rounds", type=int, default=DEFAULTS[2])
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench: error: needs root (BPF_PROG_TEST_RUN): run with sudo")
+    if min(args.repeat, args.cand_repeat, args.rounds) < 1:
+        raise SystemExit("bench: error: --repeat, --cand-repeat and --rounds must be positive")
+    return args
 
+
+def rerun(script: str, args: argparse.Namespace) -> str:
+    """The command that repeats this run, for the RESULTS.md section."""
+    cmd = f"sudo .venv/bin/python bench/{script}"
+    if (args.repeat, args.cand_repeat, args.rounds) != DEFAULTS:
+        cmd += f" --repeat {args.repeat} --cand-repeat {args.cand_repeat} --rounds {args.rounds}"
+    return cmd
+
+
+def empty_programs() -> tuple[Any, dict[str, TestRunner]]:
+    """The baseline: an empty XDP program and an empty TC classifier, loaded with bcc
+    as IQN's are; the bcc object (to clean up) and a runner per hook."""
     from bcc import BPF
+
+    b = BPF(text=EMPTY_SRC)
+    return b, {"xdp": TestRunner(b.load_func(b"empty_xdp", BPF.XDP).fd),
+               "tc": TestRunner(b.load_func(b"empty_tc", BPF.SCHED_CLS).fd)}
+
+
+def main() -> None:
+    args = bench_args(__doc__)
 
     from iqn_ctl.live.datapath import Datapath
 
     filt = CandidateFilter()
-    empty_bpf = BPF(text=EMPTY_SRC)
-    empty = {"xdp": TestRunner(empty_bpf.load_func(b"empty_xdp", BPF.XDP).fd),
-             "tc": TestRunner(empty_bpf.load_func(b"empty_tc", BPF.SCHED_CLS).fd)}
+    empty_bpf, empty = empty_programs()
     tun = f"iqbh{uuid.uuid4().hex[:8]}"
     tun_fd = os.open("/dev/net/tun", os.O_RDWR)  # the device lives as long as this fd
     fcntl.ioctl(tun_fd, TUNSETIFF, struct.pack("16sH", tun.encode(), IFF_TUN | IFF_NO_PI))
@@ -108,8 +135,7 @@ def main() -> None:
     for (label, link, hook), (b, c) in cells.items():
         mb, mc = statistics.median(b), statistics.median(c)
         lines.append(f"| {label} | {link} | {hook} | {mb:.2f} | {mc:.2f} | {mc / mb:.2f}x | {mc - mb:+.1f} |")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               "?")
+    cpu = _results.cpu_model()
     summary = (f"Median of {args.rounds} calls x {args.repeat} runs ({args.cand_repeat} for the candidate); "
                f"kernel {platform.release()}, {cpu}, {os.cpu_count()} CPUs; {elapsed:.1f} s; ring records "
                f"lost: {lost}. Layer-3 rows run the same frames without their Ethernet header.")
@@ -118,9 +144,7 @@ def main() -> None:
     print()
     print(summary)
     if not args.no_write:
-        cmd = "sudo .venv/bin/python bench/bench_hooks.py"
-        if (args.repeat, args.cand_repeat, args.rounds) != (1_000_000, 65536, 7):
-            cmd += f" --repeat {args.repeat} --cand-repeat {args.cand_repeat} --rounds {args.rounds}"
+        cmd = rerun("bench_hooks.py", args)
         body = (f"{SECTION}\n\nThe XDP and the TC entry of `iqn_xdp.c`, Ethernet and layer-3 builds, each "
                 "against an empty program of its type on the same bytes, BPF_PROG_TEST_RUN, same run "
                 f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Re-run: `{cmd}`\n\n"

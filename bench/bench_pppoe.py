@@ -18,7 +18,6 @@ bench/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import _results  # noqa: E402
-from bench_hooks import EMPTY_SRC, measure  # noqa: E402
+from bench_hooks import bench_args, empty_programs, measure, rerun  # noqa: E402
 from bench_xdp import OTHER_TARGET, RING_PAGES, TARGET, drain  # noqa: E402
 
 from iqn_ctl.capture.frames import udp_frame  # noqa: E402
@@ -66,25 +65,12 @@ def rows(filt: CandidateFilter) -> list[tuple[str, bytes, bytes | None, str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=1_000_000)
-    ap.add_argument("--cand-repeat", type=int, default=65536)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("bench: error: needs root (BPF_PROG_TEST_RUN): run with sudo")
-    if min(args.repeat, args.cand_repeat, args.rounds) < 1:
-        raise SystemExit("bench: error: --repeat, --cand-repeat and --rounds must be positive")
-
-    from bcc import BPF
+    args = bench_args(__doc__)
 
     from iqn_ctl.live.datapath import Datapath
 
     filt = CandidateFilter()
-    empty_bpf = BPF(text=EMPTY_SRC)
-    empty = {"xdp": TestRunner(empty_bpf.load_func(b"empty_xdp", BPF.XDP).fd),
-             "tc": TestRunner(empty_bpf.load_func(b"empty_tc", BPF.SCHED_CLS).fd)}
+    empty_bpf, empty = empty_programs()
     dp = Datapath("lo", filt, ring_pages=RING_PAGES)
     iqn = {"xdp": TestRunner(dp.prog_fd), "tc": TestRunner(dp.tc_prog_fd)}
     stop = threading.Event()
@@ -135,8 +121,7 @@ def main() -> None:
                 verdict = f"<= {target}x: {'met' if ratio <= target else 'MISSED'}"
             lines.append(f"| {label} | {hook} | {b:.2f} | {c:.2f} | {ratio:.2f}x | {plain_s} | {delta} | "
                          f"{verdict} |")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               "?")
+    cpu = _results.cpu_model()
     summary = (f"Median of {args.rounds} calls x {args.repeat} runs ({args.cand_repeat} for candidates); "
                f"kernel {platform.release()}, {cpu}, {os.cpu_count()} CPUs; {elapsed:.1f} s; "
                f"ring records lost: {counters['lost']}, parse errors: {counters['parse_errors']}. "
@@ -151,9 +136,7 @@ def main() -> None:
     if counters["parse_errors"]:
         raise SystemExit("bench: error: a benchmark frame was a parse error")
     if not args.no_write:
-        cmd = "sudo .venv/bin/python bench/bench_pppoe.py"
-        if (args.repeat, args.cand_repeat, args.rounds) != (1_000_000, 65536, 7):
-            cmd += f" --repeat {args.repeat} --cand-repeat {args.cand_repeat} --rounds {args.rounds}"
+        cmd = rerun("bench_pppoe.py", args)
         body = (f"{SECTION}\n\n`iqn_xdp.c`'s XDP and TC entries on PPPoE session frames and on the same "
                 "packets as plain Ethernet frames, each against an empty program of its type on the same "
                 f"bytes, BPF_PROG_TEST_RUN, same run ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). "

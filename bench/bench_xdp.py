@@ -180,8 +180,7 @@ def main() -> None:
         else:
             verdict = f"{'met' if c - b <= CAND_TARGET_NS else 'MISSED'} (+{c - b:.0f} ns; target <= 100 ns)"
         lines.append(f"| {label} | {b:.2f} | {c:.2f} | {ratio:.2f}x | {verdict} |")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               "?")
+    cpu = _results.cpu_model()
     summary = (
         f"Median of {args.rounds} BPF_PROG_TEST_RUN calls x {args.repeat} runs per frame "
         f"({args.cand_repeat} for the candidate), CPU time of the calling thread; "
