@@ -245,9 +245,10 @@ class Lab:
                 return
             dead = [d for d, pid in h.daemons.items() if pid is None]
             if dead:
-                raise LabError(f"{dead[0]} exited during up: {_tail(s / (dead[0] + '.log'))}")
+                raise LabError(f"{dead[0]} exited during up: {procs.last_line(s / (dead[0] + '.log'))}")
             time.sleep(0.1)
-        raise LabError(f"lab not ready after {READY_TIMEOUT:.0f} s: {_tail(s / 'openvpn-client.log')}")
+        raise LabError(f"lab not ready after {READY_TIMEOUT:.0f} s: "
+                       f"{procs.last_line(s / 'openvpn-client.log')}")
 
     def _network(self) -> None:
         from pyroute2 import IPRoute
@@ -348,14 +349,6 @@ class Lab:
         if self.ott_cert.exists():
             out["chrome_args"] = self.chrome_args()
         return out
-
-
-def _tail(log: Path) -> str:
-    try:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    return lines[-1] if lines else "(empty log)"
 
 
 def _sysctls(ns: str, forward: bool) -> None:

@@ -11,9 +11,11 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import netns
+from .errors import LabError
 
 
 def spawn(state: Path, name: str, argv: list[str], ns: str | None = None) -> int:
@@ -91,3 +93,40 @@ def stop_namespace(ns: str) -> None:
         if not pids:
             return
         stop(pids)
+
+
+def remove_namespaces(names: list[str]) -> list[str]:
+    """End every process in each of ``names`` (all of them first: agents detach,
+    servers flush), then delete the namespaces; returns "namespace X" for each deleted."""
+    for ns in names:
+        if netns.exists(ns):
+            stop_namespace(ns)
+    removed = []
+    for ns in names:
+        if netns.exists(ns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+            removed.append(f"namespace {ns}")
+    return removed
+
+
+def last_line(log: Path) -> str:
+    """The last non-blank line of a daemon's log: why it exited, usually."""
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(empty log)"
+
+
+def wait_ready(state: Path, ok: Callable[[], bool], what: str, daemons: list[str], timeout: float) -> None:
+    """Until ``ok()``; a LabError naming the daemon and its log's last line as soon
+    as one of ``daemons`` (pid files in ``state``) has exited, or ``what`` at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        for d in daemons:
+            if pid_of(state, d) is None:
+                raise LabError(f"{d} exited during up: {last_line(state / (d + '.log'))}")
+        time.sleep(0.1)
+    raise LabError(f"{what} not ready after {timeout:.0f} s")

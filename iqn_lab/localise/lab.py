@@ -29,6 +29,7 @@ from typing import Any
 from iqn_lab import netns, procs
 from iqn_lab.certs import make_cert
 from iqn_lab.errors import LabError
+from iqn_lab.ott.daemons import all_ready, spawn_service
 from iqn_lab.ott.media import MediaSpec, ensure_media
 
 from .plan import MEDIA_HOST, OPS_ADDR, OPS_CORE, WWW_HOST, Plan
@@ -81,14 +82,6 @@ def _sysctl(ns: str, key: str, value: str) -> None:
         f.write(value)
 
 
-def _tail(log: Path) -> str:
-    try:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    return lines[-1] if lines else "(empty log)"
-
-
 class LocaliseLab:
     """Three access subnets, two access routers with the ISP agent, a core, two OTT servers,
     JetStream and the QoS service, each in its own namespace (see :mod:`.plan`)."""
@@ -121,7 +114,7 @@ class LocaliseLab:
            say: Any = None) -> dict[str, Any]:
         """Build the whole lab (after removing any leftover of the same prefix); on any
         failure everything made so far is removed again."""
-        _preflight()
+        preflight()
         if nats_nodes not in (1, 3):
             raise LabError(f"JetStream runs as 1 node or a cluster of 3, not {nats_nodes}")
         if not slot > 0:
@@ -142,23 +135,12 @@ class LocaliseLab:
         make_cert(self.state / "ott.crt", self.state / "ott.key", WWW_HOST, (WWW_HOST, MEDIA_HOST))
         self._network()
         say(f"network up ({len(self.plan.roles)} namespaces) in {time.monotonic() - t0:.1f} s")
-        # Each server's page host and media host are two processes (as a video service's web
-        # front end and its video CDN are): on a busy machine one process for both let the
-        # media connections' packets delay the answers to the toggles, which then left in
-        # batches, not one candidate packet each (measured: 60 of 337 answers in the band).
+        # each server's page host and media host are two processes (iqn_lab/ott/daemons.py says why)
         daemons = []
         for sv in self.plan.servers:
-            for hosts in ("www", "media"):
-                name = f"ott-{sv.role}-{hosts}"
-                daemons.append(name)
-                procs.spawn(self.state, name, [
-                    sys.executable, "-m", "iqn_lab.ott.server", "--cert", str(self.state / "ott.crt"),
-                    "--key", str(self.state / "ott.key"), "--media-dir", str(media_dir),
-                    "--www-host", WWW_HOST, "--media-host", MEDIA_HOST, "--www-addr", sv.www,
-                    "--media-addr", sv.media, "--hosts", hosts,
-                    "--log", str(self.state / f"requests-{sv.role}-{hosts}.jsonl"),
-                    "--ready", str(self.state / f"{name}.ready")], ns=self.ns(sv.role))  # fmt: skip
-        self._wait(lambda: all((self.state / f"{d}.ready").exists() for d in daemons), "OTT servers", daemons)
+            daemons += spawn_service(self.state, f"ott-{sv.role}", self.ns(sv.role), media_dir, sv.www,
+                                     sv.media, requests=f"requests-{sv.role}")
+        self._wait(lambda: all_ready(self.state, daemons), "OTT servers", daemons)
         from iqn_lab.jetstream import JetStream
 
         js = self.js = JetStream.start(nodes=nats_nodes, workdir=self.state / "nats", host=OPS_ADDR,
@@ -234,15 +216,7 @@ class LocaliseLab:
             route(sn.role, "default", sn.gw)
 
     def _wait(self, ok: Any, what: str, daemons: list[str], timeout: float = READY_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ok():
-                return
-            for d in daemons:
-                if procs.pid_of(self.state, d) is None:
-                    raise LabError(f"{d} exited during up: {_tail(self.state / (d + '.log'))}")
-            time.sleep(0.1)
-        raise LabError(f"{what} not ready after {timeout:.0f} s")
+        procs.wait_ready(self.state, ok, what, daemons, timeout)
 
     # -- JetStream ---------------------------------------------------------------------------------
     def jsz(self) -> dict[str, Any] | None:
@@ -421,15 +395,7 @@ class LocaliseLab:
     # -- down and status ---------------------------------------------------------------------------
     def down(self) -> list[str]:
         """Remove everything this lab made, also after a crash; returns what it removed."""
-        removed: list[str] = []
-        for role in self.plan.roles:  # every process first: agents detach, servers flush
-            if netns.exists(self.ns(role)):
-                procs.stop_namespace(self.ns(role))
-        for role in self.plan.roles:
-            ns = self.ns(role)
-            if netns.exists(ns):
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-                removed.append(f"namespace {ns}")
+        removed = procs.remove_namespaces([self.ns(role) for role in self.plan.roles])
         links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
         for ifname in self.plan.all_ifnames():  # veths a crash mid-up left in the root namespace
             if f" {ifname}@" in links or f" {ifname}:" in links:
@@ -453,7 +419,8 @@ class LocaliseLab:
         return out
 
 
-def _preflight() -> None:
+def preflight() -> None:
+    """Root and the tools a namespace lab with OTT servers needs (the mitigation lab's too)."""
     if os.geteuid() != 0:
         raise LabError("the lab needs root (namespaces, XDP, tc): run with sudo")
     for tool, pkg in (("ip", "iproute2"), ("tc", "iproute2"), ("ffmpeg", "ffmpeg")):

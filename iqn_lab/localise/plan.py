@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from iqn_lab.errors import LabError
+from iqn_lab.topology import MEDIA_HOST, WWW_HOST
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 
 OPS_ADDR = "198.18.200.2"
 OPS_CORE = "198.18.200.1"
-WWW_HOST = "www.iqn.test"
-MEDIA_HOST = "media.iqn.test"
 FAULTS = ("access", "server")
 
 

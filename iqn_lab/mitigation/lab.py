@@ -31,11 +31,12 @@ from typing import Any
 from iqn_lab import netns, procs
 from iqn_lab.certs import make_cert
 from iqn_lab.errors import LabError
-from iqn_lab.localise.lab import CLIP
+from iqn_lab.localise.lab import CLIP, preflight
+from iqn_lab.ott.daemons import all_ready, spawn_service
 from iqn_lab.ott.media import ensure_media
+from iqn_lab.topology import MEDIA_HOST, WWW_HOST
 
 STATE_ROOT = Path(os.environ.get("IQN_LAB_STATE", "/run/iqn-lab"))
-WWW_HOST, MEDIA_HOST = "www.iqn.test", "media.iqn.test"
 BULK_PORT = 5001
 ROLES = ("srv", "rtr", "cli")
 AGENT_TIMEOUT = 120.0
@@ -83,11 +84,7 @@ class MitigationLab:
 
     # -- up and down ---------------------------------------------------------------------------
     def up(self, viewers: int, downloaders: int) -> None:
-        if os.geteuid() != 0:
-            raise LabError("the lab needs root (namespaces, XDP, tc): run with sudo")
-        for tool in ("ip", "tc", "ffmpeg"):
-            if shutil.which(tool) is None:
-                raise LabError(f"{tool} not found: run sudo bash scripts/setup.sh")
+        preflight()
         self.down()
         try:
             self._build(viewers, downloaders)
@@ -122,34 +119,14 @@ class MitigationLab:
         _run("ip", "-n", self.ns("cli"), "route", "add", "default", "via", f"{self.cli_net}.1")
         with netns.entered(self.ns("rtr")), open("/proc/sys/net/ipv4/ip_forward", "w") as f:
             f.write("1")
-        daemons = []
-        for hosts in ("www", "media"):
-            name = f"ott-{hosts}"
-            daemons.append(name)
-            procs.spawn(self.state, name, [
-                sys.executable, "-m", "iqn_lab.ott.server", "--cert", str(self.state / "ott.crt"),
-                "--key", str(self.state / "ott.key"), "--media-dir", str(media_dir),
-                "--www-host", WWW_HOST, "--media-host", MEDIA_HOST, "--www-addr", self.www,
-                "--media-addr", self.media, "--hosts", hosts,
-                "--ready", str(self.state / f"{name}.ready")], ns=self.ns("srv"))  # fmt: skip
+        daemons = spawn_service(self.state, "ott", self.ns("srv"), media_dir, self.www, self.media)
         procs.spawn(self.state, "bulk-server", [sys.executable, "-m", "iqn_lab.mitigation.bulk", "serve",
                                                 "--addr", self.bulk, "--port", str(BULK_PORT)],
                     ns=self.ns("srv"))
-        deadline = time.monotonic() + 30
-        while not all((self.state / f"{d}.ready").exists() for d in daemons):
-            if time.monotonic() > deadline:
-                raise LabError("OTT servers not ready after 30 s")
-            time.sleep(0.1)
+        procs.wait_ready(self.state, lambda: all_ready(self.state, daemons), "OTT servers", daemons, 30.0)
 
     def down(self) -> list[str]:
-        removed = []
-        for r in ROLES:
-            if netns.exists(self.ns(r)):
-                procs.stop_namespace(self.ns(r))
-        for r in ROLES:
-            if netns.exists(self.ns(r)):
-                subprocess.run(["ip", "netns", "del", self.ns(r)], capture_output=True, check=False)
-                removed.append(f"namespace {self.ns(r)}")
+        removed = procs.remove_namespaces([self.ns(r) for r in ROLES])
         if self.state.exists():
             shutil.rmtree(self.state, ignore_errors=True)
             removed.append(f"state {self.state}")
