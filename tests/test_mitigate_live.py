@@ -146,6 +146,15 @@ def blast(sock: socket.socket, dsts: list[str], seconds: float) -> tuple[int, fl
     return offered, t0, t
 
 
+def start_agent(lab: Lab, tmp_path: Path, eg: str, *flags: str) -> subprocess.Popen[str]:
+    """``iqn-ctl attach`` on the lab's client side with ``--mitigate eg`` (a 10 Mbit/s
+    link) and ``flags``; its run dir is tmp_path/run."""
+    return subprocess.Popen(lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(tmp_path / "s"),
+                                          "--mitigate", eg, "--link-rate", "10mbit", *flags),
+                            env=dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run")), stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
 def boost(st: dict[str, Any]) -> dict[str, Any]:
     b = st["boost"]
     assert isinstance(b, dict)
@@ -167,10 +176,8 @@ def test_boost_on_stall_off_at_end_and_timeout_share_cap_forgery_and_crash_clean
     with Lab() as lab:
         eg = add_egress(lab)
         run, env = tmp_path / "run", dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
-        agent = subprocess.Popen(lab.agent_cmd(
-            "attach", lab.cli_if, "--state-dir", str(tmp_path / "s"), "--mitigate", eg,
-            "--link-rate", "10mbit", "--boost-rate", "1mbit", "--boost-share", str(SHARE),
-            "--boost-max", str(BOOST_MAX), "--boost-gap", "0"), env=env, stderr=subprocess.PIPE, text=True)
+        agent = start_agent(lab, tmp_path, eg, "--boost-rate", "1mbit", "--boost-share", str(SHARE),
+                            "--boost-max", str(BOOST_MAX), "--boost-gap", "0")
         try:
             wait_ready(sock_path(run, lab.cli_if), agent)
             st = request(sock_path(run, lab.cli_if), "status")
@@ -277,11 +284,9 @@ def test_boost_reaches_a_viewer_behind_pppoe(tmp_path: Path) -> None:
     need_xdp()
     with Lab() as lab:
         eg = add_egress(lab)
-        run, env = tmp_path / "run", dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
-        agent = subprocess.Popen(lab.agent_cmd(
-            "attach", lab.cli_if, "--state-dir", str(tmp_path / "s"), "--mitigate", eg,
-            "--link-rate", "10mbit", "--boost-rate", "1mbit", "--boost-share", str(SHARE),
-            "--boost-gap", "0"), env=env, stderr=subprocess.PIPE, text=True)
+        run = tmp_path / "run"
+        agent = start_agent(lab, tmp_path, eg, "--boost-rate", "1mbit", "--boost-share", str(SHARE),
+                            "--boost-gap", "0")
         sender = None
         try:
             wait_ready(sock_path(run, lab.cli_if), agent)
@@ -342,10 +347,7 @@ def test_refuses_a_foreign_root_qdisc_and_cleans_up_on_stop(tmp_path: Path) -> N
         assert root(lab, eg) == ("tbf", "7:")
         assert egress_filters(lab, eg) == ["iqn_other"]
         sh("ip", "netns", "exec", lab.cli_ns, "tc", "qdisc", "del", "dev", eg, "root")
-        agent = subprocess.Popen(lab.agent_cmd(
-            "attach", lab.cli_if, "--state-dir", str(tmp_path / "s"), "--mitigate", eg,
-            "--link-rate", "10mbit"),
-            env=env, stderr=subprocess.PIPE, text=True)
+        agent = start_agent(lab, tmp_path, eg)
         try:
             wait_ready(sock_path(run, lab.cli_if), agent)
             assert root(lab, eg) == ("htb", "4951:")

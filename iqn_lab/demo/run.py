@@ -53,6 +53,7 @@ from iqn_lab.demo.report import (
 from iqn_lab.demo.shaping import MediaSqueeze
 from iqn_lab.lab import Lab, LabError
 from iqn_lab.ott.media import MediaSpec
+from iqn_lab.procs import last_line
 from iqn_lab.shaping import format_rate
 from iqn_lab.topology import Names
 from iqn_lab.xvfb import xvfb
@@ -119,13 +120,13 @@ class IspAgent:
         deadline = time.monotonic() + AGENT_READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise LabError(f"the ISP agent exited while attaching: {_last_line(self.log)}")
+                raise LabError(f"the ISP agent exited while attaching: {last_line(self.log)}")
             try:
                 request(sock_path(self.run_dir, self.iface), "status")
                 return
             except ApiError:
                 time.sleep(0.2)
-        why = _last_line(self.log)
+        why = last_line(self.log)
         raise LabError(f"the ISP agent did not attach within {AGENT_READY_TIMEOUT:.0f} s: {why}")
 
     def flows(self) -> list[dict[str, Any]]:
@@ -161,14 +162,6 @@ class IspAgent:
         if r.returncode != 0:
             raise LabError(f"iqn-ctl stalls failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
         return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    return lines[-1] if lines else "(empty log)"
 
 
 @contextlib.contextmanager
@@ -298,7 +291,7 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
             if side.error is not None or not th.is_alive():
                 raise LabError(f"the end-user agent stopped: {side.error or 'thread ended'}")
             if isp.proc is None or isp.proc.poll() is not None:
-                raise LabError(f"the ISP agent died: {_last_line(isp.log)}")
+                raise LabError(f"the ISP agent died: {last_line(isp.log)}")
             if t >= next_report:
                 _progress(say, t, pl, side, isp)
                 next_report += 5.0
