@@ -1080,6 +1080,21 @@ def quiet_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+@contextlib.contextmanager
+def stop_on_signals(stop: Callable[[str], None]) -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM call ``stop`` with the signal's name (the caller
+    logs it and ends its loop); the previous handlers are back afterwards."""
+    def _handler(signum: int, _frame: object) -> None:
+        stop(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def serve(
     cfg: AgentConfig, on_ready: Callable[[Agent], None] | None = None, wall: Callable[[], float] = time.time
 ) -> None:
@@ -1087,21 +1102,19 @@ def serve(
     agent = Agent(cfg, wall)
     stop = threading.Event()
 
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("%s: %s received, detaching", cfg.iface, signal.Signals(signum).name)
+    def _stop(name: str) -> None:
+        log.info("%s: %s received, detaching", cfg.iface, name)
         stop.set()
 
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        agent.start()
-        if on_ready is not None:
-            on_ready(agent)
-        with quiet_gc():
-            agent.run(stop)
-    finally:
-        agent.shutdown()
-        for s, h in old.items():
-            signal.signal(s, h)
+    with stop_on_signals(_stop):
+        try:
+            agent.start()
+            if on_ready is not None:
+                on_ready(agent)
+            with quiet_gc():
+                agent.run(stop)
+        finally:
+            agent.shutdown()
 
 
 # -- detach (works without the agent) ------------------------------------------------

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iqn_ctl.live.agent import Agent, AgentConfig, InterfaceLock, need_root, quiet_gc
+from iqn_ctl.live.agent import Agent, AgentConfig, InterfaceLock, need_root, quiet_gc, stop_on_signals
 from iqn_ctl.live.agent import detach as detach_one
 from iqn_ctl.live.api import DEFAULT_RUN_DIR, ApiError, ApiServer, request, sock_path
 from iqn_ctl.live.settings import AgentError
@@ -311,21 +310,19 @@ def serve(cfgs: list[AgentConfig], shared: Shared, on_ready: Callable[[Superviso
     detached), then detach cleanly."""
     sup = Supervisor(cfgs, shared, wall)
 
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("%s received, detaching %s", signal.Signals(signum).name, ", ".join(sup.slots))
+    def _stop(name: str) -> None:
+        log.info("%s received, detaching %s", name, ", ".join(sup.slots))
         sup.stop.set()
 
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        sup.start()
-        if on_ready is not None:
-            on_ready(sup)
-        with quiet_gc():
-            sup.run()
-    finally:
-        sup.shutdown()
-        for s, h in old.items():
-            signal.signal(s, h)
+    with stop_on_signals(_stop):
+        try:
+            sup.start()
+            if on_ready is not None:
+                on_ready(sup)
+            with quiet_gc():
+                sup.run()
+        finally:
+            sup.shutdown()
 
 
 def detach(iface: str, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -> str:
