@@ -7,7 +7,8 @@
  *   blast IFACE RATE SECONDS FRAMEFILE
  *   FRAMEFILE: repeated [u16 little-endian length][frame bytes], sent round-robin
  *   RATE 0: as fast as the socket takes them, for SECONDS
- *   prints: sent=<packets> secs=<elapsed>
+ *   prints: sent=<packets> secs=<elapsed> cpu=<CPU seconds this process ran, softirqs it
+ *           ran included: on veth the whole forwarding path runs in the sender's context>
  *
  * Many-flow mode (bench/bench_scale.py): M flows from one server (UDP source
  * port 443) to distinct client addresses and ports; S of them stall, each
@@ -82,6 +83,8 @@ static int frame_mode(int argc, char **argv) {
     struct iovec iov[BATCH];
     long sent = 0, target_total = (long)(rate * secs);
     int next = 0;
+    struct timespec cpu0, cpu;  /* this process's CPU time: the send and, on veth, the receive path it runs */
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu0);
     double t0 = now();
     int unlimited = rate <= 0;
     if (unlimited) target_total = -1;
@@ -112,7 +115,9 @@ static int frame_mode(int argc, char **argv) {
         if (r < 0) { perror("sendmmsg"); return 1; }
         sent += r;
     }
-    printf("sent=%ld secs=%.6f\n", sent, now() - t0);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu);
+    printf("sent=%ld secs=%.6f cpu=%.6f\n", sent, now() - t0,
+           (cpu.tv_sec - cpu0.tv_sec) + (cpu.tv_nsec - cpu0.tv_nsec) / 1e9);
     return 0;
 }
 
