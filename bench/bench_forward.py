@@ -251,6 +251,8 @@ def write_frames(path: Path, frames: list[bytes]) -> Path:
 # every 3 ms on CPU 0 as the idle agent does ("empty+wake0"), the agent on the sender's CPU
 # ("iqn-cpu1"), and the TC hook against an empty TC classifier ("tc-empty", "iqn-tc").
 
+#: CPU seconds the "burn" holder spins after each 3 ms poll: ~5 % of a core, the agent's own
+BURN_S = 0.00016
 EMPTY_XDP = "int empty_pass(struct xdp_md *ctx) { return XDP_PASS; }"
 EMPTY_TC = "int iqn_empty_tc(struct __sk_buff *skb) { return -1; }"  # TC_ACT_UNSPEC, as IQN's
 
@@ -288,16 +290,21 @@ def hold(kind: str, iface: str) -> None:
                       hook="tc" if kind == "prog-tc" else "xdp")
         dp.attach()
         undo.append(dp.detach)
-    elif kind == "wake":
+    elif kind in ("wake", "burn"):
         import select
 
-        # the idle agent's loop without the agent: a poll that times out every IDLE_POLL_MS
+        # the idle agent's loop without the agent: a poll that times out every IDLE_POLL_MS;
+        # "burn" also spins BURN_S after each, about the agent's own CPU (~5 % of a core)
         from iqn_ctl.live.agent import IDLE_POLL_MS
 
         poller = select.poll()
+        spin = BURN_S if kind == "burn" else 0.0
         print("ready", flush=True)
         while not select.select([sys.stdin], [], [], 0)[0]:
             poller.poll(IDLE_POLL_MS)
+            t = time.thread_time() + spin
+            while time.thread_time() < t:
+                pass
         return
     else:
         sys.exit(f"bench_forward: unknown holder {kind!r}")
@@ -383,12 +390,14 @@ def ab_hold(iface: str) -> None:
 
 #: paired states of --ab: (the program attached, the agent's loop running)
 AB_STATES = {"empty": ("empty", False), "prog": ("iqn", False), "iqn": ("iqn", True),
-             "empty+agent": ("empty", True)}
+             "empty+agent": ("empty", True), "empty+burn0": ("empty", False)}
 AB_WHAT = {
     "empty": "empty XDP_PASS program attached, the agent stopped (SIGSTOP): the baseline",
     "prog": "IQN's program (and its pairing classifier) attached, the agent stopped",
     "iqn": "IQN's program attached, the agent running (on CPU 0)",
     "empty+agent": "the empty program attached, the agent running: its loop alone",
+    "empty+burn0": "the empty program, the agent stopped, a loop on CPU 0 using about the agent's CPU "
+                   "(poll 3 ms, spin 0.16 ms)",
 }
 
 
@@ -406,6 +415,9 @@ def run_ab(rt: Router, exe: str, files: dict[str, Path], tmp: Path, args: argpar
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     assert holder.stdin is not None and holder.stdout is not None
+    burner = Holder(rt, "burn", AGENT_CPU)
+    os.kill(burner.proc.pid, signal.SIGSTOP)
+    burning = False
     try:
         if holder.stdout.readline().strip() != "ready":
             sys.exit("bench_forward: the --ab holder did not start")
@@ -422,18 +434,24 @@ def run_ab(rt: Router, exe: str, files: dict[str, Path], tmp: Path, args: argpar
                 if run != running:
                     os.kill(agent.proc.pid, signal.SIGCONT if run else signal.SIGSTOP)
                     running = run
+                if (state == "empty+burn0") != burning:
+                    burning = not burning
+                    os.kill(burner.proc.pid, signal.SIGCONT if burning else signal.SIGSTOP)
                 time.sleep(0.2)
                 for kind, path in files.items():
                     m = measure(rt, exe, path, args.secs, agent.proc.pid)
                     res.setdefault((kind, state), []).append(m)
                     print(f"ab round {rnd} {state:12} {kind:4}: per CPU-s {m['per_cpu_s']:,.0f} "
                           f"delivered {m['delivered']:,.0f}/s share {m['share']:.2f} "
-                          f"agent {m['agent']:.3f} load {m['load']:.1f}", flush=True)
+                          f"agent {m['agent']:.3f} load {m['load']:.1f} CPU 1 idle {m['idle1']:.2f} "
+                          f"sender waits/s {m['waits']:,.0f} preempted/s {m['preempted']:,.0f}", flush=True)
         holder.stdin.write("iqn\n")  # the agent detaches its own program only
         holder.stdin.flush()
         holder.stdout.readline()
     finally:
         os.kill(agent.proc.pid, signal.SIGCONT)
+        os.kill(burner.proc.pid, signal.SIGCONT)
+        burner.stop()
         holder.stdin.close()
         holder.wait(60)
         agent.stop()
@@ -452,7 +470,9 @@ MODES: dict[str, list[tuple[Any, ...]]] = {
     "empty+clsact": [("hold", "xdp-empty", None), ("hold", "clsact", None)],
     "empty+egress": [("hold", "xdp-empty", None), ("hold", "egress-empty", None)],
     "empty+wake0": [("hold", "xdp-empty", None), ("hold", "wake", AGENT_CPU)],
+    "empty+burn0": [("hold", "xdp-empty", None), ("hold", "burn", AGENT_CPU)],
     "tc-empty": [("hold", "tc-empty", None)],
+    "prog-tc": [("hold", "prog-tc", AGENT_CPU)],
     "iqn-tc": [("agent", AGENT_CPU, ("--hook", "tc"))],
 }
 BASIC = ("none", "empty", "iqn")
@@ -467,7 +487,10 @@ WHAT = {
     "empty+clsact": "empty XDP + a clsact qdisc on the interface, no classifier",
     "empty+egress": "empty XDP + an empty TC egress classifier (where the pairing one sits)",
     "empty+wake0": "empty XDP + a loop on CPU 0 that sleeps in poll() 3 ms at a time, as the idle agent",
+    "empty+burn0": "empty XDP + that loop spinning 0.16 ms after each wake-up (~5 % of a core, "
+                   "the agent's own CPU)",
     "tc-empty": "an empty TC ingress classifier (the TC hook's baseline)",
+    "prog-tc": "IQN's TC ingress classifier and pairing classifier, held by a process that never polls",
     "iqn-tc": "the agent with --hook tc on CPU 0",
 }
 
@@ -489,9 +512,14 @@ def setup(rt: Router, mode: str, tmp: Path) -> tuple[list[Any], Iqn | None]:
     return held, agent
 
 
+#: --rt: run the sender SCHED_FIFO (chrt -f 1), so the box's other work cannot take CPU 1 from
+#: it (the kernel's RT throttling still leaves them 5 %)
+RT: list[str] = []
+
+
 def blast(rt: Router, exe: str, frames: Path, secs: float) -> dict[str, float]:
     r = subprocess.run(
-        ["taskset", "-c", SENDER_CPU, "ip", "netns", "exec", rt.ns["s"], exe, rt.snd_if,
+        [*RT, "taskset", "-c", SENDER_CPU, "ip", "netns", "exec", rt.ns["s"], exe, rt.snd_if,
          "0", str(secs), str(frames)],  # rate 0: as fast as it can
         capture_output=True, text=True, timeout=secs * 10 + 60,
     )
@@ -512,14 +540,13 @@ def ksoftirqd_ns(cpu: str) -> int:
     return 0
 
 
-def cpu_ticks() -> list[int]:
-    """Busy jiffies of each CPU (user + nice + system + irq + softirq + steal) so far."""
+def cpu_ticks() -> list[list[int]]:
+    """Each CPU's /proc/stat jiffies so far: user nice system idle iowait irq softirq steal."""
     out = []
     for line in Path("/proc/stat").read_text().splitlines()[1:]:
         if not line.startswith("cpu"):
             break
-        f = [int(x) for x in line.split()[1:]]
-        out.append(f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
+        out.append([int(x) for x in line.split()[1:9]])
     return out
 
 
@@ -551,10 +578,15 @@ def measure(rt: Router, exe: str, frames: Path, secs: float, agent: int | None =
     took = b["secs"]
     cpu = b["cpu"] + (ksoftirqd_ns(SENDER_CPU) - k0) / 1e9
     hz = os.sysconf("SC_CLK_TCK")
-    busy0 = (cpu_ticks()[0] - c0[0]) / hz / (took + 0.3)
+    c1 = cpu_ticks()
+    d = [[b - a for a, b in zip(x, y, strict=True)] for x, y in zip(c0, c1, strict=True)]
+    busy0 = (sum(d[0]) - d[0][3] - d[0][4]) / hz / (took + 0.3)
+    cpu1 = int(SENDER_CPU)
+    idle1 = (d[cpu1][3] + d[cpu1][4]) / max(1, sum(d[cpu1]))
     agent_cpu = (task_ns(agent) - a0) / 1e9 / (took + 0.3) if agent else 0.0
     return {"offered": b["sent"] / took, "delivered": got / took, "sent": b["sent"], "got": got,
-            "cpu0": busy0, "load": l0, "share": cpu / took, "per_cpu_s": got / cpu, "agent": agent_cpu}
+            "cpu0": busy0, "load": l0, "share": cpu / took, "per_cpu_s": got / cpu, "agent": agent_cpu,
+            "idle1": idle1, "waits": b["waits"] / took, "preempted": b["preempted"] / took}
 
 
 def main() -> None:
@@ -568,6 +600,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--ab", action="store_true",
                     help="paired states with one agent, switched in place (AB_STATES), not --modes")
+    ap.add_argument("--rt", action="store_true", help="run the sender SCHED_FIFO (chrt -f 1) on CPU 1")
     ap.add_argument("--hold", nargs=2, metavar=("KIND", "IFACE"), help=argparse.SUPPRESS)
     ap.add_argument("--ab-hold", metavar="IFACE", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -583,6 +616,8 @@ def main() -> None:
         sys.exit(f"bench_forward: --modes: unknown {bad}, or no 'empty' (the baseline)")
     if os.geteuid() != 0:
         sys.exit("bench_forward: needs root (namespaces, XDP)")
+    if args.rt:
+        RT[:] = ["chrt", "-f", "1"]
     t0 = time.time()
     res: dict[tuple[str, str], list[dict[str, float]]] = {}
     agent_cands = agent_lost = 0
@@ -643,6 +678,8 @@ def report(res: dict[tuple[str, str], list[dict[str, float]]], modes: list[str],
     loads = [m["load"] for v in res.values() for m in v]
     flags = "".join(f" --{k} {v:g}" for k, v in (("secs", args.secs), ("rounds", args.rounds))
                     if v != {"secs": 3.0, "rounds": 3}[k])
+    if args.rt:
+        flags += " --rt"
     if args.ab:
         flags += " --ab"
     elif modes != list(BASIC):
@@ -671,7 +708,8 @@ def report(res: dict[tuple[str, str], list[dict[str, float]]], modes: list[str],
     }
     if all(m in modes for m in BASIC):
         lines += [
-            "| traffic | per CPU-s, no program | per CPU-s, empty XDP | per CPU-s, IQN | empty / none "
+            "| traffic | per CPU-s, no program | per CPU-s, empty program (XDP; TC rows: empty TC "
+            "classifier) | per CPU-s, IQN | empty / none "
             "| IQN / empty (min-max) | target IQN >= 97 % of empty |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
@@ -715,10 +753,11 @@ def report(res: dict[tuple[str, str], list[dict[str, float]]], modes: list[str],
                                                    for m in res[kind, mode])
                     for kind in ("bulk", "mix") for mode in modes)
         + ".",
-        f"Candidates the agent's program counted during its measurements: {agent_cands:,} (lost in the "
-        f"ring: {agent_lost:,}).",
-        "",
     ]
+    if not args.ab:  # the --ab agent's API is not asked while it may be stopped
+        lines.append(f"Candidates the agent's program counted during its measurements: {agent_cands:,} "
+                     f"(lost in the ring: {agent_lost:,}).")
+    lines.append("")
     return "\n".join(lines) + "\n"
 
 

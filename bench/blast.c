@@ -9,6 +9,7 @@
  *   RATE 0: as fast as the socket takes them, for SECONDS
  *   prints: sent=<packets> secs=<elapsed> cpu=<CPU seconds this process ran, softirqs it
  *           ran included: on veth the whole forwarding path runs in the sender's context>
+ *           waits=<voluntary context switches> preempted=<involuntary ones>
  *
  * Many-flow mode (bench/bench_scale.py): M flows from one server (UDP source
  * port 443) to distinct client addresses and ports; S of them stall, each
@@ -44,6 +45,7 @@
 #include <sys/socket.h>
 #include <math.h>
 #include <time.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #define MAXF 4096
@@ -116,8 +118,10 @@ static int frame_mode(int argc, char **argv) {
         sent += r;
     }
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu);
-    printf("sent=%ld secs=%.6f cpu=%.6f\n", sent, now() - t0,
-           (cpu.tv_sec - cpu0.tv_sec) + (cpu.tv_nsec - cpu0.tv_nsec) / 1e9);
+    struct rusage ru;  /* waits (a full socket send buffer) and preemptions, since the start */
+    getrusage(RUSAGE_SELF, &ru);
+    printf("sent=%ld secs=%.6f cpu=%.6f waits=%ld preempted=%ld\n", sent, now() - t0,
+           (cpu.tv_sec - cpu0.tv_sec) + (cpu.tv_nsec - cpu0.tv_nsec) / 1e9, ru.ru_nvcsw, ru.ru_nivcsw);
     return 0;
 }
 
