@@ -253,8 +253,6 @@ def write_frames(path: Path, frames: list[bytes]) -> Path:
 
 #: CPU seconds the "burn" holder spins after each 3 ms poll: ~5 % of a core, the agent's own
 BURN_S = 0.00016
-EMPTY_XDP = "int empty_pass(struct xdp_md *ctx) { return XDP_PASS; }"
-EMPTY_TC = "int iqn_empty_tc(struct __sk_buff *skb) { return -1; }"  # TC_ACT_UNSPEC, as IQN's
 
 
 def hold(kind: str, iface: str) -> None:
@@ -262,6 +260,7 @@ def hold(kind: str, iface: str) -> None:
     say ``ready``, keep it until stdin closes, remove it. The process holds the program's fds,
     as the agent does, and otherwise sleeps: it never polls, reads a map or wakes up."""
     from bcc import BPF
+    from bench_hooks import EMPTY_SRC  # empty_xdp and empty_tc (TC_ACT_UNSPEC, as IQN's)
 
     from iqn_ctl.engine.params import CandidateFilter
     from iqn_ctl.live import tc
@@ -271,15 +270,16 @@ def hold(kind: str, iface: str) -> None:
 
     undo: list[Any] = []
     if kind == "xdp-empty":
-        b = BPF(text=EMPTY_XDP)
-        BPF.attach_xdp(iface, b.load_func("empty_pass", BPF.XDP), 1 << 2)
+        b = BPF(text=EMPTY_SRC)
+        BPF.attach_xdp(iface, b.load_func("empty_xdp", BPF.XDP), 1 << 2)
         undo.append(lambda: BPF.remove_xdp(iface, 1 << 2))
     elif kind == "clsact":
         tc.ensure_clsact(iface)
         undo.append(lambda: sh("tc", "qdisc", "del", "dev", iface, "clsact", check=False))
     elif kind in ("tc-empty", "egress-empty"):
-        b = BPF(text=EMPTY_TC)
-        fn = b.load_func("iqn_empty_tc", BPF.SCHED_CLS)
+        b = BPF(text=EMPTY_SRC)
+        fn = b.load_func("empty_tc", BPF.SCHED_CLS)
+        # tc.py attaches only names of IQN's prefix; the qdisc goes with the filter at the end
         tc.attach(iface, int(fn.fd), "iqn_empty_tc", "ingress" if kind == "tc-empty" else "egress")
         undo.append(lambda: sh("tc", "qdisc", "del", "dev", iface, "clsact", check=False))
     elif kind.startswith("prog"):
@@ -373,14 +373,15 @@ def ab_hold(iface: str) -> None:
     and the agent's own (by its id), and on each stdin line ``empty`` or ``iqn`` attach that one
     in its place (native XDP; the replace is atomic), answering ``ok``."""
     from bcc import BPF, libbcc
+    from bench_hooks import EMPTY_SRC
 
     from iqn_ctl.live.datapath import xdp_program_on
 
-    b = BPF(text=EMPTY_XDP)
+    b = BPF(text=EMPTY_SRC)
     on = xdp_program_on(iface)
     if on is None:
         sys.exit("bench_forward: the agent's program is not attached")
-    progs = {"empty": b.load_func("empty_pass", BPF.XDP),
+    progs = {"empty": b.load_func("empty_xdp", BPF.XDP),
              "iqn": BPF.Function(b, on[1].encode(), libbcc.lib.bpf_prog_get_fd_by_id(on[0]))}
     print("ready", flush=True)
     for line in sys.stdin:
