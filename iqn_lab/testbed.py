@@ -151,6 +151,11 @@ class Testbed:
                        capture_output=True, timeout=120)
         assert self.xdp_on_client() == name
 
+    def remove_foreign_xdp(self) -> None:
+        """Take the foreign program of :meth:`attach_foreign_xdp` off again (generic mode)."""
+        sh("ip", "-n", self.cli_ns, "link", "set", "dev", self.cli_if, "xdpgeneric", "off")
+        assert self.xdp_on_client() is None
+
     def close(self) -> None:
         for ns in reversed(self.created):
             sh("ip", "netns", "pids", ns, check=False)

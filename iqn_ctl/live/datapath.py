@@ -128,6 +128,15 @@ class DatapathError(IqnError):
 # what is attached where
 
 
+class ForeignXdpError(DatapathError):
+    """Another (non-IQN) XDP program holds the interface and ``force`` is off:
+    ``--hook auto`` goes to TC beside it, and may move back once it is gone."""
+
+
+#: the kernel's handover flag (iqn_xdp.c): off, armed by the move to XDP, XDP has run
+HANDOVER_OFF, HANDOVER_ARMED, HANDOVER_XDP = 0, 1, 2
+
+
 def _ifindex(iface: str) -> int:
     try:
         return socket.if_nametoindex(iface)
@@ -338,6 +347,9 @@ class Datapath:
         self.mode: str | None = None  # "native"/"skb" (XDP) or "tc" once attached
         self.hook: str | None = None  # "xdp" or "tc" once attached
         self.tc_prio: int | None = None  # the TC filter priority used
+        #: on TC only because a foreign XDP program held the interface (--hook auto):
+        #: the attach watchdog moves back to XDP once it is gone (:meth:`move_to_xdp`)
+        self.beside_foreign = False
         self.guard = guard if guard is not None else Guard(pairing=False, cap=0.0)
         self.pair_prio: int | None = None  # the pairing classifier's TC priority once attached
         self.burst_n = burst_cap(n)
@@ -386,6 +398,7 @@ class Datapath:
         self._prog_id = bpf_testrun.prog_id_by_fd(self._fn.fd)
         self._tc_prog_id = bpf_testrun.prog_id_by_fd(self._tc_fn.fd)
         self._counters = self._bpf[b"counters"]
+        self._handover_map = self._bpf[b"handover"]
         maps = {name: self._bpf[name.encode()] for name in ("bursts", "vol_flow", "vol_client")}
         checks: list[tuple[Any, type[ctypes.Structure]]] = [(maps[name].Leaf, ours) for name, ours in
                   (("bursts", BurstC), ("vol_flow", VolC), ("vol_client", ClientVolC))]
@@ -472,11 +485,13 @@ class Datapath:
         or "tc" for the TC hook, whichever was used (:attr:`hook` says which)."""
         if self._closed:
             raise DatapathError("data plane already closed")
+        self.beside_foreign = False
         if self.hook_wanted == "tc" or self.direction == "egress":
             return self._attach_tc()
         try:
             return self._attach_xdp()
         except DatapathError as e:
+            self.beside_foreign = isinstance(e, ForeignXdpError)
             # auto: a foreign XDP program (never replaced without force) or an
             # interface XDP cannot attach to; TC ingress runs after XDP
             if self.hook_wanted != "auto":
@@ -487,6 +502,7 @@ class Datapath:
     def _attach_tc(self) -> str:
         """Attach the TC entry first on the hook (priority 1, else the first
         free one), then the pairing classifier on the other direction."""
+        self._handover(HANDOVER_OFF)  # left at HANDOVER_XDP by an earlier move, iqn_tc would skip all
         prio = self._attach_cls(self.tc_prog_fd, TC_PROG_NAME, self.direction)
         self.hook, self.mode, self.tc_prio = "tc", "tc", prio
         try:
@@ -527,11 +543,23 @@ class Datapath:
             raise DatapathError(str(e)) from None
 
     def _attach_xdp(self) -> str:
+        """The XDP program (:meth:`_attach_xdp_prog`), then the pairing classifier."""
+        self.mode, self.hook = self._attach_xdp_prog(), "xdp"
+        try:
+            self._attach_egress()
+        except DatapathError:
+            self.detach()
+            raise
+        return self.mode
+
+    def _attach_xdp_prog(self) -> str:
+        """Attach iqn_xdp (native, then skb with ``xdp_mode`` auto); returns the mode.
+        Refuses a foreign XDP program (:class:`ForeignXdpError`) unless ``force``."""
         for mode, pid, name in _attached(self.iface):
             if pid == self._prog_id:
                 continue
             if name != PROG_NAME and not self.force:
-                raise DatapathError(
+                raise ForeignXdpError(
                     f"{self.iface} already carries another XDP program {name!r} (id {pid}); "
                     f"remove it (ip link set dev {self.iface} {_IP_MODE.get(mode, 'xdp')} off) "
                     "or attach with --force to replace it"
@@ -556,12 +584,6 @@ class Datapath:
                             "which costs more per packet", self.iface, last,
                         )
                     continue
-            self.mode, self.hook = want, "xdp"
-            try:
-                self._attach_egress()
-            except DatapathError:
-                self.detach()
-                raise
             return want
         raise DatapathError(f"cannot attach XDP to {self.iface} in {self.xdp_mode} mode: {last}")
 
@@ -693,6 +715,53 @@ class Datapath:
                 _detach_mode(self.iface, mode)
         self._remove_egress()
         self.mode = self.hook = None
+
+    def _handover(self, state: int) -> None:
+        self._handover_map[ctypes.c_uint32(0)] = ctypes.c_uint32(state)
+
+    def handover_state(self) -> int:
+        """The kernel's handover flag (HANDOVER_*), for tests and the move's log."""
+        return int(self._handover_map[ctypes.c_uint32(0)].value)
+
+    @property
+    def may_move_to_xdp(self) -> bool:
+        """On TC only because a foreign XDP program held the interface (``--hook
+        auto``, ingress): the watchdog moves back once the XDP hook is free.
+        Never with ``--hook tc`` or on egress, where TC is what was asked for."""
+        return self.beside_foreign and self.hook == "tc" and self.hook_wanted == "auto" \
+            and self.direction == "ingress"
+
+    def begin_move_to_xdp(self) -> str:
+        """First half of :meth:`move_to_xdp`: arm the kernel's handover and
+        attach iqn_xdp beside the TC classifier still in place; returns the XDP
+        mode. From the first frame iqn_xdp sees, iqn_tc skips every frame
+        (iqn_xdp.c, "handover"), so the overlap counts nothing twice. On failure
+        (a foreign XDP program is back, XDP cannot attach) the agent stays on TC."""
+        if self._closed:
+            raise DatapathError("data plane already closed")
+        self._handover(HANDOVER_ARMED)
+        try:
+            return self._attach_xdp_prog()
+        except DatapathError:
+            self._handover(HANDOVER_OFF)
+            raise
+
+    def finish_move_to_xdp(self, mode: str) -> None:
+        """Second half: remove the TC classifier (it skips every frame by now),
+        keep the pairing classifier (the same egress hook either way)."""
+        try:
+            tc.detach(self.iface, (self.direction,), names=(TC_PROG_NAME,))  # type: ignore[arg-type]
+        except tc.TcError as e:  # it stays, idle (handover): `iqn-ctl detach` removes it
+            log.warning("%s: moved to XDP but cannot remove IQN's TC classifier: %s", self.iface, e)
+        self.hook, self.mode, self.tc_prio, self.beside_foreign = "xdp", mode, None, False
+
+    def move_to_xdp(self) -> str:
+        """Move from TC (beside a foreign XDP program that is gone now) back to
+        XDP without losing or double-counting frames: XDP first, then the TC
+        classifier goes. The maps and ring stay. Returns the XDP mode."""
+        mode = self.begin_move_to_xdp()
+        self.finish_move_to_xdp(mode)
+        return mode
 
     def reattach(self) -> str:
         """Attach the loaded program again, after the attach watchdog

@@ -151,6 +151,9 @@ COUNTERS = (
     ("iqn_expired_flows", "expired", "flows dropped from the engine's table after going silent"),
     ("iqn_reattaches", "reattaches",
      "times the attach watchdog put the classifier back (removed, replaced or interface re-created)"),
+    ("iqn_moves_to_xdp", "moves_to_xdp",
+     "times the attach watchdog moved the classifier from TC back to XDP (--hook auto, once the "
+     "foreign XDP program it sat beside was gone)"),
 )
 GAUGES = (
     ("iqn_flows", "flows", "flows tracked by the agent"),

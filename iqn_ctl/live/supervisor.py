@@ -91,7 +91,8 @@ class Slot:
         eng = a.engine_counters()
         snap.update({k: eng[k] for k in ("late", "evicted", "expired")},
                     stalls_discarded=a.stalls_discarded,
-                    reattaches=self.watch.reattaches if self.watch is not None else 0)
+                    reattaches=self.watch.reattaches if self.watch is not None else 0,
+                    moves_to_xdp=self.watch.moves_to_xdp if self.watch is not None else 0)
         return snap
 
 
@@ -279,6 +280,7 @@ class Supervisor:
             attach_note=w.note if w is not None else "",
             attach_since=w.since if w is not None else None,
             reattaches=w.reattaches if w is not None else 0,
+            moves_to_xdp=w.moves_to_xdp if w is not None else 0,
         )
         return st
 

@@ -21,6 +21,13 @@ gone        no interface of that name                    wait; attach again when
                                                          interface of that name is back
 ==========  ===========================================  ================================
 
+With ``--hook auto``, an agent that went to TC because a foreign XDP program
+held the interface moves back to XDP once the watchdog finds the XDP hook
+empty (:meth:`Datapath.move_to_xdp`: XDP first, then the TC classifier goes;
+the kernel's handover flag keeps the overlap from counting a frame twice).
+One info line, ``moves_to_xdp`` in ``status``, ``iqn_moves_to_xdp_total``;
+``--hook tc`` never moves.
+
 Re-attaching reuses the loaded program (:meth:`Datapath.reattach`): its maps
 and ring stay, so the event loop never notices. An interface that comes back
 as another device type (Ethernet vs layer 3) needs the program compiled for
@@ -175,6 +182,8 @@ class Watch:
     state: str = ATTACHED
     note: str = ""
     reattaches: int = 0
+    #: moves from TC (beside a foreign XDP program) back to XDP once it was gone
+    moves_to_xdp: int = 0
     since: float = field(default_factory=time.time)
     #: the last re-attach failure logged (logged once per different reason, not every period)
     _failed: str = ""
@@ -185,6 +194,8 @@ class Watch:
         found = inspect(dp, self.index)
         if found.state == ATTACHED:
             self._set(ATTACHED, "")
+            if dp.may_move_to_xdp:
+                self._maybe_move()
             return self.state
         if found.state != self.state or found.note != self.note:
             log.warning("%s: %s", dp.iface, found.note)
@@ -209,6 +220,26 @@ class Watch:
                     found.note)
         self._set(ATTACHED, f"attached again ({dp.describe()}) after: {found.note}")
         return self.state
+
+    def _maybe_move(self) -> None:
+        """On TC beside a foreign XDP program: back to XDP once the hook is free."""
+        dp = self.dp
+        try:
+            if xdp_prog_ids(self.index):
+                return  # still there (or another one): stay beside it
+            mode = dp.move_to_xdp()
+        except (IqnError, OSError) as e:
+            reason = str(e)
+            if reason != self._failed:
+                log.error("%s: cannot move back to XDP: %s (staying on TC, retrying every check)",
+                          dp.iface, reason)
+                self._failed = reason
+            return
+        self._failed = ""
+        self.moves_to_xdp += 1
+        note = f"moved from TC {dp.direction} to XDP {mode}: the foreign XDP program is gone"
+        log.info("%s: %s", dp.iface, note)
+        self.note = note
 
     def _same_device(self) -> None:
         """The program was compiled for the interface's first header (Ethernet or IP)."""

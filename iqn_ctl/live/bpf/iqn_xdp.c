@@ -234,6 +234,19 @@ BPF_F_TABLE("array", __u32, struct client_vol, vol_client, IQN_VOL_SLOTS, BPF_F_
 BPF_TABLE("lru_hash", struct flow_key, struct pair_state, pairs, IQN_PAIR_FLOWS);
 BPF_TABLE("lru_hash", struct client_key, __u64, client_tat, IQN_CAP_CLIENTS);
 
+/* The move from TC back to XDP (the attach watchdog, once the foreign XDP
+ * program that put IQN on TC is gone): user space arms the handover, then
+ * attaches iqn_xdp, then removes iqn_tc. While both are attached every frame
+ * would pass iqn_packet twice (XDP, then TC ingress: a candidate counted
+ * twice). So the first frame iqn_xdp sees while armed flips it to
+ * HANDOVER_XDP, and from then on iqn_tc leaves every frame alone: a frame
+ * runs XDP then TC on one CPU, so none is counted twice. The only frames it
+ * can miss are those already past the XDP hook (queued for the stack) when
+ * iqn_xdp first ran. Never armed otherwise (BPF_PROG_TEST_RUN of either
+ * entry leaves it alone); going to TC clears it. */
+enum { HANDOVER_OFF = 0, HANDOVER_ARMED = 1, HANDOVER_XDP = 2 };
+BPF_ARRAY(handover, __u32, 1);
+
 static __always_inline void count(__u32 idx)
 {
     __u64 *c = counters.lookup(&idx);
@@ -669,7 +682,11 @@ int iqn_xdp(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
+    __u32 k = 0;
+    __u32 *h = handover.lookup(&k);
 
+    if (h && *h == HANDOVER_ARMED)
+        *h = HANDOVER_XDP;  /* a read, not a write, on every other frame: no shared line bouncing */
     iqn_packet(data, data_end, (__u32)(data_end - data));
     return XDP_PASS;
 }
@@ -703,7 +720,11 @@ int iqn_tc(struct __sk_buff *skb)
     __u32 wire_len = skb->len;
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
+    __u32 k = 0;
+    __u32 *h = handover.lookup(&k);
 
+    if (h && *h == HANDOVER_XDP)
+        return TC_ACT_UNSPEC;  /* iqn_xdp saw this frame already (the move back to XDP) */
     if (data_end - data < IQN_HDR_MIN && skb->len > (__u32)(data_end - data)) {
         bpf_skb_pull_data(skb, skb->len < IQN_HDR_MAX ? skb->len : IQN_HDR_MAX);
         data = (void *)(long)skb->data;

@@ -1,0 +1,202 @@
+"""The move back to XDP (issue 20 follow-up): with ``--hook auto`` beside a
+foreign XDP program the agent runs at TC ingress; once that program is gone
+the attach watchdog attaches XDP first and then removes the TC classifier.
+While both are attached a frame passes both entries; the kernel's handover
+flag (iqn_xdp.c) makes iqn_tc skip every frame once iqn_xdp has run, so the
+overlap counts no candidate twice. Real veths, real traffic: the overlap is
+held open while candidates flow (and, as the control, the same overlap with
+the flag off counts every one twice); the agent moves within its watchdog
+period while candidates keep coming, none lost, none counted twice; an agent
+on an explicit ``--hook tc`` never moves."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from test_agent_live import cli, need_xdp, poll_until, settled, stop, wait_ready
+from test_hooks_live import _tc_names  # IQN's (and other_*) classifiers at the client veth's TC ingress
+
+from iqn_ctl.live.api import request, sock_path
+from iqn_lab.testbed import PY
+from iqn_lab.testbed import Testbed as Bed
+
+# Holds the move half-done (XDP and TC both attached) while the test sends.
+# Line protocol on stdin/stdout: each command answers one JSON line.
+HALVES = textwrap.dedent("""
+    import json, sys
+    from iqn_ctl.engine.params import CandidateFilter
+    from iqn_ctl.live import datapath as d
+    dp = d.Datapath(sys.argv[1], CandidateFilter(), hook="auto")
+    out = lambda **kw: print(json.dumps({**kw, **dp.counters(), "hook": dp.hook, "beside": dp.beside_foreign,
+                                         "handover": dp.handover_state()}), flush=True)
+    dp.attach()
+    out()
+    mode = None
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "begin":
+            mode = dp.begin_move_to_xdp()
+        elif cmd == "off":  # the control: both attached, no handover
+            dp._handover(d.HANDOVER_OFF)
+        elif cmd == "finish":
+            dp.finish_move_to_xdp(mode)
+        elif cmd == "quit":
+            break
+        for _ in range(3):
+            dp.poll(20)  # drain the ring: the counters are the kernel's either way
+        out(mode=mode)
+    dp.close()
+""")
+
+
+def _candidates(bed: Bed, n: int, dport: int) -> list[float]:
+    """Send ``n`` candidate datagrams (1250-byte frames from port 443) to the client; their send times."""
+    times = [0.01 * i for i in range(n)]
+    out, err = bed.send({"lead": 0.2, "flows": [
+        {"name": "x", "src": bed.srv4, "dst": bed.cli4, "dport": dport, "frame": 1250, "times": times,
+         "request": False}]}).communicate(timeout=60)
+    assert out, err
+    return list(json.loads(out)["sent"]["x"])
+
+
+def test_overlap_counts_each_candidate_once_and_the_control_twice() -> None:
+    need_xdp()
+    with Bed() as bed:
+        bed.attach_foreign_xdp("other_prog")
+        p = subprocess.Popen(["ip", "netns", "exec", bed.cli_ns, PY, "-c", HALVES, bed.cli_if],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdin is not None and p.stdout is not None
+
+        def say(cmd: str) -> dict[str, Any]:
+            p.stdin.write(cmd + "\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+            line = p.stdout.readline()  # type: ignore[union-attr]
+            assert line, p.stderr.read()  # type: ignore[union-attr]
+            return dict(json.loads(line))
+
+        try:
+            st = json.loads(p.stdout.readline() or "{}")
+            assert st["hook"] == "tc" and st["beside"] is True, st
+            n = 40
+            sent = _candidates(bed, n, 40041)
+            tc_only = say("tick")
+            assert tc_only["candidates"] == len(sent) == n  # on TC: each once
+            bed.remove_foreign_xdp()
+            begun = say("begin")
+            assert begun["hook"] == "tc" and begun["mode"] in ("native", "skb"), begun
+            assert bed.xdp_on_client() == "iqn_xdp" and _tc_names(bed) == ["iqn_tc"]  # both attached
+            sent = _candidates(bed, n, 40042)
+            both = say("tick")
+            assert both["handover"] == 2  # iqn_xdp ran; iqn_tc skips from then on
+            assert both["candidates"] - tc_only["candidates"] == len(sent)  # once, not twice
+            # the control: the same overlap with the handover off counts every candidate twice
+            say("off")
+            sent = _candidates(bed, n, 40043)
+            naive = say("tick")
+            assert naive["candidates"] - both["candidates"] == 2 * len(sent)
+            assert naive["packets"] - both["packets"] >= 2 * len(sent)
+            done = say("finish")
+            assert done["hook"] == "xdp" and _tc_names(bed) == [] and bed.xdp_on_client() == "iqn_xdp"
+            sent = _candidates(bed, n, 40044)
+            after = say("tick")
+            assert after["candidates"] - done["candidates"] == len(sent)
+            p.stdin.write("quit\n")
+            p.stdin.close()
+            p.wait(timeout=30)
+            assert bed.xdp_on_client() is None and _tc_names(bed) == []
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _stream(bed: Bed, seconds: float, dport: int) -> subprocess.Popen[str]:
+    """Candidates every 10 ms for ``seconds`` (with the client's requests before each, for pairing)."""
+    times = [0.01 * i for i in range(int(seconds * 100))]
+    return bed.send({"lead": 0.3, "flows": [
+        {"name": "x", "src": bed.srv4, "dst": bed.cli4, "dport": dport, "frame": 1250, "times": times}]})
+
+
+def _metrics(bed: Bed, port: int) -> list[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", bed.cli_ns, PY, "-c",
+         f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"],
+        capture_output=True, text=True, timeout=30).stdout.splitlines()
+
+
+def _agent(bed: Bed, tmp_path: Path, env: dict[str, str], hook: str, port: int) -> subprocess.Popen[str]:
+    agent = subprocess.Popen(
+        bed.agent_cmd("attach", bed.cli_if, "--hook", hook, "--watchdog", "0.2", "--state-dir",
+                      str(tmp_path / "s"), "--metrics-port", str(port)),
+        env=env, stderr=subprocess.PIPE, text=True)
+    wait_ready(sock_path(tmp_path / "run", bed.cli_if), agent)
+    return agent
+
+
+def test_auto_moves_back_to_xdp_while_candidates_flow(tmp_path: Path) -> None:
+    need_xdp()
+    env = dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
+    port = random.randrange(20000, 60000)
+    with Bed() as bed:
+        bed.attach_foreign_xdp("other_prog")
+        agent = _agent(bed, tmp_path, env, "auto", port)
+        sock = sock_path(tmp_path / "run", bed.cli_if)
+        try:
+            st = request(sock, "status")
+            assert (st["hook"], st["direction"], st["moves_to_xdp"]) == ("tc", "ingress", 0), st
+            assert _tc_names(bed) == ["iqn_tc"] and bed.xdp_on_client() == "other_prog"
+            sender = _stream(bed, 4.0, 40051)
+            before = poll_until(lambda: request(sock, "status"), lambda st: st["candidates"] >= 30)
+            assert before["hook"] == "tc"
+            bed.remove_foreign_xdp()
+            moved = poll_until(lambda: request(sock, "status"), lambda st: st["hook"] == "xdp")
+            out, err = sender.communicate(timeout=60)
+            assert out, err
+            sent = json.loads(out)["sent"]["x"]
+            assert moved["hook"] == "xdp" and moved["moves_to_xdp"] == 1, moved
+            assert before["candidates"] < moved["candidates"] < len(sent)  # moved mid-stream
+            st = poll_until(lambda: request(sock, "status"), settled(len(sent)))
+            # every candidate counted exactly once: none lost in the swap, none seen by both hooks
+            assert st["candidates"] == len(sent) and st["lost"] == 0 and st["events"] == len(sent), st
+            assert (st["hook"], st["xdp_mode"], st["attach_state"], st["reattaches"]) == (
+                "xdp", moved["xdp_mode"], "attached", 0), st
+            assert "moved from TC ingress to XDP" in st["attach_note"]
+            assert _tc_names(bed) == [] and bed.xdp_on_client() == "iqn_xdp"
+            table = cli(bed, env, "status").stdout
+            assert f" xdp/{st['xdp_mode']} " in table, table
+            metrics = _metrics(bed, port)
+            info = [ln for ln in metrics if ln.startswith("iqn_dataplane_info{")]
+            assert len(info) == 1 and 'hook="xdp"' in info[0], info
+            assert f'iqn_moves_to_xdp_total{{iface="{bed.cli_if}"}} 1.0' in metrics
+            assert f'iqn_attach_state{{iface="{bed.cli_if}",state="attached"}} 1.0' in metrics
+        finally:
+            err = stop(agent)
+        lines = [ln for ln in err.splitlines() if "moved from TC ingress to XDP" in ln]
+        assert len(lines) == 1 and "INFO" in lines[0], err[-3000:]
+
+
+def test_explicit_tc_never_moves(tmp_path: Path) -> None:
+    need_xdp()
+    env = dict(os.environ, IQN_RUN_DIR=str(tmp_path / "run"))
+    with Bed() as bed:
+        bed.attach_foreign_xdp("other_prog")
+        agent = _agent(bed, tmp_path, env, "tc", random.randrange(20000, 60000))
+        sock = sock_path(tmp_path / "run", bed.cli_if)
+        try:
+            bed.remove_foreign_xdp()
+            sender = _stream(bed, 2.0, 40052)  # 2 s: ten watchdog periods with a free XDP hook
+            out, err = sender.communicate(timeout=60)
+            assert out, err
+            sent = json.loads(out)["sent"]["x"]
+            st = poll_until(lambda: request(sock, "status"), settled(len(sent)))
+            assert (st["hook"], st["moves_to_xdp"], st["attach_state"]) == ("tc", 0, "attached"), st
+            assert st["candidates"] == len(sent)
+            assert _tc_names(bed) == ["iqn_tc"] and bed.xdp_on_client() is None
+        finally:
+            stop(agent)
