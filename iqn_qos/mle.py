@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -76,35 +77,81 @@ class Problem:
     bad: np.ndarray  # per unique path: sum of n - m
     good: np.ndarray  # per unique path: sum of m
     lines: np.ndarray  # per group: number of media lines through it
+    at: sp.csr_matrix  # a transposed, once: the gradient needs it at every evaluation
+
+
+#: a slot's sufficient statistics, one row per distinct set of components: (its ids, the
+#: lines' bad units, their good units, how many lines); the MLE depends on nothing else
+PathCounts = Sequence[tuple[Sequence[str], int, int, int]]
+
+
+def path_counts(lines: Sequence[MediaLine]) -> list[tuple[tuple[str, ...], int, int, int]]:
+    """The slot's lines aggregated by their set of components."""
+    if not lines:
+        raise QosError("empty slot: no media lines to infer from")
+    rows: dict[frozenset[str], list[Any]] = {}
+    for ln in lines:
+        if not ln.path:
+            raise QosError("a media line without a path (resolve client/server with --topology)")
+        key = frozenset(ln.path)
+        r = rows.get(key)
+        if r is None:
+            rows[key] = [ln.path, ln.n - ln.m, ln.m, 1]
+        else:
+            r[1] += ln.n - ln.m
+            r[2] += ln.m
+            r[3] += 1
+    return [(p, b, g, k) for p, b, g, k in rows.values()]
 
 
 def build_problem(lines: Sequence[MediaLine]) -> Problem:
     """Index components, merge identical columns into groups, aggregate identical paths."""
-    if not lines:
+    return problem_of(path_counts(lines))
+
+
+def problem_of(counts: PathCounts) -> Problem:
+    """The problem of a slot's sufficient statistics (:func:`path_counts`, or the store's
+    ``GROUP BY``): rows with the same set of components are merged, identical columns grouped.
+
+    Rows and columns are numbered in one canonical order (paths by their sorted ids), so the
+    answer depends on the lines, not on the order they came in: the linear programs of
+    :func:`replaceable` return one of several basic solutions depending on the row order, and
+    lines in another order could flip a flag (a store returns a slot's lines in any order)."""
+    if not counts:
         raise QosError("empty slot: no media lines to infer from")
+    merged: dict[tuple[str, ...], list[int]] = {}
+    for path, b, g, k in counts:
+        if not path:
+            raise QosError("a media line without a path (resolve client/server with --topology)")
+        ids = tuple(sorted(set(path)))
+        acc = merged.get(ids)
+        if acc is None:
+            merged[ids] = [b, g, k]
+        else:
+            acc[0] += b
+            acc[1] += g
+            acc[2] += k
     comp_ix: dict[str, int] = {}
     path_ix: dict[frozenset[int], int] = {}
     bad: list[int] = []
     good: list[int] = []
     per_comp_lines: list[int] = []
-    for ln in lines:
-        if not ln.path:
-            raise QosError("a media line without a path (resolve client/server with --topology)")
+    for path, (b, g, k) in sorted(merged.items()):
         cols = set()
-        for c in ln.path:
+        for c in path:
             j = comp_ix.setdefault(c, len(comp_ix))
             if j == len(per_comp_lines):
                 per_comp_lines.append(0)
             cols.add(j)
         for j in cols:
-            per_comp_lines[j] += 1
+            per_comp_lines[j] += k
         key = frozenset(cols)
         r = path_ix.setdefault(key, len(path_ix))
         if r == len(bad):
             bad.append(0)
             good.append(0)
-        bad[r] += ln.n - ln.m
-        good[r] += ln.m
+        bad[r] += b
+        good[r] += g
     rows = [r for key, r in path_ix.items() for _ in key]
     cols_ = [j for key in path_ix for j in key]
     full = sp.csc_matrix((np.ones(len(rows)), (rows, cols_)), shape=(len(path_ix), len(comp_ix)))
@@ -118,7 +165,7 @@ def build_problem(lines: Sequence[MediaLine]) -> Problem:
     groups = [tuple(sorted(names[j] for j in js)) for js in members]
     a = full[:, [js[0] for js in members]].tocsr()
     glines = np.array([max(per_comp_lines[j] for j in js) for js in members])
-    return Problem(groups, a, np.array(bad, float), np.array(good, float), glines)
+    return Problem(groups, a, np.array(bad, float), np.array(good, float), glines, a.T.tocsr())
 
 
 def _objective(x: np.ndarray, prob: Problem, lam: float, scale: float) -> tuple[float, np.ndarray]:
@@ -130,7 +177,7 @@ def _objective(x: np.ndarray, prob: Problem, lam: float, scale: float) -> tuple[
     dlds = np.zeros_like(s)
     dlds[has_bad] = prob.bad[has_bad] / np.expm1(se[has_bad])
     dlds -= prob.good
-    grad = prob.a.T @ dlds
+    grad = prob.at @ dlds
     f = (-ll + lam * float(x.sum())) / scale
     return f, (-grad + lam) / scale
 
@@ -161,7 +208,7 @@ def solve(prob: Problem, *, l1: float = 0.0) -> np.ndarray:
     # Start from each group's own line-average bad rate, split over an average path.
     deg = np.asarray(prob.a.sum(axis=1)).ravel()
     tot = prob.bad + prob.good
-    rate = np.asarray(prob.a.T @ prob.bad).ravel() / np.maximum(np.asarray(prob.a.T @ tot).ravel(), 1)
+    rate = np.asarray(prob.at @ prob.bad).ravel() / np.maximum(np.asarray(prob.at @ tot).ravel(), 1)
     mean_len = float(np.average(deg, weights=tot))
     x0 = np.clip(-np.log1p(-np.minimum(rate, 0.999)) / max(mean_len, 1.0), 0.0, X_MAX)
     upper = np.full(k, X_MAX)
@@ -325,7 +372,22 @@ def infer_slot(
     """Estimate every component (or inseparable group) seen on ``lines``; worst first."""
     if not 0.0 <= threshold < 1.0:
         raise QosError(f"threshold must be in [0, 1), got {threshold}")
-    prob = build_problem(lines)
+    return infer_counts(path_counts(lines), threshold=threshold, l1=l1, z=z)
+
+
+def infer_counts(
+    counts: PathCounts, *, threshold: float = 0.01, l1: float = L1_DEFAULT, z: float = Z95
+) -> list[Estimate]:
+    """:func:`infer_slot` from the slot's sufficient statistics (:func:`path_counts`): the store
+    and the live service aggregate a slot's lines with one ``GROUP BY`` instead of reading
+    every line into Python (tested: the same estimates as from the lines, in any order).
+
+    Not warm-started from the slot's previous estimates: tried, it saved 20-30 % of the fit
+    but changed which tiny components the L1 stage kept (p up to 1.5e-3 apart on unflagged
+    components), and a component starting at 0 on a bad path sent the fit to X_MAX."""
+    if not 0.0 <= threshold < 1.0:
+        raise QosError(f"threshold must be in [0, 1), got {threshold}")
+    prob = problem_of(counts)
     x = solve(prob, l1=l1)
     lo, hi = _intervals(x, prob, z)
     # a flag only where the data need the blame (the lower end of a component that could

