@@ -395,6 +395,9 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
     # thread need (a slot of 5,000 lines is seconds of CPU on a busy box); a spawned process
     # (not forked: this one has threads and DuckDB open) computes it from the lines it is given
     solver = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    # started now, not at the first inference: spawning it and importing scipy took 3.3 s on the
+    # loaded box, and the first late records waited for it (not awaited: the loop starts at once)
+    solver.submit(infer_counts, [(("warm-up",), 1, 1, 2)])
     storing: list[asyncio.Future[None]] = []  # batches being decoded, stored, acknowledged
     inferring: asyncio.Future[list[tuple[float, list[Estimate]]]] | None = None
     nc = None

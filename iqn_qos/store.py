@@ -239,11 +239,12 @@ class Store:
 
     def path_counts(self, slot: float, slot_s: float) -> list[tuple[list[str], int, int, int]]:
         """The slot's sufficient statistics (:func:`iqn_qos.mle.path_counts`) aggregated by DuckDB:
-        one row per distinct set of components instead of one Python object per line (a slot of
-        5,000 lines: 12 ms instead of 64 ms, and nothing large to send to the solver process)."""
+        one row per distinct path instead of one Python object per line (a slot of 5,000 lines:
+        6 ms instead of 64 ms, and nothing large to send to the solver process).  Grouped on the
+        stored list as it is (half the time of sorting each list first): paths naming the same
+        components in another order are merged by :func:`iqn_qos.mle.problem_of`."""
         rows = self.con.execute(
-            "SELECT list_sort(list_distinct(path)) AS k, sum(n - m), sum(m), count(*) FROM lines"
-            " WHERE t >= $1 AND t < $1 + $2 GROUP BY k ORDER BY k",
+            "SELECT path, sum(n - m), sum(m), count(*) FROM lines WHERE t >= $1 AND t < $1 + $2 GROUP BY path",
             [slot, slot_s],
         ).fetchall()
         return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
@@ -324,8 +325,11 @@ class Store:
         try:
             got = self.cached(slot, slot_s, threshold, l1)
             if got is None:
-                got = solve(self.path_counts(slot, slot_s), threshold=threshold, l1=l1)
-                self._put(slot, slot_s, threshold, l1, got, self._stats(slot, slot_s))
+                counts = self.path_counts(slot, slot_s)
+                got = solve(counts, threshold=threshold, l1=l1)
+                # the stamp (lines, units, good units) from the same snapshot's counts: no rescan
+                stats = (sum(c[3] for c in counts), sum(c[1] + c[2] for c in counts), sum(c[2] for c in counts))
+                self._put(slot, slot_s, threshold, l1, got, stats)
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")
