@@ -244,7 +244,8 @@ class Store:
         stored list as it is (half the time of sorting each list first): paths naming the same
         components in another order are merged by :func:`iqn_qos.mle.problem_of`."""
         rows = self.con.execute(
-            "SELECT path, sum(n - m), sum(m), count(*) FROM lines WHERE t >= $1 AND t < $1 + $2 GROUP BY path",
+            "SELECT path, sum(n - m), sum(m), count(*) FROM lines WHERE t >= $1 AND t < $1 + $2"
+            " GROUP BY path",
             [slot, slot_s],
         ).fetchall()
         return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
@@ -328,7 +329,8 @@ class Store:
                 counts = self.path_counts(slot, slot_s)
                 got = solve(counts, threshold=threshold, l1=l1)
                 # the stamp (lines, units, good units) from the same snapshot's counts: no rescan
-                stats = (sum(c[3] for c in counts), sum(c[1] + c[2] for c in counts), sum(c[2] for c in counts))
+                stats = (sum(c[3] for c in counts), sum(c[1] + c[2] for c in counts),
+                         sum(c[2] for c in counts))
                 self._put(slot, slot_s, threshold, l1, got, stats)
             self.con.execute("COMMIT")
         except BaseException:

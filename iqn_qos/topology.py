@@ -118,7 +118,11 @@ class Topology:
 
         Video (and IQN's stalls) flow from the server to the viewer, so a degraded
         segment is the server-to-client direction of a link (BFS, fewest hops)."""
-        src, dst = self.node_of(server), self.node_of(client)
+        return self.path_between(self.node_of(server), self.node_of(client), client, server)
+
+    def path_between(self, src: str, dst: str, client: str = "", server: str = "") -> tuple[str, ...]:
+        """:meth:`resolve` from the two addresses' nodes (the live service places each address
+        once and caches it); ``client``/``server`` only name them in the error."""
         prev = self._trees.get(src)
         if prev is None:
             # one BFS tree per server node, kept: a service resolves many clients per server
