@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import duckdb
 import pytest
 from conftest import need
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from qos_feed import publish, scenario, session, stall
 
 from iqn_lab.jetstream import JetStream, free_port
@@ -33,7 +35,7 @@ from iqn_qos.from_agent import read_sessions
 from iqn_qos.ingest import Decoder, SlotPlanner, session_line
 from iqn_qos.lines import MediaLine
 from iqn_qos.store import Store
-from iqn_qos.topology import load_topology
+from iqn_qos.topology import load_topology, topology_from_dict
 
 IQN_QOS = str(Path(sys.executable).with_name("iqn-qos"))
 DEADLINE = 60.0  # seconds to wait for anything the service must do; generous on a loaded box
@@ -147,6 +149,47 @@ def test_bad_messages_are_rejected_with_a_reason(topo_file: Path) -> None:
     assert quiet.error is None and quiet.line is None  # under half a second watched: no line
     st = dec.decode(json.dumps(stall("r0", 3, "10.1.2.3", "192.0.2.1", 100.0, 102.5)).encode())
     assert st.error is None and st.stall is not None and st.stall.duration_s == 2.5
+
+
+_ODD_VALUES = [0, 1, 2, -1, 0.4, 0.5, 1.5, 2.5, 900, 1e308, 1.7976931348623157e308, True, False, None, "7",
+               "", [], {}, "10.1.2.3", "192.0.2.1", "172.31.0.1", "r0", 2]
+_FIELDS = ["v", "type", "id", "router", "client.address", "server.address", "iqn.slot", "iqn.watched_s",
+           "iqn.stalled_s", "iqn.recorded_at"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from(_FIELDS), st.sampled_from(_ODD_VALUES) | st.just("<del>")),
+                         max_size=2), min_size=1, max_size=4),
+       st.booleans())
+def test_fast_decode_accepts_and_rejects_what_the_general_path_does(
+        edits: list[list[tuple[str, object]]], batched: bool) -> None:
+    """The msgspec fast path (a message of well-formed session records) and the general path
+    (orjson, record by record) give the same records, lines, rejections and reasons, whatever
+    odd values (bools, strings, huge or negative numbers, missing fields) the records carry."""
+    import iqn_qos.ingest as ingest
+
+    topo = topology_from_dict(TOPO)
+    recs = []
+    for i, ed in enumerate(edits):
+        r: dict[str, object] = session("r0", i, "10.1.2.3", "192.0.2.1", 1800.0, 900.0, 612.4, 37.6)
+        for k, v in ed:
+            if v == "<del>":
+                r.pop(k, None)
+            else:
+                r[k] = v
+        recs.append(r)
+    data = (json.dumps({"v": 2, "type": "batch", "id": "b", "router": "r0", "records": recs}).encode()
+            if batched else json.dumps(recs[0]).encode())
+    fast = Decoder(topo).decode_message(data, "IQN/seq/1")
+    saved = ingest._fast_decoder
+    try:
+        ingest._fast_decoder = None
+        general = Decoder(topo).decode_message(data, "IQN/seq/1")
+    finally:
+        ingest._fast_decoder = saved
+    assert fast == general
+    if not any(ed for ed in edits):  # untouched records do take the fast path
+        assert Decoder(topo)._sessions_fast(data) is not None
 
 
 def test_addresses_are_read_as_ipaddress_reads_them() -> None:
