@@ -86,7 +86,7 @@ class ServeConfig:
     port: int = 9480
     batch: int = 5000  # messages per pull (at most)
     max_bytes: int = 4 << 20  # and bytes per pull: a v2 batch message holds many records
-    expires_s: float = 0.25  # a pull waits this long for a full batch: the delay when caught up
+    expires_s: float = 0.1  # a pull waits this long for a full batch: the delay when caught up
     threshold: float = 0.01
     l1: float = 1e-4
 
