@@ -396,8 +396,9 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
     # (not forked: this one has threads and DuckDB open) computes it from the lines it is given
     solver = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     # started now, not at the first inference: spawning it and importing scipy took 3.3 s on the
-    # loaded box, and the first late records waited for it (not awaited: the loop starts at once)
-    solver.submit(infer_counts, [(("warm-up",), 1, 1, 2)])
+    # loaded box, and the first late records waited for it; and consuming starts once it is up
+    # (below): started alongside, it took the CPU a backlog's first batches needed
+    warm = asyncio.wrap_future(solver.submit(infer_counts, [(("warm-up",), 1, 1, 2)]))
     storing: list[asyncio.Future[None]] = []  # batches being decoded, stored, acknowledged
     inferring: asyncio.Future[list[tuple[float, list[Estimate]]]] | None = None
     nc = None
@@ -405,6 +406,7 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
         nc = await _connect(cfg)
         js = nc.jetstream()
         await _ensure(js, cfg)
+        await warm
         log.info("serving http://%s:%d/ ; consuming stream %s as %s from %s", host, port, STREAM, cfg.durable,
                  ",".join(cfg.nats))
         if ready is not None:
