@@ -62,7 +62,7 @@ try:  # msgspec decodes a well-formed session batch into typed objects in C (~2x
 
     _Id = Annotated[str, msgspec.Meta(min_length=1)]
 
-    class _Session(msgspec.Struct, tag_field="type", tag="session", gc=False):
+    class _SessionFields(msgspec.Struct, gc=False):
         """A schema-v1 session record as the fast path takes it: every type is checked by the
         decoder; anything else (a stall, a bool, a missing field...) fails the decode and the
         message goes the general way, which accepts or rejects it with its reason."""
@@ -77,10 +77,19 @@ try:  # msgspec decodes a well-formed session batch into typed objects in C (~2x
         stalled: float = msgspec.field(name="iqn.stalled_s")
         at: float | None = msgspec.field(name="iqn.recorded_at", default=None)
 
+    class _Session(_SessionFields, tag_field="type", tag="session", gc=False):
+        """A v1 message: its ``type`` tells it from a batch (a tag is required in a union)."""
+
+    class _InnerSession(_SessionFields, kw_only=True, gc=False):
+        """A record of a batch: ``type`` an ordinary required field (a struct's tag is optional
+        when it is not in a union, and a record without a type is rejected)."""
+
+        type: Literal["session"]
+
     class _SessionBatch(msgspec.Struct, tag_field="type", tag="batch", gc=False):
         v: Literal[2]
         id: _Id
-        records: list[_Session]
+        records: list[_InnerSession]
         router: str = ""
 
     _fast_decoder: Any = msgspec.json.Decoder(_SessionBatch | _Session)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import duckdb
 import pytest
 from conftest import need
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from qos_feed import publish, scenario, session, stall
 
@@ -158,6 +158,11 @@ _FIELDS = ["v", "type", "id", "router", "client.address", "server.address", "iqn
 
 
 @settings(max_examples=300, deadline=None)
+@example([[("type", "<del>")]], True)  # a batch's record without a type (found by this test once)
+@example([[("type", "<del>")]], False)
+@example([[("iqn.slot", 1e308), ("iqn.watched_s", 1e308)]], True)  # finite numbers, an infinite sum
+@example([[("iqn.stalled_s", 900)]], True)  # stalled > watched
+@example([[("v", True)]], False)
 @given(st.lists(st.lists(st.tuples(st.sampled_from(_FIELDS), st.sampled_from(_ODD_VALUES) | st.just("<del>")),
                          max_size=2), min_size=1, max_size=4),
        st.booleans())
