@@ -33,6 +33,7 @@ import gc
 import json
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -145,6 +146,20 @@ class _GcPause:
 
 
 _gc_paused = _GcPause()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Initializer of the solver process: it ends when the service does, also a SIGKILLed one.
+    Why: a spawned worker otherwise outlives a killed service, waiting forever on its queue (the
+    restart tests left one per kill).  Linux's PR_SET_PDEATHSIG signals it when the thread that
+    started it (the service's loop) ends; a service already gone before that is seen by its
+    parent id."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 class Service:
@@ -394,7 +409,8 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
     # the MLE is Python and numpy: in a thread it would hold the GIL the loop and the store
     # thread need (a slot of 5,000 lines is seconds of CPU on a busy box); a spawned process
     # (not forked: this one has threads and DuckDB open) computes it from the lines it is given
-    solver = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    solver = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_die_with_parent, initargs=(os.getpid(),))
     # started now, not at the first inference: spawning it and importing scipy took 3.3 s on the
     # loaded box, and the first late records waited for it; and consuming starts once it is up
     # (below): started alongside, it took the CPU a backlog's first batches needed

@@ -9,6 +9,7 @@ store's idempotent batch) are tested directly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -355,6 +356,25 @@ def test_web_page_in_chromium_shows_the_fault_on_top(served: dict[str, Any]) -> 
         driver.quit()
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{d}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+    return out
+
+
+def proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def test_service_resumes_after_sigkill_and_stores_each_record_once(tmp_path: Path) -> None:
     """SIGKILL the service while it ingests, start it again on the same store and durable
     consumer: every record is stored exactly once (counted by id)."""
@@ -365,7 +385,17 @@ def test_service_resumes_after_sigkill_and_stores_each_record_once(tmp_path: Pat
         svc = start_service(js.urls, topo, store, tmp_path / "serve.log", "--batch", "500")
         mid = wait_for(lambda: 0 < (n := svc.api()["ingest"]["records"]["session"]) < len(msgs) and n,
                        "ingestion to be under way", timeout=120)
+        workers = children(svc.proc.pid)
+        assert workers  # the solver process, started with the service
         assert svc.stop(signal.SIGKILL) == -signal.SIGKILL
+        # and it does not outlive the killed service
+        try:
+            wait_for(lambda: not any(proc_state(w) not in ("gone", "Z") for w in workers),
+                     "the killed service's solver process to end", timeout=30)
+        finally:
+            for w in workers:  # what a failure left behind
+                with contextlib.suppress(OSError):
+                    os.kill(w, signal.SIGKILL)
         svc2 = start_service(js.urls, topo, store, tmp_path / "serve.log", "--batch", "500")
         try:
             # the restarted service counts only what it stored itself (the rest of the stream):
