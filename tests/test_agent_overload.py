@@ -255,3 +255,41 @@ def test_backlog_keeps_the_newest_records_and_counts_the_rest(tmp_path: Path) ->
     assert _flat(agent._take(more)) == kept[len(fed):] + _flat(more)
     assert not agent._backlog and agent.snapshot()["backlog"] == 0
     assert agent.shed == over and agent.backlog_max == CHUNK + 100
+
+
+def test_a_storm_of_stall_starts_logs_a_summary_and_writes_every_start(
+        tmp_path: Path, caplog: Any) -> None:
+    """One round starts far more stalls than START_LINES (an outage): the first
+    START_LINES get their own line, the rest one summary line with their count
+    (``event`` ``stall_starts``); every start is an open row of the history
+    (written in one statement per run of starts), every end its own line and
+    row. A round with few starts logs each, as always."""
+    import logging
+
+    from iqn_ctl.engine.tracker import StallEnded, StallStarted
+    from iqn_ctl.live.agent import START_LINES, Agent, AgentConfig
+
+    agent = Agent(AgentConfig("lo0", state_dir=tmp_path, run_dir=tmp_path / "run"))
+    agent.history = History(tmp_path)
+    count, t = START_LINES + 500, 1000.0
+    with caplog.at_level(logging.INFO, logger="iqn"):
+        agent._on_events([StallStarted(f"f{i}", t + i / 1e4, t + 0.8) for i in range(count)])
+        starts = [r for r in caplog.records if getattr(r, "event", "") == "stall_start"]
+        summary = [r for r in caplog.records if getattr(r, "event", "") == "stall_starts"]
+        assert len(starts) == START_LINES and len(summary) == 1
+        assert summary[0].count == 500 and f"{count} starts this round" in summary[0].getMessage()
+        assert [r.flow for r in starts] == [f"f{i}" for i in range(START_LINES)]
+        rows = agent.history.query()
+        assert len(rows) == count and {r.state for r in rows} == {"open"}
+        caplog.clear()
+        agent._on_events([StallEnded(f"f{i}", t + i / 1e4, t + 3.0, t + 3.8, 12) for i in range(count)]
+                         + [StallStarted("g", t + 4, t + 4.8)])
+        ends = [r for r in caplog.records if getattr(r, "event", "") == "stall_end"]
+        assert len(ends) == count
+        assert [getattr(r, "event", "") for r in caplog.records if "stall" in getattr(r, "event", "")][-1] \
+            == "stall_start"
+    agent.history.flush(force=True)
+    rows = agent.history.query()
+    assert len(rows) == count + 1 and sorted(r.state for r in rows) == ["ended"] * count + ["open"]
+    assert agent.stalls_started == count + 1 and agent.stalls_ended == count
+    agent.history.close()

@@ -54,11 +54,12 @@ def _polls(f: np.ndarray, t: np.ndarray, n: int, k: int):
     poll_of = np.empty(len(b), np.int64)
     for j, chunk in enumerate(np.array_split(np.arange(len(b)), k)):
         poll_of[chunk] = j
-    # each original candidate's burst: the latest of its flow starting at or before it
-    bk = (b.flow << 40) | (b.first - T0)
-    order = np.argsort(bk, kind="stable")
-    ck = (f << 40) | (t - T0)
-    owner = order[np.searchsorted(bk[order], ck, side="right") - 1]
+    # each original candidate's burst: a flow's candidates in time order fill its
+    # bursts in time order (by rank, not by time: two candidates at the same
+    # instant may fall in two bursts)
+    by_flow = np.lexsort((b.first, b.flow))
+    owner = np.empty(t.size, np.int64)
+    owner[np.lexsort((t, f))] = np.repeat(by_flow, b.count[by_flow])
     assert (b.flow[owner] == f).all()
     for j in range(k):
         sel = np.flatnonzero(poll_of == j)

@@ -285,3 +285,37 @@ def test_staged_writes_start_end_drop_and_the_bound(tmp_path: Path) -> None:
         assert h.flush() and h.count() == 2 + MAX_PENDING
         flows = {x.flow for x in h.query()}
         assert {"f:100", "f:104"}.isdisjoint(flows) and {"f:105", f"f:{104 + MAX_PENDING}"} <= flows
+
+
+def test_one_flush_of_many_writes_equals_a_flush_per_write(tmp_path: Path) -> None:
+    """History.flush writes a run of starts (or of ends and drops) in one
+    statement each: random interleavings of stalls starting, ending and being
+    discarded (some in the same flush as their start) leave the same rows as
+    committing every write on its own."""
+    import random as _random
+
+    rng = _random.Random(19)
+    for trial in range(30):
+        ops: list[tuple[str, StallRecord, float | None]] = []
+        open_: list[tuple[str, float]] = []
+        for k in range(rng.randrange(1, 60)):
+            if open_ and rng.random() < 0.5:
+                flow, start = open_.pop(rng.randrange(len(open_)))
+                kind = rng.choice(["end", "end", "drop"])
+                end = StallRecord("eth0", flow, "c", "s", start + 0.001, start + 2, 9, start + 2.5)
+                ops.append((kind, end, start))
+            else:
+                flow, start = f"f:{rng.randrange(8)}", 1.8e9 + k
+                open_.append((flow, start))
+                rec = StallRecord("eth0", flow, "c", "s", start, start, 0, start, state="open")
+                ops.append(("start", rec, None))
+        rows = []
+        for batched in (True, False):
+            with History(tmp_path / f"{trial}-{batched}") as h:
+                for kind, rec, opened in ops:
+                    h.stage(kind, rec, opened)
+                    if not batched:
+                        assert h.flush()
+                assert h.flush()
+                rows.append([(r.flow, r.start, r.state, r.candidates) for r in h.query()])
+        assert rows[0] == rows[1]

@@ -114,6 +114,9 @@ class VectorFlowTable:
         self._free: list[int] = []
         #: the global clock of "least recently fed": stamps only grow
         self._clock = 0
+        self._serials = 0
+        #: the groups' slots after the last _feed_groups (None: it fed them one by one)
+        self._fed: IntArray | None = None
         self._pend_slot: IntArray = np.empty(0, np.int64)
         self._pend_t: FloatArray = np.empty(0)
         self._cap = 0
@@ -152,16 +155,26 @@ class VectorFlowTable:
         self._stamp = ext("_stamp", 0, np.int64)
         #: its place in the order of flows not in a stall (eviction order)
         self._calm_stamp = ext("_calm_stamp", 0, np.int64)
+        #: which flow holds the slot: a number never given twice (0: free), so a
+        #: caller's remembered (slot, serial) says whether the slot is still that flow's
+        self._serial = ext("_serial", 0, np.int64)
         self._key.extend([None] * (cap - old))
         self._free.extend(range(cap - 1, old - 1, -1))
         self._cap = cap
 
-    def _new_slot(self, key: Hashable) -> int:
-        if not self._free:
+    def _new_slots(self, keys: list[Hashable]) -> IntArray:
+        """Slots for new flows, their state reset in one array assignment per
+        column (an outage brings thousands of new flows in one poll)."""
+        while len(self._free) < len(keys):
+            if self._cap >= self.max_flows:
+                raise AssertionError("no free slot")  # the caller evicted first: unreachable
             self._grow(min(self._cap * 2, self.max_flows))
-        s = self._free.pop()
-        self._slot[key] = s
-        self._key[s] = key
+        free = self._free
+        got = [free.pop() for _ in keys]
+        for k, sl in zip(keys, got, strict=True):
+            self._slot[k] = sl
+            self._key[sl] = k
+        s = np.asarray(got, np.int64)
         self._live[s] = True
         self._ring[s] = -np.inf
         self._in_stall[s] = False
@@ -171,12 +184,15 @@ class VectorFlowTable:
         self._max_seen[s] = self._wm[s] = -np.inf
         self._last_seen[s] = self._stall_start[s] = self._last_dur[s] = np.nan
         self._npend[s] = 0
+        self._serial[s] = self._serials + 1 + np.arange(s.size)
+        self._serials += s.size
         return s
 
     def _drop(self, s: int) -> None:
         del self._slot[self._key[s]]
         self._key[s] = None
         self._live[s] = False
+        self._serial[s] = 0
         self._free.append(s)
 
     # -- the FlowTable API ---------------------------------------------------
@@ -239,12 +255,20 @@ class VectorFlowTable:
         gid = np.fromiter((groups.setdefault(f, len(groups)) for f in flows), np.int64, t.size)
         return self._feed_groups(list(groups), gid, t)
 
-    def feed_bursts(self, keys: Sequence[Hashable], bursts: Bursts) -> list[Event]:
+    def feed_bursts(
+        self, keys: Sequence[Hashable], bursts: Bursts, hint: tuple[IntArray, IntArray] | None = None
+    ) -> list[Event]:
         """Burst records (:mod:`iqn_ctl.engine.bursts`), burst ``i`` of flow
         ``keys[bursts.flow[i]]``: the data plane's unit of input. The same events
         at the same times as :meth:`feed_many` on the candidates they carry
         (tests/test_bursts.py); the work is array operations per batch, the
-        only Python step is one per distinct flow."""
+        only Python step is one per distinct flow.
+
+        ``hint``: (slot, serial) of each key as :meth:`locate` (or an earlier
+        call) gave them; where :meth:`holds` still confirms them the key is not
+        looked up (a dict look-up hashes the key: the costly step per flow when
+        keys are dataclasses), the rest are looked up as without a hint. The
+        fed keys' entries are then set to where they are now."""
         if not len(bursts):
             return []
         bid, _ = bursts.candidates()
@@ -253,8 +277,33 @@ class VectorFlowTable:
         rank = np.argsort(first, kind="stable")
         group_of = np.empty(rank.size, np.int64)
         group_of[rank] = np.arange(rank.size)
-        flows = [keys[f] for f in uniq[rank].tolist()]
-        return self._feed_groups(flows, group_of[inv.ravel()], bursts.seconds())
+        pick = uniq[rank]
+        flows = list(map(keys.__getitem__, pick.tolist()))
+        if hint is None:
+            return self._feed_groups(flows, group_of[inv.ravel()], bursts.seconds())
+        slots = np.where(self.holds(hint[0][pick], hint[1][pick]), hint[0][pick], -1)
+        events = self._feed_groups(flows, group_of[inv.ravel()], bursts.seconds(), slots=slots)
+        # the hint, refreshed in place: where each fed key is now (-1, 0: evicted again)
+        got = self._fed
+        if got is None:  # fed group by group: later groups may have evicted earlier ones
+            got = np.fromiter((self._slot.get(k, -1) for k in flows), np.int64, len(flows))
+        hint[0][pick] = got
+        hint[1][pick] = np.where(got >= 0, self._serial[np.maximum(got, 0)], 0)
+        return events
+
+    def locate(self, flow: Hashable) -> tuple[int, int]:
+        """(slot, serial) of a tracked flow, (-1, 0) for others: a hint for
+        :meth:`feed_bursts`, valid while :meth:`holds` says so."""
+        s = self._slot.get(flow)
+        return (-1, 0) if s is None else (s, int(self._serial[s]))
+
+    def holds(self, slots: IntArray, serials: IntArray) -> npt.NDArray[np.bool_]:
+        """Whether each slot still holds the flow it held when :meth:`locate`
+        gave its serial (slots < 0, and serial 0, never do)."""
+        ok = (slots >= 0) & (slots < self._cap) & (serials > 0)
+        out = np.zeros(slots.size, np.bool_)
+        out[ok] = self._serial[slots[ok]] == serials[ok]
+        return out
 
     def feed_groups(self, keys: Sequence[Hashable], times: Sequence[Sequence[float]]) -> list[Event]:
         """Arrivals already grouped by flow: distinct ``keys`` in order of first
@@ -337,13 +386,13 @@ class VectorFlowTable:
         live = np.flatnonzero(self._live)
         return int(live[np.argmin(self._stamp[live])]) if live.size else None
 
-    def _victims(self, need: int, touched: list[int], groups: int) -> list[int] | None:
+    def _victims(self, need: int, touched: IntArray, groups: int) -> list[int] | None:
         """The flows FlowTable would evict for ``need`` new flows, if they do not
         depend on this batch's feeding (None: feed group by group instead)."""
         calm = np.flatnonzero(self._live & ~self._in_stall)
         if calm.size >= need:
             pick = calm[np.argsort(self._calm_stamp[calm], kind="stable")[:need]]
-            if not np.isin(pick, np.asarray(touched, np.int64)).any():
+            if not np.isin(pick, touched).any():
                 return [int(s) for s in pick]
             return None
         if groups == 1 and calm.size == 0:  # every flow stalls: the least recent of all
@@ -352,23 +401,33 @@ class VectorFlowTable:
         return None
 
     def _feed_groups(
-        self, keys: list[Hashable], gid: IntArray, t: FloatArray, by_time: bool = True
+        self, keys: list[Hashable], gid: IntArray, t: FloatArray, by_time: bool = True,
+        slots: IntArray | None = None,
     ) -> list[Event]:
         """Arrivals ``t`` of flow ``keys[gid]``; groups in order of first arrival.
         Events by detection time (``feed_many``) or as they came (``feed``: an
-        evicted flow's close, then the flow's own)."""
+        evicted flow's close, then the flow's own). ``slots``: each group's
+        slot where the caller knows it (checked with :meth:`holds`), -1 where
+        it is to be looked up by key."""
         if t.size and not np.all(np.isfinite(t)):
             raise ValueError("arrival times must be finite numbers")
-        slots = [self._slot.get(k, -1) for k in keys]
-        new = [g for g, s in enumerate(slots) if s < 0]
+        if slots is None:
+            slot_arr = np.fromiter((self._slot.get(k, -1) for k in keys), np.int64, len(keys))
+        else:
+            slot_arr = slots.astype(np.int64, copy=True)
+            for g in np.flatnonzero(slot_arr < 0).tolist():
+                slot_arr[g] = self._slot.get(keys[g], -1)
+        new = np.flatnonzero(slot_arr < 0).tolist()
         need = len(self._slot) + len(new) - self.max_flows
         victims: list[int] = []
         if need > 0:
-            got = self._victims(need, [s for s in slots if s >= 0], len(keys))
+            got = self._victims(need, slot_arr[slot_arr >= 0], len(keys))
             if got is None:
                 if len(keys) == 1:
                     raise AssertionError("no flow to evict")  # max_flows >= 1: unreachable
-                return self._feed_one_by_one(keys, gid, t)
+                events = self._feed_one_by_one(keys, gid, t)
+                self._fed = None  # after: each group's own call set it to its one slot
+                return events
             victims = got
         tagged: list[_Tagged] = []
         # evictions belong to the new flows that need the room, in group order
@@ -378,9 +437,8 @@ class VectorFlowTable:
             self._drop(v)
             self.evicted += 1
             tagged.extend((e.detected_at, g, k, e) for k, e in enumerate(evs))
-        for g in new:
-            slots[g] = self._new_slot(keys[g])
-        slot_arr = np.asarray(slots, np.int64)
+        if new:
+            slot_arr[new] = self._new_slots([keys[g] for g in new])
         self._stamp[slot_arr] = self._clock + 1 + np.arange(slot_arr.size)
         self._calm_stamp[slot_arr] = self._stamp[slot_arr]
         self._clock += slot_arr.size
@@ -398,11 +456,15 @@ class VectorFlowTable:
             self._pend_t = np.concatenate((self._pend_t, t))
             self._npend[slot_arr] += cnt
             per = self._release_and_process(fed)
-            g_of = {s: g for g, s in enumerate(slots)}
-            for s, evs in per.items():
-                g = g_of[s]
-                tagged.extend((e.detected_at, g, 1_000_000 + k, e) for k, e in enumerate(evs))
+            if per:
+                # each slot's group: slots are distinct, so a search in the sorted slots
+                by_slot = np.argsort(slot_arr)
+                ps = np.fromiter(per, np.int64, len(per))
+                gs = by_slot[np.searchsorted(slot_arr[by_slot], ps)].tolist()
+                for g, evs in zip(gs, per.values(), strict=True):
+                    tagged.extend((e.detected_at, g, 1_000_000 + k, e) for k, e in enumerate(evs))
         tagged.sort(key=(lambda x: (x[0], x[1], x[2])) if by_time else (lambda x: (x[1], x[2])))
+        self._fed = slot_arr
         return [e for *_, e in tagged]
 
     def _feed_one_by_one(self, keys: list[Hashable], gid: IntArray, t: FloatArray) -> list[Event]:

@@ -138,6 +138,12 @@ SHED_HOLD = 1.0
 #: batches, instead of once per poll round: one fsync per round would slow the
 #: loop exactly when it can least afford it
 HISTORY_BATCH = 0.25
+#: stall starts logged one line each per round; the rest of a round's starts
+#: (an outage starts thousands within one p) get one summary line. Why: a log
+#: line costs ~15 µs, half of what a stall start costs the loop, so 50,000 lines
+#: would hold up the stalls themselves for most of a second; every start is
+#: still written to the history and shown in the flow view, and every end logged
+START_LINES = 32
 #: ...and one round's writes are committed every this many: in an outage one
 #: round can end more stalls than the history holds in memory (MAX_PENDING),
 #: and an ended stall must never be given up for want of a commit
@@ -829,12 +835,13 @@ class Agent:
         off = self.wall_offset()
         h = self.history
         lookup = self._batch_lookup(events)
+        lines = START_LINES
+        quiet: list[float] = []  # starts (epoch) of the stalls not logged one by one
         for e in events:
             if h is not None and h.pending >= HISTORY_BATCH_ROWS:
                 h.flush()  # a failing disk: held, retried no sooner than History.RETRY_EVERY
                 self._flushed_at = time.monotonic()
             info = self.flows.info(e.flow)
-            label, client = self._shown(info.label, info.client)  # as the log names them
             if isinstance(e, StallStarted):
                 self._judge.started(e.flow, self.flows.raws(e.flow), lookup)
                 if self.boost is not None:
@@ -851,10 +858,16 @@ class Agent:
                     ))
                 if self.metrics:
                     self.metrics.stall_started()
-                log.info("%s: stall start flow=%s client=%s start=%s", iface, label, client,
-                         _iso(e.start + off),
-                         extra=_fields("stall_start", iface, label, client, e.start + off))
+                if lines > 0:
+                    lines -= 1
+                    label, client = self._shown(info.label, info.client)  # as the log names them
+                    log.info("%s: stall start flow=%s client=%s start=%s", iface, label, client,
+                             _iso(e.start + off),
+                             extra=_fields("stall_start", iface, label, client, e.start + off))
+                else:
+                    quiet.append(e.start + off)
             elif isinstance(e, StallEnded):
+                label, client = self._shown(info.label, info.client)
                 check, bulk = self._bulk(e, lookup)
                 if self.boost is not None:
                     self.boost.stall_ended(e.flow, time.monotonic())
@@ -884,6 +897,12 @@ class Agent:
                     why + ("" if check != "unknown" else " (bulk check unknown: kernel counters evicted)"),
                     extra=_fields("stall_end", iface, label, client, e.start + off, e.duration, e.candidates),
                 )
+        if quiet:
+            log.info("%s: stall start of %d more flows (starts %s to %s), not logged one by one: "
+                     "%d starts this round; each is in the history and the flow view",
+                     iface, len(quiet), _iso(min(quiet)), _iso(max(quiet)), len(quiet) + START_LINES,
+                     extra={"event": "stall_starts", "iface": iface, "count": len(quiet),
+                            "start": min(quiet), "last_start": max(quiet)})
         self._flush_history()
 
     def _counter_lookup(self) -> Callable[[list[bytes]], dict[bytes, Counters | None]] | None:

@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from iqn_ctl.engine.bursts import Bursts
+from iqn_ctl.live.keyindex import fingerprints, words
 
 #: a burst's gap must have passed by this much more before the table is read
 #: for it: the kernel stamps a candidate a little before it writes the slot
@@ -95,12 +96,9 @@ class BurstBatch:
 
 
 def _fingerprints(keys: npt.NDArray[np.void]) -> npt.NDArray[np.uint64]:
-    """A 64-bit fingerprint of each raw 40-byte flow key (a collision only takes
+    """A 64-bit fingerprint of each raw flow key (a collision only takes
     an open burst a little early, which the taker handles)."""
-    w = np.frombuffer(keys.tobytes(), "<u8").reshape(-1, 5)
-    mul = np.array([1, 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93],
-                   np.uint64)
-    return np.bitwise_xor.reduce(w * mul, axis=1)  # type: ignore[no-any-return]
+    return fingerprints(words(keys.tobytes(), keys.dtype.itemsize))
 
 
 def empty_batch(width: int) -> BurstBatch:

@@ -30,8 +30,9 @@ from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR
 from iqn_ctl.engine.flowkey import KEY_MODES, FlowInfo, FlowKey, flow_of
 from iqn_ctl.engine.params import DEFAULT_MAX_FLOWS, DEFAULT_SOURCE_RATE, SignalParams
 from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event
-from iqn_ctl.engine.vector import FlowColumns, VectorFlowTable
+from iqn_ctl.engine.vector import FlowColumns, IntArray, VectorFlowTable
 from iqn_ctl.live.bursttable import BurstBatch
+from iqn_ctl.live.keyindex import KeyIndex, words
 from iqn_ctl.live.layout import decode_key
 from iqn_ctl.live.settings import AgentError
 
@@ -112,6 +113,14 @@ class LiveFlows:
         #: each flow's raw keys (an ordered set, oldest learned first): raws() without a scan
         self._raws: dict[Hashable, dict[bytes, None]] = {}
         self.limit = SourceLimit(source_rate)
+        #: raw key -> flow number, for whole polls at once (a cache of ``_fid``: dropped with it);
+        #: made when the first key shows its width
+        self._index: KeyIndex | None = None
+        #: flow numbers: each flow's key, and the engine slot (and its serial) it had when last fed
+        self._fnum: dict[Hashable, int] = {}
+        self._fkeys: list[Hashable] = []
+        self._fslot = np.full(1024, -1, np.int64)
+        self._fserial = np.zeros(1024, np.int64)
         self.events_in = 0
         #: new flows refused by the per-source limit (once per flow and poll)
         self.refused = 0
@@ -126,6 +135,10 @@ class LiveFlows:
             return fid
         if len(self._fid) >= 4 * self.max_flows:
             self._fid.clear()  # bounded cache; refilled from the live flows on demand
+            if self._index is not None:
+                self._index = KeyIndex(self._index.width)  # a new one: a batch may hold the old
+        elif self._index is None:
+            self._index = KeyIndex(len(raw))
         fid, info = flow_of(self._decode(raw), self.key_mode)
         self._fid[raw] = fid
         old = self._info.get(fid)
@@ -160,39 +173,115 @@ class LiveFlows:
 
     def ingest_bursts(self, batch: BurstBatch) -> list[Event]:
         """Feed one poll's burst records to the engine in one call (one
-        vectorised pass over every flow's arrivals): the Python work is one
-        step per record (its raw key to its flow), none per candidate."""
+        vectorised pass over every flow's arrivals). Records find their flow
+        (the key index) and its engine slot (the one it had when last fed,
+        :meth:`VectorFlowTable.holds`) as array operations; Python runs per raw
+        key never seen and per flow not in the table (admission), not per record."""
         if not len(batch):
             return []
         self.events_in += batch.candidates
-        firsts = batch.first.tolist()
-        self.oldest = min(firsts) / 1e9
+        self.oldest = int(batch.first.min()) / 1e9
         table = self.table
-        groups: dict[Hashable, int] = {}  # flow -> its index in keys, -1: refused
-        keys: list[Hashable] = []
-        flow = np.empty(len(batch), np.int64)
-        counts = batch.count.tolist()
-        for i, raw in enumerate(batch.keys):
-            fid = self._fid.get(raw)
-            if fid is None:
-                fid = self.flow_id(raw)
-            g = groups.get(fid)
-            if g is None:
-                if fid in table or self.limit.admit(self.info(fid).server, firsts[i] / 1e9):
-                    g = len(keys)
-                    keys.append(fid)
-                else:
-                    g = -1
+        if len(self._fkeys) > 4 * self.max_flows + 1024:
+            self._renumber()
+        fnum, refused = self._numbers_admitted(batch)
+        uniq, first, inv = np.unique(fnum, return_index=True, return_inverse=True)
+        rank = np.argsort(first, kind="stable")  # groups in order of their first record
+        group = np.empty(rank.size, np.int64)
+        group[rank] = np.arange(rank.size)
+        rec_group = group[inv.ravel()]
+        gnum = uniq[rank]
+        b = batch.bursts(rec_group)
+        if refused:
+            keep = ~np.isin(gnum, np.asarray(refused, np.int64))
+            kept_rec = keep[rec_group]
+            self.refused_events += int(batch.count[~kept_rec].sum())
+            b = batch.bursts((np.cumsum(keep) - 1)[rec_group]).select(kept_rec)
+            gnum = gnum[keep]
+        slot, serial = self._fslot[gnum], self._fserial[gnum]
+        keys = list(map(self._fkeys.__getitem__, gnum.tolist()))
+        events = table.feed_bursts(keys, b, (slot, serial))  # refreshes slot and serial
+        self._fslot[gnum], self._fserial[gnum] = slot, serial
+        return events
+
+    def _numbers_admitted(self, batch: BurstBatch) -> tuple[IntArray, list[int]]:
+        """Each record's flow number (:meth:`_number`), and the numbers of the
+        flows the per-source limit refused this poll.
+
+        One vectorised look-up in the key index; then, in record order, the
+        raw keys it lacks (decoded once by :meth:`flow_id`, which may rename a
+        flow: --key client shows the latest server) and the admission of each
+        flow not in the table at its first record, so both happen in the order
+        a look-up record by record does them (tests/test_keyindex.py)."""
+        keys, n = batch.keys, len(batch)
+        idx = self._index
+        if idx is not None and idx.fits(keys):
+            w = words(keys, idx.width)
+            out = idx.lookup(w)
+            missing = out < 0
+            hit = np.flatnonzero(~missing)
+            hnum, hfirst = np.unique(out[hit], return_index=True)
+            # flows the table may not hold: admitted (or not) at their first record
+            new = ~self.table.holds(self._fslot[hnum], self._fserial[hnum])
+            todo: list[int] = np.union1d(np.flatnonzero(missing), hit[hfirst[new]]).tolist()
+        else:
+            idx, w, missing = None, None, None
+            out = np.full(n, -1, np.int64)
+            todo = list(range(n))
+        decided: dict[int, bool] = {}  # flow number -> admitted, for the flows looked at
+        refused: list[int] = []
+
+        def visit(i: int) -> None:
+            f = int(out[i])
+            if f < 0:
+                out[i] = f = self._number(self._flow(keys[i]))
+            if f not in decided:
+                fid = self._fkeys[f]
+                ok = fid in self.table or self.limit.admit(self.info(fid).server, int(batch.first[i]) / 1e9)
+                decided[f] = ok
+                if not ok:
+                    refused.append(f)
                     self.refused += 1
-                groups[fid] = g
-            if g < 0:
-                self.refused_events += counts[i]
-            flow[i] = g
-        b = batch.bursts(flow)
-        if (flow < 0).any():
-            keep = flow >= 0
-            b = b.select(keep)
-        return table.feed_bursts(keys, b)
+
+        for i in todo:
+            visit(i)
+            if idx is not None and self._index is not idx:
+                # flow_id started its cache over (a new index): the records after this
+                # one are looked up in the new cache one by one, as without the index
+                # (decoded again, their names refreshed); the new index gets those it holds
+                out[i + 1:] = -1
+                for j in range(i + 1, n):
+                    visit(j)
+                held = [j for j in range(i, n) if keys[j] in self._fid]
+                self._index.add(w[held], out[held])  # type: ignore[index, union-attr]
+                return out, refused
+        if idx is not None and missing is not None and missing.any():
+            idx.add(w[missing], out[missing])  # type: ignore[index]
+        return out, refused
+
+    def _flow(self, raw: bytes) -> Hashable:
+        fid = self._fid.get(raw)
+        return self.flow_id(raw) if fid is None else fid
+
+    def _number(self, fid: Hashable) -> int:
+        """A flow's number: its place in ``_fkeys`` and in the slot cache."""
+        f = self._fnum.get(fid)
+        if f is None:
+            f = self._fnum[fid] = len(self._fkeys)
+            self._fkeys.append(fid)
+            if f >= self._fslot.size:
+                self._fslot = np.concatenate((self._fslot, np.full(self._fslot.size, -1, np.int64)))
+                self._fserial = np.concatenate((self._fserial, np.zeros(self._fserial.size, np.int64)))
+        return f
+
+    def _renumber(self) -> None:
+        """Forget every flow number (they grow with each flow ever seen); the
+        key index maps raw keys to them, so it starts over too."""
+        self._fnum, self._fkeys = {}, []
+        self._fslot = np.full(1024, -1, np.int64)
+        self._fserial = np.zeros(1024, np.int64)
+        if self._index is not None:
+            self._index.clear()
 
     def ingest(self, events: Sequence[tuple[bytes, float] | tuple[bytes, float, int]]) -> list[Event]:
         """Feed one poll's candidates (raw key, time[, length]) to the engine in
