@@ -19,10 +19,20 @@ veth's receive path, XDP included, runs on the sender's CPU).
    (the single-flow case); ``status`` (lag, backlog, shed, lost, flows in
    stall) and the agent's RSS sampled every 0.5 s go to bench/outage-live.png.
 
+``--baseline CHECKOUT`` runs every row twice in the same run, once with the
+agent of another checkout (its ``.venv/bin/iqn-ctl``: e.g. main's worktree)
+and once with this one, and gives this one's ratios to it.
+
+Since issue 19's batching the agent logs the first 32 stall starts of a poll
+round one by one and the rest of that round in one summary line, so the
+latency is measured on the starts that have their own line (the earliest
+detected of each round; the summarised ones of a round are shown by the same
+round, a few ms later at most) and the table says how many flows that is.
+
 Run as root: ``sudo .venv/bin/python bench/bench_scale.py [--only steady|outage]
-[--sizes 1,1000,10000,50000] [--secs 10] [--short] [--no-write]``. Time budget:
-about 3 minutes for the steady sweep, 1.5 for the outage (--short: 1).
-Writes the "## Live agent at scale" section of bench/RESULTS.md.
+[--sizes 1,1000,10000,50000] [--secs 10] [--short] [--baseline /work/main] [--no-write]``.
+Time budget: about 3 minutes for the steady sweep, 1.5 for the outage (--short: 1),
+twice that with --baseline. Writes the "## Live agent at scale" section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from iqn_ctl.engine.params import SignalParams  # noqa: E402
 from iqn_ctl.engine.tracker import StallEnded, StallTracker  # noqa: E402
 from iqn_ctl.live.api import ApiError, request, sock_path  # noqa: E402
 from iqn_ctl.live.history import History  # noqa: E402
+from iqn_lab.testbed import IQN_CTL  # noqa: E402
 from iqn_lab.testbed import Testbed as Lab  # noqa: E402
 
 SECTION = "## Live agent at scale"
@@ -62,12 +73,21 @@ AGENT_CPU, SENDER_CPU = "0", "1"
 #: ``nice -n N`` for the agent and the sender (--nice): on a shared box, the share
 #: of its core the agent would have on a router of its own
 NICE: list[str] = []
+#: --ns-prefix: the labs' names start with this (a counter follows), else the testbed's own
+NS_PREFIX: list[str] = []
 DST, PORTS, SERVERS = "198.19.0.0", 50000, 64
 N, P, GAP_US = 4, 0.2, 2000
 LOG_RE = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO \S+: stall (start|end) flow=(\S+) "
     r"client=\S+ start=(\S+)"
 )
+
+
+def new_lab() -> Lab:
+    if not NS_PREFIX:
+        return Lab()
+    NS_PREFIX.append(NS_PREFIX[0])
+    return Lab(prefix=f"{NS_PREFIX[0]}{len(NS_PREFIX) % 16:x}")
 
 
 def build_blast(tmp: Path) -> str:
@@ -93,9 +113,10 @@ def load_avg() -> str:
 
 
 class Agent:
-    """``iqn-ctl attach`` on the client side, pinned to AGENT_CPU, logging to a file."""
+    """``iqn-ctl attach`` (the command ``exe``) on the client side, pinned to
+    AGENT_CPU, logging to a file."""
 
-    def __init__(self, lab: Lab, tmp: Path, name: str, *extra: str) -> None:
+    def __init__(self, lab: Lab, tmp: Path, name: str, *extra: str, exe: str = IQN_CTL) -> None:
         self.lab, self.state = lab, tmp / f"state-{name}"
         self.logpath = tmp / f"{name}.log"
         env = dict(os.environ, IQN_RUN_DIR=str(tmp / f"run-{name}"))
@@ -109,8 +130,9 @@ class Agent:
                 AGENT_CPU,
                 # blast.c sends no client side: the forgery guard would keep every
                 # candidate from user space, which is what this bench loads
-                *lab.agent_cmd("attach", lab.cli_if, "--state-dir", str(self.state),
-                               "--pairing", "off", "--cap", "0", *extra),
+                "ip", "netns", "exec", lab.cli_ns, exe,
+                "attach", lab.cli_if, "--state-dir", str(self.state),
+                "--pairing", "off", "--cap", "0", *extra,
             ],
             env=env,
             stderr=self._log,
@@ -267,14 +289,15 @@ def history_of(agent: Agent) -> list[Any]:
 # -- 1. steady ----------------------------------------------------------------------------------
 
 
-def steady(exe: str, tmp: Path, flows: int, secs: float) -> dict[str, Any]:
-    with Lab() as lab:
-        agent = Agent(lab, tmp, f"steady{flows}")
+def steady(exe: str, tmp: Path, flows: int, secs: float, agent_exe: str = IQN_CTL,
+           tag: str = "") -> dict[str, Any]:
+    with new_lab() as lab:
+        agent = Agent(lab, tmp, f"steady{flows}{tag}", exe=agent_exe)
         try:
             samp = Sampler(agent)
             c0, w0 = cpu_seconds(agent.pid), time.time()
             samp.start()
-            log = tmp / f"steady{flows}.sent"
+            log = tmp / f"steady{flows}{tag}.sent"
             said = blast(lab, exe, secs, log, flows=flows, stall=flows)
             c1, w1 = cpu_seconds(agent.pid), time.time()
             st = settle(agent)
@@ -330,16 +353,16 @@ def steady(exe: str, tmp: Path, flows: int, secs: float) -> dict[str, Any]:
 # -- 2. outage ----------------------------------------------------------------------------------
 
 
-def outage(exe: str, tmp: Path, short: bool) -> dict[str, Any]:
+def outage(exe: str, tmp: Path, short: bool, agent_exe: str = IQN_CTL, tag: str = "") -> dict[str, Any]:
     flows, at, spread, dur = 20_000, (5.0 if short else 10.0), 2.0, (10.0 if short else 30.0)
     secs = at + spread + dur + (3.0 if short else 8.0)
     stalling = int(0.8 * flows)
-    with Lab() as lab:
-        agent = Agent(lab, tmp, "outage")
+    with new_lab() as lab:
+        agent = Agent(lab, tmp, f"outage{tag}", exe=agent_exe)
         try:
             samp = Sampler(agent)
             samp.start()
-            log = tmp / "outage.sent"
+            log = tmp / f"outage{tag}.sent"
             said = blast(
                 lab,
                 exe,
@@ -369,7 +392,8 @@ def outage(exe: str, tmp: Path, short: bool) -> dict[str, Any]:
     err = [1000 * abs(by[i][0].start - ref[i][0]) for i in once]
     derr = [1000 * abs(by[i][0].duration - ref[i][1]) for i in once]
     s = samp.rows
-    plot(s, at)
+    if not tag:
+        plot(s, at)
     return {
         "flows": flows,
         "stalling": stalling,
@@ -436,7 +460,7 @@ def plot(s: list[dict[str, float]], at: float) -> None:
 
 
 def report(
-    st: list[dict[str, Any]], out: dict[str, Any] | None, args: argparse.Namespace, elapsed: float
+    st: list[dict[str, Any]], out: list[dict[str, Any]], args: argparse.Namespace, elapsed: float
 ) -> str:
     cmd = (
         CMD
@@ -444,6 +468,7 @@ def report(
         + (f" --secs {args.secs:g}" if args.secs != 10 else "")
         + (f" --nice {args.nice}" if args.nice else "")
         + (" --short" if args.short else "")
+        + (f" --baseline {args.baseline}" if args.baseline else "")
     )
     nice = f", nice {args.nice}" if args.nice else ""
     lines = [
@@ -455,37 +480,52 @@ def report(
         "(the veth "
         f"receive path and XDP run there too); agent flags: defaults; flows from {SERVERS} server "
         f"addresses (the default --source-rate admits 1,000 new flows/s per server address); "
-        f"{elapsed:.0f} s in all. Budget: 3 min steady, 1.5 min outage.",
+        f"{elapsed:.0f} s in all. Budget: 3 min steady, 1.5 min outage"
+        + (f", twice with --baseline (agent `baseline`: {args.baseline}'s checkout at "
+           f"{args.baseline_rev}, run just before this one for each row; `this`: this checkout at "
+           f"{args.rev})" if args.baseline else "") + ".",
         "",
     ]
     if st:
-        base = next((r for r in st if r["flows"] == 1), None)
+        base = next((r for r in st if r["flows"] == 1 and r["agent"] == "this"), None)
         b99 = pct(base["lat"], 99) if base else float("nan")
+        other = {r["flows"]: r for r in st if r["agent"] == "baseline"}
         lines += [
             "### Steady: every flow stalling at once (issue 19 whole agent; issue 12 agent)",
             "",
             f"Each row {args.secs:g} s of traffic; a burst of {N} candidates ({GAP_US / 1000:g} ms apart) "
             f"every {P:g} s per flow. Offered = blast's count (the baseline of the ratios); handled = fed "
             "to the engine; shed = dropped oldest-first by the agent; lost = no room in the ring. "
-            "Latency = stall-start log line minus the send time of the flow's n-th candidate; "
-            "baseline = the single-flow row (whose µs/record is the idle loop's cost over 80 records). "
+            "Latency = stall-start log line minus the send time of the flow's n-th candidate, over the "
+            "flows whose start has its own line (`logged`; the rest of a round's starts share one "
+            "summary line, written in the same round); p99 x single flow: against this agent's "
+            "single-flow row (whose µs/record is the idle loop's cost over 80 records); x baseline: "
+            "this agent's µs/record and p99 latency over the baseline agent's in the row above. "
             "Start error: as in the outage below.",
             "",
-            "| stalling flows | bursts/s offered | candidates/s offered | handled / offered | shed | lost "
-            "| flows in stall (most seen) | one stall per flow | agent cores | agent µs/record "
-            "| latency p50 / p99 / max ms | p99 x single flow | start error p99 ms | sender late max ms "
-            "| load avg |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| stalling flows | agent | bursts/s offered | candidates/s offered | handled / offered | shed "
+            "| lost | flows in stall (most seen) | one stall per flow | agent cores | agent µs/record "
+            "| µs/record x baseline | logged starts | latency p50 / p99 / max ms | p99 x single flow "
+            "| p99 x baseline | start error p99 ms | sender late max ms | load avg |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in st:
             lat = r["lat"]
+            o = other.get(r["flows"]) if r["agent"] == "this" else None
+            xrec = f"{r['us_per_rec'] / o['us_per_rec']:.2f}x" if o else "-"
+            x99 = f"{pct(lat, 99) / pct(o['lat'], 99):.2f}x" if o else "-"
             lines.append(
-                f"| {r['flows']:,} | {r['bursts'] / r['secs']:,.0f} | {r['cands'] / r['secs']:,.0f} | "
+                f"| {r['flows']:,} | {r['agent']} | {r['bursts'] / r['secs']:,.0f} | "
+                f"{r['cands'] / r['secs']:,.0f} | "
                 f"{r['events'] / r['cands']:.3f} | {r['shed']:,} | {r['lost']:,} | {r['in_stall_max']:,} | "
                 f"{r['one_stall_each']:,}/{r['flows']:,} | {r['cpu_run']:.2f} | {r['us_per_rec']:.2f} | "
+                f"{xrec} | "
+                f"{r['stalled_flows']:,} | "
                 f"{pct(lat, 50):.1f} / {pct(lat, 99):.1f} / {max(lat, default=float('nan')):.1f} | "
-                f"{pct(lat, 99) / b99:.1f}x | {pct(r['err'], 99):.2f} | {r['late_ms']:,.0f} | {r['load']} |"
+                f"{pct(lat, 99) / b99:.1f}x | {x99} | {pct(r['err'], 99):.2f} | {r['late_ms']:,.0f} | "
+                f"{r['load']} |"
             )
+        st = [r for r in st if r["agent"] == "this"]
         ok = [r for r in st if r["lost"] == 0 and r["shed"] == 0 and r["events"] == r["cands"]]
         okl = [r for r in ok if pct(r["lat"], 99) <= 50]
         best = max(ok, key=lambda r: r["flows"], default=None)
@@ -505,7 +545,7 @@ def report(
             "",
         ]
     if out:
-        o = out
+        o = out[-1]
         lines += [
             "### Outage, live (issue 19)",
             "",
@@ -517,21 +557,25 @@ def report(
             "video frames. "
             "Start (duration) error = recorded start (duration) minus what a lone StallTracker with the "
             "agent's estimator infers from the flow's send schedule (the single-flow case). Load average "
-            "at the end: " + o["load"] + ".",
+            "at the end: " + " and ".join(f"{x['load']} ({x['agent']})" for x in out) + ".",
             "",
-            "| stalls sent | recorded | exactly once | missing | extra | left open "
+            "| agent | stalls sent | recorded | exactly once | missing | extra | left open "
             "| start error p99 / max ms | duration error p99 ms | handled / offered candidates | shed "
             "| lost | lag max / p99 "
             "of samples ms | flows in stall (most seen) | agent CPU (cores) | agent RSS min-max MiB "
             "| history writes dropped | sender late max ms |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {o['sent_stalls']:,} | {o['recorded']:,} | {o['once']:,} | {o['missing']} | "
-            f"{o['extra']} | {o['open']} | {o['err_p99']:.2f} / {o['err_max']:.2f} | {o['derr_p99']:.1f} | "
-            f"{o['events'] / o['cands']:.3f} | {o['shed']:,} | {o['lost']:,} | "
-            f"{o['lag_max_ms']:.1f} / {o['lag_p99']:.1f} | {o['in_stall_max']:,} | {o['cpu']:.2f} | "
-            f"{o['rss'][0]:.0f}-{o['rss'][1]:.0f} | {o['hist_dropped']} | {o['late_ms']:,.0f} |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *(
+                f"| {x['agent']} | {x['sent_stalls']:,} | {x['recorded']:,} | {x['once']:,} | "
+                f"{x['missing']} | {x['extra']} | {x['open']} | {x['err_p99']:.2f} / {x['err_max']:.2f} | "
+                f"{x['derr_p99']:.1f} | "
+                f"{x['events'] / x['cands']:.3f} | {x['shed']:,} | {x['lost']:,} | "
+                f"{x['lag_max_ms']:.1f} / {x['lag_p99']:.1f} | {x['in_stall_max']:,} | {x['cpu']:.2f} | "
+                f"{x['rss'][0]:.0f}-{x['rss'][1]:.0f} | {x['hist_dropped']} | {x['late_ms']:,.0f} |"
+                for x in out
+            ),
             "",
-            f"Every stall recorded exactly once with its start within 50 ms: "
+            f"Every stall recorded exactly once with its start within 50 ms (this agent): "
             f"**{'yes' if o['once'] == o['sent_stalls'] and o['err_max'] <= 50 else 'NO'}**.",
             "",
             "![live outage: flows in stall, lag, backlog/shed/lost, RSS](outage-live.png)",
@@ -543,6 +587,12 @@ def report(
 DEFAULT_SIZES = "1,1000,10000,50000"
 
 
+def _rev(checkout: Path) -> str:
+    r = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default=DEFAULT_SIZES)
@@ -551,7 +601,20 @@ def main() -> None:
     ap.add_argument("--only", choices=("steady", "outage"))
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--nice", type=int, default=0, help="run the agent and the sender at this nice value")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="also run the agent of this checkout (its .venv/bin/iqn-ctl) before each row")
+    ap.add_argument("--ns-prefix", help="name the labs' namespaces and interfaces with this (<= 9 chars)")
     args = ap.parse_args()
+    if args.ns_prefix:
+        NS_PREFIX[:] = [args.ns_prefix[:9]]
+    args.rev = _rev(ROOT)
+    runs = [("this", IQN_CTL)]
+    if args.baseline:
+        base_exe = str(Path(args.baseline).resolve() / ".venv" / "bin" / "iqn-ctl")
+        if not os.access(base_exe, os.X_OK):
+            sys.exit(f"bench_scale: no agent at {base_exe}")
+        args.baseline_rev = _rev(Path(args.baseline))
+        runs.insert(0, ("baseline", base_exe))
     if args.nice:
         NICE[:] = ["nice", "-n", str(args.nice)]
     if os.geteuid() != 0:
@@ -563,19 +626,25 @@ def main() -> None:
         st: list[dict[str, Any]] = []
         if args.only != "outage":
             for f in [int(x) for x in args.sizes.split(",")]:
-                r = steady(exe, tmp, f, args.secs)
-                print(
-                    {k: v for k, v in r.items() if k not in ("lat", "err")},
-                    "lat p50/p99",
-                    pct(r["lat"], 50),
-                    pct(r["lat"], 99),
-                    flush=True,
-                )
-                st.append(r)
-        out = None
+                for name, agent_exe in runs:
+                    r = steady(exe, tmp, f, args.secs, agent_exe, "" if name == "this" else "-" + name)
+                    r["agent"] = name
+                    print(
+                        name,
+                        {k: v for k, v in r.items() if k not in ("lat", "err")},
+                        "lat p50/p99",
+                        pct(r["lat"], 50),
+                        pct(r["lat"], 99),
+                        flush=True,
+                    )
+                    st.append(r)
+        out = []
         if args.only != "steady":
-            out = outage(exe, tmp, args.short)
-            print({k: v for k, v in out.items() if k != "samples"}, flush=True)
+            for name, agent_exe in runs:
+                o = outage(exe, tmp, args.short, agent_exe, "" if name == "this" else "-" + name)
+                o["agent"] = name
+                print(name, {k: v for k, v in o.items() if k != "samples"}, flush=True)
+                out.append(o)
     text = report(st, out, args, time.time() - t0)
     print(text)
     if not args.no_write and not args.only:
