@@ -226,3 +226,24 @@ def test_live_flows_remembered_slots_survive_a_slot_given_to_another_flow() -> N
         want += dict_ingest_bursts(ref, batch)
     assert got == want and fast.table.evicted == ref.table.evicted == 4
     assert [v.flow for v in fast.table] == [v.flow for v in ref.table]
+
+
+def test_live_flows_flow_numbers_start_over_without_changing_a_result() -> None:
+    """Flow numbers grow with every flow ever seen, so past 4 x max_flows + 1024
+    of them they (and the key index) start over: 1,500 connections through a
+    two-flow table, against the dict look-up."""
+    prm = SignalParams(0.2, 4)
+    fast = LiveFlows(prm, max_flows=2, reorder=0.0, source_rate=0)
+    ref = LiveFlows(prm, max_flows=2, reorder=0.0, source_rate=0)
+    raws = [_raw(1 + i % 2, 1 + (i // 2) % 200, 1000 + i) for i in range(1500)]
+    t, got, want, renumbered = 5_000_000_000_000, [], [], False
+    for k in range(0, 3000, 7):
+        recs = [(c % 1500, t + k * 10_000_000 + j, 4, 2_000_000) for j, c in enumerate(range(k, k + 7))]
+        batch = _batch(raws, recs)
+        before = len(fast._fkeys)
+        got += fast.ingest_bursts(batch)
+        want += dict_ingest_bursts(ref, batch)
+        renumbered |= len(fast._fkeys) < before
+    assert renumbered and got == want and len(got) > 100
+    assert got + fast.close() == want + ref.close()
+    assert fast.flows() == ref.flows()
