@@ -167,6 +167,11 @@ class Agent:
         return out
 
 
+def iso_epoch(iso: str) -> float:
+    """Epoch seconds of a log line's ``start=`` (UTC, ``...Z``)."""
+    return dt.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
+
+
 def flow_index(label: str) -> int:
     """blast's flow number from a flow label ``server:443>client:port``."""
     client = label.rsplit(">", 1)[1]
@@ -310,9 +315,12 @@ def steady(exe: str, tmp: Path, flows: int, secs: float, agent_exe: str = IQN_CT
             agent.stop()
     sent = sent_log(log)
     starts: dict[int, float] = {}
-    for t, kind, label, _ in lines:
-        if kind == "start":
-            starts.setdefault(flow_index(label), t)
+    for t, kind, label, logged in lines:
+        i = flow_index(label)
+        # the line of the flow's first stall only: when that start was summarised, a
+        # later stall's own line (the flow's stall broke up) is not its latency
+        if kind == "start" and i in sent and abs(iso_epoch(logged) - sent[i][0]) < 0.5:
+            starts.setdefault(i, t)
     lat = [1000 * (starts[i] - sent[i][1]) for i in sent if i in starts]
     ended = [r for r in rows if r.state == "ended"]
     per: dict[int, int] = {}

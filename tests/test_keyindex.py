@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iqn_ctl.engine.params import BURST_MAX, SignalParams
+from iqn_ctl.live import flows as flows_mod
 from iqn_ctl.live.bursttable import BurstBatch
 from iqn_ctl.live.flows import LiveFlows
 from iqn_ctl.live.keyindex import U64, KeyIndex, fingerprints, words
@@ -186,8 +188,15 @@ def dict_ingest_bursts(lf: LiveFlows, batch: BurstBatch) -> list[Any]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(poll_runs())
-def test_live_flows_index_path_equals_the_dict_path(run: dict[str, Any]) -> None:
+@given(poll_runs(), st.sampled_from([0, 0, 6]))
+def test_live_flows_index_path_equals_the_dict_path(run: dict[str, Any], small: int) -> None:
+    """``small``: LiveFlows' SMALL_BATCH (0: every poll through the key index;
+    6: the smaller ones record by record, the paths alternating)."""
+    with patch.object(flows_mod, "SMALL_BATCH", small):
+        _index_path_equals_the_dict_path(run)
+
+
+def _index_path_equals_the_dict_path(run: dict[str, Any]) -> None:
     raws, prm = run["raws"], SignalParams(0.2, 4)
     kw = {"key_mode": run["key_mode"], "max_flows": run["max_flows"], "reorder": 0.0,
           "source_rate": run["rate"]}
@@ -211,6 +220,7 @@ def test_live_flows_index_path_equals_the_dict_path(run: dict[str, Any]) -> None
         assert fast.raws(v.flow) == ref.raws(v.flow) and fast.info(v.flow) == ref.info(v.flow)
 
 
+@patch.object(flows_mod, "SMALL_BATCH", 0)
 def test_live_flows_remembered_slots_survive_a_slot_given_to_another_flow() -> None:
     """A flow evicted from a one-flow table comes back after its slot went to
     another flow: its remembered slot is stale and must not be fed."""
@@ -228,6 +238,7 @@ def test_live_flows_remembered_slots_survive_a_slot_given_to_another_flow() -> N
     assert [v.flow for v in fast.table] == [v.flow for v in ref.table]
 
 
+@patch.object(flows_mod, "SMALL_BATCH", 0)
 def test_live_flows_flow_numbers_start_over_without_changing_a_result() -> None:
     """Flow numbers grow with every flow ever seen, so past 4 x max_flows + 1024
     of them they (and the key index) start over: 1,500 connections through a
