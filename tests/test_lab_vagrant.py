@@ -243,7 +243,8 @@ def test_vm_pair_stall_crosses_the_tunnel(tmp_path: Path) -> None:
     """Budget: 15 min on a quiet 2-core CI box from scratch (box build ~2.5 min, `vagrant up`
     of both VMs under TCG, the agent's first compile, the signal run and destroy); measured
     here under load 6-12: box 149-475 s, up 619-865 s, agent 144-465 s, signal 51-64 s, destroy
-    6-12 s (this test: 856-1273 s with a cached box; `up` waits up to 1500 s per VM for SSH). The box is cached in /var/cache/iqn between runs.
+    6-12 s (this test: 856-1273 s with a cached box; `up` waits up to 1500 s per VM for SSH).
+    The box is cached in /var/cache/iqn between runs.
     ``make vagrant-check`` runs the same check.
 
     Both VMs boot from the local box (built here from Debian's packages), the router runs
