@@ -225,6 +225,31 @@ def test_taker_remembers_a_slots_previous_burst() -> None:
     assert len(tk.take(old, 400 * MS)) == 0  # the first one's record, late
 
 
+def test_taker_counts_a_swept_burst_once_however_late_its_record_comes() -> None:
+    """A slot's records can wait in the ring behind another CPU's record still being
+    written, while the slot moves on and its next bursts are swept. The taker
+    remembers two bursts a slot; a third swept before the late record is read
+    used to push the first out, and its record then passed its candidates on a
+    second time (the agent fed 158 candidates more than the kernel counted in an
+    overloaded bench). A slot is now swept at most one burst ahead of its records,
+    and a late record never pushes a newer burst out of the memory."""
+    tab = _table(2)
+    tk = BurstTaker(tab, GAP_NS)
+    recs = []
+    got = []
+    for gen in (1, 2, 3, 4):
+        _put(tab, 0, gen, gen * 1_000 * MS, [0, MS])
+        recs.append(tab[0:1].copy())  # its record, when the slot moves on: held up in the ring
+        got += _times(tk.take(tab[:0].copy(), gen * 1_000 * MS + 500 * MS))
+    # the first two were swept; the third and fourth wait for the ring
+    assert got == [1_000 * MS, 1_001 * MS, 2_000 * MS, 2_001 * MS]
+    seen = list(got)
+    for rec in recs[:3]:  # the held-up records arrive, oldest first; the slot's 4th burst is open
+        seen += _times(tk.take(rec, 9_000 * MS))
+    seen += _times(tk.take(recs[3], 10_000 * MS))
+    assert sorted(seen) == sorted(g * 1_000 * MS + d for g in (1, 2, 3, 4) for d in (0, MS))
+
+
 def test_taker_skips_a_slot_the_kernel_is_writing() -> None:
     tab = _table(2)
     tk = BurstTaker(tab, GAP_NS)

@@ -131,6 +131,11 @@ class BurstTaker:
         #: their generations and how many of their candidates
         self.taken_gen = np.zeros((rows, 2), np.uint32)
         self.taken_cnt = np.zeros((rows, 2), np.int64)
+        #: per slot, the newest generation whose ring record was read. Every burst of a
+        #: slot older than its open one has its record in the ring (the kernel writes it
+        #: when the slot moves on), so records of generations above this one may still
+        #: come: a slot is swept only while that is at most one generation (see sweep)
+        self.ring_gen = np.zeros(rows, np.int64)
         self.swept = 0  # bursts (or their tails) taken from the table
 
     def _slots(self, recs: npt.NDArray[np.void]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
@@ -147,7 +152,9 @@ class BurstTaker:
                         np.where(ok & (g1 == gen), self.taken_cnt[slot, 1], 0))
 
     def _note(self, recs: npt.NDArray[np.void]) -> None:
-        """Remember what ``recs`` passed on (a slot's records come in generation order)."""
+        """Remember what ``recs`` passed on (a slot's records come in generation order;
+        a record older than the slot's newest burst remembered, late in the ring behind
+        another CPU's, changes nothing: it must not push that burst out)."""
         if not recs.size:
             return
         slot, ok = self._slots(recs)
@@ -156,6 +163,8 @@ class BurstTaker:
         last = recs.size - 1 - rev
         last = last[ok[last]]
         s, gen, cnt = slot[last], recs["gen"][last], recs["count"][last].astype(np.int64)
+        keep = gen.astype(np.int64) >= self.taken_gen[s, 0].astype(np.int64)
+        s, gen, cnt = s[keep], gen[keep], cnt[keep]
         newer = self.taken_gen[s, 0] != gen
         sn = s[newer]
         self.taken_gen[sn, 1] = self.taken_gen[sn, 0]
@@ -188,6 +197,13 @@ class BurstTaker:
             same = rest[np.isin(_fingerprints(t["key"][rest]), _fingerprints(t["key"][due]))]
             if same.size:
                 due = np.concatenate((due, same))
+        # At most one generation ahead of the slot's records read: the burst before it
+        # may still be in the ring, and one more sweep would push that one out of the
+        # two-burst memory, so its record would pass its candidates on again. (Records
+        # wait in the ring behind another CPU's that is still being written; the slot
+        # is swept once they are read, a poll later.)
+        gen = t["gen"][due].astype(np.int64)
+        due = due[gen <= self.ring_gen[due] + 2]
         taken = self._taken(due, t["gen"][due])
         due = due[taken < cnt[due]]
         if not due.size:
@@ -206,6 +222,8 @@ class BurstTaker:
         parts = []
         if recs.size:
             parts.append((recs, self._skip(recs)))
+            slot, ok = self._slots(recs)
+            np.maximum.at(self.ring_gen, slot[ok], recs["gen"][ok].astype(np.int64))
             # noted at once: the kernel zeroes a slot's count just after writing its record,
             # so this poll's sweep may still see the same burst open in the table
             self._note(recs)
