@@ -185,8 +185,12 @@ def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
     need(iqn_lab is not None, "needs the iqn-lab console script (pip install -e .)")
     argv = [str(iqn_lab), "demo", "--prefix", prefix, "--stalls", "2",
             "--out", str(tmp_path / "run")]  # fmt: skip
+    # Ctrl-C's default action for the demo, whatever pytest inherited: a shell that starts a
+    # job in the background without job control hands it SIGINT ignored, Python then keeps it
+    # ignored, and the demo ran to its end (a CI run started as `setsid nohup ... &` failed so)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     seen: list[str] = []
     try:
         assert proc.stdout is not None
