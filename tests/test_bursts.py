@@ -240,14 +240,24 @@ def test_taker_counts_a_swept_burst_once_however_late_its_record_comes() -> None
     for gen in (1, 2, 3, 4):
         _put(tab, 0, gen, gen * 1_000 * MS, [0, MS])
         recs.append(tab[0:1].copy())  # its record, when the slot moves on: held up in the ring
-        got += _times(tk.take(tab[:0].copy(), gen * 1_000 * MS + 500 * MS))
+        got += _times(tk.take(tab[:0].copy(), gen * 1_000 * MS + 500 * MS, drained=False))
     # the first two were swept; the third and fourth wait for the ring
     assert got == [1_000 * MS, 1_001 * MS, 2_000 * MS, 2_001 * MS]
     seen = list(got)
     for rec in recs[:3]:  # the held-up records arrive, oldest first; the slot's 4th burst is open
-        seen += _times(tk.take(rec, 9_000 * MS))
+        seen += _times(tk.take(rec, 9_000 * MS, drained=False))
     seen += _times(tk.take(recs[3], 10_000 * MS))
     assert sorted(seen) == sorted(g * 1_000 * MS + d for g in (1, 2, 3, 4) for d in (0, MS))
+
+
+def test_taker_sweeps_a_slot_whose_records_were_lost_once_the_ring_is_drained() -> None:
+    """A full ring drops records (counted lost): the slot's older generations never
+    come. Once the ring is found empty, its open burst is swept all the same."""
+    tab = _table(2)
+    tk = BurstTaker(tab, GAP_NS)
+    _put(tab, 0, 5000, 1_000 * MS, [0])  # 4,999 bursts before it, their records lost
+    assert len(tk.take(tab[:0].copy(), 2_000 * MS, drained=False)) == 0  # records may still come
+    assert _times(tk.take(tab[:0].copy(), 2_000 * MS)) == [1_000 * MS]  # the ring is empty: taken
 
 
 def test_taker_skips_a_slot_the_kernel_is_writing() -> None:

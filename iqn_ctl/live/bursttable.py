@@ -177,9 +177,10 @@ class BurstTaker:
         return np.where(self.taken_gen[rows, 0] == gen, self.taken_cnt[rows, 0],  # type: ignore[no-any-return]
                         np.where(self.taken_gen[rows, 1] == gen, self.taken_cnt[rows, 1], 0))
 
-    def sweep(self, now_ns: int) -> npt.NDArray[np.void]:
+    def sweep(self, now_ns: int, drained: bool = True) -> npt.NDArray[np.void]:
         """Open bursts whose gap passed before ``now_ns`` and that hold
-        candidates not taken yet, copied consistently; marks them taken."""
+        candidates not taken yet, copied consistently; marks them taken.
+        ``drained``: the ring was found empty after this poll's read."""
         t = self.table
         cnt = t["count"]
         horizon = np.uint64(max(now_ns - self.gap_ns - MARGIN_NS, 0))
@@ -202,8 +203,11 @@ class BurstTaker:
         # two-burst memory, so its record would pass its candidates on again. (Records
         # wait in the ring behind another CPU's that is still being written; the slot
         # is swept once they are read, a poll later.)
-        gen = t["gen"][due].astype(np.int64)
-        due = due[gen <= self.ring_gen[due] + 2]
+        # Only while records still wait in the ring: once it is drained, a record not
+        # read was lost (ring full), and waiting for it would hold the slot forever.
+        if not drained:
+            gen = t["gen"][due].astype(np.int64)
+            due = due[gen <= self.ring_gen[due] + 2]
         taken = self._taken(due, t["gen"][due])
         due = due[taken < cnt[due]]
         if not due.size:
@@ -215,9 +219,10 @@ class BurstTaker:
         rows = rows[ok]
         return rows
 
-    def take(self, recs: npt.NDArray[np.void], now_ns: int | None) -> BurstBatch:
+    def take(self, recs: npt.NDArray[np.void], now_ns: int | None, drained: bool = True) -> BurstBatch:
         """The ring's records of this poll, then (``now_ns`` given) the table's
-        due open bursts; candidates already passed on are left out."""
+        due open bursts; candidates already passed on are left out. ``drained``:
+        nothing was left in the ring after ``recs`` were read (see :meth:`sweep`)."""
         width = self.table.dtype["off"].shape[0]
         parts = []
         if recs.size:
@@ -228,7 +233,7 @@ class BurstTaker:
             # so this poll's sweep may still see the same burst open in the table
             self._note(recs)
         if now_ns is not None:
-            rows = self.sweep(now_ns)
+            rows = self.sweep(now_ns, drained)
             if rows.size:
                 skip = self._skip(rows)
                 self._note(rows)

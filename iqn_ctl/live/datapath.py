@@ -598,8 +598,9 @@ class Datapath:
             return empty_batch(BURST_MAX)
         self._ring.wait(timeout_ms)
         recs = self._ring.read()
+        drained = self._ring.pending() == 0
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if sweep else None
-        return self._taker.take(recs, now)
+        return self._taker.take(recs, now, drained)
 
     def poll_batch(self, timeout_ms: int) -> Batch:
         """:meth:`poll_bursts` as one row per candidate, sorted by time: (raw
