@@ -80,7 +80,6 @@ from iqn_ctl.live.settings import (
     DEFAULT_VOL_SAMPLE,
     DEFAULT_XDP_MODE,
     MAX_BACKLOG,
-    MAX_VOL_SAMPLE,
     AgentError,
     Guard,
     dataplane_problem,
@@ -361,8 +360,8 @@ class AgentConfig:
             )
         if self.key_mode not in KEY_MODES:
             raise AgentError(f"--key must be one of {', '.join(KEY_MODES)}, got {self.key_mode!r}")
-        problem = dataplane_problem(self.xdp_mode, self.max_flows, self.ring_pages) or hook_problem(
-            self.hook, self.direction)
+        problem = dataplane_problem(self.xdp_mode, self.max_flows, self.ring_pages,
+                                    self.vol_sample) or hook_problem(self.hook, self.direction)
         if problem:
             raise AgentError(problem)
         if not 0 <= self.bulk_ratio < 1e6:
@@ -371,9 +370,6 @@ class AgentConfig:
             raise AgentError(f"--source-rate must be a number >= 0, got {self.source_rate}")
         if isinstance(self.backlog, bool) or not 1 <= self.backlog <= MAX_BACKLOG:
             raise AgentError(f"--backlog must be in 1..{MAX_BACKLOG} records, got {self.backlog}")
-        v = self.vol_sample
-        if isinstance(v, bool) or not 1 <= v <= MAX_VOL_SAMPLE or v & (v - 1):
-            raise AgentError(f"--vol-sample must be a power of two in 1..{MAX_VOL_SAMPLE}, got {v}")
         if not 0 < self.slot <= 86400:
             raise AgentError(f"--slot must be in (0, 86400] seconds, got {self.slot}")
         g = self.guard()

@@ -62,7 +62,6 @@ from iqn_ctl.live.settings import (
     DEFAULT_RING_PAGES,
     DEFAULT_VOL_SAMPLE,
     DEFAULT_XDP_MODE,
-    MAX_VOL_SAMPLE,
     Guard,
     dataplane_problem,
     guard_problem,
@@ -316,16 +315,15 @@ class Datapath:
         which is what tests of the classifier alone want."""
         if perf_pages is not None:
             ring_pages = perf_pages
-        problem = dataplane_problem(xdp_mode, max_flows, ring_pages) or hook_problem(hook, direction)
+        problem = dataplane_problem(xdp_mode, max_flows, ring_pages, vol_sample) or hook_problem(
+            hook, direction)
         if guard is not None:
             problem = problem or guard_problem(guard.window, guard.cap, guard.credits)
         if problem:
             raise DatapathError(problem)
         if wakeup_events < 1:
             raise DatapathError(f"wakeup_events must be at least 1, got {wakeup_events}")
-        if isinstance(vol_sample, bool) or not 1 <= vol_sample <= MAX_VOL_SAMPLE:
-            raise DatapathError(f"vol_sample must be in 1..{MAX_VOL_SAMPLE}, got {vol_sample}")
-        for name, v in (("burst_slots", burst_slots), ("vol_slots", vol_slots), ("vol_sample", vol_sample)):
+        for name, v in (("burst_slots", burst_slots), ("vol_slots", vol_slots)):
             if v < 1 or v & (v - 1):
                 raise DatapathError(f"{name} must be a power of two, got {v}")
         _require_root()

@@ -47,7 +47,8 @@ class AgentError(IqnError):
     """An expected failure of attach/detach; the message is for the user as is."""
 
 
-def dataplane_problem(xdp_mode: str, max_flows: int, ring_pages: int) -> str | None:
+def dataplane_problem(xdp_mode: str, max_flows: int, ring_pages: int,
+                      vol_sample: int = DEFAULT_VOL_SAMPLE) -> str | None:
     """Why these data-plane settings cannot work (a one-line message naming the
     flag), or None."""
     if xdp_mode not in XDP_MODES:
@@ -56,6 +57,9 @@ def dataplane_problem(xdp_mode: str, max_flows: int, ring_pages: int) -> str | N
         return f"--max-flows must be in 1..{MAX_FLOWS_LIMIT}, got {max_flows}"
     if ring_pages < 1 or ring_pages & (ring_pages - 1) or ring_pages > MAX_RING_PAGES:
         return f"--ring-pages must be a power of two up to {MAX_RING_PAGES}, got {ring_pages}"
+    v = vol_sample
+    if isinstance(v, bool) or not 1 <= v <= MAX_VOL_SAMPLE or v & (v - 1):
+        return f"--vol-sample must be a power of two in 1..{MAX_VOL_SAMPLE}, got {v}"
     return None
 
 
