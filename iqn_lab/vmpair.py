@@ -403,11 +403,14 @@ def _q(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
+def _shown(text: str) -> list[str]:
+    """A log's lines without blanks and Vagrant's progress bars (carriage-return redrawn lines)."""
+    return [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "Progress:" not in ln]
+
+
 def tail(path: Path, lines: int = 40) -> str:
-    """The end of a log, without Vagrant's progress bars (carriage-return redrawn lines)."""
-    text = path.read_text(errors="replace").replace("\r", "\n")
-    keep = [ln for ln in text.splitlines() if ln.strip() and "Progress:" not in ln]
-    return "\n".join(keep[-lines:])
+    """The end of a log, without Vagrant's progress bars."""
+    return "\n".join(_shown(path.read_text(errors="replace"))[-lines:])
 
 
 #: a Ruby backtrace line with no message of its own ("/usr/.../x.rb:12:in `call'")
@@ -418,10 +421,8 @@ def vagrant_error(path: Path, lines: int = 25) -> str:
     """What the last ``vagrant`` command in the log said, without the Ruby backtrace
     frames that bury it (a CI failure showed 25 frames and no message): Vagrant's own
     output and the exception line (``x.rb:12:in `m': message (Class)``)."""
-    text = path.read_text(errors="replace").replace("\r", "\n")
-    last = text.rsplit("\n$ vagrant ", 1)[-1]
-    keep = [ln for ln in last.splitlines()[1:]
-            if ln.strip() and "Progress:" not in ln and not _FRAME.match(ln)]
+    last = path.read_text(errors="replace").replace("\r", "\n").rsplit("\n$ vagrant ", 1)[-1]
+    keep = [ln for ln in _shown(last.split("\n", 1)[1] if "\n" in last else "") if not _FRAME.match(ln)]
     return "\n".join(keep[-lines:])
 
 
