@@ -109,6 +109,10 @@ def _run_live(tmp: Path, key: str) -> dict[str, Any]:
             cands = sum(len(v) for k, v in sent.items() if k != "video")
             st = poll_until(lambda: request(sock, "status"), settled(cands))
             assert settled(cands)(st), st
+            # nothing lost, nothing passed on twice: the kernel counted each candidate sent
+            # once, and the engine was fed each of them once (a fresh-clone run once had a
+            # stall of 21 candidates on a flow sent 20; this says which side counted wrong)
+            assert (st["candidates"], st["events"], st["lost"]) == (cands, cands, 0), (cands, st)
             # every packet sent is in the capture before it is closed
             poll_until(lambda: cap.stat().st_size, lambda size: size > 0)
             time.sleep(0.5)
@@ -161,6 +165,7 @@ def test_replay_of_a_live_capture_gives_the_agents_stalls(tmp_path: Path, key: s
         assert f"{lab.srv4}:443>{lab.cli4}:40011" in flows, live
         assert all(lab.cli6 not in s["client"] for s in live), live
     replay, err = _replay(got["capture"], "--key", key)
+    assert "0 packets dropped by kernel" in got["tcpdump"], got["tcpdump"]  # the capture is whole
     worst = _same(live, replay)
     assert "1 stall(s) discarded as bulk traffic" in err, err
     print(f"--key {key}: {len(live)} stall(s), largest edge difference {1e6 * worst:.0f} us")
