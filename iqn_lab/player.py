@@ -57,6 +57,8 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
+from iqn_lab.quic_cc import WWW_CC
+
 #: the end-user agent's defaults (user_agent/protocol.py): n toggles every p seconds
 DEFAULT_P = 0.2
 DEFAULT_N = 4
@@ -242,9 +244,13 @@ def big_rcvbuf(sock: socket.socket, size: int = RCVBUF) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
-async def h3_connect(addr: str, port: int, host: str, source: str | None, cafile: str | None) -> H3Client:
-    """An HTTP/3 connection to ``addr``:``port`` (TLS name ``host``) from ``source``."""
-    cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=host)
+async def h3_connect(
+    addr: str, port: int, host: str, source: str | None, cafile: str | None, cc: str = "reno"
+) -> H3Client:
+    """An HTTP/3 connection to ``addr``:``port`` (TLS name ``host``) from ``source``, with
+    congestion control ``cc`` (a key of :data:`iqn_lab.quic_cc.WWW_CC`)."""
+    cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=host,
+                            congestion_control_algorithm=WWW_CC[cc])
     if cafile:
         cfg.load_verify_locations(cafile)
     else:
@@ -293,6 +299,8 @@ class Settings:
     startup: float = DEFAULT_STARTUP
     resume: float = DEFAULT_RESUME
     cafile: str | None = None
+    #: the page connection's congestion control (iqn_lab.quic_cc): its toggles and their answers
+    www_cc: str = "reno"
 
 
 class Player:
@@ -327,7 +335,7 @@ class Player:
     async def _connect(self) -> None:
         sp = self.spec
         if self.www is None or self.www.closed:
-            self.www = await h3_connect(sp.www, sp.port, sp.www_host, sp.source, self.s.cafile)
+            self.www = await h3_connect(sp.www, sp.port, sp.www_host, sp.source, self.s.cafile, self.s.www_cc)
             await self.www.get(sp.www_host, "/")  # the page, on the connection that will signal
             self.page_loaded.set()
         if self.media is None or self.media.closed:
@@ -491,12 +499,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--startup", type=float, default=DEFAULT_STARTUP, help="seconds buffered before playing")
     ap.add_argument("--resume", type=float, default=DEFAULT_RESUME, help="seconds buffered to end a stall")
     ap.add_argument("--cafile", help="the OTT's certificate (default: not verified)")
+    ap.add_argument("--www-cc", choices=sorted(WWW_CC), default="reno",
+                    help="congestion control of the page connection, which carries the toggles: "
+                         "reno (aioquic's) or fixed (a window that never shrinks; iqn_lab.quic_cc)")
     ap.add_argument("--stagger", type=float, default=0.0, help="spread the starts over this many seconds")
     ap.add_argument("--seed", type=int, default=None)
     a = ap.parse_args(argv)
     try:
         specs = load_specs(a)
-        settings = Settings(a.p, a.n, a.ahead, a.startup, a.resume, a.cafile)
+        settings = Settings(a.p, a.n, a.ahead, a.startup, a.resume, a.cafile, a.www_cc)
         check_settings(settings, a.duration)
     except ValueError as e:
         print(f"iqn-player: error: {e}", file=sys.stderr)

@@ -37,10 +37,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from iqn_lab import procs
 from iqn_lab import topology as T
@@ -62,7 +63,20 @@ PLAY_S, STARVE_AT_S, STARVE_S, STARVE_RATE = 45.0, 12.0, 12.0, "100kbit"
 MEDIA = MediaSpec(kbit=400)
 #: a player stall this long must be reported; shorter ones (the startup wait) may be
 MIN_STALL_S = 1.5
+#: agent stalls closer than this are one stall in pieces (see :func:`match`). Under TCG the
+#: signal pauses once, for 0-0.7 s, when the bottleneck lifts: the client VM's one emulated
+#: CPU is busy with the media download's refill, so the agent's end condition holds for a
+#: moment (two runs of 2026-12-02: pieces 0.0 and 0.71 s apart); retransmitted answers
+#: after a stall came 2.5 s after its end, and are not joined
+PIECE_GAP_S = 1.5
+#: an inferred duration may differ from the player's by this much plus a share of it
+#: (measured under TCG with both ends of the page connection on a fixed window: -0.16,
+#: -0.28 and +0.63 s; with Reno at the client: -4.1 s of 12.7, toggles held back by lost ACKs)
+DURATION_TOL_S, DURATION_TOL_FRAC = 1.0, 0.2
 UP_TIMEOUT = 1800
+LIBVIRT_PROBE_TIMEOUT = 900
+#: a look-up libvirt answers from its capabilities cache takes ~0.03 s; a fresh probe ~4 s
+LIBVIRT_LOOKUP_MAX_S = 1.5
 AGENT_TIMEOUT = 600
 
 
@@ -74,6 +88,35 @@ def _run(
         tail = (r.stdout + r.stderr).strip().splitlines()[-15:]
         raise LabError(f"{' '.join(argv[:4])} failed ({r.returncode}): " + "\n".join(tail))
     return r
+
+
+def _stamped(argv: list[str], out: TextIO, env: dict[str, str], timeout: float) -> int:
+    """Run ``argv``, writing each line of its output (stdout and stderr) to ``out`` after
+    the wall-clock time it came (``HH:MM:SS.mmm``); kill it after ``timeout`` seconds."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    try:
+        for line in proc.stdout:  # text mode: Vagrant's carriage-return redraws become lines
+            now = time.time()
+            out.write(f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d} {line}")
+            out.flush()
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if killed.is_set():
+        out.write(f"(killed after {timeout:.0f} s)\n")
+    return rc
 
 
 def free_subnets(count: int, rng: random.Random | None = None) -> list[str]:
@@ -143,23 +186,22 @@ class VmPair:
         with self.log.open("a") as f:
             f.write(line + "\n")
 
-    def vagrant(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    def vagrant(self, *args: str, timeout: float = 600, trace: bool = False) -> int:
+        """Run ``vagrant ARGS``, its output appended to vagrant.log with each line's time
+        (a CI run's ``up`` failed after 297 s with no clue where the time went);
+        ``trace``: Vagrant's own log (VAGRANT_LOG=info) too."""
+        env = self.env()
+        if trace:
+            env["VAGRANT_LOG"] = "info"
         with (self.work / "vagrant.log").open("a") as f:
             f.write(f"\n$ vagrant {' '.join(args)}\n")
-            r = subprocess.run(
-                ["vagrant", *args],
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=self.env(),
-                timeout=timeout,
-            )
-        if r.returncode != 0:
+            f.flush()
+            rc = _stamped(["vagrant", *args], f, env, timeout)
+        if rc != 0:
             raise LabError(
-                f"vagrant {' '.join(args)} failed ({r.returncode}):\n"
-                + vagrant_error(self.work / "vagrant.log")
+                f"vagrant {' '.join(args)} failed ({rc}):\n" + vagrant_error(self.work / "vagrant.log")
             )
-        return r
+        return rc
 
     def ssh(
         self, host: str, cmd: str, timeout: float = 300, check: bool = True
@@ -197,6 +239,29 @@ class VmPair:
         self.accel = accel
         self.say(f"box {self.box_name} ready in {self.times['box_s']:.0f} s; accelerator {accel}")
 
+    def warm_libvirt(self) -> None:
+        """libvirt probes QEMU's capabilities the first time a domain is defined on a machine
+        (its cache, /var/cache/libvirt/qemu/capabilities, starts empty): done here, on its
+        own clock. Then a second look must come from the cache: where libvirt finds its
+        cache stale on every call it probes QEMU again each time (~4 s), and `vagrant up`,
+        which makes dozens of calls, spent 4-5 minutes so (a CI run failed at 297 s). The
+        cause seen: /dev/kvm in a group libvirt's qemu user is not in (scripts/setup.sh)."""
+        virt = "qemu" if self.accel == "tcg" else "kvm"
+        argv = [*VIRSH, "domcapabilities", "--virttype", virt, "--arch", "x86_64"]
+        for name in ("libvirt_probe_s", "libvirt_lookup_s"):
+            t0 = time.monotonic()
+            _run(argv, timeout=LIBVIRT_PROBE_TIMEOUT)
+            self.times[name] = time.monotonic() - t0
+        self.say(f"libvirt has QEMU's capabilities for {virt}: probe {self.times['libvirt_probe_s']:.1f} s, "
+                 f"then {self.times['libvirt_lookup_s']:.2f} s from its cache")
+        if self.times["libvirt_lookup_s"] > LIBVIRT_LOOKUP_MAX_S:
+            group = _run(["stat", "-c", "%G", "/dev/kvm"], check=False).stdout.strip() or "?"
+            raise LabError(
+                f"libvirt probes QEMU again on every call ({self.times['libvirt_lookup_s']:.1f} s for a "
+                f"cached look-up; /dev/kvm's group is {group}): run scripts/setup.sh, which gives "
+                "/dev/kvm to the kvm group"
+            )
+
     def up(self) -> None:
         assert self.box_dir is not None
         self.work.mkdir(parents=True, exist_ok=True)
@@ -208,11 +273,12 @@ class VmPair:
         self.vagrant(
             "box", "add", "--force", "--name", self.box_name, str(self.box_dir / f"{self.box_name}.box")
         )
+        self.warm_libvirt()
         self.say(
             f"vagrant up ({self.prefix}router, {self.prefix}client; access {self.access}, "
             f"WAN {self.wan}, management {self.mgmt})"
         )
-        self.vagrant("up", timeout=UP_TIMEOUT)
+        self.vagrant("up", timeout=UP_TIMEOUT, trace=True)
         self.times["up_s"] = time.monotonic() - t0
         cfg = _run(["vagrant", "ssh-config"], env=self.env(), timeout=300).stdout
         (self.work / "ssh_config").write_text(cfg)
@@ -324,7 +390,7 @@ class VmPair:
             (
                 "rm -rf /tmp/iqn-play && /opt/iqn/venv/bin/python -m iqn_lab.player "
                 f"--www {self.wan}.{OTT_WWW_HOST} --media {self.wan}.{OTT_MEDIA_HOST} "
-                f"--duration {PLAY_S} --log-dir /tmp/iqn-play >/tmp/iqn-play.out 2>&1; "
+                f"--duration {PLAY_S} --log-dir /tmp/iqn-play --www-cc fixed >/tmp/iqn-play.out 2>&1; "
                 "cat /tmp/iqn-play/*.jsonl"
             ),
             timeout=PLAY_S + 600,
@@ -404,17 +470,28 @@ def _q(s: str) -> str:
 
 
 def _shown(text: str) -> list[str]:
-    """A log's lines without blanks and Vagrant's progress bars (carriage-return redrawn lines)."""
-    return [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "Progress:" not in ln]
+    """A log's lines without blanks, Vagrant's progress bars (carriage-return redrawn
+    lines) and Ruby backtrace frames (a CI failure's 60-line tail was all frames: the
+    message above them never showed)."""
+    return [
+        ln for ln in text.replace("\r", "\n").splitlines()
+        if _BARE.sub("", ln).strip() and "Progress:" not in ln
+        and not _FRAME.match(ln) and not _LOGLINE.match(ln)
+    ]
 
 
 def tail(path: Path, lines: int = 40) -> str:
-    """The end of a log, without Vagrant's progress bars."""
+    """The end of a log, without Vagrant's progress bars and Ruby's backtrace frames."""
     return "\n".join(_shown(path.read_text(errors="replace"))[-lines:])
 
 
+#: the time :func:`_stamped` puts before each line of a command's output
+_STAMP = r"(\d\d:\d\d:\d\d\.\d{3} )?"
 #: a Ruby backtrace line with no message of its own ("/usr/.../x.rb:12:in `call'")
-_FRAME = re.compile(r"^\s*(from )?/\S+\.rb:\d+:in [`'][^`']*'$")
+_FRAME = re.compile(_STAMP + r"\s*(from )?/\S+\.rb:\d+:in [`'][^`']*'$")
+_BARE = re.compile("^" + _STAMP)
+#: a line of Vagrant's own log (VAGRANT_LOG=info: " INFO machine: ..."), kept in the file only
+_LOGLINE = re.compile(_STAMP + r"\s*(INFO|WARN|DEBUG) \S+:")
 
 
 def vagrant_error(path: Path, lines: int = 25) -> str:
@@ -422,8 +499,7 @@ def vagrant_error(path: Path, lines: int = 25) -> str:
     frames that bury it (a CI failure showed 25 frames and no message): Vagrant's own
     output and the exception line (``x.rb:12:in `m': message (Class)``)."""
     last = path.read_text(errors="replace").replace("\r", "\n").rsplit("\n$ vagrant ", 1)[-1]
-    keep = [ln for ln in _shown(last.split("\n", 1)[1] if "\n" in last else "") if not _FRAME.match(ln)]
-    return "\n".join(keep[-lines:])
+    return "\n".join(_shown(last.split("\n", 1)[1] if "\n" in last else "")[-lines:])
 
 
 def player_stalls(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -431,18 +507,30 @@ def player_stalls(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def match(
-    real: list[dict[str, Any]], inferred: list[dict[str, Any]], slack: float = 5.0
-) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    real: list[dict[str, Any]], inferred: list[dict[str, Any]], slack: float = 5.0, join: float = PIECE_GAP_S
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
     """Pair each real stall (player's log) with the inferred stall (agent's) that overlaps it
-    most; the VMs' clocks may differ by a little, so intervals are widened by ``slack``."""
-    pairs: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+    most, and with that stall's neighbours less than ``join`` seconds apart: one stall the
+    agent reported in pieces (the signal paused, so the end condition held, and resumed).
+    The VMs' clocks may differ by a little, so intervals are widened by ``slack`` to pick
+    the overlapping stall. An empty list: the stall was not reported."""
+    pairs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    ordered = sorted(inferred, key=lambda s: s["start"])
     for r in real:
         best, best_ov = None, 0.0
-        for s in inferred:
+        for i, s in enumerate(ordered):
             ov = min(r["end"] + slack, s["end"]) - max(r["start"] - slack, s["start"])
             if ov > best_ov:
-                best, best_ov = s, ov
-        pairs.append((r, best))
+                best, best_ov = i, ov
+        if best is None:
+            pairs.append((r, []))
+            continue
+        lo = hi = best
+        while lo > 0 and ordered[lo]["start"] - ordered[lo - 1]["end"] < join:
+            lo -= 1
+        while hi + 1 < len(ordered) and ordered[hi + 1]["start"] - ordered[hi]["end"] < join:
+            hi += 1
+        pairs.append((r, ordered[lo : hi + 1]))
     return pairs
 
 
@@ -474,14 +562,15 @@ def check(work: Path, keep: bool = False) -> dict[str, Any]:
         real = [s for s in player_stalls(events) if s["end"] - s["start"] >= MIN_STALL_S]
         report["player_stalls"] = player_stalls(events)
         report["agent_stalls"] = stalls
-        report["pairs"] = [
-            {
+        report["pairs"] = []
+        for r, pieces in match(real, stalls):
+            got = pieces[-1]["end"] - pieces[0]["start"] if pieces else None
+            report["pairs"].append({
                 "real_s": r["end"] - r["start"],
-                "inferred_s": s["duration"] if s else None,
-                "error_s": s["duration"] - (r["end"] - r["start"]) if s else None,
-            }
-            for r, s in match(real, stalls)
-        ]
+                "inferred_s": got,
+                "error_s": got - (r["end"] - r["start"]) if got is not None else None,
+                "pieces": len(pieces),
+            })
         report["ott_peers"], report["autoplay_posts"] = _ott_requests(work / "ott-requests.jsonl")
     finally:
         if keep:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from aioquic.quic.congestion.base import create_congestion_control
 from aioquic.quic.packet_builder import QuicSentPacket
 
-from iqn_lab.ott.server import FIXED_WINDOW_DATAGRAMS, MAX_DATAGRAM, WWW_CC, configuration, teaches
+from iqn_lab.ott.server import MAX_DATAGRAM, configuration, teaches
+from iqn_lab.quic_cc import FIXED_WINDOW_DATAGRAMS, WWW_CC
 
 SENT = 1200
 
@@ -71,3 +72,52 @@ def test_only_an_answer_alone_in_its_packet_teaches_the_overhead() -> None:
     assert not teaches(77, 1230)  # a stray ACK
     assert not teaches(333, 1230)  # the tail of a split answer
     assert not teaches(1292, 1272)  # full-size: split, or packed with retransmissions
+
+
+def test_the_players_page_connection_uses_the_chosen_window(tmp_path: object) -> None:
+    """The player's page connection (its toggles) takes ``--www-cc`` too: over loopback to a
+    real OTT page host, a toggle is answered and the connection's controller is the fixed
+    window (``fixed``) or aioquic's Reno (the default)."""
+    import asyncio
+    import json
+    import random
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from aioquic.quic.congestion.reno import RenoCongestionControl
+
+    from iqn_lab.certs import make_cert
+    from iqn_lab.player import h3_connect
+    from iqn_lab.quic_cc import FixedWindow
+
+    d = Path(str(tmp_path))
+    make_cert(d / "c.crt", d / "c.key", "www.iqn.test", ("www.iqn.test",))
+    port = random.randrange(20000, 60000)
+    ott = subprocess.Popen(
+        [sys.executable, "-m", "iqn_lab.ott.server", "--cert", str(d / "c.crt"), "--key", str(d / "c.key"),
+         "--media-dir", str(d), "--www-addr", "127.0.0.1", "--media-addr", "127.0.0.1", "--port", str(port),
+         "--hosts", "www", "--www-cc", "fixed", "--log", str(d / "ott.jsonl"), "--ready", str(d / "ready")],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (d / "ready").exists():
+            assert ott.poll() is None and time.monotonic() < deadline, ott.stderr.read() if ott.stderr else ""
+            time.sleep(0.05)
+
+        async def toggle(cc: str) -> tuple[int, object]:
+            c = await h3_connect("127.0.0.1", port, "www.iqn.test", None, str(d / "c.crt"), cc)
+            try:
+                status, _ = await c.send_request("POST", "www.iqn.test", "/api/autoplay",
+                                                 json.dumps({"autoplay": False}).encode())
+                return status, c._quic._loss._cc
+            finally:
+                c.close()
+
+        for cc, kind in (("fixed", FixedWindow), ("reno", RenoCongestionControl)):
+            status, ctl = asyncio.run(toggle(cc))
+            assert status == 200 and type(ctl) is kind, (cc, status, ctl)
+    finally:
+        ott.terminate()
+        ott.wait(10)

@@ -32,10 +32,9 @@ from aioquic.asyncio import QuicConnectionProtocol, serve
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, Headers, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.congestion.base import register_congestion_control
-from aioquic.quic.congestion.reno import RenoCongestionControl
 from aioquic.quic.events import ProtocolNegotiated, QuicEvent
-from aioquic.quic.packet_builder import QuicSentPacket
+
+from iqn_lab.quic_cc import WWW_CC
 
 
 def big_rcvbuf(sock: Any, size: int = 4 << 20) -> None:
@@ -254,47 +253,6 @@ class OttProtocol(QuicConnectionProtocol):
         if method != "GET" or "/" in name or not name.endswith(".m4s") or not f.is_file():
             return 404, _common_headers("text/plain") + cors, b"not found\n"
         return 200, _common_headers("video/mp4") + cors, f.read_bytes()
-
-
-#: the page host's answers in one packet each: a window so large that neither it nor the
-#: pacer derived from it ever holds an answer back
-FIXED_WINDOW_DATAGRAMS = 1 << 20
-
-
-class FixedWindow(RenoCongestionControl):
-    """A congestion window that never shrinks (``--www-cc fixed``), for the page host.
-
-    Why: with Reno, losses at a starved bottleneck cut the page connection's window
-    to two datagrams, and the pacer derived from it then holds back the third and
-    fourth answers of a burst; aioquic sends them later packed together, an answer
-    and a half per full-size packet, so neither is a candidate. A slow client (a VM
-    under TCG) whose toggles arrive together lost half its answers that way; a window
-    of 64 datagrams still filled up when the answers outran a 100 kbit/s bottleneck
-    (lost ones count in flight until declared lost). The page host sends little (the
-    page, one answer per toggle), so the window is unbounded in practice and every
-    answer leaves at once, as its own packet."""
-
-    def __init__(self, *, max_datagram_size: int) -> None:
-        super().__init__(max_datagram_size=max_datagram_size)
-        self.congestion_window = FIXED_WINDOW_DATAGRAMS * max_datagram_size
-
-    def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
-        self.bytes_in_flight -= packet.sent_bytes
-
-    def on_packets_lost(self, *, now: float, packets: Any) -> None:
-        for packet in packets:
-            self.bytes_in_flight -= packet.sent_bytes
-
-    def on_persistent_congestion(self) -> None:
-        pass
-
-    def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
-        pass
-
-
-register_congestion_control("iqn-fixed", FixedWindow)
-#: --www-cc choices -> aioquic's algorithm names
-WWW_CC = {"reno": "reno", "fixed": "iqn-fixed"}
 
 
 def configuration(cert: Path, key: Path, keylog: TextIO | None = None, cc: str = "reno") -> QuicConfiguration:
