@@ -85,8 +85,9 @@ async def _reset(url: str) -> None:
     await nc.close()
 
 
-async def _bare(url: str, msgs: list[tuple[str, bytes, str]], mode: str) -> float:
-    """Seconds for a bare nats-py loop to publish ``msgs`` with acknowledgements."""
+async def _bare(url: str, msgs: list[tuple[str, bytes, str]], mode: str) -> tuple[float, float]:
+    """Seconds (wall clock, and this process' CPU) for a bare nats-py loop to publish ``msgs``
+    with acknowledgements."""
     import nats
     from nats.js.api import StreamConfig
 
@@ -96,54 +97,55 @@ async def _bare(url: str, msgs: list[tuple[str, bytes, str]], mode: str) -> floa
     js = nc.jetstream(publish_async_max_pending=len(msgs) + 1)
     await js.add_stream(StreamConfig(name=STREAM, subjects=list(STREAM_SUBJECTS),
                                      duplicate_window=DUPLICATE_WINDOW))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if mode == "publish_async":
         futs = [await js.publish_async(s, p, headers={"Nats-Msg-Id": m}) for s, p, m in msgs]
         acks = await asyncio.gather(*futs)
     else:
         acks = [await js.publish(s, p, headers={"Nats-Msg-Id": m}) for s, p, m in msgs]
-    took = time.perf_counter() - t0
+    took, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert len(acks) == len(msgs) and not any(a.duplicate for a in acks)
     await nc.close()
-    return took
+    return took, cpu
 
 
-def _exporter(url: str, db: Path, n: int, per_msg: int = 1) -> float:
-    """Seconds for the exporter to ship (and mark) the ``n`` waiting records of ``db``
+def _exporter(url: str, db: Path, n: int, per_msg: int = 1) -> tuple[float, float]:
+    """Seconds (wall clock, and this process' CPU: the exporter's thread, this loop's polls
+    are negligible) for the exporter to ship (and mark) the ``n`` waiting records of ``db``
     (``per_msg`` records per message: ``--export-batch``)."""
     with sqlite3.connect(db) as con:  # every record waiting again
         con.execute("UPDATE stalls SET exported_at = NULL")
     ex = Exporter(db, IFACE, "bench", [url], records_per_msg=per_msg)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ex.start()
     while ex.stats()["exported_stalls"] < n:
         time.sleep(0.002)
-    took = time.perf_counter() - t0
+    took, cpu = time.perf_counter() - t0, time.process_time() - c0
     st = ex.stats()
     ex.stop()
     assert st["errors"] == 0 and st["retries"] == 0, st
-    return took
+    return took, cpu
 
 
 def _batches(db: Path, n: int, per_msg: int) -> list[tuple[str, bytes, str]]:
-    """The exporter's own v2 batch messages of the ``n`` records (for the bare baseline)."""
+    """The exporter's own messages of the ``n`` records (v1, or v2 with ``per_msg`` > 1), for the
+    bare baselines."""
     ob = Outbox(db, IFACE, "bench")
     ex = Exporter(db, IFACE, "bench", ["nats://127.0.0.1:1"], records_per_msg=per_msg)
-    ex._uuid = ob.uuid
-    out = [(s, p, m) for s, m, p, _ in ex._messages(ob.take(n), 1 << 20)]
+    out = [(m.subject, m.payload, m.msg_id) for m in ex._messages(ob.take(n), 1 << 20)]
     ob.close()
     return out
 
 
 def bench_throughput(tmp: Path, n: int, repeat: int, per_msg: int) -> dict[str, Any]:
     db = fill(tmp / "tp", n)
-    ob = Outbox(db, IFACE, "bench")
-    msgs = [(o.subject, o.payload, o.msg_id) for o in ob.take(n)]
-    ob.close()
+    msgs = _batches(db, n, 1)
     assert len(msgs) == n
     batched = _batches(db, n, per_msg)
     times: dict[str, list[float]] = {"exporter": [], "publish_async": [], "publish": [], "exporter_v2": [],
                                      "publish_async_v2": []}
+    cpus: dict[str, list[float]] = {k: [] for k in times}
+    loads: list[float] = []
     with JetStream.start(1, tmp / "js-tp") as js:
         url = js.urls[0]
         for r in range(repeat):
@@ -151,19 +153,25 @@ def bench_throughput(tmp: Path, n: int, repeat: int, per_msg: int) -> dict[str, 
                 if mode == "publish" and r > 0 and not QUICK_SEQ:
                     continue
                 asyncio.run(_reset(url))
+                loads.append(os.getloadavg()[0])
                 if mode == "exporter":
-                    took = _exporter(url, db, n)
+                    took, cpu = _exporter(url, db, n)
                 elif mode == "exporter_v2":
-                    took = _exporter(url, db, n, per_msg)
+                    took, cpu = _exporter(url, db, n, per_msg)
                 elif mode == "publish_async_v2":
-                    took = asyncio.run(_bare(url, batched, "publish_async"))
+                    took, cpu = asyncio.run(_bare(url, batched, "publish_async"))
                 else:
-                    took = asyncio.run(_bare(url, msgs if mode != "publish" else msgs[: n // 5], mode))
-                    took *= 1 if mode != "publish" else 5  # sequential: timed on a fifth, scaled
+                    took, cpu = asyncio.run(_bare(url, msgs if mode != "publish" else msgs[: n // 5], mode))
+                    if mode == "publish":  # sequential: timed on a fifth, scaled
+                        took, cpu = took * 5, cpu * 5
                 times[mode].append(took)
-                print(f"  {mode}: {n / took:,.0f} records/s", flush=True)
+                cpus[mode].append(cpu)
+                print(f"  {mode}: {n / took:,.0f} records/s, {cpu / n * 1e6:.1f} us CPU a record "
+                      f"(load {loads[-1]:.1f})", flush=True)
     return {"n": n, "bytes": sum(len(p) for _, p, _ in msgs) / n, "per_msg": per_msg, "msgs_v2": len(batched),
             **{k: n / statistics.median(v) for k, v in times.items()},
+            "cpu_us": {k: statistics.median(v) / n * 1e6 for k, v in cpus.items()},
+            "loads": (min(loads), max(loads)),
             "runs": {k: [round(n / t) for t in v] for k, v in times.items()}}
 
 
@@ -250,24 +258,28 @@ def report(tp: dict[str, Any], ag: list[dict[str, Any]], args: argparse.Namespac
 def _throughput_lines(tp: dict[str, Any], args: argparse.Namespace) -> list[str]:
     ex, pa, seq = tp["exporter"], tp["publish_async"], tp["publish"]
     ex2, pa2, k = tp["exporter_v2"], tp["publish_async_v2"], tp["per_msg"]
+    cpu, runs = tp["cpu_us"], tp["runs"]
+    lo, hi = tp["loads"]
     return [
         f"Throughput: {tp['n']:,} stall records ({tp['bytes']:.0f} bytes of JSON each) from the history to a "
         f"single-node JetStream stream, every one acknowledged; median of {args.repeat} runs, each on an "
         "empty stream. Baselines: bare nats-py loops publishing the same messages (pre-encoded): the "
         f"v1 messages (one record each), and the exporter's own v2 messages (`--export-batch {k}`: "
-        f"{tp['msgs_v2']:,} messages of up to {k} records).", "",
-        "| publisher | records/s | ratio to its bare publish_async | runs (records/s) |",
-        "|---|---:|---:|---|",
+        f"{tp['msgs_v2']:,} messages of up to {k} records). 1-minute load average {lo:.1f} to {hi:.1f} "
+        "during the runs. CPU: this process' CPU time per record (the exporter's thread, or the bare "
+        "client; nats-server's is not counted), less sensitive to the shared CPUs than records/s.", "",
+        "| publisher | records/s | ratio to its bare publish_async | CPU us/record | runs (records/s) |",
+        "|---|---:|---:|---:|---|",
         f"| **exporter, `--export-batch {k}`** (schema v2; history -> JetStream, acks, marks) | {ex2:,.0f} | "
-        f"{ex2 / pa2:.2f} | {tp['runs']['exporter_v2']} |",
+        f"{ex2 / pa2:.2f} | {cpu['exporter_v2']:.1f} | {runs['exporter_v2']} |",
         f"| bare `js.publish_async` + gather, the same v2 messages | {pa2:,.0f} | 1.00 "
-        f"| {tp['runs']['publish_async_v2']} |",
+        f"| {cpu['publish_async_v2']:.1f} | {runs['publish_async_v2']} |",
         f"| exporter, default (schema v1, one record a message) | {ex:,.0f} | {ex / pa:.2f} "
-        f"| {tp['runs']['exporter']} |",
+        f"| {cpu['exporter']:.1f} | {runs['exporter']} |",
         f"| bare `js.publish_async` + gather, the same v1 messages | {pa:,.0f} | 1.00 "
-        f"| {tp['runs']['publish_async']} |",
+        f"| {cpu['publish_async']:.1f} | {runs['publish_async']} |",
         f"| bare `js.publish` (one ack at a time), v1 | {seq:,.0f} | {seq / pa:.2f} "
-        f"| {tp['runs']['publish']} |",
+        f"| {cpu['publish']:.1f} | {runs['publish']} |",
         "",
         f"Target >= 50,000 records/s: {'met' if ex2 >= 50_000 else 'NOT met'} with `--export-batch {k}` "
         f"({ex2:,.0f}); {'met' if ex >= 50_000 else 'not met'} with v1 messages ({ex:,.0f}).", "",

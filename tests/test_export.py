@@ -14,6 +14,7 @@ message id: the stream holds each id exactly once and nothing else.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -199,12 +200,14 @@ def test_stall_message_fields_and_fast_encoding(tmp_path: Path) -> None:
                StallRecord("eth0", "198.18.1.2", "198.18.1.2", "198.18.0.1", t, t + 1, 4, t + 2,
                            estimator='we"ird\\'),
                StallRecord("eth0", "198.18.0.1:443>198.18.1.2:1", "198.18.1.2", "198.18.0.1", t, t + 1, 0, t,
-                           state="open")])
+                           state="open"),
+               StallRecord("eth0", "198.18.0.1:443>198.18.1.3:x", "198.18.1.3", "198.18.0.1", t, math.inf, 2,
+                           t + 2, estimator="count")])
         ob = Outbox(h.path, "eth0", "r-1")
         try:
-            out = ob.take(10)
-            assert [o.row for o in out] == [1, 2]  # the open stall is not finished: it waits
-            body = json.loads(out[0].payload)
+            (w,) = ob.take(10)
+            assert w.rows == [1, 2, 4]  # the open stall is not finished: it waits
+            body = json.loads(w.payloads[0])
             assert set(body) == STALL_FIELDS
             assert body == {"v": 1, "type": "stall", "id": f"r-1/{h.uuid}/stall/1", "router": "r-1",
                             "interface": "eth0", "client.address": "fd00::2", "client.port": 50123,
@@ -212,10 +215,19 @@ def test_stall_message_fields_and_fast_encoding(tmp_path: Path) -> None:
                             "iqn.flow": "[fd00::1]:443>[fd00::2]:50123", "iqn.start": t, "iqn.end": t + 2.5,
                             "iqn.duration_s": (t + 2.5) - t, "iqn.candidates": 13, "iqn.estimator": "count",
                             "iqn.truncated": True, "iqn.state": "ended", "iqn.detected_at": t + 3.1}
-            assert out[0].subject == "iqn.stalls.r-1" and out[0].msg_id == body["id"]
+            assert w.subject == "iqn.stalls.r-1" and w.msg_id(0) == body["id"]
             row2 = (2, "eth0", "198.18.1.2", "198.18.1.2", "198.18.0.1", t, t + 1, 4, t + 2, 0, 'we"ird\\',
                     "ended")
-            assert json.loads(out[1].payload) == stall_body(out[1].msg_id, "r-1", row2, 0, 0)
+            assert json.loads(w.payloads[1]) == stall_body(w.msg_id(1), "r-1", row2, 0, 0)
+            # byte for byte what json.dumps writes (also a non-finite time: null; a port that is no number)
+            row1 = (1, "eth0", "[fd00::1]:443>[fd00::2]:50123", "fd00::2", "fd00::1", t, t + 2.5, 13,
+                    t + 3.1, 1, "count", "ended")
+            row4 = (4, "eth0", "198.18.0.1:443>198.18.1.3:x", "198.18.1.3", "198.18.0.1", t, math.inf, 2,
+                    t + 2, 0, "count", "ended")
+            for i, (row, sport, cport) in enumerate([(row1, 443, 50123), (row2, 0, 0), (row4, 0, 0)]):
+                want = json.dumps(stall_body(w.msg_id(i), "r-1", row, sport, cport), separators=(",", ":"))
+                assert w.payloads[i] == want, (w.payloads[i], want)
+            assert json.loads(w.payloads[2])["iqn.end"] is None
         finally:
             ob.close()
     assert _ports("198.18.1.2") == (0, 0)  # --key client: no single connection
@@ -242,9 +254,10 @@ def test_old_history_becomes_an_outbox(tmp_path: Path) -> None:
     ob = Outbox(path, "eth0", "r")
     try:
         assert ob.backlog() == 1
-        (o,) = ob.take(10)
-        assert json.loads(o.payload)["iqn.state"] == "ended" and o.msg_id == f"r/{uuid}/stall/1"
-        ob.mark([o], 5.0)
+        (w,) = ob.take(10)
+        assert w.rows == [1] and json.loads(w.payloads[0])["iqn.state"] == "ended"
+        assert w.msg_id(0) == f"r/{uuid}/stall/1"
+        ob.mark([(w.table, w.rows)], 5.0)
         assert ob.backlog() == 0
     finally:
         ob.close()
@@ -252,6 +265,43 @@ def test_old_history_becomes_an_outbox(tmp_path: Path) -> None:
         assert h.uuid == uuid
     cols = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(sessions)")}
     assert "exported_at" in cols
+
+
+def test_marks_by_runs_never_mark_an_unsent_record(tmp_path: Path) -> None:
+    """A run of acknowledged records is marked with one range UPDATE over the waiting rows;
+    when the range holds a waiting row that is not in the run (a run that skips one, or an
+    open row that became waiting in place after the take), nothing outside the run is
+    marked: the marks go one row at a time. A take past a row (the rounds in flight) starts
+    after it."""
+    t = time.time()
+    with History(tmp_path) as h:
+        h.add([stall(i, t=t) for i in range(5)])
+        h.add([StallRecord("eth0", "198.18.0.1:443>198.18.1.9:9", "198.18.1.9", "198.18.0.1", t, t, 0, t,
+                           state="open")])  # row 6
+        h.add([stall(i, t=t) for i in range(5, 12)])  # rows 7..13
+        path = h.path
+    ob = Outbox(path, "eth0", "r")
+
+    def waiting() -> list[int]:
+        return [r[0] for r in ob._db.execute("SELECT id FROM stalls WHERE exported_at IS NULL ORDER BY id")]
+
+    try:
+        (w,) = ob.take(100)
+        assert w.rows == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13]
+        ob.mark([("stalls", [1, 2, 3])], 5.0)  # a run
+        assert waiting() == [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+        ob.mark([("stalls", [4, 7]), ("stalls", [9])], 6.0)  # [4, 7] skips the waiting 5
+        assert waiting() == [5, 6, 8, 10, 11, 12, 13]
+        with ob._db:  # the open row 6 made waiting in place (the agent never does this)
+            ob._db.execute("UPDATE stalls SET state = 'interrupted' WHERE id = 6")
+        ob.mark([("stalls", [5, 8])], 7.0)  # a run when it was taken
+        assert waiting() == [6, 10, 11, 12, 13]
+        assert ob.take(100, {"stalls": 10})[0].rows == [11, 12, 13]
+        assert ob.take(100)[0].rows == [6, 10, 11, 12, 13]
+        marked = dict(ob._db.execute("SELECT id, exported_at FROM stalls WHERE exported_at IS NOT NULL"))
+        assert marked == {1: 5.0, 2: 5.0, 3: 5.0, 4: 6.0, 7: 6.0, 9: 6.0, 5: 7.0, 8: 7.0}
+    finally:
+        ob.close()
 
 
 def test_resent_records_are_not_doubled(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from test_export import read_stream, stall, unmarked, wait_for, wanted
 from test_qos_serve import start_service
 
 from iqn_ctl.engine.watch import WatchRecord
-from iqn_ctl.live.export import Exporter, Outbox
+from iqn_ctl.live.export import Exporter, Outbox, Waiting
 from iqn_ctl.live.history import History
 from iqn_ctl.live.sessions import SessionStore
 from iqn_lab.jetstream import JetStream
@@ -74,28 +74,37 @@ def test_batch_messages_group_records_of_one_subject(tmp_path: Path) -> None:
     records byte for byte their v1 messages, an id that names exactly the records it holds."""
     path = history(tmp_path, 250, 30)
     ob = Outbox(path, "eth0", "edge-v2")
-    recs = ob.take(1000)
+    waiting = ob.take(1000)
     ob.close()
     ex = Exporter(path, "eth0", "edge-v2", ["nats://127.0.0.1:1"], records_per_msg=100)
-    ex._uuid = ob.uuid
-    msgs = ex._messages(recs, 1 << 20)
-    assert [len(g) for _, _, _, g in msgs] == [100, 100, 50, 30]  # stalls, then sessions
-    assert [s for s, _, _, _ in msgs] == ["iqn.stalls.edge-v2"] * 3 + ["iqn.sessions.edge-v2"]
-    for _, mid, payload, group in msgs:
-        body = json.loads(payload)
-        assert (body["v"], body["type"], body["id"], body["router"]) == (2, "batch", mid, "edge-v2")
-        assert body["records"] == [json.loads(o.payload) for o in group]
+    msgs = ex._messages(waiting, 1 << 20)
+    text = {(w.table, r): p for w in waiting for r, p in zip(w.rows, w.payloads, strict=True)}
+    assert [len(m.rows) for m in msgs] == [100, 100, 50, 30]  # stalls, then sessions
+    assert [m.subject for m in msgs] == ["iqn.stalls.edge-v2"] * 3 + ["iqn.sessions.edge-v2"]
+    for m in msgs:
+        body = json.loads(m.payload)
+        assert (body["v"], body["type"], body["id"], body["router"]) == (2, "batch", m.msg_id, "edge-v2")
+        records = ",".join(text[m.table, r] for r in m.rows)
+        assert m.payload.endswith(f'"records":[{records}]}}'.encode())
+        assert body["records"] == [json.loads(text[m.table, r]) for r in m.rows]
         kind = body["records"][0]["type"]
-        assert mid.startswith(f"edge-v2/{ob.uuid}/{kind}/{group[0].row}-{group[-1].row}/")
+        assert m.msg_id.startswith(f"edge-v2/{ob.uuid}/{kind}/{m.rows[0]}-{m.rows[-1]}/")
     # the same records give the same id (a re-send is de-duplicated by JetStream) ...
-    assert [m for _, m, _, _ in ex._messages(recs, 1 << 20)] == [m for _, m, _, _ in msgs]
+    assert [m.msg_id for m in ex._messages(waiting, 1 << 20)] == [m.msg_id for m in msgs]
+    stalls = waiting[0]
+
+    def some(keep: range | list[int]) -> list[Waiting]:
+        return [Waiting(stalls.table, stalls.kind, stalls.subject, stalls.prefix,
+                        [stalls.rows[i] for i in keep], [stalls.payloads[i] for i in keep])]
+
     # ... other records between the same first and last row another one
-    assert ex._messages(recs[:1] + recs[2:100], 1 << 20)[0][1] != msgs[0][1]
+    assert ex._messages(some([0, *range(2, 100)]), 1 << 20)[0].msg_id != msgs[0].msg_id
     # a message stays under half the server's max_payload
-    small = ex._messages(recs[:250], 4000)
-    assert all(len(p) <= 2000 + 600 for _, _, p, _ in small) and sum(len(g) for *_, g in small) == 250
-    one = Exporter(path, "eth0", "edge-v2", ["nats://127.0.0.1:1"])._messages(recs[:3], 1 << 20)
-    assert [(m, p) for _, m, p, _ in one] == [(o.msg_id, o.payload) for o in recs[:3]]  # v1: as before
+    small = ex._messages(some(range(250)), 4000)
+    assert all(len(m.payload) <= 2000 + 600 for m in small) and sum(len(m.rows) for m in small) == 250
+    one = Exporter(path, "eth0", "edge-v2", ["nats://127.0.0.1:1"])._messages(some(range(3)), 1 << 20)
+    assert [(m.msg_id, m.payload) for m in one] == [(stalls.msg_id(i), stalls.payloads[i].encode())
+                                                    for i in range(3)]  # v1: as before
 
 
 def test_service_decodes_batches_record_by_record(tmp_path: Path) -> None:

@@ -18,10 +18,12 @@ link outage and an agent crash. The rules (docs/export.md):
   asyncio loop (nats-py is asyncio) and its own SQLite connection (WAL: its
   reads never block the agent's writes; its marks are small transactions
   without fsync, since a mark lost to a power cut only means a re-send).
-  Records go out in batches of core publishes whose replies land on one
-  wildcard inbox: the acknowledgements of a whole batch are awaited together
+  Records go out in rounds of core publishes whose replies land on one
+  wildcard inbox: the acknowledgements of a whole round are awaited together
   (``js.publish_async`` does the same with a future and a task switch per
-  message and is ~2.5x slower here: bench/bench_export.py).
+  message and is ~2.5x slower here: bench/bench_export.py), while the next
+  round is already read, encoded and sent (two rounds in flight), and the
+  acknowledged records are marked by runs of row ids, one statement a run.
 
 nats-py is imported only when an exporter starts, so the agent runs without it.
 """
@@ -39,8 +41,9 @@ import socket
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
@@ -68,8 +71,10 @@ STREAM_SUBJECTS = ("iqn.stalls.*", "iqn.sessions.*")
 #: a stream created by the agent drops a re-sent message id within this many seconds
 #: (JetStream's default, stated so that it is a contract: consumers de-duplicate after it)
 DUPLICATE_WINDOW = 120.0
-#: records published per batch, their acknowledgements awaited together
+#: records published per round, their acknowledgements awaited together
 BATCH = 1024
+#: rounds in flight at once (Exporter._round)
+WINDOW = 2
 #: records written to the client's send buffer at once
 PUB_CHUNK = 256
 #: seconds a batch waits for its acknowledgements before its silent records are retried
@@ -192,34 +197,55 @@ def stall_body(mid: str, router: str, r: tuple[Any, ...], sport: int, cport: int
 
 
 _q = encode_basestring_ascii
-#: :func:`stall_body` as a template (same keys, same order)
-_STALL_JSON = (
-    '{"v":1,"type":"stall","id":%s,"router":%s,"interface":%s,"client.address":%s,"client.port":%d,'
-    '"server.address":%s,"server.port":%d,"iqn.flow":%s,"iqn.start":%r,"iqn.end":%r,"iqn.duration_s":%r,'
-    '"iqn.candidates":%d,"iqn.estimator":%s,"iqn.truncated":%s,"iqn.state":%s,"iqn.detected_at":%r}'
-)
 
 
 @dataclass(slots=True)
-class Outgoing:
-    """One waiting record, encoded (not frozen: one is made per record, and a frozen
-    dataclass' ``__init__`` costs ~4x a plain one's)."""
+class Waiting:
+    """Waiting records of one table, oldest first, encoded: their row ids and their v1 JSON
+    texts in two lists (no Python object per record: making one cost about as much as the
+    SQLite read of the row)."""
 
     table: str
-    row: int
+    #: ``stall`` or ``session``: the record ``type``
+    kind: str
+    subject: str
+    #: ``<router>/<history uuid>/<kind>/``: a record's id is this and its row id
+    prefix: str
+    rows: list[int]
+    payloads: list[str]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def msg_id(self, i: int) -> str:
+        return f"{self.prefix}{self.rows[i]}"
+
+
+@dataclass(slots=True)
+class Message:
+    """One NATS message: a v1 record, or a v2 batch of consecutive records of one table."""
+
     subject: str
     msg_id: str
     payload: bytes
+    table: str
+    #: the row ids of its records, oldest first
+    rows: list[int]
 
 
 class Outbox:
     """The export's view of the history file, on its own connection."""
 
-    _STALLS = ('SELECT id, iface, flow, client, server, start, "end", candidates, detected_at, truncated, '
+    _STALLS = ('SELECT id, flow, client, server, start, "end", candidates, detected_at, truncated, '
                "estimator, state FROM stalls WHERE iface = ? AND exported_at IS NULL AND state != 'open' "
-               "ORDER BY id LIMIT ?")
-    _SESSIONS = ("SELECT id, iface, client, server, slot, slot_s, watched_s, stalled_s, recorded_at "
-                 "FROM sessions WHERE iface = ? AND exported_at IS NULL ORDER BY id LIMIT ?")
+               "AND id > ? ORDER BY id LIMIT ?")
+    _SESSIONS = ("SELECT id, client, server, slot, slot_s, watched_s, stalled_s, recorded_at "
+                 "FROM sessions WHERE iface = ? AND exported_at IS NULL AND id > ? ORDER BY id LIMIT ?")
+    #: a run of consecutive waiting rows marked in one statement (see :meth:`mark`)
+    _MARK_RUN = {"stalls": "UPDATE stalls SET exported_at = ? WHERE iface = ? AND id BETWEEN ? AND ? "
+                           "AND exported_at IS NULL AND state != 'open' RETURNING id",
+                 "sessions": "UPDATE sessions SET exported_at = ? WHERE iface = ? AND id BETWEEN ? AND ? "
+                             "AND exported_at IS NULL RETURNING id"}
 
     def __init__(self, path: Path, iface: str, router: str) -> None:
         self.iface = iface
@@ -229,10 +255,14 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self.uuid = ensure_outbox(self._db)
         self._sessions = bool(self._db.execute("PRAGMA table_info(sessions)").fetchall())
-        self._qrouter = _q(router)
-        self._few: dict[str, str] = {}  # escaped strings of few distinct values (see _stall)
+        self._few: dict[str, str] = {}  # escaped strings of few distinct values (see _stalls)
         self._stall_subject = STALL_SUBJECT.format(router=router)
         self._session_subject = SESSION_SUBJECT.format(router=router)
+        self._stall_prefix = f"{router}/{self.uuid}/stall/"
+        self._session_prefix = f"{router}/{self.uuid}/session/"
+        # the constant parts of a stall message around its id (see _stalls)
+        self._stall_head = f'{{"v":{SCHEMA_VERSION},"type":"stall","id":{_q(self._stall_prefix)[:-1]}'
+        self._stall_after_id = f'","router":{_q(router)},"interface":{_q(iface)},"client.address":'
 
     def close(self) -> None:
         self._db.close()
@@ -246,52 +276,105 @@ class Outbox:
                                       (self.iface,)).fetchone()[0])
         return n
 
-    def take(self, limit: int) -> list[Outgoing]:
-        """Up to ``limit`` waiting records, stalls first, oldest first."""
-        out = [self._stall(r) for r in self._db.execute(self._STALLS, (self.iface, limit))]
-        if self._sessions and len(out) < limit:
-            rows = self._db.execute(self._SESSIONS, (self.iface, limit - len(out)))
-            out.extend(self._session(r) for r in rows)
+    def take(self, limit: int, after: dict[str, int] | None = None) -> list[Waiting]:
+        """Up to ``limit`` waiting records, stalls first, oldest first, those of a table
+        only past row ``after[table]`` (the rows still in flight: see ``Exporter._round``);
+        a table with none waiting is left out."""
+        after = after or {}
+        out = []
+        stalls = self._stalls(limit, after.get("stalls", 0))
+        if stalls.rows:
+            out.append(stalls)
+        if self._sessions and len(stalls) < limit:
+            sessions = self._session_rows(limit - len(stalls), after.get("sessions", 0))
+            if sessions.rows:
+                out.append(sessions)
         return out
 
-    def _stall(self, r: tuple[Any, ...]) -> Outgoing:
-        row, iface, flow, client, server, start, end, cand, detected, trunc, est, state = r
-        sport, cport = _ports(flow)
-        mid = f"{self.router}/{self.uuid}/stall/{row}"
-        if math.isfinite(start + end + detected):
-            # the fast path (2.5x json.dumps of a dict): strings escaped by json's own C
-            # encoder, floats as repr (what json writes for a finite float); the few distinct
-            # interfaces, servers, estimators and states are escaped once
-            few = self._few
-            if len(few) > 4096:
-                few.clear()
-            qi = few.get(iface) or few.setdefault(iface, _q(iface))
+    def _stalls(self, limit: int, after: int) -> Waiting:
+        """The stall messages (schema v1, :func:`stall_body`) of up to ``limit`` waiting rows.
+
+        Why written out by hand: this is most of the exporter's work per record. The text is
+        byte for byte what ``json.dumps`` of :func:`stall_body` writes (tests/test_export.py):
+        strings escaped by json's own C escaper, floats as ``repr`` (what json writes for a
+        finite float), the few distinct servers, estimators and states escaped once, the
+        constant parts (router, interface) once per call; a row with a non-finite time goes
+        through :func:`stall_body` (JSON has no NaN: null). Measured against SQLite writing the
+        JSON itself (``printf`` and ``json_quote`` in the SELECT): that was slower (5.7 against
+        3.2 us a record here) and, with SQLite 3.40's float formatting, not exact."""
+        rows: list[int] = []
+        payloads: list[str] = []
+        add_row, add = rows.append, payloads.append
+        few = self._few
+        if len(few) > 4096:
+            few.clear()
+        head, after_id, isfinite = self._stall_head, self._stall_after_id, math.isfinite
+        for r in self._db.execute(self._STALLS, (self.iface, after, limit)):
+            row, flow, client, server, start, end, cand, detected, trunc, est, state = r
+            h, sep, t = flow.rpartition(">")
+            try:
+                sport, cport = (int(h.rpartition(":")[2]), int(t.rpartition(":")[2])) if sep else (0, 0)
+            except ValueError:
+                sport = cport = 0
+            add_row(row)
+            if not isfinite(start + end + detected):
+                body = stall_body(f"{self._stall_prefix}{row}", self.router, (row, self.iface, *r[1:]),
+                                  sport, cport)
+                add(json.dumps(body, separators=(",", ":")))
+                continue
             qs = few.get(server) or few.setdefault(server, _q(server))
             qe = few.get(est) or few.setdefault(est, _q(est))
             qt = few.get(state) or few.setdefault(state, _q(state))
-            body = _STALL_JSON % (
-                _q(mid), self._qrouter, qi, _q(client), cport, qs, sport, _q(flow),
-                start, end, end - start, cand, qe, "true" if trunc else "false", qt, detected)
-        else:
-            body = json.dumps(stall_body(mid, self.router, r, sport, cport), separators=(",", ":"))
-        return Outgoing("stalls", row, self._stall_subject, mid, body.encode())
+            add(f'{head}{row}{after_id}{_q(client)},"client.port":{cport},"server.address":{qs},'
+                f'"server.port":{sport},"iqn.flow":{_q(flow)},"iqn.start":{start!r},"iqn.end":{end!r},'
+                f'"iqn.duration_s":{end - start!r},"iqn.candidates":{cand},"iqn.estimator":{qe},'
+                f'"iqn.truncated":{"true" if trunc else "false"},"iqn.state":{qt},'
+                f'"iqn.detected_at":{detected!r}}}')
+        return Waiting("stalls", "stall", self._stall_subject, self._stall_prefix, rows, payloads)
 
-    def _session(self, r: tuple[Any, ...]) -> Outgoing:
-        row, iface, client, server, slot, slot_s, watched, stalled, recorded = r
-        mid = f"{self.router}/{self.uuid}/session/{row}"
-        body = {"v": SCHEMA_VERSION, "type": "session", "id": mid, "router": self.router, "interface": iface,
-                "client.address": client, "server.address": server, "iqn.slot": slot, "iqn.slot_s": slot_s,
-                "iqn.watched_s": watched, "iqn.stalled_s": stalled, "iqn.recorded_at": recorded}
-        return Outgoing("sessions", row, self._session_subject, mid,
-                        json.dumps(body, separators=(",", ":")).encode())
+    def _session_rows(self, limit: int, after: int) -> Waiting:
+        rows: list[int] = []
+        payloads: list[str] = []
+        for row, client, server, slot, slot_s, watched, stalled, recorded in self._db.execute(
+                self._SESSIONS, (self.iface, after, limit)):
+            body = {"v": SCHEMA_VERSION, "type": "session", "id": f"{self._session_prefix}{row}",
+                    "router": self.router, "interface": self.iface, "client.address": client,
+                    "server.address": server, "iqn.slot": slot, "iqn.slot_s": slot_s,
+                    "iqn.watched_s": watched, "iqn.stalled_s": stalled, "iqn.recorded_at": recorded}
+            rows.append(row)
+            payloads.append(json.dumps(body, separators=(",", ":")))
+        return Waiting("sessions", "session", self._session_subject, self._session_prefix, rows, payloads)
 
-    def mark(self, acked: Sequence[Outgoing], at: float) -> None:
-        """Record the broker's acknowledgement of ``acked`` (one transaction)."""
-        with self._db:
-            for table in ("stalls", "sessions"):
-                ids = [(at, o.row) for o in acked if o.table == table]
-                if ids:
-                    self._db.executemany(f"UPDATE {table} SET exported_at = ? WHERE id = ?", ids)
+    def mark(self, runs: Sequence[tuple[str, Sequence[int]]], at: float) -> None:
+        """Record the broker's acknowledgement of the records ``runs`` names (one transaction):
+        each run is a table and row ids, ascending.
+
+        Why by runs: the exporter's acknowledged records are runs of consecutive *waiting*
+        rows (a :meth:`take` returns every waiting row past its start, in order), so a run is
+        marked with one ``UPDATE ... WHERE id BETWEEN first AND last`` over the waiting rows
+        instead of one statement per row. The rows it marked are checked against the run
+        (``RETURNING id``): if they differ (a row that became waiting inside the range since
+        it was read, which the agent never does, or a run that is not one), the transaction
+        is rolled back and the records are marked one row at a time, so no record is ever
+        marked that was not acknowledged."""
+        try:
+            with self._db:
+                for table, rows in runs:
+                    if rows:
+                        got = [r[0] for r in self._db.execute(self._MARK_RUN[table],
+                                                              (at, self.iface, rows[0], rows[-1]))]
+                        got.sort()
+                        if got != list(rows):
+                            raise _NotARun
+        except _NotARun:
+            with self._db:
+                for table, rows in runs:
+                    self._db.executemany(f"UPDATE {table} SET exported_at = ? WHERE id = ?",
+                                         [(at, r) for r in rows])
+
+
+class _NotARun(Exception):
+    """:meth:`Outbox.mark`: a run's range held other waiting rows than the run's."""
 
 
 @dataclass
@@ -357,6 +440,9 @@ class Exporter:
         self._ready = threading.Event()
         self._streak = 0
         self._seq = 0
+        self._inflight = {}
+        self._window = deque()
+        self._after = {}
         #: no stream answered (503): look the stream up (or create it) before the next batch
         self._need_stream = False
 
@@ -447,8 +533,8 @@ class Exporter:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._inflight, self._window, self._after = {}, deque(), {}
         outbox = Outbox(self.db, self.iface, self.router)
-        self._uuid = outbox.uuid
         self._ready.set()
         log.info("%s: exporting to %s as router %s (stream %s, R%d if it is created)", self.iface,
                  ",".join(self.urls), self.router, STREAM, self.replicas)
@@ -458,6 +544,7 @@ class Exporter:
             while not self._past_drain():
                 self._count(outbox)  # also while the broker is away: the backlog is what it shows
                 if nc is None or nc.is_closed:
+                    await self._finish_all(outbox)  # rounds sent on a closed connection: retried
                     nc = await self._connect()
                     if nc is None or not await self._ensure_stream(nc):
                         if self._stopping():
@@ -567,32 +654,32 @@ class Exporter:
             self._count_at = now + COUNT_EVERY
             self._set(backlog=outbox.backlog())
 
-    # one batch in flight: token -> the records of its message; acknowledgements fill _acked
+    # rounds in flight, oldest first; token -> (its round, the message's index) for the acks
     _ack_prefix = ""
-    _uuid = ""
-    _inflight: dict[str, list[Outgoing]]
-    _acked: list[Outgoing]
-    _refused: list[str]
-    _done: asyncio.Event
+    _inflight: dict[str, tuple[_Round, int]]
+    _window: deque[_Round]
+    #: per table, the last row taken by a round in flight: the next take starts past it
+    _after: dict[str, int]
 
     async def _on_ack(self, msg: Any) -> None:
-        o = self._inflight.pop(msg.subject[len(self._ack_prefix):], None)
-        if o is None:
-            return  # a late answer of an earlier batch: its record was retried
+        hit = self._inflight.pop(msg.subject[len(self._ack_prefix):], None)
+        if hit is None:
+            return  # a late answer of an earlier round: its records were retried
+        rnd, i = hit
         hdr = msg.headers
         if hdr and hdr.get("Status") == "503":
-            self._refused.append("no stream answers (503)")
+            rnd.refused.append("no stream answers (503)")
         elif b'"error"' in msg.data:
-            self._refused.append(msg.data.decode(errors="replace")[:200])
+            rnd.refused.append(msg.data.decode(errors="replace")[:200])
         else:
-            self._acked.extend(o)
-        if not self._inflight:
-            self._done.set()
+            rnd.acked[i] = True
+        rnd.left -= 1
+        if not rnd.left:
+            rnd.done.set()
 
-    def _messages(self, recs: list[Outgoing],
-                  max_payload: int) -> list[tuple[str, str, bytes, list[Outgoing]]]:
-        """(subject, Nats-Msg-Id, payload, its records) of each message: one per record (schema
-        v1), or with ``records_per_msg`` > 1, v2 batches of consecutive records of one subject.
+    def _messages(self, waiting: Sequence[Waiting], max_payload: int) -> list[Message]:
+        """The messages of ``waiting``: one per record (schema v1), or with ``records_per_msg``
+        > 1, v2 batches of consecutive records of one subject.
 
         Why batches: JetStream stores, de-duplicates and acknowledges per message, and each
         consumer pays its client's per-message costs, so several records per message is what
@@ -600,40 +687,38 @@ class Exporter:
         and a digest of all of them), so a re-sent batch of the same records is de-duplicated
         by JetStream, and a batch that regroups them after a failure has another id: consumers
         are idempotent on each record's own id anyway (docs/export.md)."""
+        out: list[Message] = []
         if self.records_per_msg <= 1:
-            return [(o.subject, o.msg_id, o.payload, [o]) for o in recs]
-        out = []
+            for w in waiting:
+                pre, subject, table = w.prefix, w.subject, w.table
+                out.extend(Message(subject, f"{pre}{row}", p.encode(), table, [row])
+                           for row, p in zip(w.rows, w.payloads, strict=True))
+            return out
         # a message stays under half the server's max_payload (1 MiB by default; 0: not known yet)
         limit = max_payload // 2 if max_payload > 0 else 1 << 19
-        group: list[Outgoing] = []
-        size = 0
-
-        def close() -> None:
-            first = group[0]
-            kind = "stall" if first.table == "stalls" else "session"
-            rows = ",".join(str(o.row) for o in group).encode()
-            mid = (f"{self.router}/{self._uuid}/{kind}/{first.row}-{group[-1].row}/"
-                   f"{hashlib.blake2b(rows, digest_size=8).hexdigest()}")
-            body = b'{"v":%d,"type":"batch","id":%s,"router":%s,"records":[%s]}' % (
-                BATCH_SCHEMA_VERSION, _q(mid).encode(), _q(self.router).encode(),
-                b",".join(o.payload for o in group))
-            out.append((first.subject, mid, body, list(group)))
-            group.clear()
-
-        for o in recs:
-            if group and (o.subject != group[0].subject or len(group) >= self.records_per_msg
-                          or size + len(o.payload) > limit):
-                close()
-                size = 0
-            group.append(o)
-            size += len(o.payload) + 1
-        if group:
-            close()
+        per, qrouter = self.records_per_msg, _q(self.router)
+        for w in waiting:
+            rows, pays, n = w.rows, w.payloads, len(w.rows)
+            i = 0
+            while i < n:
+                end = min(i + per, n)
+                # the records are ASCII (json's escaper): a text's length is its size in bytes
+                size, j = len(pays[i]) + 1, i + 1
+                while j < end and size + len(pays[j]) <= limit:
+                    size += len(pays[j]) + 1
+                    j += 1
+                group = rows[i:j]
+                digest = hashlib.blake2b(",".join(map(str, group)).encode(), digest_size=8).hexdigest()
+                mid = f"{w.prefix}{group[0]}-{group[-1]}/{digest}"
+                body = (f'{{"v":{BATCH_SCHEMA_VERSION},"type":"batch","id":{_q(mid)},"router":{qrouter},'
+                        f'"records":[{",".join(pays[i:j])}]}}')
+                out.append(Message(w.subject, mid, body.encode(), w.table, group))
+                i = j
         return out
 
-    async def _publish(self, nc: Any, recs: list[Outgoing]) -> None:
-        """Publish ``recs`` (:meth:`_messages`), each message with a reply subject of its own
-        under the ack inbox.
+    async def _publish(self, nc: Any, rnd: _Round) -> None:
+        """Publish the messages of ``rnd``, each with a reply subject of its own under the
+        ack inbox, and hand them to the client's flusher.
 
         Why not ``nc.publish`` per message: it validates and encodes each header and
         runs a coroutine per message, which is most of the exporter's time. The
@@ -645,61 +730,140 @@ class Exporter:
         prefix = self._ack_prefix
         send = getattr(nc, "_send_command", None)
         chunk: list[bytes] = []
-        for subject, msg_id, payload, group in self._messages(recs, int(getattr(nc, "max_payload", 0) or 0)):
-            # unique across batches: a late answer to an earlier batch never acknowledges this one
+        for i, m in enumerate(rnd.msgs):
+            # unique across rounds: a late answer to an earlier round never acknowledges this one
             self._seq += 1
             token = str(self._seq)
-            self._inflight[token] = group
+            self._inflight[token] = (rnd, i)
             if send is None:
-                await nc.publish(subject, payload, reply=prefix + token, headers={"Nats-Msg-Id": msg_id})
+                await nc.publish(m.subject, m.payload, reply=prefix + token,
+                                 headers={"Nats-Msg-Id": m.msg_id})
                 continue
-            hdr = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()
+            hdr = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % m.msg_id.encode()
             chunk.append(b"HPUB %s %s%s %d %d\r\n%s%s\r\n" % (
-                subject.encode(), prefix.encode(), token.encode(), len(hdr), len(hdr) + len(payload), hdr,
-                payload))
+                m.subject.encode(), prefix.encode(), token.encode(), len(hdr), len(hdr) + len(m.payload), hdr,
+                m.payload))
             if len(chunk) >= PUB_CHUNK:
                 await send(b"".join(chunk))
                 chunk = []
-        if chunk and send is not None:
-            await send(b"".join(chunk))
+        if send is not None:
+            if chunk:
+                await send(b"".join(chunk))
+            # what nc.publish does after each message: wake the flusher (nc.flush would also
+            # wait for the server's PONG, a round trip per round)
+            kick = getattr(nc, "_flush_pending", None)
+            await (kick() if kick is not None else nc.flush(timeout=ACK_TIMEOUT))
 
     async def _round(self, nc: Any, outbox: Outbox) -> int | None:
-        """Publish one batch and mark what JetStream acknowledged. Returns how many
-        records the batch had, None if some were not acknowledged (or not sent)."""
+        """Publish one round of records and mark what JetStream acknowledged. Returns how
+        many records it took, None if some (of it or of a round before) were not
+        acknowledged (or not sent).
+
+        Why a window of rounds: the broker stores and acknowledges a round while the
+        exporter reads, encodes and publishes the next one (and marks the one before),
+        instead of each waiting for the other: up to :data:`WINDOW` rounds are in flight,
+        each taking the waiting rows past those of the rounds before it. A round is
+        finished (awaited, marked) oldest first; after a failure every round in flight is
+        finished (what was acknowledged is marked) and the next take starts from the
+        oldest waiting row again, so nothing unacknowledged is skipped. A take of less than a
+        full round (the outbox drained) finishes them all: nothing stays in flight while
+        the exporter idles."""
         if not nc.is_connected:
             self._fail("publish", "not connected to the broker")
+            await self._finish_all(outbox)
             return None
-        recs = outbox.take(self.batch)
-        if not recs:
-            return 0
-        self._inflight, self._acked, self._refused, self._done = {}, [], [], asyncio.Event()
-        try:
-            await self._publish(nc, recs)
-            await nc.flush(timeout=ACK_TIMEOUT)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._done.wait(), ACK_TIMEOUT)
-        except Exception as e:  # disconnected mid-batch, buffer full, flush timed out
-            self._fail("publish", e)
-        acked, refused = self._acked, self._refused
-        missing = len(recs) - len(acked)
+        waiting = outbox.take(self.batch, self._after)
+        taken = sum(len(w) for w in waiting)
+        if taken:
+            for w in waiting:
+                self._after[w.table] = w.rows[-1]
+            rnd = _Round(self._messages(waiting, int(getattr(nc, "max_payload", 0) or 0)), taken)
+            self._window.append(rnd)
+            try:
+                await self._publish(nc, rnd)
+            except Exception as e:  # disconnected mid-round, buffer full
+                self._fail("publish", e)
+                await self._finish_all(outbox)
+                return None
+        while self._window and (len(self._window) >= WINDOW or taken < self.batch):
+            if not await self._finish(self._window.popleft(), outbox):
+                await self._finish_all(outbox)
+                return None
+        if not self._window:
+            self._after = {}
+        return taken
+
+    async def _finish_all(self, outbox: Outbox) -> None:
+        """Finish every round in flight (their failures already counted by the caller's)."""
+        while self._window:
+            await self._finish(self._window.popleft(), outbox, quiet=True)
+        self._after = {}
         self._inflight = {}
-        if acked:
-            outbox.mark(acked, self._wall())
-            n_stalls = sum(1 for o in acked if o.table == "stalls")
+
+    async def _finish(self, rnd: _Round, outbox: Outbox, quiet: bool = False) -> bool:
+        """Await ``rnd``'s acknowledgements (until :data:`ACK_TIMEOUT` s after it was sent)
+        and mark the acknowledged records; False if some were not acknowledged."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(rnd.done.wait(), max(0.0, rnd.sent + ACK_TIMEOUT - time.monotonic()))
+        if rnd.left:  # a late answer is ignored: its records are sent again
+            for token in [t for t, (r, _) in self._inflight.items() if r is rnd]:
+                del self._inflight[token]
+        runs: list[tuple[str, list[int]]] = []
+        n_acked = n_stalls = 0
+        prev = False
+        for m, ok in zip(rnd.msgs, rnd.acked, strict=True):
+            if ok:
+                if prev and runs[-1][0] == m.table:
+                    runs[-1][1].extend(m.rows)
+                else:
+                    runs.append((m.table, list(m.rows)))
+                n_acked += len(m.rows)
+                if m.table == "stalls":
+                    n_stalls += len(m.rows)
+            prev = ok
+        if runs:
+            outbox.mark(runs, self._wall())
             with self._lock:
                 self._stats.exported_stalls += n_stalls
-                self._stats.exported_sessions += len(acked) - n_stalls
+                self._stats.exported_sessions += n_acked - n_stalls
                 self._stats.last_export = self._wall()
-                self._stats.backlog = max(0, self._stats.backlog - len(acked))
-        if missing:
-            with self._lock:
-                self._stats.retries += missing
-            if refused:
-                self._need_stream = any("503" in r for r in refused)
-                self._fail("publish", f"{len(refused)} refused, e.g. {refused[0]}")
-            else:
-                self._fail("publish",
-                           f"{missing} of {len(recs)} record(s) not acknowledged in {ACK_TIMEOUT:g} s")
-            return None
-        self._ok()
-        return len(recs)
+                self._stats.backlog = max(0, self._stats.backlog - n_acked)
+        missing = rnd.records - n_acked
+        if not missing:
+            if not quiet:
+                self._ok()
+            return True
+        with self._lock:
+            self._stats.retries += missing
+        if any("503" in r for r in rnd.refused):
+            self._need_stream = True
+        if quiet:
+            pass
+        elif rnd.refused:
+            self._fail("publish", f"{len(rnd.refused)} refused, e.g. {rnd.refused[0]}")
+        else:
+            self._fail("publish",
+                       f"{missing} of {rnd.records} record(s) not acknowledged in {ACK_TIMEOUT:g} s")
+        return False
+
+
+@dataclass(slots=True)
+class _Round:
+    """The messages of one round in flight and what their acknowledgements said."""
+
+    msgs: list[Message]
+    #: how many records its messages hold
+    records: int
+    acked: list[bool] = field(init=False)
+    #: messages not answered yet
+    left: int = field(init=False)
+    refused: list[str] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: monotonic time it was made (its acknowledgements are awaited until ACK_TIMEOUT after)
+    sent: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.acked = [False] * len(self.msgs)
+        self.left = len(self.msgs)
+        if not self.msgs:
+            self.done.set()

@@ -85,7 +85,12 @@ def ensure_outbox(db: sqlite3.Connection) -> str:
     ``sessions``, partial indexes over the waiting rows (so finding the backlog
     costs nothing when it is empty), and a ``meta`` table holding a random uuid
     drawn once per file (a recreated file's row ids never collide with old ones
-    in message ids). Agents that predate export ignore all of it."""
+    in message ids). Agents that predate export ignore all of it.
+
+    A row becomes waiting only by being inserted (with a new, higher id: ids are
+    AUTOINCREMENT), never in place, except by :meth:`History.mark_interrupted`, which runs
+    when an agent starts, before its exporter: the exporter marks acknowledged records by
+    runs of row ids and relies on this (and checks it: ``Outbox.mark``)."""
     import uuid
 
     with db:
