@@ -356,8 +356,11 @@ class Outbox:
         (``RETURNING id``): if they differ (a row that became waiting inside the range since
         it was read, which the agent never does, or a run that is not one), the transaction
         is rolled back and the records are marked one row at a time, so no record is ever
-        marked that was not acknowledged."""
+        marked that was not acknowledged. (An SQLite older than 3.35 has no ``RETURNING``:
+        there the marks always go one row at a time.)"""
         try:
+            if sqlite3.sqlite_version_info < (3, 35, 0):
+                raise _NotARun
             with self._db:
                 for table, rows in runs:
                     if rows:
