@@ -1,5 +1,6 @@
-"""Congestion control for the lab's page connection (the autoplay signal's), at
-both ends: aioquic's Reno, or a window that never shrinks.
+"""Congestion control and stream room for the lab's page connection (the
+autoplay signal's): aioquic's Reno, or a window that never shrinks, at both
+ends; and how many requests the page host lets a client have open.
 
 Why a choice: the signal's answers and the server's acknowledgements of the
 toggles cross the bottleneck that makes the stall. Starved below the signal's
@@ -17,6 +18,7 @@ from typing import Any
 
 from aioquic.quic.congestion.base import register_congestion_control
 from aioquic.quic.congestion.reno import RenoCongestionControl
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet_builder import QuicSentPacket
 
 #: the page host's answers in one packet each: a window so large that neither it nor the
@@ -58,3 +60,20 @@ class FixedWindow(RenoCongestionControl):
 register_congestion_control("iqn-fixed", FixedWindow)
 #: --www-cc choices -> aioquic's algorithm names
 WWW_CC = {"reno": "reno", "fixed": "iqn-fixed"}
+
+
+#: requests the VM pair's page host lets a client have open at once (--www-streams)
+PAGE_STREAMS = 4096
+
+
+def allow_streams(quic: QuicConnection, streams: int) -> None:
+    """Let the peer of ``quic`` (a server's connection, before its handshake) open
+    ``streams`` bidirectional streams at once.
+
+    Why: each toggle is a request on a new stream. aioquic grants 128 streams in all
+    and raises the grant (doubling it once half is used) in a MAX_STREAMS frame,
+    which crosses the starved bottleneck like the answers do: in a VM pair run the
+    player's toggles stopped for 3 s when its 128th stream was opened (the frame was
+    stuck or lost on the way) and then 75 left at once. A larger initial grant keeps
+    the toggles independent of the path back for a whole check."""
+    quic._local_max_streams_bidi.value = streams

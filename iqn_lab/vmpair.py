@@ -48,6 +48,7 @@ from iqn_lab import topology as T
 from iqn_lab.certs import make_cert
 from iqn_lab.errors import LabError
 from iqn_lab.ott.media import MediaSpec, ensure_media
+from iqn_lab.quic_cc import PAGE_STREAMS
 
 ROOT = Path(__file__).resolve().parent.parent
 VAGRANT_DIR = ROOT / "vagrant"
@@ -64,14 +65,15 @@ MEDIA = MediaSpec(kbit=400)
 #: a player stall this long must be reported; shorter ones (the startup wait) may be
 MIN_STALL_S = 1.5
 #: agent stalls closer than this are one stall in pieces (see :func:`match`). Under TCG the
-#: signal pauses once, for 0-0.7 s, when the bottleneck lifts: the client VM's one emulated
-#: CPU is busy with the media download's refill, so the agent's end condition holds for a
-#: moment (two runs of 2026-12-02: pieces 0.0 and 0.71 s apart); retransmitted answers
-#: after a stall came 2.5 s after its end, and are not joined
+#: signal may pause when the bottleneck lifts (the client VM's one emulated CPU refills the
+#: video buffer): pieces 0.0 and 0.71 s apart in two runs of 2026-12-02 (before the page
+#: host's stream grant, which may have been the cause); retransmitted answers after a stall
+#: came 2.5 s after its end, and are not joined
 PIECE_GAP_S = 1.5
 #: an inferred duration may differ from the player's by this much plus a share of it
-#: (measured under TCG with both ends of the page connection on a fixed window: -0.16,
-#: -0.28 and +0.63 s; with Reno at the client: -4.1 s of 12.7, toggles held back by lost ACKs)
+#: (measured under TCG, both ends of the page connection on a fixed window and 4096 streams:
+#: -0.30 and +0.76 s; on a fixed window with 128 streams -0.16, -0.28, +0.63 and -4.3 s; with
+#: Reno at the client -4.1 s of 12.7: toggles held back by what the starved path delays)
 DURATION_TOL_S, DURATION_TOL_FRAC = 1.0, 0.2
 UP_TIMEOUT = 1800
 LIBVIRT_PROBE_TIMEOUT = 900
@@ -349,6 +351,8 @@ class VmPair:
                 str(ready),
                 "--www-cc",
                 "fixed",  # the slow client's toggles arrive together: one answer per packet still
+                "--www-streams",  # toggles never wait for the starved path back (iqn_lab.quic_cc)
+                str(PAGE_STREAMS),
             ],
             ns=ns,
         )

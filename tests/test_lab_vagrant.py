@@ -306,10 +306,13 @@ def test_match_joins_a_stall_reported_in_pieces() -> None:
 
 
 def test_vm_pair_stall_crosses_the_tunnel(tmp_path: Path) -> None:
-    """Budget: 15 min on a quiet 2-core CI box from scratch (box build ~2.5 min, `vagrant up`
+    """Budget: 15 min on a quiet 2-core CI box from scratch (box build ~2 min, `vagrant up`
     of both VMs under TCG, the agent's first compile, the signal run and destroy); measured
-    here under load 6-12: box 149-475 s, up 619-865 s, agent 144-465 s, signal 51-64 s, destroy
-    6-12 s (this test: 856-1273 s with a cached box; `up` waits up to 1500 s per VM for SSH).
+    here on a quiet box (2026-12-02): box 115 s, up 122-159 s, agent 100-111 s, signal 49-52 s,
+    destroy 6-8 s (this test: 340 s with a cached box); under load 6-12: box 149-475 s, up
+    619-865 s, agent 144-465 s (856-1273 s with a cached box; `up` waits up to 1500 s per VM
+    for SSH). `up` took 4-5 minutes more while libvirt re-probed QEMU on every call (see
+    test_libvirt_answers_from_its_capabilities_cache).
     The box is cached in /var/cache/iqn between runs.
     ``make vagrant-check`` runs the same check.
 

@@ -77,7 +77,8 @@ def test_only_an_answer_alone_in_its_packet_teaches_the_overhead() -> None:
 def test_the_players_page_connection_uses_the_chosen_window(tmp_path: object) -> None:
     """The player's page connection (its toggles) takes ``--www-cc`` too: over loopback to a
     real OTT page host, a toggle is answered and the connection's controller is the fixed
-    window (``fixed``) or aioquic's Reno (the default)."""
+    window (``fixed``) or aioquic's Reno (the default); the page host's ``--www-streams``
+    grant reached the client in the handshake (aioquic's own is 128)."""
     import asyncio
     import json
     import random
@@ -90,7 +91,7 @@ def test_the_players_page_connection_uses_the_chosen_window(tmp_path: object) ->
 
     from iqn_lab.certs import make_cert
     from iqn_lab.player import h3_connect
-    from iqn_lab.quic_cc import FixedWindow
+    from iqn_lab.quic_cc import PAGE_STREAMS, FixedWindow
 
     d = Path(str(tmp_path))
     make_cert(d / "c.crt", d / "c.key", "www.iqn.test", ("www.iqn.test",))
@@ -98,7 +99,8 @@ def test_the_players_page_connection_uses_the_chosen_window(tmp_path: object) ->
     ott = subprocess.Popen(
         [sys.executable, "-m", "iqn_lab.ott.server", "--cert", str(d / "c.crt"), "--key", str(d / "c.key"),
          "--media-dir", str(d), "--www-addr", "127.0.0.1", "--media-addr", "127.0.0.1", "--port", str(port),
-         "--hosts", "www", "--www-cc", "fixed", "--log", str(d / "ott.jsonl"), "--ready", str(d / "ready")],
+         "--hosts", "www", "--www-cc", "fixed", "--www-streams", str(PAGE_STREAMS),
+         "--log", str(d / "ott.jsonl"), "--ready", str(d / "ready")],
         stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -109,6 +111,7 @@ def test_the_players_page_connection_uses_the_chosen_window(tmp_path: object) ->
         async def toggle(cc: str) -> tuple[int, object]:
             c = await h3_connect("127.0.0.1", port, "www.iqn.test", None, str(d / "c.crt"), cc)
             try:
+                assert c._quic._remote_max_streams_bidi == PAGE_STREAMS
                 status, _ = await c.send_request("POST", "www.iqn.test", "/api/autoplay",
                                                  json.dumps({"autoplay": False}).encode())
                 return status, c._quic._loss._cc
@@ -121,3 +124,14 @@ def test_the_players_page_connection_uses_the_chosen_window(tmp_path: object) ->
     finally:
         ott.terminate()
         ott.wait(10)
+
+
+def test_www_streams_must_be_positive() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "iqn_lab.ott.server", "--cert", "c", "--key", "k",
+                        "--media-dir", ".", "--www-addr", "127.0.0.1", "--media-addr", "127.0.0.1",
+                        "--www-streams", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--www-streams must be at least 1, got 0" in r.stderr, r.stderr

@@ -34,7 +34,7 @@ from aioquic.h3.events import DataReceived, H3Event, Headers, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ProtocolNegotiated, QuicEvent
 
-from iqn_lab.quic_cc import WWW_CC
+from iqn_lab.quic_cc import WWW_CC, allow_streams
 
 
 def big_rcvbuf(sock: Any, size: int = 4 << 20) -> None:
@@ -123,9 +123,13 @@ class OttProtocol(QuicConnectionProtocol):
     """One QUIC connection: HTTP/3 requests in, responses out."""
 
     site: Site  # set by make_protocol
+    #: bidirectional streams a client may open at once (None: aioquic's 128; see --www-streams)
+    streams: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.streams is not None:
+            allow_streams(self._quic, self.streams)
         self._h3: SizedH3Connection | None = None
         self._requests: dict[int, Request] = {}
         self._overhead = FIRST_OVERHEAD_GUESS
@@ -268,12 +272,13 @@ async def run(args: argparse.Namespace) -> None:
     log = open(args.log, "a", encoding="utf-8") if args.log else sys.stdout
     keylog = open(args.keylog, "a", encoding="utf-8") if args.keylog else None
     site = Site(args.www_host, args.media_host, Path(args.media_dir), log)
-    protocol = type("BoundOttProtocol", (OttProtocol,), {"site": site})
+    protocols = {h: type("BoundOttProtocol", (OttProtocol,), {"site": site, "streams": streams})
+                 for h, streams in (("www", args.www_streams), ("media", None))}
     cfgs = {"www": configuration(Path(args.cert), Path(args.key), keylog, args.www_cc),
             "media": configuration(Path(args.cert), Path(args.key), keylog)}
     hosts = ["www", "media"] if args.hosts == "both" else [args.hosts]
     addr = {"www": args.www_addr, "media": args.media_addr}
-    servers = [await serve(addr[h], args.port, configuration=cfgs[h], create_protocol=protocol)
+    servers = [await serve(addr[h], args.port, configuration=cfgs[h], create_protocol=protocols[h])
                for h in hosts]
     for s in servers:  # many viewers share these two sockets: room for their bursts (see big_rcvbuf)
         sock = s._transport.get_extra_info("socket") if s._transport is not None else None
@@ -310,7 +315,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="the page host's congestion control: reno (aioquic's), or fixed: a window "
                          "losses never shrink, so a burst of answers always leaves one per packet "
                          "(FixedWindow)")
-    asyncio.run(run(ap.parse_args(argv)))
+    ap.add_argument("--www-streams", type=int, default=None, metavar="N",
+                    help="requests a client may have open at once on the page host (default: "
+                         "aioquic's 128, raised as they complete): each toggle is one, and its "
+                         "stream stays open until its answer is acknowledged (iqn_lab.quic_cc)")
+    args = ap.parse_args(argv)
+    if args.www_streams is not None and args.www_streams < 1:
+        ap.error(f"--www-streams must be at least 1, got {args.www_streams}")
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":
