@@ -22,16 +22,13 @@ from .lines import MediaLine
 from .mle import Estimate, infer_counts, slot_of
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS lines (
-  t DOUBLE NOT NULL, path VARCHAR[] NOT NULL, n BIGINT NOT NULL, m BIGINT NOT NULL,
-  client VARCHAR, server VARCHAR, router VARCHAR, kind VARCHAR);
+CREATE TABLE IF NOT EXISTS paths (id INTEGER PRIMARY KEY, path VARCHAR[] NOT NULL);
 CREATE TABLE IF NOT EXISTS slots (
   slot DOUBLE NOT NULL, slot_s DOUBLE NOT NULL, nlines BIGINT NOT NULL, units BIGINT NOT NULL,
   good BIGINT NOT NULL, threshold DOUBLE NOT NULL, l1 DOUBLE NOT NULL, PRIMARY KEY (slot, slot_s));
 CREATE TABLE IF NOT EXISTS estimates (
   slot DOUBLE NOT NULL, slot_s DOUBLE NOT NULL, component VARCHAR[] NOT NULL, p DOUBLE NOT NULL,
   lo DOUBLE NOT NULL, hi DOUBLE NOT NULL, lines BIGINT NOT NULL, faulty BOOLEAN NOT NULL);
-ALTER TABLE lines ADD COLUMN IF NOT EXISTS id VARCHAR;
 CREATE TABLE IF NOT EXISTS records (
   id VARCHAR PRIMARY KEY, type VARCHAR NOT NULL, router VARCHAR NOT NULL, stored_at DOUBLE NOT NULL);
 CREATE TABLE IF NOT EXISTS stalls (
@@ -40,6 +37,30 @@ CREATE TABLE IF NOT EXISTS stalls (
 CREATE TABLE IF NOT EXISTS rejected (
   id VARCHAR NOT NULL, type VARCHAR, router VARCHAR, reason VARCHAR NOT NULL, raw BLOB,
   rejected_at DOUBLE NOT NULL);
+"""
+
+# a line names its path by the id of a row of ``paths`` (each distinct path stored once): the
+# list column written per line was half of the store's CPU per record (its own insert and,
+# mostly, the commit's write-ahead log: bench/bench_qos_serve.py), an integer is not
+_LINES = """
+CREATE TABLE IF NOT EXISTS lines (
+  t DOUBLE NOT NULL, path_id INTEGER NOT NULL, n BIGINT NOT NULL, m BIGINT NOT NULL,
+  client VARCHAR, server VARCHAR, router VARCHAR, kind VARCHAR, id VARCHAR);
+"""
+
+# a store written before ``paths`` (a list column ``path`` per line, ``id`` added later): its
+# lines are rewritten once, each distinct path into ``paths``, in one transaction
+_MIGRATE = """
+ALTER TABLE lines ADD COLUMN IF NOT EXISTS id VARCHAR;
+INSERT INTO paths SELECT (row_number() OVER (ORDER BY path) - 1)::INTEGER, path
+  FROM (SELECT DISTINCT path FROM lines);
+CREATE TABLE lines_v2 (
+  t DOUBLE NOT NULL, path_id INTEGER NOT NULL, n BIGINT NOT NULL, m BIGINT NOT NULL,
+  client VARCHAR, server VARCHAR, router VARCHAR, kind VARCHAR, id VARCHAR);
+INSERT INTO lines_v2 SELECT l.t, p.id, l.n, l.m, l.client, l.server, l.router, l.kind, l.id
+  FROM lines l JOIN paths p ON p.path = l.path;
+DROP TABLE lines;
+ALTER TABLE lines_v2 RENAME TO lines;
 """
 
 
@@ -56,9 +77,6 @@ class Ingested:
     types: dict[str, int]  # new usable messages per type
 
 
-_SEP = "\x1f"  # ASCII unit separator: joins a path's ids on their way into DuckDB
-
-
 class Store:
     """A DuckDB file (``:memory:`` for none) holding lines and per-slot estimates."""
 
@@ -66,7 +84,16 @@ class Store:
         self.path = str(path)
         try:
             self.con = duckdb.connect(self.path)
+            self.con.execute("BEGIN")
             self.con.execute(_SCHEMA)
+            cols = {r[0] for r in self.con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'lines'").fetchall()}
+            self.con.execute(_MIGRATE if "path" in cols else _LINES)
+            self.con.execute("COMMIT")
+            # path -> its id in ``paths``: the writer (one connection: DuckDB lets one process
+            # write a file) numbers new paths itself, so a batch's lines need no lookup query
+            self._path_ids: dict[tuple[str, ...], int] = {
+                tuple(p): int(i) for i, p in self.con.execute("SELECT id, path FROM paths").fetchall()}
         except duckdb.Error as e:
             raise QosError(f"{self.path}: cannot open the store ({e})") from None
 
@@ -77,8 +104,30 @@ class Store:
         """Another connection to the same database, for another thread (a DuckDB connection
         is not shared between threads; ``iqn-qos serve`` infers on its own while it stores)."""
         other = Store.__new__(Store)
-        other.path, other.con = self.path, self.con.cursor()
+        other.path, other.con, other._path_ids = self.path, self.con.cursor(), self._path_ids
         return other
+
+    def _path_column(self, paths: Sequence[tuple[str, ...]], new: list[tuple[str, ...]]) -> np.ndarray:
+        """The ids of ``paths`` (int32, for the lines' ``path_id``); the paths new to the store are
+        inserted into ``paths`` (inside the caller's transaction) and appended to ``new``, for
+        :meth:`_forget` should that transaction roll back."""
+        ids = self._path_ids
+        out = np.empty(len(paths), np.int32)
+        for k, p in enumerate(paths):
+            i = ids.get(p)
+            if i is None:
+                i = ids[p] = len(ids)
+                new.append(p)
+            out[k] = i
+        if new:
+            self.con.execute("INSERT INTO paths SELECT unnest($1::INTEGER[]), unnest($2::VARCHAR[][])",
+                             [[ids[p] for p in new], [list(p) for p in new]])
+        return out
+
+    def _forget(self, new: Sequence[tuple[str, ...]]) -> None:
+        """Drop paths numbered in a transaction that rolled back (they are not in ``paths``)."""
+        for p in new:
+            self._path_ids.pop(p, None)
 
     def __enter__(self) -> Store:
         return self
@@ -87,23 +136,16 @@ class Store:
         self.close()
 
     def add_lines(self, lines: Sequence[MediaLine]) -> None:
-        """Append lines in one statement (list parameters unnested: no row-by-row inserts)."""
-        cols = (
-            [ln.t for ln in lines],
-            [list(ln.path) for ln in lines],
-            [ln.n for ln in lines],
-            [ln.m for ln in lines],
-            [ln.client for ln in lines],
-            [ln.server for ln in lines],
-            [ln.router for ln in lines],
-            [ln.kind for ln in lines],
-        )
-        self.con.execute(
-            "INSERT INTO lines (t, path, n, m, client, server, router, kind) SELECT unnest($1::DOUBLE[]),"
-            " unnest($2::VARCHAR[][]), unnest($3::BIGINT[]), unnest($4::BIGINT[]), unnest($5::VARCHAR[]),"
-            " unnest($6::VARCHAR[]), unnest($7::VARCHAR[]), unnest($8::VARCHAR[])",
-            list(cols),
-        )
+        """Append lines in one transaction (numpy columns: no row-by-row inserts)."""
+        self.con.execute("BEGIN")
+        new: list[tuple[str, ...]] = []
+        try:
+            self._insert_lines(lines, None, new)
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            self._forget(new)
+            raise
 
     def ingest(self, batch: Sequence[Decoded], raw: Sequence[bytes], now: float) -> Ingested:
         """Store a batch of decoded export messages in one transaction, idempotent on their ids.
@@ -118,6 +160,7 @@ class Store:
             first.setdefault(d.id, i)
         uniq = [batch[i] for i in first.values()]
         con = self.con
+        new_paths: list[tuple[str, ...]] = []
         con.execute("BEGIN")
         try:
             # the batch's columns reach DuckDB as numpy arrays it scans directly: passing Python
@@ -146,7 +189,8 @@ class Store:
             fresh = uniq if new is None else [d for d in uniq if d.id in new]
             lines = [d for d in fresh if d.line is not None]
             if lines:
-                self._insert_lines(lines)
+                self._insert_lines([d.line for d in lines if d.line is not None], [d.id for d in lines],
+                                   new_paths)
             stalls = [d for d in fresh if d.stall is not None]
             if stalls:
                 self._insert_stalls(stalls)
@@ -162,6 +206,7 @@ class Store:
             con.execute("COMMIT")
         except duckdb.Error as e:
             con.execute("ROLLBACK")
+            self._forget(new_paths)
             raise QosError(f"{self.path}: cannot store a batch ({e})") from None
         return Ingested(
             lines=[d.line for d in lines if d.line is not None],
@@ -172,36 +217,24 @@ class Store:
             types=dict(Counter(d.type for d in fresh if d.error is None)),
         )
 
-    def _insert_lines(self, rows: Sequence[Decoded]) -> None:
-        """Paths travel as one string each, split in SQL: handing DuckDB a list of lists
-        cost twice the whole insert (bench/bench_qos_serve.py); ids holding the separator
-        (never in practice) take the list-of-lists way."""
-        ls = [d.line for d in rows if d.line is not None]
-        comps = {c for ln in ls for c in ln.path}
-        if any(_SEP in c for c in comps):
-            self.con.execute(
-                "INSERT INTO lines (t, path, n, m, client, server, router, kind, id) SELECT"
-                " unnest($1::DOUBLE[]), unnest($2::VARCHAR[][]), unnest($3::BIGINT[]), unnest($4::BIGINT[]),"
-                " unnest($5::VARCHAR[]),"
-                " unnest($6::VARCHAR[]), unnest($7::VARCHAR[]), unnest($8::VARCHAR[]), unnest($9::VARCHAR[])",
-                [[ln.t for ln in ls], [list(ln.path) for ln in ls], [ln.n for ln in ls], [ln.m for ln in ls],
-                 [ln.client for ln in ls], [ln.server for ln in ls], [ln.router for ln in ls],
-                 [ln.kind for ln in ls], [d.id for d in rows]],
-            )
-            return
+    def _insert_lines(self, ls: Sequence[MediaLine], ids: Sequence[str] | None,
+                      new: list[tuple[str, ...]]) -> None:
+        """Lines as numpy columns DuckDB scans directly (Python lists as statement parameters
+        converted every value: 7x slower), each path as its id in ``paths`` (new paths are added
+        there and to ``new``); ``ids`` are the records the lines came from (None: not from the
+        service)."""
         self.con.register("_in_lines", {
             "t": np.array([ln.t for ln in ls], np.float64),
-            "p": np.array([_SEP.join(ln.path) for ln in ls], object),
+            "p": self._path_column([ln.path for ln in ls], new),
             "n": np.array([ln.n for ln in ls], np.int64), "m": np.array([ln.m for ln in ls], np.int64),
             "client": np.array([ln.client for ln in ls], object),
             "server": np.array([ln.server for ln in ls], object),
             "router": np.array([ln.router for ln in ls], object),
             "kind": np.array([ln.kind for ln in ls], object),
-            "id": np.array([d.id for d in rows], object)})
+            "id": np.array(ids if ids is not None else [None] * len(ls), object)})
         try:
-            self.con.execute(
-                "INSERT INTO lines (t, path, n, m, client, server, router, kind, id) SELECT t,"
-                " string_split(p, chr(31)), n, m, client, server, router, kind, id FROM _in_lines")
+            self.con.execute("INSERT INTO lines (t, path_id, n, m, client, server, router, kind, id)"
+                             " SELECT t, p, n, m, client, server, router, kind, id FROM _in_lines")
         finally:
             self.con.unregister("_in_lines")
 
@@ -232,7 +265,8 @@ class Store:
 
     def lines_in(self, slot: float, slot_s: float) -> list[MediaLine]:
         rows = self.con.execute(
-            "SELECT t, path, n, m, client, server, router, kind FROM lines WHERE t >= $1 AND t < $1 + $2",
+            "SELECT l.t, p.path, l.n, l.m, l.client, l.server, l.router, l.kind FROM lines l"
+            " JOIN paths p ON p.id = l.path_id WHERE l.t >= $1 AND l.t < $1 + $2",
             [slot, slot_s],
         ).fetchall()
         return [MediaLine(r[0], tuple(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
@@ -241,11 +275,12 @@ class Store:
         """The slot's sufficient statistics (:func:`iqn_qos.mle.path_counts`) aggregated by DuckDB:
         one row per distinct path instead of one Python object per line (a slot of 5,000 lines:
         6 ms instead of 64 ms, and nothing large to send to the solver process).  Grouped on the
-        stored list as it is (half the time of sorting each list first): paths naming the same
-        components in another order are merged by :func:`iqn_qos.mle.problem_of`."""
+        path's id (each distinct stored path has one), its list joined after: paths naming the
+        same components in another order are merged by :func:`iqn_qos.mle.problem_of`."""
         rows = self.con.execute(
-            "SELECT path, sum(n - m), sum(m), count(*) FROM lines WHERE t >= $1 AND t < $1 + $2"
-            " GROUP BY path",
+            "SELECT p.path, c.bad, c.good, c.k FROM (SELECT path_id, sum(n - m) AS bad, sum(m) AS good,"
+            " count(*) AS k FROM lines WHERE t >= $1 AND t < $1 + $2 GROUP BY path_id) c"
+            " JOIN paths p ON p.id = c.path_id",
             [slot, slot_s],
         ).fetchall()
         return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]

@@ -240,16 +240,67 @@ def test_store_ingest_is_idempotent_on_ids(topo_file: Path) -> None:
         assert st.counts()["records"] == 6 and st.counts()["lines"] == 5 and st.counts()["rejected"] == 1
 
 
-def test_store_keeps_paths_exactly() -> None:
-    """Paths go into DuckDB joined by a separator and split there; an id holding the
-    separator itself takes the other way: both come back as they went in."""
-    from iqn_qos.ingest import Decoded
+def test_store_keeps_paths_exactly(tmp_path: Path) -> None:
+    """Each distinct path is stored once (``paths``) and named by id from the lines: every line
+    comes back with its own path (also ids holding odd characters, and the same components in
+    another order, which is another path), after reopening the file too; a batch that failed
+    leaves no path numbered that is not in the table."""
+    from iqn_qos.ingest import Decoded, StallRow
 
-    for path in (("srv", "a>b", "net-a"), ("odd\x1fid", "net-a")):
-        line = MediaLine(0.0, path, 10, 9, "10.1.2.3", "192.0.2.1", "r0", "iqn")
-        with Store(":memory:") as st:
-            st.ingest([Decoded("r0/h/session/1", "session", "r0", line=line)], [b"{}"], 1.0)
-            assert st.lines_in(0.0, 900.0) == [line]
+    paths = [("srv", "a>b", "net-a"), ("odd\x1fid", "net-a"), ("net-a", "a>b", "srv"),
+             ("srv", "a>b", "net-a")]
+    lines = [MediaLine(float(i), p, 10 + i, 9, "10.1.2.3", "192.0.2.1", "r0", "iqn")
+             for i, p in enumerate(paths)]
+    db = tmp_path / "paths.duckdb"
+    with Store(db) as st:
+        got = st.ingest([Decoded(f"r0/h/session/{i}", "session", "r0", line=ln)
+                         for i, ln in enumerate(lines)], [b"{}"] * len(lines), 1.0)
+        assert got.lines == lines
+        assert st.lines_in(0.0, 900.0) == lines
+        assert st.con.execute("SELECT count(*) FROM paths").fetchone() == (3,)
+        st.con.execute("DROP TABLE stalls")  # the next batch fails at its stall (reopening makes it again)
+        stall_row = StallRow("r0", "eth0", "10.1.2.3", "192.0.2.1", 1.0, 2.0, 1.0, 3, "stalled", 2.0)
+        bad = MediaLine(5.0, ("never", "stored"), 1, 1)
+        with pytest.raises(QosError, match="cannot store a batch"):
+            st.ingest([Decoded("r0/h/session/9", "session", "r0", line=bad),
+                       Decoded("r0/h/stall/1", "stall", "r0", stall=stall_row)], [b"{}", b"{}"], 2.0)
+        assert st.lines_in(0.0, 900.0) == lines
+        st.add_lines([bad])  # numbered anew after the failed batch, in the table this time
+        assert st.lines_in(0.0, 900.0) == [*lines, bad]
+    with Store(db) as st:
+        assert st.lines_in(0.0, 900.0) == [*lines, bad]
+        assert st.con.execute("SELECT count(*), max(id) FROM paths").fetchone() == (4, 3)
+
+
+def test_store_from_before_paths_is_migrated(tmp_path: Path) -> None:
+    """A store written with a list column per line (before ``paths``) opens with its lines
+    unchanged and the same answer for its slot."""
+    import random
+
+    rnd = random.Random(3)
+    comps = ["s1", "s2", "a", "b", "c", "n1", "n2", "n3"]
+    lines = [MediaLine(float(i), (rnd.choice(comps[:2]), rnd.choice(comps[2:5]), rnd.choice(comps[5:])),
+                       100, rnd.choice([100, 100, 100, 90]), "10.1.2.3", "192.0.2.1", "r0", "iqn")
+             for i in range(300)]
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE lines (t DOUBLE NOT NULL, path VARCHAR[] NOT NULL, n BIGINT NOT NULL,"
+                " m BIGINT NOT NULL, client VARCHAR, server VARCHAR, router VARCHAR, kind VARCHAR)")
+    con.executemany("INSERT INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(ln.t, list(ln.path), ln.n, ln.m, ln.client, ln.server, ln.router, ln.kind)
+                     for ln in lines])
+    con.close()
+    with Store(":memory:") as fresh:
+        fresh.add_lines(lines)
+        want = fresh.infer(0.0, 900.0, l1=1e-4)
+    with Store(db) as st:
+        assert sorted(st.lines_in(0.0, 900.0), key=lambda ln: ln.t) == lines
+        assert st.infer(0.0, 900.0, l1=1e-4) == want
+        assert st.con.execute("SELECT count(*) FROM paths").fetchone() == (len({ln.path for ln in lines}),)
+        q = ("SELECT column_name FROM information_schema.columns WHERE table_name = 'lines'"
+             " ORDER BY ordinal_position")
+        cols = [r[0] for r in st.con.execute(q).fetchall()]
+        assert cols == ["t", "path_id", "n", "m", "client", "server", "router", "kind", "id"]
 
 
 def test_session_line_rejects_nonsense() -> None:
