@@ -52,7 +52,7 @@ CMD = ".venv/bin/python bench/bench_qos_serve.py"
 RATE_TARGET = 100_000
 P99_TARGET_S = 1.0
 WHY = (
-    "What the code does (issue 13's ingest work, two sessions): schema-v2 batch messages (the agent's "
+    "What the code does (issue 13's ingest work, three sessions): schema-v2 batch messages (the agent's "
     "`--export-batch`; docs/export.md) carry many records per NATS message, so nats-py's per-message "
     "costs, JetStream's and the explicit acknowledgements' are paid once per batch (acks stay explicit, "
     "one per message: ack policy *all* acknowledged a killed service's unstored batch, docs/qos.md); "
