@@ -188,7 +188,7 @@ class VmPair:
         with self.log.open("a") as f:
             f.write(line + "\n")
 
-    def vagrant(self, *args: str, timeout: float = 600, trace: bool = False) -> int:
+    def vagrant(self, *args: str, timeout: float = 600, trace: bool = False) -> None:
         """Run ``vagrant ARGS``, its output appended to vagrant.log with each line's time
         (a CI run's ``up`` failed after 297 s with no clue where the time went);
         ``trace``: Vagrant's own log (VAGRANT_LOG=info) too."""
@@ -203,7 +203,6 @@ class VmPair:
             raise LabError(
                 f"vagrant {' '.join(args)} failed ({rc}):\n" + vagrant_error(self.work / "vagrant.log")
             )
-        return rc
 
     def ssh(
         self, host: str, cmd: str, timeout: float = 300, check: bool = True
@@ -257,7 +256,10 @@ class VmPair:
         self.say(f"libvirt has QEMU's capabilities for {virt}: probe {self.times['libvirt_probe_s']:.1f} s, "
                  f"then {self.times['libvirt_lookup_s']:.2f} s from its cache")
         if self.times["libvirt_lookup_s"] > LIBVIRT_LOOKUP_MAX_S:
-            group = _run(["stat", "-c", "%G", "/dev/kvm"], check=False).stdout.strip() or "?"
+            try:
+                group = Path("/dev/kvm").group()
+            except (OSError, KeyError):  # no /dev/kvm, or a group with no name
+                group = "?"
             raise LabError(
                 f"libvirt probes QEMU again on every call ({self.times['libvirt_lookup_s']:.1f} s for a "
                 f"cached look-up; /dev/kvm's group is {group}): run scripts/setup.sh, which gives "

@@ -37,6 +37,14 @@ def need_vagrant() -> None:
     need("vagrant-libvirt" in plugins, "needs Debian's vagrant-libvirt")
 
 
+def need_libvirtd() -> None:
+    need(shutil.which("virsh") is not None, "needs virsh (bash scripts/setup.sh)")
+    need(
+        subprocess.run(["virsh", "-c", "qemu:///system", "uri"], capture_output=True).returncode == 0,
+        "needs a running libvirtd (bash scripts/setup.sh starts it)",
+    )
+
+
 def validate(cwd: Path, tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     e = dict(
         os.environ,
@@ -261,11 +269,7 @@ def test_libvirt_answers_from_its_capabilities_cache(tmp_path: Path) -> None:
     checks the look-up time before `up` and says what is wrong (shown here by taking
     /dev/kvm from the kvm group for a moment)."""
     need_root()
-    need(shutil.which("virsh") is not None, "needs virsh (bash scripts/setup.sh)")
-    need(
-        subprocess.run(["virsh", "-c", "qemu:///system", "uri"], capture_output=True).returncode == 0,
-        "needs a running libvirtd (bash scripts/setup.sh starts it)",
-    )
+    need_libvirtd()
     need(Path("/dev/kvm").exists(), "needs /dev/kvm")
     from iqn_lab import vmpair
     from iqn_lab.errors import LabError
@@ -325,10 +329,7 @@ def test_vm_pair_stall_crosses_the_tunnel(tmp_path: Path) -> None:
     need_vagrant()
     for tool in ("virsh", "qemu-system-x86_64", "debootstrap", "ssh"):
         need(shutil.which(tool) is not None, f"needs {tool} (bash scripts/setup.sh)")
-    need(
-        subprocess.run(["virsh", "-c", "qemu:///system", "uri"], capture_output=True).returncode == 0,
-        "needs a running libvirtd (bash scripts/setup.sh starts it)",
-    )
+    need_libvirtd()
     from iqn_lab import vmpair
 
     work = Path(tempfile.mkdtemp(prefix="iqn-vmpair-", dir="/var/tmp"))
