@@ -416,6 +416,20 @@ class VmPair:
         raw = self.ssh("router", "iqn-ctl stalls --json").stdout
         return [json.loads(line) for line in raw.splitlines() if line.strip()]
 
+    def agent_end(self) -> dict[str, Any]:
+        """After the run: the router agent's counters (``iqn-ctl status --json``: stalls
+        started, ended and discarded as bulk, history writes waiting or dropped) and its
+        log's stall lines, so a stall missing from the history says where it went."""
+        r = self.ssh("router", "iqn-ctl status --json", check=False)
+        rows = json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else []
+        keys = ("stalls_started", "stalls_ended", "stalls_discarded", "history_pending", "history_dropped",
+                "history_failures", "candidates", "events", "lost", "unpaired", "capped")
+        out: dict[str, Any] = {k: rows[0].get(k) for k in keys} if rows else {"status": r.stderr.strip()}
+        log = self.ssh("router", "journalctl -u 'iqn-ctl@*' --no-pager | grep ' stall ' | tail -n 20",
+                       check=False).stdout
+        out["log"] = [ln for ln in log.splitlines() if ln.strip()]
+        return out
+
     def flows(self) -> str:
         """``vagrant ssh router -c 'iqn-ctl flows'``, as a user would type it."""
         with (self.work / "vagrant.log").open("a") as f:
@@ -564,6 +578,7 @@ def check(work: Path, keep: bool = False) -> dict[str, Any]:
         events = pair.signal()
         report["flows"] = pair.flows()  # while the flow is fresh
         stalls = pair.stalls()  # by now (a Ruby start later) the last stall has ended
+        report["agent_end"] = pair.agent_end()
         pair.times["check_s"] = time.monotonic() - t0
         real = [s for s in player_stalls(events) if s["end"] - s["start"] >= MIN_STALL_S]
         report["player_stalls"] = player_stalls(events)

@@ -358,7 +358,8 @@ def test_vm_pair_stall_crosses_the_tunnel(tmp_path: Path) -> None:
     assert report["pairs"], f"the player logged no stall of {vmpair.MIN_STALL_S} s or more"
     for p in report["pairs"]:
         assert p["inferred_s"] is not None, (
-            f"a {p['real_s']:.1f} s stall was not reported: {report['agent_stalls']}"
+            f"a {p['real_s']:.1f} s stall was not reported: {report['agent_stalls']}; "
+            f"the agent at the end: {report['agent_end']}"
         )
         # ... with the duration the player measured (the agent's pieces of it joined)
         tol = vmpair.DURATION_TOL_S + vmpair.DURATION_TOL_FRAC * p["real_s"]
