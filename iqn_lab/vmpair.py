@@ -34,6 +34,7 @@ import random
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,22 @@ LIBVIRT_PROBE_TIMEOUT = 900
 #: a look-up libvirt answers from its capabilities cache takes ~0.03 s; a fresh probe ~4 s
 LIBVIRT_LOOKUP_MAX_S = 1.5
 AGENT_TIMEOUT = 600
+#: libvirt's log daemon: QEMU's console goes through it, so no domain starts without it
+VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
+
+
+def answers(sock: Path) -> bool:
+    """True when a daemon accepts connections on unix socket ``sock``. A socket file alone
+    says nothing: a machine restored from an image keeps /run/libvirt's sockets with no
+    daemon behind them (a CI run failed so, at ``vagrant up``: "Connection refused")."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(sock))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
 
 
 def _run(
@@ -246,7 +263,13 @@ class VmPair:
         own clock. Then a second look must come from the cache: where libvirt finds its
         cache stale on every call it probes QEMU again each time (~4 s), and `vagrant up`,
         which makes dozens of calls, spent 4-5 minutes so (a CI run failed at 297 s). The
-        cause seen: /dev/kvm in a group libvirt's qemu user is not in (scripts/setup.sh)."""
+        cause seen: /dev/kvm in a group libvirt's qemu user is not in (scripts/setup.sh).
+        First, virtlogd must answer: without it every domain fails to start, late in `up`."""
+        if not answers(VIRTLOGD_SOCK):
+            raise LabError(
+                f"virtlogd does not answer on {VIRTLOGD_SOCK} and libvirt starts no domain without "
+                "it: run scripts/setup.sh (or virtlogd -d)"
+            )
         virt = "qemu" if self.accel == "tcg" else "kvm"
         argv = [*VIRSH, "domcapabilities", "--virttype", virt, "--arch", "x86_64"]
         for name in ("libvirt_probe_s", "libvirt_lookup_s"):

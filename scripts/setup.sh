@@ -76,10 +76,19 @@ fi
 # The VM pair's libvirtd, and virtlogd (it keeps the VMs' console logs; without it no
 # VM starts): started here where no init system starts them (containers, CI).
 if [ "$role" = lab ] || [ "$role" = all ]; then
+  # true when a daemon accepts connections on unix socket $1
+  answers() { python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$1" 2>/dev/null; }
   if [ -d /run/systemd/system ]; then
     virsh -c qemu:///system uri >/dev/null 2>&1 || systemctl start libvirtd virtlogd
   else
-    [ -S /run/libvirt/virtlogd-sock ] || { echo "setup: starting virtlogd"; virtlogd -d; }
+    # A socket file is not a daemon: a machine restored from an image keeps /run/libvirt's
+    # sockets with nothing behind them (CI failed on "virtlogd-sock: Connection refused").
+    if ! answers /run/libvirt/virtlogd-sock; then
+      echo "setup: starting virtlogd"
+      virtlogd -d
+      for _ in $(seq 50); do answers /run/libvirt/virtlogd-sock && break; sleep 0.2; done
+      answers /run/libvirt/virtlogd-sock || { echo "setup: virtlogd did not start" >&2; exit 1; }
+    fi
     if ! virsh -c qemu:///system uri >/dev/null 2>&1; then
       echo "setup: starting libvirtd"
       libvirtd -d

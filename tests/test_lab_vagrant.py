@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import tomllib
@@ -290,6 +291,29 @@ def test_libvirt_answers_from_its_capabilities_cache(tmp_path: Path) -> None:
         shutil.chown("/dev/kvm", group="kvm")
     pair.warm_libvirt()  # libvirt probes once more after the change back, then keeps it
     assert pair.times["libvirt_lookup_s"] <= vmpair.LIBVIRT_LOOKUP_MAX_S, pair.times
+
+
+def test_vm_pair_needs_virtlogd_not_its_socket_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CI run failed at `vagrant up` with "virtlogd-sock: Connection refused": the machine
+    kept /run/libvirt's socket files with no virtlogd behind them, and setup only looked for
+    the file. Setup now asks the socket; so does the VM pair, which names the daemon before
+    `up` (shown with a socket file no daemon holds)."""
+    need_root()
+    need_libvirtd()
+    from iqn_lab import vmpair
+    from iqn_lab.errors import LabError
+
+    assert vmpair.answers(vmpair.VIRTLOGD_SOCK), "virtlogd is not running: scripts/setup.sh starts it"
+    dead = tmp_path / "virtlogd-sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(dead))  # the file stays when the socket closes
+    assert dead.is_socket() and not vmpair.answers(dead)
+    monkeypatch.setattr(vmpair, "VIRTLOGD_SOCK", dead)
+    pair = vmpair.VmPair(tmp_path)
+    pair.accel = "tcg"
+    with pytest.raises(LabError, match=f"virtlogd does not answer on {dead}"):
+        pair.warm_libvirt()
+    assert "libvirt_probe_s" not in pair.times
 
 
 def test_match_joins_a_stall_reported_in_pieces() -> None:
