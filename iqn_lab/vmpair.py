@@ -451,6 +451,11 @@ class VmPair:
         log = self.ssh("router", "journalctl -u 'iqn-ctl@*' --no-pager | grep ' stall ' | tail -n 20",
                        check=False).stdout
         out["log"] = [ln for ln in log.splitlines() if ln.strip()]
+        # the history as root reads it (read-write, through the agent's WAL), beside the
+        # group member's read-only view in :meth:`stalls`: a stall in one and not the
+        # other is the reader's, not the agent's
+        root = self.ssh("router", "sudo iqn-ctl stalls --json", check=False).stdout
+        out["stalls_as_root"] = [json.loads(ln) for ln in root.splitlines() if ln.startswith("{")]
         return out
 
     def flows(self) -> str:
