@@ -282,6 +282,12 @@ def reference(first: float, bursts: int) -> tuple[float, float]:
     return end.start, end.duration
 
 
+def same(kernel: int, fed: int) -> str:
+    """The trust column: every candidate the kernel counted reached the engine (or
+    how many did not, or how many more were fed than counted: a forged record)."""
+    return "yes" if kernel == fed else f"**no**: {kernel:,} counted, {fed:,} fed"
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
@@ -503,7 +509,8 @@ def report(
             "",
             f"Each row {args.secs:g} s of traffic; a burst of {N} candidates ({GAP_US / 1000:g} ms apart) "
             f"every {P:g} s per flow. Offered = blast's count (the baseline of the ratios); handled = fed "
-            "to the engine; shed = dropped oldest-first by the agent; lost = no room in the ring. "
+            "to the engine; kernel-counted = handled: the XDP program's candidate count equals what "
+            "the engine was fed; shed = dropped oldest-first by the agent; lost = no room in the ring. "
             "Latency = stall-start log line minus the send time of the flow's n-th candidate, over the "
             "flows whose start has its own line (`logged`; the rest of a round's starts share one "
             "summary line, written in the same round); p99 x single flow: against this agent's "
@@ -511,11 +518,12 @@ def report(
             "this agent's µs/record and p99 latency over the baseline agent's in the row above. "
             "Start error: as in the outage below.",
             "",
-            "| stalling flows | agent | bursts/s offered | candidates/s offered | handled / offered | shed "
+            "| stalling flows | agent | bursts/s offered | candidates/s offered | handled / offered "
+            "| kernel-counted = handled | shed "
             "| lost | flows in stall (most seen) | one stall per flow | agent cores | agent µs/record "
             "| µs/record x baseline | logged starts | latency p50 / p99 / max ms | p99 x single flow "
             "| p99 x baseline | start error p99 ms | sender late max ms | load avg |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in st:
             lat = r["lat"]
@@ -525,7 +533,8 @@ def report(
             lines.append(
                 f"| {r['flows']:,} | {r['agent']} | {r['bursts'] / r['secs']:,.0f} | "
                 f"{r['cands'] / r['secs']:,.0f} | "
-                f"{r['events'] / r['cands']:.3f} | {r['shed']:,} | {r['lost']:,} | {r['in_stall_max']:,} | "
+                f"{r['events'] / r['cands']:.3f} | {same(r['kernel'], r['events'])} | "
+                f"{r['shed']:,} | {r['lost']:,} | {r['in_stall_max']:,} | "
                 f"{r['one_stall_each']:,}/{r['flows']:,} | {r['cpu_run']:.2f} | {r['us_per_rec']:.2f} | "
                 f"{xrec} | "
                 f"{r['stalled_flows']:,} | "

@@ -432,7 +432,6 @@ class Agent:
         self.api: ApiServer | None = None
         self.metrics: AgentMetrics | None = None
         self.history: History | None = None
-        self.mode = ""
         self.started_at = 0.0
         self.stalls_started = 0
         self.stalls_ended = 0
@@ -526,7 +525,7 @@ class Agent:
             ring_pages=cfg.ring_pages, n=cfg.params.n, hook=cfg.hook, direction=cfg.direction,
             guard=cfg.guard(), vol_sample=cfg.vol_sample,
         )
-        self.mode = self.dp.attach()
+        self.dp.attach()
         # the kernel counts 1 in vol_sample non-candidate datagrams (each as vol_sample): the
         # bulk rule needs its verdict to hold beyond the estimate's spread (engine/discard.py)
         self._judge.sample = self.dp.vol_sample
@@ -586,8 +585,9 @@ class Agent:
             self.exporter.stop()  # after the last records were written: they go too, if the broker answers
             self.exporter = None
         if self.dp is not None:
+            attached = bool(self.mode)
             self.dp = None
-            if self.mode:
+            if attached:
                 log.info("%s: detached", self.cfg.iface)
         self.lock.release()
 
@@ -646,6 +646,13 @@ class Agent:
         self.metrics = AgentMetrics(self.cfg.iface, snapshot, self.export_stats, self.hook_info, hub=hub,
                                     attach=attach, boost=self.boost_stats)
         return self.metrics
+
+    @property
+    def mode(self) -> str:
+        """Where the classifier runs now: "native"/"skb" (XDP), "tc", "" when not
+        attached. Read from the data plane each time: the watchdog moves it from TC
+        to XDP while the agent runs, and a copy taken at attach went stale then."""
+        return (self.dp.mode or "") if self.dp is not None else ""
 
     def hook_info(self) -> dict[str, str]:
         """Where the classifier runs, for status and the metrics: hook ("xdp"/"tc"),
