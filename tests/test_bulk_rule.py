@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -136,7 +137,7 @@ def test_counters_restarted_in_between_are_unknown_even_when_higher() -> None:
     start = Counters(10, 4, 10 * 1250, epoch=1)
     end = Counters(10**5, 8, 10**5 * 1292, epoch=2)
     assert delta(start, end) is None
-    assert bulk_check({"f": start}, {"f": end}, MAX, 2.0) == ("unknown", "")
+    assert bulk_check({"f": start}, {"f": end}, MAX, 2.0) == ("unknown", "", None)
     assert bulk_check({"f": start}, {"f": end._replace(epoch=1)}, MAX, 2.0)[1] != ""
 
 
@@ -191,6 +192,22 @@ def test_one_signal_like_connection_keeps_the_stall() -> None:
     video2 = after(BASE, 600, 2, 600 * 1292)
     got = bulk_reason({"v": BASE, "w": BASE}, {"v": video1, "w": video2}, MAX, 2.0)
     assert got.startswith("bulk flows (2 connections): ") and " beside 5 candidates " in got
+
+
+def test_verdict_gives_the_figure_the_rule_judged_by() -> None:
+    """``other``: the most signal-like connection's other bytes per candidate in
+    full-size packets, the number the agent logs with each kept stall so an operator
+    sees how close a real signal came to the limit; None when nothing was compared."""
+    limit = 2 * 3 * MAX
+    at = after(BASE, 9, 3, 3 * MAX + limit)
+    assert bulk_check({"f": BASE}, {"f": at}, MAX, 2.0) == ("ok", "", 2.0)
+    over = bulk_check({"f": BASE}, {"f": after(BASE, 9, 3, 3 * MAX + limit + 3 * MAX)}, MAX, 2.0)
+    assert over.reason and over.other == 3.0
+    video1 = after(BASE, 800, 3, 800 * 1292)
+    both = bulk_check({"s": BASE, "v": BASE}, {"s": at, "v": video1}, MAX, 2.0)
+    assert both == ("ok", "", 2.0)  # the signal's figure, not the video's beside it
+    assert bulk_check({"f": BASE}, {"f": None}, MAX, 2.0).other is None
+    assert bulk_check({"f": BASE}, {"f": at}, MAX, 0.0) == ("off", "", None)
 
 
 def test_idle_connections_do_not_mask_a_bulk_one() -> None:
@@ -367,6 +384,12 @@ def test_live_signal_with_modest_other_traffic_is_kept(live: dict[str, Any]) -> 
     assert st_["duration"] == pytest.approx(cands[-1] - cands[0] + 0.2, abs=0.3)
     assert ":40011 " not in "".join(x for x in live["default"]["log"].splitlines(True)
                                     if "stall discarded" in x)
+    # the kept stall's end line says how close it came to the limit (sampled volume: the
+    # estimate may pass 2 within its spread and still keep the stall)
+    (end,) = [x for x in live["default"]["log"].splitlines() if "stall end" in x and ":40011 " in x]
+    m = re.search(r" other_per_candidate=(\d+\.\d\d)$", end)
+    assert m and 0.0 <= float(m[1]) <= 4.0, end
+    assert "other_per_candidate" not in live["ratio0"]["log"]  # --bulk-ratio 0: nothing compared
 
 
 def test_live_signal_with_heavy_other_traffic_is_discarded(live: dict[str, Any]) -> None:

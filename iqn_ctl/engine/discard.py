@@ -91,6 +91,21 @@ CHECK_UNKNOWN = "unknown"  # some counter was missing or went down: kept without
 CHECK_OFF = "off"  # --bulk-ratio 0: no check
 
 
+class Verdict(NamedTuple):
+    """What :func:`bulk_check` found about one stall."""
+
+    #: ``CHECK_OK``, ``CHECK_UNKNOWN`` or ``CHECK_OFF``
+    check: str
+    #: why the stall is bulk traffic, "" to keep it
+    reason: str
+    #: the judged connections' other bytes per candidate, in full-size packets, of the
+    #: most signal-like one (the figure the rule compares with ``bulk_ratio``); None when
+    #: nothing was compared. Logged with every kept stall: how close a real signal came
+    #: to being discarded (a starved viewer's answers, retransmitted in full-size
+    #: packets, raise it) is what an operator needs to set ``--bulk-ratio``.
+    other: float | None = None
+
+
 def bulk_reason(
     start: Mapping[K, Counters | None],
     end: Mapping[K, Counters | None],
@@ -109,8 +124,9 @@ def bulk_check(
     max_size: int,
     bulk_ratio: float,
     sample: int = 1,
-) -> tuple[str, str]:
-    """(what the check could tell, why the stall is bulk or ""): ``CHECK_OFF``
+) -> Verdict:
+    """(what the check could tell, why the stall is bulk or "", the ratio it
+    judged by: :class:`Verdict`): ``CHECK_OFF``
     with the rule disabled, ``CHECK_UNKNOWN`` when a counter that matters
     could not be compared (the stall is kept, and the record says so), else
     ``CHECK_OK`` with the reason, "" to keep the stall.
@@ -134,7 +150,7 @@ def bulk_check(
     judged instead.
     """
     if bulk_ratio <= 0:
-        return CHECK_OFF, ""
+        return Verdict(CHECK_OFF, "")
     carriers: list[Counters] = []
     active: list[Counters] = []
     known = blind = 0
@@ -147,7 +163,7 @@ def bulk_check(
             if s is None and e is None:
                 blind += 1
                 continue  # nothing known, nothing there
-            return CHECK_UNKNOWN, ""  # unknown, and it may have carried candidates
+            return Verdict(CHECK_UNKNOWN, "")  # unknown, and it may have carried candidates
         known += 1
         if d.candidates > 0:
             carriers.append(d)
@@ -156,16 +172,18 @@ def bulk_check(
     judged = carriers or active
     if not judged:
         # no connection could be compared at all: nothing tells signal from bulk
-        return (CHECK_UNKNOWN if blind and not known else CHECK_OK), ""
+        return Verdict(CHECK_UNKNOWN if blind and not known else CHECK_OK, "")
+    parts = [_other(d, max_size) for d in judged]
+    # the most signal-like connection's figure: the one that keeps the stall if any does
+    least = min(max(ob, 0) / (c * max_size) for c, _, ob in parts)
     cands = others = other_bytes = 0
-    for d in judged:
-        c, op, ob = _other(d, max_size)
+    for c, op, ob in parts:
         if ob <= bulk_ratio * c * max_size or ob * (1 - _spread(op, sample)) <= bulk_ratio * c * max_size:
-            return CHECK_OK, ""  # one signal-like flow is enough to keep the stall
+            return Verdict(CHECK_OK, "", least)  # one signal-like flow is enough to keep the stall
         cands, others, other_bytes = cands + c, others + op, other_bytes + ob
     what = "bulk flow" if len(judged) == 1 else f"bulk flows ({len(judged)} connections)"
-    return CHECK_OK, (f"{what}: {others} other packets ({other_bytes} bytes) beside "
-                      f"{cands} candidates during it (--bulk-ratio {bulk_ratio:g})")
+    return Verdict(CHECK_OK, f"{what}: {others} other packets ({other_bytes} bytes) beside "
+                             f"{cands} candidates during it (--bulk-ratio {bulk_ratio:g})", least)
 
 
 #: a look-up of counters: each given connection's, None where there is no entry
@@ -196,14 +214,14 @@ class BulkJudge(Generic[K]):
         if self.bulk_ratio > 0 and lookup is not None:
             self._base[flow] = lookup(conns)
 
-    def ended(self, flow: Hashable, conns: list[K], lookup: CounterLookup[K] | None) -> tuple[str, str]:
+    def ended(self, flow: Hashable, conns: list[K], lookup: CounterLookup[K] | None) -> Verdict:
         """(check, reason) for the stall of ``flow`` that just ended
         (:func:`bulk_check`); ``CHECK_OFF`` with the rule disabled or no counters.
         The connections noted at the start are looked up again even if the
         caller forgot them since, so an evicted one shows as unknown, not gone."""
         base = self._base.pop(flow, None)
         if self.bulk_ratio <= 0 or lookup is None:
-            return CHECK_OFF, ""
+            return Verdict(CHECK_OFF, "")
         base = base or {}
         now = lookup(list(dict.fromkeys([*base, *conns])))
         return bulk_check(base, now, self.max_size, self.bulk_ratio, self.sample)

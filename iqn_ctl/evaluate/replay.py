@@ -177,7 +177,7 @@ def post_process(
         if isinstance(e, StallStarted):
             judge.started(f, conns, lookup)
             continue
-        check, why = judge.ended(f, conns, lookup)
+        check, why, _ = judge.ended(f, conns, lookup)
         flow, client = labels[f]
         st = Stall(e.start, e.end, flow, client, e.candidates, check)
         (dropped if why else kept).append(st)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from iqn_ctl.engine.bursts import burst_cap
-from iqn_ctl.engine.discard import DEFAULT_BULK_RATIO, BulkJudge, Counters
+from iqn_ctl.engine.discard import DEFAULT_BULK_RATIO, BulkJudge, Counters, Verdict
 from iqn_ctl.engine.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from iqn_ctl.engine.params import (
     BURST_MAX,
@@ -871,7 +871,7 @@ class Agent:
                     quiet.append(e.start + off)
             elif isinstance(e, StallEnded):
                 label, client = self._shown(info.label, info.client)
-                check, bulk = self._bulk(e, lookup)
+                check, bulk, other = self._bulk(e, lookup)
                 if self.boost is not None:
                     self.boost.stall_ended(e.flow, time.monotonic())
                 rec = StallRecord(
@@ -897,7 +897,8 @@ class Agent:
                 log.info(
                     "%s: stall end flow=%s client=%s start=%s end=%s duration=%.3fs candidates=%d%s",
                     iface, label, client, _iso(e.start + off), _iso(e.end + off), e.duration, e.candidates,
-                    why + ("" if check != "unknown" else " (bulk check unknown: kernel counters evicted)"),
+                    why + ("" if check != "unknown" else " (bulk check unknown: kernel counters evicted)")
+                    + ("" if other is None else f" other_per_candidate={other:.2f}"),
                     extra=_fields("stall_end", iface, label, client, e.start + off, e.duration, e.candidates),
                 )
         if quiet:
@@ -933,9 +934,9 @@ class Agent:
 
         return cached
 
-    def _bulk(self, e: StallEnded, lookup: CountersLookup | None = None) -> tuple[str, str]:
+    def _bulk(self, e: StallEnded, lookup: CountersLookup | None = None) -> Verdict:
         """(what the check could tell, why this stall is bulk traffic rather
-        than a signal or ""): :class:`~iqn_ctl.engine.discard.BulkJudge` on the
+        than a signal or "", the ratio it judged by): :class:`~iqn_ctl.engine.discard.BulkJudge` on the
         kernel counters of the stall's connections (several with --key client)
         at its start and end; "unknown" goes into the stall's record."""
         return self._judge.ended(e.flow, self.flows.raws(e.flow), lookup or self._counter_lookup())
