@@ -298,7 +298,8 @@ def sampling_misses(k: int = 8, seed: int = 11) -> str:
            f"CPU's packet number picks them; between two of the flow's datagrams a geometric number of "
            f"other packets, mean *gap*; {trials} trials a row). Bulk rule: a stall of 4-40 candidates whose "
            f"flow carried other 1,350-byte datagrams, their exact bytes per candidate drawn from the range "
-           f"given (in units of the rule's limit, --bulk-ratio 2 x 1,288 B); the agent's rule wants the "
+           f"given (in units of the rule's limit, --bulk-ratio {DEFAULT_BULK_RATIO:g} x {max_size:,} B); "
+           "the agent's rule wants the "
            f"limit exceeded by {SAMPLE_Z:g} standard deviations of the estimate. Watched second: a client "
            f"receiving Poisson datagrams at the rate given, judged against {ACTIVE_MIN_BPS:,.0f} B/s.", "",
            "| decision | exact value | gap | real stall discarded | bulk stall kept "

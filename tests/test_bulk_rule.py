@@ -349,7 +349,7 @@ def test_live_default_discards_the_video_flow(live: dict[str, Any]) -> None:
     d = live["default"]
     assert by_port(d["stalls"], 40010) == []
     (line,) = [x for x in d["log"].splitlines() if "stall discarded" in x and ":40010 " in x]
-    assert ": bulk flow: " in line and line.endswith("(--bulk-ratio 2)")
+    assert ": bulk flow: " in line and line.endswith("(--bulk-ratio 4)")
 
 
 def test_live_ratio_zero_keeps_the_stall_the_default_discards(live: dict[str, Any]) -> None:

@@ -560,6 +560,7 @@ class Agent:
     def shutdown(self) -> None:
         """Remove the XDP program, socket, metrics server and pid file; idempotent."""
         self._stop_boost()
+        attached = bool(self.mode)  # the data plane forgets its hook once closed
         if self.dp is not None:
             try:
                 self.dp.close()  # detaches our program and frees maps and the ring buffer
@@ -585,7 +586,6 @@ class Agent:
             self.exporter.stop()  # after the last records were written: they go too, if the broker answers
             self.exporter = None
         if self.dp is not None:
-            attached = bool(self.mode)
             self.dp = None
             if attached:
                 log.info("%s: detached", self.cfg.iface)
