@@ -451,11 +451,6 @@ class VmPair:
         log = self.ssh("router", "journalctl -u 'iqn-ctl@*' --no-pager | grep ' stall ' | tail -n 20",
                        check=False).stdout
         out["log"] = [ln for ln in log.splitlines() if ln.strip()]
-        # the history as root reads it (read-write, through the agent's WAL), beside the
-        # group member's read-only view in :meth:`stalls`: a stall in one and not the
-        # other is the reader's, not the agent's
-        root = self.ssh("router", "sudo iqn-ctl stalls --json", check=False).stdout
-        out["stalls_as_root"] = [json.loads(ln) for ln in root.splitlines() if ln.startswith("{")]
         return out
 
     def flows(self) -> str:
@@ -597,6 +592,12 @@ def check(work: Path, keep: bool = False) -> dict[str, Any]:
         report["agent"] = pair.wait_agent()
         pair.say(f"agent attached: {report['agent']}")
         report["client_route"] = pair.client_route()
+        # each VM made its own SSH host key at first boot (scripts/make-box.sh): none is baked
+        # into the box, where every VM of it would share it
+        report["host_keys"] = {
+            vm: pair.ssh(vm, "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[1]
+            for vm in ("router", "client")
+        }
         report["wan_iface"] = pair.ssh("router", "cat /etc/iqn/wan").stdout.strip()
         report["router_wan_ip"] = f"{pair.wan}.{ROUTER_HOST}"
         report["client_tun_ip"] = pair.ssh(

@@ -78,7 +78,23 @@ EOF
   printf '%s\n' virtio_pci virtio_blk virtio_net ext4 >>"$root/etc/initramfs-tools/modules"
   mount -t proc proc "$root/proc"
   mount -t sysfs sys "$root/sys"
-  mount --bind /dev "$root/dev"
+  # a private /dev with the few nodes package scripts use, not the host's bound in: systemd's
+  # postinst applies its tmpfiles to /dev in the chroot (static-nodes-permissions.conf: "z
+  # /dev/kvm 0666 - kvm"), with the *chroot's* gid of kvm, which on the host is another
+  # group (ssl-cert here): libvirt's qemu user then cannot open the host's /dev/kvm and
+  # libvirt probes QEMU again on every call (a CI run's `vagrant up` ran out of time so)
+  mount -t tmpfs -o mode=0755,nosuid dev "$root/dev"
+  local node
+  for node in null:1:3 zero:1:5 full:1:7 random:1:8 urandom:1:9 tty:5:0; do
+    IFS=: read -r n ma mi <<<"$node"
+    mknod -m 0666 "$root/dev/$n" c "$ma" "$mi"
+  done
+  mkdir -m 0755 "$root/dev/pts"
+  mkdir -m 1777 "$root/dev/shm"
+  ln -s /proc/self/fd "$root/dev/fd"
+  ln -s /proc/self/fd/0 "$root/dev/stdin"
+  ln -s /proc/self/fd/1 "$root/dev/stdout"
+  ln -s /proc/self/fd/2 "$root/dev/stderr"
   echo "make-box: apt-get install $(packages | wc -l) packages"
   chroot "$root" apt-get update -q >"$work/apt.log" 2>&1
   # shellcheck disable=SC2046 # one package a word
@@ -118,7 +134,17 @@ EOF
   insecure=$(find /usr/share/rubygems-integration /usr/lib/ruby -path '*/keys/vagrant.pub' 2>/dev/null | head -n 1)
   [ -n "$insecure" ] || { echo "make-box: Vagrant's insecure key not found (install vagrant)" >&2; return 1; }
   install -m 0600 -o 1000 -g 1000 "$insecure" "$root/home/vagrant/.ssh/authorized_keys"
-  echo "UseDNS no" >"$root/etc/ssh/sshd_config.d/iqn.conf"
+  # each VM its own host key, made at its first boot: keys baked into the image would be
+  # shared by every VM of the box (one ed25519 key: RSA key generation is slow under TCG)
+  printf 'UseDNS no\nHostKey /etc/ssh/ssh_host_ed25519_key\n' >"$root/etc/ssh/sshd_config.d/iqn.conf"
+  rm -f "$root"/etc/ssh/ssh_host_*
+  install -d "$root/etc/systemd/system/ssh.service.d"
+  cat >"$root/etc/systemd/system/ssh.service.d/iqn-hostkey.conf" <<'EOF'
+[Service]
+ExecStartPre=
+ExecStartPre=/bin/sh -c 'test -e /etc/ssh/ssh_host_ed25519_key || ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key'
+ExecStartPre=/usr/sbin/sshd -t
+EOF
   cat >"$root/etc/systemd/network/10-eth0.network" <<'EOF'
 [Match]
 Name=eth0

@@ -97,7 +97,8 @@ if [ "$role" = lab ] || [ "$role" = all ]; then
   fi
   virsh -c qemu:///system uri >/dev/null || { echo "setup: libvirtd did not start" >&2; exit 1; }
   # /dev/kvm for the kvm group, as Debian's udev rule has it. Where no udev ran (containers,
-  # CI) it can keep a foreign group: libvirt's qemu user then cannot open it while libvirt's
+  # CI) it can keep a foreign group (a box build before scripts/make-box.sh's private /dev
+  # set it to the chroot's kvm gid): libvirt's qemu user then cannot open it while libvirt's
   # QEMU probe (run with CAP_DAC_OVERRIDE) can, so libvirt finds its capabilities stale on
   # every call and probes QEMU again, ~4 s each: `vagrant up` spent 4-5 minutes on it here.
   if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$(stat -c %G /dev/kvm)" != kvm ]; then

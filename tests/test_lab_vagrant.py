@@ -264,7 +264,8 @@ def test_vagrant_error_keeps_the_message_not_the_frames(tmp_path: Path) -> None:
 
 def test_libvirt_answers_from_its_capabilities_cache(tmp_path: Path) -> None:
     """After one probe, libvirt answers a look at QEMU's capabilities from its cache. Where
-    /dev/kvm is in a group libvirt's qemu user is not in (a container without udev), it
+    /dev/kvm is in a group libvirt's qemu user is not in (a container without udev; a box
+    build that bound the host's /dev into its chroot), it
     probes QEMU again on every call, ~4 s each; `vagrant up` spent 4-5 minutes so and a CI
     run failed at 297 s. scripts/setup.sh gives /dev/kvm to the kvm group; the VM pair
     checks the look-up time before `up` and says what is wrong (shown here by taking
@@ -374,6 +375,9 @@ def test_vm_pair_stall_crosses_the_tunnel(tmp_path: Path) -> None:
     assert report["agent"]["xdp_mode"] in ("native", "skb"), report["agent"]  # skb: generic XDP
     # the client reaches the OTT only through the tunnel, and the OTT saw only the router
     assert " dev tun0 " in report["client_route"], report["client_route"]
+    # each VM has its own SSH host key (none is baked into the box)
+    keys = report["host_keys"]
+    assert len(set(keys.values())) == 2 and all(k.startswith("SHA256:") for k in keys.values()), keys
     assert report["ott_peers"] == [report["router_wan_ip"]], report["ott_peers"]
     assert report["autoplay_posts"] > 0
     # the player really stalled behind the bottleneck, and the agent reported each of its
