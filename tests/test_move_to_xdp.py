@@ -2,12 +2,15 @@
 foreign XDP program the agent runs at TC ingress; once that program is gone
 the attach watchdog attaches XDP first and then removes the TC classifier.
 While both are attached a frame passes both entries; the kernel's handover
-flag (iqn_xdp.c) makes iqn_tc skip every frame once iqn_xdp has run, so the
-overlap counts no candidate twice. Real veths, real traffic: the overlap is
-held open while candidates flow (and, as the control, the same overlap with
-the flag off counts every one twice); the agent moves within its watchdog
-period while candidates keep coming, none lost, none counted twice; an agent
-on an explicit ``--hook tc`` never moves."""
+flag (iqn_xdp.c) makes iqn_tc skip every frame once the XDP entry has run, so
+the overlap counts no candidate twice. Only the move entry (iqn_xdp_move,
+attached under the name iqn_xdp) reads the flag; once TC is gone it is
+swapped for iqn_xdp, which does not (the steady state's per-frame cost,
+bench_xdp.py). Real veths, real traffic: the overlap is held open while
+candidates flow (and, as the control, the same overlap with the flag off
+counts every one twice); the agent moves within its watchdog period while
+candidates keep coming, none lost, none counted twice; an agent on an
+explicit ``--hook tc`` never moves."""
 
 from __future__ import annotations
 
@@ -32,9 +35,12 @@ HALVES = textwrap.dedent("""
     import json, sys
     from iqn_ctl.engine.params import CandidateFilter
     from iqn_ctl.live import datapath as d
+    from iqn_ctl.live.bpf_testrun import prog_id_by_fd
     dp = d.Datapath(sys.argv[1], CandidateFilter(), hook="auto")
     out = lambda **kw: print(json.dumps({**kw, **dp.counters(), "hook": dp.hook, "beside": dp.beside_foreign,
-                                         "handover": dp.handover_state()}), flush=True)
+                                         "handover": dp.handover_state(), "prog_id": dp.prog_id,
+                                         "plain_id": prog_id_by_fd(dp.prog_fd),
+                                         "xdp": d.xdp_program_on(sys.argv[1])}), flush=True)
     dp.attach()
     out()
     mode = None
@@ -91,6 +97,8 @@ def test_overlap_counts_each_candidate_once_and_the_control_twice() -> None:
             begun = say("begin")
             assert begun["hook"] == "tc" and begun["mode"] in ("native", "skb"), begun
             assert bed.xdp_on_client() == "iqn_xdp" and _tc_names(bed) == ["iqn_tc"]  # both attached
+            # the move entry, under the name iqn_xdp, is the one attached (not the steady-state entry)
+            assert begun["xdp"] == [begun["prog_id"], "iqn_xdp"] and begun["prog_id"] != begun["plain_id"]
             sent = _candidates(bed, n, 40042)
             both = say("tick")
             assert both["handover"] == 2  # iqn_xdp ran; iqn_tc skips from then on
@@ -103,6 +111,7 @@ def test_overlap_counts_each_candidate_once_and_the_control_twice() -> None:
             assert naive["packets"] - both["packets"] >= 2 * len(sent)
             done = say("finish")
             assert done["hook"] == "xdp" and _tc_names(bed) == [] and bed.xdp_on_client() == "iqn_xdp"
+            assert done["xdp"] == [done["plain_id"], "iqn_xdp"] == [done["prog_id"], "iqn_xdp"]  # swapped
             sent = _candidates(bed, n, 40044)
             after = say("tick")
             assert after["candidates"] - done["candidates"] == len(sent)
@@ -114,6 +123,34 @@ def test_overlap_counts_each_candidate_once_and_the_control_twice() -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_only_the_move_entry_reads_the_handover() -> None:
+    """BPF_PROG_TEST_RUN of both XDP entries on one armed flag: iqn_xdp (the
+    steady state) counts the candidate and leaves the flag alone; the move
+    entry counts it the same and flips the flag; it is loaded under the name
+    iqn_xdp and shares the maps (one counter)."""
+    need_xdp()
+    from iqn_ctl.capture.frames import udp_frame
+    from iqn_ctl.engine.params import CandidateFilter
+    from iqn_ctl.live import bpf_testrun
+    from iqn_ctl.live import datapath as d
+
+    frame = udp_frame("198.18.0.1", "198.18.0.2", 443, 51234, frame_len=1234)
+    dp = d.Datapath("lo", CandidateFilter())  # never attached
+    try:
+        dp._handover(d.HANDOVER_ARMED)
+        assert bpf_testrun.run(dp.prog_fd, frame)[0] == 2
+        assert (dp.handover_state(), dp.counters()["candidates"]) == (d.HANDOVER_ARMED, 1)
+        dp._load_move_entry()
+        assert dp._move is not None
+        fd, pid = dp._move
+        assert bpf_testrun.prog_name_by_id(pid) == "iqn_xdp" and pid != dp.prog_id
+        assert bpf_testrun.run(fd, frame)[0] == 2
+        assert (dp.handover_state(), dp.counters()["candidates"]) == (d.HANDOVER_XDP, 2)
+    finally:
+        dp.close()
+    assert dp._move is None  # closed with the data plane
 
 
 def _stream(bed: Bed, seconds: float, dport: int) -> subprocess.Popen[str]:

@@ -1,5 +1,5 @@
-"""The bpf() syscall through ctypes: BPF_PROG_TEST_RUN and the few object
-look-ups the data plane needs.
+"""The bpf() syscall through ctypes: BPF_PROG_TEST_RUN, the few object
+look-ups the data plane needs, and one program load under a name of our choosing.
 
 BPF_PROG_TEST_RUN runs a loaded program on a frame we hand it, in the kernel,
 with the real verifier-checked code and real maps: it is how the tests check
@@ -17,6 +17,7 @@ import platform
 
 # bpf(2) commands (include/uapi/linux/bpf.h)
 BPF_MAP_LOOKUP_ELEM = 1
+BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -124,6 +125,58 @@ def prog_name_by_id(prog_id: int) -> str:
         return info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
     finally:
         os.close(fd)
+
+
+#: bpf_prog_type of an XDP program (include/uapi/linux/bpf.h)
+BPF_PROG_TYPE_XDP = 6
+#: room for the verifier's log when a load is refused (its last line goes into the error)
+_LOG_SIZE = 1 << 16
+
+
+def load_prog(prog_type: int, insns: bytes, name: str, license: bytes = b"GPL") -> int:
+    """Load ``insns`` (BPF instructions with their map fds already in place, as
+    bcc's ``BPF.dump_func`` gives them) as a program named ``name`` (15
+    characters kept); returns its fd, which the caller closes.
+
+    Why not bcc's ``load_func``: it names the program after its C function, and
+    the data plane's second XDP entry (``iqn_xdp_move``, attached only while the
+    agent moves from TC back to XDP) must carry the name ``iqn_xdp`` too, which
+    every tool and clean-up looks for. No BTF goes with it (bpftool shows no
+    source lines for it), which the kernel does not need for this program. A
+    refused load is retried once with the verifier's log, whose last line goes
+    into the BpfError."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    try:
+        return _prog_load(prog_type, code, lic, name, None)
+    except BpfError as e:
+        if e.errno == errno.EPERM:
+            raise
+    log = ctypes.create_string_buffer(_LOG_SIZE)
+    try:
+        return _prog_load(prog_type, code, lic, name, log)
+    except BpfError as e:
+        lines = log.value.decode(errors="replace").strip().splitlines()
+        raise BpfError(e.errno, f"loading {name}: {os.strerror(e.errno or 0)}"
+                                + (f" (verifier: {lines[-1]})" if lines else "")) from None
+
+
+def _prog_load(prog_type: int, code: ctypes.Array[ctypes.c_char], lic: ctypes.Array[ctypes.c_char],
+               name: str, log: ctypes.Array[ctypes.c_char] | None) -> int:
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    # union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license,
+    # log_level, log_size, log_buf, kern_version, prog_flags, prog_name[16] at 48
+    _put(attr, 0, ctypes.c_uint32, prog_type)
+    _put(attr, 4, ctypes.c_uint32, len(code) // 8)
+    _put(attr, 8, ctypes.c_uint64, ctypes.addressof(code))
+    _put(attr, 16, ctypes.c_uint64, ctypes.addressof(lic))
+    if log is not None:
+        _put(attr, 24, ctypes.c_uint32, 1)
+        _put(attr, 28, ctypes.c_uint32, len(log))
+        _put(attr, 32, ctypes.c_uint64, ctypes.addressof(log))
+    raw = name.encode()[:15]
+    ctypes.memmove(ctypes.addressof(attr) + 48, raw, len(raw))
+    return bpf(BPF_PROG_LOAD, attr)
 
 
 def possible_cpus() -> int:

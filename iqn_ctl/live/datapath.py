@@ -69,6 +69,9 @@ from iqn_ctl.live.settings import (
 )
 
 PROG_NAME = "iqn_xdp"
+#: the C function of the XDP entry used only while moving from TC back to XDP
+#: (iqn_xdp.c: iqn_xdp plus the handover step); loaded under PROG_NAME too
+MOVE_FN = "iqn_xdp_move"
 #: the TC entry of the same program (its name starts with tc.NAME_PREFIX, so detach finds it)
 TC_PROG_NAME = "iqn_tc"
 #: the forgery guard's TC classifier (pair_note), attached at the direction
@@ -96,6 +99,8 @@ DEFAULT_WAKEUP_RECORDS = 16
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_FLAGS_HW_MODE = 1 << 3
+#: replace the program given by IFLA_XDP_EXPECTED_FD, and only that one
+XDP_FLAGS_REPLACE = 1 << 4
 _MODE_FLAGS = {1: XDP_FLAGS_DRV_MODE, 2: XDP_FLAGS_SKB_MODE, 3: XDP_FLAGS_HW_MODE}
 _IP_MODE = {1: "xdpdrv", 2: "xdpgeneric", 3: "xdpoffload"}  # `ip link set dev X <mode> off`
 
@@ -217,6 +222,26 @@ def _detach_mode(iface: str, mode: int) -> None:
             BPF.remove_xdp(iface.encode(), _MODE_FLAGS.get(mode, 0))
         except Exception as e:  # bcc raises bare Exception
             raise DatapathError(f"cannot remove the XDP program from {iface}: {e}") from None
+
+
+def replace_xdp(iface: str, fd: int, old_fd: int, mode: str) -> None:
+    """Swap the XDP program ``old_fd`` on ``iface`` for ``fd`` in one step
+    (``mode``: "native" or "skb", as attached): the kernel switches the pointer,
+    so every frame runs one of the two and none runs neither. Fails (EEXIST)
+    if ``old_fd``'s program is not the one there any more, so a program someone
+    else attached meanwhile is never replaced. bcc's attach_xdp cannot pass the
+    expected program, hence rtnetlink through pyroute2, as tc.py does."""
+    flags = (XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE) | XDP_FLAGS_REPLACE
+    try:
+        from pyroute2 import IPRoute
+    except ImportError:  # pragma: no cover - a dependency of the project
+        raise DatapathError("pyroute2 is missing: reinstall IQN (pip install .)") from None
+    with IPRoute() as ipr:
+        try:
+            ipr.link("set", index=_ifindex(iface), xdp={"attrs": [
+                ("IFLA_XDP_FD", fd), ("IFLA_XDP_EXPECTED_FD", old_fd), ("IFLA_XDP_FLAGS", flags)]})
+        except Exception as e:  # pyroute2's NetlinkError carries the errno as .code
+            raise DatapathError(f"cannot replace the XDP program on {iface}: {e}") from None
 
 
 def remove_xdp(iface: str) -> bool:
@@ -394,6 +419,11 @@ class Datapath:
         if err:
             raise _compile_error(iface, "\n".join(out) + "\n" + err)
         self._prog_id = bpf_testrun.prog_id_by_fd(self._fn.fd)
+        #: the move entry (MOVE_FN) as (fd, prog id): loaded by begin_move_to_xdp,
+        #: closed once iqn_xdp replaced it (finish_move_to_xdp) or at detach
+        self._move: tuple[int, int] | None = None
+        #: id of the XDP entry attached: iqn_xdp's, or the move entry's while a move lasts
+        self._xdp_id = self._prog_id
         self._tc_prog_id = bpf_testrun.prog_id_by_fd(self._tc_fn.fd)
         self._counters = self._bpf[b"counters"]
         self._handover_map = self._bpf[b"handover"]
@@ -431,7 +461,13 @@ class Datapath:
 
     @property
     def prog_id(self) -> int:
-        return self._prog_id
+        """Kernel id of the XDP entry attached (what `ip link` shows): iqn_xdp's,
+        the move entry's only while a move to XDP lasts (or if its swap failed)."""
+        return self._xdp_id
+
+    def _ours(self) -> set[int]:
+        """Ids of every XDP entry of this data plane that may be attached."""
+        return {self._prog_id} | ({self._move[1]} if self._move else set())
 
     @property
     def tc_prog_fd(self) -> int:
@@ -550,11 +586,16 @@ class Datapath:
             raise
         return self.mode
 
-    def _attach_xdp_prog(self) -> str:
-        """Attach iqn_xdp (native, then skb with ``xdp_mode`` auto); returns the mode.
-        Refuses a foreign XDP program (:class:`ForeignXdpError`) unless ``force``."""
+    def _attach_xdp_prog(self, move: bool = False) -> str:
+        """Attach iqn_xdp, or with ``move`` the move entry (native, then skb with
+        ``xdp_mode`` auto); returns the mode. Refuses a foreign XDP program
+        (:class:`ForeignXdpError`) unless ``force``."""
+        fn = self._fn
+        if move:
+            assert self._move is not None
+            fn = self._BPF.Function(self._bpf, MOVE_FN.encode(), self._move[0])
         for mode, pid, name in _attached(self.iface):
-            if pid == self._prog_id:
+            if pid in self._ours():
                 continue
             if name != PROG_NAME and not self.force:
                 raise ForeignXdpError(
@@ -573,7 +614,7 @@ class Datapath:
             flags = XDP_FLAGS_DRV_MODE if want == "native" else XDP_FLAGS_SKB_MODE
             with _quiet_stderr():
                 try:
-                    self._BPF.attach_xdp(self.iface.encode(), self._fn, flags)
+                    self._BPF.attach_xdp(self.iface.encode(), fn, flags)
                 except Exception as e:  # bcc: "Failed to attach BPF to device b'x': <strerror>"
                     last = str(e).rsplit(": ", 1)[-1]
                     if want == "native" and self.xdp_mode == "auto":
@@ -582,6 +623,7 @@ class Datapath:
                             "which costs more per packet", self.iface, last,
                         )
                     continue
+            self._xdp_id = self._move[1] if move and self._move else self._prog_id
             return want
         raise DatapathError(f"cannot attach XDP to {self.iface} in {self.xdp_mode} mode: {last}")
 
@@ -694,7 +736,8 @@ class Datapath:
         return out
 
     def detach(self) -> None:
-        """Remove our program from the interface (only ours); idempotent."""
+        """Remove our programs from the interface (only ours); idempotent. On TC
+        in the middle of a move, the move entry at XDP goes too."""
         if self.mode is None:
             return
         if self.hook == "tc":
@@ -703,17 +746,24 @@ class Datapath:
                 tc.detach(self.iface, (self.direction,), names=(TC_PROG_NAME,))  # type: ignore[arg-type]
             except tc.TcError as e:
                 raise DatapathError(str(e)) from None
+            if self._move is not None:
+                self._detach_ours()
             self.mode = self.hook = None
             return
+        self._detach_ours()
+        self._remove_egress()
+        self.mode = self.hook = None
+
+    def _detach_ours(self) -> None:
+        """Remove whichever of our XDP entries is attached; close the move entry."""
         try:
             progs = _attached(self.iface)
         except DatapathError:  # interface gone: nothing left to detach
             progs = []
         for mode, pid, _name in progs:
-            if pid == self._prog_id:
+            if pid in self._ours():
                 _detach_mode(self.iface, mode)
-        self._remove_egress()
-        self.mode = self.hook = None
+        self._drop_move_entry()
 
     def _handover(self, state: int) -> None:
         self._handover_map[ctypes.c_uint32(0)] = ctypes.c_uint32(state)
@@ -732,27 +782,71 @@ class Datapath:
 
     def begin_move_to_xdp(self) -> str:
         """First half of :meth:`move_to_xdp`: arm the kernel's handover and
-        attach iqn_xdp beside the TC classifier still in place; returns the XDP
-        mode. From the first frame iqn_xdp sees, iqn_tc skips every frame
-        (iqn_xdp.c, "handover"), so the overlap counts nothing twice. On failure
-        (a foreign XDP program is back, XDP cannot attach) the agent stays on TC."""
+        attach the move entry (iqn_xdp plus the handover step, iqn_xdp.c) beside
+        the TC classifier still in place; returns the XDP mode. From the first
+        frame it sees, iqn_tc skips every frame, so the overlap counts nothing
+        twice. On failure (a foreign XDP program is back, XDP cannot attach, the
+        entry cannot load) the agent stays on TC."""
         if self._closed:
             raise DatapathError("data plane already closed")
+        self._load_move_entry()
         self._handover(HANDOVER_ARMED)
         try:
-            return self._attach_xdp_prog()
+            return self._attach_xdp_prog(move=True)
         except DatapathError:
             self._handover(HANDOVER_OFF)
+            self._drop_move_entry()
             raise
 
     def finish_move_to_xdp(self, mode: str) -> None:
         """Second half: remove the TC classifier (it skips every frame by now),
-        keep the pairing classifier (the same egress hook either way)."""
+        keep the pairing classifier (the same egress hook either way), then swap
+        the move entry for iqn_xdp, which reads no handover flag (the per-frame
+        cost of the steady state, bench_xdp.py). The flag is set to "XDP has
+        run" first: from the attach on, every frame passed the move entry, so
+        that is true, and an iqn_tc left behind (its removal failed) or still
+        finishing a frame skips it even when no frame came during the move."""
         try:
             tc.detach(self.iface, (self.direction,), names=(TC_PROG_NAME,))  # type: ignore[arg-type]
         except tc.TcError as e:  # it stays, idle (handover): `iqn-ctl detach` removes it
             log.warning("%s: moved to XDP but cannot remove IQN's TC classifier: %s", self.iface, e)
+        if self._move is not None and self._xdp_id == self._move[1]:
+            self._handover(HANDOVER_XDP)
+            try:
+                replace_xdp(self.iface, self.prog_fd, self._move[0], mode)
+            except DatapathError as e:  # the move entry stays, counting as iqn_xdp would
+                log.warning("%s: moved to XDP but %s; the move entry stays attached", self.iface, e)
+            else:
+                self._xdp_id = self._prog_id
+                self._drop_move_entry()
+        # last: the agent's status (another thread) reads the hook, and the watchdog
+        # counts the move once this returns
         self.hook, self.mode, self.tc_prio, self.beside_foreign = "xdp", mode, None, False
+
+    def _load_move_entry(self) -> None:
+        """Load the move entry from the compiled module under the name iqn_xdp
+        (bpf_testrun.load_prog), sharing every map with iqn_xdp."""
+        if self._move is not None:
+            return
+        from bcc.libbcc import lib
+
+        lic = lib.bpf_module_license(self._bpf.module) or b"GPL"
+        try:
+            fd = bpf_testrun.load_prog(bpf_testrun.BPF_PROG_TYPE_XDP, self._bpf.dump_func(MOVE_FN.encode()),
+                                       PROG_NAME, lic)
+        except OSError as e:
+            raise DatapathError(f"cannot load the XDP move entry ({MOVE_FN}): {e}") from None
+        self._move = (fd, bpf_testrun.prog_id_by_fd(fd))
+
+    def _drop_move_entry(self) -> None:
+        """Close the move entry once nothing of ours has it attached (the
+        kernel frees it when no interface holds it either)."""
+        if self._move is None:
+            return
+        if self._xdp_id == self._move[1]:
+            self._xdp_id = self._prog_id
+        os.close(self._move[0])
+        self._move = None
 
     def move_to_xdp(self) -> str:
         """Move from TC (beside a foreign XDP program that is gone now) back to
@@ -786,6 +880,7 @@ class Datapath:
             self.detach()
         finally:
             self._closed = True
+            self._drop_move_entry()
             self._ring.close()
             del self._vol, self._cvol, self._taker
             for m in self._maps:

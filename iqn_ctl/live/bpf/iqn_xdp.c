@@ -27,7 +27,8 @@
  * by another program, or where XDP is not available. Each entry only says
  * where the frame is and how long it was on the wire (iqn_band_len); the
  * parse and every decision are the same code, so both hooks write the same
- * burst records.
+ * burst records. A third, iqn_xdp_move, is iqn_xdp plus the handover step
+ * below, attached only while the agent moves from TC back to XDP.
  *
  * Compile-time constants (-D from iqn_ctl.live.datapath): IQN_PORT, IQN_MIN_SIZE,
  * IQN_MAX_SIZE, IQN_MAX_FLOWS, IQN_RING_PAGES, IQN_WAKEUP_BYTES, IQN_L3,
@@ -236,14 +237,17 @@ BPF_TABLE("lru_hash", struct client_key, __u64, client_tat, IQN_CAP_CLIENTS);
 
 /* The move from TC back to XDP (the attach watchdog, once the foreign XDP
  * program that put IQN on TC is gone): user space arms the handover, then
- * attaches iqn_xdp, then removes iqn_tc. While both are attached every frame
- * would pass iqn_packet twice (XDP, then TC ingress: a candidate counted
- * twice). So the first frame iqn_xdp sees while armed flips it to
- * HANDOVER_XDP, and from then on iqn_tc leaves every frame alone: a frame
- * runs XDP then TC on one CPU, so none is counted twice. The only frames it
- * can miss are those already past the XDP hook (queued for the stack) when
- * iqn_xdp first ran. Never armed otherwise (BPF_PROG_TEST_RUN of either
- * entry leaves it alone); going to TC clears it. */
+ * attaches iqn_xdp_move, then removes iqn_tc, then swaps iqn_xdp_move for
+ * iqn_xdp in one step (datapath.py, finish_move_to_xdp). While XDP and TC
+ * are both attached every frame would pass iqn_packet twice (XDP, then TC
+ * ingress: a candidate counted twice). So the first frame iqn_xdp_move sees
+ * while armed flips it to HANDOVER_XDP, and from then on iqn_tc leaves every
+ * frame alone: a frame runs XDP then TC on one CPU, so none is counted twice.
+ * The only frames it can miss are those already past the XDP hook (queued
+ * for the stack) when iqn_xdp_move first ran. iqn_xdp never reads the flag:
+ * its one look-up per frame is what the steady state saves. Never armed
+ * otherwise (BPF_PROG_TEST_RUN of any entry leaves it alone); going to TC
+ * clears it. */
 enum { HANDOVER_OFF = 0, HANDOVER_ARMED = 1, HANDOVER_XDP = 2 };
 BPF_ARRAY(handover, __u32, 1);
 
@@ -677,18 +681,36 @@ out:
 }
 
 /* XDP: the frame is linear (the program is not frags-aware, so XDP hands it
- * whole) and starts at the first header; VLAN tags are in the data. */
-int iqn_xdp(struct xdp_md *ctx)
+ * whole) and starts at the first header; VLAN tags are in the data. ``move``
+ * is a constant, so each entry below is compiled with or without the
+ * handover step: iqn_xdp, attached in the steady state, reads no handover
+ * flag; iqn_xdp_move is attached only for the move from TC back to XDP
+ * (Datapath.begin_move_to_xdp) and replaced by iqn_xdp once the TC
+ * classifier is gone (finish_move_to_xdp). The flag is read on every frame
+ * only while the move lasts. */
+static __always_inline int iqn_xdp_entry(struct xdp_md *ctx, const int move)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    __u32 k = 0;
-    __u32 *h = handover.lookup(&k);
 
-    if (h && *h == HANDOVER_ARMED)
-        *h = HANDOVER_XDP;  /* a read, not a write, on every other frame: no shared line bouncing */
+    if (move) {
+        __u32 k = 0;
+        __u32 *h = handover.lookup(&k);
+        if (h && *h == HANDOVER_ARMED)
+            *h = HANDOVER_XDP;  /* a read, not a write, on every other frame: no shared line bouncing */
+    }
     iqn_packet(data, data_end, (__u32)(data_end - data));
     return XDP_PASS;
+}
+
+int iqn_xdp(struct xdp_md *ctx)
+{
+    return iqn_xdp_entry(ctx, 0);
+}
+
+int iqn_xdp_move(struct xdp_md *ctx)
+{
+    return iqn_xdp_entry(ctx, 1);
 }
 
 /* Header bytes the parse may need: Ethernet + 2 tags + PPPoE + IPv4 with options + UDP */
