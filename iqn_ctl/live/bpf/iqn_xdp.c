@@ -324,25 +324,33 @@ static __always_inline __u32 iqn_band_len(struct hdr_cursor *nh, __u32 wire_len)
 #endif
 }
 
-/* IPv4 header including options (IHL). Returns the L4 protocol, 0 for a
+/* IPv4 header including options (IHL). Returns the L4 protocol, 0 for a UDP
  * fragment (never a candidate: only the first carries the UDP header, and its
- * length says nothing about the datagram), or PARSE_BAD. */
+ * length says nothing about the datagram), or PARSE_BAD. The common first
+ * byte, 0x45 (version 4, no options: 20 bytes, within the bounds just
+ * checked), costs one compare; any other is checked in full. Other protocols
+ * leave before the fragment test, which only UDP needs (bench_xdp.py). */
 static __always_inline int parse_iphdr(struct hdr_cursor *nh, void *data_end,
                                        struct iphdr **iphdr)
 {
     struct iphdr *iph = nh->pos;
     if ((void *)(iph + 1) > data_end)
         return PARSE_BAD;
-    if (iph->version != 4 || iph->ihl < 5)
-        return PARSE_BAD;
-    int hdrsize = iph->ihl * 4;
-    if (nh->pos + hdrsize > data_end)
-        return PARSE_BAD;
+    int hdrsize = sizeof(*iph);
+    if (*(__u8 *)iph != 0x45) {
+        if (iph->version != 4 || iph->ihl < 5)
+            return PARSE_BAD;
+        hdrsize = iph->ihl * 4;
+        if (nh->pos + hdrsize > data_end)
+            return PARSE_BAD;
+    }
     nh->pos += hdrsize;
     *iphdr = iph;
+    if (iph->protocol != IPPROTO_UDP)
+        return iph->protocol;
     if (iph->frag_off & bpf_htons(IQN_IP_MF | IQN_IP_OFFSET))
         return 0;
-    return iph->protocol;
+    return IPPROTO_UDP;
 }
 
 /* Fixed IPv6 header only: a datagram behind extension headers is not a
