@@ -50,6 +50,11 @@ HALVES = textwrap.dedent("""
             mode = dp.begin_move_to_xdp()
         elif cmd == "off":  # the control: both attached, no handover
             dp._handover(d.HANDOVER_OFF)
+        elif cmd == "foreign":  # another tool replaces the move entry (same mode) before finish
+            from bcc import BPF
+            other = BPF(text=b"int other_xdp(struct xdp_md *c) { return XDP_PASS; }")
+            flags = d.XDP_FLAGS_DRV_MODE if mode == "native" else d.XDP_FLAGS_SKB_MODE
+            BPF.attach_xdp(sys.argv[1].encode(), other.load_func(b"other_xdp", BPF.XDP), flags)
         elif cmd == "finish":
             dp.finish_move_to_xdp(mode)
         elif cmd == "quit":
@@ -119,6 +124,44 @@ def test_overlap_counts_each_candidate_once_and_the_control_twice() -> None:
             p.stdin.close()
             p.wait(timeout=30)
             assert bed.xdp_on_client() is None and _tc_names(bed) == []
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_finish_never_replaces_a_program_attached_during_the_move() -> None:
+    """The swap to iqn_xdp names the program it replaces (XDP_FLAGS_REPLACE):
+    if another tool put its program there during the move, the swap fails and
+    that program stays; the data plane still names the move entry as its own,
+    so the watchdog finds IQN's program replaced and acts as it would on any
+    foreign program. Closing removes none of it."""
+    need_xdp()
+    with Bed() as bed:
+        bed.attach_foreign_xdp("other_prog")
+        p = subprocess.Popen(["ip", "netns", "exec", bed.cli_ns, PY, "-c", HALVES, bed.cli_if],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdin is not None and p.stdout is not None
+        try:
+            assert json.loads(p.stdout.readline() or "{}")["hook"] == "tc"
+            bed.remove_foreign_xdp()
+            replies = []
+            for cmd in ("begin", "foreign", "finish"):
+                p.stdin.write(cmd + "\n")
+                p.stdin.flush()
+                line = p.stdout.readline()
+                assert line, p.stderr.read()
+                replies.append(json.loads(line))
+            begun, foreign, done = replies
+            assert begun["xdp"] == [begun["prog_id"], "iqn_xdp"]
+            assert foreign["xdp"][1] == "other_xdp"
+            assert done["hook"] == "xdp" and done["xdp"] == foreign["xdp"]  # not replaced
+            assert done["prog_id"] == begun["prog_id"] != done["plain_id"]  # so the watchdog sees "replaced"
+            p.stdin.write("quit\n")
+            p.stdin.close()
+            p.wait(timeout=30)
+            assert "the move entry stays attached" in p.stderr.read()
+            assert bed.xdp_on_client() == "other_xdp" and _tc_names(bed) == []
         finally:
             if p.poll() is None:
                 p.kill()
