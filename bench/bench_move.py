@@ -3,8 +3,9 @@ once the foreign XDP program is gone) does to candidates in flight, with real
 traffic through a veth pair: a stream of candidates every ``--gap-ms`` ms, the
 move done mid-stream by a data plane in the client namespace, three orders:
 
-- ``handover``: what the agent does (Datapath.move_to_xdp): XDP first, the
-  kernel's handover flag makes iqn_tc skip frames iqn_xdp saw, then TC goes;
+- ``handover``: what the agent does (Datapath.move_to_xdp): XDP first (the
+  move entry, iqn_xdp_move), the kernel's handover flag makes iqn_tc skip
+  frames it saw, then TC goes and iqn_xdp replaces the move entry;
 - ``naive``: XDP first, then TC goes, without the flag: frames in the overlap
   pass both entries;
 - ``gap``: TC goes first, then XDP: frames in between pass neither.
