@@ -28,6 +28,7 @@ not-in-stall eviction order in that order.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -119,6 +120,31 @@ class VectorFlowTable:
         self._fed: IntArray | None = None
         self._pend_slot: IntArray = np.empty(0, np.int64)
         self._pend_t: FloatArray = np.empty(0)
+        #: advance() calls so far, and the watermark each raised busy flows to, kept as
+        #: a stack of (call, value) with values falling: the largest raise since call j
+        #: is the first entry from j on (one entry while the clock only moves forward).
+        #: Why: advance() raises every busy flow's watermark; applied lazily
+        #: (:meth:`_settle_wm`), a poll costs what it touches, not one pass per flow
+        self._advances = 0
+        self._adv_k: list[int] = []
+        self._adv_v: list[float] = []
+        #: time-driven ends: a heap of (quiet time, slot), one entry per stalling flow,
+        #: whose time is at most the flow's quiet time (``_ring[s, 0] + w_end`` only
+        #: grows while it stalls, so an entry made at the stall's start stays a lower
+        #: bound); an entry is brought up to date when it reaches the top, so feeding
+        #: a flow costs nothing here. With ``_due_now`` (slots whose quiet time had
+        #: passed their watermark when processed) it yields the flows advance() may
+        #: end, and next_deadline() the earliest, without a pass over all flows
+        self._qheap: list[tuple[float, int]] = []
+        self._due_now: set[int] = set()
+        #: each slot's entry's time (NaN: none, the flow does not stall), a list: stale
+        #: entries (of stalls ended since) are told apart without a numpy access each
+        self._qcur: list[float] = []
+        #: (slots, their stamps) in the order they were fed: the least recently fed
+        #: live flow is the first entry whose stamp is still the slot's (_oldest)
+        self._lru: list[tuple[IntArray, IntArray]] = []
+        self._lru_off = 0
+        self._lru_len = 0
         self._cap = 0
         self._grow(min(_INITIAL_CAPACITY, max_flows))
 
@@ -158,7 +184,10 @@ class VectorFlowTable:
         #: which flow holds the slot: a number never given twice (0: free), so a
         #: caller's remembered (slot, serial) says whether the slot is still that flow's
         self._serial = ext("_serial", 0, np.int64)
+        #: the first advance() whose watermark raise the slot's ``_wm`` does not hold yet
+        self._wm_from = ext("_wm_from", 0, np.int64)
         self._key.extend([None] * (cap - old))
+        self._qcur.extend([np.nan] * (cap - old))
         self._free.extend(range(cap - 1, old - 1, -1))
         self._cap = cap
 
@@ -184,6 +213,7 @@ class VectorFlowTable:
         self._max_seen[s] = self._wm[s] = -np.inf
         self._last_seen[s] = self._stall_start[s] = self._last_dur[s] = np.nan
         self._npend[s] = 0
+        self._wm_from[s] = self._advances
         self._serial[s] = self._serials + 1 + np.arange(s.size)
         self._serials += s.size
         return s
@@ -332,12 +362,25 @@ class VectorFlowTable:
 
     def advance(self, now: float) -> list[Event]:
         """The clock reached ``now``: release held arrivals, end stalls whose end
-        window has passed, forget flows idle for longer than ``idle_timeout``."""
-        busy = np.flatnonzero(self._live & (self._in_stall | (self._npend > 0)))
+        window has passed, forget flows idle for longer than ``idle_timeout``.
+
+        Every busy flow's watermark rises to ``now - reorder``, recorded once
+        here and applied to a flow when it is next looked at (:meth:`_settle_wm`);
+        the flows visited are those with held arrivals and, time-driven, those
+        whose quiet time the heap says has passed: the others would do nothing."""
+        v = now - self.reorder
+        calls, vals = self._adv_k, self._adv_v
+        while vals and vals[-1] <= v:
+            calls.pop()
+            vals.pop()
+        calls.append(self._advances)
+        vals.append(v)
+        self._advances += 1
+        busy = self._due(v)
         tagged: list[_Tagged] = []
         if busy.size:
+            self._settle_wm(busy)
             was_stalled = self._in_stall[busy].copy()
-            self._wm[busy] = np.maximum(self._wm[busy], now - self.reorder)
             per = self._release_and_process(busy)
             if self._td:
                 st = busy[self._in_stall[busy]]
@@ -355,10 +398,73 @@ class VectorFlowTable:
             for s in calmed[np.argsort(self._stamp[calmed], kind="stable")].tolist():
                 self._clock += 1
                 self._calm_stamp[s] = self._clock
+            if self._td:
+                self._note_quiet(busy)  # those whose entry _due took and that still stall
         tagged.sort(key=lambda x: (x[1], x[2]))
         events = [e for *_, e in tagged]
         events.extend(self._expire(now - self.idle_timeout))
         return events
+
+    def _due(self, v: float) -> IntArray:
+        """The busy flows an advance to watermark ``v`` may change (sorted
+        slots): those holding arrivals, and (time-driven) the stalling ones
+        whose quiet time is at most ``v`` or was at most their own watermark.
+        A superset is harmless (advance tests each exactly); every flow the
+        full pass over busy flows would change is in it."""
+        parts = [self._pend_slot]
+        if self._td:
+            h, cur, got = self._qheap, self._qcur, list(self._due_now)
+            self._due_now.clear()
+            while h and h[0][0] <= v:
+                q, s = heapq.heappop(h)
+                if cur[s] == q:  # its entry: advance() gives it a new one if it still stalls
+                    cur[s] = np.nan
+                    got.append(s)
+            if got:
+                parts.append(np.asarray(got, np.int64))
+        cand = np.unique(np.concatenate(parts)) if len(parts) > 1 else np.unique(parts[0])
+        if not cand.size:
+            return cand
+        return cand[self._live[cand] & (self._in_stall[cand] | (self._npend[cand] > 0))]  # type: ignore[no-any-return]
+
+    def _settle_wm(self, slots: IntArray) -> None:
+        """Apply to ``slots`` the watermark raises of the advances since they were
+        last looked at, for those busy meanwhile (a slot's busy state changes
+        only while it is looked at, so it is still what it was then)."""
+        if not slots.size:
+            return
+        fr = self._wm_from[slots]
+        lag = fr < self._advances
+        if lag.any():
+            s, f = slots[lag], fr[lag]
+            busy = self._in_stall[s] | (self._npend[s] > 0)
+            s, f = s[busy], f[busy]
+            if s.size:
+                raised = np.asarray(self._adv_v)[np.searchsorted(np.asarray(self._adv_k), f)]
+                self._wm[s] = np.maximum(self._wm[s], raised)
+        self._wm_from[slots] = self._advances
+
+    def _note_quiet(self, slots: IntArray) -> None:
+        """Time-driven ends, after ``slots`` were processed (their watermarks
+        settled): a heap entry for each that stalls and has none, and those whose
+        quiet time has passed their watermark into ``_due_now``."""
+        st = slots[self._in_stall[slots]]
+        if not st.size:
+            return
+        q = self._ring[st, 0] + self.params.w_end
+        h, cur = self._qheap, self._qcur
+        for qv, s in zip(q.tolist(), st.tolist(), strict=True):
+            if cur[s] != cur[s]:  # NaN: no entry
+                heapq.heappush(h, (qv, s))
+                cur[s] = qv
+        self._due_now.update(st[q <= self._wm[st]].tolist())
+        if len(h) > 4 * len(self._slot) + 4096:  # mostly entries gone stale: rebuild
+            live = np.flatnonzero(self._live & self._in_stall)
+            quiet = (self._ring[live, 0] + self.params.w_end).tolist()
+            self._qheap = list(zip(quiet, live.tolist(), strict=True))
+            heapq.heapify(self._qheap)
+            for qv, s in self._qheap:
+                cur[s] = qv
 
     def next_deadline(self) -> float | None:
         """The earliest clock time at which :meth:`advance` may emit an event or
@@ -367,9 +473,18 @@ class VectorFlowTable:
         if self._pend_t.size:
             dues.append(float(self._pend_t.min()) + self.reorder)
         if self._td:
-            st = self._live & self._in_stall
-            if st.any():
-                dues.append(float((self._ring[st, 0] + self.params.w_end).min()) + self.reorder)
+            h, cur, w_e = self._qheap, self._qcur, self.params.w_end
+            while h:
+                q, s = h[0]
+                if cur[s] != q:  # an ended stall's entry
+                    heapq.heappop(h)
+                    continue
+                now_q = float(self._ring[s, 0] + w_e)
+                if now_q == q:  # up to date: the earliest quiet time of all
+                    dues.append(q + self.reorder)
+                    break
+                heapq.heapreplace(h, (now_q, s))
+                cur[s] = now_q
         oldest = self._oldest()
         if oldest is not None and not np.isnan(self._last_seen[oldest]):
             dues.append(float(self._last_seen[oldest]) + self.idle_timeout)
@@ -383,8 +498,34 @@ class VectorFlowTable:
     # -- feeding ---------------------------------------------------------------
 
     def _oldest(self) -> int | None:
-        live = np.flatnonzero(self._live)
-        return int(live[np.argmin(self._stamp[live])]) if live.size else None
+        """The least recently fed live flow: the first entry of the feeding log
+        still current (entries before it are dropped), not a pass over all flows."""
+        lru = self._lru
+        while lru:
+            slots, stamps = lru[0]
+            off = self._lru_off
+            while off < slots.size:
+                s, t = slots[off:off + 64], stamps[off:off + 64]
+                ok = self._live[s] & (self._stamp[s] == t)
+                if ok.any():
+                    i = int(np.argmax(ok))
+                    self._lru_off = off + i
+                    return int(s[i])
+                off += s.size
+            lru.pop(0)
+            self._lru_len -= slots.size
+            self._lru_off = 0
+        return None
+
+    def _log_fed(self, slots: IntArray) -> None:
+        """Note that ``slots`` were just stamped (for :meth:`_oldest`); a log grown
+        past a few entries per flow is rebuilt from the live flows' stamps."""
+        self._lru.append((slots.copy(), self._stamp[slots]))
+        self._lru_len += slots.size
+        if self._lru_len > 4 * len(self._slot) + 4096:
+            live = np.flatnonzero(self._live)
+            live = live[np.argsort(self._stamp[live], kind="stable")]
+            self._lru, self._lru_off, self._lru_len = [(live, self._stamp[live])], 0, live.size
 
     def _victims(self, need: int, touched: IntArray, groups: int) -> list[int] | None:
         """The flows FlowTable would evict for ``need`` new flows, if they do not
@@ -439,9 +580,11 @@ class VectorFlowTable:
             tagged.extend((e.detected_at, g, k, e) for k, e in enumerate(evs))
         if new:
             slot_arr[new] = self._new_slots([keys[g] for g in new])
+        self._settle_wm(slot_arr)
         self._stamp[slot_arr] = self._clock + 1 + np.arange(slot_arr.size)
         self._calm_stamp[slot_arr] = self._stamp[slot_arr]
         self._clock += slot_arr.size
+        self._log_fed(slot_arr)
         if t.size:
             s_of = slot_arr[gid]
             cnt = np.bincount(gid, minlength=slot_arr.size)
@@ -486,6 +629,7 @@ class VectorFlowTable:
         the state machine over them; events per slot, in order."""
         if not self._pend_t.size or not slots.size:
             return {}
+        self._settle_wm(slots)
         ps, pt = self._pend_slot, self._pend_t
         due = pt <= self._wm[ps]
         mine = np.zeros(self._cap, np.bool_)
@@ -539,6 +683,8 @@ class VectorFlowTable:
         for k in np.flatnonzero(walk).tolist():
             sl = int(us[k])
             out[sl] = self._walk(sl, a[a_start[k]:a_end[k]].tolist())
+        if self._td:
+            self._note_quiet(us)
         return out
 
     def _walk(self, s: int, a: list[float]) -> list[Event]:
@@ -595,6 +741,7 @@ class VectorFlowTable:
         end = max(end, start)
         self._prev_end[s] = end
         self._in_stall[s] = False
+        self._qcur[s] = np.nan
         self._prev_last[s] = last
         self._stalls[s] += 1
         self._stall_start[s] = np.nan
@@ -605,6 +752,7 @@ class VectorFlowTable:
         """StallTracker.close for ``slots``, events slot by slot in that order."""
         if not slots.size:
             return []
+        self._settle_wm(slots)
         self._wm[slots] = np.inf
         per = self._release_and_process(slots)
         events: list[Event] = []
