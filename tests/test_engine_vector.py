@@ -317,3 +317,56 @@ def test_live_flows_feed_the_vector_table_what_the_per_flow_loop_fed_flowtable(
             repr(FlowView(tr.flow, tr.in_stall, tr.busy, tr.candidates, tr.stalls, tr.late, tr.last_seen,
                           tr.stall_start, tr.last_duration)) for tr in ref)
     assert sorted(lf.close(), key=repr) == sorted(ref.close(), key=repr)
+
+
+@st.composite
+def scripts_clock_back(draw: st.DrawFn) -> tuple[dict[str, object], list[Step]]:
+    """:func:`scripts` with some advances to a time before the last one's."""
+    cfg, steps = draw(scripts())
+    out: list[Step] = []
+    for step in steps:
+        out.append(step)
+        if step[0] != "feed" and draw(st.booleans()):
+            last = max((float(s[1]) for s in out if s[0] == "advance"), default=T0)  # type: ignore[arg-type]
+            out.append(("advance", last - draw(st.sampled_from([0.0, 0.001, 0.05, 0.5, 3.0]))))
+    return cfg, out
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scripts_clock_back())
+def test_advances_back_in_time_raise_watermarks_as_flowtable_does(
+    script: tuple[dict[str, object], list[Step]],
+) -> None:
+    """advance() records each call's watermark raise once and applies it to a
+    busy flow when the flow is next looked at: a flow busy through several
+    calls, one of them earlier than the one before, must end up with the
+    largest raise of the calls it was busy for, as FlowTable's per-call raise
+    gives it."""
+    run_both(*script)
+
+
+@pytest.mark.parametrize("est", ["count", "paper"])
+def test_long_runs_rebuild_the_feed_log_and_keep_the_same_events(est: str) -> None:
+    """Thousands of feeds of a few flows: the log of feeds behind the least
+    recently fed flow (and the heap of quiet times) is rebuilt when it grows
+    past a few entries per flow; events, idle expiry and next_deadline stay
+    FlowTable's throughout."""
+    cfg: dict[str, object] = {"params": SignalParams(0.2, 2), "estimator": est, "reorder": 0.0,
+                              "max_flows": 3, "idle_timeout": 2.0}
+    steps: list[Step] = []
+    clock = T0
+    for i in range(5000):
+        f = f"f{i % 4}" if i % 50 else "f9"  # f9 now and then: an old flow stays behind in the log
+        gap = 0.002 if i % 7 else 1.5  # bursts now and then broken by a gap past w_end
+        steps.append(("feed", [(f, clock), (f, clock + 0.002)]))
+        steps.append(("advance", clock + 0.004))
+        clock += gap
+    assert run_both(cfg, steps) > 100
+    vec = VectorFlowTable(**cfg)  # type: ignore[arg-type]
+    for step in steps:
+        if step[0] == "feed":
+            vec.feed_many([f for f, _ in step[1]], [t for _, t in step[1]])  # type: ignore[attr-defined]
+        else:
+            vec.advance(step[1])  # type: ignore[arg-type]
+    # 5,000 feeds logged, the log rebuilt on the way: a few entries per flow at most
+    assert vec._lru_len <= 4 * len(vec) + 4096 < 5000

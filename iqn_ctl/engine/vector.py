@@ -28,7 +28,6 @@ not-in-stall eviction order in that order.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -46,6 +45,9 @@ from iqn_ctl.engine.tracker import DEFAULT_REORDER, Event, StallEnded, StallStar
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 _INITIAL_CAPACITY = 1024
+#: slots per block of quiet-time minima (time-driven ends): a poll costs about
+#: slots/_QBLOCK plus _QBLOCK per flow it changed (capacities are powers of two)
+_QBLOCK = 16
 #: an event with what orders it: (detected_at, group or LRU rank, sequence)
 _Tagged = tuple[float, int, int, Event]
 
@@ -128,18 +130,15 @@ class VectorFlowTable:
         self._advances = 0
         self._adv_k: list[int] = []
         self._adv_v: list[float] = []
-        #: time-driven ends: a heap of (quiet time, slot), one entry per stalling flow,
-        #: whose time is at most the flow's quiet time (``_ring[s, 0] + w_end`` only
-        #: grows while it stalls, so an entry made at the stall's start stays a lower
-        #: bound); an entry is brought up to date when it reaches the top, so feeding
-        #: a flow costs nothing here. With ``_due_now`` (slots whose quiet time had
-        #: passed their watermark when processed) it yields the flows advance() may
-        #: end, and next_deadline() the earliest, without a pass over all flows
-        self._qheap: list[tuple[float, int]] = []
+        #: time-driven ends: which slots' quiet times (``_qv``) changed since the
+        #: per-block minima (``_bmin``, blocks of _QBLOCK slots) were last brought up
+        #: to date: next_deadline() and advance() look at the blocks' minima and at
+        #: the slots of the blocks that may be due, not at every flow. With
+        #: ``_due_now`` (slots whose quiet time had passed their watermark when
+        #: processed) they yield the flows advance() may end
+        self._bdirty: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)
+        self._bmin: FloatArray = np.zeros(0)
         self._due_now: set[int] = set()
-        #: each slot's entry's time (NaN: none, the flow does not stall), a list: stale
-        #: entries (of stalls ended since) are told apart without a numpy access each
-        self._qcur: list[float] = []
         #: (slots, their stamps) in the order they were fed: the least recently fed
         #: live flow is the first entry whose stamp is still the slot's (_oldest)
         self._lru: list[tuple[IntArray, IntArray]] = []
@@ -186,8 +185,16 @@ class VectorFlowTable:
         self._serial = ext("_serial", 0, np.int64)
         #: the first advance() whose watermark raise the slot's ``_wm`` does not hold yet
         self._wm_from = ext("_wm_from", 0, np.int64)
+        #: time-driven ends: the slot's quiet time while it stalls, else inf
+        nb = -(-cap // _QBLOCK)  # whole blocks: the slots past cap stay inf
+        qv = np.full(nb * _QBLOCK, np.inf)
+        if old:
+            prev: FloatArray = self._qv
+            qv[:prev.size] = prev
+        self._qv: FloatArray = qv
+        self._bmin = np.concatenate((self._bmin, np.full(nb - self._bmin.size, np.inf)))
+        self._bdirty = np.concatenate((self._bdirty, np.zeros(nb - self._bdirty.size, np.bool_)))
         self._key.extend([None] * (cap - old))
-        self._qcur.extend([np.nan] * (cap - old))
         self._free.extend(range(cap - 1, old - 1, -1))
         self._cap = cap
 
@@ -214,6 +221,8 @@ class VectorFlowTable:
         self._last_seen[s] = self._stall_start[s] = self._last_dur[s] = np.nan
         self._npend[s] = 0
         self._wm_from[s] = self._advances
+        self._qv[s] = np.inf
+        self._bdirty[s // _QBLOCK] = True
         self._serial[s] = self._serials + 1 + np.arange(s.size)
         self._serials += s.size
         return s
@@ -413,15 +422,13 @@ class VectorFlowTable:
         full pass over busy flows would change is in it."""
         parts = [self._pend_slot]
         if self._td:
-            h, cur, got = self._qheap, self._qcur, list(self._due_now)
-            self._due_now.clear()
-            while h and h[0][0] <= v:
-                q, s = heapq.heappop(h)
-                if cur[s] == q:  # its entry: advance() gives it a new one if it still stalls
-                    cur[s] = np.nan
-                    got.append(s)
-            if got:
-                parts.append(np.asarray(got, np.int64))
+            if self._due_now:
+                parts.append(np.fromiter(self._due_now, np.int64, len(self._due_now)))
+                self._due_now.clear()
+            blocks = np.flatnonzero(self._quiet_minima() <= v)
+            if blocks.size:
+                got = (blocks[:, None] * _QBLOCK + np.arange(_QBLOCK)).ravel()
+                parts.append(got[self._qv[got] <= v])
         cand = np.unique(np.concatenate(parts)) if len(parts) > 1 else np.unique(parts[0])
         if not cand.size:
             return cand
@@ -444,27 +451,27 @@ class VectorFlowTable:
                 self._wm[s] = np.maximum(self._wm[s], raised)
         self._wm_from[slots] = self._advances
 
+    def _quiet_minima(self) -> FloatArray:
+        """Each block's earliest quiet time, the blocks changed since brought up to date."""
+        d = np.flatnonzero(self._bdirty)
+        if d.size:
+            self._bmin[d] = self._qv.reshape(-1, _QBLOCK)[d].min(axis=1)
+            self._bdirty[d] = False
+        return self._bmin
+
     def _note_quiet(self, slots: IntArray) -> None:
         """Time-driven ends, after ``slots`` were processed (their watermarks
-        settled): a heap entry for each that stalls and has none, and those whose
-        quiet time has passed their watermark into ``_due_now``."""
+        settled): the quiet times of those that stall, and those whose quiet
+        time has passed their watermark into ``_due_now``."""
         st = slots[self._in_stall[slots]]
         if not st.size:
             return
         q = self._ring[st, 0] + self.params.w_end
-        h, cur = self._qheap, self._qcur
-        for qv, s in zip(q.tolist(), st.tolist(), strict=True):
-            if cur[s] != cur[s]:  # NaN: no entry
-                heapq.heappush(h, (qv, s))
-                cur[s] = qv
-        self._due_now.update(st[q <= self._wm[st]].tolist())
-        if len(h) > 4 * len(self._slot) + 4096:  # mostly entries gone stale: rebuild
-            live = np.flatnonzero(self._live & self._in_stall)
-            quiet = (self._ring[live, 0] + self.params.w_end).tolist()
-            self._qheap = list(zip(quiet, live.tolist(), strict=True))
-            heapq.heapify(self._qheap)
-            for qv, s in self._qheap:
-                cur[s] = qv
+        self._qv[st] = q
+        self._bdirty[st // _QBLOCK] = True
+        due = q <= self._wm[st]
+        if due.any():
+            self._due_now.update(st[due].tolist())
 
     def next_deadline(self) -> float | None:
         """The earliest clock time at which :meth:`advance` may emit an event or
@@ -473,18 +480,9 @@ class VectorFlowTable:
         if self._pend_t.size:
             dues.append(float(self._pend_t.min()) + self.reorder)
         if self._td:
-            h, cur, w_e = self._qheap, self._qcur, self.params.w_end
-            while h:
-                q, s = h[0]
-                if cur[s] != q:  # an ended stall's entry
-                    heapq.heappop(h)
-                    continue
-                now_q = float(self._ring[s, 0] + w_e)
-                if now_q == q:  # up to date: the earliest quiet time of all
-                    dues.append(q + self.reorder)
-                    break
-                heapq.heapreplace(h, (now_q, s))
-                cur[s] = now_q
+            m = self._quiet_minima().min() if self._bmin.size else np.inf
+            if m < np.inf:
+                dues.append(float(m) + self.reorder)
         oldest = self._oldest()
         if oldest is not None and not np.isnan(self._last_seen[oldest]):
             dues.append(float(self._last_seen[oldest]) + self.idle_timeout)
@@ -741,7 +739,8 @@ class VectorFlowTable:
         end = max(end, start)
         self._prev_end[s] = end
         self._in_stall[s] = False
-        self._qcur[s] = np.nan
+        self._qv[s] = np.inf
+        self._bdirty[s // _QBLOCK] = True
         self._prev_last[s] = last
         self._stalls[s] += 1
         self._stall_start[s] = np.nan
