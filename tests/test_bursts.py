@@ -11,6 +11,7 @@ The kernel's grouping itself is held to the twin in tests/test_burst_kernel.py.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -318,3 +319,29 @@ def test_live_flows_fed_burst_records_equal_live_flows_fed_candidates(
         got_b += b.advance(now)
     assert got_b + b.close() == got_a + a.close()
     assert (b.events_in, b.refused, b.refused_events) == (a.events_in, a.refused, a.refused_events)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.sampled_from([1, 2, 4]),
+       st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.integers(0, 20)), max_size=16),
+       st.lists(st.integers(0, 40), min_size=1, max_size=4))
+def test_taker_sliced_per_cpu_takes_what_a_look_at_every_row_takes(
+    ncpu: int, per: int, bursts: list[tuple[int, int, int]], polls: list[int],
+) -> None:
+    """Told the kernel's slicing (row cpu * slots + hash), the taker looks for a
+    due burst's flow only at its place in the other CPUs' slices; on tables laid
+    out that way (a key always at one place in a slice, two flows sharing it
+    now and then) it takes the same bursts, poll by poll, as when it looks at
+    every open row."""
+    tab = _table(ncpu * per)
+    for cpu, variant, at in bursts:
+        row = (cpu % ncpu) * per + at % per
+        _put(tab, row, 1, 1_000 * MS + at * MS, [0, MS])
+        tab[row]["key"] = bytes([at % per, variant]) * 20  # a key is always at one place
+    sliced, flat = BurstTaker(tab.copy(), GAP_NS, per), BurstTaker(tab.copy(), GAP_NS)
+    now = 1_000 * MS
+    for dt in sorted(polls):
+        t = now + dt * MS + GAP_NS
+        assert _times(sliced.take(tab[:0].copy(), t)) == _times(flat.take(tab[:0].copy(), t))
+    with pytest.raises(ValueError):
+        BurstTaker(_table(6), GAP_NS, 4)

@@ -121,11 +121,18 @@ def concat(batches: list[BurstBatch]) -> BurstBatch:
 class BurstTaker:
     """Turns ring records and open table slots into a :class:`BurstBatch`,
     passing each candidate on once. ``table`` is the kernel's burst table (a
-    structured view of ``struct burst``, one row per slot)."""
+    structured view of ``struct burst``, one row per slot). ``slots_per_cpu``:
+    the table is the kernel's, sliced per CPU (row ``cpu * slots_per_cpu +
+    hash``, iqn_xdp.c ``burst_add``), so one flow's open bursts on other CPUs
+    are at the same place in their slices; None: any row may hold any flow."""
 
-    def __init__(self, table: npt.NDArray[np.void], gap_ns: int) -> None:
+    def __init__(self, table: npt.NDArray[np.void], gap_ns: int, slots_per_cpu: int | None = None) -> None:
         self.table = table
         self.gap_ns = gap_ns
+        rows = table.shape[0]
+        if slots_per_cpu is not None and (slots_per_cpu < 1 or rows % slots_per_cpu):
+            raise ValueError(f"a table of {rows} rows is not sliced in {slots_per_cpu} slots per CPU")
+        self.slots_per_cpu = slots_per_cpu
         rows = table.shape[0]
         #: per slot, for its two latest bursts passed on (from the ring or the table):
         #: their generations and how many of their candidates
@@ -192,7 +199,16 @@ class BurstTaker:
         # slice, their candidates interleaved in time: taking one now and the other
         # a poll later would feed the engine the second's earlier candidates late.
         # So the other open bursts of a due burst's flow are taken with it.
-        rest = np.flatnonzero(is_open)
+        # Sliced per CPU, those are at the due rows' places in the other slices: a
+        # look at ncpu - 1 rows per due burst, not at every open burst of the table.
+        per = self.slots_per_cpu
+        if per is None:
+            rest = np.flatnonzero(is_open)
+        elif per < cnt.size:
+            rest = np.unique((due % per)[:, None] + np.arange(0, cnt.size, per))
+            rest = rest[is_open[rest]]
+        else:  # one CPU: no other slices
+            rest = due
         if rest.size > due.size:
             rest = np.setdiff1d(rest, due, assume_unique=True)
             same = rest[np.isin(_fingerprints(t["key"][rest]), _fingerprints(t["key"][due]))]

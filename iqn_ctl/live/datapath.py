@@ -453,7 +453,7 @@ class Datapath:
         except (OSError, ValueError) as e:
             self._bpf.cleanup()
             raise DatapathError(f"cannot map the ring buffer or tables of {SRC.name}: {e}") from None
-        self._taker = BurstTaker(burst_tab, GAP_NS)
+        self._taker = BurstTaker(burst_tab, GAP_NS, burst_slots)
 
     @property
     def prog_fd(self) -> int:
