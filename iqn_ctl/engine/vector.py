@@ -376,7 +376,7 @@ class VectorFlowTable:
         Every busy flow's watermark rises to ``now - reorder``, recorded once
         here and applied to a flow when it is next looked at (:meth:`_settle_wm`);
         the flows visited are those with held arrivals and, time-driven, those
-        whose quiet time the heap says has passed: the others would do nothing."""
+        whose quiet time has passed (:meth:`_due`): the others would do nothing."""
         v = now - self.reorder
         calls, vals = self._adv_k, self._adv_v
         while vals and vals[-1] <= v:
@@ -408,7 +408,7 @@ class VectorFlowTable:
                 self._clock += 1
                 self._calm_stamp[s] = self._clock
             if self._td:
-                self._note_quiet(busy)  # those whose entry _due took and that still stall
+                self._note_quiet(busy)  # due flows still stalling: quiet time and due state again
         tagged.sort(key=lambda x: (x[1], x[2]))
         events = [e for *_, e in tagged]
         events.extend(self._expire(now - self.idle_timeout))
@@ -447,7 +447,10 @@ class VectorFlowTable:
             busy = self._in_stall[s] | (self._npend[s] > 0)
             s, f = s[busy], f[busy]
             if s.size:
-                raised = np.asarray(self._adv_v)[np.searchsorted(np.asarray(self._adv_k), f)]
+                vals = self._adv_v
+                # one raise on the stack (the clock only moved forward): the largest of all
+                raised = (vals[0] if len(vals) == 1
+                          else np.asarray(vals)[np.searchsorted(np.asarray(self._adv_k), f)])
                 self._wm[s] = np.maximum(self._wm[s], raised)
         self._wm_from[slots] = self._advances
 
@@ -502,14 +505,20 @@ class VectorFlowTable:
         while lru:
             slots, stamps = lru[0]
             off = self._lru_off
-            while off < slots.size:
-                s, t = slots[off:off + 64], stamps[off:off + 64]
+            if off < slots.size:  # most calls: the entry found last time is still current
+                s0 = int(slots[off])
+                if self._live[s0] and self._stamp[s0] == stamps[off]:
+                    return s0
+            width = 16
+            while off < slots.size:  # windows growing, so a long stale run costs few steps
+                s, t = slots[off:off + width], stamps[off:off + width]
                 ok = self._live[s] & (self._stamp[s] == t)
                 if ok.any():
                     i = int(np.argmax(ok))
                     self._lru_off = off + i
                     return int(s[i])
                 off += s.size
+                width *= 4
             lru.pop(0)
             self._lru_len -= slots.size
             self._lru_off = 0
@@ -627,7 +636,6 @@ class VectorFlowTable:
         the state machine over them; events per slot, in order."""
         if not self._pend_t.size or not slots.size:
             return {}
-        self._settle_wm(slots)
         ps, pt = self._pend_slot, self._pend_t
         due = pt <= self._wm[ps]
         mine = np.zeros(self._cap, np.bool_)
