@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import _results  # noqa: E402
 
 from iqn_lab.jetstream import JetStream  # noqa: E402
-from iqn_qos.ingest import Decoded, Decoder  # noqa: E402
+from iqn_qos.ingest import Columns, Decoded, Decoder  # noqa: E402
 from iqn_qos.serve import STREAM, ServeConfig, Service, run  # noqa: E402
 from iqn_qos.store import Store  # noqa: E402
 from iqn_qos.topology import load_topology  # noqa: E402
@@ -199,7 +199,7 @@ def service_drain(cfg: ServeConfig, n: int) -> tuple[float, int]:
     (connected, consumer found) until n are stored; lines stored."""
     state = {"stored": 0, "t_end": 0.0, "t0": 0.0}
 
-    def on_stored(batch: Sequence[Decoded], now: float) -> None:
+    def on_stored(batch: Columns, now: float) -> None:
         state["stored"] += len(batch)
         if state["stored"] >= n:
             state["t_end"] = time.perf_counter()
@@ -265,13 +265,13 @@ def e2e_delay(cfg: ServeConfig, datas: list[bytes], rate: float, late: bool) -> 
     rounds: list[tuple[float, set[float], float]] = []  # (round started, slots, shown) per applied slot
     started = [0.0]
 
-    def on_stored(batch: Sequence[Decoded], now: float) -> None:
+    def on_stored(batch: Columns, now: float) -> None:
         t = time.time()
-        for d in batch:
-            if d.at is not None and d.id.startswith(("e2e/", "late/")):
-                delays.append(t - d.at)
-                if d.line is not None:
-                    stored.append((d.at, t, d.line.t // cfg.slot_s * cfg.slot_s))
+        for rid, at, lt in batch.stamped():
+            if at is not None and rid.startswith(("e2e/", "late/")):
+                delays.append(t - at)
+                if lt is not None:
+                    stored.append((at, t, lt // cfg.slot_s * cfg.slot_s))
 
     class Timed(Service):
         def infer_slots(self, due: Any, *args: Any) -> Any:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from math import isfinite
 from typing import Annotated, Any, Literal
 
+import numpy as np
+
 from .errors import QosError
 from .lines import MediaLine
 from .mle import slot_of
@@ -136,6 +138,51 @@ class Decoded:
     error: str | None = None
     at: float | None = None  # when the router recorded it (epoch s), for the delay metric
     raw: bytes | None = None  # a rejected record of a batch: its own JSON (kept in ``rejected``)
+
+
+@dataclass(slots=True)
+class Columns:
+    """The records of a batch of messages, decoded: the well-formed session records column by
+    column (``id`` ... ``path``), everything else (stalls, rejected records, sessions with unusual
+    values) as :class:`Decoded` in ``others`` with ``raw[i]`` the message ``others[i]`` came in.
+
+    Why columns: a record is then a few list items, not a :class:`Decoded` and a
+    :class:`MediaLine` (the decode's and the store's Python work per record was most of the
+    service's CPU), the store hands the columns to DuckDB as they are, and a puller process
+    (``iqn-qos serve --pullers``) sends a batch to the store writer as a few pickled lists and
+    arrays.  A session row with ``n == 0`` had nothing watched: it is a record but no line
+    (``path`` -1); ``at`` is NaN where the record has no ``iqn.recorded_at``; ``path[i]`` indexes
+    ``paths``, the batch's distinct paths."""
+
+    id: list[str]
+    router: list[str]
+    client: list[str]
+    server: list[str]
+    t: np.ndarray  # float64: the slot's start
+    n: np.ndarray  # int64: watched units
+    m: np.ndarray  # int64: good units
+    at: np.ndarray  # float64
+    path: np.ndarray  # int32
+    paths: list[tuple[str, ...]]
+    others: list[Decoded]
+    raw: list[bytes]
+    pending: int = 0  # messages the stream still held after this batch's last (the puller's lag)
+
+    def __len__(self) -> int:
+        return len(self.id) + len(self.others)
+
+    def ids(self) -> list[str]:
+        """Every record's id (sessions first, then the others)."""
+        return self.id + [d.id for d in self.others]
+
+    def stamped(self) -> list[tuple[str, float | None, float | None]]:
+        """(id, recorded at, line time: None without a line) of every record: for benchmarks and
+        tests that time records (``on_stored``)."""
+        out: list[tuple[str, float | None, float | None]] = [
+            (i, None if math.isnan(a) else a, t if n >= 1 else None)
+            for i, a, t, n in zip(self.id, self.at.tolist(), self.t.tolist(), self.n.tolist(), strict=True)]
+        out += [(d.id, d.at, d.line.t if d.line is not None else None) for d in self.others]
+        return out
 
 
 def _str(obj: dict[str, object], key: str) -> str:
@@ -264,6 +311,79 @@ class Decoder:
                 out.append(Decoded(f"{bid}#{i}", "?", rtr, error="a record is not a JSON object",
                                    raw=_dumps(r)))
         return out
+
+    def decode_columns(self, datas: Iterable[bytes], ids: Iterable[str]) -> Columns:
+        """Every record of a batch of messages as :class:`Columns` (``ids[i]`` names message i
+        when it has no id of its own); never raises.  A message of well-formed session records
+        goes the fast way (msgspec, straight into the columns); any other message, or one with a
+        single unusual record, the general way (:meth:`decode_message`), record by record: both
+        accept and reject exactly the same records."""
+        rows: list[tuple[str, str, str, str, float, int, int, float, int]] = []
+        others: list[Decoded] = []
+        raw: list[bytes] = []
+        paths: list[tuple[str, ...]] = []
+        local: dict[tuple[str, str], int] = {}  # (client, server) -> index in paths
+        index: dict[tuple[str, ...], int] = {}  # path -> index in paths
+        routers: dict[str, str] = {}  # one str object per router name: pickled once, not per record
+        pairs = self._pairs
+        nan = math.nan
+        for data, fid in zip(datas, ids, strict=True):
+            recs = self._fast_records(data)
+            mine: list[tuple[str, str, str, str, float, int, int, float, int]] = []
+            ok = recs is not None
+            for r in recs if recs is not None else ():
+                w, st = r.watched, r.stalled
+                # one test for all three: a sum of finite floats is finite (an overflow to inf only
+                # sends the message the general way)
+                if not (isfinite(r.slot + w + st) and 0 <= st <= w):
+                    ok = False
+                    break
+                n = round(w)
+                k = -1
+                if n >= 1:
+                    key = (r.client, r.server)
+                    k = local.get(key, -1)
+                    if k < 0:
+                        path = pairs.get(key)
+                        if path is None:
+                            try:
+                                path = self._resolve(r.client, r.server)
+                            except QosError:
+                                ok = False
+                                break
+                        k = index.get(path, -1)
+                        if k < 0:
+                            k = index[path] = len(paths)
+                            paths.append(path)
+                        local[key] = k
+                rtr = routers.setdefault(r.router, r.router)
+                mine.append((r.id, rtr, r.client, r.server, r.slot, n, n - min(round(st), n) if n else 0,
+                             nan if r.at is None else r.at, k))
+            if ok:
+                rows += mine
+            else:
+                got = self.decode_message(data, fid)
+                others += got
+                raw += [data] * len(got)
+        if rows:
+            c_id, c_rtr, c_cli, c_srv, c_t, c_n, c_m, c_at, c_p = map(list, zip(*rows, strict=True))
+        else:
+            c_id, c_rtr, c_cli, c_srv, c_t, c_n, c_m, c_at, c_p = [], [], [], [], [], [], [], [], []
+        return Columns(c_id, c_rtr, c_cli, c_srv, np.array(c_t, np.float64), np.array(c_n, np.int64),
+                       np.array(c_m, np.int64), np.array(c_at, np.float64), np.array(c_p, np.int32), paths,
+                       others, raw)
+
+    def _fast_records(self, data: bytes) -> list[Any] | None:
+        """The records of a message of well-formed session records only (msgspec's typed decode),
+        else None."""
+        if _fast_decoder is None:
+            return None
+        try:
+            got = _fast_decoder.decode(data)
+        except _FastError:
+            return None
+        recs: list[Any] = got.records if type(got) is _SessionBatch else [got]
+        return recs or None
 
     def _sessions_fast(self, data: bytes) -> list[Decoded] | None:
         """A message of well-formed session records only (a v2 batch or one v1 record), decoded
@@ -398,6 +518,10 @@ class SlotPlanner:
         """New lines were stored: their slots need (re-)inference once closed."""
         # the distinct starts first (a slot's records all carry its start: a batch has a few)
         self.dirty.update(slot_of(t, self.slot_s) for t in {ln.t for ln in lines})
+
+    def added_times(self, ts: np.ndarray) -> None:
+        """New lines were stored, given by their times (:class:`Columns`)."""
+        self.dirty.update(slot_of(float(t), self.slot_s) for t in np.unique(ts))
 
     def closed(self, slot: float, now: float) -> bool:
         return now >= slot + self.slot_s + self.grace_s

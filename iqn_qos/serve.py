@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from .errors import QosError
-from .ingest import Decoded, Decoder, SlotPlanner
+from .ingest import Columns, Decoder, SlotPlanner
 from .mle import Estimate, infer_counts
 from .store import Ingested, Store
 from .topology import Topology, load_topology
@@ -167,7 +167,7 @@ class Service:
     (or by a test or benchmark calling :meth:`handle` and :meth:`tick` directly)."""
 
     def __init__(self, cfg: ServeConfig, topology: Topology | None = None,
-                 on_stored: Callable[[Sequence[Decoded], float], None] | None = None) -> None:
+                 on_stored: Callable[[Columns, float], None] | None = None) -> None:
         self.cfg = cfg
         self.topology = topology if topology is not None else load_topology(cfg.topology)
         self.decoder = Decoder(self.topology)
@@ -194,41 +194,33 @@ class Service:
         return View(self._version, self.cfg.slot_s, self.cfg.threshold, hist, dict(self.topology.kinds),
                     self.counters.copy())
 
-    def decode_batch(self, datas: Sequence[bytes], ids: Sequence[str]) -> tuple[list[Decoded], list[bytes]]:
-        """The records of a batch of messages (``ids[i]`` names message i when it carries no
-        id; a v2 message brings many) and the message each came in; runs on the decode thread
-        (:func:`run`), touches nothing but the decoder."""
-        batch: list[Decoded] = []
-        raw: list[bytes] = []
-        decode = self.decoder.decode_message
+    def decode_batch(self, datas: Sequence[bytes], ids: Sequence[str]) -> Columns:
+        """The records of a batch of messages as columns (``ids[i]`` names message i when it
+        carries no id; a v2 message brings many); runs on the decode thread (:func:`run`) or in
+        a puller process, touches nothing but the decoder."""
         with _gc_paused:
-            for i, d in enumerate(datas):
-                recs = decode(d, ids[i])
-                batch += recs
-                raw += [d] * len(recs)
-        return batch, raw
+            return self.decoder.decode_columns(datas, ids)
 
-    def store_decoded(self, batch: list[Decoded], raw: list[bytes], now: float) -> Ingested:
+    def store_decoded(self, cols: Columns, now: float) -> Ingested:
         """Store decoded records in one transaction; runs on the store thread, touches nothing
         but the store."""
         with _gc_paused:
-            got = self.store.ingest(batch, raw, now)
+            got = self.store.ingest_columns(cols, now)
         if self.on_stored is not None:
-            self.on_stored(batch, time.time())
+            self.on_stored(cols, time.time())
         return got
 
-    def store_batch(self, datas: Sequence[bytes], ids: Sequence[str],
-                    now: float) -> tuple[list[Decoded], Ingested]:
+    def store_batch(self, datas: Sequence[bytes], ids: Sequence[str], now: float) -> tuple[Columns, Ingested]:
         """:meth:`decode_batch` then :meth:`store_decoded`, in the calling thread."""
-        batch, raw = self.decode_batch(datas, ids)
-        return batch, self.store_decoded(batch, raw, now)
+        cols = self.decode_batch(datas, ids)
+        return cols, self.store_decoded(cols, now)
 
-    def account(self, batch: Sequence[Decoded], got: Ingested, now: float) -> None:
+    def account(self, cols: Columns, got: Ingested, now: float) -> None:
         """Count a stored batch and mark its slots dirty (on the loop: the counters' owner)."""
         c = self.counters
         for typ, n in got.types.items():
             c.records[typ] = c.records.get(typ, 0) + n
-        c.lines += len(got.lines)
+        c.lines += got.nlines
         c.empty += got.empty
         c.duplicates += got.duplicates
         c.rejected += len(got.rejected)
@@ -236,14 +228,18 @@ class Service:
         for d in got.rejected:
             log.warning("rejected message %s: %s", d.id, d.error)
         self.planner.added(got.lines)
-        at = np.array([d.at for d in batch if d.at is not None], float)
+        if got.line_t is not None and got.line_t.size:
+            self.planner.added_times(got.line_t)
+        at = cols.at[~np.isnan(cols.at)]
+        if cols.others:
+            at = np.concatenate([at, np.array([d.at for d in cols.others if d.at is not None], float)])
         if at.size:
             c.observe_delays(now - at)
 
     def handle(self, datas: Sequence[bytes], ids: Sequence[str], now: float) -> Ingested:
         """:meth:`store_batch` and :meth:`account` in one call (no threads)."""
-        batch, got = self.store_batch(datas, ids, now)
-        self.account(batch, got, now)
+        cols, got = self.store_batch(datas, ids, now)
+        self.account(cols, got, now)
         return got
 
     def due(self, now: float, force: bool = False) -> list[float]:
@@ -442,10 +438,10 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
             and acknowledges only its own messages."""
             datas = [m.data for m in msgs]
             ids = [f"{STREAM}/seq/{_ack_meta(m.reply)[0]}" for m in msgs]
-            batch, raw = await loop.run_in_executor(decode_pool, svc.decode_batch, datas, ids)
+            cols = await loop.run_in_executor(decode_pool, svc.decode_batch, datas, ids)
             # raises QosError on a store failure: nothing acked, the loop stops
-            got = await loop.run_in_executor(store_pool, svc.store_decoded, batch, raw, now)
-            svc.account(batch, got, now)
+            got = await loop.run_in_executor(store_pool, svc.store_decoded, cols, now)
+            svc.account(cols, got, now)
             try:
                 for m in msgs:  # explicit, each (see the module's docstring); nats-py buffers them
                     await nc.publish(m.reply, b"+ACK")

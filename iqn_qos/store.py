@@ -17,7 +17,7 @@ import duckdb
 import numpy as np
 
 from .errors import QosError
-from .ingest import Decoded
+from .ingest import Columns, Decoded
 from .lines import MediaLine
 from .mle import Estimate, infer_counts, slot_of
 
@@ -75,6 +75,12 @@ class Ingested:
     empty: int
     duplicates: int
     types: dict[str, int]  # new usable messages per type
+    #: the slot times of new lines stored from columns (:meth:`Store.ingest_columns`; not in ``lines``)
+    line_t: np.ndarray | None = None
+
+    @property
+    def nlines(self) -> int:
+        return len(self.lines) + (0 if self.line_t is None else int(self.line_t.size))
 
 
 class Store:
@@ -155,59 +161,135 @@ class Store:
         ``rejected`` with its reason and raw bytes (its own ``raw``, else ``raw[i]``: the
         message ``batch[i]`` came in).
         Returns what was new, so the caller acknowledges only after this returned."""
+        new_paths: list[tuple[str, ...]] = []
+        self.con.execute("BEGIN")
+        try:
+            got = self._ingest_decoded(batch, raw, now, new_paths, alone=True)
+            self.con.execute("COMMIT")
+        except duckdb.Error as e:
+            self.con.execute("ROLLBACK")
+            self._forget(new_paths)
+            raise QosError(f"{self.path}: cannot store a batch ({e})") from None
+        return got
+
+    def ingest_columns(self, cols: Columns, now: float) -> Ingested:
+        """:meth:`ingest` for a batch decoded into :class:`Columns` (what ``iqn-qos serve``
+        stores): the session columns go to DuckDB as numpy arrays with no Python object per
+        record, the others as :meth:`ingest` stores them, all in one transaction, idempotent on
+        the ids (a record whose id is stored already, or came earlier in the batch, is a
+        duplicate)."""
+        con = self.con
+        k = len(cols.id)
+        new_paths: list[tuple[str, ...]] = []
+        fresh = k
+        line_t = np.empty(0, np.float64)
+        empty = 0
+        con.execute("BEGIN")
+        try:
+            keep: np.ndarray | None = None  # None: every session record is new
+            if k:
+                recs = {"id": np.array(cols.id, object), "router": np.array(cols.router, object)}
+                con.register("_in_sessions", recs)
+                try:
+                    # as in ingest: the inserted count tells whether any id was there already (or
+                    # twice in the batch: DuckDB inserts the first); only then are the new ones asked for
+                    r = con.execute("INSERT OR IGNORE INTO records SELECT id, 'session', router, $1"
+                                    " FROM _in_sessions", [now]).fetchone()
+                    if (int(r[0]) if r else 0) != k:
+                        con.execute("ROLLBACK")
+                        con.execute("BEGIN")
+                        con.register("_in_sessions", recs)  # a rollback drops the registration
+                        new = {g[0] for g in con.execute(
+                            "INSERT OR IGNORE INTO records SELECT id, 'session', router, $1 FROM _in_sessions"
+                            " RETURNING id", [now]).fetchall()}
+                        keep = np.zeros(k, bool)
+                        for i, rid in enumerate(cols.id):
+                            if rid in new:  # its first occurrence in the batch
+                                keep[i] = True
+                                new.discard(rid)
+                        fresh = int(keep.sum())
+                finally:
+                    con.unregister("_in_sessions")
+                watched = cols.n >= 1
+                empty = int((~watched if keep is None else keep & ~watched).sum())
+                sel = watched if keep is None else keep & watched
+                if sel.any():
+                    gids = self._path_column(cols.paths, new_paths)
+                    line_t = cols.t[sel]
+                    obj = {c: np.array(getattr(cols, c), object)[sel]
+                           for c in ("client", "server", "router", "id")}
+                    self._insert_line_columns({"t": line_t, "p": gids[cols.path[sel]], "n": cols.n[sel],
+                                               "m": cols.m[sel], **obj})
+            rest = (self._ingest_decoded(cols.others, cols.raw, now, new_paths, alone=False)
+                    if cols.others else None)
+            con.execute("COMMIT")
+        except duckdb.Error as e:
+            con.execute("ROLLBACK")
+            self._forget(new_paths)
+            raise QosError(f"{self.path}: cannot store a batch ({e})") from None
+        types = dict(rest.types) if rest is not None else {}
+        if fresh:
+            types["session"] = types.get("session", 0) + fresh
+        return Ingested(
+            lines=rest.lines if rest is not None else [], stalls=rest.stalls if rest is not None else 0,
+            rejected=rest.rejected if rest is not None else [],
+            empty=empty + (rest.empty if rest is not None else 0),
+            duplicates=k - fresh + (rest.duplicates if rest is not None else 0), types=types, line_t=line_t)
+
+    def _ingest_decoded(self, batch: Sequence[Decoded], raw: Sequence[bytes], now: float,
+                        new_paths: list[tuple[str, ...]], alone: bool) -> Ingested:
+        """:meth:`ingest`'s work inside the caller's transaction; ``alone``: nothing else was
+        written in it yet, so the duplicate check may roll it back and start it again (else the
+        new ids are asked for at once)."""
         first: dict[str, int] = {}
         for i, d in enumerate(batch):
             first.setdefault(d.id, i)
         uniq = [batch[i] for i in first.values()]
         con = self.con
-        new_paths: list[tuple[str, ...]] = []
-        con.execute("BEGIN")
+        # the batch's columns reach DuckDB as numpy arrays it scans directly: passing Python
+        # lists as statement parameters converted every value (7x slower; the store was the
+        # service's slowest stage: bench/bench_qos_serve.py)
+        cols = {"id": np.array([d.id for d in uniq], object),
+                "type": np.array([d.type for d in uniq], object),
+                "router": np.array([d.router for d in uniq], object)}
+        con.register("_in_records", cols)
         try:
-            # the batch's columns reach DuckDB as numpy arrays it scans directly: passing Python
-            # lists as statement parameters converted every value (7x slower; the store was the
-            # service's slowest stage: bench/bench_qos_serve.py)
-            cols = {"id": np.array([d.id for d in uniq], object),
-                    "type": np.array([d.type for d in uniq], object),
-                    "router": np.array([d.router for d in uniq], object)}
-            con.register("_in_records", cols)
-            try:
-                # the common case has no duplicate: the count of inserted rows tells it, and costs
-                # nothing; RETURNING the new ids (3x the insert's time on large batches) is paid
-                # only when the count falls short (a re-delivery), after a rollback of this try
-                r = con.execute("INSERT OR IGNORE INTO records SELECT id, type, router, $1 FROM _in_records",
-                                [now]).fetchone()
-                new: set[str] | None = None
-                if (int(r[0]) if r else 0) != len(uniq):
+            # the common case has no duplicate: the count of inserted rows tells it, and costs
+            # nothing; RETURNING the new ids (3x the insert's time on large batches) is paid
+            # only when the count falls short (a re-delivery), after a rollback of this try
+            new: set[str] | None = None
+            r = con.execute("INSERT OR IGNORE INTO records SELECT id, type, router, $1 FROM _in_records"
+                            + ("" if alone else " RETURNING id"), [now])
+            if not alone:
+                new = {g[0] for g in r.fetchall()}
+            else:
+                got1 = r.fetchone()
+                if (int(got1[0]) if got1 else 0) != len(uniq):
                     con.execute("ROLLBACK")
                     con.execute("BEGIN")
                     con.register("_in_records", cols)  # a rollback drops the registration
                     got = con.execute("INSERT OR IGNORE INTO records SELECT id, type, router, $1"
                                       " FROM _in_records RETURNING id", [now]).fetchall()
                     new = {g[0] for g in got}
-            finally:
-                con.unregister("_in_records")
-            fresh = uniq if new is None else [d for d in uniq if d.id in new]
-            lines = [d for d in fresh if d.line is not None]
-            if lines:
-                self._insert_lines([d.line for d in lines if d.line is not None], [d.id for d in lines],
-                                   new_paths)
-            stalls = [d for d in fresh if d.stall is not None]
-            if stalls:
-                self._insert_stalls(stalls)
-            bad = [first[d.id] for d in fresh if d.error is not None]
-            if bad:
-                con.execute(
-                    "INSERT INTO rejected SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]),"
-                    " unnest($3::VARCHAR[]), unnest($4::VARCHAR[]), unnest($5::BLOB[]), $6",
-                    [[batch[i].id for i in bad], [batch[i].type for i in bad], [batch[i].router for i in bad],
-                     [batch[i].error for i in bad],
-                     [batch[i].raw if batch[i].raw is not None else bytes(raw[i]) for i in bad], now],
-                )
-            con.execute("COMMIT")
-        except duckdb.Error as e:
-            con.execute("ROLLBACK")
-            self._forget(new_paths)
-            raise QosError(f"{self.path}: cannot store a batch ({e})") from None
+        finally:
+            con.unregister("_in_records")
+        fresh = uniq if new is None else [d for d in uniq if d.id in new]
+        lines = [d for d in fresh if d.line is not None]
+        if lines:
+            self._insert_lines([d.line for d in lines if d.line is not None], [d.id for d in lines],
+                               new_paths)
+        stalls = [d for d in fresh if d.stall is not None]
+        if stalls:
+            self._insert_stalls(stalls)
+        bad = [first[d.id] for d in fresh if d.error is not None]
+        if bad:
+            con.execute(
+                "INSERT INTO rejected SELECT unnest($1::VARCHAR[]), unnest($2::VARCHAR[]),"
+                " unnest($3::VARCHAR[]), unnest($4::VARCHAR[]), unnest($5::BLOB[]), $6",
+                [[batch[i].id for i in bad], [batch[i].type for i in bad], [batch[i].router for i in bad],
+                 [batch[i].error for i in bad],
+                 [batch[i].raw if batch[i].raw is not None else bytes(raw[i]) for i in bad], now],
+            )
         return Ingested(
             lines=[d.line for d in lines if d.line is not None],
             stalls=len(stalls),
@@ -216,6 +298,15 @@ class Store:
             duplicates=len(batch) - len(fresh),
             types=dict(Counter(d.type for d in fresh if d.error is None)),
         )
+
+    def _insert_line_columns(self, cols: dict[str, np.ndarray]) -> None:
+        """The service's lines (kind 'iqn') given as columns, ``p`` their path ids."""
+        self.con.register("_in_lines", cols)
+        try:
+            self.con.execute("INSERT INTO lines (t, path_id, n, m, client, server, router, kind, id)"
+                             " SELECT t, p, n, m, client, server, router, 'iqn', id FROM _in_lines")
+        finally:
+            self.con.unregister("_in_lines")
 
     def _insert_lines(self, ls: Sequence[MediaLine], ids: Sequence[str] | None,
                       new: list[tuple[str, ...]]) -> None:

@@ -529,7 +529,7 @@ def test_a_slow_inference_does_not_hold_up_storing(tmp_path: Path) -> None:
     cfg = ServeConfig(nats=[], topology=topo, store=tmp_path / "qos.duckdb", port=0, batch=100)
     with JetStream.start(1, tmp_path / "js") as js:
         cfg = ServeConfig(**{**cfg.__dict__, "nats": js.urls})
-        svc = HeldInference(cfg, on_stored=lambda batch, now: stored.update(d.id for d in batch))
+        svc = HeldInference(cfg, on_stored=lambda batch, now: stored.update(batch.ids()))
         box: dict[str, Any] = {}
 
         def serve() -> None:
