@@ -314,6 +314,9 @@ def serve(
     threshold: float = OptThr,
     l1: float = OptL1,
     batch: int = typer.Option(5000, "--batch", help="messages per pull request"),
+    pullers: int = typer.Option(
+        2, "--pullers",
+        help="processes that pull and decode (each on the durable consumer; this one stores); 0: pull here"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
     log_format: str = typer.Option(
         "text", "--log-format",
@@ -333,9 +336,11 @@ def serve(
         raise QosError(f"--durable must match [A-Za-z0-9_-]{{1,64}}, got {durable!r}")
     if not 1 <= batch <= 100_000:
         raise QosError(f"--batch must be in 1..100000, got {batch}")
+    if not 0 <= pullers <= 32:
+        raise QosError(f"--pullers must be in 0..32, got {pullers}")
     host, port = parse_listen(listen)
     main(ServeConfig(nats=nats, topology=topology, store=store, durable=durable, slot_s=slot, grace_s=grace,
-                     host=host, port=port, batch=batch, threshold=threshold, l1=l1),
+                     host=host, port=port, batch=batch, threshold=threshold, l1=l1, pullers=pullers),
          log_level=log_level, log_format=log_format)
 
 

@@ -34,6 +34,8 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
+import queue
 import signal
 import threading
 import time
@@ -90,6 +92,8 @@ class ServeConfig:
     expires_s: float = 0.1  # a pull waits this long for a full batch: the delay when caught up
     threshold: float = 0.01
     l1: float = 1e-4
+    #: puller processes (0: the service pulls and decodes in its own process); see _Pullers
+    pullers: int = 2
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -362,6 +366,269 @@ class _Batch:
             self.done.set()
 
 
+def _pull_request(cfg: ServeConfig, nc: Any) -> tuple[str, bytes]:
+    """The pull request's subject and body (``$JS.API.CONSUMER.MSG.NEXT``)."""
+    # bytes bound a pull too (v2 messages carry up to 1,000 records each: 5,000 of them would be
+    # one store transaction longer than the ack wait); never under the server's largest message,
+    # which would otherwise never be delivered
+    max_bytes = max(cfg.max_bytes, 2 * int(getattr(nc, "max_payload", 0) or 0))
+    return (f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{cfg.durable}",
+            json.dumps({"batch": cfg.batch, "expires": int(cfg.expires_s * 1e9),
+                        "max_bytes": max_bytes}).encode())
+
+
+def _puller_main(cfg: ServeConfig, conn: Any, parent: int) -> None:
+    """A puller process (``--pullers``): pull batches from the durable consumer, decode each
+    into :class:`Columns`, send it to the service (the store writer), and acknowledge its
+    messages only when the service says the batch is committed."""
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service stops its pullers itself
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_pull_loop(cfg, conn))
+
+
+async def _pull_loop(cfg: ServeConfig, conn: Any) -> None:
+    loop = asyncio.get_running_loop()
+    decoder = Decoder(load_topology(cfg.topology))
+    held: dict[int, list[Any]] = {}  # token -> the messages of a batch sent, not yet committed
+    freed = asyncio.Event()  # a batch was committed
+    stopping = asyncio.Event()
+    acks: set[asyncio.Task[None]] = set()
+    nc = await _connect(cfg)
+
+    async def ack(msgs: list[Any]) -> None:
+        try:
+            for m in msgs:  # explicit, each (see the module's docstring); nats-py buffers them
+                await nc.publish(m.reply, b"+ACK")
+        except Exception as e:
+            log.warning("ack failed (the batch will be re-delivered, stored once): %s", e)
+
+    def from_service() -> None:
+        try:
+            while conn.poll():
+                what = conn.recv()
+                if what[0] == "ack":
+                    task = loop.create_task(ack(held.pop(what[1])))
+                    acks.add(task)
+                    task.add_done_callback(acks.discard)
+                    freed.set()
+                else:
+                    stopping.set()
+        except (EOFError, OSError):  # the service is gone: nothing more will be committed
+            loop.remove_reader(conn.fileno())
+            held.clear()
+            stopping.set()
+
+    loop.add_reader(conn.fileno(), from_service)
+    sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-send")
+    decode = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-decode")
+    batch = _Batch(cfg.batch)
+    inbox = nc.new_inbox()
+    await nc.subscribe(inbox, cb=batch.cb, pending_msgs_limit=4 * cfg.batch + 1000,
+                       pending_bytes_limit=1 << 28)
+    subject, request = _pull_request(cfg, nc)
+    # the topology and the modules are kept for the process' life: out of the collector's sight
+    # (each of its full passes walked them), and paused while a batch is decoded (_GcPause)
+    gc.freeze()
+
+    def decode_columns(datas: list[bytes], ids: list[str]) -> Columns:
+        with _gc_paused:
+            return decoder.decode_columns(datas, ids)
+
+    conn.send_bytes(pickle.dumps((0, None)))  # ready: connected and subscribed
+    token = 0
+    try:
+        while not stopping.is_set():
+            if len(held) >= MAX_IN_FLIGHT:  # a batch is decoded and pulled while one is stored
+                freed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(freed.wait(), 0.5)
+                continue
+            batch.msgs, batch.want = [], cfg.batch
+            batch.done.clear()
+            try:
+                await nc.publish(subject, request, reply=inbox)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(batch.done.wait(), cfg.expires_s + 2.0)
+            except Exception as e:  # disconnected: nats-py reconnects by itself
+                log.warning("pull request failed: %s", e)
+                await asyncio.sleep(0.5)
+            msgs, batch.msgs = batch.msgs, []
+            if not msgs:
+                continue
+            datas = [m.data for m in msgs]
+            ids = [f"{STREAM}/seq/{_ack_meta(m.reply)[0]}" for m in msgs]
+            cols = await loop.run_in_executor(decode, decode_columns, datas, ids)
+            cols.pending = _ack_meta(msgs[-1].reply)[2]
+            token += 1
+            held[token] = msgs
+            await loop.run_in_executor(sender, conn.send_bytes, pickle.dumps((token, cols), protocol=5))
+        # stopping: the batches sent are committed or not; wait a little for their word
+        deadline = time.monotonic() + 5.0
+        while held and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if acks:
+            await asyncio.gather(*acks, return_exceptions=True)
+    except (BrokenPipeError, EOFError, OSError):
+        pass  # the service is gone: what was not acknowledged is re-delivered
+    finally:
+        sender.shutdown(wait=False)
+        decode.shutdown(wait=False)
+        with contextlib.suppress(Exception):
+            await nc.flush(2)
+            await nc.close()
+
+
+class _Pullers:
+    """K puller processes on the service's durable consumer (JetStream spreads each pull's
+    messages over the pullers), and their batches stored by the one store writer here.
+
+    Why processes: the decode is Python (the interpreter lock) and one process's pull, decode
+    and acknowledgements topped out under 100,000 records/s (bench/bench_qos_serve.py); K
+    processes decode K batches at once, and this one only stores (DuckDB: one writer) and
+    serves.  A batch is acknowledged by its puller only after the service committed it, so a
+    SIGKILL anywhere loses nothing (unacknowledged batches are re-delivered after the ack wait
+    and stored once: their ids)."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        ctx = multiprocessing.get_context("spawn")  # not forked: this process has threads and DuckDB
+        self.batches: queue.Queue[tuple[int, int, Columns] | int] = queue.Queue()
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        self.locks: list[threading.Lock] = []
+        self.readers: list[threading.Thread] = []
+        self.ready = [threading.Event() for _ in range(cfg.pullers)]
+        self.ended: list[int] = []  # pullers whose pipe closed
+        for i in range(cfg.pullers):
+            mine, theirs = ctx.Pipe(duplex=True)
+            p = ctx.Process(target=_puller_main, args=(cfg, theirs, os.getpid()), name=f"iqn-qos-puller-{i}",
+                            daemon=True)
+            p.start()
+            theirs.close()
+            self.conns.append(mine)
+            self.procs.append(p)
+            self.locks.append(threading.Lock())
+            th = threading.Thread(target=self._read, args=(i,), name=f"iqn-qos-recv-{i}", daemon=True)
+            th.start()
+            self.readers.append(th)
+
+    def _read(self, i: int) -> None:
+        """A reader thread: puller i's batches into the queue (the end: -1 - i)."""
+        conn = self.conns[i]
+        try:
+            while True:
+                token, cols = pickle.loads(conn.recv_bytes())
+                if cols is None:
+                    self.ready[i].set()
+                else:
+                    self.batches.put((i, token, cols))
+        except (EOFError, OSError):
+            self.ended.append(i)
+            self.batches.put(-1 - i)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Every puller connected and subscribed (False: not within ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        return all(e.wait(max(0.0, deadline - time.monotonic())) for e in self.ready)
+
+    def ack(self, i: int, token: int) -> None:
+        """Tell puller i its batch ``token`` is committed (it acknowledges it then)."""
+        with self.locks[i], contextlib.suppress(OSError):
+            self.conns[i].send(("ack", token))
+
+    def stop(self) -> None:
+        for i in range(len(self.conns)):
+            with self.locks[i], contextlib.suppress(OSError):
+                self.conns[i].send(("stop",))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the pullers (killed if they do not end within ``timeout``) and the writer."""
+        self.stop()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+        for c in self.conns:
+            c.close()
+        self.batches.put(_WRITER_STOP)
+
+
+#: in the pullers' queue: the store writer ends
+_WRITER_STOP = 1 << 30
+
+
+async def _serve_pullers(svc: Service, pullers: _Pullers, stop: asyncio.Event,
+                         store_pool: concurrent.futures.ThreadPoolExecutor,
+                         maybe_infer: Callable[[bool | None, bool], None],
+                         refresh_info: Callable[[], Any]) -> None:
+    """The service's loop with puller processes: the store thread is the one writer (each
+    batch a transaction, then its puller is told to acknowledge it); the loop counts, infers
+    and refreshes the consumer's numbers."""
+    loop = asyncio.get_running_loop()
+    state: dict[str, Any] = {"more": None, "storing": False, "last": 0.0}
+    woke = asyncio.Event()
+
+    def stored(cols: Columns, got: Ingested, now: float) -> None:  # on the loop
+        svc.account(cols, got, now)
+        svc.counters.lag = cols.pending
+        # kept until a batch says the stream is empty: between two batches the writer is idle
+        # while the pullers decode, and a round started then took the CPU the drain needed
+        state["more"] = cols.pending > 0
+        state["last"] = time.monotonic()
+        svc.publish_view()
+        woke.set()
+
+    def writer() -> None:
+        """The store thread: batches from every puller, until all ended (or told to stop)."""
+        ended = 0
+        while ended < len(pullers.procs):
+            item = pullers.batches.get()
+            if isinstance(item, int):
+                if item == _WRITER_STOP:
+                    return
+                ended += 1
+                loop.call_soon_threadsafe(woke.set)
+                continue
+            i, token, cols = item
+            state["storing"] = True
+            now = time.time()
+            try:
+                got = svc.store_decoded(cols, now)  # a QosError ends the writer: nothing acknowledged
+            finally:
+                state["storing"] = False
+            pullers.ack(i, token)  # committed: the puller may acknowledge it now
+            loop.call_soon_threadsafe(stored, cols, got, now)
+
+    writing = loop.run_in_executor(store_pool, writer)
+    last_info = 0.0
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(woke.wait(), 0.1)
+            woke.clear()
+            if writing.done():
+                writing.result()  # re-raises a store failure
+            if pullers.ended and not stop.is_set():
+                i = pullers.ended[0]
+                raise QosError(f"puller process {i} ended (exit code {pullers.procs[i].exitcode})")
+            busy = state["storing"] or not pullers.batches.empty()
+            if not busy and time.monotonic() - max(state["last"], last_info) > INFO_S:
+                last_info = time.monotonic()
+                await refresh_info()
+                svc.publish_view()
+            maybe_infer(state["more"], busy)
+    finally:
+        # the pullers stop pulling; what they sent is stored and acknowledged before they end
+        pullers.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(writing), 15.0)
+        pullers.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(writing), 5.0)
+
+
 async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = None,
               stop: asyncio.Event | None = None, service: Service | None = None) -> None:
     """Consume, store, infer and serve until ``stop`` is set (or SIGTERM/SIGINT)."""
@@ -412,13 +679,17 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
     # (below): started alongside, it took the CPU a backlog's first batches needed
     warm = asyncio.wrap_future(solver.submit(infer_counts, [(("warm-up",), 1, 1, 2)]))
     storing: list[asyncio.Future[None]] = []  # batches being decoded, stored, acknowledged
-    inferring: asyncio.Future[list[tuple[float, list[Estimate]]]] | None = None
+    pullers: _Pullers | None = None
     nc = None
     try:
         nc = await _connect(cfg)
         js = nc.jetstream()
         await _ensure(js, cfg)
         await warm
+        if cfg.pullers > 0:  # started, and connected, before the service says it is consuming
+            pullers = _Pullers(cfg)
+            if not await loop.run_in_executor(None, pullers.wait_ready, 60.0):
+                raise QosError("the puller processes did not connect in 60 s")
         log.info("serving http://%s:%d/ ; consuming stream %s as %s from %s", host, port, STREAM, cfg.durable,
                  ",".join(cfg.nats))
         if ready is not None:
@@ -472,25 +743,49 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
             loop.call_soon_threadsafe(show_slot, start, ests)
 
         await refresh_info()
-        batch = _Batch(cfg.batch)
-        inbox = nc.new_inbox()
-        await nc.subscribe(inbox, cb=batch.cb, pending_msgs_limit=4 * cfg.batch + 1000,
-                           pending_bytes_limit=1 << 28)
-        subject = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{cfg.durable}"
-        # bytes bound a pull too (v2 messages carry up to 1,000 records each: 5,000 of them would be
-        # one store transaction longer than the ack wait); never under the server's largest message,
-        # which would otherwise never be delivered
-        max_bytes = max(cfg.max_bytes, 2 * int(getattr(nc, "max_payload", 0) or 0))
-        request = json.dumps({"batch": cfg.batch, "expires": int(cfg.expires_s * 1e9),
-                              "max_bytes": max_bytes}).encode()
         # the first round waits like the others: started at once, it inferred every slot of a
         # backlog's first batch (slots the rest of the backlog was still filling) while the
         # drain needed the CPU (bench/bench_qos_serve.py: the solver process and the inference
         # thread took CPU during the whole drain)
-        last_info, last_tick = 0.0, time.monotonic()
-        # a backlog is draining: the last batch pulled said more messages wait in the stream, or
-        # it said none but that backlog's last batches are still being stored
-        backlog = False
+        tick = {"last": time.monotonic(), "backlog": False}
+        inferring_box: list[asyncio.Future[list[tuple[float, list[Estimate]]]] | None] = [None]
+
+        def maybe_infer(more: bool | None, busy: bool) -> None:
+            """An inference round at most every TICK_S (DRAIN_TICK_S while a backlog drains), one at
+            a time, on the inference thread.  ``more``: the last batch said messages wait in the
+            stream (None: no batch came); ``busy``: batches are still being stored."""
+            inferring = inferring_box[0]
+            if inferring is not None and not inferring.done():
+                return
+            futs, forced[:] = list(forced), []
+            since = time.monotonic() - tick["last"]
+            # kept from the last batch that came, and until the backlog is stored: a round started
+            # with the backlog's last pull inferred every slot of it while its last batches were
+            # still being stored (and then again), taking the CPU they needed
+            if more:
+                tick["backlog"] = True
+            elif tick["backlog"] and not busy:
+                tick["backlog"] = False
+            if futs or since > (DRAIN_TICK_S if tick["backlog"] else TICK_S):
+                tick["last"] = time.monotonic()
+                due = svc.due(time.time(), force=bool(futs))
+                if due:
+                    fut = loop.run_in_executor(infer_pool, svc.infer_slots, due, reader, solver, slot_done)
+                    fut.add_done_callback(lambda f, d=due, w=futs: inferred(f, d, w))  # type: ignore[misc]
+                    inferring_box[0] = fut
+                else:
+                    for f in futs:
+                        f.set_result(0)
+
+        if pullers is not None:
+            await _serve_pullers(svc, pullers, stop, store_pool, maybe_infer, refresh_info)
+            return
+        batch = _Batch(cfg.batch)
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=batch.cb, pending_msgs_limit=4 * cfg.batch + 1000,
+                           pending_bytes_limit=1 << 28)
+        subject, request = _pull_request(cfg, nc)
+        last_info = 0.0
         while not stop.is_set():
             batch.msgs, batch.want = [], cfg.batch
             batch.done.clear()
@@ -513,31 +808,12 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                 last_info = time.monotonic()
                 await refresh_info()
                 svc.publish_view()
-            # inference rounds at most every TICK_S (DRAIN_TICK_S while a backlog drains: the
-            # batch's last message says more are pending), one at a time, on the inference thread
-            if inferring is None or inferring.done():
-                futs, forced[:] = list(forced), []
-                since = time.monotonic() - last_tick
-                # kept from the last batch that came, and until the backlog is stored: a round started
-                # with the backlog's last pull inferred every slot of it while its last batches were
-                # still being stored (and then again), taking the CPU they needed
-                if msgs and _ack_meta(msgs[-1].reply)[2] > 0:
-                    backlog = True
-                elif backlog and not storing:
-                    backlog = False
-                if futs or since > (DRAIN_TICK_S if backlog else TICK_S):
-                    last_tick = time.monotonic()
-                    due = svc.due(time.time(), force=bool(futs))
-                    if due:
-                        inferring = loop.run_in_executor(infer_pool, svc.infer_slots, due, reader, solver,
-                                                         slot_done)
-                        inferring.add_done_callback(lambda f, d=due, w=futs: inferred(f, d, w))  # type: ignore[misc]
-                    else:
-                        for f in futs:
-                            f.set_result(0)
+            maybe_infer(_ack_meta(msgs[-1].reply)[2] > 0 if msgs else None, bool(storing))
         while storing:
             await storing.pop(0)
     finally:
+        if pullers is not None:
+            pullers.close()
         for f in forced:
             f.set_exception(QosError("the service is stopping"))
         for task in storing:
