@@ -119,15 +119,17 @@ class Store:
         :meth:`_forget` should that transaction roll back."""
         ids = self._path_ids
         out = np.empty(len(paths), np.int32)
+        start = len(new)  # ``new`` may hold paths of an earlier statement of this transaction
         for k, p in enumerate(paths):
             i = ids.get(p)
             if i is None:
                 i = ids[p] = len(ids)
                 new.append(p)
             out[k] = i
-        if new:
+        if len(new) > start:
+            mine = new[start:]
             self.con.execute("INSERT INTO paths SELECT unnest($1::INTEGER[]), unnest($2::VARCHAR[][])",
-                             [[ids[p] for p in new], [list(p) for p in new]])
+                             [[ids[p] for p in mine], [list(p) for p in mine]])
         return out
 
     def _forget(self, new: Sequence[tuple[str, ...]]) -> None:

@@ -240,6 +240,67 @@ def test_store_ingest_is_idempotent_on_ids(topo_file: Path) -> None:
         assert st.counts()["records"] == 6 and st.counts()["lines"] == 5 and st.counts()["rejected"] == 1
 
 
+def _mixed_messages() -> list[bytes]:
+    """Messages of every kind the service meets: v2 batches of well-formed sessions (the fast
+    way), one with a bad record and one with an unplaceable address (the general way, record by
+    record), v1 sessions (one with nothing watched), a stall, a record twice in the batch (alone
+    and inside a batch), not JSON."""
+    def s(i: int, watched: float = 900.0, client: str = "10.1.2.3") -> dict[str, Any]:
+        return session("r0", i, client, "192.0.2.1", 1800.0 + 900 * (i % 3), 900.0, watched,
+                       min(watched, 3.0 * (i % 4)))
+
+    def batch(bid: str, recs: list[dict[str, Any]]) -> bytes:
+        return json.dumps({"v": 2, "type": "batch", "id": bid, "router": "r0", "records": recs}).encode()
+
+    bad = {**s(21), "iqn.watched_s": "lots"}
+    return [batch("b1", [s(i) for i in range(10)]), batch("b2", [s(i) for i in range(10, 15)] + [bad]),
+            json.dumps(s(30)).encode(), json.dumps(s(31, watched=0.2)).encode(),
+            json.dumps(stall("r0", 40, "10.1.2.3", "192.0.2.1", 100.0, 103.5)).encode(),
+            json.dumps(s(3)).encode(),  # a record of b1 again
+            batch("b3", [s(50), s(51, client="172.16.0.1")]),  # 172.16/12 attaches nowhere
+            batch("b4", [s(60), s(60)]),  # twice in one message
+            b"oops"]
+
+
+def test_columns_store_what_records_store(topo_file: Path) -> None:
+    """A batch decoded into columns (the service's path) and stored with ``ingest_columns`` leaves
+    the same rows and the same counts as the record-by-record path, also when the batch comes
+    again (a re-delivery: every record a duplicate) and after a part of it was stored."""
+    topo = load_topology(topo_file)
+    msgs = _mixed_messages()
+    ids = [f"IQN/seq/{i}" for i in range(len(msgs))]
+    tables = ("SELECT id, type, router FROM records ORDER BY id",
+              "SELECT l.t, p.path, l.n, l.m, l.client, l.server, l.router, l.kind, l.id FROM lines l"
+              " JOIN paths p ON p.id = l.path_id ORDER BY l.id",
+              "SELECT * FROM stalls ORDER BY id",
+              "SELECT id, type, router, reason, raw FROM rejected ORDER BY id")
+
+    def summary(got: Any) -> tuple[Any, ...]:
+        return (got.nlines, sorted(d.id for d in got.rejected), got.empty, got.duplicates, got.types,
+                got.stalls)
+
+    with Store(":memory:") as by_rows, Store(":memory:") as by_cols:
+        dec = Decoder(topo)
+        cols = Decoder(topo).decode_columns(msgs, ids)
+        assert len(cols.id) == 10 + 1 + 1 + 1 + 2  # b1, s(30), s(31), s(3) again, b4 (general: b2, b3)
+        assert len(cols) == sum(len(dec.decode_message(m, i)) for m, i in zip(msgs, ids, strict=True))
+        batches = [msgs, msgs, msgs[2:6]]
+        for k, part in enumerate(batches):
+            pids = ids[:len(part)]
+            recs = [(d, m) for m, i in zip(part, pids, strict=True) for d in dec.decode_message(m, i)]
+            a = by_rows.ingest([d for d, _ in recs], [m for _, m in recs], float(k))
+            b = by_cols.ingest_columns(Decoder(topo).decode_columns(part, pids), float(k))
+            assert summary(a) == summary(b), k
+            if k == 0:
+                assert b.duplicates == 2 and b.types == {"session": 19, "stall": 1} and b.empty == 1
+                assert {d.id for d in b.rejected} == {"r0/h0/session/21", "r0/h0/session/51", "IQN/seq/8"}
+            else:
+                assert b.nlines == 0 and b.duplicates == len(recs)
+        for q in tables:
+            assert by_rows.con.execute(q).fetchall() == by_cols.con.execute(q).fetchall(), q
+        assert by_cols.counts()["lines"] == 18
+
+
 def test_store_keeps_paths_exactly(tmp_path: Path) -> None:
     """Each distinct path is stored once (``paths``) and named by id from the lines: every line
     comes back with its own path (also ids holding odd characters, and the same components in
@@ -426,28 +487,32 @@ def proc_state(pid: int) -> str:
         return "gone"
 
 
-def test_service_resumes_after_sigkill_and_stores_each_record_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pullers", ["0", "3"])
+def test_service_resumes_after_sigkill_and_stores_each_record_once(tmp_path: Path, pullers: str) -> None:
     """SIGKILL the service while it ingests, start it again on the same store and durable
-    consumer: every record is stored exactly once (counted by id)."""
+    consumer: every record is stored exactly once (counted by id); pulling in the service's
+    process and with puller processes (their batches in hand, stored or not, die with it)."""
     topo, msgs, _ = scenario(tmp_path, "healthy", slots=3, lines_per_slot=8000, components=400, seed=5)
     store = tmp_path / "qos.duckdb"
     with JetStream.start(1, tmp_path / "js") as js:
         asyncio.run(publish(js.urls, msgs))  # the backlog waits in the stream
-        svc = start_service(js.urls, topo, store, tmp_path / "serve.log", "--batch", "500")
+        svc = start_service(js.urls, topo, store, tmp_path / "serve.log", "--batch", "500",
+                            "--pullers", pullers)
         mid = wait_for(lambda: 0 < (n := svc.api()["ingest"]["records"]["session"]) < len(msgs) and n,
                        "ingestion to be under way", timeout=120)
         workers = children(svc.proc.pid)
-        assert workers  # the solver process, started with the service
+        assert len(workers) >= 1 + int(pullers)  # the solver process and the pullers, started with it
         assert svc.stop(signal.SIGKILL) == -signal.SIGKILL
         # and it does not outlive the killed service
         try:
             wait_for(lambda: not any(proc_state(w) not in ("gone", "Z") for w in workers),
-                     "the killed service's solver process to end", timeout=30)
+                     "the killed service's solver and puller processes to end", timeout=30)
         finally:
             for w in workers:  # what a failure left behind
                 with contextlib.suppress(OSError):
                     os.kill(w, signal.SIGKILL)
-        svc2 = start_service(js.urls, topo, store, tmp_path / "serve.log", "--batch", "500")
+        svc2 = start_service(js.urls, topo, store, tmp_path / "serve.log", "--batch", "500",
+                             "--pullers", pullers)
         try:
             # the restarted service counts only what it stored itself (the rest of the stream):
             # wait until the consumer has nothing left and the count stands still
@@ -477,6 +542,36 @@ def test_service_resumes_after_sigkill_and_stores_each_record_once(tmp_path: Pat
     assert stored == ids
     assert mid < len(msgs)
     assert os.path.getsize(tmp_path / "serve.log") > 0
+
+
+def test_several_pullers_store_each_record_once(tmp_path: Path) -> None:
+    """Three puller processes on one durable consumer: v2 batches and, sent again as v1 messages
+    under other message ids (so JetStream does not drop them), every seventh record: each record
+    is stored exactly once, the re-sent ones counted as duplicates, and the pullers shared the
+    work (the service's batch count exceeds what one puller's in-flight limit could explain is
+    not asserted: the per-record counts are)."""
+    topo, msgs, _ = scenario(tmp_path, "healthy", slots=2, lines_per_slot=6000, components=300, seed=11)
+    batches = [json.dumps({"v": 2, "type": "batch", "id": f"r0/b/{k}", "router": "r0",
+                           "records": msgs[k:k + 50]}).encode() for k in range(0, len(msgs), 50)]
+    again = msgs[::7]
+    store = tmp_path / "qos.duckdb"
+    with JetStream.start(1, tmp_path / "js") as js:
+        asyncio.run(publish(js.urls, [*batches, *again]))
+        svc = start_service(js.urls, topo, store, tmp_path / "serve.log", "--batch", "20", "--pullers", "3")
+        try:
+            assert len(children(svc.proc.pid)) >= 4  # three pullers and the solver
+            got = wait_for(lambda: (a := svc.api()["ingest"])["lag"] == 0 and a["ack_pending"] == 0
+                           and a["records"].get("session", 0) == len(msgs) and a, "the stream to be stored")
+            assert got["duplicates"] == len(again) and got["lines"] == len(msgs) and got["rejected"] == 0
+        finally:
+            assert svc.stop() == 0
+    con = duckdb.connect(str(store), read_only=True)
+    rec = con.execute("SELECT count(*), count(DISTINCT id) FROM records").fetchone()
+    lines = con.execute("SELECT count(*), count(DISTINCT id) FROM lines").fetchone()
+    stored = {r[0] for r in con.execute("SELECT id FROM lines").fetchall()}
+    con.close()
+    assert rec == (len(msgs), len(msgs)) and lines == (len(msgs), len(msgs))
+    assert stored == {m["id"] for m in msgs}
 
 
 def test_on_demand_inference_endpoint(served: dict[str, Any]) -> None:
