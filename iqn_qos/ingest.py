@@ -167,6 +167,7 @@ class Columns:
     others: list[Decoded]
     raw: list[bytes]
     pending: int = 0  # messages the stream still held after this batch's last (the puller's lag)
+    messages: int = 0  # messages the batch came in (set by the puller)
 
     def __len__(self) -> int:
         return len(self.id) + len(self.others)

@@ -459,7 +459,7 @@ async def _pull_loop(cfg: ServeConfig, conn: Any) -> None:
             datas = [m.data for m in msgs]
             ids = [f"{STREAM}/seq/{_ack_meta(m.reply)[0]}" for m in msgs]
             cols = await loop.run_in_executor(decode, decode_columns, datas, ids)
-            cols.pending = _ack_meta(msgs[-1].reply)[2]
+            cols.pending, cols.messages = _ack_meta(msgs[-1].reply)[2], len(msgs)
             token += 1
             held[token] = msgs
             await loop.run_in_executor(sender, conn.send_bytes, pickle.dumps((token, cols), protocol=5))
@@ -573,9 +573,11 @@ async def _serve_pullers(svc: Service, pullers: _Pullers, stop: asyncio.Event,
     def stored(cols: Columns, got: Ingested, now: float) -> None:  # on the loop
         svc.account(cols, got, now)
         svc.counters.lag = cols.pending
-        # kept until a batch says the stream is empty: between two batches the writer is idle
-        # while the pullers decode, and a round started then took the CPU the drain needed
-        state["more"] = cols.pending > 0
+        # a backlog: more messages wait than this batch brought (with several pullers, a steady
+        # stream's batches say a few are pending: those the other pullers are being sent).  Kept
+        # between batches (the writer is idle while the pullers decode, and a round started then
+        # took the CPU the drain needed) until a batch says otherwise, or none came for INFO_S
+        state["more"] = cols.pending >= max(1, cols.messages)
         state["last"] = time.monotonic()
         svc.publish_view()
         woke.set()
@@ -614,6 +616,8 @@ async def _serve_pullers(svc: Service, pullers: _Pullers, stop: asyncio.Event,
                 i = pullers.ended[0]
                 raise QosError(f"puller process {i} ended (exit code {pullers.procs[i].exitcode})")
             busy = state["storing"] or not pullers.batches.empty()
+            if not busy and time.monotonic() - state["last"] > INFO_S:
+                state["more"] = None
             if not busy and time.monotonic() - max(state["last"], last_info) > INFO_S:
                 last_info = time.monotonic()
                 await refresh_info()
