@@ -316,7 +316,7 @@ def e2e_delay(cfg: ServeConfig, datas: list[bytes], rate: float, late: bool) -> 
 
 
 def phase(js: Any, work: Path, topo: Path, datas: list[bytes], per_msg: int, batch: int,
-          pullers: int) -> dict[str, float]:
+          pullers: int, other: int) -> dict[str, float]:
     """One format (v1 when ``per_msg`` is 1, else v2 batches): publish the backlog, drain it with a
     bare consumer, then with the service: seconds of each."""
     tag = "v1" if per_msg == 1 else "v2"
@@ -332,9 +332,9 @@ def phase(js: Any, work: Path, topo: Path, datas: list[bytes], per_msg: int, bat
     t_bare = asyncio.run(bare_consumer(js.urls[0], len(datas), batch, f"bare-{tag}", count))
     print(f"{tag}: bare consumer {len(datas) / t_bare:,.0f} records/s", flush=True)
     out = {"bare": t_bare, "msgs": len(msgs)}
-    # the service with its pullers, then (v2) pulling in its own process (``--pullers 0``), each
-    # with a durable consumer of its own on the same stream: the same messages from the start
-    for key, k in (("svc", pullers), ("svc0", 0)) if per_msg > 1 else (("svc", pullers),):
+    # the service with ``pullers``, then (v2) with ``other`` pullers, each with a durable consumer
+    # of its own on the same stream: the same messages from the start
+    for key, k in (("svc", pullers), ("svc0", other)) if per_msg > 1 else (("svc", pullers),):
         cfg = ServeConfig(nats=js.urls, topology=topo, store=work / f"qos-{tag}-{k}.duckdb",
                           durable=f"bench-{tag}-{k}", port=0, batch=batch, pullers=k)
         out[key], lines = service_drain(cfg, len(datas))
@@ -351,6 +351,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0, help="e2e: messages per second")
     ap.add_argument("--seconds", type=float, default=15.0, help="e2e: how long to publish")
     ap.add_argument("--pullers", type=int, default=ServeConfig.pullers, help="the service's puller processes")
+    ap.add_argument("--other", type=int, default=2, help="v2: the service again with this many pullers")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     load = os.getloadavg()[0]  # the box is shared: its load when the run starts goes in the table's text
@@ -374,8 +375,8 @@ def main() -> None:
         print(f"decode alone v1 {len(datas) / t_decode:,.0f}/s, v2 {len(datas) / t_decode2:,.0f}/s; "
               f"bare DuckDB {len(datas) / t_duck:,.0f}/s", flush=True)
         with JetStream.start(1, work / "js") as js:
-            r1 = phase(js, work, topo, datas, 1, a.batch, a.pullers)
-            r2 = phase(js, work, topo, datas, a.per_msg, a.batch, a.pullers)
+            r1 = phase(js, work, topo, datas, 1, a.batch, a.pullers, a.other)
+            r2 = phase(js, work, topo, datas, a.per_msg, a.batch, a.pullers, a.other)
             n_e2e = int(a.rate * a.seconds)
             res = {}
             for late in (False, True):
@@ -395,8 +396,8 @@ def main() -> None:
     rows = [
         (f"**`iqn-qos serve --pullers {a.pullers}`, schema v2** ({a.per_msg} records a message, "
          f"{r2['msgs']:,} messages)", r2["svc"], r_svc),
-        ("baseline (c): `iqn-qos serve --pullers 0` (pull and decode in the service's process), the same v2 "
-         "messages", r2["svc0"], n / r2["svc0"]),
+        (f"(c): `iqn-qos serve --pullers {a.other}` (pull and decode in {a.other} processes of their own), "
+         "the same v2 messages", r2["svc0"], n / r2["svc0"]),
         ("baseline (a2): bare consumer, the same v2 messages: pull + parse + ack", r2["bare"],
          n / r2["bare"]),
         (f"`iqn-qos serve --pullers {a.pullers}`, schema v1 (one record a message, {r1['msgs']:,} messages)",

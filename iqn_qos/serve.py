@@ -92,8 +92,10 @@ class ServeConfig:
     expires_s: float = 0.1  # a pull waits this long for a full batch: the delay when caught up
     threshold: float = 0.01
     l1: float = 1e-4
-    #: puller processes (0: the service pulls and decodes in its own process); see _Pullers
-    pullers: int = 2
+    #: puller processes (0: the service pulls and decodes in its own process); see _Pullers.  0 by
+    #: default: on the shared 2-core box (load 5-7) the drain was fastest without pullers
+    #: (bench/bench_qos_serve.py); pullers pay off only where cores are idle
+    pullers: int = 0
 
 
 def parse_listen(text: str) -> tuple[str, int]:
