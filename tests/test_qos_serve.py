@@ -574,6 +574,31 @@ def test_several_pullers_store_each_record_once(tmp_path: Path) -> None:
     assert stored == {m["id"] for m in msgs}
 
 
+def test_a_killed_puller_stops_the_service(tmp_path: Path) -> None:
+    """A puller process that dies (SIGKILL) stops the service with a one-line error (a supervisor
+    restarts it; what the puller held unacknowledged is re-delivered), and the service's other
+    processes end with it."""
+    topo, msgs, _ = scenario(tmp_path, "healthy", slots=1, lines_per_slot=500, components=200, seed=5)
+    with JetStream.start(1, tmp_path / "js") as js:
+        asyncio.run(publish(js.urls, msgs))
+        svc = start_service(js.urls, topo, tmp_path / "qos.duckdb", tmp_path / "serve.log", "--pullers", "2")
+        try:
+            kids = children(svc.proc.pid)
+            pullers = [k for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text()]
+            assert len(pullers) >= 3  # the solver and the two pullers
+            wait_for(lambda: svc.api()["ingest"]["records"].get("session", 0) == len(msgs),
+                     "the records stored")
+            os.kill(max(pullers), signal.SIGKILL)  # a puller: started after the solver
+            assert svc.proc.wait(30) == 2
+        finally:
+            svc.stop(signal.SIGKILL)
+        log = (tmp_path / "serve.log").read_text()
+        why = rf"iqn-qos: error: puller process [01] ended \(exit code -{int(signal.SIGKILL)}\)"
+        assert re.search(why, log), log
+        wait_for(lambda: all(proc_state(k) in ("gone", "Z") for k in kids), "the service's processes to end",
+                 timeout=30)
+
+
 def test_on_demand_inference_endpoint(served: dict[str, Any]) -> None:
     req = urllib.request.Request(served["svc"].url + "/api/infer", method="POST", data=b"")
     with urllib.request.urlopen(req, timeout=60) as r:
