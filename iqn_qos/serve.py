@@ -92,10 +92,11 @@ class ServeConfig:
     expires_s: float = 0.1  # a pull waits this long for a full batch: the delay when caught up
     threshold: float = 0.01
     l1: float = 1e-4
-    #: puller processes (0: the service pulls and decodes in its own process); see _Pullers.  0 by
-    #: default: on the shared 2-core box (load 5-7) the drain was fastest without pullers
-    #: (bench/bench_qos_serve.py); pullers pay off only where cores are idle
-    pullers: int = 0
+    #: puller processes (0: the service pulls and decodes in its own process); see _Pullers.  2 by
+    #: default: on the 2-core box with a core to spare they drained 105k records/s against 77k
+    #: without (bench/bench_qos_serve.py); on a box whose cores are busy with other work (load
+    #: 5-7) they cost more than they gave, and --pullers 0 was faster
+    pullers: int = 2
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -814,7 +815,8 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
                 last_info = time.monotonic()
                 await refresh_info()
                 svc.publish_view()
-            maybe_infer(_ack_meta(msgs[-1].reply)[2] > 0 if msgs else None, bool(storing))
+            # a backlog: more messages wait than this batch brought (see _serve_pullers)
+            maybe_infer(_ack_meta(msgs[-1].reply)[2] >= len(msgs) if msgs else None, bool(storing))
         while storing:
             await storing.pop(0)
     finally:
