@@ -617,6 +617,7 @@ async def _serve_pullers(svc: Service, pullers: _Pullers, stop: asyncio.Event,
                 writing.result()  # re-raises a store failure
             if pullers.ended and not stop.is_set():
                 i = pullers.ended[0]
+                pullers.procs[i].join(2.0)  # its pipe closed first: wait for its exit code
                 raise QosError(f"puller process {i} ended (exit code {pullers.procs[i].exitcode})")
             busy = state["storing"] or not pullers.batches.empty()
             if not busy and time.monotonic() - state["last"] > INFO_S:
