@@ -368,6 +368,22 @@ class _Batch:
         if len(self.msgs) >= self.want:
             self.done.set()
 
+    async def pull(self, nc: Any, subject: str, request: bytes, inbox: str, cfg: ServeConfig) -> list[Any]:
+        """One pull request answered on ``inbox`` (subscribed with :meth:`cb`): the
+        messages it brought; none when it expired or the connection dropped (nats-py
+        reconnects by itself)."""
+        self.msgs, self.want = [], cfg.batch
+        self.done.clear()
+        try:
+            await nc.publish(subject, request, reply=inbox)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.done.wait(), cfg.expires_s + 2.0)
+        except Exception as e:  # disconnected: nats-py reconnects by itself
+            log.warning("pull request failed: %s", e)
+            await asyncio.sleep(0.5)
+        msgs, self.msgs = self.msgs, []
+        return msgs
+
 
 def _pull_request(cfg: ServeConfig, nc: Any) -> tuple[str, bytes]:
     """The pull request's subject and body (``$JS.API.CONSUMER.MSG.NEXT``)."""
@@ -447,16 +463,7 @@ async def _pull_loop(cfg: ServeConfig, conn: Any) -> None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(freed.wait(), 0.5)
                 continue
-            batch.msgs, batch.want = [], cfg.batch
-            batch.done.clear()
-            try:
-                await nc.publish(subject, request, reply=inbox)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(batch.done.wait(), cfg.expires_s + 2.0)
-            except Exception as e:  # disconnected: nats-py reconnects by itself
-                log.warning("pull request failed: %s", e)
-                await asyncio.sleep(0.5)
-            msgs, batch.msgs = batch.msgs, []
+            msgs = await batch.pull(nc, subject, request, inbox, cfg)
             if not msgs:
                 continue
             datas = [m.data for m in msgs]
@@ -795,16 +802,7 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
         subject, request = _pull_request(cfg, nc)
         last_info = 0.0
         while not stop.is_set():
-            batch.msgs, batch.want = [], cfg.batch
-            batch.done.clear()
-            try:
-                await nc.publish(subject, request, reply=inbox)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(batch.done.wait(), cfg.expires_s + 2.0)
-            except Exception as e:  # disconnected: nats-py reconnects by itself
-                log.warning("pull request failed: %s", e)
-                await asyncio.sleep(0.5)
-            msgs, batch.msgs = batch.msgs, []
+            msgs = await batch.pull(nc, subject, request, inbox, cfg)
             for task in [t for t in storing if t.done()]:
                 storing.remove(task)
                 task.result()  # re-raises a store failure

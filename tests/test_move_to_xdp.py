@@ -76,13 +76,20 @@ def _candidates(bed: Bed, n: int, dport: int) -> list[float]:
     return list(json.loads(out)["sent"]["x"])
 
 
+def halves_beside_foreign(bed: Bed) -> subprocess.Popen[str]:
+    """A foreign XDP program on the client interface, and the HALVES driver started
+    beside it (on TC) in the client's namespace, its pipes open."""
+    bed.attach_foreign_xdp("other_prog")
+    p = subprocess.Popen(["ip", "netns", "exec", bed.cli_ns, PY, "-c", HALVES, bed.cli_if],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdin is not None and p.stdout is not None
+    return p
+
+
 def test_overlap_counts_each_candidate_once_and_the_control_twice() -> None:
     need_xdp()
     with Bed() as bed:
-        bed.attach_foreign_xdp("other_prog")
-        p = subprocess.Popen(["ip", "netns", "exec", bed.cli_ns, PY, "-c", HALVES, bed.cli_if],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert p.stdin is not None and p.stdout is not None
+        p = halves_beside_foreign(bed)
 
         def say(cmd: str) -> dict[str, Any]:
             p.stdin.write(cmd + "\n")  # type: ignore[union-attr]
@@ -138,10 +145,7 @@ def test_finish_never_replaces_a_program_attached_during_the_move() -> None:
     foreign program. Closing removes none of it."""
     need_xdp()
     with Bed() as bed:
-        bed.attach_foreign_xdp("other_prog")
-        p = subprocess.Popen(["ip", "netns", "exec", bed.cli_ns, PY, "-c", HALVES, bed.cli_if],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert p.stdin is not None and p.stdout is not None
+        p = halves_beside_foreign(bed)
         try:
             assert json.loads(p.stdout.readline() or "{}")["hook"] == "tc"
             bed.remove_foreign_xdp()
