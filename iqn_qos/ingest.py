@@ -176,6 +176,18 @@ class Columns:
         """Every record's id (sessions first, then the others)."""
         return self.id + [d.id for d in self.others]
 
+    def decoded(self) -> list[Decoded]:
+        """Every record as :class:`Decoded` (sessions first, then the others): what
+        :meth:`Decoder.decode_message` gives, for callers that want records, not columns."""
+        out = [
+            Decoded(i, "session", r, at=None if math.isnan(a) else a,
+                    line=MediaLine(t, self.paths[k], n, m, c, sv, r, "iqn") if k >= 0 else None)
+            for i, r, c, sv, t, n, m, a, k in zip(
+                self.id, self.router, self.client, self.server, self.t.tolist(), self.n.tolist(),
+                self.m.tolist(), self.at.tolist(), self.path.tolist(), strict=True)
+        ]
+        return out + self.others
+
     def stamped(self) -> list[tuple[str, float | None, float | None]]:
         """(id, recorded at, line time: None without a line) of every record: for benchmarks and
         tests that time records (``on_stored``)."""
@@ -279,11 +291,12 @@ class Decoder:
     def decode_message(self, data: bytes, fallback_id: str = "") -> list[Decoded]:
         """Every record of one message: one for a schema-v1 message, each of a v2 batch's
         ``records`` (docs/export.md); never raises (see :meth:`decode`).  A bad record of a
-        batch is rejected by itself (its ``raw`` is its own JSON), a bad batch as a whole."""
-        if _fast_decoder is not None:
-            fast = self._sessions_fast(data)
-            if fast is not None:
-                return fast
+        batch is rejected by itself (its ``raw`` is its own JSON), a bad batch as a whole.  The
+        fast path is :meth:`decode_columns`'s, so both accept and reject the same records."""
+        return self.decode_columns([data], [fallback_id]).decoded()
+
+    def _decode_general(self, data: bytes, fallback_id: str) -> list[Decoded]:
+        """:meth:`decode_message` without the fast path: any message, record by record."""
         try:
             obj = _loads(data)
         except (ValueError, UnicodeDecodeError) as e:
@@ -317,7 +330,7 @@ class Decoder:
         """Every record of a batch of messages as :class:`Columns` (``ids[i]`` names message i
         when it has no id of its own); never raises.  A message of well-formed session records
         goes the fast way (msgspec, straight into the columns); any other message, or one with a
-        single unusual record, the general way (:meth:`decode_message`), record by record: both
+        single unusual record, the general way (:meth:`_decode_general`), record by record: both
         accept and reject exactly the same records."""
         rows: list[tuple[str, str, str, str, float, int, int, float, int]] = []
         others: list[Decoded] = []
@@ -363,7 +376,7 @@ class Decoder:
             if ok:
                 rows += mine
             else:
-                got = self.decode_message(data, fid)
+                got = self._decode_general(data, fid)
                 others += got
                 raw += [data] * len(got)
         if rows:
@@ -385,40 +398,6 @@ class Decoder:
             return None
         recs: list[Any] = got.records if type(got) is _SessionBatch else [got]
         return recs or None
-
-    def _sessions_fast(self, data: bytes) -> list[Decoded] | None:
-        """A message of well-formed session records only (a v2 batch or one v1 record), decoded
-        and type-checked by msgspec (the service's hot path: 1.5x the dict-based one below);
-        None for anything else, or when any of its records is unusual (a non-finite or
-        inconsistent number, an address the topology does not place): the general path then
-        decodes the whole message, so both accept and reject exactly the same records."""
-        try:
-            got = _fast_decoder.decode(data)
-        except _FastError:
-            return None
-        recs = got.records if type(got) is _SessionBatch else [got]
-        if not recs:
-            return None
-        out = []
-        pairs = self._pairs
-        for r in recs:
-            w, st = r.watched, r.stalled
-            # one test for all three: a sum of finite floats is finite (an overflow to inf only
-            # sends the message the general way)
-            if not (isfinite(r.slot + w + st) and 0 <= st <= w):
-                return None
-            n = round(w)
-            line = None
-            if n >= 1:
-                path = pairs.get((r.client, r.server))
-                if path is None:
-                    try:
-                        path = self._resolve(r.client, r.server)
-                    except QosError:
-                        return None
-                line = MediaLine(r.slot, path, n, n - min(round(st), n), r.client, r.server, r.router, "iqn")
-            out.append(Decoded(r.id, "session", r.router, line=line, at=r.at))
-        return out
 
     def _session_fast(self, obj: dict[str, Any]) -> Decoded | None:
         """A well-formed v1 session record in one pass (the service's hot path: ~2x the general
