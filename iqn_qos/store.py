@@ -190,28 +190,16 @@ class Store:
         try:
             keep: np.ndarray | None = None  # None: every session record is new
             if k:
-                recs = {"id": np.array(cols.id, object), "router": np.array(cols.router, object)}
-                con.register("_in_sessions", recs)
-                try:
-                    # as in ingest: the inserted count tells whether any id was there already (or
-                    # twice in the batch: DuckDB inserts the first); only then are the new ones asked for
-                    r = con.execute("INSERT OR IGNORE INTO records SELECT id, 'session', router, $1"
-                                    " FROM _in_sessions", [now]).fetchone()
-                    if (int(r[0]) if r else 0) != k:
-                        con.execute("ROLLBACK")
-                        con.execute("BEGIN")
-                        con.register("_in_sessions", recs)  # a rollback drops the registration
-                        new = {g[0] for g in con.execute(
-                            "INSERT OR IGNORE INTO records SELECT id, 'session', router, $1 FROM _in_sessions"
-                            " RETURNING id", [now]).fetchall()}
-                        keep = np.zeros(k, bool)
-                        for i, rid in enumerate(cols.id):
-                            if rid in new:  # its first occurrence in the batch
-                                keep[i] = True
-                                new.discard(rid)
-                        fresh = int(keep.sum())
-                finally:
-                    con.unregister("_in_sessions")
+                # an id twice in the batch: DuckDB inserts the first, and the count falls short too
+                sessions = {"id": np.array(cols.id, object), "router": np.array(cols.router, object)}
+                new = self._new_records(sessions, "'session'", now, alone=True)
+                if new is not None:
+                    keep = np.zeros(k, bool)
+                    for i, rid in enumerate(cols.id):
+                        if rid in new:  # its first occurrence in the batch
+                            keep[i] = True
+                            new.discard(rid)
+                    fresh = int(keep.sum())
                 watched = cols.n >= 1
                 empty = int((~watched if keep is None else keep & ~watched).sum())
                 sel = watched if keep is None else keep & watched
@@ -238,6 +226,33 @@ class Store:
             empty=empty + (rest.empty if rest is not None else 0),
             duplicates=k - fresh + (rest.duplicates if rest is not None else 0), types=types, line_t=line_t)
 
+    def _new_records(self, recs: dict[str, np.ndarray], type_sql: str, now: float,
+                     alone: bool) -> set[str] | None:
+        """Insert the records (columns ``id``, ``router`` and, named by ``type_sql``, their type)
+        into ``records`` unless their id is there; return the ids inserted, None when all were.
+
+        The columns reach DuckDB as numpy arrays it scans directly: passing Python lists as
+        statement parameters converted every value (7x slower; the store was the service's
+        slowest stage: bench/bench_qos_serve.py). The common case has no duplicate: the count of
+        inserted rows tells it, and costs nothing; RETURNING the new ids (3x the insert's time
+        on large batches) is paid only when the count falls short (a re-delivery), after a
+        rollback of the transaction, which ``alone`` says holds nothing else yet (else the new
+        ids are asked for at once)."""
+        con = self.con
+        sql = f"INSERT OR IGNORE INTO records SELECT id, {type_sql}, router, $1 FROM _in_records"
+        con.register("_in_records", recs)
+        try:
+            if alone:
+                r = con.execute(sql, [now]).fetchone()
+                if (int(r[0]) if r else 0) == len(recs["id"]):
+                    return None
+                con.execute("ROLLBACK")
+                con.execute("BEGIN")
+                con.register("_in_records", recs)  # a rollback drops the registration
+            return {g[0] for g in con.execute(sql + " RETURNING id", [now]).fetchall()}
+        finally:
+            con.unregister("_in_records")
+
     def _ingest_decoded(self, batch: Sequence[Decoded], raw: Sequence[bytes], now: float,
                         new_paths: list[tuple[str, ...]], alone: bool) -> Ingested:
         """:meth:`ingest`'s work inside the caller's transaction; ``alone``: nothing else was
@@ -248,33 +263,9 @@ class Store:
             first.setdefault(d.id, i)
         uniq = [batch[i] for i in first.values()]
         con = self.con
-        # the batch's columns reach DuckDB as numpy arrays it scans directly: passing Python
-        # lists as statement parameters converted every value (7x slower; the store was the
-        # service's slowest stage: bench/bench_qos_serve.py)
-        cols = {"id": np.array([d.id for d in uniq], object),
-                "type": np.array([d.type for d in uniq], object),
-                "router": np.array([d.router for d in uniq], object)}
-        con.register("_in_records", cols)
-        try:
-            # the common case has no duplicate: the count of inserted rows tells it, and costs
-            # nothing; RETURNING the new ids (3x the insert's time on large batches) is paid
-            # only when the count falls short (a re-delivery), after a rollback of this try
-            new: set[str] | None = None
-            r = con.execute("INSERT OR IGNORE INTO records SELECT id, type, router, $1 FROM _in_records"
-                            + ("" if alone else " RETURNING id"), [now])
-            if not alone:
-                new = {g[0] for g in r.fetchall()}
-            else:
-                got1 = r.fetchone()
-                if (int(got1[0]) if got1 else 0) != len(uniq):
-                    con.execute("ROLLBACK")
-                    con.execute("BEGIN")
-                    con.register("_in_records", cols)  # a rollback drops the registration
-                    got = con.execute("INSERT OR IGNORE INTO records SELECT id, type, router, $1"
-                                      " FROM _in_records RETURNING id", [now]).fetchall()
-                    new = {g[0] for g in got}
-        finally:
-            con.unregister("_in_records")
+        new = self._new_records({"id": np.array([d.id for d in uniq], object),
+                                 "type": np.array([d.type for d in uniq], object),
+                                 "router": np.array([d.router for d in uniq], object)}, "type", now, alone)
         fresh = uniq if new is None else [d for d in uniq if d.id in new]
         lines = [d for d in fresh if d.line is not None]
         if lines:
