@@ -353,12 +353,27 @@ async def _ensure(js: Any, cfg: ServeConfig) -> None:
 
 
 class _Batch:
-    """Messages of one pull request, collected by the subscription's callback."""
+    """Pull requests on the durable consumer, their messages collected by the callback of our
+    own inbox's subscription (:meth:`open`, then :meth:`pull` per batch)."""
 
     def __init__(self, want: int) -> None:
         self.want = want
         self.msgs: list[Any] = []
         self.done = asyncio.Event()
+        self.nc: Any = None
+        self.cfg: ServeConfig | None = None
+        self.inbox = self.subject = ""
+        self.request = b""
+
+    @classmethod
+    async def open(cls, nc: Any, cfg: ServeConfig) -> _Batch:
+        """Subscribed to a new inbox of ``nc``, ready to pull batches of ``cfg.batch``."""
+        b = cls(cfg.batch)
+        b.nc, b.cfg, b.inbox = nc, cfg, nc.new_inbox()
+        await nc.subscribe(b.inbox, cb=b.cb, pending_msgs_limit=4 * cfg.batch + 1000,
+                           pending_bytes_limit=1 << 28)
+        b.subject, b.request = _pull_request(cfg, nc)
+        return b
 
     async def cb(self, msg: Any) -> None:
         if not msg.data and msg.headers and "Status" in msg.headers:
@@ -368,14 +383,15 @@ class _Batch:
         if len(self.msgs) >= self.want:
             self.done.set()
 
-    async def pull(self, nc: Any, subject: str, request: bytes, inbox: str, cfg: ServeConfig) -> list[Any]:
-        """One pull request answered on ``inbox`` (subscribed with :meth:`cb`): the
-        messages it brought; none when it expired or the connection dropped (nats-py
-        reconnects by itself)."""
+    async def pull(self) -> list[Any]:
+        """One pull request: the messages it brought; none when it expired or the connection
+        dropped (nats-py reconnects by itself)."""
+        cfg = self.cfg
+        assert cfg is not None, "_Batch.open() first"
         self.msgs, self.want = [], cfg.batch
         self.done.clear()
         try:
-            await nc.publish(subject, request, reply=inbox)
+            await self.nc.publish(self.subject, self.request, reply=self.inbox)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.done.wait(), cfg.expires_s + 2.0)
         except Exception as e:  # disconnected: nats-py reconnects by itself
@@ -441,11 +457,7 @@ async def _pull_loop(cfg: ServeConfig, conn: Any) -> None:
     loop.add_reader(conn.fileno(), from_service)
     sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-send")
     decode = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iqn-qos-decode")
-    batch = _Batch(cfg.batch)
-    inbox = nc.new_inbox()
-    await nc.subscribe(inbox, cb=batch.cb, pending_msgs_limit=4 * cfg.batch + 1000,
-                       pending_bytes_limit=1 << 28)
-    subject, request = _pull_request(cfg, nc)
+    batch = await _Batch.open(nc, cfg)
     # the topology and the modules are kept for the process' life: out of the collector's sight
     # (each of its full passes walked them), and paused while a batch is decoded (_GcPause)
     gc.freeze()
@@ -463,7 +475,7 @@ async def _pull_loop(cfg: ServeConfig, conn: Any) -> None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(freed.wait(), 0.5)
                 continue
-            msgs = await batch.pull(nc, subject, request, inbox, cfg)
+            msgs = await batch.pull()
             if not msgs:
                 continue
             datas = [m.data for m in msgs]
@@ -795,14 +807,10 @@ async def run(cfg: ServeConfig, *, ready: Callable[[str, int], None] | None = No
         if pullers is not None:
             await _serve_pullers(svc, pullers, stop, store_pool, maybe_infer, refresh_info)
             return
-        batch = _Batch(cfg.batch)
-        inbox = nc.new_inbox()
-        await nc.subscribe(inbox, cb=batch.cb, pending_msgs_limit=4 * cfg.batch + 1000,
-                           pending_bytes_limit=1 << 28)
-        subject, request = _pull_request(cfg, nc)
+        batch = await _Batch.open(nc, cfg)
         last_info = 0.0
         while not stop.is_set():
-            msgs = await batch.pull(nc, subject, request, inbox, cfg)
+            msgs = await batch.pull()
             for task in [t for t in storing if t.done()]:
                 storing.remove(task)
                 task.result()  # re-raises a store failure
