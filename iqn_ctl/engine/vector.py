@@ -429,7 +429,7 @@ class VectorFlowTable:
             if blocks.size:
                 got = (blocks[:, None] * _QBLOCK + np.arange(_QBLOCK)).ravel()
                 parts.append(got[self._qv[got] <= v])
-        cand = np.unique(np.concatenate(parts)) if len(parts) > 1 else np.unique(parts[0])
+        cand = np.unique(np.concatenate(parts))
         if not cand.size:
             return cand
         return cand[self._live[cand] & (self._in_stall[cand] | (self._npend[cand] > 0))]  # type: ignore[no-any-return]

@@ -133,7 +133,6 @@ class BurstTaker:
         if slots_per_cpu is not None and (slots_per_cpu < 1 or rows % slots_per_cpu):
             raise ValueError(f"a table of {rows} rows is not sliced in {slots_per_cpu} slots per CPU")
         self.slots_per_cpu = slots_per_cpu
-        rows = table.shape[0]
         #: per slot, for its two latest bursts passed on (from the ring or the table):
         #: their generations and how many of their candidates
         self.taken_gen = np.zeros((rows, 2), np.uint32)
