@@ -102,6 +102,8 @@ XDP_FLAGS_HW_MODE = 1 << 3
 #: replace the program given by IFLA_XDP_EXPECTED_FD, and only that one
 XDP_FLAGS_REPLACE = 1 << 4
 _MODE_FLAGS = {1: XDP_FLAGS_DRV_MODE, 2: XDP_FLAGS_SKB_MODE, 3: XDP_FLAGS_HW_MODE}
+#: the attach flag of each XDP mode IQN attaches in (``--xdp-mode``'s names)
+_ATTACH_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "skb": XDP_FLAGS_SKB_MODE}
 _IP_MODE = {1: "xdpdrv", 2: "xdpgeneric", 3: "xdpoffload"}  # `ip link set dev X <mode> off`
 
 log = logging.getLogger(__name__)
@@ -231,7 +233,7 @@ def replace_xdp(iface: str, fd: int, old_fd: int, mode: str) -> None:
     if ``old_fd``'s program is not the one there any more, so a program someone
     else attached meanwhile is never replaced. bcc's attach_xdp cannot pass the
     expected program, hence rtnetlink through pyroute2, as tc.py does."""
-    flags = (XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE) | XDP_FLAGS_REPLACE
+    flags = _ATTACH_FLAGS[mode] | XDP_FLAGS_REPLACE
     try:
         from pyroute2 import IPRoute
     except ImportError:  # pragma: no cover - a dependency of the project
@@ -611,7 +613,7 @@ class Datapath:
         tries = {"native": ["native"], "skb": ["skb"], "auto": ["native", "skb"]}[self.xdp_mode]
         last = ""
         for want in tries:
-            flags = XDP_FLAGS_DRV_MODE if want == "native" else XDP_FLAGS_SKB_MODE
+            flags = _ATTACH_FLAGS[want]
             with _quiet_stderr():
                 try:
                     self._BPF.attach_xdp(self.iface.encode(), fn, flags)
