@@ -77,7 +77,7 @@ WHY = (
     "session drained 33-42k/s at 13.0-14.7 us of CPU a record, `--pullers 0` 52-76k/s at 12.4-15.1 us, "
     "`--pullers 1` 33-51k/s at 12.9-14.1 us and `--pullers 2` 32-37k/s at 14.1-24.1 us: the service "
     "got well under 2 cores, so more processes only added their own CPU (pickling, each puller's "
-    "caches and NATS connection) and stages to wait for. `--pullers` defaults to 2 (a QoS service's "
+    "caches and NATS connection) and stages to wait for. `--pullers` defaulted to 2 here (a QoS service's "
     "host is not shared with five benchmarks); the table's baseline (c) is the same drain with the other "
     "setting. And a backlog (no inference rounds) is now a pull saying more messages wait than it "
     "brought: a steady stream's pulls at times said a few were pending, and late records waited up "

@@ -92,11 +92,12 @@ class ServeConfig:
     expires_s: float = 0.1  # a pull waits this long for a full batch: the delay when caught up
     threshold: float = 0.01
     l1: float = 1e-4
-    #: puller processes (0: the service pulls and decodes in its own process); see _Pullers.  2 by
-    #: default: on the 2-core box with a core to spare they drained 105k records/s against 77k
-    #: without (bench/bench_qos_serve.py); on a box whose cores are busy with other work (load
-    #: 5-7) they cost more than they gave, and --pullers 0 was faster
-    pullers: int = 2
+    #: puller processes (0: the service pulls and decodes in its own process); see _Pullers.  On the
+    #: 2-core box with a core to spare 2 drained 105k records/s against 77k without
+    #: (bench/bench_qos_serve.py), but with 2 the shortened localisation test with a node kill
+    #: (tests/test_localise.py) ranked the faulty component first in 4 of 7 runs, with 0 in 6 of
+    #: 6: 0 by default until that is understood
+    pullers: int = 0
 
 
 def parse_listen(text: str) -> tuple[str, int]:

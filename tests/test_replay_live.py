@@ -12,7 +12,7 @@ same veth, while one sender plays the same traffic on both:
   half the toggles);
 * an IPv6 video flow (1,292-byte frames, 400 a second) whose segment tails
   fall in the size band, eight of them in 0.28 s: the engine starts a stall,
-  and ``--bulk-ratio`` (default 2) discards it - so replaying with
+  and ``--bulk-ratio`` (default 4) discards it - so replaying with
   ``--bulk-ratio 0`` must record one stall more.
 
 Then ``iqn-ctl replay CAPTURE --key K --json`` must give the agent's records:
