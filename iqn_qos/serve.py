@@ -95,8 +95,8 @@ class ServeConfig:
     #: puller processes (0: the service pulls and decodes in its own process); see _Pullers.  On the
     #: 2-core box with a core to spare 2 drained 105k records/s against 77k without
     #: (bench/bench_qos_serve.py), but with 2 the shortened localisation test with a node kill
-    #: (tests/test_localise.py) ranked the faulty component first in 4 of 7 runs, with 0 in 6 of
-    #: 6: 0 by default until that is understood
+    #: (tests/test_localise.py) ranked the faulty component first in 4 of 7 runs, with 0 in 3 of 3
+    #: (and the code before the pullers 3 of 3): 0 by default until that is understood
     pullers: int = 0
 
 
