@@ -345,6 +345,7 @@ def steady(exe: str, tmp: Path, flows: int, secs: float, agent_exe: str = IQN_CT
         "cands": said["candidates"],
         "kernel": st["candidates"],
         "events": st["events"],
+        "records": st.get("bursts", 0),
         "shed": st["shed"],
         "lost": st["lost"],
         "refused": st["refused_events"],
@@ -516,14 +517,17 @@ def report(
             "summary line, written in the same round); p99 x single flow: against this agent's "
             "single-flow row (whose µs/record is the idle loop's cost over 80 records); x baseline: "
             "this agent's µs/record and p99 latency over the baseline agent's in the row above. "
+            "Ring records per burst: the burst records the kernel wrote over the bursts sent (a burst "
+            "whose table slot another flow's candidate takes is written out early, in parts; the "
+            "table's short bursts the agent takes are not counted). "
             "Start error: as in the outage below.",
             "",
             "| stalling flows | agent | bursts/s offered | candidates/s offered | handled / offered "
-            "| kernel-counted = handled | shed "
+            "| kernel-counted = handled | ring records per burst | shed "
             "| lost | flows in stall (most seen) | one stall per flow | agent cores | agent µs/record "
             "| µs/record x baseline | logged starts | latency p50 / p99 / max ms | p99 x single flow "
             "| p99 x baseline | start error p99 ms | sender late max ms | load avg |",
-            "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in st:
             lat = r["lat"]
@@ -534,6 +538,7 @@ def report(
                 f"| {r['flows']:,} | {r['agent']} | {r['bursts'] / r['secs']:,.0f} | "
                 f"{r['cands'] / r['secs']:,.0f} | "
                 f"{r['events'] / r['cands']:.3f} | {same(r['kernel'], r['events'])} | "
+                f"{r['records'] / max(r['bursts'], 1):.2f} | "
                 f"{r['shed']:,} | {r['lost']:,} | {r['in_stall_max']:,} | "
                 f"{r['one_stall_each']:,}/{r['flows']:,} | {r['cpu_run']:.2f} | {r['us_per_rec']:.2f} | "
                 f"{xrec} | "

@@ -87,8 +87,26 @@ SRC = BPF_DIR / "iqn_xdp.c"
 #: bytes a record takes in the ring: 8-byte header + struct burst, 8-aligned
 RECORD_BYTES = (8 + BURST_DTYPE.itemsize + 7) & ~7
 PAGE = 4096
-#: open-burst slots per CPU in the kernel's table (docs/dataplane.md)
+#: open-burst slots per CPU in the kernel's table (docs/dataplane.md): the least per CPU
 BURST_SLOTS = 1024
+#: open-burst slots in all (:func:`default_burst_slots`). The table is direct-mapped by a
+#: flow hash: another flow's candidate landing on an open burst's slot writes that burst
+#: out early, so a burst splits into several records. With 1,024 slots on the one CPU a
+#: veth's traffic arrives on, 10,000 stalling flows (about 300 bursts open at once) gave
+#: 2.1 records per burst and 50,000 gave 3.8 (bench_scale: 5.66 M records for 1.5 M
+#: bursts), the agent's work per burst multiplied by as much. 32,768 in all keeps splits
+#: rare up to ~1,500 open bursts per CPU at 3.8 MiB of kernel memory (120-byte rows) and
+#: ~70 µs per poll for the user-space sweep of the mapped table, whatever the CPU count.
+BURST_SLOTS_TOTAL = 32768
+
+
+def default_burst_slots(ncpu: int) -> int:
+    """Open-burst slots per CPU: :data:`BURST_SLOTS_TOTAL` shared out over the
+    CPUs (RSS spreads flows over them), a power of two, at least :data:`BURST_SLOTS`."""
+    per = BURST_SLOTS_TOTAL // max(ncpu, 1)
+    per = 1 << (per.bit_length() - 1) if per > 0 else 1
+    return max(BURST_SLOTS, per)
+
 #: slots of the per-flow and per-client volume arrays
 VOL_SLOTS = 65536
 #: the reader is woken once this many burst records wait; fewer are read at
@@ -316,7 +334,7 @@ class Datapath:
         direction: str = DEFAULT_DIRECTION,
         guard: Guard | None = None,
         n: int = DEFAULT_N,
-        burst_slots: int = BURST_SLOTS,
+        burst_slots: int | None = None,
         vol_slots: int = VOL_SLOTS,
         vol_sample: int = DEFAULT_VOL_SAMPLE,
     ) -> None:
@@ -324,7 +342,8 @@ class Datapath:
         CPUs (``perf_pages`` is its old name, still accepted). The reader is
         woken once ``wakeup_events`` burst records wait. ``n``: the signal's n
         (--n), the most candidates of a burst (at most BURST_MAX).
-        ``burst_slots`` (per CPU) and ``vol_slots``: table sizes, powers of two.
+        ``burst_slots`` (per CPU; None: :func:`default_burst_slots`) and
+        ``vol_slots``: table sizes, powers of two.
         ``vol_sample``: the volume arrays count 1 in this many non-candidate
         datagrams, each for this many (a power of two; 1: exact counts).
         ``max_flows`` sizes the forgery guard's pairing and cap tables (the
@@ -350,6 +369,9 @@ class Datapath:
             raise DatapathError(problem)
         if wakeup_events < 1:
             raise DatapathError(f"wakeup_events must be at least 1, got {wakeup_events}")
+        ncpu = possible_cpus()
+        if burst_slots is None:
+            burst_slots = default_burst_slots(ncpu)
         for name, v in (("burst_slots", burst_slots), ("vol_slots", vol_slots)):
             if v < 1 or v & (v - 1):
                 raise DatapathError(f"{name} must be a power of two, got {v}")
@@ -381,7 +403,7 @@ class Datapath:
         self.burst_slots = burst_slots
         self.vol_slots = vol_slots
         self.vol_sample = vol_sample
-        self.ncpu = possible_cpus()
+        self.ncpu = ncpu
         self._closed = False
         try:
             from bcc import BPF

