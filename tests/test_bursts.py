@@ -345,3 +345,40 @@ def test_taker_sliced_per_cpu_takes_what_a_look_at_every_row_takes(
         assert _times(sliced.take(tab[:0].copy(), t)) == _times(flat.take(tab[:0].copy(), t))
     with pytest.raises(ValueError):
         BurstTaker(_table(6), GAP_NS, 4)
+
+
+def _records_per_burst(flows: int, slots: int, seconds: float = 0.6) -> float:
+    """Records the kernel's grouping (the twin, slot by slot) writes per burst
+    sent when ``flows`` flows all signal at once on one CPU (a veth's traffic):
+    a burst of 4, 2 ms apart, every 0.2 s per flow from a random phase,
+    interleaved in time as bench/bench_scale.py's sender sends them."""
+    from iqn_ctl.live.layout import flow_hashes
+
+    rng = np.random.default_rng(flows)
+    raws = [bytes(rng.integers(0, 256, 36, np.uint8)) + bytes([4, 17, 0, 0]) for _ in range(flows)]
+    slot = (flow_hashes(raws) & np.uint64(slots - 1)).astype(np.int64)
+    bursts = int(seconds / 0.2)
+    start = rng.integers(0, 200 * MS, flows)[:, None, None] + 200 * MS * np.arange(bursts)[None, :, None]
+    t = (start + 2 * MS * np.arange(4)[None, None, :]).ravel()
+    flow = np.repeat(np.arange(flows), bursts * 4)
+    o = np.argsort(t, kind="stable")
+    got, _ = group_slots(flow[o].tolist(), t[o].tolist(), slot[flow[o]].tolist(), 4)
+    return len(got.count) / (flows * bursts)
+
+
+def test_default_burst_table_keeps_an_outages_bursts_whole() -> None:
+    """Why the data plane's burst table is 16,384 slots, not 1,024 per CPU
+    (datapath.default_burst_slots): another flow's candidate on an open
+    burst's slot writes that burst out early, and at outage scale that
+    multiplied the records the agent handles per burst (bench_scale, 10,000
+    stalling flows on one CPU: 1.95 records per burst with 1,024 slots)."""
+    from iqn_ctl.live.datapath import BURST_SLOTS, BURST_SLOTS_TOTAL, default_burst_slots
+
+    per = {n: default_burst_slots(n) for n in (1, 2, 3, 4, 8, 16, 64, 256)}
+    assert all(p & (p - 1) == 0 and BURST_SLOTS <= p <= BURST_SLOTS_TOTAL for p in per.values())
+    assert [n * per[n] for n in (1, 2, 4, 8, 16)] == [BURST_SLOTS_TOTAL] * 5  # shared out
+    assert 3 * per[3] <= BURST_SLOTS_TOTAL
+    assert per[64] == per[256] == BURST_SLOTS  # never fewer than before
+    few, many = _records_per_burst(10_000, BURST_SLOTS), _records_per_burst(10_000, default_burst_slots(2))
+    assert few > 1.5
+    assert many < 1.2
