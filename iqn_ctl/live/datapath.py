@@ -94,9 +94,10 @@ BURST_SLOTS = 1024
 #: out early, so a burst splits into several records. With 1,024 slots on the one CPU a
 #: veth's traffic arrives on, 10,000 stalling flows (about 300 bursts open at once) gave
 #: 2.1 records per burst and 50,000 gave 3.8 (bench_scale: 5.66 M records for 1.5 M
-#: bursts), the agent's work per burst multiplied by as much (with 16,384 per CPU: 1.20
-#: at 10,000). 16,384 in all: 1.9 MiB of kernel memory (120-byte rows), and the user-space
-#: sweep of the mapped table every poll reads ~1.5 ns per row (~26 µs; the idle loop
+#: bursts), the agent's work per burst multiplied by as much (with 8,192 per CPU, this
+#: default on 2 CPUs: 1.14-1.37 at 10,000). 16,384 in all: 1.9 MiB of kernel memory
+#: (120-byte rows), and the user-space sweep of the mapped table every poll reads ~1.5 ns
+#: per row (~26 µs; the idle loop
 #: wakes ~250 times a second), whatever the CPU count: more slots would split fewer
 #: bursts in an outage at the cost of every idle agent's CPU.
 BURST_SLOTS_TOTAL = 16384
