@@ -44,6 +44,11 @@ def demo(
     ),
     keep: bool = typer.Option(False, "--keep", help="localise: leave the lab up at the end (iqn-lab down)"),
     protocol: str = typer.Option("edges", "--protocol", help="user agent signal protocol: edges or tick"),
+    truth_stamp: str = typer.Option(
+        "paint", "--truth-stamp",
+        help="ground truth: the spinner as painted (paint, what the viewer sees) or its DOM change (dom); "
+             "the report scores against both",
+    ),
     mitigation: bool = typer.Option(
         False, "--mitigation",
         help="the mitigation experiment: viewers and bulk TCP through one bottleneck, without and with "
@@ -73,7 +78,7 @@ def demo(
         raise LabError("--stalls must be at least 1 and --release positive")
     out = out or Path("results") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
     cfg = DemoConfig(out=out.resolve(), prefix=prefix, stalls=stalls, p=p, n=n, starve_rate=starve_rate,
-                     seed=seed, release=release, protocol=protocol)  # fmt: skip
+                     seed=seed, release=release, protocol=protocol, truth_stamp=truth_stamp)  # fmt: skip
     try:
         check(cfg)
         try:

@@ -3,7 +3,11 @@ a per-stall table and ``report.json``.
 
 Three views of the same stalls are compared:
 
-- *actual*: the page's spinner (``Real_stalls.txt``, the ground truth);
+- *actual*: the page's spinner as painted (``Real_stalls.txt``, the ground
+  truth: what the viewer sees); every change's stamps, the DOM change's among
+  them, are in ``truth_stamps.tsv``, and the same stalls timed at the DOM
+  change (the truth before issue 15's paint stamps) in ``Real_stalls_dom.txt``,
+  so the report gives the scores against both and the paint lag at each edge;
 - *signalled*: what the end-user agent told the network: its clicks, fed
   through the same inference engine the ISP uses, as if the path were ideal
   (every click arriving the moment it was made) - so it measures the user
@@ -35,6 +39,8 @@ from iqn_ctl.evaluate.traces import Stall, read_real_stalls, stall_to_json
 
 FILES = {
     "truth": "Real_stalls.txt",
+    "truth_dom": "Real_stalls_dom.txt",
+    "stamps": "truth_stamps.tsv",
     "candidates": "timestamp_of_candidate.txt",
     "clicks": "clicks.txt",
     "signalled": "signalled.jsonl",
@@ -100,6 +106,54 @@ def mean_error(real: Sequence[Stall], other: Sequence[Stall]) -> float:
     bias the MAE hides; the detection lag of the user agent shows up here."""
     errs = [pair.error for pair in score(list(real), list(other)).pairs]
     return sum(errs) / len(errs) if errs else math.nan
+
+
+def dom_truth(stamps: Path, out: Path) -> list[Stall]:
+    """The stalls timed at the spinner's DOM change, from the stamps file,
+    written to ``out`` in ``Real_stalls.txt`` format (for ``iqn-ctl evaluate``)."""
+    from user_agent.truth import read_stamps
+
+    lines = [f"{kind}-{dom:.6f}\n" for kind, dom, _paint, _video in read_stamps(stamps)]
+    out.write_text("".join(lines))
+    return read_real_stalls(out)
+
+
+def edge_lags(stamps: Path) -> dict[str, dict[str, float | int | None]]:
+    """Per edge (S, E): how much later the paint stamp is than the DOM stamp,
+    and how the video's frames lie against the DOM stamp (at S, the last frame
+    shown before the spinner: negative = the picture froze earlier; at E the
+    first frame after it went), in ms: mean, median, max and count."""
+    from user_agent.truth import read_stamps
+
+    rows = read_stamps(stamps)
+
+    def stats(xs: list[float]) -> dict[str, float | int | None]:
+        if not xs:
+            return {"mean": None, "median": None, "max": None, "n": 0}
+        a = np.asarray(xs) * 1000
+        return {"mean": round(float(a.mean()), 2), "median": round(float(np.median(a)), 2),
+                "max": round(float(a.max()), 2), "n": len(xs)}  # fmt: skip
+
+    res: dict[str, dict[str, float | int | None]] = {}
+    for kind in ("S", "E"):
+        mine = [r for r in rows if r[0] == kind]
+        res[f"paint_{kind}"] = stats([p - d for _k, d, p, _v in mine if p is not None])
+        res[f"video_{kind}"] = stats([v - d for _k, d, _p, v in mine if v is not None])
+    return res
+
+
+def scores_against(
+    real: Sequence[Stall], signalled: Sequence[Stall], inferred: Sequence[Stall]
+) -> dict[str, Any]:
+    """MAE, RMSE and bias (ms) of the ISP's and the user agent's stalls against one truth."""
+    isp, user = score(list(real), list(inferred)), score(list(real), list(signalled))
+    return {
+        "matched": isp.matched, "false_positives": isp.false_positives,
+        "mae_ms": _num(isp.mae * 1000), "rmse_ms": _num(isp.rmse * 1000),
+        "bias_ms": _num(mean_error(real, inferred) * 1000),
+        "user_mae_ms": _num(user.mae * 1000), "user_rmse_ms": _num(user.rmse * 1000),
+        "user_bias_ms": _num(mean_error(real, signalled) * 1000),
+    }  # fmt: skip
 
 
 def recall_of_signalled(

@@ -43,8 +43,11 @@ from iqn_lab.demo.report import (
     FILES,
     build_report,
     detected_clicks_name,
+    dom_truth,
+    edge_lags,
     evaluate,
     mean_error,
+    scores_against,
     signalled_stalls,
     stall_table,
     write_stalls,
@@ -71,6 +74,8 @@ class DemoConfig:
     p: float = P.DEFAULT_P
     n: int = P.DEFAULT_N
     protocol: str = "edges"  # the end-user agent's signal protocol (user_agent.protocol)
+    #: the ground truth's moment: the spinner as painted (what the viewer sees) or its DOM change
+    truth_stamp: str = "paint"
     starve_rate: str = "100kbit"
     video_kbit: int = 1200
     seed: int = 1
@@ -198,7 +203,8 @@ def _start_user_agent(driver: Any, cfg: DemoConfig, out: Path, side: UserSide, s
 
     log = stack.enter_context(open(out / detected_clicks_name(cfg.p), "w", buffering=1))
     truth_f = stack.enter_context(open(out / FILES["truth"], "w", buffering=1))
-    side.truth = TruthRecorder(truth_f)
+    stamps_f = stack.enter_context(open(out / FILES["stamps"], "w", buffering=1))
+    side.truth = TruthRecorder(truth_f, stamp=cfg.truth_stamp, stamps=stamps_f)
     locator = SeleniumLocator(driver, truth=True)
 
     def on_verdict(_verdict: Any, burst: Any) -> None:
@@ -238,6 +244,8 @@ def check(cfg: DemoConfig) -> Plan:
     from user_agent.protocol import check_n, check_p, check_protocol
 
     check_protocol(cfg.protocol)
+    if cfg.truth_stamp not in ("paint", "dom"):
+        raise LabError(f"unknown --truth-stamp {cfg.truth_stamp!r}; choose paint or dom")
     check_n(cfg.n)  # the same checks the user agent makes, but before the lab is up
     check_p(cfg.p)
     Names(cfg.prefix)
@@ -343,6 +351,12 @@ def _finish(cfg: DemoConfig, pl: Plan, side: UserSide, stats: Any, rows: list[di
         "toggles_per_stall_s": _nan_none(len(side.clicks) / sum(r.duration for r in real) if real else math.nan),  # noqa: E501
         "bias_ms": _nan_none(mean_error(real, inferred) * 1000),
         "user_bias_ms": _nan_none(mean_error(real, signalled) * 1000),
+        # the ground truth's stamp, and the same scores against the other stamp
+        "truth_stamp": cfg.truth_stamp,
+        "truth_fallbacks": side.truth.fallbacks if side.truth is not None else None,
+        "against_dom_truth": scores_against(dom_truth(out / FILES["stamps"], out / FILES["truth_dom"]),
+                                            signalled, inferred),  # fmt: skip
+        "edge_lags_ms": edge_lags(out / FILES["stamps"]),
         "schedule": pl.spec(),
         "starve_rate": cfg.starve_rate,
         "target_stall_s": pl.targets,
