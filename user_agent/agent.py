@@ -78,6 +78,9 @@ class RunStats:
     navigations: int = 0
     #: bursts sent while the switch's controls were hidden (revealed by the pointer move)
     hidden_bursts: int = 0
+    #: protocol edges: each settled stall's estimated (start, end), epoch s, as
+    #: the toggle count encodes it (for scoring the detection apart from the encoding)
+    edges: list[tuple[float, float]] = field(default_factory=list)
     last_why: str = ""
 
 
@@ -219,7 +222,10 @@ def run_agent(
                 if encoder is not None:
                     # no reference grab yet in this phase, or a still picture: not conclusive
                     hold = verdict.kind in (Kind.STILL, Kind.NONE) or (stale and verdict.kind is Kind.PLAYING)
+                    began = encoder.began
                     toggles = encoder.step(t, verdict.stall, hold, ref)
+                    if began is not None and encoder.began is None:
+                        stats.edges.append((began, encoder.ended))
                 if toggles:
                     try:
                         burst = signaler.signal(layout.switch, toggles, reveal)

@@ -49,6 +49,10 @@ def demo(
         help="ground truth: the spinner as painted (paint, what the viewer sees) or its DOM change (dom); "
              "the report scores against both",
     ),
+    witness: bool = typer.Option(
+        False, "--witness", help="also grab the spinner's box and a patch of the picture at 200/s: when the "
+        "screen shows each edge (edges.tsv, witness.tsv; costs a few per cent of a core)",
+    ),
     mitigation: bool = typer.Option(
         False, "--mitigation",
         help="the mitigation experiment: viewers and bulk TCP through one bottleneck, without and with "
@@ -78,7 +82,8 @@ def demo(
         raise LabError("--stalls must be at least 1 and --release positive")
     out = out or Path("results") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
     cfg = DemoConfig(out=out.resolve(), prefix=prefix, stalls=stalls, p=p, n=n, starve_rate=starve_rate,
-                     seed=seed, release=release, protocol=protocol, truth_stamp=truth_stamp)  # fmt: skip
+                     seed=seed, release=release, protocol=protocol, truth_stamp=truth_stamp,
+                     witness=witness)  # fmt: skip
     try:
         check(cfg)
         try:

@@ -54,6 +54,7 @@ from iqn_lab.demo.report import (
     write_times,
 )
 from iqn_lab.demo.shaping import MediaSqueeze
+from iqn_lab.demo.witness import Witness, boxes, edge_table, screen_edges
 from iqn_lab.lab import Lab, LabError
 from iqn_lab.ott.media import MediaSpec
 from iqn_lab.procs import last_line
@@ -76,6 +77,9 @@ class DemoConfig:
     protocol: str = "edges"  # the end-user agent's signal protocol (user_agent.protocol)
     #: the ground truth's moment: the spinner as painted (what the viewer sees) or its DOM change
     truth_stamp: str = "paint"
+    #: grab the spinner's box and a patch of the picture at 200/s (a diagnostic
+    #: of when the screen shows the edges: iqn_lab.demo.witness)
+    witness: bool = False
     starve_rate: str = "100kbit"
     video_kbit: int = 1200
     seed: int = 1
@@ -290,6 +294,7 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
         # Ctrl-C right after the announcement must not land inside the import)
         say(f"video playing; end-user agent watching (p={cfg.p:g} s, n={cfg.n}); "
             f"schedule of {len(pl.targets)} squeezes to {cfg.starve_rate}, {pl.end:.0f} s")  # fmt: skip
+        witness = _start_witness(driver, stack) if cfg.witness else None
         th = _start_user_agent(driver, cfg, out, side, stop, stack)
         t0 = time.monotonic()
         squeeze.run(pl)
@@ -312,16 +317,59 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> dict[str, Any]:
         frames = list(cap.frames)
         rows = isp.stalls()
         stats = side.stats
+        if witness is not None:
+            witness.stop()
     say("scoring with iqn-ctl evaluate")
-    return _finish(cfg, pl, side, stats, rows, frames, time.time() - t_start, say)
+    return _finish(cfg, pl, side, stats, rows, frames, time.time() - t_start, say, witness)
 
 
 def _nan_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
+def _start_witness(driver: Any, stack: contextlib.ExitStack) -> Witness:
+    """The screen witness on the player's rectangle (asked once: the demo's player stays put)."""
+    from user_agent.locate import SeleniumLocator
+
+    lay = SeleniumLocator(driver).locate().layout
+    if lay is None:
+        raise LabError("the screen witness found no player on the page")
+    pl = lay.player
+    w = Witness(*boxes(pl.left, pl.top, pl.width, pl.height))
+    w.start()
+    stack.callback(w.stop)
+    return w
+
+
+def _edges(out: Path, stats: Any, witness: Witness | None) -> dict[str, Any]:
+    """Each stall's edges against the page's DOM stamps (edges.tsv), and their means (ms)."""
+    from user_agent.truth import read_stamps
+
+    stamps = read_stamps(out / FILES["stamps"])
+    screen = None
+    if witness is not None:
+        witness.write(out / "witness.tsv")
+        closed = [(a[1], b[1]) for a, b in zip(stamps[::2], stamps[1::2], strict=False) if a[0] == "S"]
+        screen = screen_edges(witness.rows, closed)
+    table = edge_table(stamps, stats.edges if stats is not None else [], screen)
+    if table:
+        cols = list(table[0])
+        lines = ["\t".join("-" if r[c] is None else str(r[c]) for c in cols) + "\n" for r in table]
+        (out / "edges.tsv").write_text("\t".join(cols) + "\n" + "".join(lines))
+    means: dict[str, Any] = {}
+    for c in table[0] if table else []:
+        xs: list[float] = [v for r in table if (v := r[c]) is not None]
+        means[c] = round(sum(xs) / len(xs), 4 if c.endswith("_s") else 1) if xs else None
+        means[c + "_n"] = len(xs)
+    if witness is not None:
+        means["witness_grabs"] = len(witness.rows)
+        means["witness_error"] = witness.error
+    return means
+
+
 def _finish(cfg: DemoConfig, pl: Plan, side: UserSide, stats: Any, rows: list[dict[str, Any]],
-            frames: list[Frame], wall: float, say: Say) -> dict[str, Any]:  # fmt: skip
+            frames: list[Frame], wall: float, say: Say,
+            witness: Witness | None = None) -> dict[str, Any]:  # fmt: skip
     from iqn_ctl.evaluate.scoring import score
     from iqn_ctl.evaluate.traces import Stall, read_real_stalls
 
@@ -357,6 +405,8 @@ def _finish(cfg: DemoConfig, pl: Plan, side: UserSide, stats: Any, rows: list[di
         "against_dom_truth": scores_against(dom_truth(out / FILES["stamps"], out / FILES["truth_dom"]),
                                             signalled, inferred),  # fmt: skip
         "edge_lags_ms": edge_lags(out / FILES["stamps"]),
+        # per stall in edges.tsv: each edge against the DOM stamp (ms), means here
+        "edges_vs_dom": _edges(out, stats, witness),
         "schedule": pl.spec(),
         "starve_rate": cfg.starve_rate,
         "target_stall_s": pl.targets,
