@@ -36,7 +36,7 @@ def encode(
     look = p / UA.LOOKS_PER_P
     # this simulated detector is the ideal one (its verdict comes exactly p after
     # the start): the encoder is told so; DETECT_LAG_P is calibrated for a real player
-    enc = UA.EdgeEncoder(p, n, look, lag_p=UA.IDEAL_LAG_P)
+    enc = UA.EdgeEncoder(p, n, look, lag_p=UA.IDEAL_LAG_P, lead=0.0)
     times: list[float] = []
     sizes: list[int] = []
     end = start + duration
@@ -117,7 +117,7 @@ def test_the_isps_model_of_the_agent_is_the_agents_encoder(verdicts: list[bool],
     looks = T0 + look * np.arange(len(verdicts) + 1)
     flags = np.array([*verdicts, False])
     times, sizes = edges_bursts(looks, flags, SignalModel(P.SignalParams(p, n), protocol="edges"))
-    enc = UA.EdgeEncoder(p, n, look, lag_p=UA.IDEAL_LAG_P)  # engine.synth models the ideal player
+    enc = UA.EdgeEncoder(p, n, look, lag_p=UA.IDEAL_LAG_P, lead=0.0)  # engine.synth models the ideal player
     pairs = zip(looks.tolist(), flags.tolist(), strict=True)
     want = [(float(t), k) for t, v in pairs if (k := enc.step(t, v))]
     assert list(zip(times.tolist(), sizes.tolist(), strict=True)) == want
@@ -271,7 +271,7 @@ def test_edges_times_the_edges_from_the_looks_actually_taken() -> None:
     actual gaps, not half a nominal look (which made durations long when the
     looks around the end were skipped)."""
     p, n, look = 0.2, 4, 0.04
-    enc = UA.EdgeEncoder(p, n, look, lag_p=UA.IDEAL_LAG_P)
+    enc = UA.EdgeEncoder(p, n, look, lag_p=UA.IDEAL_LAG_P, lead=0.0)
     t = T0
     enc.step(t, False, ref=t - p)
     t2 = t + 3 * look  # two looks skipped: the freeze came after t - p, by t2 - p
@@ -283,3 +283,29 @@ def test_edges_times_the_edges_from_the_looks_actually_taken() -> None:
     end_look = last + 4 * look  # three looks skipped before playback was seen
     enc.step(end_look, False, ref=end_look - p)
     assert enc.ended == pytest.approx((last + end_look) / 2, abs=1e-6)
+
+
+def test_a_real_players_stall_begins_one_frame_after_its_picture_froze() -> None:
+    """The detector sees when the screen stopped changing: when the last frame
+    appeared. The player stalls (and shows its spinner) only once the next frame
+    is due and missing, so the encoder puts the start FREEZE_LEAD after that;
+    an ideal player (lead 0) stalls the moment its picture freezes. The end
+    (the first new frame) is the same for both, so the duration is FREEZE_LEAD shorter."""
+    p, n, look = 0.2, 4, 0.04
+    got = {}
+    for lead in (0.0, UA.FREEZE_LEAD):
+        enc = UA.EdgeEncoder(p, n, look, lead=lead)
+        t = T0
+        enc.step(t, False, ref=t - p)
+        enc.step(t + look, True, ref=t + look - p)
+        began = enc.began
+        for k in range(2, 60):
+            enc.step(t + k * look, True, ref=t + k * look - p)
+        enc.step(t + 60 * look, False, ref=t + 60 * look - p)
+        assert began is not None
+        got[lead] = (began, enc.ended)
+    assert UA.FREEZE_LEAD > 0
+    (b0, e0), (b1, e1) = got[0.0], got[UA.FREEZE_LEAD]
+    assert b0 == pytest.approx(T0 + look / 2 - p, abs=1e-6)  # midway between the reference grabs
+    assert b1 == pytest.approx(b0 + UA.FREEZE_LEAD, abs=1e-6)
+    assert e1 == pytest.approx(e0, abs=1e-9)

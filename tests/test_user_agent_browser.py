@@ -522,13 +522,13 @@ def test_calibration_by_hovering_matches_selenium(driver: Any, gui: Any, tmp_pat
 
 
 def test_truth_recorder_on_the_page(driver: Any, tmp_path: Path) -> None:
-    from user_agent.truth import record_truth
+    from user_agent.truth import read_stamps, record_truth
 
     driver.execute_script("window.iqnPlayer.stalls = []")
     stop = threading.Event()
-    out = tmp_path / "Real_stalls.txt"
-    with open(out, "w", buffering=1) as f:
-        rec = threading.Thread(target=record_truth, args=(driver, f, stop, 0.1))
+    out, stamps = tmp_path / "Real_stalls.txt", tmp_path / "truth_stamps.tsv"
+    with open(out, "w", buffering=1) as f, open(stamps, "w", buffering=1) as g:
+        rec = threading.Thread(target=record_truth, args=(driver, f, stop, 0.1), kwargs={"stamps": g})
         rec.start()
         try:
             wait_for(lambda: driver.execute_script("return !!window.__iqnTruth"), "the recorder's observer")
@@ -539,8 +539,14 @@ def test_truth_recorder_on_the_page(driver: Any, tmp_path: Path) -> None:
             stop.set()
             rec.join()
     (st,) = read_real_stalls(out)
-    assert abs(st.start - s0) < 0.02 and abs(st.end - s1) < 0.02
-    assert st.duration == pytest.approx(s1 - s0, abs=0.02)
+    # the truth is the painted moment: after the page's change, within a few frames
+    assert 0 <= st.start - s0 < 0.1 and 0 <= st.end - s1 < 0.1
+    assert st.duration == pytest.approx(s1 - s0, abs=0.1)
+    (s_kind, s_dom, s_paint, _), (e_kind, e_dom, e_paint, _) = read_stamps(stamps)
+    assert (s_kind, e_kind) == ("S", "E")
+    assert abs(s_dom - s0) < 0.02 and abs(e_dom - s1) < 0.02  # the DOM stamps: the page's own moments
+    assert s_paint == pytest.approx(st.start, abs=1e-6) and e_paint == pytest.approx(st.end, abs=1e-6)
+    assert s_paint > s_dom and e_paint > e_dom  # a paint comes after the change it shows
 
 
 def test_failed_grabs_are_retried_then_skipped(desktop: str, tmp_path: Path) -> None:

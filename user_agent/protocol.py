@@ -45,6 +45,18 @@ LOOKS_PER_P = 5
 #: model value stays (docs/user-agent.md, "Calibrating the detection lag").
 DETECT_LAG_P = 1.0
 IDEAL_LAG_P = 1.0
+#: protocol edges: seconds from the picture's last change to the stall's start.
+#: The detector finds when the screen stopped changing, and that is the moment
+#: the *last frame* appeared: the player shows it for its full frame interval,
+#: and only when the next frame is due and missing has it stalled (then its
+#: spinner shows). So the start is put one frame interval after the freeze,
+#: measured on the screen itself: on the lab's player (25 frames/s) the spinner
+#: reached the screen FREEZE_LEAD after the picture's last change (a screen
+#: witness grabbing at 200/s, ``iqn-lab demo --witness``, calibration schedule
+#: seed 2; bench/RESULTS.md "Stall edges"). 1/30 s is also a frame at 30
+#: frames/s; at 60 frames/s it would be 17 ms, at 24 frames/s 42 ms. The end
+#: needs no such term: the first new frame is the end.
+FREEZE_LEAD = 0.03
 #: protocol edges: an open stall stays open through inconclusive (still) looks
 #: for this long (in p): a page under load may not redraw the spinner for a
 #: few hundred ms. Plus the p between bursts, below the ISP's stall-end window (4 p).
@@ -111,6 +123,9 @@ class EdgeEncoder:
     n: int = DEFAULT_N
     look: float = DEFAULT_P / LOOKS_PER_P
     lag_p: float = DETECT_LAG_P
+    #: seconds from the picture's freeze to the stall's start (0: an ideal
+    #: player, whose picture freezes exactly when it stalls)
+    lead: float = FREEZE_LEAD
     #: estimated start of the open stall (None: no stall)
     began: float | None = None
     sent: int = 0
@@ -159,8 +174,9 @@ class EdgeEncoder:
             if self.began is None:
                 # the picture froze after the previous look's reference grab and
                 # by this look's (midway: lag + half a look before t when the
-                # loop keeps up); lag_p > 1 or < 1 shifts it for a real player
-                self.began = max(ref - (self.lag_p - 1.0) * self.p - ref_gap, self.ended)
+                # loop keeps up); lag_p > 1 or < 1 shifts it for a real player;
+                # the stall began one frame (lead) after the picture's last change
+                self.began = max(ref - (self.lag_p - 1.0) * self.p - ref_gap + self.lead, self.ended)
                 self.sent = 0
             owed = toggles_for(self._elapsed(t), self.p, self.n) - self.sent
             burst = owed - owed % self.n if owed >= self.n else 0

@@ -187,10 +187,15 @@ def open_output(path: Path) -> IO[str]:
 
 
 def record_truth(
-    driver: Any, out: IO[str], stop: threading.Event, poll: float = 0.2, spinner: str = SPINNER
+    driver: Any,
+    out: IO[str],
+    stop: threading.Event,
+    poll: float = 0.2,
+    spinner: str = SPINNER,
+    stamps: IO[str] | None = None,
 ) -> TruthRecorder:
-    """Record spinner ground truth from ``driver``'s page until ``stop`` is set."""
-    rec = TruthRecorder(out)
+    """Record spinner ground truth (painted) from ``driver``'s page until ``stop`` is set."""
+    rec = TruthRecorder(out, stamps=stamps)
     reset_truth(driver)
     js = "return " + observe_js(spinner)
     while True:
