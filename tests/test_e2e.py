@@ -164,6 +164,15 @@ def test_end_to_end_demo_scores_and_tears_down(tmp_path: Path) -> None:
     for png in ("isp_agent.png", "user_agent.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "precision" in (out / "report.txt").read_text()
+    # the truth is the spinner as painted; the DOM-change truth is scored beside it
+    assert rep["truth_stamp"] == "paint" and rep["truth_fallbacks"] == 0, rep
+    dom = read_real_stalls(out / "Real_stalls_dom.txt")
+    assert len(dom) == len(real)
+    pairs = zip(real, dom, strict=True)
+    assert all(0 <= r.start - d.start < 0.2 and 0 <= r.end - d.end < 0.2 for r, d in pairs)
+    assert rep["against_dom_truth"]["matched"] == rep["matched"], rep
+    assert rep["edge_lags_ms"]["paint_E"]["n"] == len(real) <= rep["edge_lags_ms"]["paint_S"]["n"], rep
+    assert rep["edges_vs_dom"]["S_agent_n"] >= len(significant) - 1, rep  # the agent's own edges, per stall
 
     # the targets: each side's precision and recall, not only the network's share
     sig = len(significant)
