@@ -49,13 +49,14 @@ IDEAL_LAG_P = 1.0
 #: The detector finds when the screen stopped changing, and that is the moment
 #: the *last frame* appeared: the player shows it for its full frame interval,
 #: and only when the next frame is due and missing has it stalled (then its
-#: spinner shows). So the start is put one frame interval after the freeze,
-#: measured on the screen itself: on the lab's player (25 frames/s) the spinner
-#: reached the screen FREEZE_LEAD after the picture's last change (a screen
-#: witness grabbing at 200/s, ``iqn-lab demo --witness``, calibration schedule
-#: seed 2; bench/RESULTS.md "Stall edges"). 1/30 s is also a frame at 30
-#: frames/s; at 60 frames/s it would be 17 ms, at 24 frames/s 42 ms. The end
-#: needs no such term: the first new frame is the end.
+#: spinner shows). So the start is put about one frame interval after the
+#: freeze, as measured on the screen: on the lab's player (25 frames/s) the
+#: spinner was painted 30.4 ms after the picture's last change (mean of 24
+#: stalls, test schedule seed 1; a screen witness grabbing at 200/s,
+#: ``iqn-lab demo --witness``, saw it on screen after 31.7 ms), and 31.4 / 35.0 ms
+#: on the calibration schedule (seed 2); bench/RESULTS.md "Stall edges". 30 ms
+#: is also about a frame at 30 frames/s; at 60 frames/s it would be 17 ms, at
+#: 24 frames/s 42 ms. The end needs no such term: the first new frame is the end.
 FREEZE_LEAD = 0.03
 #: protocol edges: an open stall stays open through inconclusive (still) looks
 #: for this long (in p): a page under load may not redraw the spinner for a
