@@ -315,7 +315,7 @@ def serve(
     l1: float = OptL1,
     batch: int = typer.Option(5000, "--batch", help="messages per pull request"),
     pullers: int = typer.Option(
-        0, "--pullers",
+        0, "--pullers", envvar="IQN_QOS_PULLERS",
         help="processes that pull and decode (each on the durable consumer; this one stores); 0: pull here"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
     log_format: str = typer.Option(

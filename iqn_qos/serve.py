@@ -365,6 +365,8 @@ class _Batch:
         self.cfg: ServeConfig | None = None
         self.inbox = self.subject = ""
         self.request = b""
+        self.status = ""  # the status that ended the last pull ("": none came)
+        self.unanswered = 0  # pulls in a row answered 503 (no consumer leader)
 
     @classmethod
     async def open(cls, nc: Any, cfg: ServeConfig) -> _Batch:
@@ -378,7 +380,9 @@ class _Batch:
 
     async def cb(self, msg: Any) -> None:
         if not msg.data and msg.headers and "Status" in msg.headers:
-            self.done.set()  # 408 expired, 404 no messages, 409 consumer changed, 100 heartbeat
+            # 408 expired, 404 no messages, 409 consumer changed, 503 no consumer answered
+            self.status = str(msg.headers.get("Status"))
+            self.done.set()
             return
         self.msgs.append(msg)
         if len(self.msgs) >= self.want:
@@ -386,11 +390,21 @@ class _Batch:
 
     async def pull(self) -> list[Any]:
         """One pull request: the messages it brought; none when it expired or the connection
-        dropped (nats-py reconnects by itself)."""
+        dropped (nats-py reconnects by itself).
+
+        A pull that brings nothing lasts at least its expiry (``expires_s``), also when it was
+        answered sooner: while the consumer has no leader (its node killed in a cluster: a new
+        one is elected in seconds) every request is answered at once with 503 No Responders,
+        and pulling again at once spun, tens of thousands of requests a second in each puller,
+        taking the CPUs the JetStream servers needed to elect the leader and the agents needed
+        to export (tests/test_qos_serve.py::test_pulls_wait_while_the_consumer_has_no_leader;
+        in the localisation test's node kill, the last slot's lines came after it closed)."""
         cfg = self.cfg
         assert cfg is not None, "_Batch.open() first"
         self.msgs, self.want = [], cfg.batch
         self.done.clear()
+        self.status = ""
+        t0 = time.monotonic()
         try:
             await self.nc.publish(self.subject, self.request, reply=self.inbox)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -399,6 +413,19 @@ class _Batch:
             log.warning("pull request failed: %s", e)
             await asyncio.sleep(0.5)
         msgs, self.msgs = self.msgs, []
+        if msgs:
+            self.unanswered = 0
+            return msgs
+        if self.status == "503":
+            self.unanswered += 1
+            if self.unanswered == 1:
+                log.warning("no consumer %s answers pull requests (503: no leader, or deleted); pulling "
+                            "every %.1f s", cfg.durable, cfg.expires_s)
+        elif self.status:
+            self.unanswered = 0
+        rest = cfg.expires_s - (time.monotonic() - t0)
+        if rest > 0:
+            await asyncio.sleep(rest)
         return msgs
 
 

@@ -87,12 +87,16 @@ def test_shortened_localisation_ranks_the_faulty_access_link_first(tmp_path: Pat
     assert not LocaliseLab(prefix).state.exists()
 
 
-def test_cluster_node_killed_mid_run_loses_and_doubles_no_record(tmp_path: Path, prefix: str) -> None:
+@pytest.mark.parametrize("pullers", ["0", "2"])
+def test_cluster_node_killed_mid_run_loses_and_doubles_no_record(tmp_path: Path, prefix: str, pullers: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """`iqn-lab demo --localise --cluster 3 --kill-node`, shortened (2 slots of 10 s, 9 players):
     the JetStream node rtr-1's agent exports through is SIGKILLed half way into slot 2; the
     service still names sub-a, and every record of both agents' histories is in the R3 stream
-    once and stored once (by id)."""
+    once and stored once (by id). The service pulls in its own process and with 2 puller
+    processes (``IQN_QOS_PULLERS``, read by ``iqn-qos serve``: the lab starts it)."""
     _prereqs()
+    monkeypatch.setenv("IQN_QOS_PULLERS", pullers)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "iqn_lab.cli", "demo", "--localise", "--fault", "access", "--slot", "10",
            "--slots", "2", "--players", "3", "--cluster", "3", "--kill-node", "--prefix", prefix,

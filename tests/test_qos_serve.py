@@ -598,6 +598,60 @@ def test_a_killed_puller_stops_the_service(tmp_path: Path) -> None:
                  timeout=30)
 
 
+def _requests_in(js: JetStream, seconds: float) -> int:
+    """Messages the server's clients published in ``seconds`` (its /connz in_msgs, summed)."""
+    n = js.nodes[0]
+
+    def total() -> int:
+        conns = get_json(f"http://{n.host}:{n.monitor_port}/connz?limit=1000").get("connections", [])
+        return sum(int(c.get("in_msgs", 0)) for c in conns)
+
+    before = total()
+    time.sleep(seconds)
+    return total() - before
+
+
+@pytest.mark.parametrize("pullers", ["0", "2"])
+def test_pulls_wait_while_the_consumer_has_no_leader(tmp_path: Path, pullers: str) -> None:
+    """With no consumer to answer (its leader's node killed in a cluster, here: the durable
+    consumer deleted) a pull request is answered at once with 503 No Responders. The service
+    (each puller) then waits out the pull's expiry before the next one: it spun, sending tens of
+    thousands of requests a second, and with 2 pullers took both CPUs of the box from the
+    JetStream servers electing a new leader and from the agents' export (the localisation
+    test's node kill: the last slot's lines came after it closed). Its pulls resume once the
+    consumer is back."""
+    import nats
+
+    topo, msgs, _ = scenario(tmp_path, "healthy", slots=1, lines_per_slot=200, components=100, seed=3)
+    store, log = tmp_path / "qos.duckdb", tmp_path / "serve.log"
+    with JetStream.start(1, tmp_path / "js") as js:
+        svc = start_service(js.urls, topo, store, log, "--pullers", pullers)
+        try:
+            idle = _requests_in(js, 2.0)  # pulls of 0.1 s each, and the idle consumer-info requests
+
+            async def delete() -> None:
+                nc = await nats.connect(js.urls)
+                await nc.jetstream().delete_consumer("IQN", "iqn-qos")
+                await nc.close()
+
+            asyncio.run(delete())
+            time.sleep(0.5)
+            leaderless = _requests_in(js, 2.0)
+            # a pull each expiry (0.1 s) per puller, as when idle: not one per round trip
+            assert leaderless <= 2 * idle + 40, (idle, leaderless)
+            assert svc.proc.poll() is None
+        finally:
+            assert svc.stop() == 0
+        assert "no consumer iqn-qos answers pull requests (503" in log.read_text()
+        # started again, the service makes the consumer again and stores what came meanwhile
+        asyncio.run(publish(js.urls, msgs))
+        svc = start_service(js.urls, topo, store, log, "--pullers", pullers)
+        try:
+            wait_for(lambda: svc.api()["ingest"]["records"].get("session", 0) == len(msgs), "the records")
+        finally:
+            assert svc.stop() == 0
+
+
 def test_on_demand_inference_endpoint(served: dict[str, Any]) -> None:
     req = urllib.request.Request(served["svc"].url + "/api/infer", method="POST", data=b"")
     with urllib.request.urlopen(req, timeout=60) as r:
