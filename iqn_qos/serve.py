@@ -94,9 +94,9 @@ class ServeConfig:
     l1: float = 1e-4
     #: puller processes (0: the service pulls and decodes in its own process); see _Pullers.  On the
     #: 2-core box with a core to spare 2 drained 105k records/s against 77k without
-    #: (bench/bench_qos_serve.py), but with 2 the shortened localisation test with a node kill
-    #: (tests/test_localise.py) ranked the faulty component first in 4 of 7 runs, with 0 in 3 of 3
-    #: (and the code before the pullers 3 of 3): 0 by default until that is understood
+    #: (bench/bench_qos_serve.py); with 2 the shortened localisation test with a node kill
+    #: (tests/test_localise.py) ranked the faulty component first in 4 of 7 runs, likely from
+    #: the pullers spinning on 503 answers while the consumer had no leader (_Batch.pull)
     pullers: int = 0
 
 
