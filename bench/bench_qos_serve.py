@@ -85,7 +85,13 @@ WHY = (
     "The delay targets: a late record is *shown* once its slot has been inferred again (one `GROUP BY "
     "path_id` over the slot's lines, the MLE on the slot's distinct paths in the solver process, rounds "
     "every 0.2 s); the answer is the from-scratch one (tested on random slots, before and after late "
-    "lines)."
+    "lines). Later: a pull that brings nothing lasts at least its expiry (while the consumer had no "
+    "leader every pull was answered at once with 503 and the service spun; docs/qos.md), which does not "
+    "touch a drain. This run (`--pullers 2 --other 0`, a quiet box) is the first here to meet the target; "
+    "six alternating drains of the same 100,000 v2 records just before it (a /tmp script around "
+    "`service_drain`, `--pullers 2`, load 0.3-0.8) gave 136-154k/s, and 150-167k/s with DuckDB's writer "
+    "set to one thread (not adopted: within the spread). On a loaded box 2 pullers were slower than 0 "
+    "(above), so `--pullers` still defaults to 0."
 )
 
 
