@@ -15,6 +15,15 @@ recognised by its (slot, generation), remembered for each slot's two latest
 bursts, and only candidates not passed on yet go on. Each candidate is passed
 on exactly once.
 
+Exact loss: the kernel counts a record's candidates lost when the ring has
+no room for it (``burst_emit``), also a burst's that were already taken from
+the table. So each swept burst stays *pending* until its fate shows: its own
+record read (written), a later record of its slot read, or the ring read to
+its end after the table showed the burst written out (not written: the
+candidates taken from it go to :attr:`BurstTaker.overcounted`, which the data
+plane subtracts from the kernel's count). A slot holds one pending burst: its
+next one is swept once that settles, usually a poll later.
+
 Torn reads: the kernel makes a slot's ``lock`` odd while it writes the slot
 (iqn_xdp.c, ``burst_add``); a row is taken only if its lock was even and the
 same before and after copying it. Like the ring reader, this relies on x86's
@@ -143,6 +152,17 @@ class BurstTaker:
         #: come: a slot is swept only while that is at most one generation (see sweep)
         self.ring_gen = np.zeros(rows, np.int64)
         self.swept = 0  # bursts (or their tails) taken from the table
+        #: per slot, the newest burst swept from the table whose ring record has not
+        #: been read yet (-1: none), the candidates passed on from it, and whether the
+        #: table has shown it written out (``seen``: the slot's count zeroed or its
+        #: generation moved on, both after the kernel's write, ``burst_emit``)
+        self.pend_gen = np.full(rows, -1, np.int64)
+        self.pend_cnt = np.zeros(rows, np.int64)
+        self.pend_seen = np.zeros(rows, np.bool_)
+        self._pending = 0  # slots with a pending burst (skips the scans when none)
+        #: candidates the kernel counted lost (its record did not fit in the ring) that
+        #: had already been passed on from the table: ``CNT_LOST`` minus this is exact
+        self.overcounted = 0
 
     def _slots(self, recs: npt.NDArray[np.void]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         slot = recs["slot"].astype(np.int64)
@@ -178,22 +198,73 @@ class BurstTaker:
         self.taken_gen[s, 0] = gen
         self.taken_cnt[s, 0] = np.maximum(np.where(newer, 0, self.taken_cnt[s, 0]), cnt)
 
+    def _settle_records(self, recs: npt.NDArray[np.void]) -> None:
+        """Swept bursts whose fate these ring records tell: the burst's own
+        record (written, nothing over-counted) or a later one of its slot (a
+        slot's records come in generation order, so its own record was not
+        written: the kernel counted all its candidates lost, the ones passed on
+        from the table included)."""
+        slot, ok = self._slots(recs)
+        pg = self.pend_gen[slot]
+        diff = (recs["gen"].astype(np.int64) - pg) % (1 << 32)
+        hit = np.flatnonzero(ok & (pg >= 0) & (diff < (1 << 31)))
+        if not hit.size:
+            return
+        first = hit[np.unique(slot[hit], return_index=True)[1]]  # each slot's first telling record
+        s, failed = slot[first], diff[first] != 0
+        # counted before clearing: a concurrent reader never sees neither
+        self.overcounted += int(self.pend_cnt[s[failed]].sum())
+        self.pend_gen[s] = -1
+        self._pending -= int(s.size)
+
+    def _settle_drained(self) -> None:
+        """With the ring read to its end, a swept burst the table showed written
+        out before that read and whose record did not come was not written."""
+        if not self._pending:
+            return
+        s = np.flatnonzero((self.pend_gen >= 0) & self.pend_seen)
+        if s.size:
+            self.overcounted += int(self.pend_cnt[s].sum())
+            self.pend_gen[s] = -1
+            self._pending -= int(s.size)
+
+    def _written_out(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Whether the kernel is done writing (or failing to write) the pending
+        burst of each of ``rows``: its count zeroed or its slot moved on."""
+        t = self.table
+        return (t["gen"][rows].astype(np.int64) != self.pend_gen[rows]) | (t["count"][rows] == 0)  # type: ignore[no-any-return]
+
+    def unsettled_written(self) -> int:
+        """Candidates passed on from swept bursts the kernel has written out
+        (maybe counting them lost) whose fate is not settled yet. Read *after*
+        the kernel's lost counter: ``lost - overcounted - this`` is then never
+        above the true loss, and equals it once every written burst settles."""
+        if not self._pending:
+            return 0
+        rows = np.flatnonzero(self.pend_gen >= 0)
+        return int(self.pend_cnt[rows[self._written_out(rows)]].sum()) if rows.size else 0
+
     def _taken(self, rows: npt.NDArray[np.int64], gen: npt.NDArray[np.uint32]) -> npt.NDArray[np.int64]:
         """Candidates of the bursts in table rows ``rows`` (generations ``gen``) already passed on."""
         return np.where(self.taken_gen[rows, 0] == gen, self.taken_cnt[rows, 0],  # type: ignore[no-any-return]
                         np.where(self.taken_gen[rows, 1] == gen, self.taken_cnt[rows, 1], 0))
 
-    def sweep(self, now_ns: int, drained: bool = True) -> npt.NDArray[np.void]:
+    def sweep(self, now_ns: int, drained: bool = True, read_ns: int | None = None) -> npt.NDArray[np.void]:
         """Open bursts whose gap passed before ``now_ns`` and that hold
         candidates not taken yet, copied consistently; marks them taken.
-        ``drained``: the ring was found empty after this poll's read."""
+        ``drained``: the ring was found empty after this poll's read.
+        ``read_ns``: when this poll's ring read began (CLOCK_MONOTONIC ns)."""
         t = self.table
+        if self._pending:  # looked at after this poll's ring read, before the next one's
+            pend = np.flatnonzero(self.pend_gen >= 0)
+            self.pend_seen[pend] |= self._written_out(pend)
         cnt = t["count"]
         horizon = np.uint64(max(now_ns - self.gap_ns - MARGIN_NS, 0))
         is_open = cnt > 0
         due = np.flatnonzero(is_open & (t["last_ns"] < horizon))
         if not due.size:
             return t[:0].copy()
+        primary = due
         # A flow whose packets arrive on two CPUs has an open burst in each CPU's
         # slice, their candidates interleaved in time: taking one now and the other
         # a poll later would feed the engine the second's earlier candidates late.
@@ -223,18 +294,36 @@ class BurstTaker:
         if not drained:
             gen = t["gen"][due].astype(np.int64)
             due = due[gen <= self.ring_gen[due] + 2]
-        taken = self._taken(due, t["gen"][due])
-        due = due[taken < cnt[due]]
+        # A slot whose swept burst is still unsettled waits until it settles (a poll
+        # later when the ring drains): one pending burst a slot keeps the lost count exact
+        if self._pending:
+            busy = self.pend_gen[due] >= 0
+            due = due[~busy | (t["gen"][due].astype(np.int64) == self.pend_gen[due])]
+        gen0 = t["gen"][due]  # a copy: what the decisions above and below saw
+        taken = self._taken(due, gen0)
+        keep = taken < cnt[due]
+        due, gen0 = due[keep], gen0[keep]
         if not due.size:
             return t[:0].copy()
         lock0 = t["lock"][due].copy()
         rows = t[due]  # a copy
         lock1 = t["lock"][due]
         ok = (lock0 == lock1) & (lock0 % 2 == 0) & (rows["lock"] == lock0) & (rows["count"] > 0)
-        rows = rows[ok]
-        return rows
+        # The kernel may have moved a slot on since it was judged due (the reader
+        # descheduled between the two looks): the copy must be the burst judged, and due.
+        # (A flow's burst on another CPU, taken with its due one, need not be due itself.)
+        ok &= (rows["gen"] == gen0) & ((rows["last_ns"] < horizon) | ~np.isin(due, primary))
+        if read_ns is not None:
+            # The slot's previous burst was written to the ring before this one began
+            # (burst_add): begun before the ring was read, its record was read (or lost,
+            # or still being written: see above); begun after, it may wait unread in
+            # the ring, and this burst's candidates would overtake it.
+            ok &= ((rows["first_ns"].astype(np.int64) + MARGIN_NS < read_ns)
+                   | (rows["gen"].astype(np.int64) <= self.ring_gen[due] + 1))
+        return rows[ok]
 
-    def take(self, recs: npt.NDArray[np.void], now_ns: int | None, drained: bool = True) -> BurstBatch:
+    def take(self, recs: npt.NDArray[np.void], now_ns: int | None, drained: bool = True,
+             read_ns: int | None = None) -> BurstBatch:
         """The ring's records of this poll, then (``now_ns`` given) the table's
         due open bursts; candidates already passed on are left out. ``drained``:
         nothing was left in the ring after ``recs`` were read (see :meth:`sweep`)."""
@@ -242,18 +331,26 @@ class BurstTaker:
         parts = []
         if recs.size:
             parts.append((recs, self._skip(recs)))
+            self._settle_records(recs)
             slot, ok = self._slots(recs)
             np.maximum.at(self.ring_gen, slot[ok], recs["gen"][ok].astype(np.int64))
             # noted at once: the kernel zeroes a slot's count just after writing its record,
             # so this poll's sweep may still see the same burst open in the table
             self._note(recs)
+        if drained:
+            self._settle_drained()
         if now_ns is not None:
-            rows = self.sweep(now_ns, drained)
+            rows = self.sweep(now_ns, drained, read_ns)
             if rows.size:
                 skip = self._skip(rows)
                 self._note(rows)
                 self.swept += int(rows.size)
                 parts.append((rows, skip))
+                s, _ = self._slots(rows)
+                self._pending += int(np.count_nonzero(self.pend_gen[np.unique(s)] < 0))
+                self.pend_cnt[s] = self._taken(s, rows["gen"])
+                self.pend_seen[s] = False
+                self.pend_gen[s] = rows["gen"].astype(np.int64)
         if not parts:
             return empty_batch(width)
         allr = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]

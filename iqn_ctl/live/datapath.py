@@ -664,10 +664,11 @@ class Datapath:
         if self._closed:
             return empty_batch(BURST_MAX)
         self._ring.wait(timeout_ms)
+        read_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         recs = self._ring.read()
         drained = self._ring.pending() == 0
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if sweep else None
-        return self._taker.take(recs, now, drained)
+        return self._taker.take(recs, now, drained, read_ns)
 
     def poll_batch(self, timeout_ms: int) -> Batch:
         """:meth:`poll_bursts` as one row per candidate, sorted by time: (raw
@@ -705,7 +706,14 @@ class Datapath:
         it happens), ``bursts`` the records written."""
         self._check_open()
         table = self._counters
-        return {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(COUNTERS)}
+        out = {name: int(sum(table.getvalue(table.Key(i)))) for i, name in enumerate(COUNTERS)}
+        # The kernel also counts lost the candidates of a record that found no room
+        # when the agent had already taken them from the table (a short burst swept
+        # before its slot was written out): they reached the engine. Read after the
+        # kernel's count (bursttable.BurstTaker.unsettled_written says why).
+        unsettled = self._taker.unsettled_written()
+        out["lost"] -= self._taker.overcounted + unsettled
+        return out
 
     def flow_counters(self, raws: Iterable[bytes]) -> dict[bytes, Counters | None]:
         """Each given flow's volume counters, None when its slot is not its
