@@ -9,9 +9,11 @@ the QoS service naming the component.
    ``srv-1``'s uplink (``--fault server``), in place before the first player starts;
 3. the players (:mod:`iqn_lab.player`), one process per subnet, started two seconds
    before a slot boundary and stopped half a second before the end of the K-th slot;
-4. per slot, the service's estimates: from the running service (``GET /api/components``
-   after the slot closes, then its store), or without the live pipeline, from the agents'
-   histories (``iqn-qos from-agent`` + ``iqn-qos infer``: the same records, read from disk);
+4. per slot, the service's estimates: as the running service showed them when the slot
+   closed (``GET /api/components``) and as they stand once every record is stored (the
+   service infers a slot again when records come after its close: its store), or without
+   the live pipeline, from the agents' histories (``iqn-qos from-agent`` + ``iqn-qos infer``:
+   the same records, read from disk);
 5. ``results/<run>/``: ``report.json``, ``report.txt``, ``heatmap.png``, the media lines,
    the players' logs, the agents' and servers' logs. The lab is always torn down.
 """
@@ -250,6 +252,7 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
     logs = {p.stem: read_log(p) for p in sorted(player_dir.glob("*.jsonl"))}
     records: dict[str, Any] = {}
     latency: dict[str, Any] = {}
+    at_close: dict[float, list[dict[str, Any]]] | None = None
     if live:
         drained = _drained(lab, info)
         lab.stop_service()
@@ -270,11 +273,12 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
         tot = latency["stall_end_to_stored"]["total"]
         say(f"stall end at the player -> stored by the service: p50 {tot['p50_s']} s, p99 {tot['p99_s']} s "
             f"({tot['n']} stalls)")
-        polled = set(seen)
-        for e in _store_estimates(info, store):  # slots the polls missed
-            if float(e["slot"]) not in polled:
-                seen.setdefault(float(e["slot"]), []).append(e)
-        estimates = [e for ests in seen.values() for e in ests]
+        # the final estimates, once every record is stored (the service infers a slot again when
+        # records come after its close); a slot the store has nothing for keeps what was shown
+        final = _store_estimates(info, store)
+        have = {float(e["slot"]) for e in final}
+        estimates = final + [e for s, ests in seen.items() if s not in have for e in ests]
+        at_close = R.per_slot([e for ests in seen.values() for e in ests], first, cfg.slots, cfg.slot)
         heat = _qos("heatmap", "--store", str(store), "--slot", str(cfg.slot), "--out",
                     str(cfg.out / "heatmap.png"))
     else:
@@ -283,7 +287,7 @@ def _run(lab: LocaliseLab, cfg: LocaliseConfig, say: Say) -> dict[str, Any]:
                     str(cfg.out / "heatmap.png"))
     slots = R.per_slot(estimates, first, cfg.slots, cfg.slot)
     comps = [c["id"] for c in lab.plan.qos_topology()["components"]]
-    rep = R.build(fault["component"], cfg.slot, slots, logs, lab.plan.component_of, comps)
+    rep = R.build(fault["component"], cfg.slot, slots, logs, lab.plan.component_of, comps, at_close)
     wall = duration
     rep.update({
         "fault_kind": cfg.fault, "fault_iface": fault["iface"], "rate_bit": rate,

@@ -69,11 +69,20 @@ def actual_fractions(logs: Mapping[str, Sequence[Mapping[str, Any]]],
             for c, (w, s) in acc.items()}
 
 
+def _lines(ests: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {name(e["component"]): e.get("lines") for e in ests}
+
+
 def build(fault: str, slot_s: float, slots: Mapping[float, list[dict[str, Any]]],
           logs: Mapping[str, Sequence[Mapping[str, Any]]], path_of: Callable[[str, str], list[str]],
-          components: Iterable[str]) -> dict[str, Any]:
+          components: Iterable[str], at_close: Mapping[float, list[dict[str, Any]]] | None = None
+          ) -> dict[str, Any]:
     """The report's core: ``fault``, ``slots`` (ranking, flagged, estimates, actual), the injected
-    component against its players' stall fraction, the healthy components, and the target."""
+    component against its players' stall fraction, the healthy components, and the target.
+    ``slots`` are the final estimates (every record stored); ``at_close``, when given, what the
+    service showed when it first closed each slot: a row's ``at_close`` holds that ranking and
+    its lines per component, and ``revised`` says whether records that came after the close
+    changed the estimate (a node kill can hold an agent's last records past the close)."""
     rows: list[dict[str, Any]] = []
     injected: list[dict[str, Any]] = []
     healthy: dict[str, list[float | None]] = {c: [] for c in components if c != fault}
@@ -87,6 +96,11 @@ def build(fault: str, slot_s: float, slots: Mapping[float, list[dict[str, Any]]]
                           for e in ests},
             "actual": actual,
         })
+        if at_close is not None:
+            shown = at_close.get(start, [])
+            rows[-1]["at_close"] = {"ranking": [name(e["component"]) for e in shown], "lines": _lines(shown)}
+            rows[-1]["revised"] = (rows[-1]["at_close"]["ranking"] != rows[-1]["ranking"]
+                                   or rows[-1]["at_close"]["lines"] != _lines(ests))
         mine = next((e for e in ests if fault in members(e["component"])), None)
         injected.append({
             "slot": start,
@@ -128,6 +142,9 @@ def summary(report: Mapping[str, Any]) -> str:
         act = "-" if inj["actual"] is None else f"{inj['actual']:.4f}"
         out.append(f"  {row['slot']:>12.0f} {inj['rank'] or '-':>4} {est:>9} {act:>7}  "
                    f"{', '.join(row['ranking'][:4])} / {', '.join(row['flagged']) or 'none'}")
+        if row.get("revised"):
+            out.append(f"  {'':>12} at close: {', '.join(row['at_close']['ranking'][:4]) or 'no estimate'} "
+                       f"(revised by records stored after the close)")
     t = report["target"]
     out.append(f"target: injected component first in every slot after the first: "
                f"{'yes' if t['ranked_first_after_first'] else 'NO'}; healthy flagged: "
