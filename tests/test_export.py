@@ -32,12 +32,16 @@ from test_history_durability import finish, signal_spec
 from iqn_ctl.engine.watch import WatchRecord
 from iqn_ctl.live.api import request, sock_path
 from iqn_ctl.live.export import (
+    ACK_TIMEOUT,
     DUPLICATE_WINDOW,
+    PROBE_DOUBLING,
+    PROBE_TIMEOUT,
     STREAM,
     Exporter,
     Outbox,
     _ports,
     default_router_id,
+    probe_wait,
     stall_body,
 )
 from iqn_ctl.live.history import History, StallRecord, db_path
@@ -442,6 +446,18 @@ def test_broker_down_30s_nothing_lost_nothing_doubled(tmp_path: Path) -> None:
     assert during["errors"] >= 1 and during["last_error"], during
     assert after["connected"] == js.urls[0] and after["last_error"] == ""
     assert after["exported_stalls"] == prod.n and after["exported_sessions"] == prod.n // 4
+
+
+def test_stream_look_up_waits_short_then_grows_to_the_ack_timeout() -> None:
+    """After a failure the exporter looks the stream up before re-sending: briefly at first (a
+    new stream leader answers at once), longer as failures go on (a slow broker is not given
+    up on), never longer than a batch waits for its acknowledgements."""
+    waits = [probe_wait(k) for k in range(40)]
+    assert waits[0] == waits[PROBE_DOUBLING - 1] == PROBE_TIMEOUT < ACK_TIMEOUT
+    assert waits[PROBE_DOUBLING] == 2 * PROBE_TIMEOUT
+    assert all(a <= b for a, b in zip(waits, waits[1:], strict=False))
+    assert waits[-1] == max(waits) == ACK_TIMEOUT
+    assert probe_wait(-3) == PROBE_TIMEOUT
 
 
 def test_cluster_node_killed_r3_nothing_lost_nothing_doubled(tmp_path: Path) -> None:

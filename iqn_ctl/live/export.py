@@ -79,6 +79,16 @@ WINDOW = 2
 PUB_CHUNK = 256
 #: seconds a batch waits for its acknowledgements before its silent records are retried
 ACK_TIMEOUT = 5.0
+#: seconds a look-up of the stream waits for an answer after a failure or a reconnect, doubling
+#: every PROBE_DOUBLING failed attempts up to ACK_TIMEOUT; while the broker answers, look-ups are
+#: the back-off apart but at most PROBE_PAUSE_MAX.  Why look first: a JetStream stream
+#: whose leader died answers nothing until its raft group elects another (seconds), and a batch
+#: sent meanwhile is dropped; re-sending batches would hold the records ACK_TIMEOUT past each
+#: one, while a look-up answers within milliseconds of the new leader.  Why grow: a slow but
+#: working broker must not be given up on forever
+PROBE_TIMEOUT = 0.5
+PROBE_DOUBLING = 8
+PROBE_PAUSE_MAX = 1.0
 #: seconds between looks at the outbox while it is empty (bounds the export delay)
 IDLE_POLL = 0.1
 #: back-off after a failure: doubles from MIN to MAX seconds, reset by a success
@@ -94,6 +104,11 @@ DRAIN_ON_STOP = 3.0
 ROUTER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_REPLICAS = 5
 DEFAULT_PORT = 4222
+
+
+def probe_wait(streak: int) -> float:
+    """How long a look-up of the stream waits, after ``streak`` failed attempts in a row."""
+    return min(ACK_TIMEOUT, PROBE_TIMEOUT * 2 ** (max(0, streak) // PROBE_DOUBLING))
 
 
 def default_router_id() -> str:
@@ -446,7 +461,8 @@ class Exporter:
         self._inflight = {}
         self._window = deque()
         self._after = {}
-        #: no stream answered (503): look the stream up (or create it) before the next batch
+        #: a batch was not acknowledged, or the connection moved: look the stream up (or create
+        #: it) before the next batch (PROBE_TIMEOUT)
         self._need_stream = False
 
     # -- the agent's side --
@@ -549,7 +565,7 @@ class Exporter:
                 if nc is None or nc.is_closed:
                     await self._finish_all(outbox)  # rounds sent on a closed connection: retried
                     nc = await self._connect()
-                    if nc is None or not await self._ensure_stream(nc):
+                    if nc is None:
                         if self._stopping():
                             break
                         await self._sleep(backoff)
@@ -557,11 +573,15 @@ class Exporter:
                         continue
                     self._ack_prefix = nc.new_inbox() + "."
                     await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
-                elif self._need_stream:
+                    self._need_stream = True
+                if self._need_stream and nc.is_connected:  # (reconnecting: the round says so)
                     self._need_stream = False
                     if not await self._ensure_stream(nc):
-                        nc = None
-                        await self._sleep(backoff)
+                        if self._stopping():
+                            break
+                        # a broker that answers but has no stream leader yet is looked at again
+                        # soon (the look-up itself waits): the new leader is what we wait for
+                        await self._sleep(min(backoff, PROBE_PAUSE_MAX))
                         backoff = min(2 * backoff, BACKOFF_MAX)
                         continue
                 shipped = await self._round(nc, outbox)
@@ -597,9 +617,14 @@ class Exporter:
 
         async def gone() -> None:
             self._set(connected="")
+            # the answers to batches sent on the lost connection cannot come: retry them now
+            for rnd in self._window:
+                rnd.done.set()
+            self._need_stream = True
             log.info("%s: export: disconnected from the broker; records wait in the history", self.iface)
 
         async def back() -> None:
+            self._need_stream = True  # the stream may be electing a leader (its node gone)
             self._set(connected=self._server(nc))
             log.info("%s: export: reconnected to %s", self.iface, self._server(nc))
 
@@ -637,7 +662,7 @@ class Exporter:
         js = nc.jetstream(timeout=ACK_TIMEOUT)
         try:
             try:
-                await js.stream_info(STREAM)
+                await nc.jetstream(timeout=probe_wait(self._streak)).stream_info(STREAM)
             except NotFoundError:
                 await js.add_stream(StreamConfig(name=STREAM, subjects=list(STREAM_SUBJECTS),
                                                  num_replicas=self.replicas, storage=StorageType.FILE,
@@ -646,8 +671,11 @@ class Exporter:
                          self.replicas, DUPLICATE_WINDOW)
         except Exception as e:  # no leader yet, timeout, disconnected: try again
             self._fail("stream set-up", e)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.close(), 2.0)
+            self._need_stream = True
+            # now and then through another server (this one may be cut off from the others)
+            if not nc.is_connected or self._streak % PROBE_DOUBLING == 0:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), 2.0)
             return False
         return True
 
@@ -838,8 +866,7 @@ class Exporter:
             return True
         with self._lock:
             self._stats.retries += missing
-        if any("503" in r for r in rnd.refused):
-            self._need_stream = True
+        self._need_stream = True  # refused (503) or silent: a stream without a leader, or gone
         if quiet:
             pass
         elif rnd.refused:
