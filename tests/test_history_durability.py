@@ -319,3 +319,85 @@ def test_one_flush_of_many_writes_equals_a_flush_per_write(tmp_path: Path) -> No
                 assert h.flush()
                 rows.append([(r.flow, r.start, r.state, r.candidates) for r in h.query()])
         assert rows[0] == rows[1]
+
+
+def _all_rows(path: Path) -> list[tuple[Any, ...]]:
+    """Every column of every row, ids included, read by plain SQLite."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT * FROM stalls ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def test_many_rows_in_one_flush_are_the_rows_one_insert_each_would_write(tmp_path: Path) -> None:
+    """A flush writes its rows many to a statement (History._insert_rows): around
+    and across the statement's row count, ``stage_open`` and ``stage`` leave the same
+    rows, ids and every column, as inserting the records one statement each, and
+    ends and drops still find the open rows they replace."""
+    from iqn_ctl.live.history import _ROWS_PER_INSERT
+
+    k = _ROWS_PER_INSERT
+    for n in (1, k - 1, k, k + 1, 2 * k + 3):
+        recs = [StallRecord("eth0", f"198.18.0.1:443>198.18.0.2:{i}", f"198.18.0.{2 + i % 5}", "198.18.0.1",
+                            1.8e9 + i / 7, 1.8e9 + i / 7 + 0.25, 0, 1.8e9 + i / 7 + 0.25, estimator="median",
+                            state="open") for i in range(n)]
+        ref = tmp_path / f"ref{n}"
+        with History(ref) as h:
+            for r in recs:
+                h._db.execute('INSERT INTO stalls (iface, flow, client, server, start, "end", candidates, '
+                              "detected_at, truncated, estimator, bulk_check, state) "
+                              "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                              (r.iface, r.flow, r.client, r.server, r.start, r.end, r.candidates,
+                               r.detected_at, int(r.truncated), r.estimator, r.bulk_check, r.state))
+            h._db.commit()
+        staged, opened = tmp_path / f"stage{n}", tmp_path / f"open{n}"
+        with History(staged) as h:
+            for r in recs:
+                h.stage("start", r)
+            assert h.flush() and h.pending == 0
+        with History(opened) as h:
+            for r in recs:
+                h.stage_open(r.iface, r.flow, r.client, r.server, r.start, r.end, r.estimator)
+            assert h.flush() and h.pending == 0
+            assert h.query() == recs
+        want = _all_rows(db_path(ref))
+        assert len(want) == n
+        assert _all_rows(db_path(staged)) == want
+        assert _all_rows(db_path(opened)) == want
+        with History(opened) as h:  # every open row is found by its end (or drop)
+            for i, r in enumerate(recs):
+                end = StallRecord(r.iface, r.flow, r.client, r.server, r.start, r.start + 2, 9, r.start + 2.5,
+                                  estimator="median")
+                h.stage("drop" if i % 3 == 0 else "end", end)
+            assert h.flush()
+            assert [(x.flow, x.state) for x in h.query()] == [
+                (r.flow, "ended") for i, r in enumerate(recs) if i % 3]
+
+
+def test_rows_of_a_flush_survive_the_process_dying_right_after(tmp_path: Path) -> None:
+    """What ``flush`` returned True for is on disk: a process that stages an
+    outage's open rows (several rounds, thousands a round), flushes each round
+    and dies at once (``os._exit``: no close, no checkpoint), with a round staged
+    and not flushed, leaves every flushed row and none of the unflushed ones."""
+    code = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from pathlib import Path
+from iqn_ctl.live.history import History
+h = History(Path({str(tmp_path)!r}))
+for rnd in range(3):
+    for i in range(3001):
+        h.stage_open("eth0", f"f:{{rnd}}:{{i}}", "c", "s", 1.8e9 + rnd + i / 1e4, 1.8e9 + rnd + 0.2, "count")
+    assert h.flush()
+for i in range(10):
+    h.stage_open("eth0", f"late:{{i}}", "c", "s", 1.9e9, 1.9e9, "count")
+os._exit(0)
+"""
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with History(tmp_path) as h:
+        got = h.query()
+    assert len(got) == 3 * 3001
+    assert {x.state for x in got} == {"open"}
+    assert [x.flow for x in got] == [f"f:{rnd}:{i}" for rnd in range(3) for i in range(3001)]

@@ -870,10 +870,8 @@ class Agent:
                 if self.history is not None:
                     t = e.detected_at + off  # the stall is known to go on at least until now
                     self._open[e.flow] = e.start + off
-                    self.history.stage("start", StallRecord(
-                        iface, info.label, info.client, info.server, e.start + off, t, 0, t,
-                        estimator=self.cfg.estimator, state="open",
-                    ))
+                    self.history.stage_open(iface, info.label, info.client, info.server, e.start + off, t,
+                                            self.cfg.estimator)
                 if self.metrics:
                     self.metrics.stall_started()
                 if lines > 0:
