@@ -10,6 +10,7 @@ vector table documents, so the event order can be compared exactly."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Iterator
 
 import numpy as np
@@ -370,3 +371,26 @@ def test_long_runs_rebuild_the_feed_log_and_keep_the_same_events(est: str) -> No
             vec.advance(step[1])  # type: ignore[arg-type]
     # 5,000 feeds logged, the log rebuilt on the way: a few entries per flow at most
     assert vec._lru_len <= 4 * len(vec) + 4096 < 5000
+
+
+def test_flow_key_hash_is_its_fields_and_survives_pickling_into_another_process() -> None:
+    """FlowKey keeps its hash (worked out once): it is the hash of its field
+    tuple, equal keys hash alike, the kept value is in neither repr nor equality,
+    and a key pickled by a process with another string hash seed is found in a
+    dict keyed by this process's key (a kept hash carried along would miss it)."""
+    import pickle
+    import subprocess
+    import sys
+
+    k = FlowKey("198.18.0.1", 443, "198.19.0.2", 40000, 4)
+    assert hash(k) == hash(("198.18.0.1", 443, "198.19.0.2", 40000, 4))
+    assert k == FlowKey("198.18.0.1", 443, "198.19.0.2", 40000, 4) and hash(k) == hash(
+        FlowKey("198.18.0.1", 443, "198.19.0.2", 40000, 4))
+    assert k != FlowKey("198.18.0.1", 443, "198.19.0.2", 40001, 4)
+    assert repr(k) == "FlowKey(server='198.18.0.1', sport=443, client='198.19.0.2', dport=40000, family=4)"
+    code = ("import pickle, sys; from iqn_ctl.engine.flowkey import FlowKey; "
+            "sys.stdout.buffer.write(pickle.dumps(FlowKey('198.18.0.1', 443, '198.19.0.2', 40000, 4)))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, env=env).stdout
+    there = pickle.loads(out)
+    assert there == k and {k: 1}.get(there) == 1 and hash(there) == hash(k)
