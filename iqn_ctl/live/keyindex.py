@@ -103,10 +103,14 @@ class KeyIndex:
             raise ValueError("keys and values differ in length")
         if not vals.size:
             return
-        # the last value of a key given twice wins, as in a dict
-        rev = np.unique(w[::-1], axis=0, return_index=True)[1]
-        last = np.sort(w.shape[0] - 1 - rev)
-        w, vals = w[last], vals[last]
+        # the last value of a key given twice wins, as in a dict; keys whose hashes all
+        # differ are all different, and finding that takes a sort of one word a key, not
+        # the sort of whole rows (~1 µs a key: an outage's onset adds 50,000 within one p)
+        h = np.sort(self._hash(w))
+        if h.size > 1 and not (h[1:] != h[:-1]).all():
+            rev = np.unique(w[::-1], axis=0, return_index=True)[1]
+            last = np.sort(w.shape[0] - 1 - rev)
+            w, vals = w[last], vals[last]
         there = self.lookup_entries(w)
         old = there >= 0
         self._vals[there[old]] = vals[old]
