@@ -10,6 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from iqn_ctl.engine.flowkey import FlowKey
 from iqn_ctl.engine.params import SignalParams
 from iqn_ctl.engine.synth import SignalModel, signal_times
 from iqn_ctl.engine.tracker import StallEnded, StallStarted
@@ -134,3 +135,35 @@ def test_metrics_exposition() -> None:
     ]
     for line in want:
         assert line in body, line
+
+
+def _decode_by_ctypes(raw: bytes) -> FlowKey:
+    """The reference: struct flow_key read through its ctypes twin (FlowKeyC)."""
+    import socket
+
+    from iqn_ctl.live.layout import FlowKeyC
+
+    k = FlowKeyC.from_buffer_copy(raw[:KEY_SIZE])
+    sport, dport = socket.ntohs(k.sport), socket.ntohs(k.dport)
+    if k.family == 6:
+        return FlowKey(str(ipaddress.IPv6Address(bytes(k.saddr))), sport,
+                       str(ipaddress.IPv6Address(bytes(k.daddr))), dport, 6)
+    return FlowKey(str(ipaddress.IPv4Address(bytes(k.saddr)[:4])), sport,
+                   str(ipaddress.IPv4Address(bytes(k.daddr)[:4])), dport, k.family)
+
+
+def test_decode_key_reads_what_the_ctypes_layout_says() -> None:
+    """decode_key's struct formats against FlowKeyC on random keys: IPv4, IPv6,
+    other family bytes, garbage in the unused address bytes, longer buffers."""
+    import random
+
+    rng = random.Random(19)
+    for i in range(5000):
+        raw = bytearray(rng.randbytes(KEY_SIZE + rng.choice([0, 0, 4, 13])))
+        raw[36] = rng.choice([4, 4, 6, 6, 0, 17, 255])
+        if i % 3 == 0:
+            raw[4:16] = bytes(12)
+            raw[20:32] = bytes(12)
+        got = decode_key(bytes(raw))
+        assert got == _decode_by_ctypes(bytes(raw)), bytes(raw).hex()
+        assert hash(got) == hash(_decode_by_ctypes(bytes(raw)))
