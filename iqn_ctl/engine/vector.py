@@ -614,7 +614,13 @@ class VectorFlowTable:
                 gs = by_slot[np.searchsorted(slot_arr[by_slot], ps)].tolist()
                 for g, evs in zip(gs, per.values(), strict=True):
                     tagged.extend((e.detected_at, g, 1_000_000 + k, e) for k, e in enumerate(evs))
-        tagged.sort(key=(lambda x: (x[0], x[1], x[2])) if by_time else (lambda x: (x[1], x[2])))
+        if by_time:
+            # (time, group, place) is unique (a group's own events and its victim's are
+            # numbered apart), so the tuples sort as their first three: no key function
+            # called per event (an outage's onset starts 50,000 stalls within one p)
+            tagged.sort()
+        else:
+            tagged.sort(key=lambda x: (x[1], x[2]))
         self._fed = slot_arr
         return [e for *_, e in tagged]
 
