@@ -861,7 +861,8 @@ class Agent:
                 self._flushed_at = time.monotonic()
             info = self.flows.info(e.flow)
             if isinstance(e, StallStarted):
-                self._judge.started(e.flow, self.flows.raws(e.flow), lookup)
+                if lookup is not None:  # without one the judge notes nothing: no connections to list
+                    self._judge.started(e.flow, self.flows.raws(e.flow), lookup)
                 if self.boost is not None:
                     self.boost.stall_started(e.flow, info.client, time.monotonic())
                 self.stalls_started += 1
