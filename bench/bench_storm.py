@@ -12,12 +12,20 @@ Three costs per poll round, CPU time of the thread (robust to a shared box):
 3. starts: the onset's stall starts through the agent's event handler
    (``Agent._on_events``: log line, history row on disk, counters), per start.
 
+Each under two garbage-collector settings (``--gc``): Python's defaults (how
+the table was first measured) and the live agent's (``quiet_gc``: start-up
+objects frozen, full collections once per 1,000 middle ones). An outage's
+onset adds 50,000 flows' objects within one p, and with the defaults a few full
+collections then walk all of them (~3 µs per new flow at 50,000), which the
+live agent does not do; both rows say what each setting costs.
+
 ``--baseline CHECKOUT`` runs the same measurements with that checkout's code
 (its ``.venv/bin/python``, this file given on stdin so nothing of this
 checkout is imported) right before this one's, per size; ratios are this
 over baseline.
 
-    .venv/bin/python bench/bench_storm.py [--flows 1000 10000 50000] [--baseline /work/main] [--no-write]
+    .venv/bin/python bench/bench_storm.py [--flows 1000 10000 50000] [--gc python agent]
+        [--baseline /work/main] [--no-write]
 
 Writes the "## Outage scale: the agent's user space" section of bench/RESULTS.md.
 """
@@ -39,6 +47,8 @@ from typing import Any
 import numpy as np
 
 SECTION = "## Outage scale: the agent's user space"
+#: ``--gc`` settings and how the table names them
+GC_MODES = {"python": "Python's defaults", "agent": "agent's (quiet_gc)"}
 N, P, POLL = 4, 0.2, 0.05
 
 
@@ -72,16 +82,21 @@ def polls(flows: int, seconds: float) -> list[Any]:
     return out
 
 
-def measure(flows: int, repeats: int = 3) -> dict[str, float]:
+def measure(flows: int, repeats: int = 3, gc_mode: str = "python") -> dict[str, float]:
     """The three costs for ``flows`` stalling flows (run in the checkout under
     test): the least of ``repeats`` runs each (a shared box only adds)."""
-    runs = [measure_once(flows) for _ in range(repeats)]
+    runs = [measure_once(flows, gc_mode) for _ in range(repeats)]
     return {k: min(r[k] for r in runs) for k in runs[0]}
 
 
-def measure_once(flows: int) -> dict[str, float]:
+def measure_once(flows: int, gc_mode: str = "python") -> dict[str, float]:
+    """One run; ``gc_mode`` "agent": under the live agent's garbage-collector
+    setting (``quiet_gc``, entered once the polls and the agent are made, as the
+    agent enters it once it is set up), "python": Python's defaults."""
+    import contextlib
+
     from iqn_ctl.engine.tracker import StallStarted
-    from iqn_ctl.live.agent import Agent, AgentConfig
+    from iqn_ctl.live.agent import Agent, AgentConfig, quiet_gc
     from iqn_ctl.live.history import History
 
     data = polls(flows, 2 * P + 1.0)
@@ -98,20 +113,21 @@ def measure_once(flows: int) -> dict[str, float]:
         cpu_on = cpu_ev = 0.0
         rec_on = starts = 0
         rec_st, cpu_st = 0, 0.0
-        for k, batch in enumerate(data):
-            t = time.thread_time()
-            out = lf.ingest_bursts(batch) + lf.advance(1000.0 + (k + 1) * POLL)
-            dt = time.thread_time() - t
-            if k < onset_polls:
-                cpu_on += dt
-                rec_on += len(batch)
+        with quiet_gc() if gc_mode == "agent" else contextlib.nullcontext():
+            for k, batch in enumerate(data):
                 t = time.thread_time()
-                agent._on_events(out)
-                cpu_ev += time.thread_time() - t
-                starts += sum(1 for e in out if isinstance(e, StallStarted))
-            else:
-                cpu_st += dt
-                rec_st += len(batch)
+                out = lf.ingest_bursts(batch) + lf.advance(1000.0 + (k + 1) * POLL)
+                dt = time.thread_time() - t
+                if k < onset_polls:
+                    cpu_on += dt
+                    rec_on += len(batch)
+                    t = time.thread_time()
+                    agent._on_events(out)
+                    cpu_ev += time.thread_time() - t
+                    starts += sum(1 for e in out if isinstance(e, StallStarted))
+                else:
+                    cpu_st += dt
+                    rec_st += len(batch)
         agent.history.close()
     res["steady_us"] = 1e6 * cpu_st / max(rec_st, 1)
     res["onset_us"] = 1e6 * cpu_on / max(rec_on, 1)
@@ -127,10 +143,10 @@ def rev(checkout: Path) -> str:
     return r.stdout.strip() or "?"
 
 
-def baseline(checkout: Path, flows: int) -> dict[str, float]:
+def baseline(checkout: Path, flows: int, gc_mode: str = "python") -> dict[str, float]:
     """:func:`measure` run by the other checkout's interpreter on its own code."""
     py = checkout / ".venv" / "bin" / "python"
-    src = Path(__file__).read_text() + f"\nprint(json.dumps(measure({flows})))\n"
+    src = Path(__file__).read_text() + f"\nprint(json.dumps(measure({flows}, gc_mode={gc_mode!r})))\n"
     r = subprocess.run([str(py), "-"], input=src.replace('if __name__ == "__main__":', "if False:"),
                        capture_output=True, text=True, cwd=checkout, check=True)
     return dict(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -140,6 +156,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flows", type=int, nargs="+", default=[1000, 10000, 50000])
     ap.add_argument("--baseline", type=Path, metavar="CHECKOUT")
+    ap.add_argument("--gc", nargs="+", choices=GC_MODES, default=list(GC_MODES),
+                    help="garbage-collector settings to measure under (default: both)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     root = Path(__file__).resolve().parent.parent
@@ -147,33 +165,39 @@ def main() -> None:
     sys.path.insert(0, str(root / "bench"))
     import _results
 
-    head = ("| stalling flows | code | steady µs/record | x | onset µs/record (new flow + stall start) | x "
+    head = ("| stalling flows | GC | code | steady µs/record | x "
+            "| onset µs/record (new flow + stall start) | x "
             "| µs per stall start (agent: log, history, counters) | x | cores at 250,000 records/s, steady |")
-    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     loads = []
-    for flows in a.flows:
+    for flows, gc_mode in [(f, g) for f in a.flows for g in a.gc]:
         rows = []
         if a.baseline:
-            rows.append(("baseline", baseline(a.baseline, flows)))
-        rows.append(("this", measure(flows)))
+            rows.append(("baseline", baseline(a.baseline, flows, gc_mode)))
+        rows.append(("this", measure(flows, gc_mode=gc_mode)))
         loads.append(" / ".join(Path("/proc/loadavg").read_text().split()[:3]))
         b = rows[0][1]
         for name, r in rows:
             def x(k: str, r: dict[str, float] = r, name: str = name, b: dict[str, float] = b) -> str:
                 return "-" if name == "baseline" or not a.baseline else f"{r[k] / b[k]:.2f}x"
-            lines.append(f"| {flows:,} | {name} | {r['steady_us']:.2f} | {x('steady_us')} | "
+            lines.append(f"| {flows:,} | {GC_MODES[gc_mode]} | {name} | "
+                         f"{r['steady_us']:.2f} | {x('steady_us')} | "
                          f"{r['onset_us']:.2f} | {x('onset_us')} | {r['start_us']:.2f} | {x('start_us')} | "
                          f"{0.25 * r['steady_us']:.2f} |")
             print(lines[-1], flush=True)
     table = "\n".join(lines)
     cmd = "`.venv/bin/python bench/bench_storm.py" + (f" --baseline {a.baseline}" if a.baseline else "") + (
-        f" --flows {' '.join(map(str, a.flows))}" if a.flows != [1000, 10000, 50000] else "") + "`"
+        f" --flows {' '.join(map(str, a.flows))}" if a.flows != [1000, 10000, 50000] else "") + (
+        f" --gc {' '.join(a.gc)}" if a.gc != list(GC_MODES) else "") + "`"
     base = f"baseline: {a.baseline} at {rev(a.baseline)}, " if a.baseline else ""
     body = (f"{SECTION}\n\nIssue 19's two user-space costs of the live agent, in process (no kernel): the "
             f"per-record flow look-up (steady: every flow stalled, a burst record of {N} per flow every "
             f"{P:g} s, a poll every {POLL * 1000:.0f} ms), the outage's onset (every flow new and starting "
             "its stall within one p) and each stall start through the agent's event handler (log line, "
-            "history row on disk, counters); CPU time of the thread, the least of 3 runs; x = this checkout "
+            "history row on disk, counters); CPU time of the thread, the least of 3 runs, under Python's "
+            "default garbage-collector thresholds and under the live agent's (`quiet_gc`: full collections "
+            "rare; with the defaults an onset of 50,000 new flows pays a few full collections that walk all "
+            "of their objects); x = this checkout "
             "over the baseline "
             f"measured just before it ({base}this: {rev(root)}; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} "
