@@ -290,6 +290,8 @@ class LiveFlows:
         inlined. Why: an outage's onset brings 50,000 new flows within one p, and
         the calls and repeated look-ups of the general path were half of the
         ~10 µs each one cost (cProfile, bench/bench_storm.py)."""
+        if not todo:
+            return
         fids, infos, raws, fnum, fkeys = self._fid, self._info, self._raws, self._fnum, self._fkeys
         decode, table, limit = self._decode, self.table, self.limit
         nums: list[int] = out[todo].tolist()
@@ -326,8 +328,7 @@ class LiveFlows:
                 if not ok:
                     refused.append(f)
                     self.refused += 1
-        if todo:
-            out[todo] = nums
+        out[todo] = nums
         self._room(len(fkeys))
 
     def _room(self, numbers: int) -> None:
