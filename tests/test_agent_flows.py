@@ -167,3 +167,29 @@ def test_decode_key_reads_what_the_ctypes_layout_says() -> None:
         got = decode_key(bytes(raw))
         assert got == _decode_by_ctypes(bytes(raw)), bytes(raw).hex()
         assert hash(got) == hash(_decode_by_ctypes(bytes(raw)))
+
+
+def test_raws_of_one_flow_from_several_keys_newest_last_in_both_paths() -> None:
+    """Raw keys that differ only in bytes decode_key ignores (the protocol byte,
+    the padding) are one flow by 5-tuple: raws() lists them in the order they were
+    first seen (a key seen again is known: it does not move), whether learnt by
+    flow_id or by polls through the key index (LiveFlows._visit_plain)."""
+    from iqn_ctl.engine.params import BURST_MAX
+    from iqn_ctl.live.bursttable import BurstBatch
+
+    a = A
+    b = A[:37] + bytes([6]) + A[38:]
+    c = A[:38] + bytes([1, 2])
+    for by_poll in (False, True):
+        lf = LiveFlows(SignalParams(0.2, 4), reorder=0.0, source_rate=0)
+        for k, raw in enumerate([a, b, a, c]):
+            if by_poll:
+                batch = BurstBatch([raw] * 70, np.full(70, 10**12 + k, np.int64), np.ones(70, np.int64),
+                                   np.zeros((70, BURST_MAX), np.int64))
+                lf.ingest_bursts(batch)
+            else:
+                lf.flow_id(raw)
+        fid = lf.flow_id(a)
+        assert lf.raws(fid) == [a, b, c]
+        assert lf.info(fid).label == "198.18.0.1:443>198.18.0.2:50001"
+        assert lf.raws(decode_key(B)) == []

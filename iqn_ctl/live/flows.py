@@ -114,8 +114,10 @@ class LiveFlows:
         self._decode = decode
         self._fid: dict[bytes, Hashable] = {}
         self._info: dict[Hashable, FlowInfo] = {}
-        #: each flow's raw keys (an ordered set, oldest learned first): raws() without a scan
-        self._raws: dict[Hashable, dict[bytes, None]] = {}
+        #: each flow's raw keys (an ordered set, oldest learned first): raws() without a scan;
+        #: a flow's one raw key is held as itself, a dict made only for a second (--key
+        #: client): an outage's onset learns 50,000 flows of one key each within one p
+        self._raws: dict[Hashable, bytes | dict[bytes, None]] = {}
         self.limit = SourceLimit(source_rate)
         #: raw key -> flow number, for whole polls at once (a cache of ``_fid``: dropped with it);
         #: made when the first key shows its width
@@ -148,26 +150,37 @@ class LiveFlows:
         old = self._info.get(fid)
         if old is None or old.server != info.server:
             self._info[fid] = info  # client mode: the server shown is the latest one seen
-        known = self._raws.get(fid)
-        if known is None:
-            self._raws[fid] = {raw: None}
-        else:
-            known.pop(raw, None)
-            known[raw] = None
-            if len(known) > RAWS_PER_FLOW:
-                del known[next(iter(known))]
+        self._learn_raw(self._raws, fid, raw)
         if len(self._info) > 2 * self.max_flows + 1024:
             # forget the names and keys of flows the table no longer tracks (amortised O(1))
             self._info = {tr.flow: self._info[tr.flow] for tr in self.table if tr.flow in self._info}
             self._raws = {f: self._raws[f] for f in self._info if f in self._raws}
             self._info[fid] = info
-            self._raws.setdefault(fid, {raw: None})
+            self._raws.setdefault(fid, raw)
         return fid
+
+    @staticmethod
+    def _learn_raw(raws: dict[Hashable, bytes | dict[bytes, None]], fid: Hashable, raw: bytes) -> None:
+        """``raw`` is ``fid``'s newest raw key (at most :data:`RAWS_PER_FLOW` kept, oldest dropped)."""
+        known = raws.get(fid)
+        if known is None:
+            raws[fid] = raw
+        elif not isinstance(known, dict):
+            if known != raw:
+                raws[fid] = {known: None, raw: None}
+        else:
+            known.pop(raw, None)
+            known[raw] = None
+            if len(known) > RAWS_PER_FLOW:
+                del known[next(iter(known))]
 
     def raws(self, fid: Hashable) -> list[bytes]:
         """The data plane's keys of one flow (several with --key client): an
         index look-up, O(1) in the number of flows (it runs for every stall)."""
-        return list(self._raws.get(fid, ()))
+        got = self._raws.get(fid)
+        if got is None:
+            return []
+        return list(got) if isinstance(got, dict) else [got]
 
     def info(self, fid: Hashable) -> FlowInfo:
         got = self._info.get(fid)
@@ -308,14 +321,10 @@ class LiveFlows:
                     fids[raw] = fid = key
                     if key not in infos:
                         infos[key] = info_of(key)
-                    known = raws.get(key)
-                    if known is None:
-                        raws[key] = {raw: None}
+                    if key in raws:
+                        self._learn_raw(raws, key, raw)
                     else:
-                        known.pop(raw, None)
-                        known[raw] = None
-                        if len(known) > RAWS_PER_FLOW:
-                            del known[next(iter(known))]
+                        raws[key] = raw
                 got = fnum.get(fid)
                 if got is None:
                     got = fnum[fid] = len(fkeys)
