@@ -612,8 +612,9 @@ class VectorFlowTable:
                 by_slot = np.argsort(slot_arr)
                 ps = np.fromiter(per, np.int64, len(per))
                 gs = by_slot[np.searchsorted(slot_arr[by_slot], ps)].tolist()
-                for g, evs in zip(gs, per.values(), strict=True):
-                    tagged.extend((e.detected_at, g, 1_000_000 + k, e) for k, e in enumerate(evs))
+                # one comprehension, not a generator per group: an outage's onset has 50,000
+                tagged += [(e.detected_at, g, 1_000_000 + k, e)
+                           for g, evs in zip(gs, per.values(), strict=True) for k, e in enumerate(evs)]
         if by_time:
             # (time, group, place) is unique (a group's own events and its victim's are
             # numbered apart), so the tuples sort as their first three: no key function
@@ -622,7 +623,7 @@ class VectorFlowTable:
         else:
             tagged.sort(key=lambda x: (x[1], x[2]))
         self._fed = slot_arr
-        return [e for *_, e in tagged]
+        return [x[3] for x in tagged]
 
     def _feed_one_by_one(self, keys: list[Hashable], gid: IntArray, t: FloatArray) -> list[Event]:
         """Evictions that depend on the batch's own feeding: FlowTable's order, one group at a time."""
@@ -696,8 +697,7 @@ class VectorFlowTable:
         ks = np.flatnonzero(walk)
         started = self._starts_only(ks[~stalled[ks]], us, start, cnt, a, a_start, a_end, pos,
                                     start_ok, end_ok)
-        for k in ks.tolist():
-            sl = int(us[k])
+        for k, sl in zip(ks.tolist(), us[ks].tolist(), strict=True):
             got = started.get(k)
             out[sl] = [got] if got is not None else self._walk(sl, a[a_start[k]:a_end[k]].tolist())
         if self._td:
