@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import json
 import os
 import platform
 import re
@@ -88,6 +89,21 @@ def new_lab() -> Lab:
         return Lab()
     NS_PREFIX.append(NS_PREFIX[0])
     return Lab(prefix=f"{NS_PREFIX[0]}{len(NS_PREFIX) % 16:x}")
+
+
+#: --sender: how blast puts frames on the veth (xdp: the live-frames generator of
+#: bench/xdpgen.py; packet: AF_PACKET sendmmsg), and the loaded generator
+SENDER = ["xdp"]
+_GEN: list[Any] = []
+
+
+def generator() -> tuple[int, int]:
+    """The XDP generator's (program fd, map fd), loaded once per run."""
+    if not _GEN:
+        import xdpgen
+
+        _GEN.extend(xdpgen.load())
+    return int(_GEN[1]), int(_GEN[2])
 
 
 def build_blast(tmp: Path) -> str:
@@ -179,7 +195,9 @@ def flow_index(label: str) -> int:
     return (int(ipaddress.IPv4Address(addr)) - int(ipaddress.IPv4Address(DST))) * PORTS + int(port) - 10000
 
 
-def blast(lab: Lab, exe: str, secs: float, log: Path, **kw: Any) -> dict[str, float]:
+def blast(lab: Lab, exe: str, secs: float, log: Path | None, sender: str = "", **kw: Any) -> dict[str, float]:
+    sender = sender or SENDER[0]
+    fds: tuple[int, ...] = generator() if sender == "xdp" else ()
     args = {
         "src_mac": lab.srv_mac,
         "dst_mac": OTHER_MAC,
@@ -191,7 +209,8 @@ def blast(lab: Lab, exe: str, secs: float, log: Path, **kw: Any) -> dict[str, fl
         "p": P,
         "gap_us": GAP_US,
         "size": 1250,
-        "log": log,
+        **({"log": log} if log else {}),
+        **({"xdp_prog": fds[0], "xdp_map": fds[1]} if fds else {}),
         **kw,
     }
     r = subprocess.run(
@@ -213,6 +232,7 @@ def blast(lab: Lab, exe: str, secs: float, log: Path, **kw: Any) -> dict[str, fl
         capture_output=True,
         text=True,
         timeout=secs * 30 + 120,
+        pass_fds=fds,
     )
     if r.returncode:
         sys.exit(f"bench_scale: blast failed: {r.stderr}")
@@ -301,7 +321,7 @@ def history_of(agent: Agent) -> list[Any]:
 
 
 def steady(exe: str, tmp: Path, flows: int, secs: float, agent_exe: str = IQN_CTL,
-           tag: str = "") -> dict[str, Any]:
+           tag: str = "", sender: str = "") -> dict[str, Any]:
     with new_lab() as lab:
         agent = Agent(lab, tmp, f"steady{flows}{tag}", exe=agent_exe)
         try:
@@ -309,7 +329,7 @@ def steady(exe: str, tmp: Path, flows: int, secs: float, agent_exe: str = IQN_CT
             c0, w0 = cpu_seconds(agent.pid), time.time()
             samp.start()
             log = tmp / f"steady{flows}{tag}.sent"
-            said = blast(lab, exe, secs, log, flows=flows, stall=flows)
+            said = blast(lab, exe, secs, log, sender, flows=flows, stall=flows)
             c1, w1 = cpu_seconds(agent.pid), time.time()
             st = settle(agent)
             c2 = cpu_seconds(agent.pid)
@@ -361,6 +381,55 @@ def steady(exe: str, tmp: Path, flows: int, secs: float, agent_exe: str = IQN_CT
         "late_ms": said["late_max_ms"],
         "hist_dropped": st["history_dropped"],
         "rss_max": max((r["rss"] for r in samp.rows), default=float("nan")),
+        "load": load_avg(),
+        "sender": sender or SENDER[0],
+    }
+
+
+# -- 0. what a sender can offer -----------------------------------------------------------------
+
+
+def rx_packets(lab: Lab) -> int:
+    """Frames the client-side veth received (its XDP program saw them)."""
+    out = subprocess.run(["ip", "-n", lab.cli_ns, "-s", "-j", "link", "show", "dev", lab.cli_if],
+                         capture_output=True, text=True, check=True).stdout
+    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
+
+
+def offer(exe: str, tmp: Path, sender: str, kind: str, secs: float) -> dict[str, Any]:
+    """The most a sender offers on the bench veth, with this agent attached (its
+    XDP program on the receiving side, as in every row): ``kind`` candidates: 50,000
+    flows stalling with a burst every 10 ms (20M candidates/s asked); video: 50,000
+    flows at 400 frames/s each (20M/s asked). Offered = blast's count over its time;
+    arrived = the client veth's received frames; kernel-counted = the XDP
+    program's candidate count."""
+    with new_lab() as lab:
+        agent = Agent(lab, tmp, f"offer-{sender}-{kind}")
+        try:
+            st0 = agent.status()
+            rx0 = rx_packets(lab)
+            u0 = os.times()
+            if kind == "candidates":
+                said = blast(lab, exe, secs, None, sender, flows=50_000, stall=50_000, p=0.01, wall=1)
+            else:
+                said = blast(lab, exe, secs, None, sender, flows=50_000, stall=0, vpps=400, wall=1)
+            u1 = os.times()
+            time.sleep(0.5)
+            rx1 = rx_packets(lab)
+            st = agent.status()
+        finally:
+            agent.stop()
+    return {
+        "sender": sender,
+        "kind": kind,
+        "secs": said["secs"],
+        "sent": said["sent"],
+        "cands": said["candidates"],
+        "arrived": rx1 - rx0,
+        "kernel": st["candidates"] - st0["candidates"],
+        "sender_cpu": (u1.children_user + u1.children_system - u0.children_user - u0.children_system)
+        / said["secs"],
+        "late_ms": said["late_max_ms"],
         "load": load_avg(),
     }
 
@@ -474,8 +543,104 @@ def plot(s: list[dict[str, float]], at: float) -> None:
 # -- report -------------------------------------------------------------------------------------
 
 
+def offer_table(offers: list[dict[str, Any]]) -> list[str]:
+    return [
+        "| sender | frames | s | frames/s offered | candidates/s offered | arrived / offered "
+        "| kernel-counted candidates / offered | sender process CPU (cores) | late max ms | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        *(
+            f"| {o['sender']} | {o['kind']} | {o['secs']:.1f} | {o['sent'] / o['secs']:,.0f} | "
+            f"{o['cands'] / o['secs']:,.0f} | {o['arrived'] / max(o['sent'], 1):.3f} | "
+            + (f"{o['kernel'] / o['cands']:.3f}" if o["cands"] else "-")
+            + f" | {o['sender_cpu']:.2f} | {o['late_ms']:,.0f} | {o['load']} |"
+            for o in offers
+        ),
+    ]
+
+
+SENDER_SECTION = "## Live senders: AF_PACKET vs XDP live frames"
+
+
+def sender_report(offers: list[dict[str, Any]], st: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The senders' own section: what each offers, and (with --sender-baseline) the
+    steady rows measured with both in the same run."""
+    cmd = (CMD + (f" --only {args.only}" if args.only else "") + f" --sender {args.sender}"
+           + (f" --sender-baseline {args.sender_baseline}" if args.sender_baseline else "")
+           + (f" --sizes {args.sizes}" if args.only == "steady" else "")
+           + (f" --secs {args.secs:g}" if args.only == "steady" and args.secs != 10 else "")
+           + (f" --offer-secs {args.offer_secs:g}" if offers else ""))
+    lines = [
+        SENDER_SECTION,
+        "",
+        f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, kernel {platform.release()}, "
+        f"{os.cpu_count()} CPUs shared with other work. bench/blast.c's many-flow mode on CPU {SENDER_CPU} "
+        "with either sender: `packet` = AF_PACKET sendmmsg (PACKET_QDISC_BYPASS), `xdp` = "
+        "BPF_PROG_TEST_RUN in live-frames mode redirecting to the veth (bench/xdpgen.py). On a veth "
+        "the receive side (the agent's XDP program included) runs on the sender's CPU in both cases. "
+        f"The agent (this checkout, {args.rev}) is attached on CPU {AGENT_CPU} in every row.",
+        "",
+    ]
+    if offers:
+        lines += [
+            "### What each sender offers",
+            "",
+            "50,000 flows asked for 20M frames/s (candidates: every flow stalling, a burst of 4 every "
+            "10 ms; video: 400 frames/s each, outside the candidate band). Offered = blast's count over "
+            "its run time; arrived = the client veth's received frames; kernel-counted = the agent's "
+            "XDP candidate count. Sender process CPU includes the softirq work (veth receive, XDP) "
+            "run in its context.",
+            "",
+            *offer_table(offers),
+            "",
+        ]
+    if st:
+        lines += [
+            "### Steady rows with both senders (baseline = the --sender-baseline sender)",
+            "",
+            "Columns as in \"Live agent at scale\" above; `agent` names the sender here.",
+            "",
+            *steady_table(st, args),
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def steady_table(st: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    base = next((r for r in st if r["flows"] == 1 and r["agent"] == "this"), None)
+    b99 = pct(base["lat"], 99) if base else float("nan")
+    other = {r["flows"]: r for r in st if r["agent"] == "baseline"}
+    lines = [
+        "| stalling flows | agent | sender | bursts/s offered | candidates/s offered | handled / offered "
+        "| kernel-counted = handled | ring records per burst | shed "
+        "| lost | flows in stall (most seen) | one stall per flow | agent cores | agent µs/record "
+        "| µs/record x baseline | logged starts | latency p50 / p99 / max ms | p99 x single flow "
+        "| p99 x baseline | start error p99 ms | sender late max ms | load avg |",
+        "|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in st:
+        lat = r["lat"]
+        o = other.get(r["flows"]) if r["agent"] == "this" else None
+        xrec = f"{r['us_per_rec'] / o['us_per_rec']:.2f}x" if o else "-"
+        x99 = f"{pct(lat, 99) / pct(o['lat'], 99):.2f}x" if o else "-"
+        lines.append(
+            f"| {r['flows']:,} | {r['agent']} | {r['sender']} | {r['bursts'] / r['secs']:,.0f} | "
+            f"{r['cands'] / r['secs']:,.0f} | "
+            f"{r['events'] / max(r['cands'], 1):.3f} | {same(r['kernel'], r['events'])} | "
+            f"{r['records'] / max(r['bursts'], 1):.2f} | "
+            f"{r['shed']:,} | {r['lost']:,} | {r['in_stall_max']:,} | "
+            f"{r['one_stall_each']:,}/{r['flows']:,} | {r['cpu_run']:.2f} | {r['us_per_rec']:.2f} | "
+            f"{xrec} | "
+            f"{r['stalled_flows']:,} | "
+            f"{pct(lat, 50):.1f} / {pct(lat, 99):.1f} / {max(lat, default=float('nan')):.1f} | "
+            f"{pct(lat, 99) / b99:.1f}x | {x99} | {pct(r['err'], 99):.2f} | {r['late_ms']:,.0f} | "
+            f"{r['load']} |"
+        )
+    return lines
+
+
 def report(
-    st: list[dict[str, Any]], out: list[dict[str, Any]], args: argparse.Namespace, elapsed: float
+    st: list[dict[str, Any]], out: list[dict[str, Any]], args: argparse.Namespace, elapsed: float,
+    offers: list[dict[str, Any]] | None = None,
 ) -> str:
     cmd = (
         CMD
@@ -620,7 +785,14 @@ def main() -> None:
     ap.add_argument("--sizes", default=DEFAULT_SIZES)
     ap.add_argument("--secs", type=float, default=10.0)
     ap.add_argument("--short", action="store_true", help="outage: stall at 5 s for 10 s (not 10 s for 30 s)")
-    ap.add_argument("--only", choices=("steady", "outage"))
+    ap.add_argument("--only", choices=("steady", "outage", "offer"),
+                    help="offer: only the table of what each sender can offer")
+    ap.add_argument("--sender", choices=("xdp", "packet"), default="xdp",
+                    help="blast's sender: xdp (live frames, bench/xdpgen.py) or packet (AF_PACKET)")
+    ap.add_argument("--sender-baseline", choices=("xdp", "packet"),
+                    help="also run every steady row with this sender, before the --sender one "
+                         "(the rows are then 'baseline' and 'this'; not with --baseline)")
+    ap.add_argument("--offer-secs", type=float, default=5.0)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--nice", type=int, default=0, help="run the agent and the sender at this nice value")
     ap.add_argument("--baseline", metavar="CHECKOUT",
@@ -630,13 +802,18 @@ def main() -> None:
     if args.ns_prefix:
         NS_PREFIX[:] = [args.ns_prefix[:9]]
     args.rev = _rev(ROOT)
-    runs = [("this", IQN_CTL)]
+    SENDER[0] = args.sender
+    runs = [("this", IQN_CTL, args.sender)]
+    if args.baseline and args.sender_baseline:
+        sys.exit("bench_scale: --baseline or --sender-baseline, not both")
     if args.baseline:
         base_exe = str(Path(args.baseline).resolve() / ".venv" / "bin" / "iqn-ctl")
         if not os.access(base_exe, os.X_OK):
             sys.exit(f"bench_scale: no agent at {base_exe}")
         args.baseline_rev = _rev(Path(args.baseline))
-        runs.insert(0, ("baseline", base_exe))
+        runs.insert(0, ("baseline", base_exe, args.sender))
+    if args.sender_baseline:
+        runs.insert(0, ("baseline", IQN_CTL, args.sender_baseline))
     if args.nice:
         NICE[:] = ["nice", "-n", str(args.nice)]
     if os.geteuid() != 0:
@@ -646,10 +823,18 @@ def main() -> None:
         tmp = Path(td)
         exe = build_blast(tmp)
         st: list[dict[str, Any]] = []
-        if args.only != "outage":
+        offers: list[dict[str, Any]] = []
+        if args.only in (None, "offer"):
+            for kind in ("candidates", "video"):
+                for sender in ("packet", "xdp"):
+                    o = offer(exe, tmp, sender, kind, args.offer_secs)
+                    print("offer", o, flush=True)
+                    offers.append(o)
+        if args.only in (None, "steady"):
             for f in [int(x) for x in args.sizes.split(",")]:
-                for name, agent_exe in runs:
-                    r = steady(exe, tmp, f, args.secs, agent_exe, "" if name == "this" else "-" + name)
+                for name, agent_exe, sender in runs:
+                    r = steady(exe, tmp, f, args.secs, agent_exe, "" if name == "this" else "-" + name,
+                               sender)
                     r["agent"] = name
                     print(
                         name,
@@ -661,16 +846,24 @@ def main() -> None:
                     )
                     st.append(r)
         out = []
-        if args.only != "steady":
-            for name, agent_exe in runs:
+        if args.only in (None, "outage"):
+            for name, agent_exe, _sender in runs:
                 o = outage(exe, tmp, args.short, agent_exe, "" if name == "this" else "-" + name)
                 o["agent"] = name
                 print(name, {k: v for k, v in o.items() if k != "samples"}, flush=True)
                 out.append(o)
-    text = report(st, out, args, time.time() - t0)
+    if args.only in ("offer", "steady") and (offers or args.sender_baseline):
+        text = sender_report(offers, st, args)
+        print(text)
+        if not args.no_write:
+            _results.write_section(SENDER_SECTION, text)
+        return
+    text = report(st, out, args, time.time() - t0, offers)
     print(text)
     if not args.no_write and not args.only:
         _results.write_section(SECTION, text)
+        if offers:
+            _results.write_section(SENDER_SECTION, sender_report(offers, [], args))
 
 
 if __name__ == "__main__":

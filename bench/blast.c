@@ -24,6 +24,12 @@
  *         vsize=1350 vpps=0 (video frames per second per flow)
  *         stall_at=0 spread=0 (stall i starts at stall_at + U(0, spread) s)
  *         stall_for=-1 (s; -1: until the end) seed=1 log=PATH
+ *         wall=0 (1: stop after SECS of wall time even if behind schedule: to measure
+ *         the most a sender offers)
+ *         xdp_prog=FD xdp_map=FD: send with the XDP live-frames generator that
+ *         bench/xdpgen.py loaded (inherited descriptors) instead of AF_PACKET: one
+ *         BPF_PROG_TEST_RUN per batch of due frames, the frames going out through
+ *         veth's ndo_xdp_xmit without skbs (the peer needs NAPI on: an XDP program)
  *   flow i: client address dst + i / K, port 10000 + i % K; flows 0..S-1 stall.
  *   A burst is sent if it starts inside its flow's stall; each flow's bursts
  *   start at a random phase in [0, p).
@@ -46,6 +52,9 @@
 #include <math.h>
 #include <time.h>
 #include <sys/resource.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <linux/bpf.h>
 #include <unistd.h>
 
 #define MAXF 4096
@@ -181,6 +190,34 @@ static double urand(void) {  /* xorshift64*, [0, 1) */
 #define HDR 42  /* Ethernet + IPv4 + UDP */
 #define MBATCH 64
 
+/* ---- XDP live-frames sender (bench/xdpgen.py loads the program) ---------- */
+#define XBATCH 4096  /* bench/xdpgen.py SLOTS */
+struct xdesc { uint16_t len; unsigned char hdr[HDR]; unsigned char pad[4]; };
+struct xbatch { uint32_t next, ifindex; struct xdesc d[XBATCH]; };
+
+/* Send the b frames described in x->d[0..b) with one BPF_PROG_TEST_RUN in live-frames
+ * mode: the kernel runs the generator once per frame and transmits what it redirects. */
+static int xbsz = 64;  /* frames per kernel batch inside a test run (xbsz=) */
+static long xcalls;
+static double xcall_s;  /* wall time inside the test runs */
+static int xdp_send(int prog, struct xbatch *x, const unsigned char *tmpl, int tlen, int b) {
+    x->next = 0;
+    xcalls++;
+    double c0 = now();
+    union bpf_attr a;
+    memset(&a, 0, sizeof a);
+    a.test.prog_fd = prog;
+    a.test.data_in = (uint64_t)(uintptr_t)tmpl;
+    a.test.data_size_in = tlen;
+    a.test.repeat = b;
+    a.test.flags = BPF_F_TEST_XDP_LIVE_FRAMES;
+    a.test.batch_size = b < xbsz ? b : xbsz;
+    if (syscall(__NR_bpf, BPF_PROG_TEST_RUN, &a, sizeof a) < 0) { perror("bpf(BPF_PROG_TEST_RUN)"); return -1; }
+    xcall_s += now() - c0;
+    if (x->next != (uint32_t)b) { fprintf(stderr, "blast: the generator ran %u times for %d frames\n", x->next, b); return -1; }
+    return 0;
+}
+
 static void build_hdr(unsigned char *h, const unsigned char *smac, const unsigned char *dmac,
                       uint32_t src, uint32_t dst, uint16_t dport, int frame_len) {
     memcpy(h, dmac, 6); memcpy(h + 6, smac, 6);
@@ -211,6 +248,7 @@ static int many_mode(int argc, char **argv) {
     int M = 1000, S = -1, K = 50000, size = 1250, vsize = 1350, servers = 1;
     double vpps = 0, stall_at = 0, spread = 0, stall_for = -1;
     const char *logpath = NULL;
+    int xprog = -1, xmap = -1, wall = 0, xbatch = XBATCH;  /* wall=1: stop at SECS of wall time, sent or not */  /* xdp_prog=FD xdp_map=FD: send with the live-frames generator */
     N = 4; P = 0.2; GAP = 0;
     rng_state = 1;
     inet_pton(AF_INET, "198.18.0.1", &src);
@@ -240,6 +278,11 @@ static int many_mode(int argc, char **argv) {
         else if (!strcmp(k, "stall_for")) stall_for = atof(v);
         else if (!strcmp(k, "seed")) rng_state = strtoull(v, NULL, 10) * 0x9E3779B97F4A7C15ULL + 1;
         else if (!strcmp(k, "log")) logpath = v;
+        else if (!strcmp(k, "xdp_prog")) xprog = atoi(v);
+        else if (!strcmp(k, "xdp_map")) xmap = atoi(v);
+        else if (!strcmp(k, "wall")) wall = atoi(v);
+        else if (!strcmp(k, "xbatch")) xbatch = atoi(v);
+        else if (!strcmp(k, "xbsz")) xbsz = atoi(v);
         else { fprintf(stderr, "blast: unknown key %s\n", k); return 2; }
         if (!ok) { fprintf(stderr, "blast: bad value for %s: %s\n", k, v); return 2; }
     }
@@ -274,14 +317,29 @@ static int many_mode(int argc, char **argv) {
     if (vpps > 0) cur[c++] = (struct cursor){vorder, M, 0, 0, VP, 0, -1, 0};
     for (int i = 0; i < nc; i++) cur[i].next = item_time(&cur[i]);
 
-    int s = socket(AF_PACKET, SOCK_RAW, 0);
-    if (s < 0) { perror("socket"); return 2; }
-    struct sockaddr_ll sll = {0};
-    sll.sll_family = AF_PACKET;
-    sll.sll_ifindex = if_nametoindex(iface);
-    if (!sll.sll_ifindex || bind(s, (struct sockaddr *)&sll, sizeof sll) < 0) { perror("bind"); return 2; }
-    int one = 1;
-    setsockopt(s, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one);
+    int xdp = xprog >= 0 || xmap >= 0, s = -1, maxb = MBATCH;
+    struct xbatch *xb = NULL;
+    static unsigned char tmpl[1514];  /* the live-frames template: every frame starts as this */
+    int tlen = size > vsize ? size : vsize;
+    if (xdp) {
+        if (xprog < 0 || xmap < 0) { fprintf(stderr, "blast: xdp_prog and xdp_map go together\n"); return 2; }
+        long pg = sysconf(_SC_PAGESIZE);
+        xb = mmap(NULL, (sizeof *xb + pg - 1) / pg * pg, PROT_READ | PROT_WRITE, MAP_SHARED, xmap, 0);
+        if (xb == MAP_FAILED) { perror("mmap xdp_map"); return 2; }
+        xb->ifindex = if_nametoindex(iface);
+        if (!xb->ifindex) { perror(iface); return 2; }
+        build_hdr(tmpl, smac, dmac, src.s_addr, dst.s_addr, 10000, tlen);
+        maxb = xbatch > 0 && xbatch < XBATCH ? xbatch : XBATCH;
+    } else {
+        s = socket(AF_PACKET, SOCK_RAW, 0);
+        if (s < 0) { perror("socket"); return 2; }
+        struct sockaddr_ll sll = {0};
+        sll.sll_family = AF_PACKET;
+        sll.sll_ifindex = if_nametoindex(iface);
+        if (!sll.sll_ifindex || bind(s, (struct sockaddr *)&sll, sizeof sll) < 0) { perror("bind"); return 2; }
+        int one = 1;
+        setsockopt(s, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one);
+    }
 
     static unsigned char payload[1514];
     static unsigned char hdrs[MBATCH][HDR];
@@ -296,9 +354,10 @@ static int many_mode(int argc, char **argv) {
     int done = 0;
     while (!done) {
         double t = now() - t0;
+        if (wall && t >= SECS) break;
         int b = 0;
         double soonest = INFINITY;
-        while (b < MBATCH) {
+        while (b < maxb) {
             int mi = -1;
             double mt = INFINITY;
             for (int i = 0; i < nc; i++)
@@ -326,6 +385,14 @@ static int many_mode(int argc, char **argv) {
                 video++;
             }
             if (t - mt > late_max) late_max = t - mt;
+            if (xdp) {
+                build_hdr(xb->d[b].hdr, smac, dmac, htonl(sbase + (uint32_t)(f % servers)),
+                          htonl(dbase + (uint32_t)(f / K)), (uint16_t)(10000 + f % K), len);
+                xb->d[b].len = (uint16_t)len;
+                b++;
+                cur_advance(cu);
+                continue;
+            }
             build_hdr(hdrs[b], smac, dmac, htonl(sbase + (uint32_t)(f % servers)), htonl(dbase + (uint32_t)(f / K)),
                       (uint16_t)(10000 + f % K), len);
             iov[b][0].iov_base = hdrs[b]; iov[b][0].iov_len = HDR;
@@ -342,6 +409,11 @@ static int many_mode(int argc, char **argv) {
             if (d > 0.0002) { struct timespec ts = {0, (long)((d - 0.0001) * 1e9)}; nanosleep(&ts, NULL); }
             continue;
         }
+        if (xdp) {
+            if (xdp_send(xprog, xb, tmpl, tlen, b)) return 1;
+            sent += b;
+            continue;
+        }
         int off = 0;
         while (off < b) {
             int r = sendmmsg(s, msgs + off, b - off, 0);
@@ -350,8 +422,10 @@ static int many_mode(int argc, char **argv) {
         }
         sent += b;
     }
-    printf("sent=%ld candidates=%ld bursts=%ld video=%ld secs=%.6f late_max_ms=%.3f\n",
+    printf("sent=%ld candidates=%ld bursts=%ld video=%ld secs=%.6f late_max_ms=%.3f",
            sent, cands, bursts, video, now() - t0, late_max * 1e3);
+    if (xdp) printf(" runs=%ld run_s=%.6f", xcalls, xcall_s);  /* test runs, wall time inside them */
+    printf("\n");
     if (logpath) {
         FILE *lf = fopen(logpath, "w");
         if (!lf) { perror(logpath); return 1; }
