@@ -566,8 +566,8 @@ def sender_report(offers: list[dict[str, Any]], st: list[dict[str, Any]], args: 
     steady rows measured with both in the same run."""
     cmd = (CMD + (f" --only {args.only}" if args.only else "") + f" --sender {args.sender}"
            + (f" --sender-baseline {args.sender_baseline}" if args.sender_baseline else "")
-           + (f" --sizes {args.sizes}" if args.only == "steady" else "")
-           + (f" --secs {args.secs:g}" if args.only == "steady" and args.secs != 10 else "")
+           + (f" --sizes {args.sizes}" if st else "")
+           + (f" --secs {args.secs:g}" if st and args.secs != 10 else "")
            + (f" --offer-secs {args.offer_secs:g}" if offers else ""))
     lines = [
         SENDER_SECTION,
@@ -785,8 +785,9 @@ def main() -> None:
     ap.add_argument("--sizes", default=DEFAULT_SIZES)
     ap.add_argument("--secs", type=float, default=10.0)
     ap.add_argument("--short", action="store_true", help="outage: stall at 5 s for 10 s (not 10 s for 30 s)")
-    ap.add_argument("--only", choices=("steady", "outage", "offer"),
-                    help="offer: only the table of what each sender can offer")
+    ap.add_argument("--only", choices=("steady", "outage", "offer", "senders"),
+                    help="offer: only the table of what each sender can offer; senders: that table "
+                         "and the steady rows with --sender-baseline and --sender")
     ap.add_argument("--sender", choices=("xdp", "packet"), default="xdp",
                     help="blast's sender: xdp (live frames, bench/xdpgen.py) or packet (AF_PACKET)")
     ap.add_argument("--sender-baseline", choices=("xdp", "packet"),
@@ -824,13 +825,13 @@ def main() -> None:
         exe = build_blast(tmp)
         st: list[dict[str, Any]] = []
         offers: list[dict[str, Any]] = []
-        if args.only in (None, "offer"):
+        if args.only in (None, "offer", "senders"):
             for kind in ("candidates", "video"):
                 for sender in ("packet", "xdp"):
                     o = offer(exe, tmp, sender, kind, args.offer_secs)
                     print("offer", o, flush=True)
                     offers.append(o)
-        if args.only in (None, "steady"):
+        if args.only in (None, "steady", "senders"):
             for f in [int(x) for x in args.sizes.split(",")]:
                 for name, agent_exe, sender in runs:
                     r = steady(exe, tmp, f, args.secs, agent_exe, "" if name == "this" else "-" + name,
@@ -852,7 +853,7 @@ def main() -> None:
                 o["agent"] = name
                 print(name, {k: v for k, v in o.items() if k != "samples"}, flush=True)
                 out.append(o)
-    if args.only in ("offer", "steady") and (offers or args.sender_baseline):
+    if args.only in ("offer", "steady", "senders") and (offers or args.sender_baseline):
         text = sender_report(offers, st, args)
         print(text)
         if not args.no_write:

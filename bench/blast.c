@@ -30,6 +30,10 @@
  *         bench/xdpgen.py loaded (inherited descriptors) instead of AF_PACKET: one
  *         BPF_PROG_TEST_RUN per batch of due frames, the frames going out through
  *         veth's ndo_xdp_xmit without skbs (the peer needs NAPI on: an XDP program)
+ *         workers=16 (test runs in flight, one thread each: a run ends with a ~28 ms
+ *         sleeping wait, so one at a time offers only ~140k frames/s), xbatch=4096
+ *         (frames per run at most), xbsz=64 (the kernel's batch inside a run)
+ *   prints, xdp only: runs=<test runs> run_s=<wall time inside them, summed>
  *   flow i: client address dst + i / K, port 10000 + i % K; flows 0..S-1 stall.
  *   A burst is sent if it starts inside its flow's stall; each flow's bursts
  *   start at a random phase in [0, p).
@@ -54,6 +58,7 @@
 #include <sys/resource.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <pthread.h>
 #include <linux/bpf.h>
 #include <unistd.h>
 
@@ -191,31 +196,102 @@ static double urand(void) {  /* xorshift64*, [0, 1) */
 #define MBATCH 64
 
 /* ---- XDP live-frames sender (bench/xdpgen.py loads the program) ---------- */
-#define XBATCH 4096  /* bench/xdpgen.py SLOTS */
+#define XBATCH 4096   /* frames per test run at most: bench/xdpgen.py SLOTS */
+#define XWORKERS 16   /* test runs in flight at most: bench/xdpgen.py WORKERS */
 struct xdesc { uint16_t len; unsigned char hdr[HDR]; unsigned char pad[4]; };
 struct xbatch { uint32_t next, ifindex; struct xdesc d[XBATCH]; };
 
-/* Send the b frames described in x->d[0..b) with one BPF_PROG_TEST_RUN in live-frames
- * mode: the kernel runs the generator once per frame and transmits what it redirects. */
-static int xbsz = 64;  /* frames per kernel batch inside a test run (xbsz=) */
+/* Each test run ends with a fixed wait of ~28 ms (measured on 6.18: the run's page
+ * pool is torn down), during which the caller sleeps. So runs go to worker threads,
+ * each with its own batch (map entry = worker number, which the generator reads from
+ * the first payload byte of its template frame), and the scheduler fills the next
+ * idle worker's batch while others wait out their teardown. */
+struct xworker {
+    pthread_t th;
+    int id, prog, tlen, b, busy, err;
+    struct xbatch *x;
+    unsigned char tmpl[1514];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+};
+static struct xworker XW[XWORKERS];
+static int xnw, xstop;
+static pthread_mutex_t xmu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t xidle = PTHREAD_COND_INITIALIZER;
+static int xbsz = 64;   /* frames per kernel batch inside a test run (xbsz=) */
 static long xcalls;
-static double xcall_s;  /* wall time inside the test runs */
-static int xdp_send(int prog, struct xbatch *x, const unsigned char *tmpl, int tlen, int b) {
-    x->next = 0;
-    xcalls++;
-    double c0 = now();
-    union bpf_attr a;
-    memset(&a, 0, sizeof a);
-    a.test.prog_fd = prog;
-    a.test.data_in = (uint64_t)(uintptr_t)tmpl;
-    a.test.data_size_in = tlen;
-    a.test.repeat = b;
-    a.test.flags = BPF_F_TEST_XDP_LIVE_FRAMES;
-    a.test.batch_size = b < xbsz ? b : xbsz;
-    if (syscall(__NR_bpf, BPF_PROG_TEST_RUN, &a, sizeof a) < 0) { perror("bpf(BPF_PROG_TEST_RUN)"); return -1; }
-    xcall_s += now() - c0;
-    if (x->next != (uint32_t)b) { fprintf(stderr, "blast: the generator ran %u times for %d frames\n", x->next, b); return -1; }
-    return 0;
+static double xcall_s;  /* wall time inside the test runs, summed over workers */
+
+static void *xworker_main(void *arg) {
+    struct xworker *w = arg;
+    for (;;) {
+        pthread_mutex_lock(&xmu);
+        while (!w->busy && !xstop) pthread_cond_wait(&w->cv, &xmu);
+        if (!w->busy && xstop) { pthread_mutex_unlock(&xmu); return NULL; }
+        int b = w->b;
+        pthread_mutex_unlock(&xmu);
+        w->x->next = 0;
+        union bpf_attr a;
+        memset(&a, 0, sizeof a);
+        a.test.prog_fd = w->prog;
+        a.test.data_in = (uint64_t)(uintptr_t)w->tmpl;
+        a.test.data_size_in = w->tlen;
+        a.test.repeat = b;
+        a.test.flags = BPF_F_TEST_XDP_LIVE_FRAMES;
+        a.test.batch_size = b < xbsz ? b : xbsz;
+        double c0 = now();
+        int err = 0;
+        if (syscall(__NR_bpf, BPF_PROG_TEST_RUN, &a, sizeof a) < 0) { perror("bpf(BPF_PROG_TEST_RUN)"); err = 1; }
+        else if (w->x->next != (uint32_t)b) {
+            fprintf(stderr, "blast: the generator ran %u times for %d frames\n", w->x->next, b); err = 1;
+        }
+        pthread_mutex_lock(&xmu);
+        xcalls++;
+        xcall_s += now() - c0;
+        w->err |= err;
+        w->busy = 0;
+        pthread_cond_broadcast(&xidle);
+        pthread_mutex_unlock(&xmu);
+    }
+}
+
+/* An idle worker (waiting for one if all are busy); -1 if one failed. */
+static int xacquire(void) {
+    pthread_mutex_lock(&xmu);
+    for (;;) {
+        for (int i = 0; i < xnw; i++) {
+            if (XW[i].err) { pthread_mutex_unlock(&xmu); return -1; }
+        }
+        for (int i = 0; i < xnw; i++) {
+            if (!XW[i].busy) { pthread_mutex_unlock(&xmu); return i; }
+        }
+        pthread_cond_wait(&xidle, &xmu);
+    }
+}
+
+static void xpost(int i, int b) {
+    pthread_mutex_lock(&xmu);
+    XW[i].b = b;
+    XW[i].busy = 1;
+    pthread_cond_signal(&XW[i].cv);
+    pthread_mutex_unlock(&xmu);
+}
+
+/* Wait for every run to finish and stop the workers; nonzero if one failed. */
+static int xfinish(void) {
+    int err = 0;
+    pthread_mutex_lock(&xmu);
+    for (;;) {
+        int busy = 0;
+        for (int i = 0; i < xnw; i++) busy |= XW[i].busy;
+        if (!busy) break;
+        pthread_cond_wait(&xidle, &xmu);
+    }
+    xstop = 1;
+    for (int i = 0; i < xnw; i++) { err |= XW[i].err; pthread_cond_signal(&XW[i].cv); }
+    pthread_mutex_unlock(&xmu);
+    for (int i = 0; i < xnw; i++) pthread_join(XW[i].th, NULL);
+    return err;
 }
 
 static void build_hdr(unsigned char *h, const unsigned char *smac, const unsigned char *dmac,
@@ -248,7 +324,7 @@ static int many_mode(int argc, char **argv) {
     int M = 1000, S = -1, K = 50000, size = 1250, vsize = 1350, servers = 1;
     double vpps = 0, stall_at = 0, spread = 0, stall_for = -1;
     const char *logpath = NULL;
-    int xprog = -1, xmap = -1, wall = 0, xbatch = XBATCH;  /* wall=1: stop at SECS of wall time, sent or not */  /* xdp_prog=FD xdp_map=FD: send with the live-frames generator */
+    int xprog = -1, xmap = -1, wall = 0, xbatch = XBATCH, workers = XWORKERS;  /* wall=1: stop at SECS of wall time, sent or not */  /* xdp_prog=FD xdp_map=FD: send with the live-frames generator */
     N = 4; P = 0.2; GAP = 0;
     rng_state = 1;
     inet_pton(AF_INET, "198.18.0.1", &src);
@@ -283,6 +359,7 @@ static int many_mode(int argc, char **argv) {
         else if (!strcmp(k, "wall")) wall = atoi(v);
         else if (!strcmp(k, "xbatch")) xbatch = atoi(v);
         else if (!strcmp(k, "xbsz")) xbsz = atoi(v);
+        else if (!strcmp(k, "workers")) workers = atoi(v);
         else { fprintf(stderr, "blast: unknown key %s\n", k); return 2; }
         if (!ok) { fprintf(stderr, "blast: bad value for %s: %s\n", k, v); return 2; }
     }
@@ -323,12 +400,24 @@ static int many_mode(int argc, char **argv) {
     int tlen = size > vsize ? size : vsize;
     if (xdp) {
         if (xprog < 0 || xmap < 0) { fprintf(stderr, "blast: xdp_prog and xdp_map go together\n"); return 2; }
+        if (workers < 1 || workers > XWORKERS) { fprintf(stderr, "blast: workers=1..%d\n", XWORKERS); return 2; }
         long pg = sysconf(_SC_PAGESIZE);
-        xb = mmap(NULL, (sizeof *xb + pg - 1) / pg * pg, PROT_READ | PROT_WRITE, MAP_SHARED, xmap, 0);
-        if (xb == MAP_FAILED) { perror("mmap xdp_map"); return 2; }
-        xb->ifindex = if_nametoindex(iface);
-        if (!xb->ifindex) { perror(iface); return 2; }
+        struct xbatch *all = mmap(NULL, (XWORKERS * sizeof *xb + pg - 1) / pg * pg, PROT_READ | PROT_WRITE,
+                                  MAP_SHARED, xmap, 0);
+        if (all == MAP_FAILED) { perror("mmap xdp_map"); return 2; }
+        uint32_t ifx = if_nametoindex(iface);
+        if (!ifx) { perror(iface); return 2; }
         build_hdr(tmpl, smac, dmac, src.s_addr, dst.s_addr, 10000, tlen);
+        xnw = workers;
+        for (int i = 0; i < xnw; i++) {
+            struct xworker *w = &XW[i];
+            w->id = i; w->prog = xprog; w->tlen = tlen; w->x = &all[i];
+            w->x->ifindex = ifx;
+            memcpy(w->tmpl, tmpl, tlen);
+            w->tmpl[HDR] = (unsigned char)i;  /* which map entry the generator reads */
+            pthread_cond_init(&w->cv, NULL);
+            if (pthread_create(&w->th, NULL, xworker_main, w)) { perror("pthread_create"); return 2; }
+        }
         maxb = xbatch > 0 && xbatch < XBATCH ? xbatch : XBATCH;
     } else {
         s = socket(AF_PACKET, SOCK_RAW, 0);
@@ -352,7 +441,13 @@ static int many_mode(int argc, char **argv) {
     clock_gettime(CLOCK_REALTIME, &rt);
     double t0 = now(), rt0 = rt.tv_sec + rt.tv_nsec / 1e9;
     int done = 0;
+    int xw = -1;  /* the worker whose batch is being filled */
     while (!done) {
+        if (xdp && xw < 0) {
+            xw = xacquire();
+            if (xw < 0) return 1;
+            xb = XW[xw].x;
+        }
         double t = now() - t0;
         if (wall && t >= SECS) break;
         int b = 0;
@@ -410,7 +505,8 @@ static int many_mode(int argc, char **argv) {
             continue;
         }
         if (xdp) {
-            if (xdp_send(xprog, xb, tmpl, tlen, b)) return 1;
+            xpost(xw, b);
+            xw = -1;
             sent += b;
             continue;
         }
@@ -422,6 +518,7 @@ static int many_mode(int argc, char **argv) {
         }
         sent += b;
     }
+    if (xdp && xfinish()) return 1;
     printf("sent=%ld candidates=%ld bursts=%ld video=%ld secs=%.6f late_max_ms=%.3f",
            sent, cands, bursts, video, now() - t0, late_max * 1e3);
     if (xdp) printf(" runs=%ld run_s=%.6f", xcalls, xcall_s);  /* test runs, wall time inside them */

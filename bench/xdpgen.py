@@ -32,6 +32,9 @@ from typing import Any
 
 #: frames per test run at most (the map's slots); matches XBATCH in blast.c
 SLOTS = 4096
+#: test runs in flight at most (the map's entries, one per blast worker thread);
+#: matches XWORKERS in blast.c
+WORKERS = 16
 HDR = 42
 
 SOURCE = r"""
@@ -47,10 +50,14 @@ struct gen_batch {
     u32 ifindex;       /* where the frames go */
     struct desc d[%(SLOTS)d];
 };
-BPF_F_TABLE("array", u32, struct gen_batch, gen, 1, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct gen_batch, gen, %(WORKERS)d, BPF_F_MMAPABLE);
 
 int gen_frame(struct xdp_md *ctx) {
-    u32 k = 0;
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    if (data + 43 > end)
+        return XDP_ABORTED;
+    u32 k = ((u8 *)data)[42];   /* the worker's map entry: its template's first payload byte */
     struct gen_batch *b = gen.lookup(&k);
     if (!b)
         return XDP_ABORTED;
@@ -63,8 +70,8 @@ int gen_frame(struct xdp_md *ctx) {
     int delta = (int)d->len - have;
     if (delta < 0 && bpf_xdp_adjust_tail(ctx, delta))
         return XDP_ABORTED;
-    void *data = (void *)(long)ctx->data;
-    void *end = (void *)(long)ctx->data_end;
+    data = (void *)(long)ctx->data;
+    end = (void *)(long)ctx->data_end;
     if (data + 42 > end)
         return XDP_ABORTED;
     __builtin_memcpy(data, d->hdr, 42);
@@ -78,6 +85,6 @@ def load() -> tuple[Any, int, int]:
     descriptors are in use; the program's fd; the ``gen`` map's fd)."""
     from bcc import BPF
 
-    b = BPF(text=SOURCE % {"SLOTS": SLOTS})
+    b = BPF(text=(SOURCE % {"SLOTS": SLOTS, "WORKERS": WORKERS}).encode())
     fn = b.load_func(b"gen_frame", BPF.XDP)
     return b, int(fn.fd), int(b[b"gen"].map_fd)
