@@ -19,6 +19,17 @@ veth's receive path, XDP included, runs on the sender's CPU).
    (the single-flow case); ``status`` (lag, backlog, shed, lost, flows in
    stall) and the agent's RSS sampled every 0.5 s go to bench/outage-live.png.
 
+Sender (``--sender``, default ``xdp``): blast puts frames on the veth either
+with AF_PACKET sendmmsg (``packet``, the old sender) or with the XDP
+live-frames generator of bench/xdpgen.py (``xdp``: BPF_PROG_TEST_RUN redirecting
+to the veth, no skbs on the sending side); the flows, stalls, phases, counts and
+log are blast's in both. ``--only offer`` measures what each sender offers on the
+bench veth (agent attached); ``--only senders`` adds the steady rows with
+``--sender-baseline`` (before) and ``--sender``; both write "## Live senders".
+With ``xdp`` a test run's frames go out back to back when the run starts, so
+frames that fell due within one run (a few ms at most while the sender keeps
+up) arrive together, and two runs in flight may overlap.
+
 ``--baseline CHECKOUT`` runs every row twice in the same run, once with the
 agent of another checkout (its ``.venv/bin/iqn-ctl``: e.g. main's worktree)
 and once with this one, and gives this one's ratios to it.

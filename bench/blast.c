@@ -1,7 +1,9 @@
 /* Rate-controlled AF_PACKET sender for the live benchmarks: sends Ethernet
  * frames with sendmmsg, so one core can offer the agent several hundred
  * thousand packets per second (pktgen is a kernel module CI's kernel does not
- * ship).
+ * ship). The many-flow mode can instead send through an XDP live-frames
+ * generator (xdp_prog=, xdp_map=; bench/xdpgen.py), which builds no skb on the
+ * sending side.
  *
  * Frame-file mode (bench/bench_agent.py, bench/bench_forward.py):
  *   blast IFACE RATE SECONDS FRAMEFILE
