@@ -211,10 +211,6 @@ struct xbatch { uint32_t next, ifindex; struct xdesc d[XBATCH]; };
 struct xworker {
     pthread_t th;
     int id, prog, tlen, b, busy, err;
-    long seq;                 /* this worker's current run, numbered in posting order */
-    struct xworker *prev;     /* the run posted just before: its frames go first */
-    long prev_seq;
-    int prev_b;
     struct xbatch *x;
     unsigned char tmpl[1514];
     pthread_mutex_t mu;
@@ -225,8 +221,6 @@ static int xnw, xstop;
 static pthread_mutex_t xmu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t xidle = PTHREAD_COND_INITIALIZER;
 static int xbsz = 64;   /* frames per kernel batch inside a test run (xbsz=) */
-static struct xworker *xlast;
-static long xseq;
 static long xcalls;
 static double xcall_s;  /* wall time inside the test runs, summed over workers */
 
@@ -237,17 +231,8 @@ static void *xworker_main(void *arg) {
         while (!w->busy && !xstop) pthread_cond_wait(&w->cv, &xmu);
         if (!w->busy && xstop) { pthread_mutex_unlock(&xmu); return NULL; }
         int b = w->b;
-        struct xworker *pv = w->prev;
-        long pseq = w->prev_seq;
-        int pb = w->prev_b;
         pthread_mutex_unlock(&xmu);
-        /* Frames go out in posting order: start only once the previous run's generator has
-         * taken all its frames (or that run is over), so runs overlap only in their teardown. */
-        while (pv && __atomic_load_n(&pv->seq, __ATOMIC_ACQUIRE) == pseq && __atomic_load_n(&pv->busy, __ATOMIC_ACQUIRE) &&
-               __atomic_load_n(&pv->x->next, __ATOMIC_ACQUIRE) < (uint32_t)pb) {
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
-        }
+        w->x->next = 0;
         union bpf_attr a;
         memset(&a, 0, sizeof a);
         a.test.prog_fd = w->prog;
@@ -266,7 +251,7 @@ static void *xworker_main(void *arg) {
         xcalls++;
         xcall_s += now() - c0;
         w->err |= err;
-        __atomic_store_n(&w->busy, 0, __ATOMIC_RELEASE);
+        w->busy = 0;
         pthread_cond_broadcast(&xidle);
         pthread_mutex_unlock(&xmu);
     }
@@ -288,12 +273,6 @@ static int xacquire(void) {
 
 static void xpost(int i, int b) {
     pthread_mutex_lock(&xmu);
-    XW[i].x->next = 0;
-    XW[i].prev = xlast;
-    XW[i].prev_seq = xlast ? xlast->seq : 0;
-    XW[i].prev_b = xlast ? xlast->b : 0;
-    __atomic_store_n(&XW[i].seq, ++xseq, __ATOMIC_RELEASE);
-    xlast = &XW[i];
     XW[i].b = b;
     XW[i].busy = 1;
     pthread_cond_signal(&XW[i].cv);
