@@ -200,7 +200,7 @@ static double urand(void) {  /* xorshift64*, [0, 1) */
 /* ---- XDP live-frames sender (bench/xdpgen.py loads the program) ---------- */
 #define XBATCH 4096   /* frames per test run at most: bench/xdpgen.py SLOTS */
 #define XWORKERS 16   /* test runs in flight at most: bench/xdpgen.py WORKERS */
-struct xdesc { uint16_t len; unsigned char hdr[HDR]; unsigned char pad[4]; };
+struct xdesc { uint16_t len; unsigned char hdr[HDR]; unsigned char pad[4]; uint64_t sent_ns; };
 struct xbatch { uint32_t next, ifindex; struct xdesc d[XBATCH]; };
 
 /* Each test run ends with a fixed wait of ~28 ms (measured on 6.18: the run's page
@@ -211,6 +211,8 @@ struct xbatch { uint32_t next, ifindex; struct xdesc d[XBATCH]; };
 struct xworker {
     pthread_t th;
     int id, prog, tlen, b, busy, err;
+    int flow[XBATCH];              /* the flow of frame i */
+    unsigned char role[XBATCH];    /* frame i is its flow's 1: first, 2: n-th, 4: latest candidate */
     struct xbatch *x;
     unsigned char tmpl[1514];
     pthread_mutex_t mu;
@@ -221,6 +223,7 @@ static int xnw, xstop;
 static pthread_mutex_t xmu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t xidle = PTHREAD_COND_INITIALIZER;
 static int xbsz = 64;   /* frames per kernel batch inside a test run (xbsz=) */
+static double xt0, xrt0;  /* the run's start: CLOCK_MONOTONIC and CLOCK_REALTIME */
 static long xcalls;
 static double xcall_s;  /* wall time inside the test runs, summed over workers */
 
@@ -248,6 +251,16 @@ static void *xworker_main(void *arg) {
             fprintf(stderr, "blast: the generator ran %u times for %d frames\n", w->x->next, b); err = 1;
         }
         pthread_mutex_lock(&xmu);
+        /* the log's send times are the generator's (CLOCK_MONOTONIC, as now()): a run's
+         * frames go out some ms after it is posted, later still when runs queue for the CPU */
+        for (int i = 0; !err && i < b; i++) {
+            if (!w->role[i]) continue;
+            struct flow *fl = &F[w->flow[i]];
+            double ts = xrt0 + (w->x->d[i].sent_ns / 1e9 - xt0);
+            if (w->role[i] & 1) fl->first = ts;
+            if (w->role[i] & 2) fl->nth = ts;
+            if ((w->role[i] & 4) && ts > fl->last) fl->last = ts;
+        }
         xcalls++;
         xcall_s += now() - c0;
         w->err |= err;
@@ -442,6 +455,7 @@ static int many_mode(int argc, char **argv) {
     struct timespec rt;
     clock_gettime(CLOCK_REALTIME, &rt);
     double t0 = now(), rt0 = rt.tv_sec + rt.tv_nsec / 1e9;
+    xt0 = t0; xrt0 = rt0;
     int done = 0;
     int xw = -1;  /* the worker whose batch is being filled */
     while (!done) {
@@ -468,18 +482,21 @@ static int many_mode(int argc, char **argv) {
                 double tb = mt - cu->off;
                 if (tb < F[f].s || tb >= F[f].e) { cur_advance(cu); continue; }
                 len = size;
+                int role = 4;
                 if (cu->j == 0) {
-                    if (!F[f].bursts) F[f].first = rt0 + t;
+                    if (!F[f].bursts) { F[f].first = rt0 + t; role |= 1; }
                     F[f].bursts++;
                     bursts++;
                 }
-                if (cu->j == N - 1 && F[f].bursts == 1) F[f].nth = rt0 + t;
+                if (cu->j == N - 1 && F[f].bursts == 1) { F[f].nth = rt0 + t; role |= 2; }
                 F[f].last = rt0 + t;
                 cands++;
+                if (xdp) { XW[xw].flow[b] = f; XW[xw].role[b] = (unsigned char)role; }
             } else {
                 if (mt >= F[f].s && mt < F[f].e) { cur_advance(cu); continue; }
                 len = vsize;
                 video++;
+                if (xdp) XW[xw].role[b] = 0;
             }
             if (t - mt > late_max) late_max = t - mt;
             if (xdp) {

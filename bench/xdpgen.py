@@ -44,6 +44,7 @@ struct desc {
     u16 len;           /* whole frame, bytes */
     u8 hdr[42];        /* Ethernet + IPv4 + UDP header, as blast builds it */
     u8 pad[4];
+    u64 sent_ns;       /* written here: when the frame went out (CLOCK_MONOTONIC) */
 };
 struct gen_batch {
     u32 next;          /* slot of the next frame: blast sets it to 0 per run */
@@ -75,6 +76,7 @@ int gen_frame(struct xdp_md *ctx) {
     if (data + 42 > end)
         return XDP_ABORTED;
     __builtin_memcpy(data, d->hdr, 42);
+    d->sent_ns = bpf_ktime_get_ns();
     return bpf_redirect(b->ifindex, 0);
 }
 """

@@ -63,7 +63,7 @@ def ip_checksum_ok(ip: bytes) -> bool:
     return s == 0xFFFF
 
 
-def test_xdp_sender_frames_arrive_intact(tmp_path: Path) -> None:
+def test_xdp_sender_frames_arrive_intact(tmp_path: Path) -> None:  # noqa: PLR0915
     need_xdp()
     need(shutil.which("tcpdump") is not None, "needs tcpdump")
     exe = build(tmp_path)
@@ -79,8 +79,9 @@ def test_xdp_sender_frames_arrive_intact(tmp_path: Path) -> None:
              "-w", str(pcap), "udp src port 443"], stderr=subprocess.PIPE, text=True)
         assert dump.stderr is not None
         assert "listening on" in dump.stderr.readline()
+        log = tmp_path / "stalls.log"
         said = send(lab, exe, (prog, gmap), lab.cli_mac, "stall=25", "vpps=20", "p=0.1", "gap_us=0",
-                    "stall_at=0.1", "stall_for=0.5", "seed=5")
+                    "stall_at=0.1", "stall_for=0.5", "seed=5", f"log={log}")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(read_pcap(pcap)) < said["sent"]:
             time.sleep(0.2)
@@ -93,7 +94,8 @@ def test_xdp_sender_frames_arrive_intact(tmp_path: Path) -> None:
     assert said["candidates"] > 0 and said["video"] > 0
     srv = [int(x) for x in lab.srv4.split(".")]
     sizes: Counter[int] = Counter()
-    for _, fr in frames:
+    cand_times: dict[int, list[float]] = {}
+    for t, fr in frames:
         assert fr[0:6] == bytes.fromhex(lab.cli_mac.replace(":", "")), fr[:12].hex()
         assert fr[6:12] == bytes.fromhex(lab.srv_mac.replace(":", ""))
         assert fr[12:14] == b"\x08\x00" and fr[14] == 0x45 and fr[23] == 17
@@ -107,7 +109,19 @@ def test_xdp_sender_frames_arrive_intact(tmp_path: Path) -> None:
         assert fr[30:33] == bytes([198, 19, 0]) and 0 <= i < FLOWS, (fr[30:34].hex(), dport)
         assert list(fr[26:30]) == [*srv[:3], srv[3] + i % 3], (fr[26:30].hex(), i)
         sizes[ip_len + 14] += 1
+        if ip_len + 14 == SIZE:
+            cand_times.setdefault(i, []).append(t)
     assert sizes == {SIZE: said["candidates"], VSIZE: said["video"]}, (sizes, said)
+    # the log: one line per stalling flow that sent, its bursts matching the capture, and its
+    # send times (the generator's clock) never after the capture saw the frame (1 ms for the
+    # two clocks' conversion); not timed
+    logged = {int(x.split()[0]): [float(v) for v in x.split()[1:]] for x in log.read_text().splitlines()}
+    assert set(logged) == set(cand_times), (sorted(logged), sorted(cand_times))
+    for i, (first, nth, last, bursts) in logged.items():
+        ct = sorted(cand_times[i])
+        assert len(ct) == 4 * int(bursts), (i, len(ct), bursts)
+        assert first <= ct[0] + 1e-3 and nth <= ct[3] + 1e-3 and last <= ct[-1] + 1e-3, (i, ct)
+        assert first <= nth <= last
 
 
 def test_agent_counts_every_xdp_sent_candidate(tmp_path: Path) -> None:
