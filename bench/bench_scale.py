@@ -19,16 +19,19 @@ veth's receive path, XDP included, runs on the sender's CPU).
    (the single-flow case); ``status`` (lag, backlog, shed, lost, flows in
    stall) and the agent's RSS sampled every 0.5 s go to bench/outage-live.png.
 
-Sender (``--sender``, default ``xdp``): blast puts frames on the veth either
+Sender (``--sender``, default ``packet``): blast puts frames on the veth either
 with AF_PACKET sendmmsg (``packet``, the old sender) or with the XDP
 live-frames generator of bench/xdpgen.py (``xdp``: BPF_PROG_TEST_RUN redirecting
 to the veth, no skbs on the sending side); the flows, stalls, phases, counts and
 log are blast's in both. ``--only offer`` measures what each sender offers on the
 bench veth (agent attached); ``--only senders`` adds the steady rows with
 ``--sender-baseline`` (before) and ``--sender``; both write "## Live senders".
-With ``xdp`` a test run's frames go out back to back when the run starts, so
-frames that fell due within one run (a few ms at most while the sender keeps
-up) arrive together, and two runs in flight may overlap.
+With ``xdp`` every test run waits ~28 ms in the kernel before its frames go out
+and up to 16 runs are in flight, so frames arrive in clumps, up to hundreds of
+ms after they fell due, and runs may overtake each other; blast's log takes the
+generator's own send times, so latencies stay right, but at 10,000 flows the
+agent's p99 was 3.7x the AF_PACKET one (RESULTS "Live senders"). Hence the
+default stays ``packet``; ``xdp`` is for the rows ``packet`` cannot offer.
 
 ``--baseline CHECKOUT`` runs every row twice in the same run, once with the
 agent of another checkout (its ``.venv/bin/iqn-ctl``: e.g. main's worktree)
@@ -104,7 +107,7 @@ def new_lab() -> Lab:
 
 #: --sender: how blast puts frames on the veth (xdp: the live-frames generator of
 #: bench/xdpgen.py; packet: AF_PACKET sendmmsg), and the loaded generator
-SENDER = ["xdp"]
+SENDER = ["packet"]
 _GEN: list[Any] = []
 
 
@@ -799,8 +802,9 @@ def main() -> None:
     ap.add_argument("--only", choices=("steady", "outage", "offer", "senders"),
                     help="offer: only the table of what each sender can offer; senders: that table "
                          "and the steady rows with --sender-baseline and --sender")
-    ap.add_argument("--sender", choices=("xdp", "packet"), default="xdp",
-                    help="blast's sender: xdp (live frames, bench/xdpgen.py) or packet (AF_PACKET)")
+    ap.add_argument("--sender", choices=("xdp", "packet"), default="packet",
+                    help="blast's sender: packet (AF_PACKET) or xdp (live frames, bench/xdpgen.py: "
+                         "about 1.7-2x the frames/s, but clumped and late at moderate rates)")
     ap.add_argument("--sender-baseline", choices=("xdp", "packet"),
                     help="also run every steady row with this sender, before the --sender one "
                          "(the rows are then 'baseline' and 'this'; not with --baseline)")
