@@ -32,8 +32,8 @@
  *         bench/xdpgen.py loaded (inherited descriptors) instead of AF_PACKET: one
  *         BPF_PROG_TEST_RUN per batch of due frames, the frames going out through
  *         veth's ndo_xdp_xmit without skbs (the peer needs NAPI on: an XDP program)
- *         workers=16 (test runs in flight, one thread each: a run ends with a ~28 ms
- *         sleeping wait, so one at a time offers only ~140k frames/s), xbatch=4096
+ *         workers=16 (test runs in flight, one thread each: a run waits ~28 ms in the
+ *         kernel, so one at a time offers only ~140k frames/s), xbatch=4096
  *         (frames per run at most), xbsz=64 (the kernel's batch inside a run)
  *   prints, xdp only: runs=<test runs> run_s=<wall time inside them, summed>
  *   flow i: client address dst + i / K, port 10000 + i % K; flows 0..S-1 stall.
@@ -203,11 +203,15 @@ static double urand(void) {  /* xorshift64*, [0, 1) */
 struct xdesc { uint16_t len; unsigned char hdr[HDR]; unsigned char pad[4]; uint64_t sent_ns; };
 struct xbatch { uint32_t next, ifindex; struct xdesc d[XBATCH]; };
 
-/* Each test run ends with a fixed wait of ~28 ms (measured on 6.18: the run's page
- * pool is torn down), during which the caller sleeps. So runs go to worker threads,
- * each with its own batch (map entry = worker number, which the generator reads from
- * the first payload byte of its template frame), and the scheduler fills the next
- * idle worker's batch while others wait out their teardown. */
+/* Each test run costs a fixed ~28 ms of wall time in the kernel (measured on 6.18: 27.5 ms
+ * per run for 64 frames or 4,096; the caller sleeps, it is not CPU), and a variant that let
+ * a run start only once the previous run's frames were all taken fell back to one run per
+ * ~28 ms, so the wait comes before a run's frames go out (where exactly: not established;
+ * the run's page pool setup is a guess). So runs go to worker threads, each with its own
+ * batch (map entry = worker number, which the generator reads from the first payload
+ * byte of its template frame), and the scheduler fills the next idle worker's batch while
+ * others wait. Runs may overtake each other; the generator stamps each frame's send time,
+ * which the log uses. */
 struct xworker {
     pthread_t th;
     int id, prog, tlen, b, busy, err;
