@@ -23,7 +23,12 @@ libbpf object); blast gets the program's and the map's descriptors as inherited
 file descriptors (``xdp_prog=FD xdp_map=FD``) and does the rest with bpf(2).
 
 The receiving veth must have NAPI on to take XDP frames (veth's rule): an XDP
-program attached on the peer (the agent's) does it, or GRO on the peer.
+program attached on the peer (the agent's, or the tests' XDP_PASS one) does it;
+GRO on the peer should too (not tried: the box has no ethtool).
+
+The generator also stamps each descriptor with bpf_ktime_get_ns() when its frame
+goes out: runs wait ~28 ms in the kernel and up to 16 are in flight, so blast's
+log takes a frame's send time from there, not from when it queued the frame.
 """
 
 from __future__ import annotations
