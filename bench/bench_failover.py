@@ -173,6 +173,8 @@ def main() -> None:
             print(f"{kind}, this {k + 1}: {this[kind][-1]}", flush=True)
     here = Path(__file__).resolve().parent.parent
     lines = [
+        SECTION,
+        "",
         f"`bench/bench_failover.py --kill {','.join(kinds)} --repeat {a.repeat}"
         f"{' --baseline CHECKOUT' if a.baseline else ''}` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
