@@ -681,9 +681,6 @@ def report(
         "",
     ]
     if st:
-        base = next((r for r in st if r["flows"] == 1 and r["agent"] == "this"), None)
-        b99 = pct(base["lat"], 99) if base else float("nan")
-        other = {r["flows"]: r for r in st if r["agent"] == "baseline"}
         lines += [
             "### Steady: every flow stalling at once (issue 19 whole agent; issue 12 agent)",
             "",
@@ -701,31 +698,8 @@ def report(
             "table's short bursts the agent takes are not counted). "
             "Start error: as in the outage below.",
             "",
-            "| stalling flows | agent | bursts/s offered | candidates/s offered | handled / offered "
-            "| kernel-counted = handled | ring records per burst | shed "
-            "| lost | flows in stall (most seen) | one stall per flow | agent cores | agent µs/record "
-            "| µs/record x baseline | logged starts | latency p50 / p99 / max ms | p99 x single flow "
-            "| p99 x baseline | start error p99 ms | sender late max ms | load avg |",
-            "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            *steady_table(st, args),
         ]
-        for r in st:
-            lat = r["lat"]
-            o = other.get(r["flows"]) if r["agent"] == "this" else None
-            xrec = f"{r['us_per_rec'] / o['us_per_rec']:.2f}x" if o else "-"
-            x99 = f"{pct(lat, 99) / pct(o['lat'], 99):.2f}x" if o else "-"
-            lines.append(
-                f"| {r['flows']:,} | {r['agent']} | {r['bursts'] / r['secs']:,.0f} | "
-                f"{r['cands'] / r['secs']:,.0f} | "
-                f"{r['events'] / r['cands']:.3f} | {same(r['kernel'], r['events'])} | "
-                f"{r['records'] / max(r['bursts'], 1):.2f} | "
-                f"{r['shed']:,} | {r['lost']:,} | {r['in_stall_max']:,} | "
-                f"{r['one_stall_each']:,}/{r['flows']:,} | {r['cpu_run']:.2f} | {r['us_per_rec']:.2f} | "
-                f"{xrec} | "
-                f"{r['stalled_flows']:,} | "
-                f"{pct(lat, 50):.1f} / {pct(lat, 99):.1f} / {max(lat, default=float('nan')):.1f} | "
-                f"{pct(lat, 99) / b99:.1f}x | {x99} | {pct(r['err'], 99):.2f} | {r['late_ms']:,.0f} | "
-                f"{r['load']} |"
-            )
         st = [r for r in st if r["agent"] == "this"]
         ok = [r for r in st if r["lost"] == 0 and r["shed"] == 0 and r["events"] == r["cands"]]
         okl = [r for r in ok if pct(r["lat"], 99) <= 50]
