@@ -26,7 +26,8 @@ to the veth, no skbs on the sending side); the flows, stalls, phases, counts and
 log are blast's in both. ``--only offer`` measures what each sender offers on the
 bench veth (agent attached); ``--only senders`` adds the steady rows with
 ``--sender-baseline`` (before) and ``--sender``; both write "## Live senders".
-With ``xdp`` every test run waits ~28 ms in the kernel before its frames go out
+With ``xdp`` every test run waits ~28 ms in the kernel (two XDP dispatcher
+changes, each an RCU grace period: bench/blast.c) before its frames go out
 and up to 16 runs are in flight, so frames arrive in clumps, up to hundreds of
 ms after they fell due, and runs may overtake each other; blast's log takes the
 generator's own send times, so latencies stay right, but at 10,000 flows the
@@ -58,6 +59,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -138,6 +140,10 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+#: extra ``iqn-ctl attach`` options for every agent (--agent-args)
+AGENT_ARGS: list[str] = []
+
+
 def load_avg() -> str:
     return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -162,7 +168,7 @@ class Agent:
                 # candidate from user space, which is what this bench loads
                 "ip", "netns", "exec", lab.cli_ns, exe,
                 "attach", lab.cli_if, "--state-dir", str(self.state),
-                "--pairing", "off", "--cap", "0", *extra,
+                "--pairing", "off", "--cap", "0", *AGENT_ARGS, *extra,
             ],
             env=env,
             stderr=self._log,
@@ -296,11 +302,14 @@ class Sampler(threading.Thread):
 
 
 def settle(agent: Agent, timeout: float = 120.0) -> dict[str, Any]:
-    """Wait until every stall has ended and every counted candidate is accounted for."""
+    """Wait until every stall has ended, every counted candidate is accounted for
+    and the history holds every ended stall (while behind, the agent commits in
+    batches: a stall can have ended and not be on disk yet)."""
     deadline = time.monotonic() + timeout
     while True:
         st = agent.status()
-        done = st["flows_in_stall"] == 0 and st["events"] + st["shed"] + st["lost"] >= st["candidates"]
+        done = (st["flows_in_stall"] == 0 and st["events"] + st["shed"] + st["lost"] >= st["candidates"]
+                and not st.get("history_pending", 0))
         if done or time.monotonic() > deadline:
             return st
         time.sleep(0.2)
@@ -382,6 +391,7 @@ def steady(exe: str, tmp: Path, flows: int, secs: float, agent_exe: str = IQN_CT
         "records": st.get("bursts", 0),
         "shed": st["shed"],
         "lost": st["lost"],
+        "backlog_max": st.get("backlog_max", 0),
         "refused": st["refused_events"],
         "in_stall_max": in_stall,
         "stalled_flows": len(starts),
@@ -784,6 +794,8 @@ def main() -> None:
                          "(the rows are then 'baseline' and 'this'; not with --baseline)")
     ap.add_argument("--offer-secs", type=float, default=5.0)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--agent-args", default="", metavar="OPTIONS",
+                    help="more `iqn-ctl attach` options for every agent, one string (e.g. \"--backlog 4194304\")")
     ap.add_argument("--nice", type=int, default=0, help="run the agent and the sender at this nice value")
     ap.add_argument("--baseline", metavar="CHECKOUT",
                     help="also run the agent of this checkout (its .venv/bin/iqn-ctl) before each row")
@@ -793,6 +805,7 @@ def main() -> None:
         NS_PREFIX[:] = [args.ns_prefix[:9]]
     args.rev = _rev(ROOT)
     SENDER[0] = args.sender
+    AGENT_ARGS[:] = shlex.split(args.agent_args)
     runs = [("this", IQN_CTL, args.sender)]
     if args.baseline and args.sender_baseline:
         sys.exit("bench_scale: --baseline or --sender-baseline, not both")

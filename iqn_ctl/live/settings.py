@@ -30,9 +30,19 @@ DEFAULT_PERF_PAGES = DEFAULT_RING_PAGES
 #: 1 GiB: the kernel caps a ring buffer below 4 GiB; this is far more than enough
 MAX_RING_PAGES = 1 << 18
 MAX_PERF_PAGES = MAX_RING_PAGES
-#: --backlog: candidate records the agent holds when it falls behind (oldest shed
-#: past it); as many as the default ring, about 50 MB of Python tuples at most
-DEFAULT_BACKLOG = 1 << 18
+#: --backlog: candidates (in burst records) the agent holds when it falls behind,
+#: oldest shed past it. Sized for an outage's onset, not for a sustained
+#: overload: 50,000 flows that start stalling within one p put the agent 1.5-3 s
+#: behind the ring (bench/RESULTS.md "Live agent at scale"); at the ~800,000
+#: candidates/s the bench box offers meanwhile, 1.4-2.5 M candidates waited.
+#: The former 262,144 shed there, and shedding a stalling flow's oldest
+#: candidates ends its stall early and starts it again (two events, each a log
+#: line, a history row and a counter read), which costs more work than the
+#: candidates saved: the agent then fed 0.18 of what was offered, against all
+#: of it with room to wait. Memory: ~140 bytes a candidate measured when the
+#: late sender split bursts into 2.5 records (up to ~600 MB at this limit),
+#: ~50 with whole bursts of 4.
+DEFAULT_BACKLOG = 1 << 22
 MAX_BACKLOG = 1 << 26
 #: non-candidate datagrams from the port counted 1 in this many, each weighted
 #: by it (IQN_VOL_SAMPLE, --vol-sample; a power of two): the volume arrays are
