@@ -23,7 +23,7 @@ from iqn_ctl.engine.flowtable import FlowTable
 from iqn_ctl.engine.params import BURST_MAX, SignalParams
 from iqn_ctl.engine.tracker import StallTracker
 from iqn_ctl.engine.vector import VectorFlowTable
-from iqn_ctl.live.bursttable import BurstTaker
+from iqn_ctl.live.bursttable import BurstTaker, open_at_places
 from iqn_ctl.live.layout import BURST_DTYPE
 
 MS = 1_000_000
@@ -177,6 +177,42 @@ def _put(tab: np.ndarray, slot: int, gen: int, first: int, offs: list[int]) -> N
 
 def _times(batch) -> list[int]:
     return sorted(batch.times_ns()[1].tolist())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 40), st.data())
+def test_a_due_bursts_other_slices_are_found_alike_by_sort_and_by_mask(ncpu: int, per: int, data) -> None:
+    """``open_at_places``: the open rows at a due row's place in every CPU's slice,
+    sorted, whether it sorts (few due rows) or masks the table (many)."""
+    rows = ncpu * per
+    due = np.asarray(sorted(data.draw(st.sets(st.integers(0, rows - 1), max_size=rows))), np.int64)
+    is_open = np.asarray(data.draw(st.lists(st.booleans(), min_size=rows, max_size=rows)), np.bool_)
+    want = sorted({int(d) % per + k * per for d in due for k in range(ncpu)} & set(np.flatnonzero(is_open).tolist()))
+    assert open_at_places(due, per, is_open).tolist() == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 63) | st.just(10**6), st.integers(1, 6), st.integers(1, 4)),
+                min_size=1, max_size=300))
+def test_taker_notes_each_slots_last_record_alike_by_sort_and_by_scatter(recs: list[tuple[int, int, int]]) -> None:
+    """``BurstTaker._note`` finds each slot's last record of a poll with a sort for a
+    small batch and with a scatter for a large one (records x 8 >= table rows): both
+    note the same bursts, and each slot's is its last record's (slot 10**6: out of
+    the table, ignored)."""
+    arr = np.zeros(len(recs), BURST_DTYPE)
+    arr["slot"], arr["gen"], arr["count"] = zip(*recs, strict=True)
+
+    def note(rows: int) -> tuple[np.ndarray, np.ndarray]:
+        tk = BurstTaker(_table(rows), GAP_NS)
+        tk._note(arr)
+        return tk.taken_gen[:64].copy(), tk.taken_cnt[:64].copy()
+
+    sorted_gen, sorted_cnt = note(4096)  # 300 records x 8 < 4096: always the sort
+    gen, cnt = note(64)  # 8 records or more: the scatter
+    assert (gen == sorted_gen).all() and (cnt == sorted_cnt).all()
+    last = {s: (g, c) for s, g, c in recs}
+    for s in range(1, 64):  # (slot 0 shares its index with the out-of-table records)
+        assert (int(gen[s, 0]), int(cnt[s, 0])) == last.get(s, (0, 0)), s
 
 
 def test_taker_sweeps_a_short_burst_once_and_only_the_new_tail_of_its_record() -> None:

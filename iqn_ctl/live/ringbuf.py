@@ -89,7 +89,10 @@ class RingReader:
             if not hdr & _BUSY and hdr != self._want:
                 raise RuntimeError(f"unexpected ring record header {hdr:#x} (size or discard)")
             n = bad  # still being written when we looked: it and the rest wait for the next read
-        out = view["rec"][:n].copy()
+        # one memcpy of the records, headers and all, and a field view of it: numpy's
+        # copy of the structured field alone goes field by field (~27 ns a record
+        # against ~2.5 measured)
+        out = np.frombuffer(bytearray(self._data[start:start + n * self._rec]), self._dtype)["rec"]
         self._cons_pos[0] = cons + n * self._rec
         return out
 
