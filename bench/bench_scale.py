@@ -795,7 +795,8 @@ def main() -> None:
     ap.add_argument("--offer-secs", type=float, default=5.0)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--agent-args", default="", metavar="OPTIONS",
-                    help="more `iqn-ctl attach` options for every agent, one string (e.g. \"--backlog 4194304\")")
+                    help="more `iqn-ctl attach` options for every agent, one string "
+                         "(e.g. \"--backlog 4194304\")")
     ap.add_argument("--nice", type=int, default=0, help="run the agent and the sender at this nice value")
     ap.add_argument("--baseline", metavar="CHECKOUT",
                     help="also run the agent of this checkout (its .venv/bin/iqn-ctl) before each row")

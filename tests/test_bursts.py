@@ -187,14 +187,16 @@ def test_a_due_bursts_other_slices_are_found_alike_by_sort_and_by_mask(ncpu: int
     rows = ncpu * per
     due = np.asarray(sorted(data.draw(st.sets(st.integers(0, rows - 1), max_size=rows))), np.int64)
     is_open = np.asarray(data.draw(st.lists(st.booleans(), min_size=rows, max_size=rows)), np.bool_)
-    want = sorted({int(d) % per + k * per for d in due for k in range(ncpu)} & set(np.flatnonzero(is_open).tolist()))
+    places = {int(d) % per + k * per for d in due for k in range(ncpu)}
+    want = sorted(places & set(np.flatnonzero(is_open).tolist()))
     assert open_at_places(due, per, is_open).tolist() == want
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 63) | st.just(10**6), st.integers(1, 6), st.integers(1, 4)),
                 min_size=1, max_size=300))
-def test_taker_notes_each_slots_last_record_alike_by_sort_and_by_scatter(recs: list[tuple[int, int, int]]) -> None:
+def test_taker_notes_each_slots_last_record_alike_by_sort_and_by_scatter(
+        recs: list[tuple[int, int, int]]) -> None:
     """``BurstTaker._note`` finds each slot's last record of a poll with a sort for a
     small batch and with a scatter for a large one (records x 8 >= table rows): both
     note the same bursts, and each slot's is its last record's (slot 10**6: out of

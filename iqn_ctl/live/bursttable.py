@@ -111,7 +111,8 @@ def _fingerprints(keys: npt.NDArray[np.void]) -> npt.NDArray[np.uint64]:
     return fingerprints(words(keys.tobytes(), keys.dtype.itemsize))
 
 
-def open_at_places(due: npt.NDArray[np.int64], per: int, is_open: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+def open_at_places(due: npt.NDArray[np.int64], per: int,
+                   is_open: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
     """The open rows (``is_open``) at the places of rows ``due`` in every CPU's
     slice of ``per`` rows, sorted. Many due rows (an outage) take a mask over the
     table: sorting them all was a tenth of the agent's CPU at 50,000 stalling
