@@ -392,6 +392,7 @@ def steady(exe: str, tmp: Path, flows: int, secs: float, agent_exe: str = IQN_CT
         "shed": st["shed"],
         "lost": st["lost"],
         "backlog_max": st.get("backlog_max", 0),
+        "backlog_k": [round(r["backlog"] / 1000) for r in samp.rows],  # every 0.5 s, thousands
         "refused": st["refused_events"],
         "in_stall_max": in_stall,
         "stalled_flows": len(starts),
