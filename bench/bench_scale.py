@@ -45,7 +45,8 @@ detected of each round; the summarised ones of a round are shown by the same
 round, a few ms later at most) and the table says how many flows that is.
 
 Run as root: ``sudo .venv/bin/python bench/bench_scale.py [--only steady|outage]
-[--sizes 1,1000,10000,50000] [--secs 10] [--short] [--baseline /work/main] [--no-write]``.
+[--sizes 1,1000,10000,50000] [--secs 10] [--short] [--baseline /work/main] [--no-write]
+[--agent-args "--backlog 262144"]`` (``--agent-args``: more ``attach`` options for every agent).
 Time budget: about 3 minutes for the steady sweep, 1.5 for the outage (--short: 1),
 twice that with --baseline. Writes the "## Live agent at scale" section of bench/RESULTS.md.
 """
