@@ -380,8 +380,7 @@ class BurstTaker:
         def col(name: str) -> npt.NDArray[Any]:
             # column by column: numpy copies whole structured rows (a void key, a
             # sub-array) field by field, ~50-70 ns a row to concatenate or mask them
-            # against ~1-5 ns a column (bench_storm's live twin: this was a third of
-            # the agent's CPU at 50,000 flows)
+            # against ~1-5 ns a column (measured on 100,000 records)
             return np.concatenate([p[0][name] for p in parts]) if len(parts) > 1 else parts[0][0][name]
 
         skip = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
