@@ -32,9 +32,10 @@ MAX_RING_PAGES = 1 << 18
 MAX_PERF_PAGES = MAX_RING_PAGES
 #: --backlog: candidates (in burst records) the agent holds when it falls behind,
 #: oldest shed past it. Sized for an outage's onset, not for a sustained
-#: overload: 50,000 flows that start stalling within one p put the agent 1.5-3 s
-#: behind the ring (bench/RESULTS.md "Live agent at scale"); at the ~800,000
-#: candidates/s the bench box offers meanwhile, 1.4-2.5 M candidates waited.
+#: overload: 50,000 flows that start stalling within one p put the agent 1.3-3 s
+#: behind the ring (bench/RESULTS.md "Live agent at scale: an outage's onset");
+#: at the ~800,000 candidates/s the bench box offers meanwhile, 1.1-2.5 M
+#: candidates waited.
 #: The former 262,144 shed there, and shedding a stalling flow's oldest
 #: candidates ends its stall early and starts it again (two events, each a log
 #: line, a history row and a counter read), which costs more work than the
