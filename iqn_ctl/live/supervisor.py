@@ -276,11 +276,8 @@ class Supervisor:
             metrics_port=self.hub.port if self.hub is not None else None,
             interfaces=list(self.slots),
             watchdog=self.shared.watchdog,
-            attach_state=w.state if w is not None else None,
-            attach_note=w.note if w is not None else "",
-            attach_since=w.since if w is not None else None,
-            reattaches=w.reattaches if w is not None else 0,
-            moves_to_xdp=w.moves_to_xdp if w is not None else 0,
+            **(w.view() if w is not None else {"attach_state": None, "attach_note": "", "attach_since": None,
+                                               "reattaches": 0, "moves_to_xdp": 0}),
         )
         return st
 

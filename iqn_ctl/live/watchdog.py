@@ -43,10 +43,11 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from iqn_ctl.errors import IqnError
 
@@ -187,6 +188,16 @@ class Watch:
     since: float = field(default_factory=time.time)
     #: the last re-attach failure logged (logged once per different reason, not every period)
     _failed: str = ""
+    #: held while the fields a reader sees change together (a re-attach counted and the
+    #: state back to attached): status, read from the API's thread, once showed the new
+    #: count with the old state (tests/test_multi_iface.py in a fresh CI run)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def view(self) -> dict[str, Any]:
+        """State, note, since, re-attaches and moves to XDP, as of one moment."""
+        with self._lock:
+            return {"attach_state": self.state, "attach_note": self.note, "attach_since": self.since,
+                    "reattaches": self.reattaches, "moves_to_xdp": self.moves_to_xdp}
 
     def check(self) -> str:
         """One look and, if needed, one attempt to recover; returns the state."""
@@ -213,12 +224,13 @@ class Watch:
                 self._failed = reason
             return self.state
         self.index = index
-        self.reattaches += 1
         self._failed = ""
         log.warning("%s: attached again (%s%s) after: %s", dp.iface, dp.describe(),
                     "" if mode != "tc" or dp.hook_wanted == "tc" else ", beside the foreign XDP program",
                     found.note)
-        self._set(ATTACHED, f"attached again ({dp.describe()}) after: {found.note}")
+        with self._lock:
+            self.reattaches += 1
+            self._set(ATTACHED, f"attached again ({dp.describe()}) after: {found.note}")
         return self.state
 
     def _maybe_move(self) -> None:
@@ -236,10 +248,11 @@ class Watch:
                 self._failed = reason
             return
         self._failed = ""
-        self.moves_to_xdp += 1
         note = f"moved from TC {dp.direction} to XDP {mode}: the foreign XDP program is gone"
         log.info("%s: %s", dp.iface, note)
-        self.note = note
+        with self._lock:
+            self.moves_to_xdp += 1
+            self.note = note
 
     def _same_device(self) -> None:
         """The program was compiled for the interface's first header (Ethernet or IP)."""
@@ -256,11 +269,12 @@ class Watch:
                 "classifier for it")
 
     def _set(self, state: str, note: str) -> None:
-        if state != self.state:
-            self.since = time.time()
-        self.state = state
-        if note or state == ATTACHED:
-            self.note = note if note else self.note
+        with self._lock:
+            if state != self.state:
+                self.since = time.time()
+            self.state = state
+            if note or state == ATTACHED:
+                self.note = note if note else self.note
 
 
 class WatchError(IqnError):
